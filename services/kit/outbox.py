@@ -1,0 +1,162 @@
+"""Transactional outbox: events are rows written in the same transaction as the
+change they describe, then relayed to a Redis Stream.
+
+Delivery guarantee: an event whose transaction rolls back never exists; one that
+commits is published at least once, even if Redis was down at commit time (the
+relay keeps the row until XADD succeeds). A crash between XADD and the row's
+deletion publishes it again, so consumers dedupe by event id
+(`services.kit.bus.Consumer` does).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from typing import Any
+
+import asyncpg
+import orjson
+from redis.asyncio import Redis
+from sqlalchemy import Column, DateTime, MetaData, Table, Text, func, insert, text
+from sqlalchemy.dialects.postgresql import JSONB, UUID
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from services.kit.metrics import EVENTS_PUBLISHED
+
+log = logging.getLogger("ku.outbox")
+
+
+def outbox_table(metadata: MetaData) -> Table:
+    return Table(
+        "outbox",
+        metadata,
+        Column("id", UUID(as_uuid=True), primary_key=True),
+        Column("topic", Text, nullable=False),
+        Column("payload", JSONB, nullable=False),
+        Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    )
+
+
+def notify_channel(schema: str) -> str:
+    return f"ku_outbox_{schema}"
+
+
+async def emit(session: AsyncSession, table: Table, topic: str, payload: dict[str, Any]) -> str:
+    """Write an event in the caller's transaction; it is relayed after commit."""
+    event_id = uuid.uuid4()
+    await session.execute(insert(table).values(id=event_id, topic=topic, payload=payload))
+    await session.execute(text(f"NOTIFY {notify_channel(table.schema or 'public')}"))
+    return str(event_id)
+
+
+def stream_name(prefix: str, service: str) -> str:
+    return f"{prefix}.events.{service}"
+
+
+class OutboxRelay:
+    """Moves committed outbox rows to `<prefix>.events.<service>`.
+
+    Woken by NOTIFY at commit, and polls every `interval` seconds as a fallback.
+    Safe with several relays running: rows are claimed with SKIP LOCKED.
+    """
+
+    def __init__(
+        self,
+        dsn: str,
+        redis: Redis,
+        schema: str,
+        stream: str,
+        *,
+        interval: float = 1.0,
+        batch: int = 200,
+        maxlen: int = 1_000_000,
+    ) -> None:
+        self.dsn = dsn
+        self.redis = redis
+        self.schema = schema
+        self.stream = stream
+        self.interval = interval
+        self.batch = batch
+        self.maxlen = maxlen
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def relay_once(self, conn: asyncpg.Connection) -> int:
+        """Publish one batch; returns how many rows were relayed."""
+        async with conn.transaction():
+            rows = await conn.fetch(
+                f"SELECT id, topic, payload::text AS payload, created_at FROM {self.schema}.outbox"
+                " ORDER BY created_at, id LIMIT $1 FOR UPDATE SKIP LOCKED",
+                self.batch,
+            )
+            if not rows:
+                return 0
+            pipe = self.redis.pipeline(transaction=False)
+            for row in rows:
+                pipe.xadd(
+                    self.stream,
+                    {
+                        "id": str(row["id"]),
+                        "topic": row["topic"],
+                        "payload": row["payload"],
+                        "created_at": row["created_at"].isoformat(),
+                    },
+                    maxlen=self.maxlen,
+                    approximate=True,
+                )
+            await pipe.execute()
+            await conn.execute(
+                f"DELETE FROM {self.schema}.outbox WHERE id = ANY($1::uuid[])",
+                [row["id"] for row in rows],
+            )
+        EVENTS_PUBLISHED.labels(self.stream).inc(len(rows))
+        return len(rows)
+
+    async def run(self) -> None:
+        conn: asyncpg.Connection | None = None
+        while True:
+            try:
+                if conn is None or conn.is_closed():
+                    conn = await asyncpg.connect(self.dsn)
+                    await conn.add_listener(
+                        notify_channel(self.schema), lambda *_: self._wake.set()
+                    )
+                while await self.relay_once(conn) == self.batch:
+                    pass
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # Redis or Postgres down: keep the rows, retry later.
+                log.warning("outbox relay failed: %s", exc)
+                if conn is not None and not conn.is_closed():
+                    await conn.close()
+                conn = None
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=self.interval)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self.run(), name=f"outbox-relay-{self.schema}")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):
+                pass
+
+
+def decode_event(fields: dict[bytes | str, bytes | str]) -> dict[str, Any]:
+    def s(v: bytes | str) -> str:
+        return v.decode() if isinstance(v, bytes) else v
+
+    data = {s(k): s(v) for k, v in fields.items()}
+    return {
+        "id": data["id"],
+        "topic": data["topic"],
+        "payload": orjson.loads(data["payload"]),
+        "created_at": data.get("created_at"),
+    }

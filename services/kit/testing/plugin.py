@@ -1,0 +1,141 @@
+"""pytest plugin for Ku (registered by the `ku` distribution's entry point).
+
+Per test run: a fresh database on the configured server (KU_DATABASE_URL, or the
+embedded one), migrated once; a private Redis key prefix; a random internal
+secret. Both are removed at the end. Tests isolate by data: every test makes
+its own users (`new_user_id`), so nothing needs truncating.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+from fastapi import FastAPI
+
+from services.kit.principal import PRINCIPAL_HEADER, Principal, sign_principal
+
+RUN_ID = uuid.uuid4().hex[:10]
+
+
+def _bootstrap_environment() -> dict[str, str]:
+    """Runs at import time (before any settings object exists)."""
+    from services.kit import embedded
+
+    if os.environ.get("KU_TEST_DATABASE_URL"):  # already prepared (xdist worker, e2e child)
+        return {}
+    embedded.ensure_urls()
+    server_url = os.environ["KU_DATABASE_URL"]
+    database = f"ku_test_{RUN_ID}"
+    test_url = embedded.with_database(server_url, database)
+    env = {
+        "KU_SERVER_DATABASE_URL": server_url,
+        "KU_TEST_DATABASE_URL": test_url,
+        "KU_DATABASE_URL": test_url,
+        "KU_BUS_PREFIX": f"kutest{RUN_ID}",
+        "KU_INTERNAL_SECRET": secrets.token_urlsafe(32),
+        "KU_ENVIRONMENT": "test",
+        "KU_LOG_LEVEL": os.environ.get("KU_LOG_LEVEL", "WARNING"),
+    }
+    os.environ.update(env)
+    return env
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if not os.environ.get("KU_PLUGIN_DISABLED"):
+        _bootstrap_environment()
+
+
+async def _create_database() -> None:
+    server = os.environ["KU_SERVER_DATABASE_URL"].replace("postgresql+asyncpg://", "postgresql://")
+    name = os.environ["KU_TEST_DATABASE_URL"].rsplit("/", 1)[1].split("?")[0]
+    conn = await asyncpg.connect(server)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+
+
+async def drop_database(name: str) -> None:
+    server = os.environ["KU_SERVER_DATABASE_URL"].replace("postgresql+asyncpg://", "postgresql://")
+    conn = await asyncpg.connect(server)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(scope="session")
+def ku_database_url() -> str:
+    """The migrated test database of this run (dropped at the end)."""
+    from services.kit.config import get_settings
+    from services.kit.migrations import upgrade_all
+
+    asyncio.run(_create_database())
+    url = os.environ["KU_TEST_DATABASE_URL"]
+    upgrade_all(url)
+    get_settings.cache_clear()
+    yield url
+    name = url.rsplit("/", 1)[1].split("?")[0]
+    asyncio.run(drop_database(name))
+    asyncio.run(_delete_redis_keys())
+
+
+async def _delete_redis_keys() -> None:
+    from redis.asyncio import Redis
+
+    redis = Redis.from_url(os.environ["KU_REDIS_URL"])
+    try:
+        prefix = os.environ["KU_BUS_PREFIX"]
+        async for key in redis.scan_iter(match=f"{prefix}*", count=500):
+            await redis.delete(key)
+    finally:
+        await redis.aclose()
+
+
+@asynccontextmanager
+async def running(app: FastAPI) -> AsyncIterator[FastAPI]:
+    """Run an app's lifespan (startup and shutdown) around a block."""
+    async with app.router.lifespan_context(app):
+        yield app
+
+
+@asynccontextmanager
+async def asgi_client(app: FastAPI, **kwargs: Any) -> AsyncIterator[httpx.AsyncClient]:
+    """An httpx client talking to `app` in-process, its lifespan running."""
+    async with running(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://testserver", **kwargs
+        ) as client:
+            yield client
+
+
+def principal_headers(
+    kind: str = "app",
+    *,
+    app: str | None = "penora",
+    user_id: str | None = None,
+    scopes: tuple[str, ...] | set[str] = ("admin",),
+) -> dict[str, str]:
+    """The signed principal header the gateway would forward."""
+    principal = Principal(kind=kind, app=app, user_id=user_id, scopes=frozenset(scopes))  # type: ignore[arg-type]
+    return {PRINCIPAL_HEADER: sign_principal(principal, os.environ["KU_INTERNAL_SECRET"])}
+
+
+@pytest.fixture
+def new_user_id() -> Callable[[], str]:
+    """Fresh user ids (21-digit strings, like SSO ids) so tests never share data."""
+
+    def make() -> str:
+        return str(10**20 + secrets.randbelow(9 * 10**20))
+
+    return make

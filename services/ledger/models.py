@@ -1,0 +1,188 @@
+"""Ledger tables (schema `ledger`).
+
+Invariants (checked by `ku ledger verify`, enforced in `sql/ledger_functions.sql`):
+- every journal transaction's postings sum to zero;
+- a wallet's `balance_milli` equals the sum of its grants' `remaining_milli` and of
+  its `wallet` postings; its `held_milli` equals its active holds and its `held`
+  postings; none of these is ever negative;
+- a hold resolves (capture, release or expiry) exactly once;
+- journal rows (`transactions`, `postings`) are append-only.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    Text,
+    func,
+    text,
+)
+from sqlalchemy.dialects.postgresql import UUID
+from sqlalchemy.orm import Mapped, mapped_column
+
+from services.kit.bus import processed_events_table
+from services.kit.db import make_base
+from services.kit.idempotency import idempotency_table
+from services.kit.outbox import outbox_table
+
+SCHEMA = "ledger"
+Base = make_base(SCHEMA)
+
+outbox = outbox_table(Base.metadata)
+processed_events = processed_events_table(Base.metadata)
+idempotency_keys = idempotency_table(Base.metadata)
+
+
+class Wallet(Base):
+    __tablename__ = "wallets"
+    __table_args__ = (
+        CheckConstraint("balance_milli >= 0", name="balance_not_negative"),
+        CheckConstraint("held_milli >= 0", name="held_not_negative"),
+    )
+
+    user_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    # Sum of grants' remaining (including expired credit the expiry job has not swept).
+    balance_milli: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default="0")
+    held_milli: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default="0")
+    created_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, server_default=func.now()
+    )
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, server_default=func.now()
+    )
+
+
+class Grant(Base):
+    __tablename__ = "grants"
+    __table_args__ = (
+        CheckConstraint("amount_milli > 0", name="amount_positive"),
+        CheckConstraint(
+            "remaining_milli >= 0 AND remaining_milli <= amount_milli", name="remaining_in_range"
+        ),
+        Index(
+            "ix_grants_spendable",
+            "user_id",
+            "expires_at",
+            postgresql_where=text("remaining_milli > 0"),
+        ),
+        Index("ix_grants_expiring", "expires_at", postgresql_where=text("remaining_milli > 0")),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    user_id: Mapped[str] = mapped_column(
+        Text, ForeignKey(f"{SCHEMA}.wallets.user_id"), nullable=False
+    )
+    source: Mapped[str] = mapped_column(Text, nullable=False)
+    amount_milli: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    remaining_milli: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    priority: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    reference: Mapped[str | None] = mapped_column(Text)
+    tx_id: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    created_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, server_default=func.now()
+    )
+
+
+class Hold(Base):
+    __tablename__ = "holds"
+    __table_args__ = (
+        CheckConstraint("amount_milli > 0", name="amount_positive"),
+        CheckConstraint(
+            "captured_milli >= 0 AND captured_milli <= amount_milli", name="captured_in_range"
+        ),
+        CheckConstraint(
+            "status IN ('active', 'captured', 'released', 'expired')", name="status_known"
+        ),
+        Index("ix_holds_user_active", "user_id", postgresql_where=text("status = 'active'")),
+        Index("ix_holds_expiring", "expires_at", postgresql_where=text("status = 'active'")),
+    )
+
+    id: Mapped[str] = mapped_column(UUID(as_uuid=False), primary_key=True)
+    user_id: Mapped[str] = mapped_column(
+        Text, ForeignKey(f"{SCHEMA}.wallets.user_id"), nullable=False
+    )
+    app: Mapped[str] = mapped_column(Text, nullable=False)
+    amount_milli: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    captured_milli: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default="0")
+    status: Mapped[str] = mapped_column(Text, nullable=False, server_default="active")
+    reference: Mapped[str | None] = mapped_column(Text)
+    description: Mapped[str | None] = mapped_column(Text)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    created_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, server_default=func.now()
+    )
+    resolved_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    reserve_tx_id: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    resolve_tx_id: Mapped[int | None] = mapped_column(BigInteger)
+
+
+class HoldAllocation(Base):
+    """Which grants a hold drew from, so a release gives credit back where it came from."""
+
+    __tablename__ = "hold_allocations"
+
+    hold_id: Mapped[str] = mapped_column(
+        UUID(as_uuid=False), ForeignKey(f"{SCHEMA}.holds.id"), primary_key=True
+    )
+    grant_id: Mapped[int] = mapped_column(
+        BigInteger, ForeignKey(f"{SCHEMA}.grants.id"), primary_key=True
+    )
+    amount_milli: Mapped[int] = mapped_column(BigInteger, nullable=False)
+
+
+class Transaction(Base):
+    """A journal entry. Append-only; `kind` is one of grant, debit, reserve, capture,
+    release, hold_expiry, grant_expiry, refund."""
+
+    __tablename__ = "transactions"
+    __table_args__ = (
+        Index("ix_transactions_user_created", "user_id", "id"),
+        Index("ix_transactions_refund_of", "refund_of", postgresql_where=text("refund_of IS NOT NULL")),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    kind: Mapped[str] = mapped_column(Text, nullable=False)
+    user_id: Mapped[str] = mapped_column(Text, nullable=False)
+    app: Mapped[str | None] = mapped_column(Text)
+    source: Mapped[str | None] = mapped_column(Text)
+    # Effect on the user's spendable credit: positive adds, negative removes.
+    delta_milli: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    amount_milli: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    description: Mapped[str | None] = mapped_column(Text)
+    reference: Mapped[str | None] = mapped_column(Text)
+    hold_id: Mapped[str | None] = mapped_column(UUID(as_uuid=False))
+    refund_of: Mapped[int | None] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, server_default=func.now()
+    )
+
+
+class Posting(Base):
+    """One leg of a transaction. `account` is wallet|held (owner = user id) or a system
+    account: issuance (owner = source), spend (owner = app), expired."""
+
+    __tablename__ = "postings"
+    __table_args__ = (
+        CheckConstraint("amount_milli <> 0", name="amount_not_zero"),
+        Index("ix_postings_tx", "tx_id"),
+        Index("ix_postings_account_owner", "account", "owner"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    tx_id: Mapped[int] = mapped_column(
+        BigInteger, ForeignKey(f"{SCHEMA}.transactions.id"), nullable=False
+    )
+    account: Mapped[str] = mapped_column(Text, nullable=False)
+    owner: Mapped[str] = mapped_column(Text, nullable=False)
+    amount_milli: Mapped[int] = mapped_column(BigInteger, nullable=False)
+
+
+metadata = Base.metadata
