@@ -49,9 +49,10 @@ def _bootstrap_environment() -> dict[str, str]:
     return env
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    if not os.environ.get("KU_PLUGIN_DISABLED"):
-        _bootstrap_environment()
+@pytest.hookimpl(tryfirst=True)
+def pytest_load_initial_conftests(early_config: pytest.Config, parser: Any, args: Any) -> None:
+    # Before any conftest imports a service, so every settings object sees the test env.
+    _bootstrap_environment()
 
 
 async def _create_database() -> None:

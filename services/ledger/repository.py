@@ -1,0 +1,150 @@
+"""Every read query of the ledger. Writes go through `ledger.apply()` (sql/)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession
+
+
+class LedgerRepository:
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    async def wallet_exists(self, user_id: str) -> bool:
+        row = await self.session.execute(
+            text("SELECT 1 FROM ledger.wallets WHERE user_id = :u"), {"u": user_id}
+        )
+        return row.first() is not None
+
+    async def balance_by_source(self, user_id: str) -> list[dict[str, Any]]:
+        """Spendable credit per source, counting holds whose TTL passed as released."""
+        rows = await self.session.execute(
+            text(
+                """
+                WITH spendable AS (
+                  SELECT g.source, g.remaining_milli AS amount, g.expires_at
+                    FROM ledger.grants g
+                   WHERE g.user_id = :u AND g.remaining_milli > 0
+                     AND (g.expires_at IS NULL OR g.expires_at > now())
+                  UNION ALL
+                  SELECT g.source, ha.amount_milli, g.expires_at
+                    FROM ledger.holds h
+                    JOIN ledger.hold_allocations ha ON ha.hold_id = h.id
+                    JOIN ledger.grants g ON g.id = ha.grant_id
+                   WHERE h.user_id = :u AND h.status = 'active' AND h.expires_at <= now()
+                     AND (g.expires_at IS NULL OR g.expires_at > now())
+                )
+                SELECT source, SUM(amount)::bigint AS amount_milli, MIN(expires_at) AS first_expiry
+                  FROM spendable GROUP BY source ORDER BY source
+                """
+            ),
+            {"u": user_id},
+        )
+        return [dict(r._mapping) for r in rows]
+
+    async def next_expiry(self, user_id: str) -> dict[str, Any] | None:
+        row = await self.session.execute(
+            text(
+                """
+                SELECT expires_at AS at, SUM(remaining_milli)::bigint AS amount_milli
+                  FROM ledger.grants
+                 WHERE user_id = :u AND remaining_milli > 0 AND expires_at > now()
+                 GROUP BY expires_at ORDER BY expires_at LIMIT 1
+                """
+            ),
+            {"u": user_id},
+        )
+        found = row.first()
+        return dict(found._mapping) if found else None
+
+    async def active_held(self, user_id: str) -> int:
+        row = await self.session.execute(
+            text(
+                "SELECT COALESCE(SUM(amount_milli), 0)::bigint FROM ledger.holds"
+                " WHERE user_id = :u AND status = 'active' AND expires_at > now()"
+            ),
+            {"u": user_id},
+        )
+        return int(row.scalar_one())
+
+    async def hold(self, hold_id: str) -> dict[str, Any] | None:
+        row = await self.session.execute(
+            text(
+                "SELECT id::text, user_id, app, amount_milli, captured_milli,"
+                " CASE WHEN status = 'active' AND expires_at <= now() THEN 'expired'"
+                " ELSE status END AS status, reference, description, expires_at, created_at,"
+                " resolved_at FROM ledger.holds WHERE id = CAST(:h AS uuid)"
+            ),
+            {"h": hold_id},
+        )
+        found = row.first()
+        return dict(found._mapping) if found else None
+
+    async def transactions(
+        self,
+        user_id: str,
+        *,
+        app: str | None,
+        kind: str | None,
+        since: datetime | None,
+        until: datetime | None,
+        before_id: int | None,
+        limit: int,
+    ) -> list[dict[str, Any]]:
+        clauses = ["user_id = :u"]
+        params: dict[str, Any] = {"u": user_id, "limit": limit}
+        for name, value, clause in (
+            ("app", app, "app = :app"),
+            ("kind", kind, "kind = :kind"),
+            ("since", since, "created_at >= :since"),
+            ("until", until, "created_at < :until"),
+            ("before", before_id, "id < :before"),
+        ):
+            if value is not None:
+                clauses.append(clause)
+                params[name] = value
+        rows = await self.session.execute(
+            text(
+                "SELECT id, kind, user_id, app, source, amount_milli, delta_milli, description,"
+                " reference, hold_id::text AS hold_id, refund_of, created_at"
+                f" FROM ledger.transactions WHERE {' AND '.join(clauses)}"
+                " ORDER BY id DESC LIMIT :limit"
+            ),
+            params,
+        )
+        return [dict(r._mapping) for r in rows]
+
+    async def usage(
+        self,
+        user_id: str,
+        group_by: list[str],
+        since: datetime | None,
+        until: datetime | None,
+    ) -> list[dict[str, Any]]:
+        """Net spend (charges minus refunds) from the `spend` postings."""
+        columns = {"app": "p.owner AS app", "day": "to_char(t.created_at, 'YYYY-MM-DD') AS day"}
+        keys = {"app": "p.owner", "day": "to_char(t.created_at, 'YYYY-MM-DD')"}
+        selected = [columns[g] for g in group_by]
+        grouped = [keys[g] for g in group_by]
+        params: dict[str, Any] = {"u": user_id}
+        where = ["t.user_id = :u"]
+        if since is not None:
+            where.append("t.created_at >= :since")
+            params["since"] = since
+        if until is not None:
+            where.append("t.created_at < :until")
+            params["until"] = until
+        sql = (
+            f"SELECT {', '.join([*selected, ''])}"
+            " SUM(p.amount_milli)::bigint AS spent_milli,"
+            " COUNT(*) FILTER (WHERE p.amount_milli > 0) AS charges"
+            " FROM ledger.transactions t"
+            " JOIN ledger.postings p ON p.tx_id = t.id AND p.account = 'spend'"
+            f" WHERE {' AND '.join(where)}"
+            + (f" GROUP BY {', '.join(grouped)} ORDER BY {', '.join(grouped)}" if grouped else "")
+        )
+        rows = await self.session.execute(text(sql), params)
+        return [dict(r._mapping) for r in rows]

@@ -1,0 +1,208 @@
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from services.kit.money import Ku, PositiveKu
+from services.kit.schemas import AppName, Description, Reference, UserId
+
+GrantSource = Literal[
+    "welcome", "purchase", "subscription", "promo", "refund", "admin", "compensation"
+]
+TransactionKind = Literal[
+    "grant", "debit", "reserve", "capture", "release", "hold_expiry", "grant_expiry", "refund"
+]
+
+
+class _In(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SourceBalance(BaseModel):
+    source: str
+    available: Ku
+
+
+class NextExpiry(BaseModel):
+    at: datetime
+    amount: Ku
+
+
+class Balance(BaseModel):
+    user_id: str
+    available: Ku = Field(description="Spendable now")
+    held: Ku = Field(description="Reserved by active holds")
+    total: Ku = Field(description="available + held")
+    by_source: list[SourceBalance]
+    next_expiry: NextExpiry | None
+
+
+class AccountCreate(_In):
+    user_id: UserId
+    welcome: bool = Field(True, description="Grant the welcome credits (once per user)")
+
+
+class Account(BaseModel):
+    user_id: str
+    created: bool
+    available: Ku | None = None
+    held: Ku | None = None
+
+
+class GrantCreate(_In):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"user_id": "101902121794505144784", "amount": 25, "source": "purchase",
+                 "reference": "pay_NXk2lq8T1"}
+            ]
+        },
+    )
+    user_id: UserId
+    amount: PositiveKu
+    source: GrantSource
+    expires_at: datetime | None = None
+    priority: int = Field(0, ge=-100, le=100)
+    reference: Reference | None = None
+    description: Description | None = None
+
+
+class Grant(BaseModel):
+    grant_id: int
+    transaction_id: int
+    user_id: str
+    source: str
+    amount: Ku
+    expires_at: datetime | None
+    reference: str | None
+    created_at: datetime
+    available: Ku
+    held: Ku
+
+
+class DebitCreate(_In):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"user_id": "101902121794505144784", "amount": 5, "app": "imagegene",
+                 "description": "AI image generation - 1024x1024", "reference": "IMG123"}
+            ]
+        },
+    )
+    user_id: UserId
+    amount: PositiveKu
+    app: AppName | None = Field(None, description="Defaults to the calling app")
+    description: Description | None = None
+    reference: Reference | None = Field(None, description="Natural idempotency key, e.g. a project code")
+
+
+class Debit(BaseModel):
+    transaction_id: int
+    user_id: str
+    app: str
+    amount: Ku
+    description: str | None
+    reference: str | None
+    created_at: datetime
+    available: Ku
+    held: Ku
+
+
+class HoldCreate(_In):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"user_id": "101902121794505144784", "amount": 12.5, "app": "penora",
+                 "ttl_seconds": 300, "reference": "gen_7f3a"}
+            ]
+        },
+    )
+    user_id: UserId
+    amount: PositiveKu
+    app: AppName | None = None
+    ttl_seconds: int = Field(900, ge=1, le=86_400)
+    reference: Reference | None = None
+    description: Description | None = None
+
+
+class CaptureIn(_In):
+    amount: PositiveKu | None = Field(None, description="At most the held amount; default all")
+
+
+class HoldOut(BaseModel):
+    id: str
+    user_id: str
+    app: str
+    amount: Ku
+    captured: Ku
+    status: Literal["active", "captured", "released", "expired"]
+    reference: str | None
+    description: str | None
+    expires_at: datetime
+    created_at: datetime
+    resolved_at: datetime | None
+
+
+class HoldResult(BaseModel):
+    hold: HoldOut
+    transaction_id: int | None
+    available: Ku
+    held: Ku
+
+
+class RefundCreate(_In):
+    transaction_id: int = Field(gt=0)
+    amount: PositiveKu | None = Field(None, description="Default: all that is left to refund")
+    reference: Reference | None = None
+    description: Description | None = None
+
+
+class Refund(BaseModel):
+    transaction_id: int
+    refund_of: int
+    user_id: str
+    app: str | None
+    amount: Ku
+    refundable: Ku = Field(description="What is still refundable on the original charge")
+    created_at: datetime
+    available: Ku
+    held: Ku
+
+
+class TransactionOut(BaseModel):
+    id: int
+    kind: str
+    user_id: str
+    app: str | None
+    source: str | None
+    amount: Ku
+    delta: Ku = Field(description="Effect on spendable credit")
+    description: str | None
+    reference: str | None
+    hold_id: str | None
+    refund_of: int | None
+    created_at: datetime
+
+
+class TransactionPage(BaseModel):
+    items: list[TransactionOut]
+    next_cursor: str | None
+
+
+class UsageRow(BaseModel):
+    app: str | None = None
+    day: str | None = None
+    spent: Ku
+    charges: int
+
+
+class Usage(BaseModel):
+    user_id: str
+    group_by: list[str]
+    rows: list[UsageRow]
+    total_spent: Ku

@@ -1,0 +1,117 @@
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+
+from tests.ledger.helpers import admin, balance, key, penora
+
+
+async def debit(ledger: httpx.AsyncClient, user_id: str, amount: object, **extra: object):
+    return await ledger.post(
+        "/v1/ledger/debits",
+        json={"user_id": user_id, "amount": amount, **extra},
+        headers={**penora(), **key()},
+    )
+
+
+class TestDebit:
+    async def test_debit_reduces_balance_and_records_app(self, ledger, funded_user):
+        user = await funded_user(50)
+        r = await debit(ledger, user, 5, app="imagegene", description="1024x1024")
+        assert r.status_code == 201, r.text
+        body = r.json()
+        assert body["amount"] == 5 and body["available"] == 45 and body["app"] == "imagegene"
+        assert (await balance(ledger, user))["available"] == 45
+
+    async def test_fractional_amounts_are_exact(self, ledger, funded_user):
+        user = await funded_user(1)
+        for _ in range(10):
+            assert (await debit(ledger, user, 0.1)).status_code == 201
+        b = await balance(ledger, user)
+        assert b["available"] == 0 and b["total"] == 0
+
+    async def test_insufficient_credits_is_402_with_available(self, ledger, funded_user):
+        user = await funded_user(3)
+        r = await debit(ledger, user, 3.5)
+        assert r.status_code == 402
+        err = r.json()["error"]
+        assert err["code"] == "insufficient_credits"
+        assert err["detail"]["available"] == 3
+        assert (await balance(ledger, user))["available"] == 3
+
+
+class TestConcurrentDebits:
+    async def test_200_concurrent_debits_against_50(self, ledger, funded_user):
+        user = await funded_user(50)
+        results = await asyncio.gather(*(debit(ledger, user, 1) for _ in range(200)))
+        codes = [r.status_code for r in results]
+        assert codes.count(201) == 50
+        assert codes.count(402) == 150
+        b = await balance(ledger, user)
+        assert b["available"] == 0 and b["held"] == 0
+
+
+class TestBadInput:
+    async def test_rejections_write_nothing(self, ledger, funded_user):
+        user = await funded_user(10)
+        cases = [
+            ({"user_id": user, "amount": -1}, 422),
+            ({"user_id": user, "amount": 0}, 422),
+            ({"user_id": user, "amount": 1.0005}, 422),
+            ({"user_id": user, "amount": "abc"}, 422),
+            ({"user_id": user, "amount": True}, 422),
+            ({"user_id": user}, 422),
+            ({"amount": 1}, 422),
+            ({"user_id": user, "amount": 1, "surprise": 1}, 422),
+            ({"user_id": "unknown-" + user, "amount": 1}, 404),
+        ]
+        for payload, status in cases:
+            r = await ledger.post("/v1/ledger/debits", json=payload, headers={**penora(), **key()})
+            assert r.status_code == status, (payload, r.text)
+            assert "code" in r.json()["error"]
+        r = await ledger.post(
+            "/v1/ledger/debits",
+            content=b'{"user_id": ',
+            headers={**penora(), **key(), "content-type": "application/json"},
+        )
+        assert r.status_code == 400 and r.json()["error"]["code"] == "malformed_json"
+        r = await ledger.post("/v1/ledger/debits", json={"user_id": user, "amount": 1}, headers=penora())
+        assert r.status_code == 400
+        assert r.json()["error"]["code"] == "idempotency_key_required"
+        txs = await ledger.get("/v1/ledger/transactions", params={"user_id": user}, headers=admin())
+        assert [t["kind"] for t in txs.json()["items"]] == ["grant"]
+        assert (await balance(ledger, user))["available"] == 10
+
+    async def test_missing_scope_and_principal(self, ledger, funded_user):
+        from services.kit.testing.plugin import principal_headers
+
+        user = await funded_user(10)
+        reader = principal_headers("app", app="penora", scopes=("ledger:read",))
+        r = await ledger.post(
+            "/v1/ledger/debits", json={"user_id": user, "amount": 1}, headers={**reader, **key()}
+        )
+        assert r.status_code == 403 and r.json()["error"]["code"] == "missing_scope"
+        r = await ledger.post("/v1/ledger/debits", json={"user_id": user, "amount": 1}, headers=key())
+        assert r.status_code == 401
+        forged = {"x-ku-principal": penora()["x-ku-principal"][:-4] + "AAAA"}
+        r = await ledger.post(
+            "/v1/ledger/debits", json={"user_id": user, "amount": 1}, headers={**forged, **key()}
+        )
+        assert r.status_code == 401
+        assert (await balance(ledger, user))["available"] == 10
+
+    async def test_user_token_cannot_touch_another_user(self, ledger, funded_user):
+        from services.kit.testing.plugin import principal_headers
+
+        alice, bob = await funded_user(10), await funded_user(10)
+        as_alice = principal_headers(
+            "user", app="penora", user_id=alice, scopes=("ledger:read", "ledger:write")
+        )
+        r = await ledger.get("/v1/ledger/balance", params={"user_id": bob}, headers=as_alice)
+        assert r.status_code == 403
+        r = await ledger.post(
+            "/v1/ledger/debits", json={"user_id": bob, "amount": 1}, headers={**as_alice, **key()}
+        )
+        assert r.status_code == 403
+        assert (await balance(ledger, bob))["available"] == 10
