@@ -1,0 +1,64 @@
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+from tests.ledger.helpers import admin, balance, penora
+
+
+class TestIdempotencyKey:
+    async def test_ten_sequential_replays_one_effect(self, ledger, funded_user):
+        user = await funded_user(50)
+        headers = {**penora(), "Idempotency-Key": uuid.uuid4().hex}
+        payload = {"user_id": user, "amount": 2.5, "app": "penora"}
+        responses = [await ledger.post("/v1/ledger/debits", json=payload, headers=headers) for _ in range(10)]
+        assert {r.status_code for r in responses} == {201}
+        assert all(r.json() == responses[0].json() for r in responses)
+        assert [r.headers.get("idempotent-replayed") for r in responses[1:]] == ["true"] * 9
+        assert (await balance(ledger, user))["available"] == 47.5
+
+    async def test_ten_concurrent_duplicates_one_effect(self, ledger, funded_user):
+        user = await funded_user(50)
+        headers = {**penora(), "Idempotency-Key": uuid.uuid4().hex}
+        payload = {"user_id": user, "amount": 3, "app": "penora"}
+        responses = await asyncio.gather(
+            *(ledger.post("/v1/ledger/debits", json=payload, headers=headers) for _ in range(10))
+        )
+        assert {r.status_code for r in responses} == {201}
+        assert len({r.json()["transaction_id"] for r in responses}) == 1
+        assert (await balance(ledger, user))["available"] == 47
+        txs = await ledger.get("/v1/ledger/transactions", params={"user_id": user, "kind": "debit"}, headers=admin())
+        assert len(txs.json()["items"]) == 1
+
+    async def test_same_key_other_amount_is_409(self, ledger, funded_user):
+        user = await funded_user(50)
+        headers = {**penora(), "Idempotency-Key": uuid.uuid4().hex}
+        first = await ledger.post("/v1/ledger/debits", json={"user_id": user, "amount": 1}, headers=headers)
+        assert first.status_code == 201
+        again = await ledger.post("/v1/ledger/debits", json={"user_id": user, "amount": 2}, headers=headers)
+        assert again.status_code == 409
+        assert again.json()["error"]["code"] == "idempotency_key_reused"
+        assert (await balance(ledger, user))["available"] == 49
+
+    async def test_natural_reference_dedupes_without_header(self, ledger, funded_user):
+        user = await funded_user(50)
+        payload = {"user_id": user, "amount": 5, "app": "imagegene", "reference": "IMG123"}
+        results = await asyncio.gather(
+            *(ledger.post("/v1/ledger/debits", json=payload, headers=penora()) for _ in range(5))
+        )
+        assert {r.status_code for r in results} == {201}
+        assert (await balance(ledger, user))["available"] == 45
+
+    async def test_failed_attempt_is_not_remembered(self, ledger, funded_user):
+        user = await funded_user(1)
+        headers = {**penora(), "Idempotency-Key": uuid.uuid4().hex}
+        payload = {"user_id": user, "amount": 5}
+        assert (await ledger.post("/v1/ledger/debits", json=payload, headers=headers)).status_code == 402
+        await ledger.post(
+            "/v1/ledger/grants",
+            json={"user_id": user, "amount": 10, "source": "purchase", "reference": uuid.uuid4().hex},
+            headers=admin(),
+        )
+        retry = await ledger.post("/v1/ledger/debits", json=payload, headers=headers)
+        assert retry.status_code == 201
+        assert (await balance(ledger, user))["available"] == 6
