@@ -1,0 +1,1 @@
+"""The auth service: users, apps and API keys, SSO exchange and Ku access tokens."""
