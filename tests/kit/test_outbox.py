@@ -1,0 +1,115 @@
+"""The outbox's delivery guarantee and the consumer's ack/reclaim/dedupe, on real
+Postgres and Redis."""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import asyncpg
+import pytest
+from redis.asyncio import Redis
+from sqlalchemy import MetaData, text
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from services.kit.bus import Consumer, handled_once, processed_events_table
+from services.kit.db import async_url, plain_url, sessionmaker_for, unit_of_work
+from services.kit.outbox import OutboxRelay, emit, outbox_table
+
+SCHEMA = "kit_outbox_test"
+
+
+@pytest.fixture(scope="module")
+async def tables(ku_database_url):
+    metadata = MetaData(schema=SCHEMA)
+    outbox = outbox_table(metadata)
+    processed = processed_events_table(metadata)
+    engine = create_async_engine(async_url(ku_database_url))
+    async with engine.begin() as conn:
+        await conn.execute(text(f"CREATE SCHEMA IF NOT EXISTS {SCHEMA}"))
+        await conn.run_sync(metadata.create_all)
+    yield engine, outbox, processed
+    await engine.dispose()
+
+
+@pytest.fixture
+async def redis():
+    client = Redis.from_url(os.environ["KU_REDIS_URL"])
+    yield client
+    await client.aclose()
+
+
+def stream() -> str:
+    return f"{os.environ['KU_BUS_PREFIX']}.test.{uuid.uuid4().hex[:8]}"
+
+
+async def stream_ids(redis: Redis, name: str) -> list[str]:
+    return [fields[b"id"].decode() for _, fields in await redis.xrange(name)]
+
+
+class TestOutboxRelay:
+    async def test_rolled_back_event_is_never_published(self, tables, redis, ku_database_url):
+        engine, outbox, _ = tables
+        name = stream()
+        with pytest.raises(RuntimeError):
+            async with unit_of_work(sessionmaker_for(engine)) as session:
+                await emit(session, outbox, "thing.happened", {"n": 1})
+                raise RuntimeError("the request failed after writing its event")
+        relay = OutboxRelay(plain_url(ku_database_url), redis, SCHEMA, name)
+        conn = await asyncpg.connect(plain_url(ku_database_url))
+        try:
+            assert await relay.relay_once(conn) == 0
+        finally:
+            await conn.close()
+        assert await stream_ids(redis, name) == []
+
+    async def test_committed_event_survives_redis_being_down(self, tables, redis, ku_database_url):
+        engine, outbox, _ = tables
+        name = stream()
+        async with unit_of_work(sessionmaker_for(engine)) as session:
+            event_id = await emit(session, outbox, "thing.happened", {"n": 2})
+        dead = Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.2)
+        conn = await asyncpg.connect(plain_url(ku_database_url))
+        try:
+            with pytest.raises(Exception):
+                await OutboxRelay(plain_url(ku_database_url), dead, SCHEMA, name).relay_once(conn)
+            assert await conn.fetchval(f"SELECT count(*) FROM {SCHEMA}.outbox WHERE id = $1", uuid.UUID(event_id)) == 1
+            # Redis is back: the same row goes out, then leaves the table.
+            assert await OutboxRelay(plain_url(ku_database_url), redis, SCHEMA, name).relay_once(conn) == 1
+            assert await conn.fetchval(f"SELECT count(*) FROM {SCHEMA}.outbox") == 0
+        finally:
+            await conn.close()
+            await dead.aclose()
+        assert await stream_ids(redis, name) == [event_id]
+
+
+class TestConsumer:
+    async def test_failed_handler_leaves_entry_for_reclaim_and_dedupes(self, tables, redis):
+        engine, _, processed = tables
+        name = stream()
+        await redis.xadd(name, {"id": "evt-1", "topic": "t", "payload": '{"x": 1}', "created_at": ""})
+        seen: list[str] = []
+
+        async def crashing(event):
+            raise RuntimeError("process died mid-event")
+
+        async def handler(event):
+            async with unit_of_work(sessionmaker_for(engine)) as session:
+                if await handled_once(session, processed, "test", event["id"]):
+                    seen.append(event["id"])
+
+        first = Consumer(redis, [name], "g", crashing, name="a", reclaim_idle_ms=0)
+        await first.ensure_groups()
+        assert await first.poll_once(block_ms=100) == 1
+        pending = await redis.xpending(name, "g")
+        assert pending["pending"] == 1  # not acked: the handler failed
+
+        second = Consumer(redis, [name], "g", handler, name="b", reclaim_idle_ms=0)
+        assert await second.reclaim() == 1
+        assert seen == ["evt-1"]
+        assert (await redis.xpending(name, "g"))["pending"] == 0
+
+        # A redelivery of the same event id is a no-op.
+        await redis.xadd(name, {"id": "evt-1", "topic": "t", "payload": '{"x": 1}', "created_at": ""})
+        assert await second.poll_once(block_ms=100) == 1
+        assert seen == ["evt-1"]
