@@ -1,0 +1,131 @@
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Path, Request
+
+from services.auth.keys.schemas import (
+    App,
+    AppCreate,
+    Key,
+    KeyCreate,
+    KeyCreated,
+    KeyRotate,
+    KeyRotated,
+    KeyVerified,
+    KeyVerify,
+)
+from services.auth.keys.service import keys
+from services.auth.models import ApiKey
+from services.kit.db import Session
+from services.kit.errors import BadRequest, Forbidden
+from services.kit.principal import Principal, get_principal
+from services.kit.schemas import AppName
+
+apps_router = APIRouter(prefix="/v1/apps", tags=["apps"])
+keys_router = APIRouter(prefix="/v1/keys", tags=["keys"])
+# Called by the gateway only; not part of the public API document.
+internal_router = APIRouter(prefix="/internal", include_in_schema=False)
+
+CurrentPrincipal = Annotated[Principal, Depends(get_principal)]
+Prefix = Annotated[str, Path(pattern=r"^[a-z0-9]{8}$", examples=["k3v9x0qa"])]
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"description": "Missing or invalid credentials"},
+    403: {"description": "Needs the admin scope"},
+    404: {"description": "Unknown app or key"},
+    409: {"description": "App exists, or the key is revoked, expired or already rotated"},
+    422: {"description": "Invalid input"},
+}
+
+
+def _admin(principal: Principal) -> None:
+    principal.require_scope("admin")
+
+
+def _created(row: ApiKey, key: str) -> KeyCreated:
+    return KeyCreated(**Key.model_validate(row).model_dump(), key=key)
+
+
+@apps_router.post("", status_code=201, response_model=App, responses=ERRORS)
+async def create_app(body: AppCreate, principal: CurrentPrincipal, session: Session) -> App:
+    """Register an app (penora, imagegene, a partner) that will hold API keys."""
+    _admin(principal)
+    app = await keys.create_app(session, body.name, body.description)
+    return App.model_validate(app)
+
+
+@apps_router.get("", response_model=list[App], responses=ERRORS)
+async def list_apps(principal: CurrentPrincipal, session: Session) -> list[App]:
+    """Every app, with its number of live keys."""
+    _admin(principal)
+    return [
+        App(name=a.name, description=a.description, created_at=a.created_at, active_keys=n)
+        for a, n in await keys.list_apps(session)
+    ]
+
+
+@keys_router.post("", status_code=201, response_model=KeyCreated, responses=ERRORS)
+async def create_key(body: KeyCreate, principal: CurrentPrincipal, session: Session) -> KeyCreated:
+    """Issue an API key for an app. The key is in this response only: store it now."""
+    _admin(principal)
+    if body.expires_at is not None and body.expires_in_days is not None:
+        raise BadRequest("Send expires_at or expires_in_days, not both", code="ambiguous_expiry")
+    expires_at = body.expires_at
+    if body.expires_in_days is not None:
+        expires_at = datetime.now(UTC) + timedelta(days=body.expires_in_days)
+    row, key = await keys.create_key(
+        session, body.app, list(body.scopes), expires_at=expires_at, name=body.name
+    )
+    return _created(row, key)
+
+
+@keys_router.get("", response_model=list[Key], responses=ERRORS)
+async def list_keys(
+    principal: CurrentPrincipal, session: Session, app: AppName | None = None
+) -> list[Key]:
+    """Every key (never the secret), optionally of one app."""
+    _admin(principal)
+    return [Key.model_validate(k) for k in await keys.list_keys(session, app)]
+
+
+@keys_router.get("/{prefix}", response_model=Key, responses=ERRORS)
+async def get_key(prefix: Prefix, principal: CurrentPrincipal, session: Session) -> Key:
+    """One key by its prefix (never the secret)."""
+    _admin(principal)
+    return Key.model_validate(await keys.get_key(session, prefix))
+
+
+@keys_router.post("/{prefix}/revoke", response_model=Key, responses=ERRORS)
+async def revoke_key(prefix: Prefix, principal: CurrentPrincipal, session: Session) -> Key:
+    """Revoke a key now; gateways drop it within seconds. Revoking twice is harmless."""
+    _admin(principal)
+    return Key.model_validate(await keys.revoke(session, prefix))
+
+
+@keys_router.post("/{prefix}/rotate", status_code=201, response_model=KeyRotated, responses=ERRORS)
+async def rotate_key(
+    prefix: Prefix,
+    principal: CurrentPrincipal,
+    session: Session,
+    body: KeyRotate | None = None,
+) -> KeyRotated:
+    """Issue a replacement key (shown once); the old one works for `overlap_seconds` more."""
+    _admin(principal)
+    new, key, old = await keys.rotate(session, prefix, (body or KeyRotate()).overlap_seconds)
+    return KeyRotated(**_created(new, key).model_dump(), previous=Key.model_validate(old))
+
+
+@internal_router.post("/keys/verify", response_model=KeyVerified)
+async def verify_key(
+    body: KeyVerify, request: Request, principal: CurrentPrincipal, session: Session
+) -> KeyVerified:
+    """Check an API key for the gateway: its app, scopes and expiry, or 401 invalid_api_key."""
+    if principal.kind != "service":
+        raise Forbidden("Only services may verify keys", code="service_only")
+    settings = request.app.state.settings
+    row = await keys.verify(session, body.key, touch_seconds=settings.auth_key_touch_seconds)
+    return KeyVerified(
+        app=row.app, scopes=list(row.scopes), prefix=row.prefix, expires_at=row.expires_at
+    )

@@ -1,0 +1,59 @@
+"""Public token endpoints: the gateway routes them without authentication (the
+SSO token or the refresh token is the credential)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request, Response
+from starlette.responses import JSONResponse
+
+from services.auth.tokens.schemas import Jwks, RefreshIn, SsoExchange, TokenPair
+from services.auth.tokens.service import RefreshTokenReused, TokenService
+from services.kit.db import Session
+
+router = APIRouter(prefix="/v1/auth", tags=["auth"])
+jwks_router = APIRouter(tags=["auth"])
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"description": "Invalid, expired or reused token"},
+    422: {"description": "Invalid input"},
+    503: {"description": "SSO is not configured, or its keys cannot be fetched"},
+}
+
+
+def get_tokens(request: Request) -> TokenService:
+    return request.app.state.tokens
+
+
+Tokens = Annotated[TokenService, Depends(get_tokens)]
+
+
+@router.post("/sso", response_model=TokenPair, responses=ERRORS)
+async def sso_exchange(body: SsoExchange, tokens: Tokens, session: Session) -> TokenPair:
+    """Exchange the main site's SSO JWT for a Ku access token and refresh token."""
+    return await tokens.exchange_sso(session, body.token)
+
+
+@router.post("/refresh", response_model=TokenPair, responses=ERRORS)
+async def refresh(body: RefreshIn, tokens: Tokens, session: Session) -> Any:
+    """Trade a refresh token for a new pair; the old refresh token stops working."""
+    try:
+        return await tokens.refresh(session, body.refresh_token)
+    except RefreshTokenReused as exc:
+        # The family's revocation must be committed: answer without raising.
+        return JSONResponse(exc.body(), status_code=exc.status_code)
+
+
+@router.post("/logout", status_code=204, responses=ERRORS)
+async def logout(body: RefreshIn, tokens: Tokens, session: Session) -> Response:
+    """End the session a refresh token belongs to (every token rotated from it)."""
+    await tokens.logout(session, body.refresh_token)
+    return Response(status_code=204)
+
+
+@jwks_router.get("/.well-known/jwks.json", response_model=Jwks)
+async def jwks(tokens: Tokens, response: Response) -> dict[str, Any]:
+    """Public keys that verify Ku access tokens (match the token's `kid`)."""
+    response.headers["Cache-Control"] = "public, max-age=300"
+    return tokens.keyring.jwks()
