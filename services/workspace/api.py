@@ -1,0 +1,3 @@
+from services.workspace.endpoints import router as workspace_router
+
+routers = [workspace_router]

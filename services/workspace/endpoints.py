@@ -1,0 +1,218 @@
+from __future__ import annotations
+
+from typing import Annotated, Any
+from urllib.parse import quote
+
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
+from starlette.concurrency import run_in_threadpool
+
+from services.kit.db import Session
+from services.kit.errors import Unprocessable
+from services.kit.idempotency import key_from_request
+from services.kit.principal import Principal, get_principal
+from services.kit.schemas import AppName, UserId
+from services.workspace import exports
+from services.workspace.config import get_settings
+from services.workspace.schemas import (
+    Deleted,
+    Project,
+    ProjectCreate,
+    ProjectPage,
+    ProjectSummary,
+    ProjectType,
+    ProjectUpdate,
+    QuotaUpdate,
+    Storage,
+)
+from services.workspace.service import Workspace, export_source, full, summary
+
+router = APIRouter(prefix="/v1/workspace", tags=["workspace"])
+
+CurrentPrincipal = Annotated[Principal, Depends(get_principal)]
+Code = Annotated[str, Path(max_length=16, description="The 6-character project code")]
+OwnerParam = Annotated[
+    UserId | None,
+    Query(description="Optional: the owner you expect; another user's project is 404"),
+]
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"description": "Malformed request, cursor or Idempotency-Key"},
+    401: {"description": "Missing or invalid credentials"},
+    403: {"description": "Missing scope, or a user token naming another user"},
+    404: {"description": "No such project (or not yours: the same answer)"},
+    409: {"description": "Idempotency-Key reused with another request"},
+    413: {"description": "`storage_limit_exceeded`: `detail` has needed/available/limit bytes"},
+    415: {"description": "`content_type_not_allowed`: not text or a PNG/JPEG/GIF/WebP image"},
+    422: {"description": "Invalid input (base64, title, metadata size, export format...)"},
+}
+
+
+def get_workspace(session: Session) -> Workspace:
+    return Workspace(session, get_settings())
+
+
+WorkspaceDep = Annotated[Workspace, Depends(get_workspace)]
+
+
+def _readable(principal: Principal) -> None:
+    principal.require_scope("workspace:read", "workspace:write")
+
+
+@router.post("/projects", status_code=201, response_model=ProjectSummary, responses=ERRORS)
+async def create_project(
+    body: ProjectCreate,
+    request: Request,
+    response: Response,
+    principal: CurrentPrincipal,
+    workspace: WorkspaceDep,
+) -> dict[str, Any]:
+    """Save a project (text, base64 image or data: URL) within the owner's storage quota."""
+    principal.require_scope("workspace:write")
+    created = await workspace.create(principal, body, key=key_from_request(request))
+    response.status_code = created.status_code
+    if created.replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    return created.body
+
+
+@router.get("/projects", response_model=ProjectPage, responses=ERRORS)
+async def list_projects(
+    principal: CurrentPrincipal,
+    workspace: WorkspaceDep,
+    user_id: UserId | None = None,
+    app: AppName | None = None,
+    type: ProjectType | None = None,  # noqa: A002 - the public query name
+    q: Annotated[str | None, Query(max_length=200, description="Title contains")] = None,
+    cursor: Annotated[str | None, Query(max_length=500)] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+) -> ProjectPage:
+    """A user's projects from every app, newest first, with filters and a cursor."""
+    _readable(principal)
+    owner = user_id or (principal.user_id if principal.kind == "user" else None)
+    if owner is None:
+        raise Unprocessable("user_id is required", code="user_id_required")
+    principal.acts_for(owner)
+    rows, next_cursor = await workspace.list(
+        owner, app_source=app, project_type=type, q=q, cursor=cursor, limit=limit
+    )
+    return ProjectPage(
+        items=[ProjectSummary.model_validate(summary(r)) for r in rows], next_cursor=next_cursor
+    )
+
+
+@router.get("/projects/{code}", response_model=Project, responses=ERRORS)
+async def get_project(
+    code: Code, principal: CurrentPrincipal, workspace: WorkspaceDep, user_id: OwnerParam = None
+) -> dict[str, Any]:
+    """One project with its content (text, or base64 for images)."""
+    _readable(principal)
+    return full(await workspace.visible_project(principal, code, user_id=user_id))
+
+
+@router.patch("/projects/{code}", response_model=ProjectSummary, responses=ERRORS)
+async def update_project(
+    code: Code,
+    body: ProjectUpdate,
+    principal: CurrentPrincipal,
+    workspace: WorkspaceDep,
+    user_id: OwnerParam = None,
+) -> dict[str, Any]:
+    """Change a project's title, content and/or metadata (growth counts against the quota)."""
+    principal.require_scope("workspace:write")
+    return await workspace.update(principal, code, body, user_id=user_id)
+
+
+@router.delete("/projects/{code}", response_model=Deleted, responses=ERRORS)
+async def delete_project(
+    code: Code, principal: CurrentPrincipal, workspace: WorkspaceDep, user_id: OwnerParam = None
+) -> dict[str, Any]:
+    """Delete a project; its bytes are free again at once."""
+    principal.require_scope("workspace:write")
+    return await workspace.delete(principal, code, user_id=user_id)
+
+
+@router.get(
+    "/projects/{code}/content",
+    responses={**ERRORS, 200: {"description": "The raw bytes", "content": {"*/*": {}}}},
+    response_class=Response,
+)
+async def get_content(
+    code: Code, principal: CurrentPrincipal, workspace: WorkspaceDep, user_id: OwnerParam = None
+) -> Response:
+    """The raw content with its real Content-Type (an image as bytes, text as UTF-8)."""
+    _readable(principal)
+    project = await workspace.visible_project(principal, code, user_id=user_id)
+    if project["content_bytes"] is not None:
+        body, media_type = project["content_bytes"], project["content_type"]
+    else:
+        body = project["content_text"].encode("utf-8")
+        media_type = f"{project['content_type']}; charset=utf-8"
+    return Response(
+        body,
+        media_type=media_type,
+        headers={"X-Content-Type-Options": "nosniff", "Cache-Control": "private, no-store"},
+    )
+
+
+@router.get(
+    "/projects/{code}/export",
+    responses={
+        **ERRORS,
+        200: {
+            "description": "The file, as an attachment",
+            "content": {media: {} for media in exports.FORMATS.values()},
+        },
+    },
+    response_class=Response,
+)
+async def export_project(
+    code: Code,
+    principal: CurrentPrincipal,
+    workspace: WorkspaceDep,
+    format: Annotated[str, Query(description="txt, pdf or docx")] = "txt",  # noqa: A002
+    user_id: OwnerParam = None,
+) -> Response:
+    """Download a project as a TXT, PDF or DOCX file (title, timestamps, content, image)."""
+    _readable(principal)
+    fmt = format.lower()
+    if fmt not in exports.FORMATS:
+        raise Unprocessable(
+            f"Unknown export format {format!r}",
+            code="unsupported_export_format",
+            formats=list(exports.FORMATS),
+        )
+    project = await workspace.visible_project(principal, code, user_id=user_id)
+    source = export_source(project)
+    data = await run_in_threadpool(exports.render, source, fmt)
+    name = exports.filename(source, fmt)
+    disposition = f"attachment; filename=\"{name}\"; filename*=UTF-8''{quote(name)}"
+    return Response(
+        data,
+        media_type=exports.FORMATS[fmt],
+        headers={
+            "Content-Disposition": disposition,
+            "Cache-Control": "private, no-store",
+        },
+    )
+
+
+@router.get("/storage", response_model=Storage, responses=ERRORS)
+async def get_storage(
+    principal: CurrentPrincipal, workspace: WorkspaceDep, user_id: UserId | None = None
+) -> dict[str, Any]:
+    """Storage used, limit, available and percent, with bytes and counts per app."""
+    _readable(principal)
+    owner = user_id or (principal.user_id if principal.kind == "user" else None)
+    if owner is None:
+        raise Unprocessable("user_id is required", code="user_id_required")
+    principal.acts_for(owner)
+    return await workspace.storage(owner)
+
+
+@router.put("/quotas/{user_id}", response_model=Storage, responses=ERRORS)
+async def set_quota(
+    user_id: UserId, body: QuotaUpdate, principal: CurrentPrincipal, workspace: WorkspaceDep
+) -> dict[str, Any]:
+    """Admin: set a user's storage limit in bytes (null restores the default)."""
+    principal.require_scope("admin")
+    return await workspace.set_quota(user_id, body.limit_bytes)
