@@ -13,6 +13,14 @@ class LedgerSettings(KuSettings):
     write_pool_size: int = 8
     default_hold_ttl_seconds: int = 900
     max_hold_ttl_seconds: int = 86_400
+    # Razorpay (billing/). Empty key or secret: billing answers 503 instead of guessing.
+    razorpay_key_id: str = ""
+    razorpay_key_secret: str = ""
+    razorpay_webhook_secret: str = ""
+    razorpay_base_url: str = "https://api.razorpay.com"
+    razorpay_timeout_seconds: float = 15.0
+    # How far back `ku billing reconcile` looks for captured payments.
+    billing_reconcile_hours: int = 72
 
 
 @lru_cache

@@ -45,12 +45,16 @@ class Wallet(Base):
     __table_args__ = (
         CheckConstraint("balance_milli >= 0", name="balance_not_negative"),
         CheckConstraint("held_milli >= 0", name="held_not_negative"),
+        CheckConstraint("debt_milli >= 0", name="debt_not_negative"),
     )
 
     user_id: Mapped[str] = mapped_column(Text, primary_key=True)
     # Sum of grants' remaining (including expired credit the expiry job has not swept).
     balance_milli: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default="0")
     held_milli: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default="0")
+    # Clawed-back credit the user had already spent (billing refunds); the next grant
+    # settles it first. Mirrors the negated sum of the user's `debt` postings.
+    debt_milli: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default="0")
     created_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), nullable=False, server_default=func.now()
     )
@@ -167,7 +171,8 @@ class Transaction(Base):
 
 class Posting(Base):
     """One leg of a transaction. `account` is wallet|held (owner = user id) or a system
-    account: issuance (owner = source), spend (owner = app), expired."""
+    account: issuance (owner = source), spend (owner = app), expired. `debt` (owner = user
+    id) carries clawed-back credit that was already spent (see billing/)."""
 
     __tablename__ = "postings"
     __table_args__ = (
@@ -186,3 +191,7 @@ class Posting(Base):
 
 
 metadata = Base.metadata
+
+# Billing's tables live in this schema too (services/ledger/billing/models.py);
+# imported here so Alembic sees one metadata for the whole service.
+from services.ledger.billing import models as _billing_models  # noqa: E402, F401

@@ -62,6 +62,17 @@ CHECKS: list[tuple[str, str]] = [
         " GROUP BY t.id HAVING SUM(r.amount_milli) > (SELECT COALESCE(SUM(p.amount_milli), 0)"
         " FROM ledger.postings p WHERE p.tx_id = t.id AND p.account = 'spend')",
     ),
+    # Billing (sql/ledger_v2_billing.sql): debt from clawbacks is a `debt` account.
+    (
+        "wallets whose debt differs from their debt postings",
+        "SELECT w.user_id FROM ledger.wallets w LEFT JOIN (SELECT owner,"
+        " SUM(amount_milli) AS s FROM ledger.postings WHERE account = 'debt' GROUP BY owner) p"
+        " ON p.owner = w.user_id WHERE w.debt_milli <> -COALESCE(p.s, 0)",
+    ),
+    (
+        "negative debts",
+        "SELECT user_id FROM ledger.wallets WHERE debt_milli < 0",
+    ),
 ]
 
 
