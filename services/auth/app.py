@@ -9,7 +9,7 @@ import httpx
 from fastapi import FastAPI
 
 from services.auth.api import routers
-from services.auth.config import get_settings
+from services.auth.config import AuthSettings, get_settings
 from services.auth.models import SCHEMA
 from services.auth.tokens.service import TokenService
 from services.auth.tokens.signing import load_keyring
@@ -39,15 +39,15 @@ OPENAPI_TAGS = [
 async def token_issuer(app: FastAPI) -> AsyncIterator[None]:
     """Lifespan hook: the signing key (shared through the database in development)
     and the SSO verifier with its JWKS client."""
-    settings = get_settings()
+    settings: AuthSettings = app.state.settings
     keyring = await load_keyring(settings, app.state.sessionmaker)
     async with httpx.AsyncClient(timeout=5.0) as http:
         app.state.tokens = TokenService(settings, keyring, SsoVerifier(settings, http))
         yield
 
 
-def create_app() -> FastAPI:
-    settings = get_settings()
+def create_app(settings: AuthSettings | None = None) -> FastAPI:
+    settings = settings or get_settings()
     return create_service_app(
         name="auth",
         settings=settings,
