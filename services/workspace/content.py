@@ -30,6 +30,8 @@ Encoding = Literal["auto", "text", "base64"]
 
 _DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^,;]*)*),", re.I)
 _BASE64_CHARS = re.compile(r"^[A-Za-z0-9+/_-]+={0,2}$")
+_BASE64_STRICT = re.compile(r"[A-Za-z0-9+/]*={0,2}|[A-Za-z0-9_-]*={0,2}")
+_URLSAFE = str.maketrans("-_", "+/")
 # Below this, an "auto" string is text even if it happens to be valid base64 ("Test").
 _MIN_AUTO_BASE64 = 64
 _MARKDOWN = re.compile(
@@ -168,11 +170,19 @@ def _looks_like_base64(raw: str) -> bool:
 
 
 def _b64decode(raw: str) -> bytes:
+    """Strict base64 (standard or URL-safe alphabet, padding optional but not wrong):
+    a stray character is an error, never silently dropped."""
     compact = "".join(raw.split())
+    body = compact.rstrip("=")
+    if (
+        not _BASE64_STRICT.fullmatch(compact)
+        or len(body) % 4 == 1
+        or (body != compact and len(compact) % 4)
+    ):
+        raise Unprocessable("Content is not valid base64", code="invalid_base64")
+    body = body.translate(_URLSAFE)
     try:
-        if "-" in compact or "_" in compact:
-            return base64.urlsafe_b64decode(compact + "=" * (-len(compact) % 4))
-        return base64.b64decode(compact, validate=True)
+        return base64.b64decode(body + "=" * (-len(body) % 4), validate=True)
     except (binascii.Error, ValueError):
         raise Unprocessable("Content is not valid base64", code="invalid_base64") from None
 
