@@ -34,6 +34,8 @@ _BASE64_STRICT = re.compile(r"[A-Za-z0-9+/]*={0,2}|[A-Za-z0-9_-]*={0,2}")
 _URLSAFE = str.maketrans("-_", "+/")
 # Below this, an "auto" string is text even if it happens to be valid base64 ("Test").
 _MIN_AUTO_BASE64 = 64
+# A few KB of PNG can declare a gigapixel canvas; exports decode it, so cap it here.
+MAX_IMAGE_PIXELS = 25_000_000
 _MARKDOWN = re.compile(
     r"(^|\n)(#{1,6} \S|```|> \S|[-*+] \S.*\n[-*+] \S|\d+\. \S.*\n\d+\. \S)"
     r"|\*\*[^*\n]+\*\*|\[[^\]\n]+\]\([^)\s]+\)"
@@ -196,9 +198,17 @@ def _image_type(data: bytes) -> str | None:
             warnings.simplefilter("ignore")
             with Image.open(io.BytesIO(data)) as image:
                 fmt = image.format
+                pixels = image.width * image.height
                 image.verify()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
         return None
+    if pixels > MAX_IMAGE_PIXELS:
+        raise Unprocessable(
+            f"Image has {pixels} pixels; at most {MAX_IMAGE_PIXELS}",
+            code="image_too_large",
+            pixels=pixels,
+            max_pixels=MAX_IMAGE_PIXELS,
+        )
     if fmt not in IMAGE_TYPES:
         raise UnsupportedContentType(
             f"Image format {fmt} is not allowed",

@@ -10,6 +10,12 @@ from PIL import Image
 from tests.workspace.helpers import admin, app_key, b64, data_url, key, png, save, saved, storage
 
 
+def _huge_png() -> bytes:
+    out = io.BytesIO()
+    Image.new("1", (6000, 5000)).save(out, format="PNG", optimize=True)
+    return out.getvalue()
+
+
 def _bmp() -> bytes:
     out = io.BytesIO()
     Image.new("RGB", (4, 4)).save(out, format="BMP")
@@ -48,6 +54,7 @@ class TestCreateRejections:
             ({"content": "hello", "content_type": "image/png"}, 422, "content_type_mismatch"),
             ({"content": b64(png()), "content_type": "image/jpeg"}, 422, "content_type_mismatch"),
             ({"content": "nul\x00byte"}, 422, "invalid_text"),
+            ({"content": b64(_huge_png())}, 422, "image_too_large"),
             ({"metadata": {"blob": "m" * 17_000}}, 422, "metadata_too_large"),
             ({"metadata": ["not", "an", "object"]}, 422, "validation_error"),
             ({"title": ""}, 422, "validation_error"),
