@@ -63,18 +63,18 @@ def rs_token(payload: dict[str, Any], private_pem: str, kid: str | None = SSO_KI
     return jwt.encode(payload, private_pem, algorithm="RS256", headers=headers)
 
 
-def _b64(data: bytes) -> str:
+def b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
 def raw_token(header: dict[str, Any], payload: dict[str, Any], mac_key: bytes | None) -> str:
     """A hand-made JWT: unsigned when `mac_key` is None, else HMAC-SHA256 with that key
     (python-jose refuses to build the forgeries we need to test)."""
-    signing_input = f"{_b64(json.dumps(header).encode())}.{_b64(json.dumps(payload).encode())}"
+    signing_input = f"{b64(json.dumps(header).encode())}.{b64(json.dumps(payload).encode())}"
     if mac_key is None:
         return signing_input + "."
     mac = hmac.new(mac_key, signing_input.encode(), hashlib.sha256).digest()
-    return f"{signing_input}.{_b64(mac)}"
+    return f"{signing_input}.{b64(mac)}"
 
 
 async def stream_event(
@@ -91,3 +91,16 @@ async def stream_event(
         if time.monotonic() > deadline:
             raise AssertionError(f"no {topic} {match} on {stream} within {wait}s")
         await asyncio.sleep(0.05)
+
+
+async def redis_events(
+    redis: Redis, stream: str, topic: str, user_id: str, wait: float = 5.0
+) -> list[dict[str, Any]]:
+    """Every `topic` payload for `user_id` on `stream`, once at least one has arrived."""
+    await stream_event(redis, stream, topic, {"user_id": user_id}, wait=wait)
+    payloads = []
+    for _, fields in await redis.xrange(stream):
+        payload = orjson.loads(fields[b"payload"])
+        if fields[b"topic"].decode() == topic and payload.get("user_id") == user_id:
+            payloads.append(payload)
+    return payloads
