@@ -1,0 +1,148 @@
+"""The gateway's access policy, in one place: authenticate, rate-limit, authorize.
+
+Used by the proxy (pure ASGI) and by the gateway's own routes (compat API, SSE),
+so every door applies the same rules.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+from urllib.parse import parse_qsl
+
+from fastapi import Request, Response
+
+from gateway.auth import Authenticator
+from gateway.config import GatewaySettings
+from gateway.ratelimit import Decision, Limit, RateLimiter, rate_headers
+from gateway.upstream import SignedPrincipal
+from services.kit.errors import Forbidden
+from services.kit.principal import Principal
+
+# A principal needs one of these (or admin) to reach a route family at all; the
+# services check the exact scope of each operation.
+ROUTE_SCOPES: dict[str, frozenset[str]] = {
+    "ledger": frozenset({"ledger:read", "ledger:write", "ledger:grant", "users:write"}),
+    "billing": frozenset({"ledger:read", "ledger:write", "ledger:grant"}),
+    "workspace": frozenset({"workspace:read", "workspace:write"}),
+    "generation": frozenset({"generate"}),
+    "enhancement": frozenset({"enhance"}),
+    "events": frozenset({"ledger:read", "ledger:write"}),
+}
+# Reachable without credentials: the caller proves itself to the service
+# (Razorpay's signature, the SSO token, a refresh token, public keys).
+PUBLIC_PATHS = frozenset({
+    "/v1/billing/webhooks/razorpay",
+    "/v1/auth/sso",
+    "/v1/auth/refresh",
+    "/v1/auth/logout",
+    "/.well-known/jwks.json",
+})
+MONEY_ROUTES = frozenset({"ledger", "billing"})
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def is_money(method: str, route: str) -> bool:
+    return method not in SAFE_METHODS and route in MONEY_ROUTES
+
+
+def check_scope(principal: Principal, route: str) -> None:
+    needed = ROUTE_SCOPES.get(route)
+    if needed is None or principal.is_admin or principal.scopes & needed:
+        return
+    raise Forbidden(
+        f"Missing scope: one of {', '.join(sorted(needed))}", code="missing_scope"
+    )
+
+
+def user_ids_in_path(path: str) -> Iterable[str]:
+    """`.../users/<id>/...`: the segment after each `users`."""
+    parts = path.split("/")
+    for i, part in enumerate(parts[:-1]):
+        if part == "users" and parts[i + 1]:
+            yield parts[i + 1]
+
+
+def check_user(principal: Principal, path: str, query: str, body: Any = None) -> None:
+    """A user token acts only for its own user id, wherever the request names another."""
+    if principal.kind != "user":
+        return
+    named: list[str] = list(user_ids_in_path(path))
+    if "user_id" in query:
+        named += [v for k, v in parse_qsl(query, keep_blank_values=True) if k == "user_id"]
+    if isinstance(body, dict) and "user_id" in body:
+        named.append(str(body["user_id"]))
+    for user_id in named:
+        principal.acts_for(user_id)
+
+
+class Access:
+    def __init__(
+        self, settings: GatewaySettings, authenticator: Authenticator, limiter: RateLimiter
+    ) -> None:
+        self.settings = settings
+        self.authenticator = authenticator
+        self.limiter = limiter
+
+    async def admit(
+        self,
+        *,
+        api_key: str | None,
+        authorization: str | None,
+        client_ip: str,
+        money: bool,
+    ) -> tuple[SignedPrincipal, Decision]:
+        """Authenticate, then spend one request from each applicable limit."""
+        try:
+            identity = await self.authenticator.authenticate(api_key, authorization)
+        except Exception:
+            # Failed attempts count against the address, so guessing keys is throttled too.
+            await self.limiter.check(self.ip_limits(client_ip), money=False)
+            raise
+        return identity, await self.limiter.check(
+            self.limits(identity.principal, client_ip), money=money
+        )
+
+    async def admit_anonymous(self, client_ip: str) -> Decision:
+        return await self.limiter.check(self.ip_limits(client_ip), money=False)
+
+    def ip_limits(self, client_ip: str) -> list[Limit]:
+        return [Limit("ip", client_ip, self.settings.gateway_rate_per_ip)]
+
+    def limits(self, principal: Principal, client_ip: str) -> list[Limit]:
+        s = self.settings
+        if principal.kind == "user":
+            own = Limit("user", principal.user_id or "", s.gateway_rate_per_user)
+        else:
+            per_key = s.gateway_rate_apps.get(principal.app or "", s.gateway_rate_per_key)
+            own = Limit("key", principal.key_prefix or principal.app or "", per_key)
+        return [own, *self.ip_limits(client_ip)]
+
+
+def client_ip(scope: dict[str, Any], headers: dict[bytes, bytes], trust_forwarded: bool) -> str:
+    if trust_forwarded:
+        forwarded = headers.get(b"x-forwarded-for")
+        if forwarded:
+            return forwarded.split(b",", 1)[0].strip().decode("latin-1")
+    client = scope.get("client")
+    return client[0] if client else "unknown"
+
+
+def authenticated(money: bool = False) -> Any:
+    """FastAPI dependency for the gateway's own routes: the same admission as the proxy."""
+    async def dependency(request: Request, response: Response) -> SignedPrincipal:
+        gateway = request.app.state.gateway
+        headers = request.headers
+        api_key = headers.get("x-api-key") or request.query_params.get("api_key")
+        raw = {k: v for k, v in request.scope["headers"] if k == b"x-forwarded-for"}
+        identity, decision = await gateway.access.admit(
+            api_key=api_key,
+            authorization=headers.get("authorization"),
+            client_ip=client_ip(request.scope, raw, gateway.settings.gateway_trust_forwarded),
+            money=money,
+        )
+        for name, value in rate_headers(decision):
+            response.headers[name.decode()] = value.decode()
+        return identity
+
+    return dependency

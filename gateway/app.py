@@ -1,0 +1,162 @@
+"""The gateway: Ku's only public door.
+
+Request path, outermost first (all pure ASGI):
+    RequestContextMiddleware  request id, access log, metrics (kit)
+    CORSMiddleware            allow-listed origins only (KU_CORS_ORIGINS)
+    ProxyMiddleware           /v1/<route>/... -> the owning service (gateway.proxy)
+    FastAPI routes            compat API, /v1/events, /openapi.json, /docs, health
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.openapi.docs import get_swagger_ui_html
+from redis.asyncio import Redis
+from starlette.middleware.cors import CORSMiddleware
+from starlette.responses import HTMLResponse, JSONResponse
+
+from gateway import compat, events
+from gateway.access import Access, authenticated
+from gateway.auth import Authenticator
+from gateway.config import GatewaySettings, get_settings
+from gateway.openapi import MergedOpenAPI
+from gateway.proxy import ProxyMiddleware
+from gateway.ratelimit import RateLimiter
+from gateway.upstream import Upstreams
+from services.kit import metrics
+from services.kit.bus import redis_from_url
+from services.kit.errors import install_error_handlers
+from services.kit.logs import configure_logging
+from services.kit.middleware import RequestContextMiddleware
+
+
+class Gateway:
+    """Everything the gateway holds while it runs; built in the lifespan."""
+
+    def __init__(self, settings: GatewaySettings) -> None:
+        self.settings = settings
+        self.upstreams = Upstreams(settings)
+        self.redis: Redis | None = None
+        self.limiter_redis: Redis | None = None
+        self.authenticator: Authenticator
+        self.access: Access
+        self.hub: events.EventHub
+        self.openapi: MergedOpenAPI
+
+    async def start(self, app: FastAPI) -> None:
+        s = self.settings
+        if not s.redis_url:
+            raise RuntimeError("KU_REDIS_URL must be set (`ku up` sets it for you)")
+        self.redis = redis_from_url(s.redis_url)
+        # Short timeouts: a dead Redis must not stall requests (reads fail open).
+        self.limiter_redis = Redis.from_url(
+            s.redis_url, socket_connect_timeout=0.5, socket_timeout=0.5
+        )
+        await self.upstreams.start()
+        self.authenticator = Authenticator(s, self.upstreams)
+        limiter = RateLimiter(self.limiter_redis, s.bus_prefix, s.gateway_rate_window_seconds)
+        self.access = Access(s, self.authenticator, limiter)
+        self.hub = events.EventHub(self.redis, s.bus_prefix, self.authenticator.revoke_prefix)
+        self.hub.start()
+        self.openapi = MergedOpenAPI(self.upstreams, app.openapi)
+        try:  # follow the streams from now on before taking traffic
+            await asyncio.wait_for(self.hub.ready.wait(), timeout=3)
+        except TimeoutError:
+            pass
+
+    async def stop(self) -> None:
+        await self.hub.stop()
+        await self.upstreams.stop()
+        for client in (self.redis, self.limiter_redis):
+            if client is not None:
+                await client.aclose()
+
+
+def create_app(settings: GatewaySettings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    gateway = Gateway(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        configure_logging("gateway", settings.log_level, settings.log_json)
+        settings.require_internal_secret()
+        await gateway.start(app)
+        try:
+            yield
+        finally:
+            await gateway.stop()
+
+    app = FastAPI(
+        title="Ku API",
+        version="1.0.0",
+        lifespan=lifespan,
+        openapi_url=None,
+        docs_url=None,
+        redoc_url=None,
+    )
+    app.state.service_name = "gateway"
+    app.state.gateway = gateway
+    app.state.settings = settings
+    install_error_handlers(app)
+    app.include_router(compat.build_router())
+    app.include_router(events.build_router(authenticated()))
+    app.include_router(metrics.router)
+    _add_meta_routes(app, gateway)
+
+    app.add_middleware(ProxyMiddleware, gateway=gateway)
+    origins = settings.cors_origin_list
+    if origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_credentials=True,
+            allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type", "X-API-Key", "Idempotency-Key",
+                           "Last-Event-ID", "X-Request-ID"],
+            expose_headers=["X-Request-ID", "Retry-After", "RateLimit-Limit",
+                            "RateLimit-Remaining", "RateLimit-Reset", "Idempotent-Replayed"],
+            max_age=600,
+        )
+    app.add_middleware(RequestContextMiddleware, service="gateway")
+    return app
+
+
+def _add_meta_routes(app: FastAPI, gateway: Gateway) -> None:
+    @app.get("/health", include_in_schema=False)
+    async def health() -> dict[str, str]:
+        return {"status": "ok", "service": "gateway"}
+
+    @app.get("/ready", include_in_schema=False)
+    async def ready() -> JSONResponse:
+        checks: dict[str, str] = {}
+        try:
+            async with asyncio.timeout(2):
+                await gateway.redis.ping()  # type: ignore[union-attr]
+            checks["redis"] = "ok"
+        except Exception as exc:
+            checks["redis"] = f"error: {type(exc).__name__}"
+        try:
+            status, _ = await gateway.upstreams.call(
+                "auth", "GET", "/health", principal=None, timeout_seconds=2
+            )
+            checks["auth"] = "ok" if status == 200 else f"error: {status}"
+        except Exception as exc:
+            checks["auth"] = f"error: {type(exc).__name__}"
+        ok = all(v == "ok" for v in checks.values())
+        return JSONResponse(
+            {"status": "ok" if ok else "unavailable", "checks": checks},
+            status_code=200 if ok else 503,
+        )
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi(request: Request) -> Any:
+        return JSONResponse(await gateway.openapi.document())
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="Ku API")

@@ -1,0 +1,66 @@
+"""Kit errors rendered in the old clients' shape: `{"success": false, "error": ...}`.
+
+The one mapping from a `KuError` (raised here or by a service and re-raised by
+`gateway.upstream.error_from_upstream`) to the seeds' bodies and status codes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi.exceptions import RequestValidationError
+from starlette.responses import JSONResponse
+
+from gateway.auth import INVALID_KEY
+from services.kit.errors import KuError, Unprocessable
+from services.kit.money import ku_to_milli, milli_to_ku
+
+
+def _credits(value: Any) -> str:
+    amount = milli_to_ku(ku_to_milli(value))
+    return f"{amount} credit" if amount == 1 else f"{amount} credits"
+
+
+def compat_body(exc: KuError) -> dict[str, Any]:
+    status = exc.status_code
+    detail = exc.detail or {}
+    body: dict[str, Any] = {"success": False, "error": exc.message, "code": exc.code}
+    if status == 401:
+        body["error"] = INVALID_KEY
+    elif status == 402:
+        body["error"] = "Insufficient credits"
+        if "available" in detail and "required" in detail:
+            body["details"] = (
+                f"User has {_credits(detail['available'])} "
+                f"but needs {_credits(detail['required']).split(' ')[0]}"
+            )
+            body["credits"] = detail["available"]
+    elif status == 404 and exc.code == "unknown_user":
+        body["error"] = "User not found"
+    elif status == 422:
+        body["error"] = exc.message if exc.code != "validation_error" else "Invalid input"
+        errors = detail.get("errors")
+        if isinstance(errors, list) and errors:
+            body["details"] = "; ".join(
+                f"{'.'.join(e.get('loc', [])[1:]) or 'body'}: {e.get('msg')}" for e in errors
+            )
+    elif status == 429:
+        body["error"] = "Rate limit exceeded"
+        retry = getattr(exc, "retry_after", None)
+        if retry is not None:
+            body["details"] = f"Retry after {retry} seconds"
+    return body
+
+
+def compat_response(exc: KuError) -> JSONResponse:
+    return JSONResponse(compat_body(exc), status_code=exc.status_code, headers=exc.headers())
+
+
+def from_validation(exc: RequestValidationError) -> KuError:
+    errors = exc.errors()
+    if any(e.get("loc", ())[-1:] == ("user_id",) and e.get("type") == "missing" for e in errors):
+        return Unprocessable("User ID required", code="user_id_required")
+    fields = [
+        {"loc": [str(p) for p in e.get("loc", ())], "msg": str(e.get("msg", ""))} for e in errors
+    ]
+    return Unprocessable("Invalid input", errors=fields)

@@ -1,0 +1,232 @@
+"""Bus events the gateway reacts to, and `GET /v1/events` (Server-Sent Events).
+
+One reader per gateway process (plain XREAD, no consumer group: every
+instance must see every event) follows `<prefix>.events.ledger` and
+`<prefix>.events.auth`:
+
+- `key.revoked` drops the key from the local cache at once;
+- `credits.changed` fans out to the connected streams of that user.
+
+Stream entry ids are the SSE event ids, so `Last-Event-ID` resumes by reading
+the stream from there (XRANGE) before joining the live feed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Depends, Header, Query, Request
+from redis.asyncio import Redis
+from starlette.responses import StreamingResponse
+
+from gateway.upstream import SignedPrincipal
+from services.kit.errors import BadRequest
+from services.kit.money import milli_to_ku
+from services.kit.outbox import decode_event, stream_name
+from services.kit.schemas import UserId
+
+log = logging.getLogger("ku.gateway.events")
+
+QUEUE_MAX = 1000
+
+
+def _id(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _id_tuple(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def render_credits(payload: dict[str, Any]) -> dict[str, Any]:
+    """`credits.changed` as clients see it: Ku numbers, not milli-Ku."""
+    out: dict[str, Any] = {}
+    for key, value in payload.items():
+        if key.endswith("_milli") and isinstance(value, int):
+            out[key[:-6]] = milli_to_ku(value)
+        else:
+            out[key] = value
+    return out
+
+
+class EventHub:
+    def __init__(self, redis: Redis, prefix: str, on_key_revoked: Callable[[str], Any]) -> None:
+        self.redis = redis
+        self.ledger_stream = stream_name(prefix, "ledger")
+        self.auth_stream = stream_name(prefix, "auth")
+        self.on_key_revoked = on_key_revoked
+        self._subscribers: dict[str, set[asyncio.Queue[tuple[str, dict[str, Any]]]]] = {}
+        self._task: asyncio.Task[None] | None = None
+        self.ready = asyncio.Event()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="gateway-events")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):
+                pass
+
+    async def _last_ids(self) -> dict[str, str]:
+        ids = {}
+        for stream in (self.ledger_stream, self.auth_stream):
+            last = await self.redis.xrevrange(stream, count=1)
+            ids[stream] = _id(last[0][0]) if last else "0-0"
+        return ids
+
+    async def _run(self) -> None:
+        cursor: dict[str, str] | None = None
+        while True:
+            try:
+                if cursor is None:
+                    cursor = await self._last_ids()
+                    self.ready.set()
+                response = await self.redis.xread(cursor, count=500, block=1000)
+                for stream, entries in response or []:
+                    name = _id(stream)
+                    for entry_id, fields in entries:
+                        cursor[name] = _id(entry_id)
+                        self._dispatch(name, _id(entry_id), fields)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("event reader failed: %s", exc)
+                await asyncio.sleep(1)
+
+    def _dispatch(self, stream: str, entry_id: str, fields: dict[Any, Any]) -> None:
+        try:
+            event = decode_event(fields)
+        except (KeyError, ValueError):
+            return
+        topic, payload = event["topic"], event["payload"]
+        if topic == "key.revoked" and stream == self.auth_stream:
+            prefix = payload.get("prefix")
+            if prefix:
+                self.on_key_revoked(str(prefix))
+        elif topic == "credits.changed" and stream == self.ledger_stream:
+            user_id = str(payload.get("user_id"))
+            for queue in self._subscribers.get(user_id, ()):
+                if queue.full():
+                    continue  # a stalled client; it can resume with Last-Event-ID
+                queue.put_nowait((entry_id, payload))
+
+    def subscribe(self, user_id: str) -> asyncio.Queue[tuple[str, dict[str, Any]]]:
+        queue: asyncio.Queue[tuple[str, dict[str, Any]]] = asyncio.Queue(QUEUE_MAX)
+        self._subscribers.setdefault(user_id, set()).add(queue)
+        return queue
+
+    def unsubscribe(self, user_id: str, queue: asyncio.Queue[Any]) -> None:
+        queues = self._subscribers.get(user_id)
+        if queues is not None:
+            queues.discard(queue)
+            if not queues:
+                del self._subscribers[user_id]
+
+    async def replay(
+        self, user_id: str, after: str, limit: int
+    ) -> list[tuple[str, dict[str, Any]]]:
+        """The user's `credits.changed` entries after `after`, oldest first."""
+        out: list[tuple[str, dict[str, Any]]] = []
+        start = "(" + after
+        scanned = 0
+        while scanned < limit:
+            entries = await self.redis.xrange(self.ledger_stream, min=start, count=500)
+            if not entries:
+                break
+            for entry_id, fields in entries:
+                scanned += 1
+                event = decode_event(fields)
+                if event["topic"] == "credits.changed" and str(
+                    event["payload"].get("user_id")
+                ) == user_id:
+                    out.append((_id(entry_id), event["payload"]))
+            start = "(" + _id(entries[-1][0])
+        return out
+
+    def subscribers(self) -> int:
+        return sum(len(q) for q in self._subscribers.values())
+
+
+def sse(entry_id: str, topic: str, data: dict[str, Any]) -> bytes:
+    return b"id: %s\nevent: %s\ndata: %s\n\n" % (
+        entry_id.encode(), topic.encode(), orjson.dumps(data)
+    )
+
+
+async def stream_user(
+    hub: EventHub, user_id: str, last_event_id: str | None, keepalive: float, replay_max: int
+) -> AsyncIterator[bytes]:
+    queue = hub.subscribe(user_id)  # before the replay, so nothing falls in between
+    try:
+        yield b"retry: 2000\n\n"
+        seen = (0, 0)
+        if last_event_id:
+            for entry_id, payload in await hub.replay(user_id, last_event_id, replay_max):
+                seen = _id_tuple(entry_id)
+                yield sse(entry_id, "credits.changed", render_credits(payload))
+        while True:
+            try:
+                entry_id, payload = await asyncio.wait_for(queue.get(), timeout=keepalive)
+            except TimeoutError:
+                yield b": keep-alive\n\n"
+                continue
+            if _id_tuple(entry_id) <= seen:
+                continue
+            yield sse(entry_id, "credits.changed", render_credits(payload))
+    finally:
+        hub.unsubscribe(user_id, queue)
+
+
+def build_router(authenticated: Callable[..., Any]) -> APIRouter:
+    router = APIRouter(tags=["events"])
+
+    @router.get(
+        "/v1/events",
+        response_class=StreamingResponse,
+        responses={200: {"content": {"text/event-stream": {}},
+                         "description": "`credits.changed` events; ids resume the stream"}},
+    )
+    async def events(
+        request: Request,
+        identity: SignedPrincipal = Depends(authenticated),
+        user_id: UserId | None = Query(None, description="For app keys: whose events"),
+        last_event_id: str | None = Header(None, alias="Last-Event-ID"),
+    ) -> StreamingResponse:
+        """Server-sent events for one user: `credits.changed` (new balance) as it happens."""
+        principal = identity.principal
+        if principal.kind == "user":
+            target = user_id or principal.user_id
+            principal.acts_for(target or "")
+        else:
+            principal.require_scope("ledger:read", "ledger:write")
+            if not user_id:
+                raise BadRequest("user_id is required for app keys", code="user_id_required")
+            target = user_id
+        if last_event_id is not None:
+            try:
+                _id_tuple(last_event_id)
+            except ValueError:
+                raise BadRequest("Invalid Last-Event-ID", code="invalid_last_event_id") from None
+        gateway = request.app.state.gateway
+        settings = gateway.settings
+        return StreamingResponse(
+            stream_user(
+                gateway.hub,
+                str(target),
+                last_event_id,
+                settings.gateway_sse_keepalive_seconds,
+                settings.gateway_sse_replay_max,
+            ),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    return router

@@ -1,0 +1,308 @@
+"""The proxy: `/v1/<route>/...` to the service that owns it, as pure ASGI.
+
+No FastAPI routing or dependency machinery on this path: per request it
+parses the few headers it needs, admits the caller (`gateway.access`), signs
+the principal, and streams the request and response bodies through one pooled
+aiohttp session. Bodies up to `gateway_buffer_body_bytes` go in one piece;
+larger ones, and any streamed response (SSE), pass through chunk by chunk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import orjson
+from starlette.types import ASGIApp, Receive, Scope, Send
+from yarl import URL
+
+from gateway.access import PUBLIC_PATHS, check_scope, check_user, client_ip, is_money
+from gateway.ratelimit import rate_headers
+from services.kit.errors import (
+    KuError,
+    NotFound,
+    PayloadTooLarge,
+    UpstreamError,
+    UpstreamTimeout,
+)
+from services.kit.logs import request_id_var
+from services.kit.principal import PRINCIPAL_HEADER
+
+log = logging.getLogger("ku.gateway.proxy")
+
+# Never forwarded upstream: hop-by-hop headers, and the client's credentials and
+# any identity it claims (services trust only the principal the gateway signs).
+DROP_REQUEST = frozenset({
+    b"host", b"connection", b"keep-alive", b"proxy-authorization", b"proxy-connection",
+    b"te", b"trailer", b"transfer-encoding", b"upgrade", b"content-length", b"expect",
+    b"x-api-key", b"authorization", b"cookie", PRINCIPAL_HEADER.encode(),
+    b"x-forwarded-for", b"x-request-id",
+})
+DROP_RESPONSE = frozenset({
+    b"connection", b"keep-alive", b"transfer-encoding", b"server", b"date", b"x-request-id",
+    b"set-cookie",
+})
+SMALL_RESPONSE = 256 * 1024
+
+
+class _Route:
+    """What the access log and metrics see as the route (one label per service)."""
+
+    __slots__ = ("path",)
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+
+async def send_error(send: Send, exc: KuError, extra: list[tuple[bytes, bytes]] = ()) -> None:
+    body = orjson.dumps(exc.body())
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        *extra,
+    ]
+    for name, value in (exc.headers() or {}).items():
+        headers.append((name.lower().encode(), value.encode()))
+    await send({"type": "http.response.start", "status": exc.status_code, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class ProxyMiddleware:
+    def __init__(self, app: ASGIApp, gateway: Any) -> None:
+        self.app = app
+        self.gateway = gateway  # gateway.app.Gateway: settings, access, upstreams
+        self._route_labels: dict[str, _Route] = {}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path: str = scope["path"]
+        proxied = path.startswith("/v1/") or path.startswith("/.well-known/")
+        if not proxied or path == "/v1/events":
+            await self.app(scope, receive, send)
+            return
+        try:
+            await self._proxy(scope, receive, send, path)
+        except KuError as exc:
+            await send_error(send, exc)
+
+    def _label(self, name: str) -> _Route:
+        label = self._route_labels.get(name)
+        if label is None:
+            label = self._route_labels[name] = _Route(f"/v1/{name}/*")
+        return label
+
+    async def _proxy(self, scope: Scope, receive: Receive, send: Send, path: str) -> None:
+        gw = self.gateway
+        settings = gw.settings
+        if path.startswith("/.well-known/"):
+            route, service = "auth", "auth"
+        else:
+            route = path[4:].split("/", 1)[0]
+            service = settings.routes.get(route)
+            if service is None:
+                raise NotFound("No such API", code="unknown_route")
+        scope["route"] = self._label(route)
+
+        headers: dict[bytes, bytes] = {}
+        forward: list[tuple[str, str]] = []
+        for name, value in scope["headers"]:
+            headers[name] = value
+            if name not in DROP_REQUEST:
+                forward.append((name.decode("latin-1"), value.decode("latin-1")))
+        query: str = scope["query_string"].decode("latin-1")
+        method: str = scope["method"]
+        ip = client_ip(scope, headers, settings.gateway_trust_forwarded)
+
+        length_header = headers.get(b"content-length")
+        length = int(length_header) if length_header and length_header.isdigit() else None
+        max_body = settings.gateway_max_body_bytes
+        if length is not None and length > max_body:
+            raise PayloadTooLarge("Request body too large", limit=max_body)
+        chunked = headers.get(b"transfer-encoding") is not None
+
+        extra_headers: list[tuple[bytes, bytes]] = []
+        principal_header: str | None = None
+        body: bytes | None = None
+        if path in PUBLIC_PATHS:
+            decision = await gw.access.admit_anonymous(ip)
+        else:
+            api_key = headers.get(b"x-api-key")
+            if api_key is None and "api_key=" in query:
+                api_key, query = _pop_api_key(query)
+            auth_header = headers.get(b"authorization")
+            identity, decision = await gw.access.admit(
+                api_key=api_key.decode("latin-1") if isinstance(api_key, bytes) else api_key,
+                authorization=auth_header.decode("latin-1") if auth_header else None,
+                client_ip=ip,
+                money=is_money(method, route),
+            )
+            principal = identity.principal
+            check_scope(principal, route)
+            if principal.kind == "user":
+                parsed = None
+                if length or chunked:
+                    body = await _read_body(receive, max_body)
+                    if b"user_id" in body and b"json" in headers.get(b"content-type", b""):
+                        try:
+                            parsed = orjson.loads(body)
+                        except orjson.JSONDecodeError:
+                            parsed = None
+                check_user(principal, path, query, parsed)
+            principal_header = identity.header
+        extra_headers = rate_headers(decision)
+
+        if principal_header is not None:
+            forward.append((PRINCIPAL_HEADER, principal_header))
+        request_id = request_id_var.get()
+        if request_id:
+            forward.append(("x-request-id", request_id))
+        forward.append(("x-forwarded-for", ip))
+
+        data: bytes | AsyncIterator[bytes] | None = body
+        if body is None and (length or chunked):
+            if length is not None and length <= settings.gateway_buffer_body_bytes:
+                data = await _read_body(receive, max_body)
+            else:
+                data = _stream_body(receive, max_body)
+
+        raw_path = scope.get("raw_path") or path.encode()
+        target = gw.upstreams.urls[service] + raw_path.decode("latin-1")
+        if query:
+            target += "?" + query
+        await self._forward(
+            method, URL(target, encoded=True), forward, data, send, receive, extra_headers, service
+        )
+
+    async def _forward(
+        self,
+        method: str,
+        url: URL,
+        headers: list[tuple[str, str]],
+        data: bytes | AsyncIterator[bytes] | None,
+        send: Send,
+        receive: Receive,
+        extra_headers: list[tuple[bytes, bytes]],
+        service: str,
+    ) -> None:
+        started = False
+        try:
+            async with self.gateway.upstreams.session.request(
+                method, url, headers=headers, data=data, allow_redirects=False
+            ) as resp:
+                out = [
+                    (name.lower(), value)
+                    for name, value in resp.raw_headers
+                    if name.lower() not in DROP_RESPONSE
+                ]
+                out += extra_headers
+                length = resp.content_length
+                streaming = length is None or length > SMALL_RESPONSE
+                if not streaming:
+                    payload = await resp.read()
+                    started = True
+                    await send(
+                        {"type": "http.response.start", "status": resp.status, "headers": out}
+                    )
+                    await send({"type": "http.response.body", "body": payload})
+                    return
+                started = True
+                await send({"type": "http.response.start", "status": resp.status, "headers": out})
+                await _pump(resp, send, receive)
+        except _TooLarge:
+            if started:
+                raise
+            await send_error(send, PayloadTooLarge("Request body too large"))
+        except TimeoutError:
+            if started:
+                raise
+            await send_error(
+                send, UpstreamTimeout(f"The {service} service timed out", service=service)
+            )
+        except aiohttp.ClientError as exc:
+            if started:
+                raise
+            if isinstance(exc.__cause__, _TooLarge) or isinstance(exc.__context__, _TooLarge):
+                await send_error(send, PayloadTooLarge("Request body too large"))
+                return
+            log.warning("upstream %s failed: %s", service, exc)
+            await send_error(
+                send, UpstreamError(f"The {service} service is unreachable", service=service)
+            )
+
+
+async def _pump(resp: aiohttp.ClientResponse, send: Send, receive: Receive) -> None:
+    """Copy a streamed response, stopping as soon as the client goes away."""
+
+    async def copy() -> None:
+        async for chunk in resp.content.iter_any():
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def watch() -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+
+    copier = asyncio.ensure_future(copy())
+    watcher = asyncio.ensure_future(watch())
+    try:
+        await asyncio.wait({copier, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (copier, watcher):
+            if not task.done():
+                task.cancel()
+        await asyncio.gather(copier, watcher, return_exceptions=True)
+    if copier.done() and not copier.cancelled() and copier.exception() is not None:
+        raise copier.exception()  # type: ignore[misc]
+
+
+async def _read_body(receive: Receive, limit: int) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise UpstreamError("Client disconnected", code="client_disconnected")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge("Request body too large", limit=limit)
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+async def _stream_body(receive: Receive, limit: int) -> AsyncIterator[bytes]:
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise _TooLarge()
+        if chunk:
+            yield chunk
+        if not message.get("more_body", False):
+            return
+
+
+def _pop_api_key(query: str) -> tuple[str | None, str]:
+    """The old clients' `?api_key=`: used, then removed from what is forwarded."""
+    from urllib.parse import parse_qsl, urlencode
+
+    pairs = parse_qsl(query, keep_blank_values=True)
+    key = next((v for k, v in pairs if k == "api_key"), None)
+    rest = urlencode([(k, v) for k, v in pairs if k != "api_key"])
+    return key, rest

@@ -1,0 +1,164 @@
+"""Rate limits shared by every gateway instance, without a Redis round trip per request.
+
+Fixed windows aligned to the clock, counted in Redis (`<prefix>.rl.<dimension>:<id>:<window>`).
+Each instance *leases* tokens from the shared counter in small chunks (a Lua
+script grants at most what is left) and spends them locally, so the shared
+count never exceeds the limit, however many instances run, and a busy key
+costs one Redis call per chunk instead of one per request. Tokens leased but
+unspent when a window ends are simply lost (a slight under-use, never an excess).
+
+Redis down: money operations fail closed (503); reads fail open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+from redis.asyncio import Redis
+
+from services.kit.errors import ServiceUnavailable, TooManyRequests
+
+log = logging.getLogger("ku.gateway.ratelimit")
+
+LEASE = """
+local used = tonumber(redis.call('GET', KEYS[1]) or '0')
+local grant = math.min(tonumber(ARGV[2]), tonumber(ARGV[1]) - used)
+if grant <= 0 then return {0, used} end
+used = redis.call('INCRBY', KEYS[1], grant)
+if used == grant then redis.call('PEXPIRE', KEYS[1], ARGV[3]) end
+return {grant, used}
+"""
+MAX_CHUNK = 100
+REDIS_BACKOFF_SECONDS = 1.0
+
+
+@dataclass
+class Limit:
+    dimension: str  # key | user | ip
+    ident: str
+    limit: int
+
+
+@dataclass
+class Decision:
+    limit: int
+    remaining: int
+    reset: int  # seconds until the window ends
+
+
+class RateLimited(TooManyRequests):
+    def headers(self) -> dict[str, str]:
+        return {
+            "Retry-After": str(self.retry_after),
+            "RateLimit-Limit": str(self.detail.get("limit", 0)),
+            "RateLimit-Remaining": "0",
+            "RateLimit-Reset": str(self.retry_after),
+        }
+
+
+class _Bucket:
+    __slots__ = ("window", "tokens", "used", "lock", "exhausted")
+
+    def __init__(self, window: int) -> None:
+        self.window = window
+        self.tokens = 0
+        self.used = 0  # the shared count after our last lease
+        self.lock = asyncio.Lock()
+        self.exhausted = False
+
+
+class RateLimiter:
+    def __init__(self, redis: Redis, prefix: str, window_seconds: int) -> None:
+        self.redis = redis
+        self.prefix = prefix
+        self.window_seconds = window_seconds
+        self._buckets: dict[str, _Bucket] = {}
+        self._script = redis.register_script(LEASE)
+        self._redis_down_until = 0.0
+
+    def _window(self, now: float) -> int:
+        return int(now // self.window_seconds)
+
+    async def check(self, limits: list[Limit], *, money: bool) -> Decision:
+        """Spend one token from each limit; 429 when one is used up."""
+        now = time.time()
+        window = self._window(now)
+        reset = max(1, math.ceil((window + 1) * self.window_seconds - now))
+        tightest: Decision | None = None
+        for limit in limits:
+            remaining = await self._take(limit, window, money)
+            if remaining < 0:
+                raise RateLimited(
+                    "Rate limit exceeded", retry_after=reset, limit=limit.limit,
+                    dimension=limit.dimension,
+                )
+            if tightest is None or remaining < tightest.remaining:
+                tightest = Decision(limit.limit, remaining, reset)
+        return tightest or Decision(0, 0, reset)
+
+    async def _take(self, limit: Limit, window: int, money: bool) -> int:
+        """Remaining tokens after taking one (shared estimate), or -1 when refused."""
+        name = f"{limit.dimension}:{limit.ident}"
+        bucket = self._buckets.get(name)
+        if bucket is None or bucket.window != window:
+            if len(self._buckets) > 50_000:
+                self._sweep(window)
+            bucket = self._buckets[name] = _Bucket(window)
+        if bucket.tokens <= 0:
+            if bucket.exhausted:
+                return -1
+            async with bucket.lock:
+                if bucket.tokens <= 0 and not bucket.exhausted:
+                    allowed = await self._lease(bucket, name, limit.limit, window, money)
+                    if allowed is None:  # Redis down, a read: let it through
+                        return limit.limit
+            if bucket.tokens <= 0:
+                return -1
+        bucket.tokens -= 1
+        return max(0, limit.limit - bucket.used + bucket.tokens)
+
+    async def _lease(
+        self, bucket: _Bucket, name: str, limit: int, window: int, money: bool
+    ) -> bool | None:
+        if time.monotonic() < self._redis_down_until:
+            return self._unavailable(money)
+        chunk = max(1, min(MAX_CHUNK, limit // 20))
+        key = f"{self.prefix}.rl.{name}:{window}"
+        try:
+            granted, used = await self._script(
+                keys=[key], args=[limit, chunk, self.window_seconds * 2000]
+            )
+        except Exception as exc:  # Redis unreachable or erroring
+            log.warning("rate limiter: redis failed: %s", exc)
+            self._redis_down_until = time.monotonic() + REDIS_BACKOFF_SECONDS
+            return self._unavailable(money)
+        bucket.tokens += int(granted)
+        bucket.used = int(used)
+        if int(granted) == 0:
+            bucket.exhausted = True
+        return True
+
+    @staticmethod
+    def _unavailable(money: bool) -> None:
+        if money:
+            raise ServiceUnavailable(
+                "Rate limiting is unavailable; money operations are paused",
+                code="rate_limiter_unavailable",
+            )
+        return None
+
+    def _sweep(self, window: int) -> None:
+        for name in [n for n, b in self._buckets.items() if b.window != window]:
+            del self._buckets[name]
+
+
+def rate_headers(decision: Decision) -> list[tuple[bytes, bytes]]:
+    return [
+        (b"ratelimit-limit", str(decision.limit).encode()),
+        (b"ratelimit-remaining", str(decision.remaining).encode()),
+        (b"ratelimit-reset", str(decision.reset).encode()),
+    ]

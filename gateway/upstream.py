@@ -1,0 +1,175 @@
+"""The gateway's one HTTP client to the services (aiohttp, one pooled session).
+
+aiohttp rather than httpx: measured as the cheaper client per proxied request
+(see bench/gateway.py and the gateway notes in docs). `call()` is for the
+gateway's own JSON calls (auth verify, compat, OpenAPI); the proxy streams
+through the same session. Service errors come back as kit errors
+(`error_from_upstream`), so every caller renders them one way.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import aiohttp
+import orjson
+
+from gateway.config import GatewaySettings
+from services.kit.errors import (
+    BadRequest,
+    Conflict,
+    Forbidden,
+    KuError,
+    NotFound,
+    PayloadTooLarge,
+    PaymentRequired,
+    ServiceUnavailable,
+    TooManyRequests,
+    Unauthorized,
+    Unprocessable,
+    UpstreamError,
+    UpstreamTimeout,
+)
+from services.kit.logs import request_id_var
+from services.kit.principal import PRINCIPAL_HEADER, Principal, sign_principal
+
+SERVICES = ("auth", "ledger", "workspace", "generation", "enhancement")
+
+_BY_STATUS: dict[int, type[KuError]] = {
+    400: BadRequest,
+    401: Unauthorized,
+    402: PaymentRequired,
+    403: Forbidden,
+    404: NotFound,
+    409: Conflict,
+    413: PayloadTooLarge,
+    422: Unprocessable,
+    429: TooManyRequests,
+    503: ServiceUnavailable,
+    504: UpstreamTimeout,
+}
+
+
+def error_from_upstream(status: int, body: Any) -> KuError:
+    """A service's `{"error": {code, message, detail}}` as the kit error it was raised as."""
+    cls = _BY_STATUS.get(status, UpstreamError if status >= 500 else BadRequest)
+    error = body.get("error") if isinstance(body, dict) else None
+    if not isinstance(error, dict):
+        return cls()
+    detail = error.get("detail") if isinstance(error.get("detail"), dict) else {}
+    if cls is TooManyRequests:
+        detail = {k: v for k, v in detail.items() if k != "retry_after"}
+    exc = cls(str(error.get("message") or cls.message), code=error.get("code"), **detail)
+    exc.status_code = status if status in _BY_STATUS else exc.status_code
+    return exc
+
+
+class SignedPrincipal:
+    """A principal and its signed header, re-signed well before the header expires."""
+
+    __slots__ = ("principal", "_secret", "_header", "_signed_at")
+
+    def __init__(self, principal: Principal, secret: str) -> None:
+        self.principal = principal
+        self._secret = secret
+        self._header = ""
+        self._signed_at = 0.0
+
+    @property
+    def header(self) -> str:
+        now = time.monotonic()
+        if now - self._signed_at > 20:
+            self._header = sign_principal(self.principal, self._secret)
+            self._signed_at = now
+        return self._header
+
+
+class Upstreams:
+    def __init__(self, settings: GatewaySettings) -> None:
+        self.settings = settings
+        self.urls = {name: settings.service_url(name) for name in SERVICES}
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise RuntimeError("gateway upstreams not started")
+        return self._session
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(
+            limit=0, keepalive_timeout=30, ttl_dns_cache=300, use_dns_cache=True
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(
+                total=None,
+                sock_connect=self.settings.gateway_connect_timeout_seconds,
+                sock_read=self.settings.gateway_upstream_timeout_seconds,
+            ),
+            auto_decompress=False,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"),
+        )
+
+    async def stop(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def url(self, service: str, path: str) -> str:
+        return self.urls[service] + path
+
+    async def call(
+        self,
+        service: str,
+        method: str,
+        path: str,
+        *,
+        principal: Principal | SignedPrincipal | None,
+        json: Any = None,
+        params: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
+        timeout_seconds: float | None = None,
+    ) -> tuple[int, Any]:
+        """One JSON call to a service; connection failures become 502, timeouts 504."""
+        out = dict(headers or {})
+        if isinstance(principal, SignedPrincipal):
+            out[PRINCIPAL_HEADER] = principal.header
+        elif principal is not None:
+            out[PRINCIPAL_HEADER] = sign_principal(
+                principal, self.settings.require_internal_secret()
+            )
+        request_id = request_id_var.get()
+        if request_id:
+            out["x-request-id"] = request_id
+        data = None
+        if json is not None:
+            data = orjson.dumps(json)
+            out["content-type"] = "application/json"
+        kwargs: dict[str, Any] = {}
+        if timeout_seconds is not None:
+            kwargs["timeout"] = aiohttp.ClientTimeout(total=timeout_seconds)
+        try:
+            async with self.session.request(
+                method, self.url(service, path), params=params, data=data, headers=out, **kwargs
+            ) as resp:
+                raw = await resp.read()
+                status = resp.status
+        except TimeoutError:
+            raise UpstreamTimeout(f"The {service} service timed out", service=service) from None
+        except aiohttp.ClientError:
+            raise UpstreamError(f"The {service} service is unreachable", service=service) from None
+        try:
+            body = orjson.loads(raw) if raw else None
+        except orjson.JSONDecodeError:
+            body = None
+        return status, body
+
+    async def json(self, service: str, method: str, path: str, **kwargs: Any) -> Any:
+        """`call()`, raising the service's error for any status >= 400."""
+        status, body = await self.call(service, method, path, **kwargs)
+        if status >= 400:
+            raise error_from_upstream(status, body)
+        return body

@@ -1,0 +1,74 @@
+"""Helpers shared by the gateway's in-process tests and the end-to-end tests."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from jose import jwt
+
+from services.kit.testing.plugin import principal_headers
+
+TOKEN_KID = "gateway-test-kid"
+ISSUER = "ku-auth"
+AUDIENCE = "ku"
+# Printed in plain text in the old system's docs (seeds 000 and 001): never accepted.
+SEED_KEY = "Pl2UbWIUMgFNQ-iUtQZSozcSUTd1cyNtsNDMhw87bTRST2fN15qT8DP0MG8ZihhZLDcX14xZlikbuwqlIQZ-og"
+
+
+@dataclass(frozen=True)
+class SigningKey:
+    private_pem: str
+    public_pem: str
+    kid: str = TOKEN_KID
+
+    def token(self, user_id: str, **overrides: Any) -> str:
+        now = int(time.time())
+        claims: dict[str, Any] = {
+            "sub": user_id, "iss": ISSUER, "aud": AUDIENCE, "iat": now, "exp": now + 600,
+            "jti": uuid.uuid4().hex, "scope": "ledger:read ledger:write workspace:read",
+        }
+        claims.update(overrides)
+        claims = {k: v for k, v in claims.items() if v is not None}
+        return jwt.encode(claims, self.private_pem, algorithm="RS256", headers={"kid": self.kid})
+
+
+def make_signing_key() -> SigningKey:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    private_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ).decode()
+    public_pem = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    ).decode()
+    return SigningKey(private_pem, public_pem)
+
+
+def admin() -> dict[str, str]:
+    return principal_headers("app", app="ops", scopes=("admin",))
+
+
+def new_user_id() -> str:
+    import secrets
+
+    return str(10**20 + secrets.randbelow(9 * 10**20))
+
+
+async def create_key(auth: httpx.AsyncClient, app: str, scopes: list[str]) -> tuple[str, str]:
+    """(key, prefix) for `app`, made through auth's own admin API."""
+    await auth.post("/v1/apps", json={"name": app}, headers=admin())
+    r = await auth.post("/v1/keys", json={"app": app, "scopes": scopes}, headers=admin())
+    assert r.status_code == 201, r.text
+    body = r.json()
+    return body["key"], body["prefix"]
+
+
+async def revoke_key(auth: httpx.AsyncClient, prefix: str) -> None:
+    r = await auth.post(f"/v1/keys/{prefix}/revoke", headers=admin())
+    assert r.status_code == 200, r.text
