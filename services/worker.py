@@ -6,7 +6,7 @@ Registry. For each service in SERVICE_ORDER the worker imports `services/<name>/
 (if it exists) and takes from it:
 
     CRON_JOBS       list of `arq.cron(...)` jobs, e.g.
-                    `cron(expire_holds_job, name="ledger.expire_holds", second=EVERY_10_S)`
+                    `cron(expire_things, name="workspace.expire_things", minute=0, second=0)`
     JOB_FUNCTIONS   list of coroutines (or `arq.func(...)`) that services enqueue
     worker_startup(ctx) / worker_shutdown(ctx)   optional async hooks for their own resources
 
@@ -42,6 +42,7 @@ from arq import cron
 from arq.connections import RedisSettings
 from arq.cron import CronJob
 from arq.worker import Function, func, run_worker
+from pydantic import Field
 
 from services.kit.config import KuSettings
 from services.kit.db import create_engine, plain_url, sessionmaker_for
@@ -49,8 +50,6 @@ from services.kit.logs import configure_logging
 from services.kit.migrations import SERVICE_ORDER
 
 log = logging.getLogger("ku.worker")
-
-EVERY_10_S = {0, 10, 20, 30, 40, 50}
 
 Ctx = dict[str, Any]
 Hook = Callable[[Ctx], Awaitable[None]]
@@ -63,6 +62,8 @@ class WorkerConfig(KuSettings):
     worker_services: str = ""
     worker_max_jobs: int = 10
     worker_db_pool_size: int = 4
+    # How often the expiry sweeps run (a divisor of 60).
+    worker_sweep_seconds: int = Field(10, ge=1, le=60)
 
 
 def queue_name(bus_prefix: str) -> str:
@@ -85,14 +86,20 @@ async def ledger_expire_grants(ctx: Ctx) -> int:
     return await expire_grants(ctx["pool"])
 
 
-BUILTIN_CRON_JOBS: dict[str, list[CronJob]] = {
-    "ledger": [
-        cron(ledger_expire_holds, name="ledger.expire_holds", second=EVERY_10_S,
+def ledger_cron_jobs(every_seconds: int = 10) -> list[CronJob]:
+    seconds = set(range(0, 60, every_seconds))
+    return [
+        cron(ledger_expire_holds, name="ledger.expire_holds", second=seconds,
              run_at_startup=True, timeout=60),
-        cron(ledger_expire_grants, name="ledger.expire_grants", second=EVERY_10_S,
+        cron(ledger_expire_grants, name="ledger.expire_grants", second=seconds,
              run_at_startup=True, timeout=60),
-    ],
-}  # fmt: skip
+    ]  # fmt: skip
+
+
+# Jobs of services whose tasks module defines no CRON_JOBS: name -> (config -> jobs).
+BUILTIN_CRON_JOBS: dict[str, Callable[[WorkerConfig], list[CronJob]]] = {
+    "ledger": lambda config: ledger_cron_jobs(config.worker_sweep_seconds),
+}
 
 
 # -- the registry -------------------------------------------------------------------------
@@ -116,14 +123,15 @@ def _tasks_module(service: str) -> Any | None:
         raise
 
 
-def collect(services: list[str] | None = None) -> Registry:
+def collect(config: WorkerConfig, services: list[str] | None = None) -> Registry:
     """Every job of `services` (default: all in SERVICE_ORDER)."""
     registry = Registry()
     for service in services or SERVICE_ORDER:
         module = _tasks_module(service)
         cron_jobs = getattr(module, "CRON_JOBS", None)
         if cron_jobs is None:
-            cron_jobs = BUILTIN_CRON_JOBS.get(service, [])
+            builtin = BUILTIN_CRON_JOBS.get(service)
+            cron_jobs = builtin(config) if builtin else []
         registry.cron_jobs.extend(cron_jobs)
         registry.functions.extend(func(f) for f in getattr(module, "JOB_FUNCTIONS", []))
         if hasattr(module, "worker_startup"):
@@ -263,7 +271,7 @@ def build_settings(config: WorkerConfig | None = None) -> dict[str, Any]:
     if not config.database_url or not config.redis_url:
         raise RuntimeError("KU_DATABASE_URL and KU_REDIS_URL must be set (`ku up` sets them)")
     services = [s.strip() for s in config.worker_services.split(",") if s.strip()] or None
-    registry = collect(services)
+    registry = collect(config, services)
     cron_jobs = [_namespaced(job, config.bus_prefix) for job in registry.cron_jobs]
     functions = [
         dataclasses.replace(f, coroutine=_logged(f.name, f.coroutine)) for f in registry.functions

@@ -93,6 +93,17 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+class _ChildSettings(KuSettings):
+    """KuSettings read from a given mapping (and `.env`), not from this process's environment."""
+
+    @classmethod
+    def settings_customise_sources(  # type: ignore[override]
+        cls, settings_cls: Any, init_settings: Any, env_settings: Any, dotenv_settings: Any,
+        file_secret_settings: Any,
+    ) -> tuple[Any, ...]:  # fmt: skip
+        return (init_settings, dotenv_settings)
+
+
 def _settings_from(env: Mapping[str, str]) -> KuSettings:
     """KuSettings as a child would see them with `env` (plus `.env` for what env lacks)."""
     values = {
@@ -100,7 +111,7 @@ def _settings_from(env: Mapping[str, str]) -> KuSettings:
         for key, value in env.items()
         if key.startswith("KU_") and key[3:].lower() in KuSettings.model_fields
     }
-    return KuSettings(**values)
+    return _ChildSettings(**values)
 
 
 def _uvicorn(target: str, host: str, port: int) -> list[str]:

@@ -1,0 +1,243 @@
+"""`ku up` and `Suite`: real processes against this run's test database and Redis prefix."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO
+
+import asyncpg
+import httpx
+import pytest
+
+from services.kit.runner import Suite, SuiteError, available_processes, free_port
+from services.kit.testing.plugin import principal_headers
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def admin() -> dict[str, str]:
+    return {
+        **principal_headers("app", app="penora", scopes=("admin",)),
+        "Idempotency-Key": uuid.uuid4().hex,
+    }
+
+
+@pytest.fixture(scope="module")
+def suite(ku_database_url: str) -> Iterator[Suite]:
+    env = {**os.environ, "KU_WORKER_SWEEP_SECONDS": "2"}
+    with Suite(env, only=["ledger", "worker"], free_ports=True, quiet=True) as running:
+        yield running
+
+
+class TestSuite:
+    def test_processes_answer_ready_and_health(self, suite: Suite) -> None:
+        assert set(suite.urls) == {"ledger", "worker"}
+        for name, url in suite.urls.items():
+            ready = httpx.get(url + "/ready", timeout=5)
+            assert ready.status_code == 200, (name, ready.text)
+            assert ready.json()["status"] == "ok"
+            health = httpx.get(url + "/health", timeout=5)
+            assert health.status_code == 200, (name, health.text)
+            assert health.json()["service"] == name
+
+    def test_children_share_the_suite_environment(self, suite: Suite) -> None:
+        assert suite.env["KU_DATABASE_URL"] == os.environ["KU_DATABASE_URL"]
+        assert suite.env["KU_INTERNAL_SECRET"] == os.environ["KU_INTERNAL_SECRET"]
+        assert suite.env["KU_LEDGER_URL"] == suite.urls["ledger"]
+        assert not suite.generated_secret
+        # A signed principal from this process is accepted by the child: same secret.
+        r = httpx.get(
+            suite.urls["ledger"] + "/v1/ledger/balance",
+            params={"user_id": "100000000000000000001"},
+            headers=admin(),
+            timeout=5,
+        )
+        assert r.status_code in (200, 404), r.text
+
+    async def test_worker_cron_expires_a_hold(self, suite: Suite, new_user_id) -> None:
+        user_id = new_user_id()
+        async with httpx.AsyncClient(base_url=suite.urls["ledger"], timeout=10) as ledger:
+            r = await ledger.post(
+                "/v1/ledger/accounts", json={"user_id": user_id, "welcome": False},
+                headers=admin(),
+            )  # fmt: skip
+            assert r.status_code in (200, 201), r.text
+            r = await ledger.post(
+                "/v1/ledger/grants",
+                json={"user_id": user_id, "amount": 5, "source": "promo"},
+                headers=admin(),
+            )
+            assert r.status_code == 201, r.text
+            r = await ledger.post(
+                "/v1/ledger/holds",
+                json={"user_id": user_id, "amount": 2, "ttl_seconds": 1},
+                headers=admin(),
+            )
+            assert r.status_code == 201, r.text
+            hold_id = r.json()["hold"]["id"]
+
+        # Only the job (or a later operation on this user, which we never make) moves
+        # the row: GET would report an expired-by-TTL hold as expired without it.
+        conn = await asyncpg.connect(suite.env["KU_DATABASE_URL"])
+        try:
+            status = None
+            deadline = time.monotonic() + 20  # the sweep runs every 2 s here
+            while time.monotonic() < deadline:
+                status = await conn.fetchval(
+                    "SELECT status FROM ledger.holds WHERE id = $1", uuid.UUID(hold_id)
+                )
+                if status == "expired":
+                    break
+                await asyncio.sleep(0.5)
+        finally:
+            await conn.close()
+        assert status == "expired", suite.logs("worker")
+        async with httpx.AsyncClient(timeout=5) as client:
+            stats = (await client.get(suite.urls["worker"] + "/health")).json()["jobs"]
+        assert stats["ledger.expire_holds"]["runs"] >= 1
+        assert stats["ledger.expire_holds"]["failures"] == 0
+
+
+class TestSuiteErrors:
+    def test_unknown_process_is_refused_before_anything_starts(self) -> None:
+        suite = Suite(only=["ledger", "nope"], free_ports=True, quiet=True, migrate=False)
+        with pytest.raises(SuiteError, match="nope"), suite:
+            pass
+        assert suite.processes == {}
+
+    def test_production_requires_an_internal_secret(self) -> None:
+        env = {k: v for k, v in os.environ.items() if k != "KU_INTERNAL_SECRET"}
+        env["KU_ENVIRONMENT"] = "production"
+        suite = Suite(env=env, only=["worker"], free_ports=True, quiet=True, migrate=False)
+        with pytest.raises(SuiteError, match="KU_INTERNAL_SECRET"), suite:
+            pass
+        assert suite.processes == {}
+
+    def test_development_gets_a_generated_secret(self) -> None:
+        env = {k: v for k, v in os.environ.items() if k != "KU_INTERNAL_SECRET"}
+        env["KU_ENVIRONMENT"] = "development"
+        suite = Suite(env=env, only=["worker"], free_ports=True, quiet=True, migrate=False)
+        prepared = suite._prepare_env()
+        assert len(prepared["KU_INTERNAL_SECRET"]) >= 32
+        assert suite.generated_secret
+
+    def test_every_existing_service_can_be_planned(self) -> None:
+        names = available_processes()
+        assert "ledger" in names and "worker" in names
+
+
+def _children(pid: int) -> list[int]:
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        text = (task / "children").read_text().split()
+        found.extend(int(p) for p in text)
+    return found
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except FileNotFoundError:
+        return ""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is dead for our purposes (reaped by its parent later, or by init).
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+class _KuUp:
+    """`ku up --only ledger worker` in a subprocess, its output collected by threads."""
+
+    def __init__(self) -> None:
+        self.ports = {"ledger": free_port(), "worker": free_port()}
+        env = {**os.environ, "KU_LEDGER_PORT": str(self.ports["ledger"]),
+               "KU_WORKER_PORT": str(self.ports["worker"])}  # fmt: skip
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "services.cli", "up", "--only", "ledger", "worker"],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.out: list[str] = []
+        self.err: list[str] = []
+        self._readers = [
+            threading.Thread(target=self._read, args=(self.proc.stdout, self.out), daemon=True),
+            threading.Thread(target=self._read, args=(self.proc.stderr, self.err), daemon=True),
+        ]
+        for reader in self._readers:
+            reader.start()
+
+    @staticmethod
+    def _read(stream: IO[str], into: list[str]) -> None:
+        for line in stream:
+            into.append(line)
+
+    def wait_up(self, timeout: float = 90) -> None:
+        deadline = time.monotonic() + timeout
+        while "Ku is up:\n" not in self.out:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.proc.kill()
+                raise AssertionError("ku up did not come up:\n" + "".join(self.err[-30:]))
+            time.sleep(0.1)
+
+    def finish(self, timeout: float = 30) -> tuple[int, str, str]:
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise AssertionError("ku up did not stop:\n" + "".join(self.err[-30:])) from None
+        for reader in self._readers:
+            reader.join(5)
+        return code, "".join(self.out), "".join(self.err)
+
+
+class TestKuUp:
+    def test_a_dying_process_stops_the_suite_with_an_error(self, ku_database_url: str) -> None:
+        up = _KuUp()
+        up.wait_up()
+        children = _children(up.proc.pid)
+        worker = next(p for p in children if "services.worker" in _cmdline(p))
+        others = [p for p in children if p != worker]
+        assert others, children
+        os.kill(worker, signal.SIGKILL)
+
+        code, out, err = up.finish()
+        assert code != 0
+        assert "worker exited" in err
+        assert not any(_alive(p) for p in others)
+
+    def test_sigterm_stops_everything_cleanly(self, ku_database_url: str) -> None:
+        up = _KuUp()
+        up.wait_up()
+        children = _children(up.proc.pid)
+        assert len(children) == 2
+        up.proc.send_signal(signal.SIGTERM)
+
+        code, out, err = up.finish()
+        assert code == 0, err[-2000:]
+        assert "ledger | " in out  # prefixed child output (the worker logs at WARNING here)
+        assert f"http://127.0.0.1:{up.ports['ledger']}" in out  # the printed URLs
+        assert not any(_alive(p) for p in children)
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"http://127.0.0.1:{up.ports['ledger']}/health", timeout=1)
