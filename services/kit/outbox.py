@@ -1,6 +1,11 @@
 """Transactional outbox: events are rows written in the same transaction as the
 change they describe, then relayed to a Redis Stream.
 
+The relay polls (every 50 ms while busy, backing off to `interval` when idle)
+rather than using LISTEN/NOTIFY: NOTIFY takes a database-wide lock at commit
+that serializes every committing transaction, which would cap the ledger's
+throughput at one WAL flush at a time.
+
 Delivery guarantee: an event whose transaction rolls back never exists; one that
 commits is published at least once, even if Redis was down at commit time (the
 relay keeps the row until XADD succeeds). A crash between XADD and the row's
@@ -18,7 +23,7 @@ from typing import Any
 import asyncpg
 import orjson
 from redis.asyncio import Redis
-from sqlalchemy import Column, DateTime, MetaData, Table, Text, func, insert, text
+from sqlalchemy import Column, DateTime, MetaData, Table, Text, func, insert
 from sqlalchemy.dialects.postgresql import JSONB, UUID
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -38,15 +43,10 @@ def outbox_table(metadata: MetaData) -> Table:
     )
 
 
-def notify_channel(schema: str) -> str:
-    return f"ku_outbox_{schema}"
-
-
 async def emit(session: AsyncSession, table: Table, topic: str, payload: dict[str, Any]) -> str:
     """Write an event in the caller's transaction; it is relayed after commit."""
     event_id = uuid.uuid4()
     await session.execute(insert(table).values(id=event_id, topic=topic, payload=payload))
-    await session.execute(text(f"NOTIFY {notify_channel(table.schema or 'public')}"))
     return str(event_id)
 
 
@@ -57,7 +57,6 @@ def stream_name(prefix: str, service: str) -> str:
 class OutboxRelay:
     """Moves committed outbox rows to `<prefix>.events.<service>`.
 
-    Woken by NOTIFY at commit, and polls every `interval` seconds as a fallback.
     Safe with several relays running: rows are claimed with SKIP LOCKED.
     """
 
@@ -68,7 +67,8 @@ class OutboxRelay:
         schema: str,
         stream: str,
         *,
-        interval: float = 1.0,
+        interval: float = 0.25,
+        busy_interval: float = 0.05,
         batch: int = 200,
         maxlen: int = 1_000_000,
     ) -> None:
@@ -77,9 +77,9 @@ class OutboxRelay:
         self.schema = schema
         self.stream = stream
         self.interval = interval
+        self.busy_interval = busy_interval
         self.batch = batch
         self.maxlen = maxlen
-        self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
     async def relay_once(self, conn: asyncpg.Connection) -> int:
@@ -115,15 +115,15 @@ class OutboxRelay:
 
     async def run(self) -> None:
         conn: asyncpg.Connection | None = None
+        delay = self.busy_interval
         while True:
             try:
                 if conn is None or conn.is_closed():
                     conn = await asyncpg.connect(self.dsn)
-                    await conn.add_listener(
-                        notify_channel(self.schema), lambda *_: self._wake.set()
-                    )
-                while await self.relay_once(conn) == self.batch:
-                    pass
+                moved = await self.relay_once(conn)
+                while moved == self.batch:
+                    moved = await self.relay_once(conn)
+                delay = self.busy_interval if moved else min(self.interval, delay * 2)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # Redis or Postgres down: keep the rows, retry later.
@@ -131,11 +131,8 @@ class OutboxRelay:
                 if conn is not None and not conn.is_closed():
                     await conn.close()
                 conn = None
-            try:
-                await asyncio.wait_for(self._wake.wait(), timeout=self.interval)
-            except TimeoutError:
-                pass
-            self._wake.clear()
+                delay = self.interval
+            await asyncio.sleep(delay)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self.run(), name=f"outbox-relay-{self.schema}")

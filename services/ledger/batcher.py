@@ -90,11 +90,12 @@ class GroupCommitter:
             future.set_exception(error or RuntimeError("ledger operation failed"))
 
     async def _execute(self, ops: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        # One statement outside an explicit transaction is its own transaction: one
+        # round trip, committed when it returns (no BEGIN/COMMIT trips on the event loop).
         async with self.pool.acquire() as conn:
-            async with conn.transaction():
-                raw = await conn.fetchval(
-                    "SELECT ledger.apply_batch($1::jsonb)::text", orjson.dumps(ops).decode()
-                )
+            raw = await conn.fetchval(
+                "SELECT ledger.apply_batch($1::jsonb)::text", orjson.dumps(ops).decode()
+            )
         return orjson.loads(raw)
 
 

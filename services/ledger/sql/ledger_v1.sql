@@ -57,7 +57,6 @@ BEGIN
           jsonb_build_object('user_id', p_user, 'available_milli', v_available,
                              'held_milli', v_held, 'delta_milli', p_delta, 'reason', p_reason,
                              'app', p_app, 'transaction_id', p_tx));
-  PERFORM pg_notify('ku_outbox_ledger', '');
   RETURN jsonb_build_object('available_milli', v_available, 'held_milli', v_held);
 END $$;
 
