@@ -1,0 +1,137 @@
+"""Shared pieces of the benches: a scratch database, a service process, a load loop."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import asyncpg
+
+from services.kit.db import plain_url
+from services.kit.embedded import ensure_urls, with_database
+from services.kit.migrations import upgrade_all
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ScratchDatabase:
+    """A fresh, migrated database on KU_DATABASE_URL's server (or the embedded one)."""
+
+    def __init__(self) -> None:
+        self.embedded = ensure_urls()
+        self.server = plain_url(os.environ["KU_DATABASE_URL"])
+        self.name = f"ku_bench_{secrets.token_hex(4)}"
+        self.url = with_database(os.environ["KU_DATABASE_URL"], self.name)
+        self.dsn = plain_url(self.url)
+
+    async def __aenter__(self) -> ScratchDatabase:
+        conn = await asyncpg.connect(self.server)
+        await conn.execute(f'CREATE DATABASE "{self.name}"')
+        await conn.close()
+        await asyncio.to_thread(upgrade_all, self.url)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        conn = await asyncpg.connect(self.server)
+        await conn.execute(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
+        await conn.close()
+        if self.embedded is not None:
+            self.embedded.stop()
+
+
+def start_service(module: str, port: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [
+            sys.executable, "-m", "uvicorn", f"{module}:create_app", "--factory",
+            "--host", "127.0.0.1", "--port", str(port), "--no-access-log",
+            "--loop", "uvloop", "--http", "httptools", "--log-level", "warning",
+        ],
+        env={**os.environ, **env},
+    )
+
+
+async def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    import aiohttp
+
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{url} exited with {proc.returncode}")
+            try:
+                async with session.get(f"{url}/ready") as r:
+                    if r.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.2)
+    raise RuntimeError(f"{url} not ready after {timeout}s")
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@dataclass
+class Result:
+    name: str
+    count: int
+    seconds: float
+    latencies: list[float]
+
+    @property
+    def rate(self) -> float:
+        return self.count / self.seconds
+
+    def pct(self, q: float) -> float:
+        ordered = sorted(self.latencies)
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000 if ordered else 0.0
+
+    def line(self) -> str:
+        return (
+            f"{self.name:<28} {self.rate:9.0f} /s   p50 {self.pct(0.5):6.2f} ms"
+            f"   p99 {self.pct(0.99):6.2f} ms   (n={self.count})"
+        )
+
+
+async def load(
+    name: str,
+    workers: int,
+    seconds: float,
+    make_worker: Callable[[int], Awaitable[Callable[[], Awaitable[None]]]],
+    warmup: float = 1.0,
+) -> Result:
+    """Run `workers` loops of the call each `make_worker(i)` returns; count after warm-up."""
+    calls = [await make_worker(i) for i in range(workers)]
+    latencies: list[float] = []
+    start = time.perf_counter()
+    measure_from = start + warmup
+    stop_at = measure_from + seconds
+
+    async def loop(call: Callable[[], Awaitable[None]]) -> None:
+        while True:
+            t0 = time.perf_counter()
+            if t0 >= stop_at:
+                return
+            await call()
+            t1 = time.perf_counter()
+            if t0 >= measure_from:
+                latencies.append(t1 - t0)
+
+    await asyncio.gather(*(loop(c) for c in calls))
+    return Result(name, len(latencies), seconds, latencies)

@@ -1,0 +1,175 @@
+"""Ledger throughput: debits/s through the HTTP API vs a raw Postgres baseline.
+
+Self-contained: makes a scratch database on KU_DATABASE_URL's server (or the
+embedded one), starts the ledger service, loads it, stops it, drops the database.
+
+Baseline (same run, same Postgres): one conditional
+`UPDATE ... SET balance = balance - 1 WHERE id = $1 AND balance >= 1` per
+transaction from 8 asyncpg connections. HTTP: 32 concurrent clients posting
+1 Ku debits (each with its own Idempotency-Key) to POST /v1/ledger/debits.
+Two cases each: one hot user, and many users. Last line: ratio=<http/raw>, the
+lower of the two cases.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import sys
+import time
+import uuid
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import aiohttp  # noqa: E402
+import asyncpg  # noqa: E402
+
+from bench._common import (  # noqa: E402
+    Result,
+    ScratchDatabase,
+    free_port,
+    load,
+    start_service,
+    stop,
+    wait_ready,
+)
+from services.kit.principal import Principal, sign_principal  # noqa: E402
+
+SECONDS = float(os.environ.get("KU_BENCH_SECONDS", "8"))
+CLIENTS = 32
+RAW_CONNECTIONS = 8
+MANY_USERS = 2000
+
+
+async def raw_case(dsn: str, name: str, ids: list[int]) -> Result:
+    pool = await asyncpg.create_pool(dsn, min_size=RAW_CONNECTIONS, max_size=RAW_CONNECTIONS)
+
+    async def make(i: int):
+        async def call() -> None:
+            async with pool.acquire() as conn:
+                await conn.execute(
+                    "UPDATE bench_raw SET balance = balance - 1 WHERE id = $1 AND balance >= 1",
+                    ids[secrets.randbelow(len(ids))],
+                )
+
+        return call
+
+    try:
+        return await load(name, RAW_CONNECTIONS * 4, SECONDS, make)
+    finally:
+        await pool.close()
+
+
+async def http_case(url: str, secret: str, name: str, users: list[str]) -> Result:
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=CLIENTS, keepalive_timeout=60)
+    )
+    principal = Principal(kind="app", app="bench", scopes=frozenset({"ledger:write"}))
+    header = {"value": sign_principal(principal, secret), "at": time.monotonic()}
+    failures = {"n": 0}
+
+    async def make(i: int):
+        async def call() -> None:
+            if time.monotonic() - header["at"] > 20:  # principal headers expire after 60 s
+                header.update(value=sign_principal(principal, secret), at=time.monotonic())
+            user = users[secrets.randbelow(len(users))]
+            async with session.post(
+                f"{url}/v1/ledger/debits",
+                json={"user_id": user, "amount": 1, "app": "bench"},
+                headers={"x-ku-principal": header["value"], "idempotency-key": uuid.uuid4().hex},
+            ) as r:
+                await r.read()
+                if r.status != 201:
+                    failures["n"] += 1
+
+        return call
+
+    try:
+        result = await load(name, CLIENTS, SECONDS, make)
+    finally:
+        await session.close()
+    if failures["n"]:
+        raise RuntimeError(f"{name}: {failures['n']} debits did not succeed")
+    return result
+
+
+async def setup_users(url: str, secret: str, users: list[str], ku_each: int) -> None:
+    admin = Principal(kind="service", app="bench", scopes=frozenset({"admin"}))
+    async with aiohttp.ClientSession() as session:
+        sem = asyncio.Semaphore(16)
+
+        async def one(user: str) -> None:
+            async with sem:
+                h = {"x-ku-principal": sign_principal(admin, secret)}
+                async with session.post(
+                    f"{url}/v1/ledger/accounts", json={"user_id": user, "welcome": False}, headers=h
+                ) as r:
+                    assert r.status in (200, 201), await r.text()
+                async with session.post(
+                    f"{url}/v1/ledger/grants",
+                    json={"user_id": user, "amount": ku_each, "source": "promo"},
+                    headers={**h, "idempotency-key": uuid.uuid4().hex},
+                ) as r:
+                    assert r.status == 201, await r.text()
+
+        await asyncio.gather(*(one(u) for u in users))
+
+
+async def main() -> None:
+    started = time.monotonic()
+    async with ScratchDatabase() as db:
+        conn = await asyncpg.connect(db.dsn)
+        await conn.execute(
+            "CREATE TABLE bench_raw (id int PRIMARY KEY, balance bigint NOT NULL);"
+            f" INSERT INTO bench_raw SELECT g, 1000000000 FROM generate_series(1, {MANY_USERS}) g"
+        )
+        await conn.close()
+
+        secret = secrets.token_urlsafe(32)
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        proc = start_service(
+            "services.ledger.app",
+            port,
+            {
+                "KU_DATABASE_URL": db.url,
+                "KU_INTERNAL_SECRET": secret,
+                "KU_BUS_PREFIX": f"kubench{secrets.token_hex(3)}",
+                "KU_LOG_LEVEL": "WARNING",
+            },
+        )
+        try:
+            await wait_ready(url, proc)
+            hot = ["bench-hot"]
+            many = [f"bench-{i}" for i in range(MANY_USERS)]
+            await setup_users(url, secret, hot, 1_000_000_000)
+            await setup_users(url, secret, many, 1_000_000)
+            print(f"setup done in {time.monotonic() - started:.1f}s; {SECONDS:.0f}s per case, "
+                  f"{CLIENTS} HTTP clients, {RAW_CONNECTIONS} raw connections", flush=True)
+
+            raw_hot = await raw_case(db.dsn, "raw hot row", [1])
+            print(raw_hot.line(), flush=True)
+            http_hot = await http_case(url, secret, "http debit, hot user", hot)
+            print(http_hot.line(), flush=True)
+            raw_many = await raw_case(db.dsn, "raw many rows", list(range(1, MANY_USERS + 1)))
+            print(raw_many.line(), flush=True)
+            http_many = await http_case(url, secret, "http debit, many users", many)
+            print(http_many.line(), flush=True)
+        finally:
+            stop(proc)
+
+        from services.ledger.verify import verify
+
+        problems = await verify(db.dsn)
+        print(f"ledger verify after load: {'ok' if not problems else problems}")
+        hot_ratio = http_hot.rate / raw_hot.rate
+        many_ratio = http_many.rate / raw_many.rate
+        print(f"hot ratio={hot_ratio:.2f}  many ratio={many_ratio:.2f}  "
+              f"(total {time.monotonic() - started:.0f}s)")
+        print(f"ratio={min(hot_ratio, many_ratio):.2f}")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
