@@ -1,0 +1,66 @@
+"""Rate limits: shared through Redis by every gateway; money fails closed without it."""
+
+from __future__ import annotations
+
+import os
+from contextlib import AsyncExitStack
+
+import httpx
+import pytest
+from redis.asyncio import Redis
+
+from services.kit.errors import ServiceUnavailable
+from tests.gateway.conftest import Served, Stack
+from tests.gateway.helpers import create_key, new_user_id
+
+
+async def statuses(client: httpx.AsyncClient, key: str, n: int) -> list[httpx.Response]:
+    return [
+        await client.get(
+            "/v1/ledger/balance", params={"user_id": "nobody"}, headers={"X-API-Key": key}
+        )
+        for _ in range(n)
+    ]
+
+
+class TestSharedLimit:
+    async def test_burst_gets_429_and_two_gateways_share_one_limit(self, stack: Stack):
+        from gateway.app import create_app
+
+        key, _ = await create_key(stack.auth, "burst", ["ledger:read"])
+        settings = stack.gateway_settings(
+            gateway_rate_per_key=6, gateway_rate_per_ip=10_000, gateway_rate_window_seconds=60
+        )
+        async with AsyncExitStack() as stack_:
+            one = await stack_.enter_async_context(Served(create_app(settings)))
+            two = await stack_.enter_async_context(Served(create_app(settings)))
+            a = await stack_.enter_async_context(httpx.AsyncClient(base_url=one.url))
+            b = await stack_.enter_async_context(httpx.AsyncClient(base_url=two.url))
+            first = await statuses(a, key, 3) + await statuses(b, key, 3)
+            assert [r.status_code for r in first] == [404] * 6  # unknown user, but admitted
+            assert int(first[0].headers["ratelimit-limit"]) == 6
+            for client in (a, b):
+                r = (await statuses(client, key, 1))[0]
+                assert r.status_code == 429
+                assert 1 <= int(r.headers["retry-after"]) <= 60
+                assert r.headers["ratelimit-remaining"] == "0"
+                assert r.json()["error"]["code"] == "rate_limited"
+            r = await a.get("/api/unified/user-info", params={"user_id": new_user_id()},
+                            headers={"X-API-Key": key})
+            assert r.status_code == 429 and r.json()["error"] == "Rate limit exceeded"
+            assert "retry-after" in r.headers
+
+
+class TestRedisDown:
+    async def test_money_fails_closed_reads_fail_open(self):
+        from gateway.ratelimit import Limit, RateLimiter
+
+        dead = Redis.from_url("redis://127.0.0.1:9/0", socket_connect_timeout=0.2)
+        limiter = RateLimiter(dead, os.environ["KU_BUS_PREFIX"], 60)
+        try:
+            decision = await limiter.check([Limit("key", "k1", 10)], money=False)
+            assert decision.limit == 10
+            with pytest.raises(ServiceUnavailable):
+                await limiter.check([Limit("key", "k2", 10)], money=True)
+        finally:
+            await dead.aclose()
