@@ -53,18 +53,33 @@ class ScratchDatabase:
 def start_service(module: str, port: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [
-            sys.executable, "-m", "uvicorn", f"{module}:create_app", "--factory",
-            "--host", "127.0.0.1", "--port", str(port), "--no-access-log",
-            "--loop", "uvloop", "--http", "httptools", "--log-level", "warning",
+            sys.executable,
+            "-m",
+            "uvicorn",
+            f"{module}:create_app",
+            "--factory",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--no-access-log",
+            "--loop",
+            "uvloop",
+            "--http",
+            "httptools",
+            "--log-level",
+            "warning",
         ],
         env={**os.environ, **env},
     )
 
 
-async def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
+async def wait_ready(
+    url: str, proc: subprocess.Popen[bytes], limit_seconds: float = 30
+) -> None:
     import aiohttp
 
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + limit_seconds
     async with aiohttp.ClientSession() as session:
         while time.monotonic() < deadline:
             if proc.poll() is not None:
@@ -76,7 +91,7 @@ async def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 3
             except aiohttp.ClientError:
                 pass
             await asyncio.sleep(0.2)
-    raise RuntimeError(f"{url} not ready after {timeout}s")
+    raise RuntimeError(f"{url} not ready after {limit_seconds}s")
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:

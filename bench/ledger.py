@@ -146,8 +146,11 @@ async def main() -> None:
             many = [f"bench-{i}" for i in range(MANY_USERS)]
             await setup_users(url, secret, hot, 1_000_000_000)
             await setup_users(url, secret, many, 1_000_000)
-            print(f"setup done in {time.monotonic() - started:.1f}s; {SECONDS:.0f}s per case, "
-                  f"{CLIENTS} HTTP clients, {RAW_CONNECTIONS} raw connections", flush=True)
+            print(
+                f"setup done in {time.monotonic() - started:.1f}s; {SECONDS:.0f}s per case, "
+                f"{CLIENTS} HTTP clients, {RAW_CONNECTIONS} raw connections",
+                flush=True,
+            )
 
             raw_hot = await raw_case(db.dsn, "raw hot row", [1])
             print(raw_hot.line(), flush=True)
@@ -166,8 +169,10 @@ async def main() -> None:
         print(f"ledger verify after load: {'ok' if not problems else problems}")
         hot_ratio = http_hot.rate / raw_hot.rate
         many_ratio = http_many.rate / raw_many.rate
-        print(f"hot ratio={hot_ratio:.2f}  many ratio={many_ratio:.2f}  "
-              f"(total {time.monotonic() - started:.0f}s)")
+        print(
+            f"hot ratio={hot_ratio:.2f}  many ratio={many_ratio:.2f}  "
+            f"(total {time.monotonic() - started:.0f}s)"
+        )
         print(f"ratio={min(hot_ratio, many_ratio):.2f}")
 
 

@@ -40,7 +40,7 @@ SCOPES = (
 @dataclass(frozen=True)
 class Principal:
     kind: Literal["app", "user", "service"]
-    # For app keys: the app name (penora, imagegene, ...). For users: the app the token came through.
+    # App keys: the app name (penora, imagegene, ...). Users: the app the token came through.
     app: str | None = None
     user_id: str | None = None
     scopes: frozenset[str] = field(default_factory=frozenset)

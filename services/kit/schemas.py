@@ -20,9 +20,7 @@ Description = Annotated[str, StringConstraints(max_length=500)]
 def rename_milli(data: Any) -> Any:
     """`{"amount_milli": 5000}` -> `{"amount": 5000}` (still milli; the `Ku` type renders it)."""
     if isinstance(data, dict):
-        return {
-            (k[:-6] if k.endswith("_milli") else k): rename_milli(v) for k, v in data.items()
-        }
+        return {(k[:-6] if k.endswith("_milli") else k): rename_milli(v) for k, v in data.items()}
     if isinstance(data, list):
         return [rename_milli(v) for v in data]
     return data

@@ -48,7 +48,9 @@ class GroupCommitter:
         finally:
             self._inflight -= 1
 
-    async def _run(self, batch: list[tuple[dict[str, Any], asyncio.Future[dict[str, Any]]]]) -> None:
+    async def _run(
+        self, batch: list[tuple[dict[str, Any], asyncio.Future[dict[str, Any]]]]
+    ) -> None:
         batch.sort(key=lambda item: _lock_key(item[0]))
         ops = [op for op, _ in batch]
         try:

@@ -125,9 +125,15 @@ async def create_grant(
     return _respond(response, outcome)
 
 
-@router.post("/debits", status_code=201, response_model=Debit, responses={
-    **ERRORS, 402: {"description": "Insufficient credits; `detail.available` says how much there is"}
-})
+@router.post(
+    "/debits",
+    status_code=201,
+    response_model=Debit,
+    responses={
+        **ERRORS,
+        402: {"description": "Insufficient credits; `detail.available` says how much there is"},
+    },
+)
 async def create_debit(
     body: DebitCreate,
     request: Request,
@@ -152,9 +158,12 @@ async def create_debit(
     return _respond(response, outcome)
 
 
-@router.post("/holds", status_code=201, response_model=HoldResult, responses={
-    **ERRORS, 402: {"description": "Insufficient credits"}
-})
+@router.post(
+    "/holds",
+    status_code=201,
+    response_model=HoldResult,
+    responses={**ERRORS, 402: {"description": "Insufficient credits"}},
+)
 async def create_hold(
     body: HoldCreate,
     request: Request,

@@ -149,7 +149,9 @@ class Transaction(Base):
     __tablename__ = "transactions"
     __table_args__ = (
         Index("ix_transactions_user_created", "user_id", "id"),
-        Index("ix_transactions_refund_of", "refund_of", postgresql_where=text("refund_of IS NOT NULL")),
+        Index(
+            "ix_transactions_refund_of", "refund_of", postgresql_where=text("refund_of IS NOT NULL")
+        ),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True)

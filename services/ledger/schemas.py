@@ -56,8 +56,12 @@ class GrantCreate(_In):
         extra="forbid",
         json_schema_extra={
             "examples": [
-                {"user_id": "101902121794505144784", "amount": 25, "source": "purchase",
-                 "reference": "pay_NXk2lq8T1"}
+                {
+                    "user_id": "101902121794505144784",
+                    "amount": 25,
+                    "source": "purchase",
+                    "reference": "pay_NXk2lq8T1",
+                }
             ]
         },
     )
@@ -88,8 +92,13 @@ class DebitCreate(_In):
         extra="forbid",
         json_schema_extra={
             "examples": [
-                {"user_id": "101902121794505144784", "amount": 5, "app": "imagegene",
-                 "description": "AI image generation - 1024x1024", "reference": "IMG123"}
+                {
+                    "user_id": "101902121794505144784",
+                    "amount": 5,
+                    "app": "imagegene",
+                    "description": "AI image generation - 1024x1024",
+                    "reference": "IMG123",
+                }
             ]
         },
     )
@@ -97,7 +106,9 @@ class DebitCreate(_In):
     amount: PositiveKu
     app: AppName | None = Field(None, description="Defaults to the calling app")
     description: Description | None = None
-    reference: Reference | None = Field(None, description="Natural idempotency key, e.g. a project code")
+    reference: Reference | None = Field(
+        None, description="Natural idempotency key, e.g. a project code"
+    )
 
 
 class Debit(BaseModel):
@@ -117,8 +128,13 @@ class HoldCreate(_In):
         extra="forbid",
         json_schema_extra={
             "examples": [
-                {"user_id": "101902121794505144784", "amount": 12.5, "app": "penora",
-                 "ttl_seconds": 300, "reference": "gen_7f3a"}
+                {
+                    "user_id": "101902121794505144784",
+                    "amount": 12.5,
+                    "app": "penora",
+                    "ttl_seconds": 300,
+                    "reference": "gen_7f3a",
+                }
             ]
         },
     )

@@ -54,7 +54,8 @@ CHECKS: list[tuple[str, str]] = [
     (
         "holds whose allocations differ from their amount",
         "SELECT h.id::text FROM ledger.holds h LEFT JOIN ledger.hold_allocations a"
-        " ON a.hold_id = h.id GROUP BY h.id HAVING h.amount_milli <> COALESCE(SUM(a.amount_milli), 0)",
+        " ON a.hold_id = h.id GROUP BY h.id"
+        " HAVING h.amount_milli <> COALESCE(SUM(a.amount_milli), 0)",
     ),
     (
         "charges refunded beyond what they charged",

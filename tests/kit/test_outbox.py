@@ -9,6 +9,7 @@ import uuid
 import asyncpg
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 from sqlalchemy import MetaData, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
@@ -71,11 +72,19 @@ class TestOutboxRelay:
         dead = Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.2)
         conn = await asyncpg.connect(plain_url(ku_database_url))
         try:
-            with pytest.raises(Exception):
+            with pytest.raises((OSError, ConnectionError, RedisError)):
                 await OutboxRelay(plain_url(ku_database_url), dead, SCHEMA, name).relay_once(conn)
-            assert await conn.fetchval(f"SELECT count(*) FROM {SCHEMA}.outbox WHERE id = $1", uuid.UUID(event_id)) == 1
+            assert (
+                await conn.fetchval(
+                    f"SELECT count(*) FROM {SCHEMA}.outbox WHERE id = $1", uuid.UUID(event_id)
+                )
+                == 1
+            )
             # Redis is back: the same row goes out, then leaves the table.
-            assert await OutboxRelay(plain_url(ku_database_url), redis, SCHEMA, name).relay_once(conn) == 1
+            assert (
+                await OutboxRelay(plain_url(ku_database_url), redis, SCHEMA, name).relay_once(conn)
+                == 1
+            )
             assert await conn.fetchval(f"SELECT count(*) FROM {SCHEMA}.outbox") == 0
         finally:
             await conn.close()
@@ -87,7 +96,9 @@ class TestConsumer:
     async def test_failed_handler_leaves_entry_for_reclaim_and_dedupes(self, tables, redis):
         engine, _, processed = tables
         name = stream()
-        await redis.xadd(name, {"id": "evt-1", "topic": "t", "payload": '{"x": 1}', "created_at": ""})
+        await redis.xadd(
+            name, {"id": "evt-1", "topic": "t", "payload": '{"x": 1}', "created_at": ""}
+        )
         seen: list[str] = []
 
         async def crashing(event):
@@ -110,6 +121,8 @@ class TestConsumer:
         assert (await redis.xpending(name, "g"))["pending"] == 0
 
         # A redelivery of the same event id is a no-op.
-        await redis.xadd(name, {"id": "evt-1", "topic": "t", "payload": '{"x": 1}', "created_at": ""})
+        await redis.xadd(
+            name, {"id": "evt-1", "topic": "t", "payload": '{"x": 1}', "created_at": ""}
+        )
         assert await second.poll_once(block_ms=100) == 1
         assert seen == ["evt-1"]

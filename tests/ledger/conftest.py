@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -9,7 +8,6 @@ import pytest
 
 from services.kit.testing.plugin import asgi_client
 from tests.ledger.helpers import admin, key
-
 
 
 @pytest.fixture(scope="session")
@@ -42,4 +40,3 @@ def funded_user(
         return user_id
 
     return make
-

@@ -18,8 +18,6 @@ def penora() -> dict[str, str]:
     return principal_headers("app", app="penora", scopes=("ledger:read", "ledger:write"))
 
 
-
-
 def key() -> dict[str, str]:
     return {"Idempotency-Key": uuid.uuid4().hex}
 

@@ -76,7 +76,9 @@ class TestBadInput:
             headers={**penora(), **key(), "content-type": "application/json"},
         )
         assert r.status_code == 400 and r.json()["error"]["code"] == "malformed_json"
-        r = await ledger.post("/v1/ledger/debits", json={"user_id": user, "amount": 1}, headers=penora())
+        r = await ledger.post(
+            "/v1/ledger/debits", json={"user_id": user, "amount": 1}, headers=penora()
+        )
         assert r.status_code == 400
         assert r.json()["error"]["code"] == "idempotency_key_required"
         txs = await ledger.get("/v1/ledger/transactions", params={"user_id": user}, headers=admin())
@@ -92,7 +94,9 @@ class TestBadInput:
             "/v1/ledger/debits", json={"user_id": user, "amount": 1}, headers={**reader, **key()}
         )
         assert r.status_code == 403 and r.json()["error"]["code"] == "missing_scope"
-        r = await ledger.post("/v1/ledger/debits", json={"user_id": user, "amount": 1}, headers=key())
+        r = await ledger.post(
+            "/v1/ledger/debits", json={"user_id": user, "amount": 1}, headers=key()
+        )
         assert r.status_code == 401
         forged = {"x-ku-principal": penora()["x-ku-principal"][:-4] + "AAAA"}
         r = await ledger.post(

@@ -13,7 +13,8 @@ class TestCreditsChanged:
     async def test_debit_publishes_credits_changed(self, ledger, funded_user):
         user = await funded_user(10)
         r = await ledger.post(
-            "/v1/ledger/debits", json={"user_id": user, "amount": 4, "app": "penora"},
+            "/v1/ledger/debits",
+            json={"user_id": user, "amount": 4, "app": "penora"},
             headers={**penora(), **key()},
         )
         tx = r.json()["transaction_id"]

@@ -40,7 +40,9 @@ class TestGrantExpiry:
         from services.ledger.verify import verify
 
         user = await funded_user(0)
-        await grant(ledger, user, 4, expires_at=(datetime.now(UTC) + timedelta(seconds=1)).isoformat())
+        await grant(
+            ledger, user, 4, expires_at=(datetime.now(UTC) + timedelta(seconds=1)).isoformat()
+        )
         await asyncio.sleep(1.2)
         pool = await asyncpg.create_pool(plain_url(ku_database_url), min_size=1, max_size=2)
         try:
@@ -74,8 +76,12 @@ class TestGrantExpiry:
         user = await funded_user(0)
         r = await ledger.post(
             "/v1/ledger/grants",
-            json={"user_id": user, "amount": 1, "source": "promo",
-                  "expires_at": (datetime.now(UTC) - timedelta(seconds=5)).isoformat()},
+            json={
+                "user_id": user,
+                "amount": 1,
+                "source": "promo",
+                "expires_at": (datetime.now(UTC) - timedelta(seconds=5)).isoformat(),
+            },
             headers={**admin(), **key()},
         )
         assert r.status_code == 422 and r.json()["error"]["code"] == "already_expired"
@@ -104,15 +110,18 @@ class TestWelcome:
         stream = f"{os.environ['KU_BUS_PREFIX']}.events.auth"
         try:
             for n in range(3):
-                await redis.xadd(stream, {
-                    "id": f"evt-{user}-{n}", "topic": "user.created",
-                    "payload": orjson.dumps({"user_id": user}).decode(), "created_at": "",
-                })
+                await redis.xadd(
+                    stream,
+                    {
+                        "id": f"evt-{user}-{n}",
+                        "topic": "user.created",
+                        "payload": orjson.dumps({"user_id": user}).decode(),
+                        "created_at": "",
+                    },
+                )
         finally:
             await redis.aclose()
-        opened = await ledger.post(
-            "/v1/ledger/accounts", json={"user_id": user}, headers=admin()
-        )
+        opened = await ledger.post("/v1/ledger/accounts", json={"user_id": user}, headers=admin())
         assert opened.status_code in (200, 201)
         for _ in range(50):
             r = await ledger.get("/v1/ledger/balance", params={"user_id": user}, headers=admin())

@@ -25,7 +25,9 @@ class TestHoldLifecycle:
     async def test_partial_capture_returns_the_rest(self, ledger, funded_user):
         user = await funded_user(20)
         hold = await reserve(ledger, user, 8)
-        r = await ledger.post(f"/v1/ledger/holds/{hold}/capture", json={"amount": 2.75}, headers=penora())
+        r = await ledger.post(
+            f"/v1/ledger/holds/{hold}/capture", json={"amount": 2.75}, headers=penora()
+        )
         assert r.status_code == 200, r.text
         assert r.json()["hold"]["status"] == "captured" and r.json()["hold"]["captured"] == 2.75
         b = await balance(ledger, user)
@@ -49,7 +51,9 @@ class TestHoldLifecycle:
     async def test_capture_more_than_held_is_422(self, ledger, funded_user):
         user = await funded_user(20)
         hold = await reserve(ledger, user, 5)
-        r = await ledger.post(f"/v1/ledger/holds/{hold}/capture", json={"amount": 5.001}, headers=penora())
+        r = await ledger.post(
+            f"/v1/ledger/holds/{hold}/capture", json={"amount": 5.001}, headers=penora()
+        )
         assert r.status_code == 422 and r.json()["error"]["code"] == "capture_exceeds_hold"
         b = await balance(ledger, user)
         assert (b["available"], b["held"]) == (15, 5)
@@ -70,8 +74,12 @@ class TestHoldLifecycle:
     async def test_resolving_again_returns_the_first_outcome(self, ledger, funded_user):
         user = await funded_user(20)
         hold = await reserve(ledger, user, 5)
-        first = await ledger.post(f"/v1/ledger/holds/{hold}/capture", json={"amount": 3}, headers=penora())
-        again = await ledger.post(f"/v1/ledger/holds/{hold}/capture", json={"amount": 3}, headers=penora())
+        first = await ledger.post(
+            f"/v1/ledger/holds/{hold}/capture", json={"amount": 3}, headers=penora()
+        )
+        again = await ledger.post(
+            f"/v1/ledger/holds/{hold}/capture", json={"amount": 3}, headers=penora()
+        )
         assert again.status_code == 200
         assert again.json()["hold"] == first.json()["hold"]
         other = await ledger.post(f"/v1/ledger/holds/{hold}/release", headers=penora())
@@ -79,7 +87,9 @@ class TestHoldLifecycle:
         assert (await balance(ledger, user))["available"] == 17
 
     async def test_unknown_hold_is_404(self, ledger):
-        r = await ledger.post("/v1/ledger/holds/00000000-0000-0000-0000-000000000000/release", headers=penora())
+        r = await ledger.post(
+            "/v1/ledger/holds/00000000-0000-0000-0000-000000000000/release", headers=penora()
+        )
         assert r.status_code == 404
         r = await ledger.post("/v1/ledger/holds/not-a-uuid/release", headers=penora())
         assert r.status_code == 404

@@ -11,7 +11,9 @@ class TestIdempotencyKey:
         user = await funded_user(50)
         headers = {**penora(), "Idempotency-Key": uuid.uuid4().hex}
         payload = {"user_id": user, "amount": 2.5, "app": "penora"}
-        responses = [await ledger.post("/v1/ledger/debits", json=payload, headers=headers) for _ in range(10)]
+        responses = [
+            await ledger.post("/v1/ledger/debits", json=payload, headers=headers) for _ in range(10)
+        ]
         assert {r.status_code for r in responses} == {201}
         assert all(r.json() == responses[0].json() for r in responses)
         assert [r.headers.get("idempotent-replayed") for r in responses[1:]] == ["true"] * 9
@@ -27,15 +29,21 @@ class TestIdempotencyKey:
         assert {r.status_code for r in responses} == {201}
         assert len({r.json()["transaction_id"] for r in responses}) == 1
         assert (await balance(ledger, user))["available"] == 47
-        txs = await ledger.get("/v1/ledger/transactions", params={"user_id": user, "kind": "debit"}, headers=admin())
+        txs = await ledger.get(
+            "/v1/ledger/transactions", params={"user_id": user, "kind": "debit"}, headers=admin()
+        )
         assert len(txs.json()["items"]) == 1
 
     async def test_same_key_other_amount_is_409(self, ledger, funded_user):
         user = await funded_user(50)
         headers = {**penora(), "Idempotency-Key": uuid.uuid4().hex}
-        first = await ledger.post("/v1/ledger/debits", json={"user_id": user, "amount": 1}, headers=headers)
+        first = await ledger.post(
+            "/v1/ledger/debits", json={"user_id": user, "amount": 1}, headers=headers
+        )
         assert first.status_code == 201
-        again = await ledger.post("/v1/ledger/debits", json={"user_id": user, "amount": 2}, headers=headers)
+        again = await ledger.post(
+            "/v1/ledger/debits", json={"user_id": user, "amount": 2}, headers=headers
+        )
         assert again.status_code == 409
         assert again.json()["error"]["code"] == "idempotency_key_reused"
         assert (await balance(ledger, user))["available"] == 49
@@ -53,10 +61,17 @@ class TestIdempotencyKey:
         user = await funded_user(1)
         headers = {**penora(), "Idempotency-Key": uuid.uuid4().hex}
         payload = {"user_id": user, "amount": 5}
-        assert (await ledger.post("/v1/ledger/debits", json=payload, headers=headers)).status_code == 402
+        assert (
+            await ledger.post("/v1/ledger/debits", json=payload, headers=headers)
+        ).status_code == 402
         await ledger.post(
             "/v1/ledger/grants",
-            json={"user_id": user, "amount": 10, "source": "purchase", "reference": uuid.uuid4().hex},
+            json={
+                "user_id": user,
+                "amount": 10,
+                "source": "purchase",
+                "reference": uuid.uuid4().hex,
+            },
             headers=admin(),
         )
         retry = await ledger.post("/v1/ledger/debits", json=payload, headers=headers)

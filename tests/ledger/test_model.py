@@ -114,7 +114,9 @@ class LedgerMachine(RuleBasedStateMachine):
     # --- the model's rules -------------------------------------------------
 
     def spendable(self) -> list[MGrant]:
-        return sorted((g for g in self.grants if not g.expired and g.remaining > 0), key=MGrant.order)
+        return sorted(
+            (g for g in self.grants if not g.expired and g.remaining > 0), key=MGrant.order
+        )
 
     def available(self) -> int:
         return sum(g.remaining for g in self.grants if not g.expired)
@@ -149,8 +151,12 @@ class LedgerMachine(RuleBasedStateMachine):
         expires = datetime.now(UTC) + timedelta(days=days) if days else None
         r = self.harness.post(
             "/v1/ledger/grants",
-            {"user_id": self.user, "amount": ku(amount), "source": "promo",
-             "expires_at": expires.isoformat() if expires else None},
+            {
+                "user_id": self.user,
+                "amount": ku(amount),
+                "source": "promo",
+                "expires_at": expires.isoformat() if expires else None,
+            },
             headers={**admin(), "Idempotency-Key": uuid.uuid4().hex},
         )
         assert r.status_code == 201, r.text
@@ -213,7 +219,9 @@ class LedgerMachine(RuleBasedStateMachine):
     def refund(self, data) -> None:
         charge = data.draw(st.sampled_from(self.charges))
         amount = data.draw(st.integers(1, charge.refundable + 500))
-        r = self.harness.post("/v1/ledger/refunds", {"transaction_id": charge.tx_id, "amount": ku(amount)})
+        r = self.harness.post(
+            "/v1/ledger/refunds", {"transaction_id": charge.tx_id, "amount": ku(amount)}
+        )
         if charge.refundable == 0:
             assert r.status_code == 409, r.text
         elif amount > charge.refundable:
@@ -226,13 +234,19 @@ class LedgerMachine(RuleBasedStateMachine):
     @precondition(lambda self: any(g.expires_at and not g.expired for g in self.grants))
     @rule(data=st.data())
     def expire_grant(self, data) -> None:
-        grant = data.draw(st.sampled_from([g for g in self.grants if g.expires_at and not g.expired]))
+        grant = data.draw(
+            st.sampled_from([g for g in self.grants if g.expires_at and not g.expired])
+        )
         # The grant's expiry instant passes: everything with that instant expires.
         past = datetime.now(UTC) - timedelta(seconds=1)
-        self.harness.run(self.harness.db.execute(
-            "UPDATE ledger.grants SET expires_at = $3 WHERE user_id = $1 AND expires_at = $2",
-            self.user, grant.expires_at, past,
-        ))
+        self.harness.run(
+            self.harness.db.execute(
+                "UPDATE ledger.grants SET expires_at = $3 WHERE user_id = $1 AND expires_at = $2",
+                self.user,
+                grant.expires_at,
+                past,
+            )
+        )
         for g in self.grants:
             if g.expires_at == grant.expires_at:
                 g.expired = True
@@ -242,10 +256,13 @@ class LedgerMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def expire_hold(self, data) -> None:
         hold = data.draw(st.sampled_from([h for h in self.holds if h.status == "active"]))
-        self.harness.run(self.harness.db.execute(
-            "UPDATE ledger.holds SET expires_at = now() - interval '1 second' WHERE id = $1::uuid",
-            hold.id,
-        ))
+        self.harness.run(
+            self.harness.db.execute(
+                "UPDATE ledger.holds SET expires_at = now() - interval '1 second'"
+                " WHERE id = $1::uuid",
+                hold.id,
+            )
+        )
         hold.status = "expired"
         self.give_back(hold, hold.amount)
 
@@ -256,9 +273,11 @@ class LedgerMachine(RuleBasedStateMachine):
 
     @invariant()
     def balance_matches_model(self) -> None:
-        r = self.harness.run(self.harness.client.get(
-            "/v1/ledger/balance", params={"user_id": self.user}, headers=admin()
-        ))
+        r = self.harness.run(
+            self.harness.client.get(
+                "/v1/ledger/balance", params={"user_id": self.user}, headers=admin()
+            )
+        )
         if r.status_code == 404:  # before initialize
             return
         body = r.json()

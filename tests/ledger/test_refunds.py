@@ -15,21 +15,48 @@ class TestRefunds:
     async def test_partial_then_rest_never_more(self, ledger, funded_user):
         user = await funded_user(10)
         tx = await charge(ledger, user, 6)
-        r = await ledger.post("/v1/ledger/refunds", json={"transaction_id": tx, "amount": 2}, headers={**penora(), **key()})
+        r = await ledger.post(
+            "/v1/ledger/refunds",
+            json={"transaction_id": tx, "amount": 2},
+            headers={**penora(), **key()},
+        )
         assert r.status_code == 201 and r.json()["refundable"] == 4
-        too_much = await ledger.post("/v1/ledger/refunds", json={"transaction_id": tx, "amount": 4.001}, headers={**penora(), **key()})
-        assert too_much.status_code == 422 and too_much.json()["error"]["code"] == "refund_exceeds_charge"
-        rest = await ledger.post("/v1/ledger/refunds", json={"transaction_id": tx}, headers={**penora(), **key()})
+        too_much = await ledger.post(
+            "/v1/ledger/refunds",
+            json={"transaction_id": tx, "amount": 4.001},
+            headers={**penora(), **key()},
+        )
+        assert (
+            too_much.status_code == 422
+            and too_much.json()["error"]["code"] == "refund_exceeds_charge"
+        )
+        rest = await ledger.post(
+            "/v1/ledger/refunds", json={"transaction_id": tx}, headers={**penora(), **key()}
+        )
         assert rest.status_code == 201 and rest.json()["amount"] == 4
-        none_left = await ledger.post("/v1/ledger/refunds", json={"transaction_id": tx}, headers={**penora(), **key()})
+        none_left = await ledger.post(
+            "/v1/ledger/refunds", json={"transaction_id": tx}, headers={**penora(), **key()}
+        )
         assert none_left.status_code == 409
         assert (await balance(ledger, user))["available"] == 10
 
     async def test_refund_of_a_capture(self, ledger, funded_user):
         user = await funded_user(10)
-        hold = (await ledger.post("/v1/ledger/holds", json={"user_id": user, "amount": 5}, headers={**penora(), **key()})).json()["hold"]["id"]
-        cap = await ledger.post(f"/v1/ledger/holds/{hold}/capture", json={"amount": 3}, headers=penora())
-        r = await ledger.post("/v1/ledger/refunds", json={"transaction_id": cap.json()["transaction_id"]}, headers={**penora(), **key()})
+        hold = (
+            await ledger.post(
+                "/v1/ledger/holds",
+                json={"user_id": user, "amount": 5},
+                headers={**penora(), **key()},
+            )
+        ).json()["hold"]["id"]
+        cap = await ledger.post(
+            f"/v1/ledger/holds/{hold}/capture", json={"amount": 3}, headers=penora()
+        )
+        r = await ledger.post(
+            "/v1/ledger/refunds",
+            json={"transaction_id": cap.json()["transaction_id"]},
+            headers={**penora(), **key()},
+        )
         assert r.status_code == 201 and r.json()["amount"] == 3
         assert (await balance(ledger, user))["available"] == 10
 
@@ -39,12 +66,22 @@ class TestRefunds:
         user = await funded_user(10)
         tx = await charge(ledger, user, 2)
         other = principal_headers("app", app="imagegene", scopes=("ledger:write",))
-        r = await ledger.post("/v1/ledger/refunds", json={"transaction_id": tx}, headers={**other, **key()})
+        r = await ledger.post(
+            "/v1/ledger/refunds", json={"transaction_id": tx}, headers={**other, **key()}
+        )
         assert r.status_code == 403
-        grants = await ledger.get("/v1/ledger/transactions", params={"user_id": user, "kind": "grant"}, headers=admin())
-        r = await ledger.post("/v1/ledger/refunds", json={"transaction_id": grants.json()["items"][0]["id"]}, headers={**admin(), **key()})
+        grants = await ledger.get(
+            "/v1/ledger/transactions", params={"user_id": user, "kind": "grant"}, headers=admin()
+        )
+        r = await ledger.post(
+            "/v1/ledger/refunds",
+            json={"transaction_id": grants.json()["items"][0]["id"]},
+            headers={**admin(), **key()},
+        )
         assert r.status_code == 422 and r.json()["error"]["code"] == "not_refundable"
-        r = await ledger.post("/v1/ledger/refunds", json={"transaction_id": 10**12}, headers={**admin(), **key()})
+        r = await ledger.post(
+            "/v1/ledger/refunds", json={"transaction_id": 10**12}, headers={**admin(), **key()}
+        )
         assert r.status_code == 404
         assert (await balance(ledger, user))["available"] == 8
 
@@ -53,20 +90,42 @@ class TestTransactionsAndUsage:
     async def test_filters_pagination_and_usage(self, ledger, funded_user):
         user = await funded_user(100)
         for app, amount in [("penora", 1), ("imagegene", 2), ("penora", 3), ("imagegene", 4)]:
-            r = await ledger.post("/v1/ledger/debits", json={"user_id": user, "amount": amount, "app": app}, headers={**penora(), **key()})
+            r = await ledger.post(
+                "/v1/ledger/debits",
+                json={"user_id": user, "amount": amount, "app": app},
+                headers={**penora(), **key()},
+            )
             assert r.status_code == 201
-        page1 = await ledger.get("/v1/ledger/transactions", params={"user_id": user, "kind": "debit", "limit": 3}, headers=admin())
+        page1 = await ledger.get(
+            "/v1/ledger/transactions",
+            params={"user_id": user, "kind": "debit", "limit": 3},
+            headers=admin(),
+        )
         body = page1.json()
         assert [t["amount"] for t in body["items"]] == [4, 3, 2]
-        page2 = await ledger.get("/v1/ledger/transactions", params={"user_id": user, "kind": "debit", "limit": 3, "cursor": body["next_cursor"]}, headers=admin())
-        assert [t["amount"] for t in page2.json()["items"]] == [1] and page2.json()["next_cursor"] is None
-        ig = await ledger.get("/v1/ledger/transactions", params={"user_id": user, "app": "imagegene"}, headers=admin())
+        page2 = await ledger.get(
+            "/v1/ledger/transactions",
+            params={"user_id": user, "kind": "debit", "limit": 3, "cursor": body["next_cursor"]},
+            headers=admin(),
+        )
+        assert [t["amount"] for t in page2.json()["items"]] == [1] and page2.json()[
+            "next_cursor"
+        ] is None
+        ig = await ledger.get(
+            "/v1/ledger/transactions", params={"user_id": user, "app": "imagegene"}, headers=admin()
+        )
         assert [t["delta"] for t in ig.json()["items"]] == [-4, -2]
-        usage = await ledger.get("/v1/ledger/usage", params={"user_id": user, "group_by": "app,day"}, headers=admin())
+        usage = await ledger.get(
+            "/v1/ledger/usage", params={"user_id": user, "group_by": "app,day"}, headers=admin()
+        )
         rows = {r["app"]: r for r in usage.json()["rows"]}
         assert rows["penora"]["spent"] == 4 and rows["imagegene"]["spent"] == 6
         assert rows["penora"]["charges"] == 2 and usage.json()["total_spent"] == 10
-        bad = await ledger.get("/v1/ledger/usage", params={"user_id": user, "group_by": "planet"}, headers=admin())
+        bad = await ledger.get(
+            "/v1/ledger/usage", params={"user_id": user, "group_by": "planet"}, headers=admin()
+        )
         assert bad.status_code == 400
-        bad = await ledger.get("/v1/ledger/transactions", params={"user_id": user, "cursor": "!!"}, headers=admin())
+        bad = await ledger.get(
+            "/v1/ledger/transactions", params={"user_id": user, "cursor": "!!"}, headers=admin()
+        )
         assert bad.status_code == 400

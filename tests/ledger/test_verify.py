@@ -49,7 +49,8 @@ SOUND = """
 SELECT ledger.apply('{"op":"open","user_id":"u1","amount":0}');
 SELECT ledger.apply('{"op":"grant","user_id":"u1","amount":50000,"source":"promo"}');
 SELECT ledger.apply('{"op":"debit","user_id":"u1","amount":1500,"app":"penora"}');
-SELECT ledger.apply('{"op":"reserve","user_id":"u1","amount":2000,"app":"penora","ttl_seconds":60}');
+SELECT ledger.apply('{"op":"reserve","user_id":"u1","amount":2000,"app":"penora",
+                     "ttl_seconds":60}');
 """
 
 CORRUPTIONS = {
