@@ -1,3 +1,4 @@
+from services.ledger.billing.endpoints import router as billing_router
 from services.ledger.endpoints import router as ledger_router
 
-routers = [ledger_router]
+routers = [ledger_router, billing_router]

@@ -1,0 +1,224 @@
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from fastapi.responses import JSONResponse
+
+from services.kit.db import Session
+from services.kit.errors import Conflict
+from services.kit.principal import Principal, get_principal
+from services.kit.schemas import UserId
+from services.ledger.billing.schemas import (
+    Alert,
+    AlertPage,
+    Catalog,
+    CatalogItem,
+    CatalogItemPut,
+    ItemId,
+    Order,
+    OrderCreate,
+    PaymentPage,
+    Subscription,
+    SubscriptionCreate,
+    VerifyIn,
+    VerifyResult,
+    WebhookAck,
+    item_out,
+    payment_out,
+)
+from services.ledger.billing.service import Billing
+from services.ledger.config import get_settings
+
+router = APIRouter(prefix="/v1/billing", tags=["billing"])
+
+CurrentPrincipal = Annotated[Principal, Depends(get_principal)]
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"description": "Bad signature, unknown order, or a payment that is not the order's"},
+    401: {"description": "Missing or invalid credentials"},
+    403: {"description": "Missing scope, or another user's order"},
+    404: {"description": "Unknown item or user"},
+    422: {"description": "Invalid input"},
+    502: {"description": "Razorpay refused or could not be reached"},
+    503: {"description": "Payments are not configured"},
+}
+
+
+def get_billing(request: Request, session: Session) -> Billing:
+    return Billing(session, request.app.state.ledger, get_settings())
+
+
+BillingDep = Annotated[Billing, Depends(get_billing)]
+
+
+def _acts_for(principal: Principal, user_id: str, *scopes: str) -> None:
+    """A user token for that user, or an app key holding one of `scopes`."""
+    if principal.kind == "user":
+        principal.acts_for(user_id)
+    else:
+        principal.require_scope(*scopes)
+
+
+@router.get("/catalog", response_model=Catalog, responses=ERRORS)
+async def get_catalog(
+    principal: CurrentPrincipal,
+    billing: BillingDep,
+    include_inactive: bool = Query(False, description="Admins only: also retired items"),
+) -> Catalog:
+    """Top-up packs and plans for sale, with prices in minor units and credits in Ku."""
+    if include_inactive:
+        principal.require_scope("admin")
+    rows = await billing.repo.catalog(include_inactive=include_inactive)
+    return Catalog(items=[item_out(r) for r in rows])
+
+
+@router.put("/catalog/{item_id}", response_model=CatalogItem, responses=ERRORS)
+async def put_catalog_item(
+    item_id: ItemId, body: CatalogItemPut, principal: CurrentPrincipal, billing: BillingDep
+) -> CatalogItem:
+    """Create or replace a catalog item (admin). Orders already placed keep their price."""
+    principal.require_scope("admin")
+    values = {
+        "kind": body.kind,
+        "name": body.name,
+        "credits_milli": body.credits,
+        "price_minor": body.price,
+        "currency": body.currency,
+        "period": body.period,
+        "active": body.active,
+    }
+    return item_out(await billing.put_item(item_id, values))
+
+
+@router.post("/orders", status_code=201, response_model=Order, responses=ERRORS)
+async def create_order(
+    body: OrderCreate, principal: CurrentPrincipal, billing: BillingDep
+) -> Order:
+    """Open a Razorpay order for a catalog item; pass the result to Razorpay checkout."""
+    _acts_for(principal, body.user_id, "ledger:write")
+    order = await billing.create_order(body.user_id, body.item)
+    return Order(
+        order_id=order["id"],
+        razorpay_order_id=order["razorpay_order_id"],
+        user_id=order["user_id"],
+        item=order["item_id"],
+        credits=order["credits_milli"],
+        amount=order["amount_minor"],
+        currency=order["currency"],
+        key_id=order["key_id"],
+        status=order["status"],
+        created_at=order["created_at"],
+    )
+
+
+@router.post(
+    "/verify",
+    response_model=VerifyResult,
+    responses={
+        **ERRORS,
+        202: {"description": "Authorized, not captured yet: the webhook will grant"},
+        409: {"description": "Paid amount or currency differs from the order: nothing granted"},
+    },
+)
+async def verify_payment(
+    body: VerifyIn, principal: CurrentPrincipal, billing: BillingDep, response: Response
+) -> Any:
+    """Checkout's success handler: check the signature against our order, then grant once."""
+    if principal.kind != "user":
+        principal.require_scope("ledger:write")
+    settled = await billing.verify_checkout(
+        principal, body.razorpay_order_id, body.razorpay_payment_id, body.razorpay_signature
+    )
+    if settled.outcome in ("rejected", "ignored"):
+        # Returned, not raised: the alert and the payment's record must commit.
+        error = Conflict(
+            "The payment does not match its order; nothing was granted",
+            code="payment_rejected",
+            payment_id=body.razorpay_payment_id,
+        )
+        return JSONResponse(error.body(), status_code=error.status_code)
+    if settled.outcome in ("pending", "not_captured"):
+        response.status_code = 202
+    return VerifyResult(
+        outcome=settled.outcome,  # type: ignore[arg-type]
+        payment=payment_out(settled.payment) if settled.payment else None,
+    )
+
+
+@router.post("/subscriptions", status_code=201, response_model=Subscription, responses=ERRORS)
+async def create_subscription(
+    body: SubscriptionCreate, principal: CurrentPrincipal, billing: BillingDep
+) -> Subscription:
+    """Subscribe a user to a plan; each charged period grants its allowance."""
+    _acts_for(principal, body.user_id, "ledger:write")
+    sub = await billing.create_subscription(body.user_id, body.item)
+    return Subscription(
+        subscription_id=sub["id"],
+        razorpay_subscription_id=sub["razorpay_subscription_id"],
+        user_id=sub["user_id"],
+        item=sub["item_id"],
+        credits=sub["credits_milli"],
+        amount=sub["amount_minor"],
+        currency=sub["currency"],
+        period=sub["period"],
+        key_id=sub["key_id"],
+        status=sub["status"],
+        created_at=sub["created_at"],
+    )
+
+
+@router.post(
+    "/webhooks/razorpay",
+    response_model=WebhookAck,
+    responses={400: {"description": "Bad signature or not a Razorpay event"}},
+)
+async def razorpay_webhook(
+    request: Request,
+    billing: BillingDep,
+    x_razorpay_signature: Annotated[str | None, Header()] = None,
+    x_razorpay_event_id: Annotated[str | None, Header()] = None,
+) -> dict[str, Any]:
+    """Razorpay's webhook (public: authenticated by its signature over the raw body)."""
+    raw = await request.body()
+    return await billing.handle_webhook(raw, x_razorpay_signature, x_razorpay_event_id)
+
+
+@router.get("/payments", response_model=PaymentPage, responses=ERRORS)
+async def list_payments(
+    user_id: UserId,
+    principal: CurrentPrincipal,
+    billing: BillingDep,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+) -> PaymentPage:
+    """A user's payments, newest first, with status and the credits each granted."""
+    _acts_for(principal, user_id, "ledger:read", "ledger:write")
+    rows = await billing.repo.payments_of(user_id, limit=limit)
+    return PaymentPage(items=[payment_out(r) for r in rows])
+
+
+@router.get("/alerts", response_model=AlertPage, responses=ERRORS)
+async def list_alerts(
+    principal: CurrentPrincipal,
+    billing: BillingDep,
+    since: datetime | None = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+) -> AlertPage:
+    """Payments that need a human: amount mismatches, charges after cancellation (admin)."""
+    principal.require_scope("admin")
+    rows = await billing.repo.alerts(since=since, limit=limit)
+    return AlertPage(
+        items=[
+            Alert(
+                id=r["id"],
+                kind=r["kind"],
+                payment_id=r["razorpay_payment_id"],
+                order_id=r["order_id"],
+                user_id=r["user_id"],
+                detail=r["detail"],
+                created_at=r["created_at"],
+            )
+            for r in rows
+        ]
+    )
