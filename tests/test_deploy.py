@@ -1,0 +1,231 @@
+"""deploy/ agrees with the code: every process has a container, ports and URLs match the
+settings, secrets come only from the environment, and every command names a real module."""
+
+from __future__ import annotations
+
+import importlib
+import re
+import shlex
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+import yaml
+
+from services.kit.config import KuSettings
+from services.kit.runner import GATEWAY, WORKER, available_processes, existing_services
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+COMPOSE = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+SERVICES: dict[str, dict[str, Any]] = COMPOSE["services"]
+DOCKERFILE = (DEPLOY / "Dockerfile").read_text()
+ENV_EXAMPLE = (DEPLOY / ".env.example").read_text()
+INFRA = {"postgres", "redis", "migrate"}
+SECRET_NAME = re.compile(r"SECRET|PASSWORD|PRIVATE_KEY|_KEY_ID$")
+# A value taken from the host: required (`${X:?...}`) or empty by default (`${X:-}`).
+FROM_HOST = re.compile(r"^\$\{(KU_[A-Z0-9_]+)(:\?[^}]*|:-)\}$")
+
+
+def ku_processes() -> list[str]:
+    return [name for name in SERVICES if name not in INFRA]
+
+
+def env_of(name: str) -> dict[str, str]:
+    return {k: str(v) for k, v in (SERVICES[name].get("environment") or {}).items()}
+
+
+def command_of(name: str) -> list[str]:
+    command = SERVICES[name]["command"]
+    return shlex.split(command) if isinstance(command, str) else [str(c) for c in command]
+
+
+def option(command: list[str], flag: str) -> str:
+    return command[command.index(flag) + 1]
+
+
+def parse_url(value: str) -> Any:
+    """urlsplit with `${...}` interpolations (which may hold `?`) replaced by a token."""
+    return urlsplit(re.sub(r"\$\{[^}]*\}", "FROMHOST", value))
+
+
+def default_port(name: str) -> int:
+    if name == WORKER:
+        from services.worker import WorkerConfig
+
+        return int(WorkerConfig.model_fields["worker_port"].default)
+    return int(KuSettings.model_fields[f"{name}_port"].default)
+
+
+def all_settings_fields() -> set[str]:
+    from services.worker import WorkerConfig
+
+    classes: list[type[KuSettings]] = [KuSettings, WorkerConfig]
+    modules = [f"services.{s}.config" for s in existing_services()]
+    if (ROOT / "gateway" / "config.py").exists():
+        modules.append("gateway.config")
+    for module_name in modules:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError:
+            continue
+        classes += [
+            v for v in vars(module).values()
+            if isinstance(v, type) and issubclass(v, KuSettings) and v is not KuSettings
+        ]  # fmt: skip
+    return {name for cls in classes for name in cls.model_fields}
+
+
+class TestProcesses:
+    def test_every_process_has_a_container(self) -> None:
+        missing = [p for p in available_processes() if p not in SERVICES]
+        assert not missing, f"add these to deploy/docker-compose.yml: {missing}"
+
+    def test_every_container_runs_something_that_exists(self) -> None:
+        extra = [p for p in ku_processes() if p not in available_processes()]
+        assert not extra, f"compose runs processes the code does not have: {extra}"
+
+    @pytest.mark.parametrize("name", [p for p in ku_processes() if p != WORKER])
+    def test_uvicorn_command_matches_the_app_and_the_port(self, name: str) -> None:
+        command = command_of(name)
+        assert command[:3] == ["python", "-m", "uvicorn"]
+        assert "--factory" in command
+        target = command[3]
+        expected = "gateway.app" if name == GATEWAY else f"services.{name}.app"
+        module_name, attr = target.split(":")
+        assert module_name == expected
+        assert callable(getattr(importlib.import_module(module_name), attr))
+        assert option(command, "--host") == "0.0.0.0"
+        assert int(option(command, "--port")) == default_port(name)
+
+    def test_worker_and_migrate_commands_exist(self) -> None:
+        from services.cli import build_parser
+
+        assert command_of(WORKER) == ["python", "-m", "services.worker"]
+        assert callable(importlib.import_module("services.worker").main)
+        migrate = command_of("migrate")
+        assert migrate[0] == "ku"
+        assert build_parser().parse_args(migrate[1:]).command == "migrate"
+
+    @pytest.mark.parametrize("name", ku_processes())
+    def test_healthcheck_asks_ready_on_the_process_port(self, name: str) -> None:
+        test = " ".join(SERVICES[name]["healthcheck"]["test"])
+        assert f"http://127.0.0.1:{default_port(name)}/ready" in test
+        if name == WORKER:
+            assert int(env_of(name)["KU_WORKER_PORT"]) == default_port(name)
+
+
+class TestWiring:
+    def test_only_the_gateway_publishes_a_port(self) -> None:
+        publishing = sorted(name for name, svc in SERVICES.items() if svc.get("ports"))
+        assert publishing == [GATEWAY]
+        (mapping,) = SERVICES[GATEWAY]["ports"]
+        assert str(mapping).endswith(f":{default_port(GATEWAY)}")
+
+    @pytest.mark.parametrize("name", [*ku_processes(), "migrate"])
+    def test_urls_point_at_compose_services(self, name: str) -> None:
+        env = env_of(name)
+        assert parse_url(env["KU_DATABASE_URL"]).hostname == "postgres"
+        assert parse_url(env["KU_REDIS_URL"]).hostname == "redis"
+        for key, value in env.items():
+            match = re.fullmatch(r"KU_([A-Z]+)_URL", key)
+            if not match or key in ("KU_DATABASE_URL", "KU_REDIS_URL"):
+                continue
+            target = match.group(1).lower()
+            url = parse_url(value)
+            assert url.hostname == target and url.hostname in SERVICES, (key, value)
+            assert url.port == default_port(target), (key, value)
+
+    def test_every_running_service_is_reachable_by_url(self) -> None:
+        env = env_of(GATEWAY)
+        for service in existing_services():
+            assert f"KU_{service.upper()}_URL" in env, service
+
+    @pytest.mark.parametrize("name", ku_processes())
+    def test_processes_wait_for_migrations_and_their_stores(self, name: str) -> None:
+        depends = SERVICES[name]["depends_on"]
+        if name == GATEWAY:
+            for service in existing_services():
+                assert depends[service]["condition"] == "service_healthy"
+            return
+        assert depends["migrate"]["condition"] == "service_completed_successfully"
+        assert depends["postgres"]["condition"] == "service_healthy"
+        assert depends["redis"]["condition"] == "service_healthy"
+
+    def test_migrate_runs_once_after_postgres(self) -> None:
+        migrate = SERVICES["migrate"]
+        assert migrate["restart"] == "no"
+        assert migrate["depends_on"]["postgres"]["condition"] == "service_healthy"
+
+    def test_store_versions(self) -> None:
+        postgres = SERVICES["postgres"]["image"].split(":")[1]
+        redis = SERVICES["redis"]["image"].split(":")[1]
+        assert int(postgres.split(".")[0].split("-")[0]) >= 16
+        assert redis.split(".")[0].split("-")[0] == "7"
+        assert "healthcheck" in SERVICES["postgres"] and "healthcheck" in SERVICES["redis"]
+
+    def test_one_image_for_every_ku_process(self) -> None:
+        images = {SERVICES[name]["image"] for name in [*ku_processes(), "migrate"]}
+        assert len(images) == 1
+        for name in [*ku_processes(), "migrate"]:
+            assert SERVICES[name]["build"]["dockerfile"] == "deploy/Dockerfile"
+
+
+class TestSecrets:
+    @pytest.mark.parametrize("name", list(SERVICES))
+    def test_no_literal_secrets(self, name: str) -> None:
+        for key, value in env_of(name).items():
+            if SECRET_NAME.search(key):
+                assert FROM_HOST.match(value), f"{name}.{key} must come from the host: {value}"
+            if key == "KU_DATABASE_URL":
+                password = re.fullmatch(r"postgresql://[^:@/]+:(\$\{[^}]*\})@.*", value)
+                assert password and FROM_HOST.match(password.group(1)), value
+
+    def test_the_internal_secret_is_required_where_it_is_used(self) -> None:
+        for name in ku_processes():
+            value = env_of(name).get("KU_INTERNAL_SECRET", "")
+            assert value.startswith("${KU_INTERNAL_SECRET:?"), name
+
+    def test_env_example_fills_in_no_secret(self) -> None:
+        for line in ENV_EXAMPLE.splitlines():
+            key, sep, value = line.lstrip("# ").partition("=")
+            if sep and key.startswith("KU_") and SECRET_NAME.search(key):
+                assert value == "", f"{key} has a value in .env.example"
+
+
+class TestEnvExample:
+    def listed(self) -> set[str]:
+        return set(re.findall(r"^#? ?(KU_[A-Z0-9_]+)=", ENV_EXAMPLE, re.MULTILINE))
+
+    def test_lists_every_setting(self) -> None:
+        missing = sorted(f"KU_{n.upper()}" for n in all_settings_fields())
+        missing = [k for k in missing if k not in self.listed()]
+        assert not missing, f"add to deploy/.env.example: {missing}"
+
+    def test_lists_every_variable_compose_reads(self) -> None:
+        text = (DEPLOY / "docker-compose.yml").read_text()
+        used = set(re.findall(r"\$\{(KU_[A-Z0-9_]+)", text))
+        assert not used - self.listed(), sorted(used - self.listed())
+
+
+class TestDockerfile:
+    def test_base_image_and_install_order(self) -> None:
+        assert re.search(r"^FROM python:3\.11-slim\b", DOCKERFILE, re.MULTILINE)
+        lock = DOCKERFILE.index("pip install -r requirements.lock")
+        package = DOCKERFILE.index("pip install --no-deps .")
+        assert lock < package
+        assert re.search(r"^USER (?!root)\S+", DOCKERFILE, re.MULTILINE)
+
+    def test_copies_every_package_the_distribution_holds(self) -> None:
+        for path in ("requirements.lock", "pyproject.toml", "README.md", "services", "gateway"):
+            assert re.search(rf"^COPY .*\b{re.escape(path)}\b", DOCKERFILE, re.MULTILINE), path
+            assert (ROOT / path).exists(), path
+
+    def test_default_command_imports(self) -> None:
+        cmd = re.search(r"^CMD (\[.*\])$", DOCKERFILE, re.MULTILINE)
+        assert cmd
+        argv = yaml.safe_load(cmd.group(1))
+        assert argv[:3] == ["python", "-m", "uvicorn"]
+        module_name, attr = argv[3].split(":")
+        assert callable(getattr(importlib.import_module(module_name), attr))
