@@ -201,7 +201,7 @@ def register(router: APIRouter) -> None:
         )
         if status >= 400 and status != 409:  # 409: the user exists; nothing to change
             raise error_from_upstream(status, answer)
-        created = status == 201
+        created = status == 201  # auth knows; the ledger's answer may be a replay
         initial = body.initial_credits if principal.is_admin else None
         account = await upstreams.json(
             "ledger", "POST", "/v1/ledger/accounts",
@@ -215,14 +215,20 @@ def register(router: APIRouter) -> None:
                       "reference": f"initial:{body.user_id}",
                       "description": "Initial credits"},
             )
-        created = created or bool(account.get("created"))
+        credits = account.get("available")
+        if not created:  # the account answer may be the first call's replay: read it fresh
+            status, balance = await upstreams.call(
+                "ledger", "GET", "/v1/ledger/balance",
+                principal=identity, params={"user_id": body.user_id},
+            )
+            credits = balance["available"] if status == 200 else None
         response.status_code = 201 if created else 200
         return {
             "success": True,
             "user_id": body.user_id,
             "username": body.username,
             "email": body.email,
-            "credits": account.get("available"),
+            "credits": credits,
             "created": created,
             "message": "User created" if created else "User already exists",
             "timestamp": _now(),

@@ -1,0 +1,59 @@
+"""The real processes (auth, ledger, gateway) started by `ku up`'s `Suite` on free ports,
+against this test run's database and Redis prefix. Everything goes through the gateway;
+setup uses the `ku` command line, as an operator would."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from services.kit.runner import Suite
+from tests.gateway.helpers import SigningKey, make_signing_key
+
+pytestmark = pytest.mark.e2e
+
+
+@dataclass
+class E2E:
+    suite: Suite
+    signing: SigningKey
+
+    @property
+    def gateway(self) -> str:
+        return self.suite.urls["gateway"]
+
+    def ku(self, *args: str) -> str:
+        """Run the `ku` CLI with the suite's environment; its stdout."""
+        done = subprocess.run(
+            [sys.executable, "-m", "services.cli", *args],
+            env=self.suite.env, capture_output=True, text=True, timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
+
+    def new_key(self, app: str, scopes: str) -> str:
+        return self.ku("keys", "create", "--app", app, "--scopes", scopes)
+
+
+@pytest.fixture(scope="session")
+def e2e(ku_database_url: str) -> Iterator[E2E]:
+    signing = make_signing_key()
+    env = {
+        **os.environ,
+        "KU_DATABASE_URL": ku_database_url,
+        "KU_AUTH_PRIVATE_KEY": signing.private_pem,
+        "KU_AUTH_KEY_ID": signing.kid,
+        # The app "burst" gets a tiny per-key limit, to show 429 across two gateways.
+        "KU_GATEWAY_RATE_APPS": '{"burst": 5}',
+        "KU_LOG_LEVEL": "WARNING",
+    }
+    with Suite(
+        env, only=["auth", "ledger", "gateway"], free_ports=True, migrate=False, quiet=True,
+        ready_timeout=45,
+    ) as suite:
+        yield E2E(suite, signing)
