@@ -74,6 +74,9 @@ def create_service_app(
         version="1.0.0",
         lifespan=lifespan,
         openapi_tags=openapi_tags,
+        # Metrics are Prometheus (kit.metrics); FastAPI's OpenTelemetry hooks would
+        # otherwise look up tracer providers on every request.
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.state.service_name = name
     install_error_handlers(app)

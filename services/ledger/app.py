@@ -26,6 +26,10 @@ result, the same key with a different request is 409.
 """
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    return None
+
+
 @asynccontextmanager
 async def ledger_writer(app: FastAPI) -> AsyncIterator[None]:
     settings = get_settings()
@@ -33,6 +37,9 @@ async def ledger_writer(app: FastAPI) -> AsyncIterator[None]:
         plain_url(settings.database_url),
         min_size=2,
         max_size=settings.write_pool_size,
+        # Writers only run single autocommit statements: no session state to reset,
+        # so skip the RESET ALL round trip on every release.
+        reset=_keep_session,
     )
     app.state.write_pool = pool
     app.state.ledger = Ledger(

@@ -50,7 +50,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def get_ledger(request: Request) -> Ledger:
+async def get_ledger(request: Request) -> Ledger:
     return request.app.state.ledger
 
 
