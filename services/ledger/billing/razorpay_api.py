@@ -122,6 +122,15 @@ class RazorpayAPI:
             if len(batch) < PAGE:
                 return items
 
+    async def payment_refunds(self, payment_id: str) -> list[dict[str, Any]]:
+        page = await self._call(
+            "list a payment's refunds",
+            lambda c: c.payment.fetch_multiple_refund(
+                payment_id, {"count": PAGE}, timeout=self.timeout
+            ),
+        )
+        return list(page.get("items") or [])
+
     async def fetch_invoice(self, invoice_id: str) -> dict[str, Any]:
         return await self._call(
             "fetch an invoice", lambda c: c.invoice.fetch(invoice_id, timeout=self.timeout)

@@ -379,6 +379,18 @@ class Billing:
         )
         return Settled("clawed_back" if clawback else "refund_recorded", row)
 
+    async def replay_refunds(self, entity: dict[str, Any]) -> list[Settled]:
+        """Reconciling: apply refunds Razorpay made that no webhook reported."""
+        refunded = int(entity.get("amount_refunded") or 0)
+        row = await self.repo.payment(str(entity["id"]))
+        if row is None or refunded <= row["refunded_minor"]:
+            return []
+        return [
+            await self.refund(refund, entity)
+            for refund in await self.api.payment_refunds(str(entity["id"]))
+            if refund.get("status") == "processed"
+        ]
+
     async def _grant_source(self, row: dict[str, Any]) -> str:
         return "purchase" if row["expires_at"] is None else "subscription"
 

@@ -67,9 +67,10 @@ async def reconcile(
     ledger: Ledger | None = None,
     settings: LedgerSettings | None = None,
 ) -> dict[str, int]:
-    """Fetch the last `lookback_hours` of payments from Razorpay and grant every captured
-    one that is ours and not granted yet. Granted payments are left alone (the ledger
-    replays their grant key), so running this any time is harmless."""
+    """Fetch the last `lookback_hours` of payments from Razorpay, grant every captured one
+    that is ours and not granted yet, and apply refunds no webhook reported. Granted
+    payments and applied refunds are left alone (the ledger replays their keys), so
+    running this any time is harmless."""
     settings = settings or get_settings()
     if sessionmaker is None or ledger is None:
         async with _resources(settings) as (own_sessionmaker, own_ledger):
@@ -86,10 +87,12 @@ async def reconcile(
     for entity in payments:
         try:
             async with unit_of_work(sessionmaker) as session:
-                settled = await Billing(session, ledger, settings).settle_payment(
-                    entity, fetch_invoices=True
-                )
+                billing = Billing(session, ledger, settings)
+                settled = await billing.settle_payment(entity, fetch_invoices=True)
+                refunds = await billing.replay_refunds(entity)
             counts[settled.outcome] += 1
+            for refund in refunds:
+                counts[f"refund_{refund.outcome}"] += 1
             if settled.outcome == "granted":
                 log.warning("reconcile granted missed payment %s", entity.get("id"))
         except Exception:

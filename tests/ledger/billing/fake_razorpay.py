@@ -45,6 +45,7 @@ class FakeRazorpay:
         self.plans: dict[str, dict[str, Any]] = {}
         self.subscriptions: dict[str, dict[str, Any]] = {}
         self.invoices: dict[str, dict[str, Any]] = {}
+        self.refunds: dict[str, list[dict[str, Any]]] = {}
         self.calls: list[str] = []
         self.down = False
         self._runner: web.AppRunner | None = None
@@ -59,6 +60,7 @@ class FakeRazorpay:
         app.router.add_get("/v1/orders/{id}/payments", self._order_payments)
         app.router.add_get("/v1/payments", self._list_payments)
         app.router.add_get("/v1/payments/{id}", self._get(self.payments))
+        app.router.add_get("/v1/payments/{id}/refunds", self._payment_refunds)
         app.router.add_post("/v1/plans", self._create_plan)
         app.router.add_post("/v1/subscriptions", self._create_subscription)
         app.router.add_get("/v1/subscriptions/{id}", self._get(self.subscriptions))
@@ -133,6 +135,10 @@ class FakeRazorpay:
             key=lambda p: p["created_at"],
             reverse=True,
         )[skip : skip + count]
+        return web.json_response({"entity": "collection", "count": len(items), "items": items})
+
+    async def _payment_refunds(self, request: web.Request) -> web.Response:
+        items = self.refunds.get(request.match_info["id"], [])
         return web.json_response({"entity": "collection", "count": len(items), "items": items})
 
     async def _create_plan(self, request: web.Request) -> web.Response:
@@ -239,7 +245,7 @@ class FakeRazorpay:
         full = payment["amount_refunded"] >= payment["amount"]
         payment["status"] = "refunded" if full else payment["status"]
         payment["refund_status"] = "full" if full else "partial"
-        return {
+        refund = {
             "id": rid("rfnd"),
             "entity": "refund",
             "amount": amount,
@@ -250,6 +256,8 @@ class FakeRazorpay:
             "notes": [],
             "created_at": int(time.time()),
         }
+        self.refunds.setdefault(payment_id, []).append(refund)
+        return refund
 
     def charge_subscription(
         self, subscription_id: str, start: int, end: int

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from datetime import datetime
 
 from tests.ledger.billing.helpers import (
     WEBHOOK,
@@ -197,3 +198,22 @@ class TestFailures:
         finally:
             razorpay.down = False
         assert r.status_code == 502 and r.json()["error"]["code"] == "razorpay_unavailable"
+
+
+class TestPlanAsOrder:
+    async def test_a_plan_bought_once_grants_one_period(self, ledger, razorpay, buyer):
+        user = await buyer()
+        ours, payment = await paid_order(ledger, razorpay, user, "pro_monthly")
+        assert ours["amount"] == 5000 and ours["credits"] == 1500
+        r = await deliver(ledger, razorpay.webhook("payment.captured", payment=payment))
+        assert r.json()["outcome"] == "granted"
+        (row,) = await payments(ledger, user)
+        assert row["granted"] == 1500 and row["expires_at"] is not None
+        days = (
+            datetime.fromisoformat(row["expires_at"]) - datetime.fromisoformat(row["period_start"])
+        ).days
+        assert 28 <= days <= 31
+        b = await balance(ledger, user)
+        assert b["available"] == 1500 and b["by_source"] == [
+            {"source": "subscription", "available": 1500}
+        ]

@@ -74,3 +74,26 @@ class TestReconcile:
         counts = json.loads(out.decode().strip().splitlines()[-1])
         assert counts["granted"] >= 1
         assert (await balance(ledger, user))["available"] == 50
+
+    async def test_refund_nobody_reported_is_clawed_back(
+        self, ledger, razorpay, buyer, ku_database_url
+    ):
+        from services.kit.db import plain_url
+        from services.ledger.verify import verify
+
+        user = await buyer()
+        _, payment = await paid_order(ledger, razorpay, user, "topup_50")
+        refund = razorpay.refund(payment["id"], 200)  # 20 of the 50 Ku
+        counts = await reconcile()
+        assert counts.get("refund_clawed_back", 0) >= 1, counts
+        assert (await balance(ledger, user))["available"] == 30
+        (row,) = await payments(ledger, user)
+        assert row["status"] == "partially_refunded" and row["clawed_back"] == 20
+        again = await reconcile()
+        assert not again.get("refund_clawed_back") and not again.get("errors"), again
+        late = razorpay.webhook(
+            "refund.processed", refund=refund, payment=razorpay.payments[payment["id"]]
+        )
+        assert (await deliver(ledger, late)).json()["outcome"] == "duplicate_refund"
+        assert (await balance(ledger, user))["available"] == 30
+        assert await verify(plain_url(ku_database_url)) == []
