@@ -7,6 +7,7 @@ balances, debits and the journal; auth for users; the workspace for storage.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Any
@@ -138,13 +139,15 @@ def register(router: APIRouter) -> None:
         principal = identity.principal
         principal.acts_for(body.user_id)
         app = (body.app_name or principal.app or "unknown").strip().lower()
-        headers = {}
         key = request.headers.get("idempotency-key")
-        if key:
-            headers["Idempotency-Key"] = key
-        elif not body.project_code:
+        if not key and body.project_code:
+            # Per user: two users' deductions may carry the same project code.
+            digest = hashlib.sha256(f"{body.user_id}\0{body.project_code}".encode()).hexdigest()
+            key = f"deduct:{digest}"
+        if not key:
             # Old clients sent neither; they get the old (non-retryable) behaviour.
-            headers["Idempotency-Key"] = f"compat-{uuid.uuid4().hex}"
+            key = f"compat-{uuid.uuid4().hex}"
+        headers = {"Idempotency-Key": key}
         debit: dict[str, Any] = {
             "user_id": body.user_id, "amount": milli_to_ku(body.amount), "app": app
         }

@@ -46,3 +46,19 @@ class TestIntegrationFlow:
         assert [t["amount"] for t in tx["imagegene_transactions"]] == [5]
         assert tx["penora_transactions"] == []
         assert tx["total_count"] == len(tx["all_transactions"]) >= 2
+
+
+class TestDeductIdempotency:
+    async def test_project_code_is_per_user_and_retries_replay(
+        self, gw: httpx.AsyncClient, app_key: str
+    ):
+        headers = {"X-API-Key": app_key}
+        balances = []
+        for user_id in (new_user_id(), new_user_id()):
+            assert (await create_user(gw, app_key, user_id)).status_code == 201
+            for _ in range(2):  # the retry replays: one charge
+                r = await gw.post("/api/unified/deduct-credits", headers=headers, json={
+                    "user_id": user_id, "amount": 2.5, "project_code": "shared-code"})
+                assert r.status_code == 200, r.text
+            balances.append(r.json()["new_balance"])
+        assert balances == [47.5, 47.5]

@@ -1,0 +1,190 @@
+"""Gateway overhead: the same ledger calls made directly and through the gateway.
+
+Self-contained: a scratch database on KU_DATABASE_URL's server (or the embedded
+one), auth + ledger + gateway started as real processes by `ku up`'s Suite, an
+app key from `ku keys create`, then:
+
+- added latency (p50/p99) at 1 client, for a balance read and a 1 Ku debit;
+- throughput at 32 clients, directly and through the gateway; ratio = gateway/direct.
+
+Direct calls carry a pre-signed principal header (what the gateway would
+forward); gateway calls carry the app key, so they pay for authentication,
+rate limiting, signing and the extra hop. The load generator is raw asyncio over
+keep-alive connections (prebuilt requests), so the client is not the bottleneck.
+Last line: ratio=<gateway/direct>, the lower of read and debit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench._common import Result, ScratchDatabase, load  # noqa: E402
+from services.kit.principal import Principal, sign_principal  # noqa: E402
+from services.kit.runner import Suite  # noqa: E402
+
+SECONDS = float(os.environ.get("KU_BENCH_SECONDS", "5"))
+CLIENTS = 32
+USERS = 200
+
+
+class Connection:
+    """One keep-alive HTTP/1.1 connection; just enough parsing for these responses."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def open(cls, url: str) -> Connection:
+        host, port = url.split("://", 1)[1].rsplit(":", 1)
+        return cls(*await asyncio.open_connection(host, int(port)))
+
+    async def send(self, request: bytes) -> int:
+        self.writer.write(request)
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        status = int(head[9:12])
+        lower = head.lower()
+        at = lower.find(b"content-length:")
+        if at < 0:
+            raise RuntimeError(f"no content-length in {head!r}")
+        length = int(lower[at + 15 : lower.find(b"\r\n", at)])
+        await self.reader.readexactly(length)
+        return status
+
+
+def get(path: str, headers: str) -> bytes:
+    return f"GET {path} HTTP/1.1\r\nhost: bench\r\n{headers}\r\n".encode()
+
+
+def post(path: str, headers: str, body: str) -> bytes:
+    return (
+        f"POST {path} HTTP/1.1\r\nhost: bench\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\n{headers}\r\n{body}"
+    ).encode()
+
+
+class Caller:
+    """Builds requests for one target: direct (principal header) or gateway (API key)."""
+
+    def __init__(self, secret: str | None, key: str | None) -> None:
+        self.secret, self.key = secret, key
+        self._header, self._at = "", 0.0
+
+    def auth(self) -> str:
+        if self.key:
+            return f"x-api-key: {self.key}\r\n"
+        if time.monotonic() - self._at > 20:  # the signed header lives 60 s
+            principal = Principal(
+                kind="app", app="imagegene", scopes=frozenset({"ledger:read", "ledger:write"})
+            )
+            self._header = f"x-ku-principal: {sign_principal(principal, self.secret or '')}\r\n"
+            self._at = time.monotonic()
+        return self._header
+
+    def read(self, users: list[str]) -> bytes:
+        user = users[secrets.randbelow(len(users))]
+        return get(f"/v1/ledger/balance?user_id={user}", self.auth())
+
+    def debit(self, users: list[str]) -> bytes:
+        user = users[secrets.randbelow(len(users))]
+        body = f'{{"user_id":"{user}","amount":1,"reference":"{uuid.uuid4().hex}"}}'
+        return post("/v1/ledger/debits", self.auth(), body)
+
+
+async def run_case(
+    name: str, url: str, clients: int, build: Callable[[], bytes], expect: int, errors: list[str]
+) -> Result:
+    async def make(_: int) -> Callable[[], Awaitable[None]]:
+        conn = await Connection.open(url)
+
+        async def call() -> None:
+            status = await conn.send(build())
+            if status != expect:
+                errors.append(f"{name}: {status}")
+
+        return call
+
+    return await load(name, clients, SECONDS, make, warmup=1.0)
+
+
+async def setup(ledger: str, secret: str, users: list[str]) -> None:
+    grant = Principal(kind="app", app="bench", scopes=frozenset({"admin"}))
+    conn = await Connection.open(ledger)
+    for user in users:
+        header = f"x-ku-principal: {sign_principal(grant, secret)}\r\n"
+        body = f'{{"user_id":"{user}","welcome":false}}'
+        assert await conn.send(post("/v1/ledger/accounts", header, body)) in (200, 201)
+        body = f'{{"user_id":"{user}","amount":1000000,"source":"promo","reference":"b{user}"}}'
+        assert await conn.send(post("/v1/ledger/grants", header, body)) == 201
+
+
+async def measure(suite: Suite, key: str) -> float:
+    secret = suite.env["KU_INTERNAL_SECRET"]
+    ledger, gateway = suite.urls["ledger"], suite.urls["gateway"]
+    users = [str(10**20 + secrets.randbelow(9 * 10**20)) for _ in range(USERS)]
+    await setup(ledger, secret, users)
+    direct, through = Caller(secret, None), Caller(None, key)
+    errors: list[str] = []
+    rows: dict[str, Result] = {}
+    for op, expect in (("read", 200), ("debit", 201)):
+        for clients in (1, CLIENTS):
+            for label, url, caller in (("direct", ledger, direct), ("gateway", gateway, through)):
+                build = (lambda c=caller: c.read(users)) if op == "read" else (
+                    lambda c=caller: c.debit(users)
+                )
+                name = f"{op} {label} x{clients}"
+                rows[name] = await run_case(name, url, clients, build, expect, errors)
+                print(rows[name].line(), flush=True)
+    if errors:
+        print(f"errors: {len(errors)}, e.g. {errors[:3]}", flush=True)
+    ratios = []
+    for op in ("read", "debit"):
+        d1, g1 = rows[f"{op} direct x1"], rows[f"{op} gateway x1"]
+        dn, gn = rows[f"{op} direct x{CLIENTS}"], rows[f"{op} gateway x{CLIENTS}"]
+        ratio = gn.rate / dn.rate
+        ratios.append(ratio)
+        print(
+            f"{op:<6} added latency at 1 client: p50 {g1.pct(0.5) - d1.pct(0.5):+.2f} ms, "
+            f"p99 {g1.pct(0.99) - d1.pct(0.99):+.2f} ms; "
+            f"throughput x{CLIENTS}: {gn.rate:.0f}/{dn.rate:.0f} /s = {ratio:.2f}",
+            flush=True,
+        )
+    return min(ratios)
+
+
+async def main() -> None:
+    async with ScratchDatabase() as db:
+        env = {
+            **os.environ,
+            "KU_DATABASE_URL": db.url,
+            "KU_BUS_PREFIX": f"kubench{secrets.token_hex(3)}",
+            "KU_LOG_LEVEL": "WARNING",
+            # Rate limiting stays on (its cost is measured), with limits this load never hits.
+            "KU_GATEWAY_RATE_PER_KEY": "1000000000",
+            "KU_GATEWAY_RATE_PER_IP": "1000000000",
+        }
+        suite = Suite(
+            env, only=["auth", "ledger", "gateway"], free_ports=True, migrate=False, quiet=True
+        )
+        async with suite:
+            key = (await asyncio.to_thread(
+                subprocess.run,
+                [sys.executable, "-m", "services.cli", "keys", "create", "--app", "imagegene",
+                 "--scopes", "ledger:read,ledger:write"],
+                env=suite.env, capture_output=True, text=True, check=True,
+            )).stdout.strip()
+            ratio = await measure(suite, key)
+    print(f"ratio={ratio:.2f}")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
