@@ -34,7 +34,7 @@ import importlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Annotated, Any
 
 import asyncpg
 import orjson
@@ -63,7 +63,7 @@ class WorkerConfig(KuSettings):
     worker_max_jobs: int = 10
     worker_db_pool_size: int = 4
     # How often the expiry sweeps run (a divisor of 60).
-    worker_sweep_seconds: int = Field(10, ge=1, le=60)
+    worker_sweep_seconds: Annotated[int, Field(ge=1, le=60)] = 10
 
 
 def queue_name(bus_prefix: str) -> str:
@@ -128,6 +128,8 @@ def collect(config: WorkerConfig, services: list[str] | None = None) -> Registry
     registry = Registry()
     for service in services or SERVICE_ORDER:
         module = _tasks_module(service)
+        if module is None:
+            continue
         cron_jobs = getattr(module, "CRON_JOBS", None)
         if cron_jobs is None:
             builtin = BUILTIN_CRON_JOBS.get(service)

@@ -111,7 +111,7 @@ def _settings_from(env: Mapping[str, str]) -> KuSettings:
         for key, value in env.items()
         if key.startswith("KU_") and key[3:].lower() in KuSettings.model_fields
     }
-    return _ChildSettings(**values)
+    return _ChildSettings(**values)  # type: ignore[arg-type]
 
 
 def _uvicorn(target: str, host: str, port: int) -> list[str]:
@@ -227,6 +227,7 @@ class Suite:
         return list(self._children[name].tail)
 
     def start(self) -> None:
+        self._check_names()
         self.env = self._prepare_env()
         if self.migrate:
             _upgrade(self.env["KU_DATABASE_URL"])
@@ -331,15 +332,18 @@ class Suite:
             )
         return env
 
-    def _plan(self) -> list[ProcessSpec]:
+    def _check_names(self) -> None:
         available = available_processes()
-        names = self.only or available
-        unknown = [n for n in names if n not in available]
+        unknown = [n for n in self.only or () if n not in available]
         if unknown:
             raise SuiteError(
                 f"unknown or missing process(es): {', '.join(unknown)} "
                 f"(available here: {', '.join(available)})"
             )
+
+    def _plan(self) -> list[ProcessSpec]:
+        available = available_processes()
+        names = self.only or available
         settings = _settings_from(self.env)
         host = settings.host or "127.0.0.1"
         specs = []
