@@ -236,6 +236,12 @@ class Suite:
         for spec in self.specs:
             self.env[f"KU_{spec.name.upper()}_PORT"] = str(spec.port)
             self.env[f"KU_{spec.name.upper()}_URL"] = spec.url
+        if self.free_ports:
+            # An isolated suite must never reach a service someone else runs on the
+            # default ports: services it does not run get an address nobody listens on.
+            for name in SERVICE_ORDER:
+                if name not in self.urls and not self.base_env.get(f"KU_{name.upper()}_URL"):
+                    self.env[f"KU_{name.upper()}_URL"] = f"http://127.0.0.1:{free_port()}"
         # The gateway may read the services (e.g. their OpenAPI) when it starts.
         first = [s for s in self.specs if s.name != GATEWAY]
         later = [s for s in self.specs if s.name == GATEWAY]

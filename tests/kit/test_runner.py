@@ -55,6 +55,10 @@ class TestSuite:
         assert suite.env["KU_DATABASE_URL"] == os.environ["KU_DATABASE_URL"]
         assert suite.env["KU_INTERNAL_SECRET"] == os.environ["KU_INTERNAL_SECRET"]
         assert suite.env["KU_LEDGER_URL"] == suite.urls["ledger"]
+        # Services outside the suite point nowhere, never at the default ports.
+        assert suite.env["KU_AUTH_URL"] != "http://127.0.0.1:8001"
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(suite.env["KU_AUTH_URL"] + "/health", timeout=2)
         assert not suite.generated_secret
         # A signed principal from this process is accepted by the child: same secret.
         r = httpx.get(
