@@ -120,7 +120,7 @@ async def create_grant(
         "description": body.description,
         "app": principal.app,
     }
-    natural = f"grant:{body.source}:{body.reference}" if body.reference else None
+    natural = f"grant:{body.user_id}:{body.source}:{body.reference}" if body.reference else None
     outcome = await ledger.execute(op, principal, key=idempotency_key(request, natural))
     return _respond(response, outcome)
 
@@ -153,7 +153,7 @@ async def create_debit(
         "description": body.description,
         "reference": body.reference,
     }
-    natural = f"debit:{app}:{body.reference}" if body.reference else None
+    natural = f"debit:{app}:{body.user_id}:{body.reference}" if body.reference else None
     outcome = await ledger.execute(op, principal, key=idempotency_key(request, natural))
     return _respond(response, outcome)
 
@@ -184,7 +184,7 @@ async def create_hold(
         "reference": body.reference,
         "description": body.description,
     }
-    natural = f"hold:{app}:{body.reference}" if body.reference else None
+    natural = f"hold:{app}:{body.user_id}:{body.reference}" if body.reference else None
     outcome = await ledger.execute(op, principal, key=idempotency_key(request, natural))
     return _respond(response, outcome)
 

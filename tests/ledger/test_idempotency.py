@@ -77,3 +77,15 @@ class TestIdempotencyKey:
         retry = await ledger.post("/v1/ledger/debits", json=payload, headers=headers)
         assert retry.status_code == 201
         assert (await balance(ledger, user))["available"] == 6
+
+    async def test_same_reference_for_two_users_is_two_charges(self, ledger, funded_user):
+        alice, bob = await funded_user(10), await funded_user(10)
+        for user in (alice, bob):
+            r = await ledger.post(
+                "/v1/ledger/debits",
+                json={"user_id": user, "amount": 1, "reference": "shared-ref"},
+                headers=penora(),
+            )
+            assert r.status_code == 201, r.text
+        assert (await balance(ledger, alice))["available"] == 9
+        assert (await balance(ledger, bob))["available"] == 9
