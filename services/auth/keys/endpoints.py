@@ -1,3 +1,17 @@
+"""Admin API for apps and keys, and the gateway's key check.
+
+`POST /internal/keys/verify` (service principals only, i.e. the gateway signing
+`service_principal("gateway")`):
+    request  {"key": "ku_<prefix>_<secret>"}
+    200      {"app": "imagegene", "scopes": ["ledger:read", ...], "prefix": "k3v9x0qa",
+              "expires_at": "2027-01-01T00:00:00Z" | null}
+    401      {"error": {"code": "invalid_api_key", "message": "Invalid API key"}}
+             (unknown, malformed, wrong secret, revoked or expired: one answer)
+    403      {"error": {"code": "service_only", ...}} for any other principal
+A gateway may cache a 200 until min(its TTL, expires_at), and drops the prefix on a
+`key.revoked` event from the auth stream.
+"""
+
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
@@ -6,6 +20,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Path, Request
 
 from services.auth.keys.schemas import (
+    DEFAULT_OVERLAP_SECONDS,
     App,
     AppCreate,
     Key,
@@ -113,7 +128,8 @@ async def rotate_key(
 ) -> KeyRotated:
     """Issue a replacement key (shown once); the old one works for `overlap_seconds` more."""
     _admin(principal)
-    new, key, old = await keys.rotate(session, prefix, (body or KeyRotate()).overlap_seconds)
+    overlap = body.overlap_seconds if body else DEFAULT_OVERLAP_SECONDS
+    new, key, old = await keys.rotate(session, prefix, overlap)
     return KeyRotated(**_created(new, key).model_dump(), previous=Key.model_validate(old))
 
 

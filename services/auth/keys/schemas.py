@@ -8,6 +8,8 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from services.kit.principal import SCOPES
 from services.kit.schemas import AppName
 
+DEFAULT_OVERLAP_SECONDS = 3600
+
 Scope = Literal[SCOPES]  # type: ignore[valid-type]
 KeyName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
 
@@ -76,7 +78,10 @@ class KeyRotate(BaseModel):
         extra="forbid", json_schema_extra={"examples": [{"overlap_seconds": 86400}]}
     )
     overlap_seconds: int = Field(
-        3600, ge=0, le=30 * 86_400, description="How long the old key keeps working (0: stop now)"
+        DEFAULT_OVERLAP_SECONDS,
+        ge=0,
+        le=30 * 86_400,
+        description="How long the old key keeps working (0: stop now)",
     )
 
 
