@@ -1,4 +1,4 @@
-"""The real processes (auth, ledger, gateway) started by `ku up`'s `Suite` on free ports,
+"""The real processes (auth, ledger, workspace, gateway) started by `ku up`'s `Suite` on free ports,
 against this test run's database and Redis prefix. Everything goes through the gateway;
 setup uses the `ku` command line, as an operator would."""
 
@@ -31,7 +31,10 @@ class E2E:
         """Run the `ku` CLI with the suite's environment; its stdout."""
         done = subprocess.run(
             [sys.executable, "-m", "services.cli", *args],
-            env=self.suite.env, capture_output=True, text=True, timeout=60,
+            env=self.suite.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         assert done.returncode == 0, done.stderr
         return done.stdout.strip()
@@ -53,7 +56,11 @@ def e2e(ku_database_url: str) -> Iterator[E2E]:
         "KU_LOG_LEVEL": "WARNING",
     }
     with Suite(
-        env, only=["auth", "ledger", "gateway"], free_ports=True, migrate=False, quiet=True,
+        env,
+        only=["auth", "ledger", "workspace", "gateway"],
+        free_ports=True,
+        migrate=False,
+        quiet=True,
         ready_timeout=45,
     ) as suite:
         yield E2E(suite, signing)
