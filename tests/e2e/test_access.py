@@ -23,7 +23,8 @@ async def make_user(e2e: E2E, key: str) -> str:
     user_id = new_user_id()
     async with httpx.AsyncClient(base_url=e2e.gateway, timeout=10) as gw:
         r = await gw.post(
-            "/api/unified/create-user", headers={"X-API-Key": key},
+            "/api/unified/create-user",
+            headers={"X-API-Key": key},
             json={"user_id": user_id, "username": "U", "email": f"{user_id}@example.com"},
         )
         assert r.status_code == 201, r.text
@@ -36,8 +37,9 @@ def key(e2e: E2E) -> str:
 
 
 async def credits(gw: httpx.AsyncClient, key: str, user_id: str) -> float:
-    r = await gw.get("/api/unified/user-info", params={"user_id": user_id},
-                     headers={"X-API-Key": key})
+    r = await gw.get(
+        "/api/unified/user-info", params={"user_id": user_id}, headers={"X-API-Key": key}
+    )
     assert r.status_code == 200, r.text
     return r.json()["credits"]
 
@@ -46,8 +48,14 @@ class TestNegativeAuth:
     async def test_bad_credentials_change_nothing(self, e2e: E2E, key: str):
         user_id = await make_user(e2e, key)
         now = int(time.time())
-        claims = {"sub": user_id, "iss": "ku-auth", "aud": "ku", "iat": now, "exp": now + 600,
-                  "scope": "ledger:read ledger:write"}
+        claims = {
+            "sub": user_id,
+            "iss": "ku-auth",
+            "aud": "ku",
+            "iat": now,
+            "exp": now + 600,
+            "scope": "ledger:read ledger:write",
+        }
         alg_none = (
             _b64(b'{"alg":"none","typ":"JWT"}') + b"." + _b64(orjson.dumps(claims)) + b"."
         ).decode()
@@ -62,20 +70,24 @@ class TestNegativeAuth:
             "spoofed principal": {"x-ku-principal": forged},
             "alg none": {"Authorization": f"Bearer {alg_none}"},
             "hs256 with rs public key": {"Authorization": f"Bearer {confused}"},
-            "expired": {"Authorization": "Bearer " + e2e.signing.token(
-                user_id, exp=now - 120, iat=now - 900)},
+            "expired": {
+                "Authorization": "Bearer "
+                + e2e.signing.token(user_id, exp=now - 120, iat=now - 900)
+            },
             "wrong aud": {"Authorization": "Bearer " + e2e.signing.token(user_id, aud="x")},
             "wrong iss": {"Authorization": "Bearer " + e2e.signing.token(user_id, iss="x")},
         }
         async with httpx.AsyncClient(base_url=e2e.gateway, timeout=10) as gw:
             for name, headers in attempts.items():
                 r = await gw.post(
-                    "/v1/ledger/debits", headers=headers,
+                    "/v1/ledger/debits",
+                    headers=headers,
                     json={"user_id": user_id, "amount": 1, "reference": name},
                 )
                 assert r.status_code in (401, 403), (name, r.status_code, r.text)
                 r = await gw.post(
-                    "/api/unified/deduct-credits", headers=headers,
+                    "/api/unified/deduct-credits",
+                    headers=headers,
                     json={"user_id": user_id, "amount": 1, "project_code": name},
                 )
                 assert r.status_code in (401, 403), (name, r.text)
@@ -102,9 +114,7 @@ class TestNegativeAuth:
             await asyncio.to_thread(e2e.ku, "keys", "revoke", prefix)
             start = time.monotonic()
             while time.monotonic() - start < 6:
-                r = await gw.get(
-                    "/v1/ledger/balance", params=params, headers={"X-API-Key": doomed}
-                )
+                r = await gw.get("/v1/ledger/balance", params=params, headers={"X-API-Key": doomed})
                 if r.status_code == 401:
                     break
                 await asyncio.sleep(0.1)
@@ -117,9 +127,17 @@ class TestSharedRateLimit:
         burst = e2e.new_key("burst", "ledger:read")  # KU_GATEWAY_RATE_APPS: 5 per window
         port = free_port()
         second = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "uvicorn", "gateway.app:create_app", "--factory",
-            "--host", "127.0.0.1", "--port", str(port),
-            env=e2e.suite.env, stdout=asyncio.subprocess.DEVNULL,
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "gateway.app:create_app",
+            "--factory",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            env=e2e.suite.env,
+            stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.DEVNULL,
         )
         try:
@@ -136,8 +154,9 @@ class TestSharedRateLimit:
                 params = {"user_id": new_user_id()}
                 codes = []
                 for base in (e2e.gateway, other) * 4:
-                    r = await client.get(base + "/v1/ledger/balance", params=params,
-                                         headers=headers)
+                    r = await client.get(
+                        base + "/v1/ledger/balance", params=params, headers=headers
+                    )
                     codes.append(r.status_code)
                     if r.status_code == 429:
                         assert int(r.headers["retry-after"]) >= 1

@@ -21,10 +21,15 @@ class TestSeedFlow:
         user_id = new_user_id()
         headers = {"X-API-Key": imagegene_key}
         async with httpx.AsyncClient(base_url=e2e.gateway, headers=headers, timeout=10) as gw:
-            r = await gw.post("/api/unified/create-user", json={
-                "user_id": user_id, "username": "Test User", "email": "test@example.com",
-                "initial_credits": 1000,  # a client never chooses its balance
-            })
+            r = await gw.post(
+                "/api/unified/create-user",
+                json={
+                    "user_id": user_id,
+                    "username": "Test User",
+                    "email": "test@example.com",
+                    "initial_credits": 1000,  # a client never chooses its balance
+                },
+            )
             assert r.status_code == 201, r.text
             assert r.json()["success"] is True and r.json()["credits"] == 50
 
@@ -32,9 +37,13 @@ class TestSeedFlow:
             assert r.status_code == 200, r.text
             assert r.json()["credits"] == 50 and r.json()["user_id"] == user_id
 
-            deduct = {"user_id": user_id, "amount": 5, "app_name": "imagegene",
-                      "description": "AI image generation - 1024x1024 artwork",
-                      "project_code": "img_xyz123"}
+            deduct = {
+                "user_id": user_id,
+                "amount": 5,
+                "app_name": "imagegene",
+                "description": "AI image generation - 1024x1024 artwork",
+                "project_code": "img_xyz123",
+            }
             r = await gw.post("/api/unified/deduct-credits", json=deduct)
             assert r.status_code == 200, r.text
             body = r.json()
@@ -59,8 +68,10 @@ class TestSeedFlow:
             assert tx["total_count"] == 2  # the welcome grant and the deduction
 
             # A repeated create-user changes nothing.
-            r = await gw.post("/api/unified/create-user", json={
-                "user_id": user_id, "username": "Test User", "email": "test@example.com"})
+            r = await gw.post(
+                "/api/unified/create-user",
+                json={"user_id": user_id, "username": "Test User", "email": "test@example.com"},
+            )
             assert r.status_code == 200 and r.json()["credits"] == 45
 
     async def test_seed_error_bodies(self, e2e: E2E, imagegene_key: str):
@@ -69,19 +80,23 @@ class TestSeedFlow:
         async with httpx.AsyncClient(base_url=e2e.gateway, headers=headers, timeout=10) as gw:
             r = await gw.get("/api/unified/user-info", params={"user_id": user_id})
             assert r.status_code == 404
-            assert r.json() == {"success": False, "error": "User not found",
-                                "code": "unknown_user"}
-            await gw.post("/api/unified/create-user", json={
-                "user_id": user_id, "username": "U", "email": "u@example.com"})
-            r = await gw.post("/api/unified/deduct-credits", json={
-                "user_id": user_id, "amount": 51, "project_code": "too-much"})
+            assert r.json() == {"success": False, "error": "User not found", "code": "unknown_user"}
+            await gw.post(
+                "/api/unified/create-user",
+                json={"user_id": user_id, "username": "U", "email": "u@example.com"},
+            )
+            r = await gw.post(
+                "/api/unified/deduct-credits",
+                json={"user_id": user_id, "amount": 51, "project_code": "too-much"},
+            )
             assert r.status_code == 402
             assert r.json()["error"] == "Insufficient credits"
             assert r.json()["details"] == "User has 50 credits but needs 51"
             r = await gw.post("/api/unified/deduct-credits", json={"amount": 1})
             assert r.status_code == 422 and r.json()["error"] == "User ID required"
-            r = await gw.post("/api/unified/deduct-credits", json={
-                "user_id": user_id, "amount": -3})
+            r = await gw.post(
+                "/api/unified/deduct-credits", json={"user_id": user_id, "amount": -3}
+            )
             assert r.status_code == 422 and r.json()["success"] is False
             r = await gw.get("/api/unified/health")
             assert r.json()["success"] is True
