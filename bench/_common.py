@@ -69,6 +69,8 @@ def start_service(module: str, port: int, env: dict[str, str]) -> subprocess.Pop
             "httptools",
             "--log-level",
             "warning",
+            "--workers",
+            os.environ.get("KU_BENCH_WORKERS", "1"),
         ],
         env={**os.environ, **env},
     )

@@ -80,10 +80,11 @@ def create_service_app(
     )
     app.state.service_name = name
     install_error_handlers(app)
-    app.include_router(health.router)
-    app.include_router(metrics.router)
+    # The service's own routes first: routing tries routes in order, and these are hot.
     for router in routers:
         app.include_router(router)
+    app.include_router(health.router)
+    app.include_router(metrics.router)
     app.add_middleware(RequestContextMiddleware, service=name)
     return app
 
