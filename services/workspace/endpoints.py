@@ -47,7 +47,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def get_workspace(session: Session) -> Workspace:
+async def get_workspace(session: Session) -> Workspace:
     return Workspace(session, get_settings())
 
 

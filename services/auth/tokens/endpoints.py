@@ -22,7 +22,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def get_tokens(request: Request) -> TokenService:
+async def get_tokens(request: Request) -> TokenService:
     return request.app.state.tokens
 
 
