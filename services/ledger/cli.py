@@ -22,10 +22,15 @@ def register(subparsers: Any, ensure_urls: Callable[[], None]) -> None:
     )
 
     def cmd_reconcile(args: argparse.Namespace) -> int:
+        from services.kit.errors import KuError
         from services.ledger.billing.tasks import reconcile as run
 
         ensure_urls()
-        counts = asyncio.run(run(lookback_hours=args.hours))
+        try:
+            counts = asyncio.run(run(lookback_hours=args.hours))
+        except KuError as exc:
+            print(f"billing reconcile: {exc.code}: {exc.message}", file=sys.stderr)
+            return 1
         print(json.dumps(counts, sort_keys=True))
         if counts.get("errors"):
             print(f"billing reconcile: {counts['errors']} payment(s) failed", file=sys.stderr)

@@ -112,11 +112,13 @@ class RazorpayAPI:
     async def payments_between(self, start: int, end: int) -> list[dict[str, Any]]:
         """Every payment created in [start, end] (unix seconds), all pages."""
         items: list[dict[str, Any]] = []
+
+        def page_from(skip: int) -> Callable[[razorpay.Client], Any]:
+            query = {"from": start, "to": end, "count": PAGE, "skip": skip}
+            return lambda c: c.payment.all(query, timeout=self.timeout)
+
         while True:
-            query = {"from": start, "to": end, "count": PAGE, "skip": len(items)}
-            page = await self._call(
-                "list payments", lambda c, q=query: c.payment.all(q, timeout=self.timeout)
-            )
+            page = await self._call("list payments", page_from(len(items)))
             batch = list(page.get("items") or [])
             items.extend(batch)
             if len(batch) < PAGE:
