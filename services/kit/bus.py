@@ -19,6 +19,7 @@ from redis.exceptions import ResponseError
 from sqlalchemy import Column, DateTime, MetaData, Table, Text, func, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from services.kit.background import BackgroundLoop
 from services.kit.metrics import EVENTS_HANDLED
 from services.kit.outbox import decode_event
 
@@ -53,7 +54,7 @@ async def handled_once(session: AsyncSession, table: Table, consumer: str, event
     return result.first() is not None
 
 
-class Consumer:
+class Consumer(BackgroundLoop):
     def __init__(
         self,
         redis: Redis,
@@ -76,7 +77,8 @@ class Consumer:
         self.block_ms = block_ms
         self.reclaim_idle_ms = reclaim_idle_ms
         self.batch = batch
-        self._task: asyncio.Task[None] | None = None
+        super().__init__()
+        self.task_name = f"consumer-{group}"
 
     async def ensure_groups(self) -> None:
         for stream in self.streams:
@@ -129,7 +131,7 @@ class Consumer:
 
     async def run(self) -> None:
         loops = 0
-        while True:
+        while not self.stopping:
             try:
                 if loops == 0:
                     await self.ensure_groups()
@@ -143,14 +145,3 @@ class Consumer:
                 log.warning("consumer %s failed: %s", self.group, exc)
                 loops = 0
                 await asyncio.sleep(1)
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self.run(), name=f"consumer-{self.group}")
-
-    async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):
-                pass

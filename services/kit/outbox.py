@@ -27,6 +27,7 @@ from sqlalchemy import Column, DateTime, MetaData, Table, Text, func, insert
 from sqlalchemy.dialects.postgresql import JSONB, UUID
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from services.kit.background import BackgroundLoop
 from services.kit.metrics import EVENTS_PUBLISHED
 
 log = logging.getLogger("ku.outbox")
@@ -54,7 +55,7 @@ def stream_name(prefix: str, service: str) -> str:
     return f"{prefix}.events.{service}"
 
 
-class OutboxRelay:
+class OutboxRelay(BackgroundLoop):
     """Moves committed outbox rows to `<prefix>.events.<service>`.
 
     Safe with several relays running: rows are claimed with SKIP LOCKED.
@@ -80,7 +81,8 @@ class OutboxRelay:
         self.busy_interval = busy_interval
         self.batch = batch
         self.maxlen = maxlen
-        self._task: asyncio.Task[None] | None = None
+        super().__init__()
+        self.task_name = f"outbox-relay-{schema}"
 
     async def relay_once(self, conn: asyncpg.Connection) -> int:
         """Publish one batch; returns how many rows were relayed."""
@@ -116,34 +118,27 @@ class OutboxRelay:
     async def run(self) -> None:
         conn: asyncpg.Connection | None = None
         delay = self.busy_interval
-        while True:
-            try:
-                if conn is None or conn.is_closed():
-                    conn = await asyncpg.connect(self.dsn)
-                moved = await self.relay_once(conn)
-                while moved == self.batch:
+        try:
+            while not self.stopping:
+                try:
+                    if conn is None or conn.is_closed():
+                        conn = await asyncpg.connect(self.dsn)
                     moved = await self.relay_once(conn)
-                delay = self.busy_interval if moved else min(self.interval, delay * 2)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # Redis or Postgres down: keep the rows, retry later.
-                log.warning("outbox relay failed: %s", exc)
-                if conn is not None and not conn.is_closed():
-                    await conn.close()
-                conn = None
-                delay = self.interval
-            await asyncio.sleep(delay)
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self.run(), name=f"outbox-relay-{self.schema}")
-
-    async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):
-                pass
+                    while moved == self.batch:
+                        moved = await self.relay_once(conn)
+                    delay = self.busy_interval if moved else min(self.interval, delay * 2)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # Redis or Postgres down: keep the rows, retry later.
+                    log.warning("outbox relay failed: %s", exc)
+                    if conn is not None and not conn.is_closed():
+                        conn.terminate()
+                    conn = None
+                    delay = self.interval
+                await asyncio.sleep(delay)
+        finally:
+            if conn is not None and not conn.is_closed():
+                conn.terminate()
 
 
 def decode_event(fields: dict[bytes | str, bytes | str]) -> dict[str, Any]:
