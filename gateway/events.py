@@ -24,6 +24,7 @@ from redis.asyncio import Redis
 from starlette.responses import StreamingResponse
 
 from gateway.upstream import SignedPrincipal
+from services.kit.background import BackgroundLoop
 from services.kit.errors import BadRequest
 from services.kit.money import milli_to_ku
 from services.kit.outbox import decode_event, stream_name
@@ -54,26 +55,17 @@ def render_credits(payload: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-class EventHub:
+class EventHub(BackgroundLoop):
+    task_name = "gateway-events"
+
     def __init__(self, redis: Redis, prefix: str, on_key_revoked: Callable[[str], Any]) -> None:
+        super().__init__()
         self.redis = redis
         self.ledger_stream = stream_name(prefix, "ledger")
         self.auth_stream = stream_name(prefix, "auth")
         self.on_key_revoked = on_key_revoked
         self._subscribers: dict[str, set[asyncio.Queue[tuple[str, dict[str, Any]]]]] = {}
-        self._task: asyncio.Task[None] | None = None
         self.ready = asyncio.Event()
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="gateway-events")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):
-                pass
 
     async def _last_ids(self) -> dict[str, str]:
         ids = {}
@@ -82,9 +74,9 @@ class EventHub:
             ids[stream] = _id(last[0][0]) if last else "0-0"
         return ids
 
-    async def _run(self) -> None:
+    async def run(self) -> None:
         cursor: dict[str, str] | None = None
-        while True:
+        while not self.stopping:
             try:
                 if cursor is None:
                     cursor = await self._last_ids()
@@ -144,9 +136,10 @@ class EventHub:
             for entry_id, fields in entries:
                 scanned += 1
                 event = decode_event(fields)
-                if event["topic"] == "credits.changed" and str(
-                    event["payload"].get("user_id")
-                ) == user_id:
+                if (
+                    event["topic"] == "credits.changed"
+                    and str(event["payload"].get("user_id")) == user_id
+                ):
                     out.append((_id(entry_id), event["payload"]))
             start = "(" + _id(entries[-1][0])
         return out
@@ -157,7 +150,9 @@ class EventHub:
 
 def sse(entry_id: str, topic: str, data: dict[str, Any]) -> bytes:
     return b"id: %s\nevent: %s\ndata: %s\n\n" % (
-        entry_id.encode(), topic.encode(), orjson.dumps(data)
+        entry_id.encode(),
+        topic.encode(),
+        orjson.dumps(data),
     )
 
 
@@ -191,8 +186,12 @@ def build_router(authenticated: Callable[..., Any]) -> APIRouter:
     @router.get(
         "/v1/events",
         response_class=StreamingResponse,
-        responses={200: {"content": {"text/event-stream": {}},
-                         "description": "`credits.changed` events; ids resume the stream"}},
+        responses={
+            200: {
+                "content": {"text/event-stream": {}},
+                "description": "`credits.changed` events; ids resume the stream",
+            }
+        },
     )
     async def events(
         request: Request,
