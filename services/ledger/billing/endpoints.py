@@ -46,7 +46,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def get_billing(request: Request, session: Session) -> Billing:
+async def get_billing(request: Request, session: Session) -> Billing:
     return Billing(session, request.app.state.ledger, get_settings())
 
 
