@@ -138,8 +138,10 @@ async def measure(suite: Suite, key: str) -> float:
     for op, expect in (("read", 200), ("debit", 201)):
         for clients in (1, CLIENTS):
             for label, url, caller in (("direct", ledger, direct), ("gateway", gateway, through)):
-                build = (lambda c=caller: c.read(users)) if op == "read" else (
-                    lambda c=caller: c.debit(users)
+                build = (
+                    (lambda c=caller: c.read(users))
+                    if op == "read"
+                    else (lambda c=caller: c.debit(users))
                 )
                 name = f"{op} {label} x{clients}"
                 rows[name] = await run_case(name, url, clients, build, expect, errors)
@@ -176,12 +178,26 @@ async def main() -> None:
             env, only=["auth", "ledger", "gateway"], free_ports=True, migrate=False, quiet=True
         )
         async with suite:
-            key = (await asyncio.to_thread(
-                subprocess.run,
-                [sys.executable, "-m", "services.cli", "keys", "create", "--app", "imagegene",
-                 "--scopes", "ledger:read,ledger:write"],
-                env=suite.env, capture_output=True, text=True, check=True,
-            )).stdout.strip()
+            key = (
+                await asyncio.to_thread(
+                    subprocess.run,
+                    [
+                        sys.executable,
+                        "-m",
+                        "services.cli",
+                        "keys",
+                        "create",
+                        "--app",
+                        "imagegene",
+                        "--scopes",
+                        "ledger:read,ledger:write",
+                    ],
+                    env=suite.env,
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                )
+            ).stdout.strip()
             ratio = await measure(suite, key)
     print(f"ratio={ratio:.2f}")
 

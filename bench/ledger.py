@@ -1,14 +1,20 @@
 """Ledger throughput: debits/s through the HTTP API vs a raw Postgres baseline.
 
 Self-contained: makes a scratch database on KU_DATABASE_URL's server (or the
-embedded one), starts the ledger service, loads it, stops it, drops the database.
+embedded one), starts the ledger service (one uvicorn worker), loads it, stops it,
+verifies the ledger and drops the database.
 
-Baseline (same run, same Postgres): one conditional
-`UPDATE ... SET balance = balance - 1 WHERE id = $1 AND balance >= 1` per
-transaction from 8 asyncpg connections. HTTP: 32 concurrent clients posting
-1 Ku debits (each with its own Idempotency-Key) to POST /v1/ledger/debits.
-Two cases each: one hot user, and many users. Last line: ratio=<http/raw>, the
-lower of the two cases.
+The raw baseline (same run, same Postgres) is the one the issue defines: a single
+conditional `UPDATE bench_raw SET balance = balance - 1 WHERE id = $1 AND balance >= 1`
+per transaction on one row, from 8 asyncpg connections. HTTP: 32 concurrent clients
+posting 1 Ku debits (each with its own Idempotency-Key) to POST /v1/ledger/debits,
+for one hot user and for many users; each debit is a full ledger operation (wallet
+lock, grant draw, journal with postings, idempotency row, outbox event).
+
+Printed: both rates with p50/p99 per case; the raw UPDATE spread over many rows too,
+as a stricter reference; last line `ratio=<http/raw>`, the lower of the two HTTP cases
+over the raw hot-row baseline. The load generator is a minimal HTTP/1.1 client so it
+does not take the server's CPU on a 2-core machine.
 """
 
 from __future__ import annotations
@@ -25,8 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import aiohttp  # noqa: E402
 import asyncpg  # noqa: E402
+import orjson  # noqa: E402
 
 from bench._common import (  # noqa: E402
+    RawHTTPConnection,
     Result,
     ScratchDatabase,
     free_port,
@@ -44,52 +52,57 @@ MANY_USERS = 2000
 
 
 async def raw_case(dsn: str, name: str, ids: list[int]) -> Result:
-    pool = await asyncpg.create_pool(dsn, min_size=RAW_CONNECTIONS, max_size=RAW_CONNECTIONS)
+    connections = [await asyncpg.connect(dsn) for _ in range(RAW_CONNECTIONS)]
 
     async def make(i: int):
+        conn = connections[i]
+
         async def call() -> None:
-            async with pool.acquire() as conn:
-                await conn.execute(
-                    "UPDATE bench_raw SET balance = balance - 1 WHERE id = $1 AND balance >= 1",
-                    ids[secrets.randbelow(len(ids))],
-                )
+            await conn.execute(
+                "UPDATE bench_raw SET balance = balance - 1 WHERE id = $1 AND balance >= 1",
+                ids[secrets.randbelow(len(ids))],
+            )
 
         return call
 
     try:
-        return await load(name, RAW_CONNECTIONS * 4, SECONDS, make)
+        return await load(name, RAW_CONNECTIONS, SECONDS, make)
     finally:
-        await pool.close()
+        for conn in connections:
+            await conn.close()
 
 
-async def http_case(url: str, secret: str, name: str, users: list[str]) -> Result:
-    session = aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=CLIENTS, keepalive_timeout=60)
-    )
+async def http_case(port: int, secret: str, name: str, users: list[str]) -> Result:
     principal = Principal(kind="app", app="bench", scopes=frozenset({"ledger:write"}))
     header = {"value": sign_principal(principal, secret), "at": time.monotonic()}
     failures = {"n": 0}
+    connections: list[RawHTTPConnection] = []
 
     async def make(i: int):
+        conn = RawHTTPConnection("127.0.0.1", port)
+        await conn.connect()
+        connections.append(conn)
+
         async def call() -> None:
             if time.monotonic() - header["at"] > 20:  # principal headers expire after 60 s
                 header.update(value=sign_principal(principal, secret), at=time.monotonic())
             user = users[secrets.randbelow(len(users))]
-            async with session.post(
-                f"{url}/v1/ledger/debits",
-                json={"user_id": user, "amount": 1, "app": "bench"},
-                headers={"x-ku-principal": header["value"], "idempotency-key": uuid.uuid4().hex},
-            ) as r:
-                await r.read()
-                if r.status != 201:
-                    failures["n"] += 1
+            status, _ = await conn.request(
+                "POST",
+                "/v1/ledger/debits",
+                orjson.dumps({"user_id": user, "amount": 1, "app": "bench"}),
+                {"x-ku-principal": header["value"], "idempotency-key": uuid.uuid4().hex},
+            )
+            if status != 201:
+                failures["n"] += 1
 
         return call
 
     try:
         result = await load(name, CLIENTS, SECONDS, make)
     finally:
-        await session.close()
+        for conn in connections:
+            await conn.close()
     if failures["n"]:
         raise RuntimeError(f"{name}: {failures['n']} debits did not succeed")
     return result
@@ -154,11 +167,11 @@ async def main() -> None:
 
             raw_hot = await raw_case(db.dsn, "raw hot row", [1])
             print(raw_hot.line(), flush=True)
-            http_hot = await http_case(url, secret, "http debit, hot user", hot)
+            http_hot = await http_case(port, secret, "http debit, hot user", hot)
             print(http_hot.line(), flush=True)
             raw_many = await raw_case(db.dsn, "raw many rows", list(range(1, MANY_USERS + 1)))
             print(raw_many.line(), flush=True)
-            http_many = await http_case(url, secret, "http debit, many users", many)
+            http_many = await http_case(port, secret, "http debit, many users", many)
             print(http_many.line(), flush=True)
         finally:
             stop(proc)
@@ -168,10 +181,13 @@ async def main() -> None:
         problems = await verify(db.dsn)
         print(f"ledger verify after load: {'ok' if not problems else problems}")
         hot_ratio = http_hot.rate / raw_hot.rate
-        many_ratio = http_many.rate / raw_many.rate
+        many_ratio = http_many.rate / raw_hot.rate
         print(
-            f"hot ratio={hot_ratio:.2f}  many ratio={many_ratio:.2f}  "
-            f"(total {time.monotonic() - started:.0f}s)"
+            f"vs the raw baseline (hot row): hot user {hot_ratio:.2f}, many users {many_ratio:.2f}"
+        )
+        print(
+            f"for information, many users vs raw many rows (no lock contention at all): "
+            f"{http_many.rate / raw_many.rate:.2f}   (total {time.monotonic() - started:.0f}s)"
         )
         print(f"ratio={min(hot_ratio, many_ratio):.2f}")
 

@@ -3,6 +3,7 @@ health, metrics, database engine, Redis and the outbox relay, in one place."""
 
 from __future__ import annotations
 
+import gc
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
@@ -61,6 +62,10 @@ def create_service_app(
         app.state.outbox_relay = relay
         try:
             async with _run_hooks(app, hooks):
+                # Everything built at startup lives as long as the process: move it out
+                # of the collector's reach so full collections stay short (p99 latency).
+                gc.collect()
+                gc.freeze()
                 yield
         finally:
             if relay is not None:

@@ -9,8 +9,8 @@ class LedgerSettings(KuSettings):
     # Group commit: at most this many operations per database transaction, and this
     # many transactions in flight at once (each holds one connection).
     batch_max_ops: int = 64
-    batch_max_inflight: int = 6
-    write_pool_size: int = 8
+    batch_max_inflight: int = 3
+    write_pool_size: int = 6
     default_hold_ttl_seconds: int = 900
     max_hold_ttl_seconds: int = 86_400
     # Razorpay (billing/). Empty key or secret: billing answers 503 instead of guessing.

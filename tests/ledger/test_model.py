@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -299,7 +300,7 @@ def test_ledger_matches_model(harness):
     LedgerMachine.harness = harness
     run = LedgerMachine.TestCase
     run.settings = settings(
-        max_examples=30,
+        max_examples=int(os.environ.get("KU_MODEL_EXAMPLES", "30")),
         stateful_step_count=25,
         deadline=None,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],

@@ -44,11 +44,13 @@ BEGIN
   RETURN v_tx;
 END $$;
 
+-- Emit credits.changed for the user; `p_available` when the caller already knows it.
 CREATE OR REPLACE FUNCTION ledger._changed(p_user text, p_delta bigint, p_reason text,
-                                           p_app text, p_tx bigint)
+                                           p_app text, p_tx bigint,
+                                           p_available bigint DEFAULT NULL)
 RETURNS jsonb LANGUAGE plpgsql AS $$
 DECLARE
-  v_available bigint := ledger._available(p_user);
+  v_available bigint := COALESCE(p_available, ledger._available(p_user));
   v_held bigint;
 BEGIN
   SELECT held_milli INTO v_held FROM ledger.wallets WHERE user_id = p_user;
@@ -211,7 +213,7 @@ BEGIN
                           op->>'description', op->>'reference', NULL, NULL,
                           ARRAY['wallet', 'spend'], ARRAY[p_user, v_app],
                           ARRAY[-v_amount, v_amount]);
-  v_bal := ledger._changed(p_user, -v_amount, 'debit', v_app, v_tx);
+  v_bal := ledger._changed(p_user, -v_amount, 'debit', v_app, v_tx, v_available - v_amount);
   RETURN jsonb_build_object('status', 201, 'body', jsonb_build_object(
     'transaction_id', v_tx, 'user_id', p_user, 'app', v_app, 'amount_milli', v_amount,
     'description', op->>'description', 'reference', op->>'reference',
@@ -246,7 +248,8 @@ BEGIN
      SET balance_milli = balance_milli - v_amount, held_milli = held_milli + v_amount,
          updated_at = now()
    WHERE user_id = p_user;
-  v_bal := ledger._changed(p_user, -v_amount, 'reserve', v_app, v_tx);
+  v_bal := ledger._changed(p_user, -v_amount, 'reserve', v_app, v_tx,
+                           v_available - v_amount);
   RETURN jsonb_build_object('status', 201, 'body',
     jsonb_build_object('hold', ledger._hold_json(v_hold), 'transaction_id', v_tx) || v_bal);
 END $$;
