@@ -31,13 +31,15 @@ ROUTE_SCOPES: dict[str, frozenset[str]] = {
 }
 # Reachable without credentials: the caller proves itself to the service
 # (Razorpay's signature, the SSO token, a refresh token, public keys).
-PUBLIC_PATHS = frozenset({
-    "/v1/billing/webhooks/razorpay",
-    "/v1/auth/sso",
-    "/v1/auth/refresh",
-    "/v1/auth/logout",
-    "/.well-known/jwks.json",
-})
+PUBLIC_PATHS = frozenset(
+    {
+        "/v1/billing/webhooks/razorpay",
+        "/v1/auth/sso",
+        "/v1/auth/refresh",
+        "/v1/auth/logout",
+        "/.well-known/jwks.json",
+    }
+)
 MONEY_ROUTES = frozenset({"ledger", "billing"})
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
@@ -50,9 +52,7 @@ def check_scope(principal: Principal, route: str) -> None:
     needed = ROUTE_SCOPES.get(route)
     if needed is None or principal.is_admin or principal.scopes & needed:
         return
-    raise Forbidden(
-        f"Missing scope: one of {', '.join(sorted(needed))}", code="missing_scope"
-    )
+    raise Forbidden(f"Missing scope: one of {', '.join(sorted(needed))}", code="missing_scope")
 
 
 def user_ids_in_path(path: str) -> Iterable[str]:
@@ -130,6 +130,7 @@ def client_ip(scope: dict[str, Any], headers: dict[bytes, bytes], trust_forwarde
 
 def authenticated(money: bool = False) -> Any:
     """FastAPI dependency for the gateway's own routes: the same admission as the proxy."""
+
     async def dependency(request: Request, response: Response) -> SignedPrincipal:
         gateway = request.app.state.gateway
         headers = request.headers

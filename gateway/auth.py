@@ -218,9 +218,7 @@ class Authenticator:
 
     # --- either ---------------------------------------------------------------------
 
-    async def authenticate(
-        self, api_key: str | None, authorization: str | None
-    ) -> SignedPrincipal:
+    async def authenticate(self, api_key: str | None, authorization: str | None) -> SignedPrincipal:
         if api_key:
             return await self.api_key(api_key)
         if authorization:

@@ -22,15 +22,21 @@ from services.kit.errors import KuError
 CACHE_SECONDS = 30.0
 SECURITY_SCHEMES = {
     "ApiKey": {
-        "type": "apiKey", "in": "header", "name": "X-API-Key",
+        "type": "apiKey",
+        "in": "header",
+        "name": "X-API-Key",
         "description": "An app's API key (`ku_<prefix>_<secret>`), from `ku keys create`.",
     },
     "ApiKeyQuery": {
-        "type": "apiKey", "in": "query", "name": "api_key",
+        "type": "apiKey",
+        "in": "query",
+        "name": "api_key",
         "description": "The same key as a query parameter, for old clients only (discouraged).",
     },
     "Bearer": {
-        "type": "http", "scheme": "bearer", "bearerFormat": "JWT",
+        "type": "http",
+        "scheme": "bearer",
+        "bearerFormat": "JWT",
         "description": "A Ku access token from `POST /v1/auth/sso` (RS256/ES256).",
     },
 }
@@ -49,8 +55,11 @@ Responses carry `RateLimit-*` headers; 429 carries `Retry-After`.
 
 def merge(own: dict[str, Any], services: dict[str, dict[str, Any]]) -> dict[str, Any]:
     doc = copy.deepcopy(own)
-    doc["info"] = {"title": "Ku API", "version": own.get("info", {}).get("version", "1.0.0"),
-                   "description": DESCRIPTION.strip()}
+    doc["info"] = {
+        "title": "Ku API",
+        "version": own.get("info", {}).get("version", "1.0.0"),
+        "description": DESCRIPTION.strip(),
+    }
     paths: dict[str, Any] = doc.setdefault("paths", {})
     components = doc.setdefault("components", {})
     schemas: dict[str, Any] = components.setdefault("schemas", {})

@@ -35,16 +35,38 @@ log = logging.getLogger("ku.gateway.proxy")
 
 # Never forwarded upstream: hop-by-hop headers, and the client's credentials and
 # any identity it claims (services trust only the principal the gateway signs).
-DROP_REQUEST = frozenset({
-    b"host", b"connection", b"keep-alive", b"proxy-authorization", b"proxy-connection",
-    b"te", b"trailer", b"transfer-encoding", b"upgrade", b"content-length", b"expect",
-    b"x-api-key", b"authorization", b"cookie", PRINCIPAL_HEADER.encode(),
-    b"x-forwarded-for", b"x-request-id",
-})
-DROP_RESPONSE = frozenset({
-    b"connection", b"keep-alive", b"transfer-encoding", b"server", b"date", b"x-request-id",
-    b"set-cookie",
-})
+DROP_REQUEST = frozenset(
+    {
+        b"host",
+        b"connection",
+        b"keep-alive",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"content-length",
+        b"expect",
+        b"x-api-key",
+        b"authorization",
+        b"cookie",
+        PRINCIPAL_HEADER.encode(),
+        b"x-forwarded-for",
+        b"x-request-id",
+    }
+)
+DROP_RESPONSE = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"transfer-encoding",
+        b"server",
+        b"date",
+        b"x-request-id",
+        b"set-cookie",
+    }
+)
 SMALL_RESPONSE = 256 * 1024
 
 

@@ -93,7 +93,9 @@ class RateLimiter:
             remaining = await self._take(limit, window, money)
             if remaining < 0:
                 raise RateLimited(
-                    "Rate limit exceeded", retry_after=reset, limit=limit.limit,
+                    "Rate limit exceeded",
+                    retry_after=reset,
+                    limit=limit.limit,
                     dimension=limit.dimension,
                 )
             if tightest is None or remaining < tightest.remaining:

@@ -98,8 +98,10 @@ class Upstreams:
         return self._session
 
     async def start(self) -> None:
+        # Idle upstream connections close before uvicorn's own 5 s keep-alive does: a
+        # request sent on a connection the server is closing would come back as a 502.
         connector = aiohttp.TCPConnector(
-            limit=0, keepalive_timeout=30, ttl_dns_cache=300, use_dns_cache=True
+            limit=0, keepalive_timeout=4, ttl_dns_cache=300, use_dns_cache=True
         )
         self._session = aiohttp.ClientSession(
             connector=connector,

@@ -38,11 +38,17 @@ MoneyCaller = Annotated[SignedPrincipal, Depends(authenticated(money=True))]
 class DeductCredits(BaseModel):
     model_config = ConfigDict(
         extra="ignore",
-        json_schema_extra={"examples": [{
-            "user_id": "101902121794505144784", "amount": 5, "app_name": "imagegene",
-            "description": "AI image generation - 1024x1024 artwork",
-            "project_code": "img_xyz123",
-        }]},
+        json_schema_extra={
+            "examples": [
+                {
+                    "user_id": "101902121794505144784",
+                    "amount": 5,
+                    "app_name": "imagegene",
+                    "description": "AI image generation - 1024x1024 artwork",
+                    "project_code": "img_xyz123",
+                }
+            ]
+        },
     )
     user_id: CompatUserId
     amount: PositiveKu
@@ -56,10 +62,15 @@ class DeductCredits(BaseModel):
 class CreateUser(BaseModel):
     model_config = ConfigDict(
         extra="ignore",
-        json_schema_extra={"examples": [{
-            "user_id": "101902121794505144784", "username": "Test User",
-            "email": "test@example.com",
-        }]},
+        json_schema_extra={
+            "examples": [
+                {
+                    "user_id": "101902121794505144784",
+                    "username": "Test User",
+                    "email": "test@example.com",
+                }
+            ]
+        },
     )
     user_id: CompatUserId
     username: str | None = Field(None, max_length=200)
@@ -98,8 +109,12 @@ async def _workspace_storage(
     """The workspace's figures if it answers; the old API showed zeros otherwise."""
     try:
         status, body = await upstreams.call(
-            "workspace", "GET", "/v1/workspace/storage",
-            principal=identity, params={"user_id": user_id}, timeout_seconds=2,
+            "workspace",
+            "GET",
+            "/v1/workspace/storage",
+            principal=identity,
+            params={"user_id": user_id},
+            timeout_seconds=2,
         )
     except KuError:
         return None
@@ -116,8 +131,11 @@ def register(router: APIRouter) -> None:
         upstreams = _upstreams(request)
         balance, storage = await asyncio.gather(
             upstreams.json(
-                "ledger", "GET", "/v1/ledger/balance",
-                principal=identity, params={"user_id": user_id},
+                "ledger",
+                "GET",
+                "/v1/ledger/balance",
+                principal=identity,
+                params={"user_id": user_id},
             ),
             _workspace_storage(upstreams, identity, user_id),
         )
@@ -149,15 +167,21 @@ def register(router: APIRouter) -> None:
             key = f"compat-{uuid.uuid4().hex}"
         headers = {"Idempotency-Key": key}
         debit: dict[str, Any] = {
-            "user_id": body.user_id, "amount": milli_to_ku(body.amount), "app": app
+            "user_id": body.user_id,
+            "amount": milli_to_ku(body.amount),
+            "app": app,
         }
         if body.description:
             debit["description"] = body.description
         if body.project_code:
             debit["reference"] = body.project_code
         result = await _upstreams(request).json(
-            "ledger", "POST", "/v1/ledger/debits",
-            principal=identity, json=debit, headers=headers,
+            "ledger",
+            "POST",
+            "/v1/ledger/debits",
+            principal=identity,
+            json=debit,
+            headers=headers,
         )
         return {
             "success": True,
@@ -178,8 +202,11 @@ def register(router: APIRouter) -> None:
         """The user's recent transactions, all apps and split by app."""
         identity.principal.acts_for(user_id)
         page = await _upstreams(request).json(
-            "ledger", "GET", "/v1/ledger/transactions",
-            principal=identity, params={"user_id": user_id, "limit": limit},
+            "ledger",
+            "GET",
+            "/v1/ledger/transactions",
+            principal=identity,
+            params={"user_id": user_id, "limit": limit},
         )
         items = [_transaction(t) for t in page["items"]]
         out: dict[str, Any] = {"success": True, "all_transactions": items}
@@ -199,30 +226,45 @@ def register(router: APIRouter) -> None:
         upstreams = _upstreams(request)
         user = {"user_id": body.user_id, "username": body.username, "email": body.email}
         status, answer = await upstreams.call(
-            "auth", "POST", "/v1/users",
-            principal=identity, json={k: v for k, v in user.items() if v is not None},
+            "auth",
+            "POST",
+            "/v1/users",
+            principal=identity,
+            json={k: v for k, v in user.items() if v is not None},
         )
         if status >= 400 and status != 409:  # 409: the user exists; nothing to change
             raise error_from_upstream(status, answer)
         created = status == 201  # auth knows; the ledger's answer may be a replay
         initial = body.initial_credits if principal.is_admin else None
         account = await upstreams.json(
-            "ledger", "POST", "/v1/ledger/accounts",
-            principal=identity, json={"user_id": body.user_id, "welcome": initial is None},
+            "ledger",
+            "POST",
+            "/v1/ledger/accounts",
+            principal=identity,
+            json={"user_id": body.user_id, "welcome": initial is None},
         )
         if initial is not None and account.get("created"):
             account = await upstreams.json(
-                "ledger", "POST", "/v1/ledger/grants",
+                "ledger",
+                "POST",
+                "/v1/ledger/grants",
                 principal=identity,
-                json={"user_id": body.user_id, "amount": milli_to_ku(initial), "source": "admin",
-                      "reference": f"initial:{body.user_id}",
-                      "description": "Initial credits"},
+                json={
+                    "user_id": body.user_id,
+                    "amount": milli_to_ku(initial),
+                    "source": "admin",
+                    "reference": f"initial:{body.user_id}",
+                    "description": "Initial credits",
+                },
             )
         credits = account.get("available")
         if not created:  # the account answer may be the first call's replay: read it fresh
             status, balance = await upstreams.call(
-                "ledger", "GET", "/v1/ledger/balance",
-                principal=identity, params={"user_id": body.user_id},
+                "ledger",
+                "GET",
+                "/v1/ledger/balance",
+                principal=identity,
+                params={"user_id": body.user_id},
             )
             credits = balance["available"] if status == 200 else None
         response.status_code = 201 if created else 200
@@ -254,4 +296,3 @@ def _transaction(t: dict[str, Any]) -> dict[str, Any]:
         "project_code": t.get("reference"),
         "timestamp": t["created_at"],
     }
-

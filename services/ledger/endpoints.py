@@ -69,18 +69,17 @@ async def get_balance(user_id: UserId, principal: CurrentPrincipal, session: Ses
     """A user's spendable, held and total credit, per source, with the next expiry."""
     principal.require_scope("ledger:read", "ledger:write")
     principal.acts_for(user_id)
-    repo = LedgerRepository(session)
-    if not await repo.wallet_exists(user_id):
+    found = await LedgerRepository(session).balance(user_id)
+    if found is None:
         raise NotFound("No ledger account for this user", code="unknown_user", user_id=user_id)
-    sources = await repo.balance_by_source(user_id)
-    held = await repo.active_held(user_id)
+    sources = found["sources"]
     available = sum(int(s["amount_milli"]) for s in sources)
-    expiry = await repo.next_expiry(user_id)
+    expiry = found["next_expiry"]
     return Balance(
         user_id=user_id,
         available=available,
-        held=held,
-        total=available + held,
+        held=found["held_milli"],
+        total=available + found["held_milli"],
         by_source=[SourceBalance(source=s["source"], available=s["amount_milli"]) for s in sources],
         next_expiry=NextExpiry(at=expiry["at"], amount=expiry["amount_milli"]) if expiry else None,
     )

@@ -13,62 +13,50 @@ class LedgerRepository:
     def __init__(self, session: AsyncSession) -> None:
         self.session = session
 
-    async def wallet_exists(self, user_id: str) -> bool:
-        row = await self.session.execute(
-            text("SELECT 1 FROM ledger.wallets WHERE user_id = :u"), {"u": user_id}
-        )
-        return row.first() is not None
+    async def balance(self, user_id: str) -> dict[str, Any] | None:
+        """Everything the balance endpoint shows, in one round trip; None for no account.
 
-    async def balance_by_source(self, user_id: str) -> list[dict[str, Any]]:
-        """Spendable credit per source, counting holds whose TTL passed as released."""
-        rows = await self.session.execute(
+        Holds whose TTL passed count as released even before a job or an operation
+        sweeps them; expired grants never count.
+        """
+        row = await self.session.execute(
             text(
                 """
-                WITH spendable AS (
-                  SELECT g.source, g.remaining_milli AS amount, g.expires_at
+                WITH wallet AS (
+                  SELECT user_id FROM ledger.wallets WHERE user_id = :u
+                ), spendable AS (
+                  SELECT g.source, g.remaining_milli AS amount
                     FROM ledger.grants g
                    WHERE g.user_id = :u AND g.remaining_milli > 0
                      AND (g.expires_at IS NULL OR g.expires_at > now())
                   UNION ALL
-                  SELECT g.source, ha.amount_milli, g.expires_at
+                  SELECT g.source, ha.amount_milli
                     FROM ledger.holds h
                     JOIN ledger.hold_allocations ha ON ha.hold_id = h.id
                     JOIN ledger.grants g ON g.id = ha.grant_id
                    WHERE h.user_id = :u AND h.status = 'active' AND h.expires_at <= now()
                      AND (g.expires_at IS NULL OR g.expires_at > now())
+                ), by_source AS (
+                  SELECT source, SUM(amount)::bigint AS amount_milli
+                    FROM spendable GROUP BY source ORDER BY source
+                ), next_expiry AS (
+                  SELECT expires_at AS at, SUM(remaining_milli)::bigint AS amount_milli
+                    FROM ledger.grants
+                   WHERE user_id = :u AND remaining_milli > 0 AND expires_at > now()
+                   GROUP BY expires_at ORDER BY expires_at LIMIT 1
                 )
-                SELECT source, SUM(amount)::bigint AS amount_milli, MIN(expires_at) AS first_expiry
-                  FROM spendable GROUP BY source ORDER BY source
-                """
-            ),
-            {"u": user_id},
-        )
-        return [dict(r._mapping) for r in rows]
-
-    async def next_expiry(self, user_id: str) -> dict[str, Any] | None:
-        row = await self.session.execute(
-            text(
-                """
-                SELECT expires_at AS at, SUM(remaining_milli)::bigint AS amount_milli
-                  FROM ledger.grants
-                 WHERE user_id = :u AND remaining_milli > 0 AND expires_at > now()
-                 GROUP BY expires_at ORDER BY expires_at LIMIT 1
+                SELECT
+                  (SELECT COALESCE(json_agg(by_source), '[]'::json) FROM by_source) AS sources,
+                  (SELECT row_to_json(next_expiry) FROM next_expiry) AS next_expiry,
+                  (SELECT COALESCE(SUM(amount_milli), 0)::bigint FROM ledger.holds
+                    WHERE user_id = :u AND status = 'active' AND expires_at > now()) AS held_milli
+                  FROM wallet
                 """
             ),
             {"u": user_id},
         )
         found = row.first()
         return dict(found._mapping) if found else None
-
-    async def active_held(self, user_id: str) -> int:
-        row = await self.session.execute(
-            text(
-                "SELECT COALESCE(SUM(amount_milli), 0)::bigint FROM ledger.holds"
-                " WHERE user_id = :u AND status = 'active' AND expires_at > now()"
-            ),
-            {"u": user_id},
-        )
-        return int(row.scalar_one())
 
     async def hold(self, hold_id: str) -> dict[str, Any] | None:
         row = await self.session.execute(

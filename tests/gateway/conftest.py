@@ -62,8 +62,10 @@ class Stack:
         from gateway.config import GatewaySettings
 
         return GatewaySettings(
-            auth_url=self.auth_url, ledger_url=self.ledger_url,
-            workspace_url="http://127.0.0.1:9", **overrides,
+            auth_url=self.auth_url,
+            ledger_url=self.ledger_url,
+            workspace_url="http://127.0.0.1:9",
+            **overrides,
         )
 
 
@@ -76,18 +78,19 @@ async def stack(ku_database_url: str) -> AsyncIterator[Stack]:
     from services.ledger.app import create_app as create_ledger
 
     signing = make_signing_key()
-    auth_settings = AuthSettings(
-        auth_private_key=signing.private_pem, auth_key_id=signing.kid
-    )
+    auth_settings = AuthSettings(auth_private_key=signing.private_pem, auth_key_id=signing.kid)
     async with Served(create_auth(auth_settings)) as auth, Served(create_ledger()) as ledger:
         settings = GatewaySettings(
-            auth_url=auth.url, ledger_url=ledger.url, workspace_url="http://127.0.0.1:9",
+            auth_url=auth.url,
+            ledger_url=ledger.url,
+            workspace_url="http://127.0.0.1:9",
             gateway_rate_per_ip=100_000,
         )
         async with Served(create_gateway(settings)) as gw:
-            async with httpx.AsyncClient(base_url=auth.url) as a, httpx.AsyncClient(
-                base_url=ledger.url
-            ) as lg:
+            async with (
+                httpx.AsyncClient(base_url=auth.url) as a,
+                httpx.AsyncClient(base_url=ledger.url) as lg,
+            ):
                 yield Stack(a, lg, signing, auth.url, ledger.url, gw.url)
 
 

@@ -30,8 +30,13 @@ class SigningKey:
     def token(self, user_id: str, **overrides: Any) -> str:
         now = int(time.time())
         claims: dict[str, Any] = {
-            "sub": user_id, "iss": ISSUER, "aud": AUDIENCE, "iat": now, "exp": now + 600,
-            "jti": uuid.uuid4().hex, "scope": "ledger:read ledger:write workspace:read",
+            "sub": user_id,
+            "iss": ISSUER,
+            "aud": AUDIENCE,
+            "iat": now,
+            "exp": now + 600,
+            "jti": uuid.uuid4().hex,
+            "scope": "ledger:read ledger:write workspace:read",
         }
         claims.update(overrides)
         claims = {k: v for k, v in claims.items() if v is not None}
@@ -41,12 +46,15 @@ class SigningKey:
 def make_signing_key() -> SigningKey:
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     private_pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     ).decode()
-    public_pem = key.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    ).decode()
+    public_pem = (
+        key.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
     return SigningKey(private_pem, public_pem)
 
 

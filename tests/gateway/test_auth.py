@@ -22,7 +22,8 @@ INVALID_KEY = "Invalid or missing API key. Include X-API-Key header or api_key p
 async def funded_user(stack: Stack) -> str:
     user_id = new_user_id()
     r = await stack.ledger.post(
-        "/v1/ledger/accounts", json={"user_id": user_id, "welcome": True},
+        "/v1/ledger/accounts",
+        json={"user_id": user_id, "welcome": True},
         headers=principal_headers("app", app="ops", scopes=("admin",)),
     )
     assert r.status_code == 201, r.text
@@ -31,7 +32,8 @@ async def funded_user(stack: Stack) -> str:
 
 async def available(stack: Stack, user_id: str) -> float:
     r = await stack.ledger.get(
-        "/v1/ledger/balance", params={"user_id": user_id},
+        "/v1/ledger/balance",
+        params={"user_id": user_id},
         headers=principal_headers("app", app="ops", scopes=("admin",)),
     )
     return r.json()["available"]
@@ -72,7 +74,8 @@ class TestApiKeys:
             r = await gw.post("/v1/ledger/debits", json=debit(user_id), headers={"X-API-Key": key})
             assert r.status_code == 401, (key, r.text)
             r = await gw.post(
-                "/api/unified/deduct-credits", params={"api_key": key},
+                "/api/unified/deduct-credits",
+                params={"api_key": key},
                 json={"user_id": user_id, "amount": 1, "project_code": "p1"},
             )
             assert r.status_code == 401
@@ -104,9 +107,7 @@ class TestApiKeys:
         # The key.revoked event, not the cache TTL, should have done it.
         assert time.monotonic() - start < 2
 
-    async def test_spoofed_principal_header_is_ignored(
-        self, gw: httpx.AsyncClient, stack: Stack
-    ):
+    async def test_spoofed_principal_header_is_ignored(self, gw: httpx.AsyncClient, stack: Stack):
         user_id = await funded_user(stack)
         forged = principal_headers("app", app="penora", scopes=("admin",))
         r = await gw.post("/v1/ledger/debits", json=debit(user_id), headers=forged)
@@ -123,7 +124,8 @@ class TestApiKeys:
         assert r.status_code == 403
         assert r.json()["error"]["code"] == "missing_scope"
         r = await gw.post(
-            "/api/unified/deduct-credits", headers={"X-API-Key": key},
+            "/api/unified/deduct-credits",
+            headers={"X-API-Key": key},
             json={"user_id": user_id, "amount": 1, "project_code": "x"},
         )
         assert r.status_code == 403 and r.json()["success"] is False
@@ -157,8 +159,14 @@ class TestAccessTokens:
     async def test_forged_tokens_are_401(self, gw: httpx.AsyncClient, stack: Stack):
         user_id = await funded_user(stack)
         now = int(time.time())
-        claims = {"sub": user_id, "iss": "ku-auth", "aud": "ku", "iat": now, "exp": now + 600,
-                  "scope": "ledger:read ledger:write"}
+        claims = {
+            "sub": user_id,
+            "iss": "ku-auth",
+            "aud": "ku",
+            "iat": now,
+            "exp": now + 600,
+            "scope": "ledger:read ledger:write",
+        }
         head, body = _b64(orjson.dumps({"alg": "none", "typ": "JWT"})), _b64(orjson.dumps(claims))
         alg_none = (head + b"." + body + b".").decode()
         # HS256 "signed" with the RSA public key (the classic key-confusion attack).

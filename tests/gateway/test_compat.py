@@ -21,16 +21,22 @@ class TestIntegrationFlow:
         r = await create_user(gw, app_key, user_id)
         assert r.status_code == 201, r.text
         assert r.json()["success"] is True
-        r = await gw.get("/api/unified/user-info", params={"user_id": user_id},
-                         headers={"X-API-Key": app_key})
+        r = await gw.get(
+            "/api/unified/user-info", params={"user_id": user_id}, headers={"X-API-Key": app_key}
+        )
         assert r.status_code == 200, r.text
         info = r.json()
         assert info["success"] is True and info["credits"] == 50
         assert info["storage"]["used_mb"] == 0
         r = await gw.post(
             "/api/unified/deduct-credits",
-            json={"user_id": user_id, "amount": 5, "app_name": "imagegene",
-                  "description": "AI image generation", "project_code": "img_xyz123"},
+            json={
+                "user_id": user_id,
+                "amount": 5,
+                "app_name": "imagegene",
+                "description": "AI image generation",
+                "project_code": "img_xyz123",
+            },
             headers={"X-API-Key": app_key},
         )
         assert r.status_code == 200, r.text
@@ -38,8 +44,9 @@ class TestIntegrationFlow:
         assert body["success"] is True
         assert body["credits_deducted"] == 5 and body["new_balance"] == 45
         assert body["app_name"] == "imagegene"
-        r = await gw.get("/api/unified/transactions", params={"user_id": user_id},
-                         headers={"X-API-Key": app_key})
+        r = await gw.get(
+            "/api/unified/transactions", params={"user_id": user_id}, headers={"X-API-Key": app_key}
+        )
         assert r.status_code == 200, r.text
         tx = r.json()
         assert tx["success"] is True
@@ -57,8 +64,11 @@ class TestDeductIdempotency:
         for user_id in (new_user_id(), new_user_id()):
             assert (await create_user(gw, app_key, user_id)).status_code == 201
             for _ in range(2):  # the retry replays: one charge
-                r = await gw.post("/api/unified/deduct-credits", headers=headers, json={
-                    "user_id": user_id, "amount": 2.5, "project_code": "shared-code"})
+                r = await gw.post(
+                    "/api/unified/deduct-credits",
+                    headers=headers,
+                    json={"user_id": user_id, "amount": 2.5, "project_code": "shared-code"},
+                )
                 assert r.status_code == 200, r.text
             balances.append(r.json()["new_balance"])
         assert balances == [47.5, 47.5]

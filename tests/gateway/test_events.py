@@ -17,7 +17,8 @@ from tests.gateway.helpers import new_user_id
 async def open_account(stack: Stack) -> str:
     user_id = new_user_id()
     r = await stack.ledger.post(
-        "/v1/ledger/accounts", json={"user_id": user_id, "welcome": True},
+        "/v1/ledger/accounts",
+        json={"user_id": user_id, "welcome": True},
         headers=principal_headers("app", app="ops", scopes=("admin",)),
     )
     assert r.status_code == 201

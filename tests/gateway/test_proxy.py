@@ -33,20 +33,35 @@ async def upstream(scope: dict[str, Any], receive: Any, send: Any) -> None:
     if path.endswith("/slow"):
         await asyncio.sleep(3)
     if path.endswith("/stream"):
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", b"text/event-stream")]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"text/event-stream")],
+            }
+        )
         for i in range(3):
-            await send({"type": "http.response.body", "body": b"data: %d\n\n" % i,
-                        "more_body": True})
+            await send(
+                {"type": "http.response.body", "body": b"data: %d\n\n" % i, "more_body": True}
+            )
             await asyncio.sleep(0.3)
         await send({"type": "http.response.body", "body": b""})
         return
-    echo = orjson.dumps({
-        "path": path, "query": scope["query_string"].decode(), "size": len(body),
-        "headers": {k.decode(): v.decode() for k, v in scope["headers"]},
-    })
-    await send({"type": "http.response.start", "status": 200,
-                "headers": [(b"content-type", b"application/json")]})
+    echo = orjson.dumps(
+        {
+            "path": path,
+            "query": scope["query_string"].decode(),
+            "size": len(body),
+            "headers": {k.decode(): v.decode() for k, v in scope["headers"]},
+        }
+    )
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(b"content-type", b"application/json")],
+        }
+    )
     await send({"type": "http.response.body", "body": echo})
 
 
@@ -56,8 +71,10 @@ async def proxied(stack: Stack) -> Any:
 
     async with Served(upstream) as fake:
         settings = stack.gateway_settings(
-            generation_url=fake.url, gateway_upstream_timeout_seconds=1,
-            gateway_max_body_bytes=100_000, gateway_buffer_body_bytes=1000,
+            generation_url=fake.url,
+            gateway_upstream_timeout_seconds=1,
+            gateway_max_body_bytes=100_000,
+            gateway_buffer_body_bytes=1000,
             cors_origins="https://penora.example",
         )
         async with Served(create_app(settings)) as gw:
@@ -78,7 +95,8 @@ class TestForwarding:
         self, proxied: httpx.AsyncClient, generate_key: str
     ):
         r = await proxied.get(
-            "/v1/generation/echo", params={"api_key": generate_key, "x": "1"},
+            "/v1/generation/echo",
+            params={"api_key": generate_key, "x": "1"},
             headers={"x-ku-principal": "forged", "X-Request-ID": "req-123"},
         )
         assert r.status_code == 200, r.text
@@ -145,12 +163,16 @@ class TestForwarding:
         assert r.json()["error"]["code"] == "upstream_error"
 
     async def test_cors_allow_list(self, proxied: httpx.AsyncClient):
-        ok = await proxied.options("/v1/ledger/balance", headers={
-            "Origin": "https://penora.example", "Access-Control-Request-Method": "GET"})
+        ok = await proxied.options(
+            "/v1/ledger/balance",
+            headers={"Origin": "https://penora.example", "Access-Control-Request-Method": "GET"},
+        )
         assert ok.headers["access-control-allow-origin"] == "https://penora.example"
         assert ok.headers["access-control-allow-credentials"] == "true"
-        bad = await proxied.options("/v1/ledger/balance", headers={
-            "Origin": "https://evil.example", "Access-Control-Request-Method": "GET"})
+        bad = await proxied.options(
+            "/v1/ledger/balance",
+            headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "GET"},
+        )
         assert "access-control-allow-origin" not in bad.headers
 
 

@@ -45,8 +45,11 @@ class TestSharedLimit:
                 assert 1 <= int(r.headers["retry-after"]) <= 60
                 assert r.headers["ratelimit-remaining"] == "0"
                 assert r.json()["error"]["code"] == "rate_limited"
-            r = await a.get("/api/unified/user-info", params={"user_id": new_user_id()},
-                            headers={"X-API-Key": key})
+            r = await a.get(
+                "/api/unified/user-info",
+                params={"user_id": new_user_id()},
+                headers={"X-API-Key": key},
+            )
             assert r.status_code == 429 and r.json()["error"] == "Rate limit exceeded"
             assert "retry-after" in r.headers
 
