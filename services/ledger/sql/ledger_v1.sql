@@ -161,6 +161,7 @@ BEGIN
   END LOOP;
 END $$;
 
+-- Superseded by ledger_v2_billing.sql (migration 0003): grants settle debt first.
 CREATE OR REPLACE FUNCTION ledger._op_grant(op jsonb, p_user text)
 RETURNS jsonb LANGUAGE plpgsql AS $$
 DECLARE
@@ -349,6 +350,7 @@ BEGIN
     'created_at', now()) || v_bal);
 END $$;
 
+-- Superseded by ledger_v2_billing.sql (migration 0003), which adds `clawback`.
 -- One operation. `op` carries: op, user_id | hold_id | transaction_id, amount (milli),
 -- app, reference, description, and optionally scope/key/hash for idempotency and
 -- only_user (a user token may touch only its own holds).
