@@ -22,6 +22,7 @@ test: install  ## the full test suite against real Postgres and Redis
 lint: install
 	$(BIN)/ruff check services gateway tests bench
 	$(BIN)/ruff format --check services gateway tests bench
+	$(BIN)/mypy
 
 bench: install
 	$(BIN)/python bench/ledger.py

@@ -26,6 +26,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -74,7 +75,7 @@ async def raw_case(dsn: str, name: str, ids: list[int]) -> Result:
 
 async def http_case(port: int, secret: str, name: str, users: list[str]) -> Result:
     principal = Principal(kind="app", app="bench", scopes=frozenset({"ledger:write"}))
-    header = {"value": sign_principal(principal, secret), "at": time.monotonic()}
+    header: dict[str, Any] = {"value": sign_principal(principal, secret), "at": time.monotonic()}
     failures = {"n": 0}
     connections: list[RawHTTPConnection] = []
 

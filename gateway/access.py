@@ -6,7 +6,7 @@ so every door applies the same rules.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, MutableMapping
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -119,7 +119,9 @@ class Access:
         return [own, *self.ip_limits(client_ip)]
 
 
-def client_ip(scope: dict[str, Any], headers: dict[bytes, bytes], trust_forwarded: bool) -> str:
+def client_ip(
+    scope: MutableMapping[str, Any], headers: dict[bytes, bytes], trust_forwarded: bool
+) -> str:
     if trust_forwarded:
         forwarded = headers.get(b"x-forwarded-for")
         if forwarded:

@@ -81,7 +81,7 @@ class EventHub(BackgroundLoop):
                 if cursor is None:
                     cursor = await self._last_ids()
                     self.ready.set()
-                response = await self.redis.xread(cursor, count=500, block=1000)
+                response = await self.redis.xread(dict(cursor), count=500, block=1000)  # type: ignore[arg-type]
                 for stream, entries in response or []:
                     name = _id(stream)
                     for entry_id, fields in entries:

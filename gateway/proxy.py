@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import aiohttp
@@ -79,7 +79,7 @@ class _Route:
         self.path = path
 
 
-async def send_error(send: Send, exc: KuError, extra: list[tuple[bytes, bytes]] = ()) -> None:
+async def send_error(send: Send, exc: KuError, extra: Sequence[tuple[bytes, bytes]] = ()) -> None:
     body = orjson.dumps(exc.body())
     headers = [
         (b"content-type", b"application/json"),
@@ -157,12 +157,13 @@ class ProxyMiddleware:
         if path in PUBLIC_PATHS:
             decision = await gw.access.admit_anonymous(ip)
         else:
-            api_key = headers.get(b"x-api-key")
+            raw_key = headers.get(b"x-api-key")
+            api_key = raw_key.decode("latin-1") if raw_key is not None else None
             if api_key is None and "api_key=" in query:
                 api_key, query = _pop_api_key(query)
             auth_header = headers.get(b"authorization")
             identity, decision = await gw.access.admit(
-                api_key=api_key.decode("latin-1") if isinstance(api_key, bytes) else api_key,
+                api_key=api_key,
                 authorization=auth_header.decode("latin-1") if auth_header else None,
                 client_ip=ip,
                 money=is_money(method, route),

@@ -57,7 +57,8 @@ def error_from_upstream(status: int, body: Any) -> KuError:
     error = body.get("error") if isinstance(body, dict) else None
     if not isinstance(error, dict):
         return cls()
-    detail = error.get("detail") if isinstance(error.get("detail"), dict) else {}
+    raw_detail = error.get("detail")
+    detail: dict[str, Any] = raw_detail if isinstance(raw_detail, dict) else {}
     if cls is TooManyRequests:
         detail = {k: v for k, v in detail.items() if k != "retry_after"}
     exc = cls(str(error.get("message") or cls.message), code=error.get("code"), **detail)

@@ -337,7 +337,7 @@ def main() -> None:
     logging.getLogger("arq").setLevel(max(logging.WARNING, logging.getLogger().level))
     # A new loop for arq (it takes the current one when built).
     asyncio.set_event_loop(asyncio.new_event_loop())
-    run_worker(build_settings(config))  # type: ignore[arg-type]
+    run_worker(build_settings(config))
 
 
 if __name__ == "__main__":

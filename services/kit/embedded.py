@@ -13,6 +13,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 
@@ -26,7 +27,7 @@ class EmbeddedServers:
     def __init__(self, root: Path) -> None:
         self.root = root.resolve()
         self.root.mkdir(parents=True, exist_ok=True)
-        self._pg = None
+        self._pg: Any = None
         self._redis: subprocess.Popen[bytes] | None = None
 
     def start_postgres(self) -> str:

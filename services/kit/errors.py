@@ -134,8 +134,8 @@ _STATUS_CODES = {
 def _validation_response(exc: RequestValidationError) -> JSONResponse:
     errors = exc.errors()
     if any(e.get("type") == "json_invalid" for e in errors):
-        err = BadRequest("Request body is not valid JSON", code="malformed_json")
-        return JSONResponse(err.body(), status_code=err.status_code)
+        malformed = BadRequest("Request body is not valid JSON", code="malformed_json")
+        return JSONResponse(malformed.body(), status_code=malformed.status_code)
     fields = [
         {
             "loc": [str(p) for p in e.get("loc", ())],

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 from alembic import command, context
 from alembic.config import Config
@@ -54,7 +55,7 @@ def run_env(target_metadata: MetaData) -> None:
     schema = config.attributes.get("schema") or target_metadata.schema
     assert schema, "a service's metadata must name its schema"
 
-    def include_name(name: str | None, type_: str, parent_names: dict[str, str | None]) -> bool:
+    def include_name(name: str | None, type_: str, parent_names: Any) -> bool:
         if type_ == "schema":
             return name == schema
         return True
@@ -73,9 +74,9 @@ def run_env(target_metadata: MetaData) -> None:
             context.run_migrations()
 
     async def run_async() -> None:
-        engine = create_async_engine(
-            config.get_main_option("sqlalchemy.url"), poolclass=pool.NullPool
-        )
+        url = config.get_main_option("sqlalchemy.url")
+        assert url, "alembic_config() sets sqlalchemy.url"
+        engine = create_async_engine(url, poolclass=pool.NullPool)
         async with engine.connect() as connection:
             await connection.run_sync(do_run)
             await connection.commit()
@@ -93,4 +94,5 @@ def execute_script(sql: str) -> None:
     from sqlalchemy.util import await_only
 
     driver = context.get_bind().connection.driver_connection
+    assert driver is not None, "migrations run on an open asyncpg connection"
     await_only(driver.execute(sql))

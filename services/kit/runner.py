@@ -97,7 +97,7 @@ class _ChildSettings(KuSettings):
     """KuSettings read from a given mapping (and `.env`), not from this process's environment."""
 
     @classmethod
-    def settings_customise_sources(  # type: ignore[override]
+    def settings_customise_sources(
         cls, settings_cls: Any, init_settings: Any, env_settings: Any, dotenv_settings: Any,
         file_secret_settings: Any,
     ) -> tuple[Any, ...]:  # fmt: skip

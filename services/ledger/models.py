@@ -25,15 +25,19 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.dialects.postgresql import UUID
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from services.kit.bus import processed_events_table
-from services.kit.db import make_base
+from services.kit.db import schema_metadata
 from services.kit.idempotency import idempotency_table
 from services.kit.outbox import outbox_table
 
 SCHEMA = "ledger"
-Base = make_base(SCHEMA)
+
+
+class Base(DeclarativeBase):
+    metadata = schema_metadata(SCHEMA)
+
 
 outbox = outbox_table(Base.metadata)
 processed_events = processed_events_table(Base.metadata)

@@ -164,7 +164,9 @@ def _docx(source: ExportSource) -> bytes:
     if source.data is not None:
         data, width, _ = _embeddable(source.data)
         section = document.sections[0]
-        usable = section.page_width - section.left_margin - section.right_margin
+        usable = (
+            (section.page_width or 0) - (section.left_margin or 0) - (section.right_margin or 0)
+        )
         # 96 dpi: a small image keeps its size, a large one fits the page width.
         document.add_picture(io.BytesIO(data), width=min(usable, Cm(width * 2.54 / 96)))
     else:

@@ -15,15 +15,19 @@ from typing import Any
 
 from sqlalchemy import BigInteger, CheckConstraint, DateTime, Index, LargeBinary, Text, func
 from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from services.kit.bus import processed_events_table
-from services.kit.db import make_base
+from services.kit.db import schema_metadata
 from services.kit.idempotency import idempotency_table
 from services.kit.outbox import outbox_table
 
 SCHEMA = "workspace"
-Base = make_base(SCHEMA)
+
+
+class Base(DeclarativeBase):
+    metadata = schema_metadata(SCHEMA)
+
 
 outbox = outbox_table(Base.metadata)
 processed_events = processed_events_table(Base.metadata)

@@ -76,7 +76,7 @@ class TestSsoExchange:
 
     async def test_numeric_sub_keeps_every_digit(self, auth):
         sub = 123456789012345678901
-        r = await auth.post("/v1/auth/sso", json={"token": hs_token(claims(sub))})  # type: ignore[arg-type]
+        r = await auth.post("/v1/auth/sso", json={"token": hs_token(claims(sub))})
         assert r.status_code == 200, r.text
         assert r.json()["user"]["user_id"] == "123456789012345678901"
 

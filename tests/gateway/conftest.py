@@ -30,7 +30,7 @@ class Served:
             app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on"
         )
         self.server = uvicorn.Server(config)
-        self.server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        self.server.install_signal_handlers = lambda: None  # type: ignore[attr-defined]
         self.task: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> Served:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import types
+from typing import Any
 
 import pytest
 from arq import cron
@@ -36,7 +37,7 @@ def fake_service(monkeypatch: pytest.MonkeyPatch) -> str:
     return "zzfake"
 
 
-def config(**values: object) -> WorkerConfig:
+def config(**values: Any) -> WorkerConfig:
     return WorkerConfig(
         database_url="postgresql://u@127.0.0.1/db", redis_url="redis://127.0.0.1:6379/0",
         bus_prefix="kuunit", **values,

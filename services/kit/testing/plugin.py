@@ -12,7 +12,7 @@ import asyncio
 import os
 import secrets
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -75,7 +75,7 @@ async def drop_database(name: str) -> None:
 
 
 @pytest.fixture(scope="session")
-def ku_database_url() -> str:
+def ku_database_url() -> Iterator[str]:
     """The migrated test database of this run (dropped at the end)."""
     from services.kit.config import get_settings
     from services.kit.migrations import upgrade_all
