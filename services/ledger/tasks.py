@@ -20,26 +20,25 @@ log = logging.getLogger("ku.ledger.tasks")
 JOB_BATCH = 500
 
 
-async def expire_holds(pool: asyncpg.Pool) -> int:
-    """Release every hold whose TTL has passed. Returns the number of users swept."""
+async def _drain(pool: asyncpg.Pool, function: str) -> int:
+    """Call a job function in batches of JOB_BATCH until a call finds nothing to do."""
     total = 0
     while True:
         async with pool.acquire() as conn, conn.transaction():
-            swept = await conn.fetchval("SELECT ledger.expire_holds($1)", JOB_BATCH)
-        total += swept
-        if swept < 1:
+            done = await conn.fetchval(f"SELECT ledger.{function}($1)", JOB_BATCH)
+        if not done:
             return total
+        total += done
+
+
+async def expire_holds(pool: asyncpg.Pool) -> int:
+    """Release every hold whose TTL has passed. Returns the number of users swept."""
+    return await _drain(pool, "expire_holds")
 
 
 async def expire_grants(pool: asyncpg.Pool) -> int:
     """Move expired credit out of wallets into the `expired` account."""
-    total = 0
-    while True:
-        async with pool.acquire() as conn, conn.transaction():
-            expired = await conn.fetchval("SELECT ledger.expire_grants($1)", JOB_BATCH)
-        total += expired
-        if expired < JOB_BATCH:
-            return total
+    return await _drain(pool, "expire_grants")
 
 
 def user_created_handler(ledger: Ledger, welcome_milli: int) -> Any:

@@ -321,17 +321,19 @@ class Workspace:
             self.session,
             outbox,
             "project.saved",
-            {
-                "code": row["code"],
-                "user_id": row["user_id"],
-                "app_source": row["app_source"],
-                "project_type": row["project_type"],
-                "title": row["title"],
-                "content_type": row["content_type"],
-                "size_bytes": int(row["size_bytes"]),
-                "created": created,
-            },
+            {**{k: v for k, v in summary(row).items() if k in _EVENT_FIELDS}, "created": created},
         )
+
+
+_EVENT_FIELDS = (
+    "code",
+    "user_id",
+    "app_source",
+    "project_type",
+    "title",
+    "content_type",
+    "size_bytes",
+)
 
 
 def summary(row: dict[str, Any]) -> dict[str, Any]:

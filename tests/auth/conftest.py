@@ -8,14 +8,13 @@ from typing import Any
 
 import httpx
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
 from jose import jwk
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.kit.testing.plugin import asgi_client
 from tests.auth.helpers import SSO_AUDIENCE, SSO_ISSUER, SSO_KID, SSO_SECRET
+from tests.keys import rsa_pem_pair
 
 
 @dataclass(frozen=True)
@@ -26,17 +25,7 @@ class RsaPair:
 
 
 def make_rsa(kid: str = SSO_KID) -> RsaPair:
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    private_pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    ).decode()
-    public_pem = (
-        key.public_key()
-        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-        .decode()
-    )
+    private_pem, public_pem = rsa_pem_pair()
     public = jwk.construct(public_pem, "RS256").to_dict()
     public = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in public.items()}
     return RsaPair(private_pem, public_pem, {**public, "kid": kid, "use": "sig"})

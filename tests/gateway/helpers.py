@@ -8,11 +8,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
 from jose import jwt
 
 from services.kit.testing.plugin import principal_headers
+from tests.keys import rsa_pem_pair
 
 TOKEN_KID = "gateway-test-kid"
 ISSUER = "ku-auth"
@@ -44,17 +43,7 @@ class SigningKey:
 
 
 def make_signing_key() -> SigningKey:
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    private_pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    ).decode()
-    public_pem = (
-        key.public_key()
-        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-        .decode()
-    )
+    private_pem, public_pem = rsa_pem_pair()
     return SigningKey(private_pem, public_pem)
 
 

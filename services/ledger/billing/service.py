@@ -68,6 +68,18 @@ def from_unix(value: Any) -> datetime | None:
     return datetime.fromtimestamp(int(value), UTC) if value else None
 
 
+def _terms(item: dict[str, Any]) -> dict[str, Any]:
+    """What an order or subscription keeps of its catalog item: the price it was sold at."""
+    return {
+        "item_id": item["id"],
+        "item_name": item["name"],
+        "credits_milli": item["credits_milli"],
+        "amount_minor": item["price_minor"],
+        "currency": item["currency"],
+        "period": item["period"],
+    }
+
+
 def _is_captured(entity: dict[str, Any]) -> bool:
     # A refunded payment was captured first: its status moved on, `captured` did not.
     return entity.get("status") == "captured" or entity.get("captured") is True
@@ -121,12 +133,7 @@ class Billing:
             {
                 "id": order_id,
                 "user_id": user_id,
-                "item_id": item_id,
-                "item_name": item["name"],
-                "credits_milli": item["credits_milli"],
-                "amount_minor": item["price_minor"],
-                "currency": item["currency"],
-                "period": item["period"],
+                **_terms(item),
                 "razorpay_order_id": remote["id"],
             }
         )
@@ -200,12 +207,7 @@ class Billing:
             {
                 "id": subscription_id,
                 "user_id": user_id,
-                "item_id": item_id,
-                "item_name": item["name"],
-                "credits_milli": item["credits_milli"],
-                "amount_minor": item["price_minor"],
-                "currency": item["currency"],
-                "period": item["period"],
+                **_terms(item),
                 "razorpay_plan_id": plan_id,
                 "razorpay_subscription_id": remote["id"],
                 "status": remote.get("status") or "created",
