@@ -11,8 +11,6 @@ class LedgerSettings(KuSettings):
     batch_max_ops: int = 64
     batch_max_inflight: int = 3
     write_pool_size: int = 6
-    default_hold_ttl_seconds: int = 900
-    max_hold_ttl_seconds: int = 86_400
     # Razorpay (billing/). Empty key or secret: billing answers 503 instead of guessing.
     razorpay_key_id: str = ""
     razorpay_key_secret: str = ""
