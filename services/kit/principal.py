@@ -22,6 +22,8 @@ from services.kit.config import get_settings
 from services.kit.errors import Forbidden, Unauthorized
 
 PRINCIPAL_HEADER = "x-ku-principal"
+# A service calling another on a caller's behalf forwards the caller's own principal here.
+ORIGIN_HEADER = "x-ku-origin"
 HEADER_TTL_SECONDS = 60
 
 SCOPES = (
@@ -136,6 +138,11 @@ async def get_principal(request: Request) -> Principal:
 
 def _expiry(header: str) -> int:
     return int(orjson.loads(_unb64(header.split(".", 1)[0]))["e"])
+
+
+def outgoing_header(principal: Principal, *, audience: str) -> str:
+    """The signed principal header for a call from this process to service `audience`."""
+    return sign_principal(principal, get_settings().require_internal_secret())
 
 
 def service_principal(name: str) -> Principal:
