@@ -20,6 +20,23 @@ from services.kit.embedded import ensure_urls, with_database
 from services.kit.migrations import upgrade_all
 
 
+def use_principal_keys() -> dict[str, str]:
+    """Principal keys for this bench run: the bench process holds every private key (it
+    plays the gateway), and the returned env is what a service it starts needs."""
+    from services.kit.config import get_settings
+    from services.kit.migrations import SERVICE_ORDER
+    from services.kit.principal import GATEWAY, format_keys, generate_keypair
+
+    pairs = {name: generate_keypair() for name in (*SERVICE_ORDER, GATEWAY)}
+    env = {
+        "KU_PRINCIPAL_KEYS": format_keys({n: pub for n, (_, pub) in pairs.items()}),
+        "KU_PRINCIPAL_SIGNING_KEYS": format_keys({n: priv for n, (priv, _) in pairs.items()}),
+    }
+    os.environ.update(env)
+    get_settings.cache_clear()
+    return env
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

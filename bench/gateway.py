@@ -28,8 +28,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._common import Result, ScratchDatabase, load  # noqa: E402
-from services.kit.principal import Principal, sign_principal  # noqa: E402
+from bench._common import Result, ScratchDatabase, load, use_principal_keys  # noqa: E402
+from services.kit.principal import Principal, outgoing_header  # noqa: E402
 from services.kit.runner import Suite  # noqa: E402
 
 SECONDS = float(os.environ.get("KU_BENCH_SECONDS", "5"))
@@ -86,7 +86,7 @@ class Caller:
             principal = Principal(
                 kind="app", app="imagegene", scopes=frozenset({"ledger:read", "ledger:write"})
             )
-            self._header = f"x-ku-principal: {sign_principal(principal, self.secret or '')}\r\n"
+            self._header = f"x-ku-principal: {outgoing_header(principal, audience='ledger')}\r\n"
             self._at = time.monotonic()
         return self._header
 
@@ -120,7 +120,7 @@ async def setup(ledger: str, secret: str, users: list[str]) -> None:
     grant = Principal(kind="app", app="bench", scopes=frozenset({"admin"}))
     conn = await Connection.open(ledger)
     for user in users:
-        header = f"x-ku-principal: {sign_principal(grant, secret)}\r\n"
+        header = f"x-ku-principal: {outgoing_header(grant, audience='ledger')}\r\n"
         body = f'{{"user_id":"{user}","welcome":false}}'
         assert await conn.send(post("/v1/ledger/accounts", header, body)) in (200, 201)
         body = f'{{"user_id":"{user}","amount":1000000,"source":"promo","reference":"b{user}"}}'
@@ -128,7 +128,7 @@ async def setup(ledger: str, secret: str, users: list[str]) -> None:
 
 
 async def measure(suite: Suite, key: str) -> float:
-    secret = suite.env["KU_INTERNAL_SECRET"]
+    secret = ""  # this process signs with the suite's keys (suite.env, set in os.environ)
     ledger, gateway = suite.urls["ledger"], suite.urls["gateway"]
     users = [str(10**20 + secrets.randbelow(9 * 10**20)) for _ in range(USERS)]
     await setup(ledger, secret, users)
@@ -167,6 +167,7 @@ async def main() -> None:
     async with ScratchDatabase() as db:
         env = {
             **os.environ,
+            **use_principal_keys(),
             "KU_DATABASE_URL": db.url,
             "KU_BUS_PREFIX": f"kubench{secrets.token_hex(3)}",
             "KU_LOG_LEVEL": "WARNING",

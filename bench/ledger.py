@@ -42,9 +42,10 @@ from bench._common import (  # noqa: E402
     load,
     start_service,
     stop,
+    use_principal_keys,
     wait_ready,
 )
-from services.kit.principal import Principal, sign_principal  # noqa: E402
+from services.kit.principal import Principal, outgoing_header  # noqa: E402
 
 SECONDS = float(os.environ.get("KU_BENCH_SECONDS", "8"))
 CLIENTS = 32
@@ -75,7 +76,10 @@ async def raw_case(dsn: str, name: str, ids: list[int]) -> Result:
 
 async def http_case(port: int, secret: str, name: str, users: list[str]) -> Result:
     principal = Principal(kind="app", app="bench", scopes=frozenset({"ledger:write"}))
-    header: dict[str, Any] = {"value": sign_principal(principal, secret), "at": time.monotonic()}
+    header: dict[str, Any] = {
+        "value": outgoing_header(principal, audience="ledger"),
+        "at": time.monotonic(),
+    }
     failures = {"n": 0}
     connections: list[RawHTTPConnection] = []
 
@@ -86,7 +90,9 @@ async def http_case(port: int, secret: str, name: str, users: list[str]) -> Resu
 
         async def call() -> None:
             if time.monotonic() - header["at"] > 20:  # principal headers expire after 60 s
-                header.update(value=sign_principal(principal, secret), at=time.monotonic())
+                header.update(
+                    value=outgoing_header(principal, audience="ledger"), at=time.monotonic()
+                )
             user = users[secrets.randbelow(len(users))]
             status, _ = await conn.request(
                 "POST",
@@ -110,13 +116,13 @@ async def http_case(port: int, secret: str, name: str, users: list[str]) -> Resu
 
 
 async def setup_users(url: str, secret: str, users: list[str], ku_each: int) -> None:
-    admin = Principal(kind="service", app="bench", scopes=frozenset({"admin"}))
+    admin = Principal(kind="app", app="bench", scopes=frozenset({"admin"}))
     async with aiohttp.ClientSession() as session:
         sem = asyncio.Semaphore(16)
 
         async def one(user: str) -> None:
             async with sem:
-                h = {"x-ku-principal": sign_principal(admin, secret)}
+                h = {"x-ku-principal": outgoing_header(admin, audience="ledger")}
                 async with session.post(
                     f"{url}/v1/ledger/accounts", json={"user_id": user, "welcome": False}, headers=h
                 ) as r:
@@ -141,7 +147,8 @@ async def main() -> None:
         )
         await conn.close()
 
-        secret = secrets.token_urlsafe(32)
+        keys = use_principal_keys()
+        secret = ""  # principals are signed with the keys above
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         proc = start_service(
@@ -149,7 +156,7 @@ async def main() -> None:
             port,
             {
                 "KU_DATABASE_URL": db.url,
-                "KU_INTERNAL_SECRET": secret,
+                **keys,
                 "KU_BUS_PREFIX": f"kubench{secrets.token_hex(3)}",
                 "KU_LOG_LEVEL": "WARNING",
             },

@@ -84,7 +84,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         configure_logging("gateway", settings.log_level, settings.log_json)
-        settings.require_internal_secret()
+        settings.require_principal_keys("gateway")
         await gateway.start(app)
         try:
             yield

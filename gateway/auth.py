@@ -55,8 +55,7 @@ class Authenticator:
     def __init__(self, settings: GatewaySettings, upstreams: Upstreams) -> None:
         self.settings = settings
         self.upstreams = upstreams
-        self.secret = settings.require_internal_secret()
-        self._service = SignedPrincipal(service_principal("gateway"), self.secret)
+        self._service = SignedPrincipal(service_principal("gateway"))
         self._keys: OrderedDict[bytes, _Entry] = OrderedDict()
         self._inflight: dict[bytes, asyncio.Future[_Entry]] = {}
         self._tokens: OrderedDict[str, tuple[SignedPrincipal, float]] = OrderedDict()
@@ -125,7 +124,7 @@ class Authenticator:
             scopes=frozenset(body.get("scopes") or ()),
             key_prefix=body.get("prefix") or prefix,
         )
-        return _Entry(SignedPrincipal(principal, self.secret), prefix, now + ttl)
+        return _Entry(SignedPrincipal(principal), prefix, now + ttl)
 
     def _remember(self, digest: bytes, entry: _Entry) -> None:
         self._keys[digest] = entry
@@ -185,7 +184,7 @@ class Authenticator:
             app=claims.get("app") if isinstance(claims.get("app"), str) else None,
             scopes=frozenset(scope.split() if isinstance(scope, str) else ()),
         )
-        identity = SignedPrincipal(principal, self.secret)
+        identity = SignedPrincipal(principal)
         valid = min(float(claims["exp"]), time.time() + 60)
         self._tokens[token] = (identity, valid)
         while len(self._tokens) > CACHE_MAX:

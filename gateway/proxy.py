@@ -180,7 +180,7 @@ class ProxyMiddleware:
                         except orjson.JSONDecodeError:
                             parsed = None
                 check_user(principal, path, query, parsed)
-            principal_header = identity.header
+            principal_header = identity.header_for(service)
         extra_headers = rate_headers(decision)
 
         if principal_header is not None:

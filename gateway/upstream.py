@@ -32,7 +32,7 @@ from services.kit.errors import (
     UpstreamTimeout,
 )
 from services.kit.logs import request_id_var
-from services.kit.principal import PRINCIPAL_HEADER, Principal, sign_principal
+from services.kit.principal import PRINCIPAL_HEADER, Principal, outgoing_header
 
 SERVICES = ("auth", "ledger", "workspace", "generation", "enhancement")
 
@@ -67,23 +67,23 @@ def error_from_upstream(status: int, body: Any) -> KuError:
 
 
 class SignedPrincipal:
-    """A principal and its signed header, re-signed well before the header expires."""
+    """A principal the gateway authenticated, with its signed header per target service,
+    each re-signed well before it expires (a header names its audience: one signed for
+    the workspace is refused by the ledger)."""
 
-    __slots__ = ("principal", "_secret", "_header", "_signed_at")
+    __slots__ = ("principal", "_headers")
 
-    def __init__(self, principal: Principal, secret: str) -> None:
+    def __init__(self, principal: Principal) -> None:
         self.principal = principal
-        self._secret = secret
-        self._header = ""
-        self._signed_at = 0.0
+        self._headers: dict[str, tuple[str, float]] = {}
 
-    @property
-    def header(self) -> str:
+    def header_for(self, service: str) -> str:
         now = time.monotonic()
-        if now - self._signed_at > 20:
-            self._header = sign_principal(self.principal, self._secret)
-            self._signed_at = now
-        return self._header
+        cached = self._headers.get(service)
+        if cached is None or now - cached[1] > 20:
+            cached = (outgoing_header(self.principal, audience=service), now)
+            self._headers[service] = cached
+        return cached[0]
 
 
 class Upstreams:
@@ -139,11 +139,9 @@ class Upstreams:
         """One JSON call to a service; connection failures become 502, timeouts 504."""
         out = dict(headers or {})
         if isinstance(principal, SignedPrincipal):
-            out[PRINCIPAL_HEADER] = principal.header
+            out[PRINCIPAL_HEADER] = principal.header_for(service)
         elif principal is not None:
-            out[PRINCIPAL_HEADER] = sign_principal(
-                principal, self.settings.require_internal_secret()
-            )
+            out[PRINCIPAL_HEADER] = outgoing_header(principal, audience=service)
         request_id = request_id_var.get()
         if request_id:
             out["x-request-id"] = request_id

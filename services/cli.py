@@ -58,6 +58,22 @@ def cmd_up(args: argparse.Namespace) -> int:
     return run_suite(only=args.only)
 
 
+def cmd_principal_keys(args: argparse.Namespace) -> int:
+    """A fresh set of principal keys for production, as .env lines (stdout only)."""
+    from services.kit.principal import GATEWAY, format_keys, generate_keypair
+
+    names = [*SERVICE_ORDER, GATEWAY]
+    pairs = {name: generate_keypair() for name in names}
+    print(f"KU_PRINCIPAL_KEYS={format_keys({n: pub for n, (_, pub) in pairs.items()})}")
+    for name in names:
+        print(f"KU_PRINCIPAL_SIGNING_KEY_{name.upper()}={name}:{pairs[name][0]}")
+    # The worker runs every service's jobs, which call others as those services.
+    worker = {n: priv for n, (priv, _) in pairs.items() if n != GATEWAY}
+    print(f"KU_PRINCIPAL_SIGNING_KEY_WORKER={format_keys(worker)}")
+    print("(one private key per container; never give a service the gateway's)", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ku", description="Run and operate Ku.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -68,6 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     migrate = sub.add_parser("migrate", help="apply every service's migrations")
     migrate.set_defaults(func=cmd_migrate)
+
+    keys = sub.add_parser(
+        "principal-keys", help="print a fresh set of internal principal keys (.env lines)"
+    )
+    keys.set_defaults(func=cmd_principal_keys)
 
     ledger = sub.add_parser("ledger", help="ledger operations")
     ledger_sub = ledger.add_subparsers(dest="ledger_command", required=True)

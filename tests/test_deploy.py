@@ -23,7 +23,7 @@ SERVICES: dict[str, dict[str, Any]] = COMPOSE["services"]
 DOCKERFILE = (DEPLOY / "Dockerfile").read_text()
 ENV_EXAMPLE = (DEPLOY / ".env.example").read_text()
 INFRA = {"postgres", "redis", "migrate"}
-SECRET_NAME = re.compile(r"SECRET|PASSWORD|PRIVATE_KEY|_KEY_ID$")
+SECRET_NAME = re.compile(r"SECRET|PASSWORD|PRIVATE_KEY|SIGNING_KEY|_KEY_ID$")
 # A value taken from the host: required (`${X:?...}`) or empty by default (`${X:-}`).
 FROM_HOST = re.compile(r"^\$\{(KU_[A-Z0-9_]+)(:\?[^}]*|:-)\}$")
 
@@ -182,10 +182,12 @@ class TestSecrets:
                 password = re.fullmatch(r"postgresql://[^:@/]+:(\$\{[^}]*\})@.*", value)
                 assert password and FROM_HOST.match(password.group(1)), value
 
-    def test_the_internal_secret_is_required_where_it_is_used(self) -> None:
+    def test_every_process_has_the_keyring_and_only_its_own_signing_key(self) -> None:
         for name in ku_processes():
-            value = env_of(name).get("KU_INTERNAL_SECRET", "")
-            assert value.startswith("${KU_INTERNAL_SECRET:?"), name
+            env = env_of(name)
+            assert env.get("KU_PRINCIPAL_KEYS", "").startswith("${KU_PRINCIPAL_KEYS:?"), name
+            own = f"${{KU_PRINCIPAL_SIGNING_KEY_{name.upper()}:?"
+            assert env.get("KU_PRINCIPAL_SIGNING_KEYS", "").startswith(own), name
 
     def test_env_example_fills_in_no_secret(self) -> None:
         for line in ENV_EXAMPLE.splitlines():

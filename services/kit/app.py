@@ -43,7 +43,7 @@ def create_service_app(
             raise RuntimeError(
                 "KU_DATABASE_URL and KU_REDIS_URL must be set (`ku up` sets them for you)"
             )
-        settings.require_internal_secret()
+        settings.require_principal_keys(name)
         engine = create_engine(settings)
         redis = redis_from_url(settings.redis_url)
         app.state.settings = settings

@@ -6,6 +6,8 @@ from functools import lru_cache
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+GATEWAY_NAME = "gateway"
+
 
 class KuSettings(BaseSettings):
     model_config = SettingsConfigDict(
@@ -18,8 +20,11 @@ class KuSettings(BaseSettings):
     redis_url: str = ""
     # Namespace for Redis keys and streams, so parallel test runs never share a bus.
     bus_prefix: str = "ku"
-    # Signs the principal header the gateway forwards. Must be set outside development.
-    internal_secret: str = ""
+    # Internal principals (services.kit.principal): every process's Ed25519 public key,
+    # `name:base64url,...` (the same everywhere), and this process's own private key(s).
+    # `ku up` generates both in development; `ku principal-keys` prints a set for production.
+    principal_keys: str = ""
+    principal_signing_keys: str = ""
     log_level: str = "INFO"
     log_json: bool = True
     db_pool_size: int = 10
@@ -45,12 +50,20 @@ class KuSettings(BaseSettings):
             return explicit.rstrip("/")
         return f"http://{self.host}:{getattr(self, f'{name}_port')}"
 
-    def require_internal_secret(self) -> str:
-        if not self.internal_secret:
+    def require_principal_keys(self, name: str) -> None:
+        """A process cannot start without the keyring, nor without its own signing key."""
+        from services.kit.principal import parse_keys
+
+        if GATEWAY_NAME not in parse_keys(self.principal_keys):
             raise RuntimeError(
-                "KU_INTERNAL_SECRET is not set: services cannot verify the gateway's principal"
+                "KU_PRINCIPAL_KEYS is not set (or lacks the gateway's key): this process "
+                "cannot verify internal principals (`ku principal-keys` makes a set)"
             )
-        return self.internal_secret
+        if name not in parse_keys(self.principal_signing_keys):
+            raise RuntimeError(
+                f"KU_PRINCIPAL_SIGNING_KEYS holds no key for {name!r}: this process "
+                "cannot sign its calls to other services"
+            )
 
 
 @lru_cache

@@ -1,30 +1,58 @@
 """Who is calling. The gateway authenticates every request and forwards a signed
-principal header; services trust that header and nothing else.
+principal; services trust that header and nothing else.
 
-Header format: ``X-Ku-Principal: <base64url(json)>.<base64url(hmac-sha256)>`` keyed
-with ``KU_INTERNAL_SECRET``. The JSON carries an expiry so a captured header is
-useless after a minute.
+Header format: ``X-Ku-Principal: <base64url(json)>.<base64url(ed25519 signature)>``.
+The JSON names its issuer (`i`, the process that signed it), its audience (`d`, the
+one service that may accept it) and an expiry (`e`, a minute away).
+
+Why per-process Ed25519 keys rather than one shared HMAC secret: with a shared secret
+every process that can verify a principal can also mint one, so a single compromised
+service could forge an admin or any user for the ledger. Here each process holds only
+its own private key (`KU_PRINCIPAL_SIGNING_KEYS`) and everyone holds the public keyring
+(`KU_PRINCIPAL_KEYS`). A verifier accepts:
+
+- anything signed by the `gateway` (users, app keys, admins; the gateway authenticated
+  them), and
+- from any other issuer, only a `service` principal naming that same issuer: the
+  generation service can say "I am generation", never "I am user 42" or "I am admin".
+
+and only when `d` is the verifier's own name, so a principal minted for the workspace
+is refused by the ledger. See docs/kit.md ("Principals").
+
+A service acting for a caller forwards the caller's gateway-signed principal in
+`X-Ku-Origin` (`origin_principal()`); the target checks it was addressed to the
+calling service and applies the caller's own limits (a user's own money, a partner's
+linked users).
 """
 
 from __future__ import annotations
 
 import base64
-import hashlib
-import hmac
 import time
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Literal
 
 import orjson
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from fastapi import Request
 
-from services.kit.config import get_settings
+from services.kit.config import KuSettings, get_settings
 from services.kit.errors import Forbidden, Unauthorized
 
 PRINCIPAL_HEADER = "x-ku-principal"
 # A service calling another on a caller's behalf forwards the caller's own principal here.
 ORIGIN_HEADER = "x-ku-origin"
 HEADER_TTL_SECONDS = 60
+GATEWAY = "gateway"
+# An origin principal may be presented this long after it was signed: a story's
+# chapters are held minutes after the request that started them.
+ORIGIN_MAX_AGE_SECONDS = 3600
 
 SCOPES = (
     "ledger:read",
@@ -35,14 +63,18 @@ SCOPES = (
     "generate",
     "enhance",
     "users:write",
+    "users:any",
     "admin",
 )
+
+Kind = Literal["app", "user", "service"]
 
 
 @dataclass(frozen=True)
 class Principal:
-    kind: Literal["app", "user", "service"]
-    # App keys: the app name (penora, imagegene, ...). Users: the app the token came through.
+    kind: Kind
+    # App keys: the app name (penora, imagegene, ...). Users: the app the token came
+    # through. Services: the service's own name.
     app: str | None = None
     user_id: str | None = None
     scopes: frozenset[str] = field(default_factory=frozenset)
@@ -50,7 +82,17 @@ class Principal:
 
     @property
     def is_admin(self) -> bool:
-        return "admin" in self.scopes or self.kind == "service"
+        """Only an admin key or an admin account: services are not admins (they have lanes)."""
+        return "admin" in self.scopes and self.kind in ("app", "user")
+
+    @property
+    def actor(self) -> str:
+        """Who this is, as recorded on holds and in the audit log."""
+        if self.kind == "user":
+            return f"user:{self.user_id}"
+        if self.kind == "service":
+            return f"service:{self.app}"
+        return f"app:{self.app}"
 
     @property
     def idempotency_scope(self) -> str:
@@ -67,9 +109,12 @@ class Principal:
             raise Forbidden(f"Missing scope: {' or '.join(scopes)}", code="missing_scope")
 
     def acts_for(self, user_id: str) -> None:
-        """A user token acts only on its own user id; apps act for any user they name."""
+        """A user token acts only on its own user id."""
         if self.kind == "user" and self.user_id != user_id:
             raise Forbidden("A user token may act only on its own user", code="wrong_user")
+
+
+# --- keys ------------------------------------------------------------------------------
 
 
 def _b64(data: bytes) -> str:
@@ -80,48 +125,147 @@ def _unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
-def sign_principal(principal: Principal, secret: str, *, now: float | None = None) -> str:
+def generate_keypair() -> tuple[str, str]:
+    """(private, public) as base64url text, the form the settings take."""
+    private = Ed25519PrivateKey.generate()
+    raw_public = private.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    return _b64(private.private_bytes_raw()), _b64(raw_public)
+
+
+def parse_keys(text: str) -> dict[str, str]:
+    """`name:key,name:key` (the form of both settings) as a dict."""
+    out: dict[str, str] = {}
+    for item in text.replace(";", ",").split(","):
+        name, sep, key = item.strip().partition(":")
+        if sep and name.strip() and key.strip():
+            out[name.strip()] = key.strip()
+    return out
+
+
+def format_keys(keys: dict[str, str]) -> str:
+    return ",".join(f"{name}:{key}" for name, key in sorted(keys.items()))
+
+
+@dataclass(frozen=True)
+class Keys:
+    public: dict[str, Ed25519PublicKey]
+    private: dict[str, Ed25519PrivateKey]
+
+
+@lru_cache(maxsize=8)
+def _load(keyring: str, signing: str) -> Keys:
+    public = {
+        n: Ed25519PublicKey.from_public_bytes(_unb64(k)) for n, k in parse_keys(keyring).items()
+    }
+    private = {
+        n: Ed25519PrivateKey.from_private_bytes(_unb64(k)) for n, k in parse_keys(signing).items()
+    }
+    return Keys(public, private)
+
+
+def keys(settings: KuSettings | None = None) -> Keys:
+    s = settings or get_settings()
+    return _load(s.principal_keys, s.principal_signing_keys)
+
+
+# --- signing and verifying ---------------------------------------------------------------
+
+
+def sign_principal(
+    principal: Principal,
+    *,
+    audience: str,
+    issuer: str,
+    settings: KuSettings | None = None,
+    now: float | None = None,
+) -> str:
+    """Sign `principal` as `issuer` (this process must hold that key) for `audience`."""
+    private = keys(settings).private.get(issuer)
+    if private is None:
+        raise RuntimeError(
+            f"this process holds no principal signing key for {issuer!r} "
+            "(KU_PRINCIPAL_SIGNING_KEYS; `ku up` generates them in development)"
+        )
     payload = {
+        "i": issuer,
+        "d": audience,
         "k": principal.kind,
         "a": principal.app,
         "u": principal.user_id,
         "s": sorted(principal.scopes),
         "p": principal.key_prefix,
-        "e": int((now or time.time()) + HEADER_TTL_SECONDS),
+        "e": int((now if now is not None else time.time()) + HEADER_TTL_SECONDS),
     }
     body = _b64(orjson.dumps(payload))
-    mac = hmac.new(secret.encode(), body.encode(), hashlib.sha256).digest()
-    return f"{body}.{_b64(mac)}"
+    return f"{body}.{_b64(private.sign(body.encode()))}"
 
 
-def verify_principal(header: str, secret: str, *, now: float | None = None) -> Principal:
+@dataclass(frozen=True)
+class Verified:
+    principal: Principal
+    issuer: str
+    audience: str
+    expires_at: int
+
+
+def _invalid(reason: str) -> Unauthorized:
+    return Unauthorized("Invalid internal principal", code="invalid_principal", reason=reason)
+
+
+def verify_principal(
+    header: str,
+    *,
+    audience: str,
+    settings: KuSettings | None = None,
+    now: float | None = None,
+    max_age: float = 0,
+) -> Verified:
+    """Check signature, issuer authority, audience and expiry (`max_age` past it allowed)."""
     try:
         body, mac = header.split(".", 1)
-        expected = hmac.new(secret.encode(), body.encode(), hashlib.sha256).digest()
-        if not hmac.compare_digest(expected, _unb64(mac)):
-            raise ValueError("bad signature")
         data = orjson.loads(_unb64(body))
-        if int(data["e"]) < (now or time.time()):
-            raise ValueError("expired")
-        return Principal(
-            kind=data["k"],
-            app=data.get("a"),
-            user_id=data.get("u"),
-            scopes=frozenset(data.get("s") or ()),
-            key_prefix=data.get("p"),
-        )
-    except (ValueError, KeyError, TypeError, orjson.JSONDecodeError):
-        raise Unauthorized("Invalid internal principal", code="invalid_principal") from None
+        issuer = data["i"]
+        public = keys(settings).public.get(issuer) if isinstance(issuer, str) else None
+        if public is None:
+            raise _invalid("unknown issuer")
+        public.verify(_unb64(mac), body.encode())
+        kind, app = data["k"], data.get("a")
+    except Unauthorized:
+        raise
+    except (ValueError, KeyError, TypeError, InvalidSignature, orjson.JSONDecodeError):
+        raise _invalid("bad signature") from None
+    if kind not in ("app", "user", "service"):
+        raise _invalid("unknown kind")
+    if issuer != GATEWAY and not (kind == "service" and app == issuer):
+        # Only the gateway vouches for users, apps and admins; a service only for itself.
+        raise _invalid("issuer may not sign this principal")
+    if data.get("d") != audience:
+        raise _invalid("principal is for another service")
+    expires_at = int(data["e"])
+    if expires_at + max_age < (now if now is not None else time.time()):
+        raise _invalid("expired")
+    principal = Principal(
+        kind=kind,
+        app=app,
+        user_id=data.get("u"),
+        scopes=frozenset(data.get("s") or ()),
+        key_prefix=data.get("p"),
+    )
+    return Verified(principal, issuer, data["d"], expires_at)
 
 
-# Verified headers, until they expire: a gateway re-signs a principal about once a
-# second per caller, so most requests skip the HMAC and the JSON decode.
+# Verified headers, until they expire: a gateway re-signs a principal about every 20 s
+# per caller and service, so most requests skip the signature check.
 _verified: dict[str, tuple[Principal, int]] = {}
 _VERIFIED_MAX = 10_000
 
 
+def _audience(request: Request) -> str:
+    return str(request.app.state.service_name)
+
+
 async def get_principal(request: Request) -> Principal:
-    """FastAPI dependency: the verified principal of this request."""
+    """FastAPI dependency: the verified principal of this request, addressed to us."""
     header = request.headers.get(PRINCIPAL_HEADER)
     if not header:
         raise Unauthorized("Missing internal principal", code="missing_principal")
@@ -129,22 +273,36 @@ async def get_principal(request: Request) -> Principal:
     cached = _verified.get(header)
     if cached is not None and cached[1] >= now:
         return cached[0]
-    principal = verify_principal(header, get_settings().require_internal_secret(), now=now)
+    verified = verify_principal(header, audience=_audience(request), now=now)
     if len(_verified) >= _VERIFIED_MAX:
         _verified.clear()
-    _verified[header] = (principal, _expiry(header))
-    return principal
+    # Keyed by the header, which names its audience: a cached entry never admits the
+    # same header at another service (each process has its own cache anyway).
+    _verified[header] = (verified.principal, verified.expires_at)
+    return verified.principal
 
 
-def _expiry(header: str) -> int:
-    return int(orjson.loads(_unb64(header.split(".", 1)[0]))["e"])
+def origin_principal(request: Request, caller: Principal) -> Principal | None:
+    """The principal a service forwarded in `X-Ku-Origin`, if any: signed by the gateway,
+    addressed to the calling service, recent. None when no origin was sent."""
+    header = request.headers.get(ORIGIN_HEADER)
+    if not header:
+        return None
+    if caller.kind != "service":
+        raise _invalid("only a service may forward an origin principal")
+    verified = verify_principal(header, audience=str(caller.app), max_age=ORIGIN_MAX_AGE_SECONDS)
+    if verified.issuer != GATEWAY or verified.principal.kind == "service":
+        raise _invalid("an origin is a caller the gateway authenticated")
+    return verified.principal
 
 
 def outgoing_header(principal: Principal, *, audience: str) -> str:
-    """The signed principal header for a call from this process to service `audience`."""
-    return sign_principal(principal, get_settings().require_internal_secret())
+    """The signed principal header for a call from this process to service `audience`
+    (a service signs as itself)."""
+    issuer = principal.app if principal.kind == "service" else GATEWAY
+    return sign_principal(principal, audience=audience, issuer=str(issuer))
 
 
 def service_principal(name: str) -> Principal:
     """The principal a service or job uses when it calls another service."""
-    return Principal(kind="service", app=name, scopes=frozenset({"admin"}))
+    return Principal(kind="service", app=name)

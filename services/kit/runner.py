@@ -5,8 +5,9 @@
     with Suite(only=["ledger", "worker"], free_ports=True) as suite:
         httpx.get(suite.urls["ledger"] + "/ready")
 
-It fills `KU_DATABASE_URL` / `KU_REDIS_URL` from embedded servers when unset, makes a
-throwaway `KU_INTERNAL_SECRET` outside production, migrates, starts each process in
+It fills `KU_DATABASE_URL` / `KU_REDIS_URL` from embedded servers when unset, makes
+throwaway principal keys outside production (each child gets only its own private
+key: see services.kit.principal), migrates, starts each process in
 its own session (so a Ctrl-C reaches only us and we stop them in order), waits for
 `GET /ready` on each, and streams their output prefixed with their names. When any
 process dies, `wait()` returns and everything is stopped: SIGTERM, then SIGKILL
@@ -20,7 +21,6 @@ import collections
 import concurrent.futures
 import http.client
 import os
-import secrets
 import signal
 import socket
 import subprocess
@@ -35,6 +35,7 @@ from typing import IO, Any
 
 from services.kit.config import KuSettings
 from services.kit.migrations import SERVICE_ORDER
+from services.kit.principal import format_keys, generate_keypair, parse_keys
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVICES_DIR = ROOT / "services"
@@ -319,16 +320,19 @@ class Suite:
                 env["KU_DATABASE_URL"] = self._embedded.start_postgres()
             if not settings.redis_url:
                 env["KU_REDIS_URL"] = self._embedded.start_redis()
-        if settings.internal_secret:
-            env["KU_INTERNAL_SECRET"] = settings.internal_secret
-        elif settings.environment == "production":
-            raise SuiteError(
-                "KU_INTERNAL_SECRET must be set when KU_ENVIRONMENT=production "
-                "(a generated secret would differ between instances)"
+        if not settings.principal_keys:
+            if settings.environment == "production":
+                raise SuiteError(
+                    "KU_PRINCIPAL_KEYS and KU_PRINCIPAL_SIGNING_KEYS must be set when "
+                    "KU_ENVIRONMENT=production (`ku principal-keys` prints a set)"
+                )
+            # One key pair per process for this run: every child gets the public keyring
+            # and only its own private key.
+            pairs = {name: generate_keypair() for name in (*SERVICE_ORDER, GATEWAY)}
+            env["KU_PRINCIPAL_KEYS"] = format_keys({n: pub for n, (_, pub) in pairs.items()})
+            env["KU_PRINCIPAL_SIGNING_KEYS"] = format_keys(
+                {n: priv for n, (priv, _) in pairs.items()}
             )
-        else:
-            # One secret per run, shared by every child: the gateway signs, services verify.
-            env["KU_INTERNAL_SECRET"] = secrets.token_urlsafe(32)
             self.generated_secret = True
         env["PYTHONUNBUFFERED"] = "1"
         if self.only:
@@ -376,10 +380,27 @@ class Suite:
             return None
         return self.output if self.output is not None else sys.stdout
 
+    def _child_env(self, name: str) -> dict[str, str]:
+        """The suite's environment with only this process's own signing key(s)."""
+        env = dict(self.env)
+        held = parse_keys(env.get("KU_PRINCIPAL_SIGNING_KEYS", ""))
+        if name == WORKER:
+            # The worker runs services' jobs, which call other services as those services.
+            wanted = [
+                s.strip()
+                for s in (env.get("KU_WORKER_SERVICES") or ",".join(SERVICE_ORDER)).split(",")
+            ]
+        else:
+            wanted = [name]
+        env["KU_PRINCIPAL_SIGNING_KEYS"] = format_keys(
+            {n: k for n, k in held.items() if n in wanted}
+        )
+        return env
+
     def _spawn(self, spec: ProcessSpec) -> None:
         proc = subprocess.Popen(
             spec.argv,
-            env=self.env,
+            env=self._child_env(spec.name),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -479,7 +500,9 @@ class Suite:
             else:
                 lines.append(f"  {spec.name:<{width}}  {spec.url}  (docs: {spec.url}/docs)")
         if self.generated_secret:
-            lines.append("  (KU_INTERNAL_SECRET unset: generated one for this run)")
+            lines.append(
+                "  (KU_PRINCIPAL_KEYS unset: generated a key pair per process for this run)"
+            )
         lines.append("Ctrl-C stops everything.")
         return "\n".join(lines)
 

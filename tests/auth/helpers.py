@@ -28,7 +28,7 @@ def admin() -> dict[str, str]:
 
 def gateway() -> dict[str, str]:
     """What the gateway sends: `service_principal("gateway")`."""
-    return principal_headers("service", app="gateway", scopes=("admin",))
+    return principal_headers("service", app="gateway", scopes=())
 
 
 def app_with(*scopes: str, app: str = "penora") -> dict[str, str]:

@@ -8,7 +8,7 @@ import secrets
 from sqlalchemy import text
 
 from services.cli import main
-from tests.auth.helpers import gateway, stream_event
+from tests.auth.helpers import admin, gateway, stream_event
 
 KEY_LINE = re.compile(r"^ku_[a-z0-9]{8}_[A-Za-z0-9_-]{43}\n$")
 
@@ -119,14 +119,14 @@ class TestUsersCommands:
             "username": "Cli",
             "email": "cli@example.com",
         }
-        r = await auth.get(f"/v1/users/{user_id}", headers=gateway())
+        r = await auth.get(f"/v1/users/{user_id}", headers=admin())
         assert r.status_code == 200 and r.json()["email"] == "cli@example.com"
 
         code, out, err = await ku(
             capsys, "users", "create", "--id", user_id, "--email", "other@example.com"
         )
         assert code == 0 and out == f"{user_id}\n" and "already exists" in err
-        r = await auth.get(f"/v1/users/{user_id}", headers=gateway())
+        r = await auth.get(f"/v1/users/{user_id}", headers=admin())
         assert r.json()["email"] == "cli@example.com"
 
     async def test_invalid_email_fails(self, capsys, new_user_id, sessions):

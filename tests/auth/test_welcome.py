@@ -16,7 +16,9 @@ async def balance_when_ready(ledger, user_id: str, wait: float = 10.0) -> dict:
         r = await ledger.get(
             "/v1/ledger/balance",
             params={"user_id": user_id},
-            headers=principal_headers("app", app="penora", scopes=("ledger:read",)),
+            headers=principal_headers(
+                "app", audience="ledger", app="penora", scopes=("ledger:read",)
+            ),
         )
         if r.status_code == 200 or time.monotonic() > deadline:
             return r.json()

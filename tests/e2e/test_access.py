@@ -10,7 +10,8 @@ import httpx
 import orjson
 import pytest
 
-from services.kit.principal import Principal, sign_principal
+from services.kit.config import KuSettings
+from services.kit.principal import Principal, generate_keypair, sign_principal
 from services.kit.runner import free_port
 from tests.e2e.conftest import E2E
 from tests.gateway.helpers import SEED_KEY, new_user_id
@@ -60,8 +61,13 @@ class TestNegativeAuth:
             _b64(b'{"alg":"none","typ":"JWT"}') + b"." + _b64(orjson.dumps(claims)) + b"."
         ).decode()
         confused = hs256(claims, e2e.signing.public_pem.encode(), e2e.signing.kid)
+        # Signed with a key no one trusts, as the gateway.
+        stranger = KuSettings(principal_signing_keys=f"gateway:{generate_keypair()[0]}")
         forged = sign_principal(
-            Principal(kind="app", app="penora", scopes=frozenset({"admin"})), "guessed-secret"
+            Principal(kind="app", app="penora", scopes=frozenset({"admin"})),
+            audience="ledger",
+            issuer="gateway",
+            settings=stranger,
         )
         attempts: dict[str, dict[str, str]] = {
             "no key": {},

@@ -48,7 +48,7 @@ def make_signing_key() -> SigningKey:
 
 
 def admin() -> dict[str, str]:
-    return principal_headers("app", app="ops", scopes=("admin",))
+    return principal_headers("app", audience="auth", app="ops", scopes=("admin",))
 
 
 def new_user_id() -> str:

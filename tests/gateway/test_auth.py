@@ -24,7 +24,7 @@ async def funded_user(stack: Stack) -> str:
     r = await stack.ledger.post(
         "/v1/ledger/accounts",
         json={"user_id": user_id, "welcome": True},
-        headers=principal_headers("app", app="ops", scopes=("admin",)),
+        headers=principal_headers("app", audience="ledger", app="ops", scopes=("admin",)),
     )
     assert r.status_code == 201, r.text
     return user_id
@@ -34,7 +34,7 @@ async def available(stack: Stack, user_id: str) -> float:
     r = await stack.ledger.get(
         "/v1/ledger/balance",
         params={"user_id": user_id},
-        headers=principal_headers("app", app="ops", scopes=("admin",)),
+        headers=principal_headers("app", audience="ledger", app="ops", scopes=("admin",)),
     )
     return r.json()["available"]
 
@@ -109,7 +109,7 @@ class TestApiKeys:
 
     async def test_spoofed_principal_header_is_ignored(self, gw: httpx.AsyncClient, stack: Stack):
         user_id = await funded_user(stack)
-        forged = principal_headers("app", app="penora", scopes=("admin",))
+        forged = principal_headers("app", audience="ledger", app="penora", scopes=("admin",))
         r = await gw.post("/v1/ledger/debits", json=debit(user_id), headers=forged)
         assert r.status_code == 401
         bad = {"x-ku-principal": "e30.AAAA"}

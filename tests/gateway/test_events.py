@@ -19,7 +19,7 @@ async def open_account(stack: Stack) -> str:
     r = await stack.ledger.post(
         "/v1/ledger/accounts",
         json={"user_id": user_id, "welcome": True},
-        headers=principal_headers("app", app="ops", scopes=("admin",)),
+        headers=principal_headers("app", audience="ledger", app="ops", scopes=("admin",)),
     )
     assert r.status_code == 201
     return user_id
@@ -29,7 +29,7 @@ async def spend(stack: Stack, user_id: str, amount: float) -> None:
     r = await stack.ledger.post(
         "/v1/ledger/debits",
         json={"user_id": user_id, "amount": amount, "app": "penora", "reference": new_user_id()},
-        headers=principal_headers("app", app="penora", scopes=("ledger:write",)),
+        headers=principal_headers("app", audience="ledger", app="penora", scopes=("ledger:write",)),
     )
     assert r.status_code == 201, r.text
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import time
 from typing import Any
@@ -104,8 +103,8 @@ class TestForwarding:
         assert seen["query"] == "x=1"
         assert "x-api-key" not in seen["headers"]
         principal = verify_principal(
-            seen["headers"]["x-ku-principal"], os.environ["KU_INTERNAL_SECRET"]
-        )
+            seen["headers"]["x-ku-principal"], audience="generation"
+        ).principal
         assert principal.kind == "app" and principal.app == "penora"
         assert principal.scopes == {"generate"}
         assert seen["headers"]["x-request-id"] == "req-123"

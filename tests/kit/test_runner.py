@@ -18,6 +18,7 @@ import asyncpg
 import httpx
 import pytest
 
+from services.kit.principal import parse_keys
 from services.kit.runner import Suite, SuiteError, available_processes, free_port
 from services.kit.testing.plugin import principal_headers
 
@@ -28,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def admin() -> dict[str, str]:
     return {
-        **principal_headers("app", app="penora", scopes=("admin",)),
+        **principal_headers("app", audience="ledger", app="penora", scopes=("admin",)),
         "Idempotency-Key": uuid.uuid4().hex,
     }
 
@@ -53,7 +54,7 @@ class TestSuite:
 
     def test_children_share_the_suite_environment(self, suite: Suite) -> None:
         assert suite.env["KU_DATABASE_URL"] == os.environ["KU_DATABASE_URL"]
-        assert suite.env["KU_INTERNAL_SECRET"] == os.environ["KU_INTERNAL_SECRET"]
+        assert suite.env["KU_PRINCIPAL_KEYS"] == os.environ["KU_PRINCIPAL_KEYS"]
         assert suite.env["KU_LEDGER_URL"] == suite.urls["ledger"]
         # Services outside the suite point nowhere, never at the default ports.
         assert suite.env["KU_AUTH_URL"] != "http://127.0.0.1:8001"
@@ -120,21 +121,33 @@ class TestSuiteErrors:
             pass
         assert suite.processes == {}
 
-    def test_production_requires_an_internal_secret(self) -> None:
-        env = {k: v for k, v in os.environ.items() if k != "KU_INTERNAL_SECRET"}
+    def test_production_requires_principal_keys(self) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("KU_PRINCIPAL_")}
         env["KU_ENVIRONMENT"] = "production"
         suite = Suite(env=env, only=["worker"], free_ports=True, quiet=True, migrate=False)
-        with pytest.raises(SuiteError, match="KU_INTERNAL_SECRET"), suite:
+        with pytest.raises(SuiteError, match="KU_PRINCIPAL_KEYS"), suite:
             pass
         assert suite.processes == {}
 
-    def test_development_gets_a_generated_secret(self) -> None:
-        env = {k: v for k, v in os.environ.items() if k != "KU_INTERNAL_SECRET"}
+    def test_development_gets_a_key_pair_per_process(self) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("KU_PRINCIPAL_")}
         env["KU_ENVIRONMENT"] = "development"
+        env["KU_WORKER_SERVICES"] = "ledger"
         suite = Suite(env=env, only=["worker"], free_ports=True, quiet=True, migrate=False)
-        prepared = suite._prepare_env()
-        assert len(prepared["KU_INTERNAL_SECRET"]) >= 32
+        suite.env = suite._prepare_env()
+        public = parse_keys(suite.env["KU_PRINCIPAL_KEYS"])
+        assert {"gateway", "ledger", "auth", "workspace"} <= set(public)
         assert suite.generated_secret
+        # Each child holds only its own private key: a service cannot sign as the gateway.
+        assert set(parse_keys(suite._child_env("ledger")["KU_PRINCIPAL_SIGNING_KEYS"])) == {
+            "ledger"
+        }
+        assert set(parse_keys(suite._child_env("gateway")["KU_PRINCIPAL_SIGNING_KEYS"])) == {
+            "gateway"
+        }
+        assert set(parse_keys(suite._child_env("worker")["KU_PRINCIPAL_SIGNING_KEYS"])) == {
+            "ledger"
+        }
 
     def test_every_existing_service_can_be_planned(self) -> None:
         names = available_processes()

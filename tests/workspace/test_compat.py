@@ -4,7 +4,6 @@ in-process, and the gateway's authentication is replaced by a fixed principal.""
 
 from __future__ import annotations
 
-import os
 from types import SimpleNamespace
 from typing import Any, get_args
 
@@ -12,7 +11,7 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from services.kit.principal import PRINCIPAL_HEADER, Principal, sign_principal
+from services.kit.principal import PRINCIPAL_HEADER, Principal, outgoing_header
 from tests.workspace.helpers import b64, png
 
 compat = pytest.importorskip("gateway.compat")
@@ -40,7 +39,7 @@ class InProcessUpstreams(Upstreams):
     ) -> tuple[int, Any]:
         out = dict(headers or {})
         p = principal.principal if isinstance(principal, SignedPrincipal) else principal
-        out[PRINCIPAL_HEADER] = sign_principal(p, os.environ["KU_INTERNAL_SECRET"])
+        out[PRINCIPAL_HEADER] = outgoing_header(p, audience=service)
         r = await self.clients[service].request(method, path, json=json, params=params, headers=out)
         return r.status_code, (r.json() if r.content else None)
 
@@ -60,9 +59,7 @@ async def old_client(workspace, caller_box):
     app.state.gateway = SimpleNamespace(upstreams=InProcessUpstreams({"workspace": workspace}))
     app.include_router(compat.build_router())
     dependency = get_args(unified.Caller)[1].dependency
-    app.dependency_overrides[dependency] = lambda: SignedPrincipal(
-        caller_box["principal"], os.environ["KU_INTERNAL_SECRET"]
-    )
+    app.dependency_overrides[dependency] = lambda: SignedPrincipal(caller_box["principal"])
     async with httpx.AsyncClient(
         transport=httpx.ASGITransport(app=app), base_url="http://gateway"
     ) as client:

@@ -1,9 +1,11 @@
 """pytest plugin for Ku (registered by the `ku` distribution's entry point).
 
 Per test run: a fresh database on the configured server (KU_DATABASE_URL, or the
-embedded one), migrated once; a private Redis key prefix; a random internal
-secret. Both are removed at the end. Tests isolate by data: every test makes
-its own users (`new_user_id`), so nothing needs truncating.
+embedded one), migrated once; a private Redis key prefix; a principal key pair for
+every process (this test process holds all private keys, like a whole suite; a
+`Suite` started from a test hands each child only its own). The database and the
+Redis keys are removed at the end. Tests isolate by data: every test makes its own
+users (`new_user_id`), so nothing needs truncating.
 """
 
 from __future__ import annotations
@@ -11,9 +13,11 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import sys
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -21,7 +25,7 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from services.kit.principal import PRINCIPAL_HEADER, Principal, sign_principal
+from services.kit.principal import GATEWAY, PRINCIPAL_HEADER, Principal, sign_principal
 
 RUN_ID = uuid.uuid4().hex[:10]
 
@@ -41,12 +45,23 @@ def _bootstrap_environment() -> dict[str, str]:
         "KU_TEST_DATABASE_URL": test_url,
         "KU_DATABASE_URL": test_url,
         "KU_BUS_PREFIX": f"kutest{RUN_ID}",
-        "KU_INTERNAL_SECRET": secrets.token_urlsafe(32),
+        **_principal_keys(),
         "KU_ENVIRONMENT": "test",
         "KU_LOG_LEVEL": os.environ.get("KU_LOG_LEVEL", "WARNING"),
     }
     os.environ.update(env)
     return env
+
+
+def _principal_keys() -> dict[str, str]:
+    from services.kit.migrations import SERVICE_ORDER
+    from services.kit.principal import GATEWAY, format_keys, generate_keypair
+
+    pairs = {name: generate_keypair() for name in (*SERVICE_ORDER, GATEWAY)}
+    return {
+        "KU_PRINCIPAL_KEYS": format_keys({n: pub for n, (_, pub) in pairs.items()}),
+        "KU_PRINCIPAL_SIGNING_KEYS": format_keys({n: priv for n, (priv, _) in pairs.items()}),
+    }
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -126,10 +141,32 @@ def principal_headers(
     app: str | None = "penora",
     user_id: str | None = None,
     scopes: tuple[str, ...] | set[str] = ("admin",),
+    audience: str | None = None,
+    issuer: str | None = None,
+    now: float | None = None,
 ) -> dict[str, str]:
-    """The signed principal header the gateway would forward."""
+    """The signed principal header the gateway would forward to `audience`.
+
+    `audience` defaults to the service whose tests call this (`tests/<service>/...`);
+    elsewhere pass it. `issuer` defaults to the gateway (services: themselves).
+    """
+    if audience is None:
+        audience = _audience_of_caller(sys._getframe(1).f_code.co_filename)
     principal = Principal(kind=kind, app=app, user_id=user_id, scopes=frozenset(scopes))  # type: ignore[arg-type]
-    return {PRINCIPAL_HEADER: sign_principal(principal, os.environ["KU_INTERNAL_SECRET"])}
+    if issuer is None:
+        issuer = str(app) if kind == "service" else GATEWAY
+    return {PRINCIPAL_HEADER: sign_principal(principal, audience=audience, issuer=issuer, now=now)}
+
+
+def _audience_of_caller(filename: str) -> str:
+    from services.kit.migrations import SERVICE_ORDER
+
+    parts = Path(filename).parts
+    if "tests" in parts:
+        i = len(parts) - 1 - parts[::-1].index("tests")
+        if i + 1 < len(parts) and parts[i + 1] in SERVICE_ORDER:
+            return parts[i + 1]
+    raise TypeError(f"principal_headers() needs audience= outside tests/<service>/ ({filename})")
 
 
 @pytest.fixture
