@@ -57,6 +57,7 @@ def create_service_app(
                 redis,
                 outbox_schema,
                 stream_name(settings.bus_prefix, name),
+                issuer=name,
             )
             relay.start()
         app.state.outbox_relay = relay

@@ -21,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.kit.background import BackgroundLoop
 from services.kit.metrics import EVENTS_HANDLED
-from services.kit.outbox import decode_event
+from services.kit.outbox import decode_event, event_issuer
 
 log = logging.getLogger("ku.bus")
 
@@ -52,6 +52,12 @@ async def handled_once(session: AsyncSession, table: Table, consumer: str, event
         {"c": consumer, "e": event_id},
     )
     return result.first() is not None
+
+
+def stream_service(stream: str) -> str | None:
+    """`<prefix>.events.<service>` -> the service that alone may sign its entries."""
+    _, sep, service = stream.rpartition(".events.")
+    return service if sep and service else None
 
 
 class Consumer(BackgroundLoop):
@@ -89,6 +95,14 @@ class Consumer(BackgroundLoop):
                     raise
 
     async def _handle(self, stream: str, entry_id: bytes | str, fields: dict[Any, Any]) -> None:
+        expected = stream_service(stream)
+        if expected is None or event_issuer(fields) != expected:
+            # Not signed by the service whose stream this is: someone wrote to Redis
+            # directly. Drop it (acked, so it is not redelivered forever) and say so.
+            EVENTS_HANDLED.labels(self.group, "?", "forged").inc()
+            log.warning("dropped an unsigned or forged entry %s on %s", entry_id, stream)
+            await self.redis.xack(stream, self.group, entry_id)
+            return
         event = decode_event(fields)
         if self.topics is None or event["topic"] in self.topics:
             try:

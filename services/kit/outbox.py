@@ -6,6 +6,12 @@ rather than using LISTEN/NOTIFY: NOTIFY takes a database-wide lock at commit
 that serializes every committing transaction, which would cap the ledger's
 throughput at one WAL flush at a time.
 
+Authenticity: the relay signs every entry as its service (Ed25519, the process's
+principal key: `signed_fields`), and `services.kit.bus.Consumer` drops entries whose
+signature is missing, wrong, or from another issuer than the stream's service. Anyone
+who can write to Redis can add entries; only the service can make one that counts
+(a forged `user.created` grants no welcome credits).
+
 Delivery guarantee: an event whose transaction rolls back never exists; one that
 commits is published at least once, even if Redis was down at commit time (the
 relay keeps the row until XADD succeeds). A crash between XADD and the row's
@@ -68,6 +74,7 @@ class OutboxRelay(BackgroundLoop):
         schema: str,
         stream: str,
         *,
+        issuer: str,
         interval: float = 0.25,
         busy_interval: float = 0.05,
         batch: int = 200,
@@ -77,6 +84,7 @@ class OutboxRelay(BackgroundLoop):
         self.redis = redis
         self.schema = schema
         self.stream = stream
+        self.issuer = issuer
         self.interval = interval
         self.busy_interval = busy_interval
         self.batch = batch
@@ -98,12 +106,13 @@ class OutboxRelay(BackgroundLoop):
             for row in rows:
                 pipe.xadd(
                     self.stream,
-                    {
-                        "id": str(row["id"]),
-                        "topic": row["topic"],
-                        "payload": row["payload"],
-                        "created_at": row["created_at"].isoformat(),
-                    },
+                    signed_fields(
+                        self.issuer,
+                        str(row["id"]),
+                        row["topic"],
+                        row["payload"],
+                        row["created_at"].isoformat(),
+                    ),
                     maxlen=self.maxlen,
                     approximate=True,
                 )
@@ -141,11 +150,53 @@ class OutboxRelay(BackgroundLoop):
                 conn.terminate()
 
 
-def decode_event(fields: dict[bytes | str, bytes | str]) -> dict[str, Any]:
+def _signed_text(event_id: str, topic: str, payload: str, created_at: str) -> bytes:
+    return "\n".join((event_id, topic, created_at, payload)).encode()
+
+
+def signed_fields(
+    issuer: str, event_id: str, topic: str, payload: str, created_at: str = ""
+) -> dict[Any, Any]:
+    """A stream entry signed as `issuer` (this process must hold that principal key)."""
+    from services.kit.principal import sign_bytes
+
+    sig = sign_bytes(issuer, _signed_text(event_id, topic, payload, created_at))
+    return {
+        "id": event_id,
+        "topic": topic,
+        "payload": payload,
+        "created_at": created_at,
+        "issuer": issuer,
+        "sig": sig,
+    }
+
+
+def _text(fields: dict[bytes | str, bytes | str]) -> dict[str, str]:
     def s(v: bytes | str) -> str:
         return v.decode() if isinstance(v, bytes) else v
 
-    data = {s(k): s(v) for k, v in fields.items()}
+    return {s(k): s(v) for k, v in fields.items()}
+
+
+def event_issuer(fields: dict[bytes | str, bytes | str]) -> str | None:
+    """The service that signed this entry, or None when unsigned or the signature fails."""
+    from services.kit.principal import verify_bytes
+
+    data = _text(fields)
+    issuer, sig = data.get("issuer"), data.get("sig")
+    if not issuer or not sig:
+        return None
+    text = _signed_text(
+        data.get("id", ""),
+        data.get("topic", ""),
+        data.get("payload", ""),
+        data.get("created_at", ""),
+    )
+    return issuer if verify_bytes(issuer, text, sig) else None
+
+
+def decode_event(fields: dict[bytes | str, bytes | str]) -> dict[str, Any]:
+    data = _text(fields)
     return {
         "id": data["id"],
         "topic": data["topic"],

@@ -200,6 +200,25 @@ def sign_principal(
     return f"{body}.{_b64(private.sign(body.encode()))}"
 
 
+def sign_bytes(issuer: str, data: bytes) -> str:
+    """Sign arbitrary bytes as `issuer` (events on the bus)."""
+    private = keys().private.get(issuer)
+    if private is None:
+        raise RuntimeError(f"this process holds no principal signing key for {issuer!r}")
+    return _b64(private.sign(data))
+
+
+def verify_bytes(issuer: str, data: bytes, signature: str) -> bool:
+    public = keys().public.get(issuer)
+    if public is None:
+        return False
+    try:
+        public.verify(_unb64(signature), data)
+    except (InvalidSignature, ValueError):
+        return False
+    return True
+
+
 @dataclass(frozen=True)
 class Verified:
     principal: Principal

@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from services.kit.bus import Consumer, handled_once, processed_events_table
 from services.kit.db import async_url, plain_url, sessionmaker_for, unit_of_work
-from services.kit.outbox import OutboxRelay, emit, outbox_table
+from services.kit.outbox import OutboxRelay, emit, event_issuer, outbox_table, signed_fields
 
 SCHEMA = "kit_outbox_test"
 
@@ -41,7 +41,8 @@ async def redis():
 
 
 def stream() -> str:
-    return f"{os.environ['KU_BUS_PREFIX']}.test.{uuid.uuid4().hex[:8]}"
+    # A stream of the (test) service "auth": only auth's signature counts on it.
+    return f"{os.environ['KU_BUS_PREFIX']}.{uuid.uuid4().hex[:8]}.events.auth"
 
 
 async def stream_ids(redis: Redis, name: str) -> list[str]:
@@ -56,7 +57,7 @@ class TestOutboxRelay:
             async with unit_of_work(sessionmaker_for(engine)) as session:
                 await emit(session, outbox, "thing.happened", {"n": 1})
                 raise RuntimeError("the request failed after writing its event")
-        relay = OutboxRelay(plain_url(ku_database_url), redis, SCHEMA, name)
+        relay = OutboxRelay(plain_url(ku_database_url), redis, SCHEMA, name, issuer="auth")
         conn = await asyncpg.connect(plain_url(ku_database_url))
         try:
             assert await relay.relay_once(conn) == 0
@@ -73,7 +74,9 @@ class TestOutboxRelay:
         conn = await asyncpg.connect(plain_url(ku_database_url))
         try:
             with pytest.raises((OSError, ConnectionError, RedisError)):
-                await OutboxRelay(plain_url(ku_database_url), dead, SCHEMA, name).relay_once(conn)
+                await OutboxRelay(
+                    plain_url(ku_database_url), dead, SCHEMA, name, issuer="auth"
+                ).relay_once(conn)
             assert (
                 await conn.fetchval(
                     f"SELECT count(*) FROM {SCHEMA}.outbox WHERE id = $1", uuid.UUID(event_id)
@@ -82,7 +85,9 @@ class TestOutboxRelay:
             )
             # Redis is back: the same row goes out, then leaves the table.
             assert (
-                await OutboxRelay(plain_url(ku_database_url), redis, SCHEMA, name).relay_once(conn)
+                await OutboxRelay(
+                    plain_url(ku_database_url), redis, SCHEMA, name, issuer="auth"
+                ).relay_once(conn)
                 == 1
             )
             assert await conn.fetchval(f"SELECT count(*) FROM {SCHEMA}.outbox") == 0
@@ -96,9 +101,7 @@ class TestConsumer:
     async def test_failed_handler_leaves_entry_for_reclaim_and_dedupes(self, tables, redis):
         engine, _, processed = tables
         name = stream()
-        await redis.xadd(
-            name, {"id": "evt-1", "topic": "t", "payload": '{"x": 1}', "created_at": ""}
-        )
+        await redis.xadd(name, signed_fields("auth", "evt-1", "t", '{"x": 1}'))
         seen: list[str] = []
 
         async def crashing(event):
@@ -121,8 +124,45 @@ class TestConsumer:
         assert (await redis.xpending(name, "g"))["pending"] == 0
 
         # A redelivery of the same event id is a no-op.
-        await redis.xadd(
-            name, {"id": "evt-1", "topic": "t", "payload": '{"x": 1}', "created_at": ""}
-        )
+        await redis.xadd(name, signed_fields("auth", "evt-1", "t", '{"x": 1}'))
         assert await second.poll_once(block_ms=100) == 1
         assert seen == ["evt-1"]
+
+
+class TestSignedEvents:
+    async def test_unsigned_and_foreign_signed_entries_are_dropped(self, redis):
+        name = stream()
+        seen: list[str] = []
+
+        async def handler(event):
+            seen.append(event["id"])
+
+        forged_sig = signed_fields("workspace", "evt-w", "t", '{"x": 1}')
+        forged_sig["issuer"] = "auth"  # claims auth, signed with the workspace's key
+        await redis.xadd(name, {"id": "evt-u", "topic": "t", "payload": "{}", "created_at": ""})
+        await redis.xadd(name, signed_fields("workspace", "evt-o", "t", "{}"))  # other service
+        await redis.xadd(name, forged_sig)
+        tampered = signed_fields("auth", "evt-t", "t", '{"amount": 1}')
+        tampered["payload"] = '{"amount": 1000000}'
+        await redis.xadd(name, tampered)
+        await redis.xadd(name, signed_fields("auth", "evt-ok", "t", "{}"))
+        consumer = Consumer(redis, [name], "g", handler, name="a")
+        await consumer.ensure_groups()
+        assert await consumer.poll_once(block_ms=100) == 5
+        assert seen == ["evt-ok"]
+        assert (await redis.xpending(name, "g"))["pending"] == 0  # dropped, not redelivered
+
+    async def test_relay_signs_as_its_service(self, tables, redis, ku_database_url):
+        engine, outbox, _ = tables
+        name = stream()
+        async with unit_of_work(sessionmaker_for(engine)) as session:
+            await emit(session, outbox, "thing.happened", {"n": 3})
+        conn = await asyncpg.connect(plain_url(ku_database_url))
+        try:
+            relay = OutboxRelay(plain_url(ku_database_url), redis, SCHEMA, name, issuer="auth")
+            while await relay.relay_once(conn):
+                pass
+        finally:
+            await conn.close()
+        entries = await redis.xrange(name)
+        assert entries and all(event_issuer(f) == "auth" for _, f in entries)

@@ -3,6 +3,7 @@ from __future__ import annotations
 import asyncio
 from datetime import UTC, datetime, timedelta
 
+from services.kit.outbox import signed_fields
 from tests.ledger.helpers import admin, balance, key, penora
 
 
@@ -112,12 +113,12 @@ class TestWelcome:
             for n in range(3):
                 await redis.xadd(
                     stream,
-                    {
-                        "id": f"evt-{user}-{n}",
-                        "topic": "user.created",
-                        "payload": orjson.dumps({"user_id": user}).decode(),
-                        "created_at": "",
-                    },
+                    signed_fields(
+                        "auth",
+                        f"evt-{user}-{n}",
+                        "user.created",
+                        orjson.dumps({"user_id": user}).decode(),
+                    ),
                 )
         finally:
             await redis.aclose()
@@ -133,3 +134,43 @@ class TestWelcome:
         assert b["available"] == 50
         txs = await ledger.get("/v1/ledger/transactions", params={"user_id": user}, headers=admin())
         assert [t["kind"] for t in txs.json()["items"]] == ["grant"]
+
+
+class TestForgedEvents:
+    async def test_a_forged_user_created_grants_nothing(self, ledger, new_user_id):
+        """Entries written straight to Redis, unsigned or signed by another service, open
+        no account and grant no welcome credits."""
+        import os
+
+        import orjson
+        from redis.asyncio import Redis
+
+        user = new_user_id()
+        payload = orjson.dumps({"user_id": user}).decode()
+        redis = Redis.from_url(os.environ["KU_REDIS_URL"])
+        stream = f"{os.environ['KU_BUS_PREFIX']}.events.auth"
+        try:
+            unsigned = {"id": f"f1-{user}", "topic": "user.created", "payload": payload}
+            await redis.xadd(stream, unsigned)
+            await redis.xadd(
+                stream, signed_fields("workspace", f"f2-{user}", "user.created", payload)
+            )
+            claims_auth = signed_fields("generation", f"f3-{user}", "user.created", payload)
+            claims_auth["issuer"] = "auth"
+            await redis.xadd(stream, claims_auth)
+            # A genuine event after them, as the marker that the consumer got this far.
+            marker = new_user_id()
+            marker_payload = orjson.dumps({"user_id": marker}).decode()
+            await redis.xadd(
+                stream, signed_fields("auth", f"ok-{marker}", "user.created", marker_payload)
+            )
+        finally:
+            await redis.aclose()
+        for _ in range(100):
+            r = await ledger.get("/v1/ledger/balance", params={"user_id": marker}, headers=admin())
+            if r.status_code == 200:
+                break
+            await asyncio.sleep(0.1)
+        assert r.status_code == 200
+        r = await ledger.get("/v1/ledger/balance", params={"user_id": user}, headers=admin())
+        assert r.status_code == 404
