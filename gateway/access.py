@@ -6,7 +6,8 @@ so every door applies the same rules.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, MutableMapping
+from collections.abc import Iterable, MutableMapping, Sequence
+from ipaddress import IPv4Network, IPv6Network, ip_address
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -41,6 +42,9 @@ PUBLIC_PATHS = frozenset(
     }
 )
 MONEY_ROUTES = frozenset({"ledger", "billing"})
+# Where an API key may come as `?api_key=` (the old clients' routes, seed 001): a key in
+# a URL ends up in logs and browser history, so the native API takes headers only.
+QUERY_KEY_PREFIXES = ("/api/unified/", "/api/user-projects", "/api/project/", "/api/enhance-image")
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
@@ -120,14 +124,34 @@ class Access:
 
 
 def client_ip(
-    scope: MutableMapping[str, Any], headers: dict[bytes, bytes], trust_forwarded: bool
+    scope: MutableMapping[str, Any], headers: dict[bytes, bytes], settings: GatewaySettings
 ) -> str:
-    if trust_forwarded:
-        forwarded = headers.get(b"x-forwarded-for")
-        if forwarded:
-            return forwarded.split(b",", 1)[0].strip().decode("latin-1")
+    """The caller's address. Behind trusted proxies (KU_GATEWAY_TRUST_FORWARDED and the
+    peer in KU_GATEWAY_TRUSTED_PROXIES), the right-most X-Forwarded-For hop that is not
+    one of our proxies: hops to its left were written by the client and prove nothing."""
     client = scope.get("client")
-    return client[0] if client else "unknown"
+    peer = client[0] if client else "unknown"
+    if not settings.gateway_trust_forwarded:
+        return peer
+    trusted = settings.trusted_proxy_networks
+    if not _in(peer, trusted):
+        return peer
+    forwarded = headers.get(b"x-forwarded-for")
+    if not forwarded:
+        return peer
+    hops = [h.strip() for h in forwarded.decode("latin-1").split(",") if h.strip()]
+    for hop in reversed(hops):
+        if not _in(hop, trusted):
+            return hop
+    return hops[0] if hops else peer
+
+
+def _in(address: str, networks: Sequence[IPv4Network | IPv6Network]) -> bool:
+    try:
+        ip = ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in net for net in networks)
 
 
 def authenticated(money: bool = False) -> Any:
@@ -136,12 +160,15 @@ def authenticated(money: bool = False) -> Any:
     async def dependency(request: Request, response: Response) -> SignedPrincipal:
         gateway = request.app.state.gateway
         headers = request.headers
-        api_key = headers.get("x-api-key") or request.query_params.get("api_key")
+        api_key = headers.get("x-api-key")
+        if api_key is None and request.url.path.startswith(QUERY_KEY_PREFIXES):
+            # The seeds' old clients send `?api_key=` (seed 001); nothing else may.
+            api_key = request.query_params.get("api_key")
         raw = {k: v for k, v in request.scope["headers"] if k == b"x-forwarded-for"}
         identity, decision = await gateway.access.admit(
             api_key=api_key,
             authorization=headers.get("authorization"),
-            client_ip=client_ip(request.scope, raw, gateway.settings.gateway_trust_forwarded),
+            client_ip=client_ip(request.scope, raw, gateway.settings),
             money=money,
         )
         for name, value in rate_headers(decision):

@@ -16,6 +16,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.openapi.docs import get_swagger_ui_html
+from prometheus_client import start_http_server
 from redis.asyncio import Redis
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import HTMLResponse, JSONResponse
@@ -24,11 +25,11 @@ from gateway import compat, events
 from gateway.access import Access, authenticated
 from gateway.auth import Authenticator
 from gateway.config import GatewaySettings, get_settings
+from gateway.limits import BodyLimitMiddleware
 from gateway.openapi import MergedOpenAPI
 from gateway.proxy import ProxyMiddleware
 from gateway.ratelimit import RateLimiter
 from gateway.upstream import Upstreams
-from services.kit import metrics
 from services.kit.bus import redis_from_url
 from services.kit.errors import install_error_handlers
 from services.kit.logs import configure_logging
@@ -47,6 +48,7 @@ class Gateway:
         self.access: Access
         self.hub: events.EventHub
         self.openapi: MergedOpenAPI
+        self.metrics_server: Any = None
 
     async def start(self, app: FastAPI) -> None:
         s = self.settings
@@ -57,6 +59,11 @@ class Gateway:
         self.limiter_redis = Redis.from_url(
             s.redis_url, socket_connect_timeout=0.5, socket_timeout=0.5
         )
+        if s.gateway_metrics_port:
+            # Metrics on their own (private) port, never on the public one.
+            self.metrics_server, _ = start_http_server(
+                s.gateway_metrics_port, addr=s.gateway_metrics_host
+            )
         await self.upstreams.start()
         self.authenticator = Authenticator(s, self.upstreams)
         limiter = RateLimiter(self.limiter_redis, s.bus_prefix, s.gateway_rate_window_seconds)
@@ -70,6 +77,10 @@ class Gateway:
             pass
 
     async def stop(self) -> None:
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()
+            self.metrics_server.server_close()
+            self.metrics_server = None
         await self.hub.stop()
         await self.upstreams.stop()
         for client in (self.redis, self.limiter_redis):
@@ -105,7 +116,6 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(compat.build_router())
     app.include_router(events.build_router(authenticated()))
-    app.include_router(metrics.router)
     _add_meta_routes(app, gateway)
 
     app.add_middleware(ProxyMiddleware, gateway=gateway)
@@ -134,6 +144,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             ],
             max_age=600,
         )
+    app.add_middleware(BodyLimitMiddleware, settings=settings)
     app.add_middleware(RequestContextMiddleware, service="gateway")
     return app
 

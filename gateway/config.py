@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import lru_cache
+from ipaddress import IPv4Network, IPv6Network, ip_network
 
 from pydantic import Field
 
@@ -27,8 +28,14 @@ class GatewaySettings(KuSettings):
     # KU_CORS_ORIGINS: comma-separated origins of the frontends allowed to call the API.
     cors_origins: str = ""
 
-    # KU_GATEWAY_MAX_BODY_BYTES: request bodies above this get 413.
+    # KU_GATEWAY_MAX_BODY_BYTES: request bodies above this get 413 (gateway.limits).
     gateway_max_body_bytes: int = 10 * 1024 * 1024
+    # KU_GATEWAY_COMPAT_MAX_BODY_BYTES: the same for the old clients' /api/... routes.
+    gateway_compat_max_body_bytes: int = 900_000
+    # KU_GATEWAY_METRICS_PORT: Prometheus metrics on KU_GATEWAY_METRICS_HOST:this port,
+    # never on the public port (0: off).
+    gateway_metrics_port: int = 9108
+    gateway_metrics_host: str = "127.0.0.1"
     # Seconds to wait for an upstream's connection / for each read of its response.
     gateway_connect_timeout_seconds: float = 2.0
     gateway_upstream_timeout_seconds: float = 30.0
@@ -53,8 +60,10 @@ class GatewaySettings(KuSettings):
     gateway_rate_per_ip: int = 12000
     # KU_GATEWAY_RATE_APPS='{"penora": 20000}': per-key limit for an app's keys.
     gateway_rate_apps: dict[str, int] = Field(default_factory=dict)
-    # Trust X-Forwarded-For for the client address (only behind a trusted proxy).
+    # Trust X-Forwarded-For for the client address, only from these proxies (CIDRs): the
+    # client is the right-most hop that is not one of them.
     gateway_trust_forwarded: bool = False
+    gateway_trusted_proxies: str = "127.0.0.1/32,::1/128,10.0.0.0/8,172.16.0.0/12,192.168.0.0/16"
 
     # Server-sent events: keep-alive comment interval; entries replayed on resume.
     gateway_sse_keepalive_seconds: float = 15.0
@@ -62,6 +71,10 @@ class GatewaySettings(KuSettings):
 
     # Extra routes: KU_GATEWAY_ROUTES='{"generate": "generation"}'.
     gateway_routes: dict[str, str] = Field(default_factory=dict)
+
+    @property
+    def trusted_proxy_networks(self) -> tuple[IPv4Network | IPv6Network, ...]:
+        return _networks(self.gateway_trusted_proxies)
 
     @property
     def key_cache_seconds(self) -> float:
@@ -79,3 +92,8 @@ class GatewaySettings(KuSettings):
 @lru_cache
 def get_settings() -> GatewaySettings:
     return GatewaySettings()
+
+
+@lru_cache(maxsize=8)
+def _networks(cidrs: str) -> tuple[IPv4Network | IPv6Network, ...]:
+    return tuple(ip_network(c.strip(), strict=False) for c in cidrs.split(",") if c.strip())

@@ -142,7 +142,7 @@ class ProxyMiddleware:
                 forward.append((name.decode("latin-1"), value.decode("latin-1")))
         query: str = scope["query_string"].decode("latin-1")
         method: str = scope["method"]
-        ip = client_ip(scope, headers, settings.gateway_trust_forwarded)
+        ip = client_ip(scope, headers, settings)
 
         length_header = headers.get(b"content-length")
         length = int(length_header) if length_header and length_header.isdigit() else None
@@ -158,9 +158,8 @@ class ProxyMiddleware:
             decision = await gw.access.admit_anonymous(ip)
         else:
             raw_key = headers.get(b"x-api-key")
+            # Headers only: `?api_key=` is for the old clients' routes (gateway.access).
             api_key = raw_key.decode("latin-1") if raw_key is not None else None
-            if api_key is None and "api_key=" in query:
-                api_key, query = _pop_api_key(query)
             auth_header = headers.get(b"authorization")
             identity, decision = await gw.access.admit(
                 api_key=api_key,
@@ -319,13 +318,3 @@ async def _stream_body(receive: Receive, limit: int) -> AsyncIterator[bytes]:
             yield chunk
         if not message.get("more_body", False):
             return
-
-
-def _pop_api_key(query: str) -> tuple[str | None, str]:
-    """The old clients' `?api_key=`: used, then removed from what is forwarded."""
-    from urllib.parse import parse_qsl, urlencode
-
-    pairs = parse_qsl(query, keep_blank_values=True)
-    key = next((v for k, v in pairs if k == "api_key"), None)
-    rest = urlencode([(k, v) for k, v in pairs if k != "api_key"])
-    return key, rest

@@ -19,7 +19,7 @@ from fastapi.routing import APIRoute
 from gateway.compat.errors import compat_response, from_validation
 from services.kit.errors import KuError
 
-MODULES = ("unified", "workspace")
+MODULES = ("unified", "workspace", "crossapp")
 
 
 class CompatRoute(APIRoute):

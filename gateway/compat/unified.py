@@ -22,6 +22,7 @@ from services.kit.money import PositiveKu, milli_to_ku
 from services.kit.schemas import Description, Reference, UserId
 
 MB = 1024 * 1024
+INITIAL_REASON = "initial credits (create-user)"
 APPS = ("penora", "imagegene")
 
 
@@ -224,7 +225,18 @@ def register(router: APIRouter) -> None:
         principal = identity.principal
         principal.require_scope("users:write")
         upstreams = _upstreams(request)
-        user = {"user_id": body.user_id, "username": body.username, "email": body.email}
+        # Initial credits replace the welcome grant: auth's `user.created` event carries
+        # them, and the ledger opens the account with them under the user's one
+        # first-grant key, so the event and this request (and its retries) make one grant.
+        initial = body.initial_credits if principal.is_admin else None
+        user: dict[str, Any] = {
+            "user_id": body.user_id,
+            "username": body.username,
+            "email": body.email,
+        }
+        if initial is not None:
+            user["initial_credits"] = milli_to_ku(initial)
+            user["reason"] = INITIAL_REASON
         status, answer = await upstreams.call(
             "auth",
             "POST",
@@ -235,28 +247,14 @@ def register(router: APIRouter) -> None:
         if status >= 400 and status != 409:  # 409: the user exists; nothing to change
             raise error_from_upstream(status, answer)
         created = status == 201  # auth knows; the ledger's answer may be a replay
-        initial = body.initial_credits if principal.is_admin else None
+        opening: dict[str, Any] = {"user_id": body.user_id, "welcome": initial is None}
+        if initial is not None and created:
+            opening.update(initial_credits=milli_to_ku(initial), reason=INITIAL_REASON)
+        # (A retry that finds the user already there opens no grant of its own: the
+        # first request and auth's event carry the initial credits.)
         account = await upstreams.json(
-            "ledger",
-            "POST",
-            "/v1/ledger/accounts",
-            principal=identity,
-            json={"user_id": body.user_id, "welcome": initial is None},
+            "ledger", "POST", "/v1/ledger/accounts", principal=identity, json=opening
         )
-        if initial is not None and account.get("created"):
-            account = await upstreams.json(
-                "ledger",
-                "POST",
-                "/v1/ledger/grants",
-                principal=identity,
-                json={
-                    "user_id": body.user_id,
-                    "amount": milli_to_ku(initial),
-                    "source": "admin",
-                    "reference": f"initial:{body.user_id}",
-                    "description": "Initial credits",
-                },
-            )
         credits = account.get("available")
         if not created:  # the account answer may be the first call's replay: read it fresh
             status, balance = await upstreams.call(

@@ -2,7 +2,9 @@ from functools import lru_cache
 
 from services.kit.config import KuSettings
 
-DEFAULT_USER_SCOPES = "ledger:read ledger:write workspace:read workspace:write generate enhance"
+# Users read their money and never move it directly: they spend through generation and
+# enhancement, which hold and capture in their own lane (docs/ledger.md, authority).
+DEFAULT_USER_SCOPES = "ledger:read workspace:read workspace:write generate enhance"
 
 
 class AuthSettings(KuSettings):

@@ -92,6 +92,23 @@ class RefreshToken(Base):
     # Set when the token is used (rotated), logged out, or its family is revoked.
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     replaced_by: Mapped[str | None] = mapped_column(UUID(as_uuid=False))
+    # The app the user signed in through (the access token's `app` claim), kept
+    # across refreshes.
+    app: Mapped[str | None] = mapped_column(Text)
+
+
+class UserApp(Base):
+    """A user linked to an app: signed in through its SSO exchange, created by its key,
+    or linked by an admin. Partner keys act only for their linked users (the ledger
+    and the workspace learn links from `user.linked` events)."""
+
+    __tablename__ = "user_apps"
+
+    user_id: Mapped[str] = mapped_column(Text, ForeignKey(f"{SCHEMA}.users.id"), primary_key=True)
+    app: Mapped[str] = mapped_column(Text, ForeignKey(f"{SCHEMA}.apps.name"), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, server_default=func.now()
+    )
 
 
 class SigningKey(Base):

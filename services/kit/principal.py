@@ -95,6 +95,11 @@ class Principal:
         return f"app:{self.app}"
 
     @property
+    def who(self) -> str:
+        """The actor and, for app keys, which key: what an audit record names."""
+        return f"{self.actor} key:{self.key_prefix}" if self.key_prefix else self.actor
+
+    @property
     def idempotency_scope(self) -> str:
         if self.kind == "user":
             return f"user:{self.user_id}"

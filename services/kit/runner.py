@@ -395,6 +395,8 @@ class Suite:
         env["KU_PRINCIPAL_SIGNING_KEYS"] = format_keys(
             {n: k for n, k in held.items() if n in wanted}
         )
+        if name == GATEWAY and self.free_ports:
+            env["KU_GATEWAY_METRICS_PORT"] = str(free_port())
         return env
 
     def _spawn(self, spec: ProcessSpec) -> None:

@@ -6,9 +6,10 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 
+from services.kit.authority import Permit, authorize
 from services.kit.db import Session
-from services.kit.errors import BadRequest, NotFound
-from services.kit.principal import Principal, get_principal
+from services.kit.errors import BadRequest, Forbidden, NotFound, Unprocessable
+from services.kit.principal import Principal, get_principal, origin_principal
 from services.kit.schemas import AppName, UserId, rename_milli
 from services.ledger.config import get_settings
 from services.ledger.repository import LedgerRepository
@@ -27,6 +28,7 @@ from services.ledger.schemas import (
     NextExpiry,
     Refund,
     RefundCreate,
+    ReleaseIn,
     SourceBalance,
     TransactionKind,
     TransactionOut,
@@ -57,6 +59,31 @@ async def get_ledger(request: Request) -> Ledger:
 LedgerDep = Annotated[Ledger, Depends(get_ledger)]
 
 
+def _permit(
+    operation: str,
+    principal: Principal,
+    request: Request,
+    *,
+    app: str | None = None,
+    reason: str | None = None,
+) -> Permit:
+    """The authority table's answer (services/kit/authority.py, docs/ledger.md)."""
+    origin = origin_principal(request, principal)
+    return authorize(principal, operation, origin=origin, app=app, reason=reason)
+
+
+async def _may_read(
+    principal: Principal, request: Request, session: Session, user_id: str
+) -> Permit:
+    """Reads: the table, then whether this user is the caller's to read (same session)."""
+    permit = _permit("ledger.read", principal, request)
+    linked = None
+    if permit.users.startswith("linked:"):
+        linked = await LedgerRepository(session).is_linked(user_id, permit.users[7:])
+    permit.check_user(user_id, linked)
+    return permit
+
+
 def _respond(response: Response, outcome: Outcome) -> dict[str, Any]:
     response.status_code = outcome.status_code
     if outcome.replayed:
@@ -65,10 +92,11 @@ def _respond(response: Response, outcome: Outcome) -> dict[str, Any]:
 
 
 @router.get("/balance", response_model=Balance, responses=ERRORS)
-async def get_balance(user_id: UserId, principal: CurrentPrincipal, session: Session) -> Balance:
+async def get_balance(
+    user_id: UserId, principal: CurrentPrincipal, request: Request, session: Session
+) -> Balance:
     """A user's spendable, held and total credit, per source, with the next expiry."""
-    principal.require_scope("ledger:read", "ledger:write")
-    principal.acts_for(user_id)
+    await _may_read(principal, request, session, user_id)
     found = await LedgerRepository(session).balance(user_id)
     if found is None:
         raise NotFound("No ledger account for this user", code="unknown_user", user_id=user_id)
@@ -87,12 +115,26 @@ async def get_balance(user_id: UserId, principal: CurrentPrincipal, session: Ses
 
 @router.post("/accounts", response_model=Account, responses=ERRORS)
 async def open_account(
-    body: AccountCreate, principal: CurrentPrincipal, ledger: LedgerDep, response: Response
+    body: AccountCreate,
+    principal: CurrentPrincipal,
+    request: Request,
+    ledger: LedgerDep,
+    response: Response,
 ) -> dict[str, Any]:
-    """Open a user's account; with `welcome`, grant the welcome credits once per user."""
-    principal.require_scope("users:write", "ledger:grant")
-    welcome = get_settings().welcome_credits_milli if body.welcome else 0
-    outcome = await ledger.open_account(body.user_id, welcome)
+    """Open a user's account; with `welcome`, grant the welcome credits once per user
+    (or, from an admin, `initial_credits` instead: still one grant per user)."""
+    permit = _permit("ledger.account.open", principal, request)
+    audit = None
+    if body.initial_credits is not None:
+        if permit.kind != "admin":
+            raise Forbidden("Only an admin sets initial credits", code="forbidden")
+        if not body.reason:
+            raise Unprocessable("Initial credits need a reason", code="reason_required")
+        audit = {"actor": principal.who, "reason": body.reason}
+        amount = body.initial_credits
+    else:
+        amount = get_settings().welcome_credits_milli if body.welcome else 0
+    outcome = await ledger.open_account(body.user_id, amount, audit=audit)
     body_out = rename_milli(outcome.body)
     response.status_code = 201 if body_out.get("created") else 200
     return body_out
@@ -107,7 +149,10 @@ async def create_grant(
     ledger: LedgerDep,
 ) -> dict[str, Any]:
     """Add credit to a user as a grant (a lot with a source, optional expiry and priority)."""
-    principal.require_scope("ledger:grant")
+    permit = _permit("ledger.grant", principal, request, reason=body.reason)
+    if permit.kind == "service" and body.source != "promo":
+        # A service's lane: allowances it hands out (expiring promo-like credit) only.
+        raise Forbidden("A service may grant only promotional allowances", code="forbidden")
     op = {
         "op": "grant",
         "user_id": body.user_id,
@@ -117,7 +162,8 @@ async def create_grant(
         "priority": body.priority,
         "reference": body.reference,
         "description": body.description,
-        "app": principal.app,
+        "app": permit.lane,
+        "auth": permit.as_sql(),
     }
     natural = f"grant:{body.user_id}:{body.source}:{body.reference}" if body.reference else None
     outcome = await ledger.execute(op, principal, key=idempotency_key(request, natural))
@@ -141,9 +187,8 @@ async def create_debit(
     ledger: LedgerDep,
 ) -> dict[str, Any]:
     """Spend credit at once (one-shot). Retries with the same key or reference replay."""
-    principal.require_scope("ledger:write")
-    principal.acts_for(body.user_id)
-    app = body.app or principal.app or "unknown"
+    permit = _permit("ledger.debit", principal, request, app=body.app, reason=body.reason)
+    app = permit.lane or "unknown"
     op = {
         "op": "debit",
         "user_id": body.user_id,
@@ -151,6 +196,7 @@ async def create_debit(
         "app": app,
         "description": body.description,
         "reference": body.reference,
+        "auth": permit.as_sql(),
     }
     natural = f"debit:{app}:{body.user_id}:{body.reference}" if body.reference else None
     outcome = await ledger.execute(op, principal, key=idempotency_key(request, natural))
@@ -171,9 +217,8 @@ async def create_hold(
     ledger: LedgerDep,
 ) -> dict[str, Any]:
     """Reserve credit for work about to run; capture or release it later, or it expires."""
-    principal.require_scope("ledger:write")
-    principal.acts_for(body.user_id)
-    app = body.app or principal.app or "unknown"
+    permit = _permit("ledger.reserve", principal, request, app=body.app, reason=body.reason)
+    app = permit.lane or "unknown"
     op = {
         "op": "reserve",
         "user_id": body.user_id,
@@ -182,6 +227,7 @@ async def create_hold(
         "ttl_seconds": body.ttl_seconds,
         "reference": body.reference,
         "description": body.description,
+        "auth": permit.as_sql(),
     }
     natural = f"hold:{app}:{body.user_id}:{body.reference}" if body.reference else None
     outcome = await ledger.execute(op, principal, key=idempotency_key(request, natural))
@@ -189,13 +235,21 @@ async def create_hold(
 
 
 @router.get("/holds/{hold_id}", response_model=HoldOut, responses=ERRORS)
-async def get_hold(hold_id: str, principal: CurrentPrincipal, session: Session) -> dict[str, Any]:
-    """A hold and its state."""
-    principal.require_scope("ledger:read", "ledger:write")
-    hold = await LedgerRepository(session).hold(_uuid(hold_id))
+async def get_hold(
+    hold_id: str, principal: CurrentPrincipal, request: Request, session: Session
+) -> dict[str, Any]:
+    """A hold and its state (users: their own user's holds; apps and services: their own)."""
+    permit = _permit("ledger.hold.read", principal, request)
+    repo = LedgerRepository(session)
+    hold = await repo.hold(_uuid(hold_id))
     if hold is None:
         raise NotFound("No such hold", code="hold_not_found")
-    principal.acts_for(hold["user_id"])
+    if permit.holds != "*" and hold.get("owner") != permit.holds:
+        raise Forbidden("This hold belongs to someone else", code="not_your_hold")
+    linked = None
+    if permit.users.startswith("linked:"):
+        linked = await repo.is_linked(hold["user_id"], permit.users[7:])
+    permit.check_user(hold["user_id"], linked)
     return rename_milli(hold)
 
 
@@ -212,15 +266,19 @@ async def _resolve(
     kind: str,
     hold_id: str,
     amount: int | None,
+    reason: str | None,
     request: Request,
     response: Response,
     principal: Principal,
     ledger: Ledger,
 ) -> dict[str, Any]:
-    principal.require_scope("ledger:write")
-    op: dict[str, Any] = {"op": kind, "hold_id": _uuid(hold_id), "amount": amount}
-    if principal.kind == "user":
-        op["only_user"] = principal.user_id
+    permit = _permit(f"ledger.{kind}", principal, request, reason=reason)
+    op: dict[str, Any] = {
+        "op": kind,
+        "hold_id": _uuid(hold_id),
+        "amount": amount,
+        "auth": permit.as_sql(),
+    }
     # A hold resolves once: the hold id is its own natural key, so no key is required.
     key = request.headers.get("idempotency-key")
     outcome = await ledger.execute(op, principal, key=key, require_key=False)
@@ -238,7 +296,8 @@ async def capture_hold(
 ) -> dict[str, Any]:
     """Spend all or part of a hold; the rest goes back to the user. Resolves it."""
     amount = body.amount if body else None
-    return await _resolve("capture", hold_id, amount, request, response, principal, ledger)
+    reason = body.reason if body else None
+    return await _resolve("capture", hold_id, amount, reason, request, response, principal, ledger)
 
 
 @router.post("/holds/{hold_id}/release", response_model=HoldResult, responses=ERRORS)
@@ -248,9 +307,11 @@ async def release_hold(
     response: Response,
     principal: CurrentPrincipal,
     ledger: LedgerDep,
+    body: ReleaseIn | None = None,
 ) -> dict[str, Any]:
     """Give a hold back in full. Resolves it."""
-    return await _resolve("release", hold_id, None, request, response, principal, ledger)
+    reason = body.reason if body else None
+    return await _resolve("release", hold_id, None, reason, request, response, principal, ledger)
 
 
 @router.post("/refunds", status_code=201, response_model=Refund, responses=ERRORS)
@@ -261,19 +322,16 @@ async def create_refund(
     principal: CurrentPrincipal,
     ledger: LedgerDep,
 ) -> dict[str, Any]:
-    """Refund all or part of an earlier debit or capture, never more than it."""
-    principal.require_scope("ledger:write", "ledger:grant")
+    """Refund all or part of an earlier debit or capture of yours, never more than it."""
+    permit = _permit("ledger.refund", principal, request, reason=body.reason)
     op: dict[str, Any] = {
         "op": "refund",
         "transaction_id": body.transaction_id,
         "amount": body.amount,
         "reference": body.reference,
         "description": body.description,
+        "auth": permit.as_sql(),
     }
-    if not principal.has_scope("ledger:grant"):
-        op["only_app"] = principal.app
-    if principal.kind == "user":
-        op["only_user"] = principal.user_id
     natural = f"refund:{body.transaction_id}:{body.reference}" if body.reference else None
     outcome = await ledger.execute(op, principal, key=idempotency_key(request, natural))
     return _respond(response, outcome)
@@ -292,6 +350,7 @@ def _cursor(value: str | None) -> int | None:
 async def list_transactions(
     user_id: UserId,
     principal: CurrentPrincipal,
+    request: Request,
     session: Session,
     app: AppName | None = None,
     kind: TransactionKind | None = None,
@@ -301,8 +360,7 @@ async def list_transactions(
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
 ) -> TransactionPage:
     """The user's journal, newest first, with filters and cursor pagination."""
-    principal.require_scope("ledger:read", "ledger:write")
-    principal.acts_for(user_id)
+    await _may_read(principal, request, session, user_id)
     rows = await LedgerRepository(session).transactions(
         user_id,
         app=app,
@@ -327,14 +385,14 @@ async def list_transactions(
 async def get_usage(
     user_id: UserId,
     principal: CurrentPrincipal,
+    request: Request,
     session: Session,
     group_by: str = Query("app", description="Comma-separated: app, day"),
     since: datetime | None = None,
     until: datetime | None = None,
 ) -> Usage:
     """Net spend (charges minus refunds) grouped by app and/or day."""
-    principal.require_scope("ledger:read", "ledger:write")
-    principal.acts_for(user_id)
+    await _may_read(principal, request, session, user_id)
     groups = [g.strip() for g in group_by.split(",") if g.strip()]
     if any(g not in ("app", "day") for g in groups) or len(set(groups)) != len(groups):
         raise BadRequest("group_by takes app and/or day", code="invalid_group_by")

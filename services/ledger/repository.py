@@ -58,10 +58,26 @@ class LedgerRepository:
         found = row.first()
         return dict(found._mapping) if found else None
 
+    async def is_linked(self, user_id: str, app: str) -> bool:
+        """Is `user_id` linked to partner `app` (signed in through it, or an admin linked them)?"""
+        row = await self.session.execute(
+            text("SELECT 1 FROM ledger.app_links WHERE user_id = :u AND app = :a"),
+            {"u": user_id, "a": app},
+        )
+        return row.first() is not None
+
+    async def link(self, user_id: str, app: str) -> None:
+        await self.session.execute(
+            text(
+                "INSERT INTO ledger.app_links (user_id, app) VALUES (:u, :a) ON CONFLICT DO NOTHING"
+            ),
+            {"u": user_id, "a": app},
+        )
+
     async def hold(self, hold_id: str) -> dict[str, Any] | None:
         row = await self.session.execute(
             text(
-                "SELECT id::text, user_id, app, amount_milli, captured_milli,"
+                "SELECT id::text, user_id, app, owner, amount_milli, captured_milli,"
                 " CASE WHEN status = 'active' AND expires_at <= now() THEN 'expired'"
                 " ELSE status END AS status, reference, description, expires_at, created_at,"
                 " resolved_at FROM ledger.holds WHERE id = CAST(:h AS uuid)"

@@ -20,6 +20,15 @@ class _In(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# Why an admin moves money (required from admins, recorded in ledger.audit_log).
+ReasonField = Field(
+    None,
+    min_length=1,
+    max_length=500,
+    description="Why (required when an admin moves money; audited)",
+)
+
+
 class SourceBalance(BaseModel):
     source: str
     available: Ku
@@ -42,6 +51,11 @@ class Balance(BaseModel):
 class AccountCreate(_In):
     user_id: UserId
     welcome: bool = Field(True, description="Grant the welcome credits (once per user)")
+    initial_credits: PositiveKu | None = Field(
+        None,
+        description="Admin only: grant this instead of the welcome credits (one grant per user)",
+    )
+    reason: str | None = ReasonField
 
 
 class Account(BaseModel):
@@ -72,6 +86,7 @@ class GrantCreate(_In):
     priority: int = Field(0, ge=-100, le=100)
     reference: Reference | None = None
     description: Description | None = None
+    reason: str | None = ReasonField
 
 
 class Grant(BaseModel):
@@ -104,11 +119,14 @@ class DebitCreate(_In):
     )
     user_id: UserId
     amount: PositiveKu
-    app: AppName | None = Field(None, description="Defaults to the calling app")
+    app: AppName | None = Field(
+        None, description="Defaults to the calling app; another app's name is 403 (admins excepted)"
+    )
     description: Description | None = None
     reference: Reference | None = Field(
         None, description="Natural idempotency key, e.g. a project code"
     )
+    reason: str | None = ReasonField
 
 
 class Debit(BaseModel):
@@ -144,16 +162,23 @@ class HoldCreate(_In):
     ttl_seconds: int = Field(900, ge=1, le=86_400)
     reference: Reference | None = None
     description: Description | None = None
+    reason: str | None = ReasonField
 
 
 class CaptureIn(_In):
     amount: PositiveKu | None = Field(None, description="At most the held amount; default all")
+    reason: str | None = ReasonField
+
+
+class ReleaseIn(_In):
+    reason: str | None = ReasonField
 
 
 class HoldOut(BaseModel):
     id: str
     user_id: str
     app: str
+    owner: str | None = Field(None, description="Who placed it (only they may resolve it)")
     amount: Ku
     captured: Ku
     status: Literal["active", "captured", "released", "expired"]
@@ -176,6 +201,7 @@ class RefundCreate(_In):
     amount: PositiveKu | None = Field(None, description="Default: all that is left to refund")
     reference: Reference | None = None
     description: Description | None = None
+    reason: str | None = ReasonField
 
 
 class Refund(BaseModel):

@@ -83,24 +83,37 @@ class Ledger:
             raise cls(error["message"], code=error["code"], **_ku_detail(error.get("detail") or {}))
         return Outcome(status, result["body"], bool(result.get("replayed")))
 
-    async def open_account(self, user_id: str, welcome_milli: int) -> Outcome:
-        """Create the user's wallet and, once per user, the welcome grant."""
+    async def open_account(
+        self, user_id: str, amount_milli: int, *, audit: dict[str, str] | None = None
+    ) -> Outcome:
+        """Create the user's wallet and, once per user, its first grant: the welcome
+        credits, or an admin's initial credits instead (`audit` set). Both ride on one
+        key per user, so however the requests race (the `user.created` event, an admin's
+        create-user and its retries) there is one first grant; a later request for a
+        different first grant changes nothing."""
+        initial = audit is not None
         op: dict[str, Any] = {
             "op": "open",
             "user_id": user_id,
-            "amount": welcome_milli,
-            "source": "welcome",
-            "reference": "welcome",
-            "description": "Welcome credits",
+            "amount": amount_milli,
+            "source": "admin" if initial else "welcome",
+            "reference": "initial" if initial else "welcome",
+            "description": "Initial credits" if initial else "Welcome credits",
+            # Opened by the ledger itself (its consumer) or after the route's table check.
+            "auth": {"user": "any", "owner": "service:ledger", "holds": "*", "charges": "*"},
         }
-        if welcome_milli > 0:
-            # One key per user, whoever asks and however often: one welcome grant.
+        if audit:
+            op["auth"]["audit"] = audit
+        if amount_milli > 0:
             op.update(
                 key=f"welcome:{user_id}",
                 scope="ledger:welcome",
-                hash=request_hash({"user_id": user_id}),
+                hash=request_hash({"user_id": user_id, "amount": amount_milli, "initial": initial}),
             )
         result = await self.committer.submit(op)
+        if int(result["status"]) == 409:
+            # The user's first grant happened already, with other terms: nothing to do.
+            return Outcome(200, {"user_id": user_id, "created": False}, True)
         return Outcome(int(result["status"]), result["body"], bool(result.get("replayed")))
 
 

@@ -11,8 +11,10 @@ import asyncpg
 from fastapi import FastAPI
 
 from services.kit.bus import Consumer
+from services.kit.db import unit_of_work
 from services.kit.outbox import stream_name
 from services.ledger.config import get_settings
+from services.ledger.repository import LedgerRepository
 from services.ledger.service import Ledger
 
 log = logging.getLogger("ku.ledger.tasks")
@@ -41,25 +43,43 @@ async def expire_grants(pool: asyncpg.Pool) -> int:
     return await _drain(pool, "expire_grants")
 
 
-def user_created_handler(ledger: Ledger, welcome_milli: int) -> Any:
+def auth_events_handler(ledger: Ledger, sessionmaker: Any, welcome_milli: int) -> Any:
     async def handle(event: dict[str, Any]) -> None:
-        user_id = event["payload"]["user_id"]
-        # The welcome grant is keyed by user id: any number of deliveries, one grant.
-        await ledger.open_account(str(user_id), welcome_milli)
+        payload = event["payload"]
+        user_id = str(payload["user_id"])
+        if event["topic"] == "user.linked":
+            async with unit_of_work(sessionmaker) as session:
+                await LedgerRepository(session).link(user_id, str(payload["app"]))
+            return
+        # The first grant is keyed by user id: any number of deliveries, one grant. An
+        # admin's create-user carries its initial credits here, so the welcome grant and
+        # the initial credits are one operation, never both.
+        initial = payload.get("initial_credits_milli")
+        if isinstance(initial, int) and initial > 0:
+            audit = {
+                "actor": str(payload.get("created_by") or "auth"),
+                "reason": str(payload.get("reason") or "initial credits"),
+            }
+            await ledger.open_account(user_id, initial, audit=audit)
+        else:
+            await ledger.open_account(user_id, welcome_milli)
 
     return handle
 
 
 @asynccontextmanager
 async def consume_user_created(app: FastAPI) -> AsyncIterator[None]:
-    """Lifespan hook: open an account with welcome credits for every `user.created`."""
+    """Lifespan hook: for every `user.created`, open an account with its first grant;
+    for every `user.linked`, record the user's link to that partner app."""
     settings = get_settings()
     consumer = Consumer(
         app.state.redis,
         [stream_name(settings.bus_prefix, "auth")],
         group="ledger",
-        handler=user_created_handler(app.state.ledger, settings.welcome_credits_milli),
-        topics={"user.created"},
+        handler=auth_events_handler(
+            app.state.ledger, app.state.sessionmaker, settings.welcome_credits_milli
+        ),
+        topics={"user.created", "user.linked"},
     )
     consumer.start()
     app.state.user_created_consumer = consumer

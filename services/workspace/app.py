@@ -7,6 +7,7 @@ from fastapi import FastAPI
 from services.kit.app import create_service_app
 from services.workspace.api import routers
 from services.workspace.config import get_settings
+from services.workspace.links import consume_links
 from services.workspace.models import SCHEMA
 
 DESCRIPTION = """
@@ -30,4 +31,5 @@ def create_app() -> FastAPI:
         title="Ku Workspace",
         description=DESCRIPTION,
         outbox_schema=SCHEMA,
+        hooks=[consume_links],
     )

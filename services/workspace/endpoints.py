@@ -6,10 +6,11 @@ from urllib.parse import quote
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
+from services.kit.authority import authorize
 from services.kit.db import Session
 from services.kit.errors import Unprocessable
 from services.kit.idempotency import key_from_request
-from services.kit.principal import Principal, get_principal
+from services.kit.principal import Principal, get_principal, origin_principal
 from services.kit.schemas import AppName, UserId
 from services.workspace import exports
 from services.workspace.config import get_settings
@@ -24,7 +25,7 @@ from services.workspace.schemas import (
     QuotaUpdate,
     Storage,
 )
-from services.workspace.service import Workspace, export_source, full, summary
+from services.workspace.service import Caller, Workspace, export_source, full, summary
 
 router = APIRouter(prefix="/v1/workspace", tags=["workspace"])
 
@@ -54,8 +55,17 @@ async def get_workspace(session: Session) -> Workspace:
 WorkspaceDep = Annotated[Workspace, Depends(get_workspace)]
 
 
-def _readable(principal: Principal) -> None:
-    principal.require_scope("workspace:read", "workspace:write")
+def _caller(operation: str) -> Any:
+    async def dependency(request: Request, principal: CurrentPrincipal) -> Caller:
+        origin = origin_principal(request, principal)
+        return Caller(principal, authorize(principal, operation, origin=origin))
+
+    return dependency
+
+
+# Who may read or write whose workspace: the authority table (services/kit/authority.py).
+Reader = Annotated[Caller, Depends(_caller("workspace.read"))]
+Writer = Annotated[Caller, Depends(_caller("workspace.write"))]
 
 
 @router.post("/projects", status_code=201, response_model=ProjectSummary, responses=ERRORS)
@@ -63,12 +73,11 @@ async def create_project(
     body: ProjectCreate,
     request: Request,
     response: Response,
-    principal: CurrentPrincipal,
+    caller: Writer,
     workspace: WorkspaceDep,
 ) -> dict[str, Any]:
     """Save a project (text, base64 image or data: URL) within the owner's storage quota."""
-    principal.require_scope("workspace:write")
-    created = await workspace.create(principal, body, key=key_from_request(request))
+    created = await workspace.create(caller, body, key=key_from_request(request))
     response.status_code = created.status_code
     if created.replayed:
         response.headers["Idempotent-Replayed"] = "true"
@@ -77,7 +86,7 @@ async def create_project(
 
 @router.get("/projects", response_model=ProjectPage, responses=ERRORS)
 async def list_projects(
-    principal: CurrentPrincipal,
+    caller: Reader,
     workspace: WorkspaceDep,
     user_id: UserId | None = None,
     app: AppName | None = None,
@@ -87,11 +96,8 @@ async def list_projects(
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> ProjectPage:
     """A user's projects from every app, newest first, with filters and a cursor."""
-    _readable(principal)
-    owner = user_id or (principal.user_id if principal.kind == "user" else None)
-    if owner is None:
-        raise Unprocessable("user_id is required", code="user_id_required")
-    principal.acts_for(owner)
+    owner = workspace.owner(caller, user_id)
+    await workspace.check_user(caller, owner)
     rows, next_cursor = await workspace.list(
         owner, app_source=app, project_type=type, q=q, cursor=cursor, limit=limit
     )
@@ -102,33 +108,30 @@ async def list_projects(
 
 @router.get("/projects/{code}", response_model=Project, responses=ERRORS)
 async def get_project(
-    code: Code, principal: CurrentPrincipal, workspace: WorkspaceDep, user_id: OwnerParam = None
+    code: Code, caller: Reader, workspace: WorkspaceDep, user_id: OwnerParam = None
 ) -> dict[str, Any]:
     """One project with its content (text, or base64 for images)."""
-    _readable(principal)
-    return full(await workspace.visible_project(principal, code, user_id=user_id))
+    return full(await workspace.visible_project(caller, code, user_id=user_id))
 
 
 @router.patch("/projects/{code}", response_model=ProjectSummary, responses=ERRORS)
 async def update_project(
     code: Code,
     body: ProjectUpdate,
-    principal: CurrentPrincipal,
+    caller: Writer,
     workspace: WorkspaceDep,
     user_id: OwnerParam = None,
 ) -> dict[str, Any]:
     """Change a project's title, content and/or metadata (growth counts against the quota)."""
-    principal.require_scope("workspace:write")
-    return await workspace.update(principal, code, body, user_id=user_id)
+    return await workspace.update(caller, code, body, user_id=user_id)
 
 
 @router.delete("/projects/{code}", response_model=Deleted, responses=ERRORS)
 async def delete_project(
-    code: Code, principal: CurrentPrincipal, workspace: WorkspaceDep, user_id: OwnerParam = None
+    code: Code, caller: Writer, workspace: WorkspaceDep, user_id: OwnerParam = None
 ) -> dict[str, Any]:
     """Delete a project; its bytes are free again at once."""
-    principal.require_scope("workspace:write")
-    return await workspace.delete(principal, code, user_id=user_id)
+    return await workspace.delete(caller, code, user_id=user_id)
 
 
 @router.get(
@@ -137,11 +140,10 @@ async def delete_project(
     response_class=Response,
 )
 async def get_content(
-    code: Code, principal: CurrentPrincipal, workspace: WorkspaceDep, user_id: OwnerParam = None
+    code: Code, caller: Reader, workspace: WorkspaceDep, user_id: OwnerParam = None
 ) -> Response:
     """The raw content with its real Content-Type (an image as bytes, text as UTF-8)."""
-    _readable(principal)
-    project = await workspace.visible_project(principal, code, user_id=user_id)
+    project = await workspace.visible_project(caller, code, user_id=user_id)
     if project["content_bytes"] is not None:
         body, media_type = project["content_bytes"], project["content_type"]
     else:
@@ -167,13 +169,12 @@ async def get_content(
 )
 async def export_project(
     code: Code,
-    principal: CurrentPrincipal,
+    caller: Reader,
     workspace: WorkspaceDep,
     format: Annotated[str, Query(description="txt, pdf or docx")] = "txt",  # noqa: A002
     user_id: OwnerParam = None,
 ) -> Response:
     """Download a project as a TXT, PDF or DOCX file (title, timestamps, content, image)."""
-    _readable(principal)
     fmt = format.lower()
     if fmt not in exports.FORMATS:
         raise Unprocessable(
@@ -181,7 +182,7 @@ async def export_project(
             code="unsupported_export_format",
             formats=list(exports.FORMATS),
         )
-    project = await workspace.visible_project(principal, code, user_id=user_id)
+    project = await workspace.visible_project(caller, code, user_id=user_id)
     source = export_source(project)
     data = await run_in_threadpool(exports.render, source, fmt)
     name = exports.filename(source, fmt)
@@ -198,14 +199,11 @@ async def export_project(
 
 @router.get("/storage", response_model=Storage, responses=ERRORS)
 async def get_storage(
-    principal: CurrentPrincipal, workspace: WorkspaceDep, user_id: UserId | None = None
+    caller: Reader, workspace: WorkspaceDep, user_id: UserId | None = None
 ) -> dict[str, Any]:
     """Storage used, limit, available and percent, with bytes and counts per app."""
-    _readable(principal)
-    owner = user_id or (principal.user_id if principal.kind == "user" else None)
-    if owner is None:
-        raise Unprocessable("user_id is required", code="user_id_required")
-    principal.acts_for(owner)
+    owner = workspace.owner(caller, user_id)
+    await workspace.check_user(caller, owner)
     return await workspace.storage(owner)
 
 
@@ -214,5 +212,5 @@ async def set_quota(
     user_id: UserId, body: QuotaUpdate, principal: CurrentPrincipal, workspace: WorkspaceDep
 ) -> dict[str, Any]:
     """Admin: set a user's storage limit in bytes (null restores the default)."""
-    principal.require_scope("admin")
+    authorize(principal, "workspace.quota")
     return await workspace.set_quota(user_id, body.limit_bytes)

@@ -89,4 +89,17 @@ class Usage(Base):
     )
 
 
+class AppLink(Base):
+    """A user linked to a partner app (from auth's `user.linked` events): that app's keys
+    may read and write this user's projects."""
+
+    __tablename__ = "app_links"
+
+    user_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    app: Mapped[str] = mapped_column(Text, primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, server_default=func.now()
+    )
+
+
 metadata = Base.metadata

@@ -170,3 +170,19 @@ class WorkspaceRepository:
             ),
             {"u": user_id, "l": limit_bytes},
         )
+
+    async def is_linked(self, user_id: str, app: str) -> bool:
+        row = await self.session.execute(
+            text("SELECT 1 FROM workspace.app_links WHERE user_id = :u AND app = :a"),
+            {"u": user_id, "a": app},
+        )
+        return row.first() is not None
+
+    async def link(self, user_id: str, app: str) -> None:
+        await self.session.execute(
+            text(
+                "INSERT INTO workspace.app_links (user_id, app) VALUES (:u, :a)"
+                " ON CONFLICT DO NOTHING"
+            ),
+            {"u": user_id, "a": app},
+        )

@@ -14,7 +14,8 @@ import orjson
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.kit import idempotency
-from services.kit.errors import BadRequest, NotFound, PayloadTooLarge, Unprocessable
+from services.kit.authority import Permit
+from services.kit.errors import BadRequest, Forbidden, NotFound, PayloadTooLarge, Unprocessable
 from services.kit.outbox import emit
 from services.kit.principal import Principal
 from services.workspace.config import WorkspaceSettings
@@ -64,6 +65,14 @@ class Created:
     replayed: bool
 
 
+@dataclass(frozen=True)
+class Caller:
+    """Who is calling and what the authority table allows them (services/kit/authority.py)."""
+
+    principal: Principal
+    permit: Permit
+
+
 class Workspace:
     def __init__(self, session: AsyncSession, settings: WorkspaceSettings) -> None:
         self.session = session
@@ -72,9 +81,25 @@ class Workspace:
 
     # --- reads ------------------------------------------------------------------
 
+    async def check_user(self, caller: Caller, user_id: str) -> None:
+        """May this caller touch `user_id`'s workspace? (The authority table's permit;
+        a partner's link is looked up here, in this transaction.)"""
+        linked = None
+        if caller.permit.users.startswith("linked:"):
+            linked = await self.repo.is_linked(user_id, caller.permit.users[7:])
+        caller.permit.check_user(user_id, linked)
+
+    def owner(self, caller: Caller, user_id: str | None) -> str:
+        """The user a request is about: the one it names, or the caller's own user."""
+        if user_id is not None:
+            return user_id
+        if caller.permit.users.startswith("self:"):
+            return caller.permit.users[5:]
+        raise Unprocessable("user_id is required", code="user_id_required")
+
     async def visible_project(
         self,
-        principal: Principal,
+        caller: Caller,
         code: str,
         *,
         user_id: str | None = None,
@@ -83,16 +108,15 @@ class Workspace:
         """The project if this caller may see it; otherwise the same 404 as for a
         code that does not exist, so nothing about other users' projects leaks."""
         if user_id is not None:
-            principal.acts_for(user_id)
+            await self.check_user(caller, user_id)
         normalized = normalize_code(code)
         project = await self.repo.project(normalized, for_update=for_update) if normalized else None
-        owner = (
-            user_id
-            if user_id is not None
-            else (principal.user_id if principal.kind == "user" else None)
-        )
-        if project is None or (owner is not None and project["user_id"] != owner):
+        if project is None or (user_id is not None and project["user_id"] != user_id):
             raise NotFound("No such project", code="project_not_found", project_code=code)
+        try:
+            await self.check_user(caller, project["user_id"])
+        except Forbidden:
+            raise NotFound("No such project", code="project_not_found", project_code=code) from None
         return project
 
     async def list(
@@ -135,12 +159,12 @@ class Workspace:
 
     # --- writes -----------------------------------------------------------------
 
-    async def create(
-        self, principal: Principal, body: ProjectCreate, *, key: str | None
-    ) -> Created:
+    async def create(self, caller: Caller, body: ProjectCreate, *, key: str | None) -> Created:
         """Save a new project, within the owner's quota; replays an Idempotency-Key."""
-        user_id = self._owner(principal, body.user_id)
-        app_source = body.app_source or principal.app
+        principal = caller.principal
+        user_id = self.owner(caller, body.user_id)
+        await self.check_user(caller, user_id)
+        app_source = body.app_source or caller.permit.lane
         if not app_source:
             raise Unprocessable("app_source is required", code="app_source_required")
         if key is not None:
@@ -188,10 +212,10 @@ class Workspace:
         return Created(201, result, False)
 
     async def update(
-        self, principal: Principal, code: str, body: ProjectUpdate, *, user_id: str | None
+        self, caller: Caller, code: str, body: ProjectUpdate, *, user_id: str | None
     ) -> dict[str, Any]:
         """Change title, content and/or metadata; a size change goes through the quota."""
-        project = await self.visible_project(principal, code, user_id=user_id, for_update=True)
+        project = await self.visible_project(caller, code, user_id=user_id, for_update=True)
         changes: dict[str, Any] = {}
         title = project["title"]
         metadata = project["metadata"]
@@ -230,11 +254,9 @@ class Workspace:
         await self._saved_event(row, created=False)
         return summary(row)
 
-    async def delete(
-        self, principal: Principal, code: str, *, user_id: str | None
-    ) -> dict[str, Any]:
+    async def delete(self, caller: Caller, code: str, *, user_id: str | None) -> dict[str, Any]:
         """Remove a project and give its bytes back to the owner's quota at once."""
-        project = await self.visible_project(principal, code, user_id=user_id, for_update=True)
+        project = await self.visible_project(caller, code, user_id=user_id, for_update=True)
         await self.repo.delete_project(project["code"])
         await self.repo.change_usage(
             project["user_id"], -int(project["size_bytes"]), self.settings.default_quota_bytes
@@ -265,14 +287,6 @@ class Workspace:
         return await self.storage(user_id)
 
     # --- helpers ----------------------------------------------------------------
-
-    def _owner(self, principal: Principal, user_id: str | None) -> str:
-        if user_id is None:
-            if principal.kind == "user" and principal.user_id:
-                return principal.user_id
-            raise Unprocessable("user_id is required", code="user_id_required")
-        principal.acts_for(user_id)
-        return user_id
 
     def _limit(self, usage: dict[str, Any]) -> int:
         limit = usage.get("limit_bytes")

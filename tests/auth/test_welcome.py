@@ -17,7 +17,7 @@ async def balance_when_ready(ledger, user_id: str, wait: float = 10.0) -> dict:
             "/v1/ledger/balance",
             params={"user_id": user_id},
             headers=principal_headers(
-                "app", audience="ledger", app="penora", scopes=("ledger:read",)
+                "app", audience="ledger", app="penora", scopes=("ledger:read", "users:any")
             ),
         )
         if r.status_code == 200 or time.monotonic() > deadline:

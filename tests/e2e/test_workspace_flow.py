@@ -119,8 +119,20 @@ class TestSharedWorkspace:
                     "user_id": user_id,
                     "app_source": "penora",
                     "project_type": "story",
+                    "title": "Big",
+                    "content": "x" * 600_000,
+                },
+            )
+            assert r.status_code in (200, 201), r.text
+            used += r.json()["size_bytes"]
+            r = await penora.post(
+                "/api/unified/save-project",
+                json={
+                    "user_id": user_id,
+                    "app_source": "penora",
+                    "project_type": "story",
                     "title": "Too big",
-                    "content": "x" * 1_000_000,
+                    "content": "x" * 600_000,
                 },
             )
             assert r.status_code == 413

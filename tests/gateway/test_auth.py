@@ -82,13 +82,21 @@ class TestApiKeys:
             assert r.json()["error"] == INVALID_KEY
         assert await available(stack, user_id) == 50
 
-    async def test_query_key_works_and_is_not_forwarded(
+    async def test_query_key_only_on_the_old_clients_routes(
         self, gw: httpx.AsyncClient, stack: Stack, app_key: str
     ):
         user_id = await funded_user(stack)
-        r = await gw.get("/v1/ledger/balance", params={"user_id": user_id, "api_key": app_key})
+        # The seeds' clients send ?api_key= to /api/unified/* (seed 001): it works there...
+        r = await gw.get("/api/unified/user-info", params={"user_id": user_id, "api_key": app_key})
         assert r.status_code == 200, r.text
-        assert r.json()["available"] == 50
+        assert r.json()["credits"] == 50
+        # ...and nowhere else: a key in a URL ends up in logs.
+        r = await gw.get("/v1/ledger/balance", params={"user_id": user_id, "api_key": app_key})
+        assert r.status_code == 401, r.text
+        r = await gw.get(
+            "/v1/ledger/balance", params={"user_id": user_id}, headers={"X-API-Key": app_key}
+        )
+        assert r.status_code == 200 and r.json()["available"] == 50
 
     async def test_revoked_key_stops_within_5s(self, gw: httpx.AsyncClient, stack: Stack):
         key, prefix = await create_key(stack.auth, "penora", ["ledger:read"])
@@ -133,14 +141,17 @@ class TestApiKeys:
 
 
 class TestAccessTokens:
-    async def test_own_balance_ok_and_debit_ok(self, gw: httpx.AsyncClient, stack: Stack):
+    async def test_own_balance_ok_but_never_a_direct_debit(
+        self, gw: httpx.AsyncClient, stack: Stack
+    ):
         user_id = await funded_user(stack)
         auth = {"Authorization": f"Bearer {stack.signing.token(user_id)}"}
         r = await gw.get("/v1/ledger/balance", params={"user_id": user_id}, headers=auth)
         assert r.status_code == 200, r.text
+        # Users spend through generation and enhancement, never by debiting themselves.
         r = await gw.post("/v1/ledger/debits", json=debit(user_id), headers=auth)
-        assert r.status_code == 201, r.text
-        assert await available(stack, user_id) == 49
+        assert r.status_code == 403, r.text
+        assert await available(stack, user_id) == 50
 
     async def test_another_users_data_is_403(self, gw: httpx.AsyncClient, stack: Stack):
         me, other = await funded_user(stack), await funded_user(stack)

@@ -95,8 +95,12 @@ class TestForwarding:
     ):
         r = await proxied.get(
             "/v1/generation/echo",
-            params={"api_key": generate_key, "x": "1"},
-            headers={"x-ku-principal": "forged", "X-Request-ID": "req-123"},
+            params={"x": "1"},
+            headers={
+                "X-API-Key": generate_key,
+                "x-ku-principal": "forged",
+                "X-Request-ID": "req-123",
+            },
         )
         assert r.status_code == 200, r.text
         seen = r.json()
@@ -106,7 +110,7 @@ class TestForwarding:
             seen["headers"]["x-ku-principal"], audience="generation"
         ).principal
         assert principal.kind == "app" and principal.app == "penora"
-        assert principal.scopes == {"generate"}
+        assert principal.scopes == {"generate", "users:any"}
         assert seen["headers"]["x-request-id"] == "req-123"
         assert r.headers["x-request-id"] == "req-123"
         assert int(r.headers["ratelimit-remaining"]) >= 0
@@ -180,7 +184,21 @@ class TestMeta:
         assert (await gw.get("/health")).json()["status"] == "ok"
         ready = await gw.get("/ready")
         assert ready.status_code == 200 and ready.json()["checks"]["redis"] == "ok"
-        assert "ku_http_requests_total" in (await gw.get("/metrics")).text
+        # Metrics are not on the public port...
+        assert (await gw.get("/metrics")).status_code == 404
+
+    async def test_metrics_on_their_own_port(self, stack: Stack):
+        from gateway.app import create_app as create_gateway
+        from services.kit.runner import free_port
+
+        port = free_port()
+        settings = stack.gateway_settings(gateway_metrics_port=port)
+        async with Served(create_gateway(settings)) as gw2:
+            async with httpx.AsyncClient() as client:
+                await client.get(gw2.url + "/health")
+                r = await client.get(f"http://127.0.0.1:{port}/metrics")
+                assert r.status_code == 200 and "ku_http_requests_total" in r.text
+                assert (await client.get(gw2.url + "/metrics")).status_code == 404
 
     async def test_merged_openapi(self, gw: httpx.AsyncClient):
         r = await gw.get("/openapi.json")

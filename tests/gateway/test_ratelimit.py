@@ -37,7 +37,8 @@ class TestSharedLimit:
             a = await stack_.enter_async_context(httpx.AsyncClient(base_url=one.url))
             b = await stack_.enter_async_context(httpx.AsyncClient(base_url=two.url))
             first = await statuses(a, key, 3) + await statuses(b, key, 3)
-            assert [r.status_code for r in first] == [404] * 6  # unknown user, but admitted
+            # Admitted (a partner key, not linked to this user: the ledger says 403).
+            assert [r.status_code for r in first] == [403] * 6
             assert int(first[0].headers["ratelimit-limit"]) == 6
             for client in (a, b):
                 r = (await statuses(client, key, 1))[0]

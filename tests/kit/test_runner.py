@@ -28,8 +28,10 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def admin() -> dict[str, str]:
+    """Penora's first-party key with every ledger scope (enough to set a user up)."""
+    scopes = ("users:any", "users:write", "ledger:read", "ledger:write", "ledger:grant")
     return {
-        **principal_headers("app", audience="ledger", app="penora", scopes=("admin",)),
+        **principal_headers("app", audience="ledger", app="penora", scopes=scopes),
         "Idempotency-Key": uuid.uuid4().hex,
     }
 

@@ -7,7 +7,7 @@ import httpx
 import pytest
 
 from services.kit.testing.plugin import asgi_client
-from tests.ledger.helpers import admin, key
+from tests.ledger.helpers import key, operator
 
 
 @pytest.fixture(scope="session")
@@ -27,14 +27,14 @@ def funded_user(
     async def make(amount: float | int = 50, **grant: Any) -> str:
         user_id = new_user_id()
         r = await ledger.post(
-            "/v1/ledger/accounts", json={"user_id": user_id, "welcome": False}, headers=admin()
+            "/v1/ledger/accounts", json={"user_id": user_id, "welcome": False}, headers=operator()
         )
         assert r.status_code == 201, r.text
         if amount:
             r = await ledger.post(
                 "/v1/ledger/grants",
                 json={"user_id": user_id, "amount": amount, "source": "promo", **grant},
-                headers={**admin(), **key()},
+                headers={**operator(), **key()},
             )
             assert r.status_code == 201, r.text
         return user_id

@@ -4,14 +4,15 @@ import asyncio
 
 import httpx
 
-from tests.ledger.helpers import admin, balance, key, penora
+from tests.ledger.helpers import app_key, balance, key, operator, penora
 
 
 async def debit(ledger: httpx.AsyncClient, user_id: str, amount: object, **extra: object):
+    caller = app_key(str(extra.get("app") or "penora"))
     return await ledger.post(
         "/v1/ledger/debits",
         json={"user_id": user_id, "amount": amount, **extra},
-        headers={**penora(), **key()},
+        headers={**caller, **key()},
     )
 
 
@@ -81,7 +82,9 @@ class TestBadInput:
         )
         assert r.status_code == 400
         assert r.json()["error"]["code"] == "idempotency_key_required"
-        txs = await ledger.get("/v1/ledger/transactions", params={"user_id": user}, headers=admin())
+        txs = await ledger.get(
+            "/v1/ledger/transactions", params={"user_id": user}, headers=operator()
+        )
         assert [t["kind"] for t in txs.json()["items"]] == ["grant"]
         assert (await balance(ledger, user))["available"] == 10
 

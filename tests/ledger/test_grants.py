@@ -4,14 +4,14 @@ import asyncio
 from datetime import UTC, datetime, timedelta
 
 from services.kit.outbox import signed_fields
-from tests.ledger.helpers import admin, balance, key, penora
+from tests.ledger.helpers import balance, key, operator, penora
 
 
 async def grant(ledger, user, amount, **extra):
     r = await ledger.post(
         "/v1/ledger/grants",
         json={"user_id": user, "amount": amount, "source": "promo", **extra},
-        headers={**admin(), **key()},
+        headers={**operator(), **key()},
     )
     assert r.status_code == 201, r.text
     return r.json()
@@ -53,7 +53,9 @@ class TestGrantExpiry:
         finally:
             await pool.close()
         assert wallet["balance_milli"] == 0
-        txs = await ledger.get("/v1/ledger/transactions", params={"user_id": user}, headers=admin())
+        txs = await ledger.get(
+            "/v1/ledger/transactions", params={"user_id": user}, headers=operator()
+        )
         assert txs.json()["items"][0]["kind"] == "grant_expiry"
         assert await verify(plain_url(ku_database_url)) == []
 
@@ -83,7 +85,7 @@ class TestGrantExpiry:
                 "source": "promo",
                 "expires_at": (datetime.now(UTC) - timedelta(seconds=5)).isoformat(),
             },
-            headers={**admin(), **key()},
+            headers={**operator(), **key()},
         )
         assert r.status_code == 422 and r.json()["error"]["code"] == "already_expired"
 
@@ -122,17 +124,21 @@ class TestWelcome:
                 )
         finally:
             await redis.aclose()
-        opened = await ledger.post("/v1/ledger/accounts", json={"user_id": user}, headers=admin())
+        opened = await ledger.post(
+            "/v1/ledger/accounts", json={"user_id": user}, headers=operator()
+        )
         assert opened.status_code in (200, 201)
         for _ in range(50):
-            r = await ledger.get("/v1/ledger/balance", params={"user_id": user}, headers=admin())
+            r = await ledger.get("/v1/ledger/balance", params={"user_id": user}, headers=operator())
             if r.status_code == 200 and r.json()["available"] == 50:
                 break
             await asyncio.sleep(0.1)
         await asyncio.sleep(0.5)  # let every delivery be handled
         b = await balance(ledger, user)
         assert b["available"] == 50
-        txs = await ledger.get("/v1/ledger/transactions", params={"user_id": user}, headers=admin())
+        txs = await ledger.get(
+            "/v1/ledger/transactions", params={"user_id": user}, headers=operator()
+        )
         assert [t["kind"] for t in txs.json()["items"]] == ["grant"]
 
 
@@ -167,10 +173,12 @@ class TestForgedEvents:
         finally:
             await redis.aclose()
         for _ in range(100):
-            r = await ledger.get("/v1/ledger/balance", params={"user_id": marker}, headers=admin())
+            r = await ledger.get(
+                "/v1/ledger/balance", params={"user_id": marker}, headers=operator()
+            )
             if r.status_code == 200:
                 break
             await asyncio.sleep(0.1)
         assert r.status_code == 200
-        r = await ledger.get("/v1/ledger/balance", params={"user_id": user}, headers=admin())
+        r = await ledger.get("/v1/ledger/balance", params={"user_id": user}, headers=operator())
         assert r.status_code == 404

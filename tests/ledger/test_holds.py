@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import asyncio
 
-from tests.ledger.helpers import admin, balance, key, penora
+from tests.ledger.helpers import balance, key, operator, penora
 
 
 async def reserve(ledger, user, amount, ttl=300):
@@ -107,7 +107,7 @@ class TestCaptureReleaseRace:
             codes = sorted([cap.status_code, rel.status_code])
             assert codes == [200, 409], (cap.text, rel.text)
         txs = await ledger.get(
-            "/v1/ledger/transactions", params={"user_id": user, "limit": 200}, headers=admin()
+            "/v1/ledger/transactions", params={"user_id": user, "limit": 200}, headers=operator()
         )
         kinds = [t["kind"] for t in txs.json()["items"]]
         assert kinds.count("capture") + kinds.count("release") == 100

@@ -3,7 +3,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 
-from tests.ledger.helpers import admin, balance, penora
+from tests.ledger.helpers import balance, imagegene, operator, penora
 
 
 class TestIdempotencyKey:
@@ -30,7 +30,7 @@ class TestIdempotencyKey:
         assert len({r.json()["transaction_id"] for r in responses}) == 1
         assert (await balance(ledger, user))["available"] == 47
         txs = await ledger.get(
-            "/v1/ledger/transactions", params={"user_id": user, "kind": "debit"}, headers=admin()
+            "/v1/ledger/transactions", params={"user_id": user, "kind": "debit"}, headers=operator()
         )
         assert len(txs.json()["items"]) == 1
 
@@ -52,7 +52,7 @@ class TestIdempotencyKey:
         user = await funded_user(50)
         payload = {"user_id": user, "amount": 5, "app": "imagegene", "reference": "IMG123"}
         results = await asyncio.gather(
-            *(ledger.post("/v1/ledger/debits", json=payload, headers=penora()) for _ in range(5))
+            *(ledger.post("/v1/ledger/debits", json=payload, headers=imagegene()) for _ in range(5))
         )
         assert {r.status_code for r in results} == {201}
         assert (await balance(ledger, user))["available"] == 45
@@ -72,7 +72,7 @@ class TestIdempotencyKey:
                 "source": "purchase",
                 "reference": uuid.uuid4().hex,
             },
-            headers=admin(),
+            headers=operator(),
         )
         retry = await ledger.post("/v1/ledger/debits", json=payload, headers=headers)
         assert retry.status_code == 201

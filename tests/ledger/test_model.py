@@ -25,7 +25,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from services.kit.db import plain_url
 from services.kit.testing.plugin import running
 from services.ledger.verify import verify
-from tests.ledger.helpers import admin, penora
+from tests.ledger.helpers import operator, penora
 
 NEVER = datetime.max.replace(tzinfo=UTC)
 
@@ -108,7 +108,7 @@ class LedgerMachine(RuleBasedStateMachine):
     @initialize()
     def open_account(self) -> None:
         r = self.harness.post(
-            "/v1/ledger/accounts", {"user_id": self.user, "welcome": False}, headers=admin()
+            "/v1/ledger/accounts", {"user_id": self.user, "welcome": False}, headers=operator()
         )
         assert r.status_code == 201
 
@@ -158,7 +158,7 @@ class LedgerMachine(RuleBasedStateMachine):
                 "source": "promo",
                 "expires_at": expires.isoformat() if expires else None,
             },
-            headers={**admin(), "Idempotency-Key": uuid.uuid4().hex},
+            headers={**operator(), "Idempotency-Key": uuid.uuid4().hex},
         )
         assert r.status_code == 201, r.text
         self.grants.append(MGrant(next(self.seq), amount, expires))
@@ -276,7 +276,7 @@ class LedgerMachine(RuleBasedStateMachine):
     def balance_matches_model(self) -> None:
         r = self.harness.run(
             self.harness.client.get(
-                "/v1/ledger/balance", params={"user_id": self.user}, headers=admin()
+                "/v1/ledger/balance", params={"user_id": self.user}, headers=operator()
             )
         )
         if r.status_code == 404:  # before initialize

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from tests.ledger.helpers import admin, balance, key, penora
+from tests.ledger.helpers import app_key, balance, key, operator, penora
 
 
 async def charge(ledger, user, amount):
@@ -71,16 +71,16 @@ class TestRefunds:
         )
         assert r.status_code == 403
         grants = await ledger.get(
-            "/v1/ledger/transactions", params={"user_id": user, "kind": "grant"}, headers=admin()
+            "/v1/ledger/transactions", params={"user_id": user, "kind": "grant"}, headers=operator()
         )
         r = await ledger.post(
             "/v1/ledger/refunds",
             json={"transaction_id": grants.json()["items"][0]["id"]},
-            headers={**admin(), **key()},
+            headers={**operator(), **key()},
         )
         assert r.status_code == 422 and r.json()["error"]["code"] == "not_refundable"
         r = await ledger.post(
-            "/v1/ledger/refunds", json={"transaction_id": 10**12}, headers={**admin(), **key()}
+            "/v1/ledger/refunds", json={"transaction_id": 10**12}, headers={**operator(), **key()}
         )
         assert r.status_code == 404
         assert (await balance(ledger, user))["available"] == 8
@@ -93,39 +93,41 @@ class TestTransactionsAndUsage:
             r = await ledger.post(
                 "/v1/ledger/debits",
                 json={"user_id": user, "amount": amount, "app": app},
-                headers={**penora(), **key()},
+                headers={**app_key(app), **key()},
             )
             assert r.status_code == 201
         page1 = await ledger.get(
             "/v1/ledger/transactions",
             params={"user_id": user, "kind": "debit", "limit": 3},
-            headers=admin(),
+            headers=operator(),
         )
         body = page1.json()
         assert [t["amount"] for t in body["items"]] == [4, 3, 2]
         page2 = await ledger.get(
             "/v1/ledger/transactions",
             params={"user_id": user, "kind": "debit", "limit": 3, "cursor": body["next_cursor"]},
-            headers=admin(),
+            headers=operator(),
         )
         assert [t["amount"] for t in page2.json()["items"]] == [1] and page2.json()[
             "next_cursor"
         ] is None
         ig = await ledger.get(
-            "/v1/ledger/transactions", params={"user_id": user, "app": "imagegene"}, headers=admin()
+            "/v1/ledger/transactions",
+            params={"user_id": user, "app": "imagegene"},
+            headers=operator(),
         )
         assert [t["delta"] for t in ig.json()["items"]] == [-4, -2]
         usage = await ledger.get(
-            "/v1/ledger/usage", params={"user_id": user, "group_by": "app,day"}, headers=admin()
+            "/v1/ledger/usage", params={"user_id": user, "group_by": "app,day"}, headers=operator()
         )
         rows = {r["app"]: r for r in usage.json()["rows"]}
         assert rows["penora"]["spent"] == 4 and rows["imagegene"]["spent"] == 6
         assert rows["penora"]["charges"] == 2 and usage.json()["total_spent"] == 10
         bad = await ledger.get(
-            "/v1/ledger/usage", params={"user_id": user, "group_by": "planet"}, headers=admin()
+            "/v1/ledger/usage", params={"user_id": user, "group_by": "planet"}, headers=operator()
         )
         assert bad.status_code == 400
         bad = await ledger.get(
-            "/v1/ledger/transactions", params={"user_id": user, "cursor": "!!"}, headers=admin()
+            "/v1/ledger/transactions", params={"user_id": user, "cursor": "!!"}, headers=operator()
         )
         assert bad.status_code == 400

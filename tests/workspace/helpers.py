@@ -20,7 +20,13 @@ def admin() -> dict[str, str]:
     return principal_headers("app", app="penora", scopes=("admin",))
 
 
+FIRST_PARTY = ("penora", "imagegene")
+
+
 def app_key(app: str = "penora", scopes: tuple[str, ...] = RW) -> dict[str, str]:
+    """An app key; Penora's and ImageGene's are first-party (`users:any`, any user)."""
+    if app in FIRST_PARTY:
+        scopes = (*scopes, "users:any")
     return principal_headers("app", app=app, scopes=scopes)
 
 

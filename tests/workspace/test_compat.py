@@ -48,7 +48,9 @@ class InProcessUpstreams(Upstreams):
 def caller_box() -> dict[str, Principal]:
     return {
         "principal": Principal(
-            kind="app", app="imagegene", scopes=frozenset({"workspace:read", "workspace:write"})
+            kind="app",
+            app="imagegene",
+            scopes=frozenset({"workspace:read", "workspace:write", "users:any"}),
         )
     }
 

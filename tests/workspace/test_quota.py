@@ -131,7 +131,7 @@ class TestAdminQuota:
         r = await workspace.put(
             f"/v1/workspace/quotas/{uid}", json={"limit_bytes": 10 * LIMIT}, headers=app_key()
         )
-        assert r.status_code == 403 and r.json()["error"]["code"] == "missing_scope"
+        assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden"
         assert (await storage(workspace, uid))["limit_bytes"] == LIMIT
         r = await workspace.put(
             f"/v1/workspace/quotas/{uid}", json={"limit_bytes": -1}, headers=admin()

@@ -32,7 +32,7 @@ Tokens = Annotated[TokenService, Depends(get_tokens)]
 @router.post("/sso", response_model=TokenPair, responses=ERRORS)
 async def sso_exchange(body: SsoExchange, tokens: Tokens, session: Session) -> TokenPair:
     """Exchange the main site's SSO JWT for a Ku access token and refresh token."""
-    return await tokens.exchange_sso(session, body.token)
+    return await tokens.exchange_sso(session, body.token, app=body.app)
 
 
 @router.post("/refresh", response_model=TokenPair, responses=ERRORS)

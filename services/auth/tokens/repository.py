@@ -17,7 +17,13 @@ class TokenRepository:
         self.session = session
 
     async def add_refresh_token(
-        self, *, token_hash: str, family_id: str, user_id: str, expires_at: datetime
+        self,
+        *,
+        token_hash: str,
+        family_id: str,
+        user_id: str,
+        expires_at: datetime,
+        app: str | None = None,
     ) -> RefreshToken:
         row = RefreshToken(
             id=str(uuid.uuid4()),
@@ -25,6 +31,7 @@ class TokenRepository:
             family_id=family_id,
             user_id=user_id,
             expires_at=expires_at,
+            app=app,
         )
         self.session.add(row)
         await self.session.flush()

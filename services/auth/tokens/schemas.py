@@ -5,6 +5,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from services.auth.users.schemas import User
+from services.kit.schemas import AppName
 
 Jwt = Annotated[str, StringConstraints(min_length=1, max_length=8192)]
 OpaqueToken = Annotated[str, StringConstraints(min_length=1, max_length=512)]
@@ -16,6 +17,11 @@ class SsoExchange(BaseModel):
         json_schema_extra={"examples": [{"token": "eyJhbGciOiJSUzI1NiIsImtpZCI6Im1haW4tMSJ9..."}]},
     )
     token: Jwt = Field(description="The main site's SSO JWT")
+    app: AppName | None = Field(
+        None,
+        description="The app the user signs in through (links the user to it; the token's "
+        "`app`, the lane the user's spending is booked in)",
+    )
 
 
 class RefreshIn(BaseModel):

@@ -45,27 +45,35 @@ class TokenService:
         self.keyring = keyring
         self.sso = sso
 
-    def access_token(self, user_id: str, *, now: datetime | None = None) -> str:
+    def access_token(
+        self, user_id: str, *, app: str | None = None, now: datetime | None = None
+    ) -> str:
         issued = int((now or datetime.now(UTC)).timestamp())
-        return self.keyring.sign(
-            {
-                "sub": user_id,
-                "iss": self.settings.auth_token_issuer,
-                "aud": self.settings.auth_token_audience,
-                "iat": issued,
-                "exp": issued + self.settings.auth_access_token_ttl_seconds,
-                "jti": uuid.uuid4().hex,
-                "scope": " ".join(self.settings.user_scopes),
-            }
-        )
+        claims: dict[str, object] = {
+            "sub": user_id,
+            "iss": self.settings.auth_token_issuer,
+            "aud": self.settings.auth_token_audience,
+            "iat": issued,
+            "exp": issued + self.settings.auth_access_token_ttl_seconds,
+            "jti": uuid.uuid4().hex,
+            "scope": " ".join(self.settings.user_scopes),
+        }
+        if app:
+            claims["app"] = app
+        return self.keyring.sign(claims)
 
-    async def exchange_sso(self, session: AsyncSession, token: str) -> TokenPair:
-        """Verify the main site's JWT, create the user on first login, open a session."""
+    async def exchange_sso(
+        self, session: AsyncSession, token: str, *, app: str | None = None
+    ) -> TokenPair:
+        """Verify the main site's JWT, create the user on first login, link them to the
+        app they signed in through, open a session."""
         identity = await self.sso.verify(token)
         user, _ = await users.create(
             session, identity.user_id, email=identity.email, username=identity.name
         )
-        return await self._issue(session, user, family_id=str(uuid.uuid4()))
+        if app is not None:
+            await users.link(session, user.id, app)
+        return await self._issue(session, user, family_id=str(uuid.uuid4()), app=app)
 
     async def refresh(self, session: AsyncSession, refresh_token: str) -> TokenPair:
         repo = TokenRepository(session)
@@ -79,7 +87,9 @@ class TokenService:
         if row.expires_at <= now:
             raise _invalid_refresh()
         user = await users.get(session, row.user_id)
-        pair, new_id = await self._issue_with_id(session, user, family_id=row.family_id)
+        pair, new_id = await self._issue_with_id(
+            session, user, family_id=row.family_id, app=row.app
+        )
         await repo.mark_rotated(row.id, new_id, now)
         return pair
 
@@ -90,12 +100,14 @@ class TokenService:
         if family is not None:
             await repo.revoke_family(family, datetime.now(UTC))
 
-    async def _issue(self, session: AsyncSession, user: User, *, family_id: str) -> TokenPair:
-        pair, _ = await self._issue_with_id(session, user, family_id=family_id)
+    async def _issue(
+        self, session: AsyncSession, user: User, *, family_id: str, app: str | None
+    ) -> TokenPair:
+        pair, _ = await self._issue_with_id(session, user, family_id=family_id, app=app)
         return pair
 
     async def _issue_with_id(
-        self, session: AsyncSession, user: User, *, family_id: str
+        self, session: AsyncSession, user: User, *, family_id: str, app: str | None
     ) -> tuple[TokenPair, str]:
         refresh_token = secrets.token_urlsafe(48)
         ttl = self.settings.auth_refresh_token_ttl_seconds
@@ -104,9 +116,10 @@ class TokenService:
             family_id=family_id,
             user_id=user.id,
             expires_at=datetime.now(UTC) + timedelta(seconds=ttl),
+            app=app,
         )
         pair = TokenPair(
-            access_token=self.access_token(user.id),
+            access_token=self.access_token(user.id, app=app),
             expires_in=self.settings.auth_access_token_ttl_seconds,
             scope=" ".join(self.settings.user_scopes),
             refresh_token=refresh_token,

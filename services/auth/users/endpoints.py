@@ -4,9 +4,10 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Response
 
-from services.auth.users.schemas import User, UserCreate, UserCreated
+from services.auth.users.schemas import AppLinkIn, User, UserApps, UserCreate, UserCreated
 from services.auth.users.service import users
 from services.kit.db import Session
+from services.kit.errors import Forbidden, Unprocessable
 from services.kit.principal import Principal, get_principal
 from services.kit.schemas import UserId
 
@@ -31,11 +32,27 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 async def create_user(
     body: UserCreate, principal: CurrentPrincipal, session: Session, response: Response
 ) -> UserCreated:
-    """Create a user (welcome credits follow); an existing id is returned unchanged with 200."""
+    """Create a user (welcome credits follow, or an admin's `initial_credits` instead);
+    an existing id is returned unchanged with 200. A partner app's new user is linked
+    to it."""
     principal.require_scope("users:write")
+    if body.initial_credits is not None:
+        if not principal.is_admin:
+            raise Forbidden("Only an admin sets initial credits", code="forbidden")
+        if not body.reason:
+            raise Unprocessable("Initial credits need a reason", code="reason_required")
     user, created = await users.create(
-        session, body.user_id, email=body.email, username=body.username
+        session,
+        body.user_id,
+        email=body.email,
+        username=body.username,
+        initial_credits_milli=body.initial_credits,
+        created_by=principal.who,
+        reason=body.reason,
     )
+    if created and principal.kind == "app" and principal.app and not principal.is_admin:
+        if "users:any" not in principal.scopes:
+            await users.link(session, user.id, principal.app, strict=False)
     response.status_code = 201 if created else 200
     return UserCreated(
         user_id=user.id,
@@ -54,3 +71,25 @@ async def get_user(user_id: UserId, principal: CurrentPrincipal, session: Sessio
     else:
         principal.require_scope("users:write")
     return User.model_validate(await users.get(session, user_id))
+
+
+@router.post("/{user_id}/apps", response_model=UserApps, responses=ERRORS)
+async def link_app(
+    user_id: UserId, body: AppLinkIn, principal: CurrentPrincipal, session: Session
+) -> UserApps:
+    """Admins: link a user to an app, so that app's partner keys may act for them."""
+    principal.require_scope("admin")
+    await users.get(session, user_id)
+    await users.link(session, user_id, body.app)
+    return UserApps(user_id=user_id, apps=await users.apps(session, user_id))
+
+
+@router.get("/{user_id}/apps", response_model=UserApps, responses=ERRORS)
+async def list_apps(user_id: UserId, principal: CurrentPrincipal, session: Session) -> UserApps:
+    """The apps a user is linked to (admins, or the user's own token)."""
+    if principal.kind == "user":
+        principal.acts_for(user_id)
+    else:
+        principal.require_scope("admin")
+    await users.get(session, user_id)
+    return UserApps(user_id=user_id, apps=await users.apps(session, user_id))

@@ -12,7 +12,8 @@ from pydantic import (
     StringConstraints,
 )
 
-from services.kit.schemas import UserId
+from services.kit.money import PositiveKu
+from services.kit.schemas import AppName, UserId
 
 
 def _int_to_str(value: Any) -> Any:
@@ -27,6 +28,7 @@ NewUserId = Annotated[UserId, BeforeValidator(_int_to_str)]
 Email = Annotated[
     str, StringConstraints(strip_whitespace=True, max_length=320, pattern=r"^[^@\s]+@[^@\s]+$")
 ]
+Reason = Annotated[str, StringConstraints(min_length=1, max_length=500)]
 Username = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
 
 EXAMPLE_ID = "101902121794505144784"
@@ -42,6 +44,24 @@ class UserCreate(BaseModel):
     user_id: NewUserId = Field(validation_alias=AliasChoices("user_id", "id"))
     email: Email
     username: Username | None = None
+    initial_credits: Annotated[
+        PositiveKu | None,
+        Field(description="Admins only: the user's first credits instead of the welcome grant"),
+    ] = None
+    reason: Annotated[
+        Reason | None,
+        Field(description="Why (required with initial_credits; audited in the ledger)"),
+    ] = None
+
+
+class AppLinkIn(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"app": "partnerx"}]})
+    app: AppName
+
+
+class UserApps(BaseModel):
+    user_id: str
+    apps: list[str] = Field(description="Apps the user is linked to")
 
 
 class User(BaseModel):

@@ -1,7 +1,10 @@
-"""Users: created once, by an app with `users:write` or on first SSO login.
+"""Users: created once, by an app with `users:write` or on first SSO login; linked to
+the apps they came through.
 
-Creation writes the `user.created` event in the same transaction (the ledger
-grants the welcome credits from it); an existing id is returned unchanged.
+Creation writes the `user.created` event in the same transaction (the ledger grants
+the first credits from it: the welcome credits, or an admin's initial credits instead);
+an existing id is returned unchanged. A new link writes `user.linked` (the ledger and
+the workspace let a partner key act for its linked users only).
 """
 
 from __future__ import annotations
@@ -10,30 +13,64 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.auth.models import User, outbox
 from services.auth.users.repository import UserRepository
-from services.kit.errors import NotFound
+from services.kit.errors import NotFound, Unprocessable
 from services.kit.outbox import emit
 
 USER_CREATED = "user.created"
+USER_LINKED = "user.linked"
 
 
 class UserService:
     async def create(
-        self, session: AsyncSession, user_id: str, *, email: str | None, username: str | None
+        self,
+        session: AsyncSession,
+        user_id: str,
+        *,
+        email: str | None,
+        username: str | None,
+        initial_credits_milli: int | None = None,
+        created_by: str | None = None,
+        reason: str | None = None,
     ) -> tuple[User, bool]:
-        """The user and whether this call created it."""
+        """The user and whether this call created it. `initial_credits_milli` (admins)
+        replaces the welcome credits: it travels in the event, so it is the one grant."""
         repo = UserRepository(session)
         user = await repo.insert_if_absent(user_id, username=username, email=email)
         if user is not None:
-            await emit(
-                session,
-                outbox,
-                USER_CREATED,
-                {"user_id": user.id, "username": user.username, "email": user.email},
-            )
+            payload: dict[str, object] = {
+                "user_id": user.id,
+                "username": user.username,
+                "email": user.email,
+            }
+            if initial_credits_milli:
+                payload.update(
+                    initial_credits_milli=initial_credits_milli,
+                    created_by=created_by,
+                    reason=reason,
+                )
+            await emit(session, outbox, USER_CREATED, payload)
             return user, True
         existing = await repo.get(user_id)
         assert existing is not None  # the conflicting row is committed and never deleted
         return existing, False
+
+    async def link(
+        self, session: AsyncSession, user_id: str, app: str, *, strict: bool = True
+    ) -> bool:
+        """Link a user to an app (idempotent); True when the link is new. An app that
+        was never registered is 422 (`strict`) or no link."""
+        repo = UserRepository(session)
+        if not await repo.app_exists(app):
+            if not strict:
+                return False
+            raise Unprocessable("No such app", code="unknown_app", app=app)
+        if await repo.link(user_id, app):
+            await emit(session, outbox, USER_LINKED, {"user_id": user_id, "app": app})
+            return True
+        return False
+
+    async def apps(self, session: AsyncSession, user_id: str) -> list[str]:
+        return await UserRepository(session).apps(user_id)
 
     async def get(self, session: AsyncSession, user_id: str) -> User:
         user = await UserRepository(session).get(user_id)

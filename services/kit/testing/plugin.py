@@ -46,6 +46,8 @@ def _bootstrap_environment() -> dict[str, str]:
         "KU_DATABASE_URL": test_url,
         "KU_BUS_PREFIX": f"kutest{RUN_ID}",
         **_principal_keys(),
+        # In-process gateways serve no metrics port (tests that need one pick a free port).
+        "KU_GATEWAY_METRICS_PORT": "0",
         "KU_ENVIRONMENT": "test",
         "KU_LOG_LEVEL": os.environ.get("KU_LOG_LEVEL", "WARNING"),
     }

@@ -6,6 +6,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
 
+from services.kit.authority import authorize
 from services.kit.db import Session
 from services.kit.errors import Conflict
 from services.kit.principal import Principal, get_principal
@@ -30,6 +31,7 @@ from services.ledger.billing.schemas import (
 )
 from services.ledger.billing.service import Billing
 from services.ledger.config import get_settings
+from services.ledger.repository import LedgerRepository
 
 router = APIRouter(prefix="/v1/billing", tags=["billing"])
 
@@ -53,12 +55,14 @@ async def get_billing(request: Request, session: Session) -> Billing:
 BillingDep = Annotated[Billing, Depends(get_billing)]
 
 
-def _acts_for(principal: Principal, user_id: str, *scopes: str) -> None:
-    """A user token for that user, or an app key holding one of `scopes`."""
-    if principal.kind == "user":
-        principal.acts_for(user_id)
-    else:
-        principal.require_scope(*scopes)
+async def _may(operation: str, principal: Principal, billing: Billing, user_id: str) -> None:
+    """The authority table (services/kit/authority.py), then whether this user is the
+    caller's (a partner's linked user), looked up in this transaction."""
+    permit = authorize(principal, operation)
+    linked = None
+    if permit.users.startswith("linked:"):
+        linked = await LedgerRepository(billing.repo.session).is_linked(user_id, permit.users[7:])
+    permit.check_user(user_id, linked)
 
 
 @router.get("/catalog", response_model=Catalog, responses=ERRORS)
@@ -69,7 +73,7 @@ async def get_catalog(
 ) -> Catalog:
     """Top-up packs and plans for sale, with prices in minor units and credits in Ku."""
     if include_inactive:
-        principal.require_scope("admin")
+        authorize(principal, "billing.admin")
     rows = await billing.repo.catalog(include_inactive=include_inactive)
     return Catalog(items=[item_out(r) for r in rows])
 
@@ -79,7 +83,7 @@ async def put_catalog_item(
     item_id: ItemId, body: CatalogItemPut, principal: CurrentPrincipal, billing: BillingDep
 ) -> CatalogItem:
     """Create or replace a catalog item (admin). Orders already placed keep their price."""
-    principal.require_scope("admin")
+    authorize(principal, "billing.admin")
     values = {
         "kind": body.kind,
         "name": body.name,
@@ -97,7 +101,7 @@ async def create_order(
     body: OrderCreate, principal: CurrentPrincipal, billing: BillingDep
 ) -> Order:
     """Open a Razorpay order for a catalog item; pass the result to Razorpay checkout."""
-    _acts_for(principal, body.user_id, "ledger:write")
+    await _may("billing.buy", principal, billing, body.user_id)
     order = await billing.create_order(body.user_id, body.item)
     return Order(
         order_id=order["id"],
@@ -126,8 +130,7 @@ async def verify_payment(
     body: VerifyIn, principal: CurrentPrincipal, billing: BillingDep, response: Response
 ) -> Any:
     """Checkout's success handler: check the signature against our order, then grant once."""
-    if principal.kind != "user":
-        principal.require_scope("ledger:write")
+    authorize(principal, "billing.buy")  # the order's user is checked against the caller
     settled = await billing.verify_checkout(
         principal, body.razorpay_order_id, body.razorpay_payment_id, body.razorpay_signature
     )
@@ -152,7 +155,7 @@ async def create_subscription(
     body: SubscriptionCreate, principal: CurrentPrincipal, billing: BillingDep
 ) -> Subscription:
     """Subscribe a user to a plan; each charged period grants its allowance."""
-    _acts_for(principal, body.user_id, "ledger:write")
+    await _may("billing.buy", principal, billing, body.user_id)
     sub = await billing.create_subscription(body.user_id, body.item)
     return Subscription(
         subscription_id=sub["id"],
@@ -193,7 +196,7 @@ async def list_payments(
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
 ) -> PaymentPage:
     """A user's payments, newest first, with status and the credits each granted."""
-    _acts_for(principal, user_id, "ledger:read", "ledger:write")
+    await _may("billing.read", principal, billing, user_id)
     rows = await billing.repo.payments_of(user_id, limit=limit)
     return PaymentPage(items=[payment_out(r) for r in rows])
 
@@ -206,7 +209,7 @@ async def list_alerts(
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
 ) -> AlertPage:
     """Payments that need a human: amount mismatches, charges after cancellation (admin)."""
-    principal.require_scope("admin")
+    authorize(principal, "billing.admin")
     rows = await billing.repo.alerts(since=since, limit=limit)
     return AlertPage(
         items=[

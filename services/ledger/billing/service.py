@@ -43,6 +43,9 @@ from services.ledger.service import Ledger
 log = logging.getLogger("ku.ledger.billing")
 
 BILLING = service_principal("billing")
+# Billing runs inside the ledger service: its lane is granting what was paid for and
+# clawing back what was refunded, for any user (the authority table's `billing` row).
+BILLING_AUTH = {"user": "any", "owner": "service:billing", "holds": "*", "charges": "*"}
 # Razorpay subscriptions need a finite count: ten years of renewals.
 TOTAL_COUNT = {"month": 120, "year": 10}
 
@@ -351,6 +354,7 @@ class Billing:
                 "reference": refund["id"],
                 "description": f"Refund {refund['id']} of payment {payment_id}",
                 "app": "billing",
+                "auth": BILLING_AUTH,
             }
             try:
                 outcome = await self.ledger.execute(op, BILLING, key=f"refund:{refund['id']}")
@@ -535,6 +539,7 @@ class Billing:
             "reference": payment_id,
             "description": description,
             "app": "billing",
+            "auth": BILLING_AUTH,
         }
         try:
             outcome = await self.ledger.execute(op, BILLING, key=f"payment:{payment_id}")
