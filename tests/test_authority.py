@@ -272,7 +272,9 @@ async def test_the_table_decides(
     else:
         assert r.status_code not in (401, 403), r.text
         # Billing without Razorpay configured answers 503; nothing else may fail.
-        assert r.status_code < 500 or (route.path.startswith("/v1/billing") and r.status_code == 503)
+        assert r.status_code < 500 or (
+            route.path.startswith("/v1/billing") and r.status_code == 503
+        )
 
 
 # --- the docs say the same ----------------------------------------------------------
