@@ -17,6 +17,9 @@ from tests.gateway.helpers import SigningKey, make_signing_key
 
 pytestmark = pytest.mark.e2e
 
+# The main site's HS256 SSO secret, as this suite's auth is configured.
+SSO_SECRET = "e2e-sso-shared-secret-0123456789abcdef"
+
 
 @dataclass
 class E2E:
@@ -55,6 +58,7 @@ def e2e(ku_database_url: str) -> Iterator[E2E]:
         "KU_DATABASE_URL": ku_database_url,
         "KU_AUTH_PRIVATE_KEY": signing.private_pem,
         "KU_AUTH_KEY_ID": signing.kid,
+        "KU_SSO_HS256_SECRET": SSO_SECRET,
         # The app "burst" gets a tiny per-key limit, to show 429 across two gateways.
         "KU_GATEWAY_RATE_APPS": '{"burst": 5}',
         "KU_LOG_LEVEL": "WARNING",

@@ -5,6 +5,7 @@ untrusted X-Forwarded-For hop (gateway.access.client_ip)."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from typing import Any
 
 import httpx
@@ -28,7 +29,7 @@ NATIVE_POSTS = ["/v1/ledger/debits", "/v1/workspace/projects"]
 
 
 async def _call(
-    app: Any, path: str, *, declared: int | None, headers: list[tuple[bytes, bytes]] = ()
+    app: Any, path: str, *, declared: int | None, headers: Sequence[tuple[bytes, bytes]] = ()
 ) -> tuple[int, bytes, int]:
     """Send a 64 MB body to `app` at the ASGI level: (status, body, bytes the app pulled)."""
     pulled = 0
