@@ -32,6 +32,23 @@ _KTY = {"RS": "RSA", "ES": "EC"}
 _USER_ID = re.compile(r"^[A-Za-z0-9._@:-]{1,128}$")
 # An unknown `kid` refetches the JWKS URL at most this often.
 _REFETCH_SECONDS = 30.0
+# What the caller is told, from a fixed vocabulary (jose's own text is only logged):
+# the first of these whose key appears in jose's message.
+_REASONS = (
+    ('"aud"', 'missing "aud" claim'),
+    ("audience", "wrong audience"),
+    ('"iss"', 'missing "iss" claim'),
+    ('"exp"', 'missing "exp" claim'),
+    ("issuer", "wrong issuer"),
+    ("nbf", "not yet valid (nbf)"),
+    ("expired", "expired"),
+    ("Signature", "bad Signature"),
+)
+
+
+def _reason(exc: Exception) -> str:
+    text = str(exc)
+    return next((ours for key, ours in _REASONS if key in text), "malformed token")
 
 
 @dataclass(frozen=True)
@@ -106,7 +123,9 @@ class SsoVerifier:
                 },
             )
         except JOSEError as exc:
-            raise invalid(str(exc) or type(exc).__name__) from None
+            # The library's text is logged, never returned: the caller learns the kind.
+            log.info("SSO token refused: %s", exc)
+            raise invalid(_reason(exc)) from None
         return SsoIdentity(
             user_id=_subject(claims.get("sub")),
             email=_optional_str(claims.get("email")),

@@ -74,9 +74,9 @@ class RazorpayAPI:
         try:
             return await asyncio.to_thread(run)
         except BadRequestError as exc:
-            raise UpstreamError(
-                f"Razorpay refused to {what}: {exc}", code="razorpay_rejected"
-            ) from None
+            # Razorpay's own text goes to the log, not to our caller.
+            log.warning("razorpay refused to %s: %s", what, exc)
+            raise UpstreamError(f"Razorpay refused to {what}", code="razorpay_rejected") from None
         except (GatewayError, ServerError, requests.RequestException, ValueError) as exc:
             log.warning("razorpay %s failed: %s", what, exc)
             raise UpstreamError(
