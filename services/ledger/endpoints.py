@@ -57,6 +57,23 @@ async def get_ledger(request: Request) -> Ledger:
 LedgerDep = Annotated[Ledger, Depends(get_ledger)]
 
 
+# INTERIM: the lead's authority module (services/ledger/authority.py) replaces this
+# function. It builds the `auth` that SQL enforces (docs/ledger.md "Authority") so
+# that it reproduces the rules the endpoints had before: a user token acts only for
+# its own user; an app or admin for any user; holds are recorded as owned by
+# "app:<app>" and any hold may be resolved (as before); an app without `ledger:grant`
+# refunds only its own charges, anyone else any charge.
+def interim_authority(principal: Principal, *, app: str | None = None) -> dict[str, Any]:
+    user = f"self:{principal.user_id}" if principal.kind == "user" else "any"
+    refund_own = not principal.has_scope("ledger:grant") and principal.app
+    return {
+        "user": user,
+        "owner": f"app:{app or principal.app or 'unknown'}",
+        "holds": "*",
+        "charges": principal.app if refund_own else "*",
+    }
+
+
 def _respond(response: Response, outcome: Outcome) -> dict[str, Any]:
     response.status_code = outcome.status_code
     if outcome.replayed:
@@ -79,6 +96,7 @@ async def get_balance(user_id: UserId, principal: CurrentPrincipal, session: Ses
         user_id=user_id,
         available=available,
         held=found["held_milli"],
+        debt=found["debt_milli"],
         total=available + found["held_milli"],
         by_source=[SourceBalance(source=s["source"], available=s["amount_milli"]) for s in sources],
         next_expiry=NextExpiry(at=expiry["at"], amount=expiry["amount_milli"]) if expiry else None,
@@ -120,7 +138,9 @@ async def create_grant(
         "app": principal.app,
     }
     natural = f"grant:{body.user_id}:{body.source}:{body.reference}" if body.reference else None
-    outcome = await ledger.execute(op, principal, key=idempotency_key(request, natural))
+    outcome = await ledger.execute(
+        op, principal, key=idempotency_key(request, natural), auth=interim_authority(principal)
+    )
     return _respond(response, outcome)
 
 
@@ -153,7 +173,12 @@ async def create_debit(
         "reference": body.reference,
     }
     natural = f"debit:{app}:{body.user_id}:{body.reference}" if body.reference else None
-    outcome = await ledger.execute(op, principal, key=idempotency_key(request, natural))
+    outcome = await ledger.execute(
+        op,
+        principal,
+        key=idempotency_key(request, natural),
+        auth=interim_authority(principal, app=app),
+    )
     return _respond(response, outcome)
 
 
@@ -184,7 +209,12 @@ async def create_hold(
         "description": body.description,
     }
     natural = f"hold:{app}:{body.user_id}:{body.reference}" if body.reference else None
-    outcome = await ledger.execute(op, principal, key=idempotency_key(request, natural))
+    outcome = await ledger.execute(
+        op,
+        principal,
+        key=idempotency_key(request, natural),
+        auth=interim_authority(principal, app=app),
+    )
     return _respond(response, outcome)
 
 
@@ -219,11 +249,14 @@ async def _resolve(
 ) -> dict[str, Any]:
     principal.require_scope("ledger:write")
     op: dict[str, Any] = {"op": kind, "hold_id": _uuid(hold_id), "amount": amount}
-    if principal.kind == "user":
-        op["only_user"] = principal.user_id
     # A hold resolves once: the hold id is its own natural key, so no key is required.
-    key = request.headers.get("idempotency-key")
-    outcome = await ledger.execute(op, principal, key=key, require_key=False)
+    outcome = await ledger.execute(
+        op,
+        principal,
+        key=idempotency_key(request, None),
+        require_key=False,
+        auth=interim_authority(principal),
+    )
     return _respond(response, outcome)
 
 
@@ -270,12 +303,10 @@ async def create_refund(
         "reference": body.reference,
         "description": body.description,
     }
-    if not principal.has_scope("ledger:grant"):
-        op["only_app"] = principal.app
-    if principal.kind == "user":
-        op["only_user"] = principal.user_id
     natural = f"refund:{body.transaction_id}:{body.reference}" if body.reference else None
-    outcome = await ledger.execute(op, principal, key=idempotency_key(request, natural))
+    outcome = await ledger.execute(
+        op, principal, key=idempotency_key(request, natural), auth=interim_authority(principal)
+    )
     return _respond(response, outcome)
 
 

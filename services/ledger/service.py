@@ -1,6 +1,8 @@
-"""The ledger's rules on the Python side: who may do what, idempotency keys, and
-turning `ledger.apply()` results into responses or errors. The money movement
-itself happens in SQL (sql/ledger_v1.sql) through the group committer."""
+"""The ledger's rules on the Python side: idempotency keys, the authority each
+operation carries, and turning `ledger.apply()` results into responses or errors.
+The money movement, and the authority checks that depend on the data (whose user,
+whose hold, whose charge), happen in SQL (sql/, the newest file defining each
+function) through the group committer."""
 
 from __future__ import annotations
 
@@ -16,12 +18,13 @@ from services.kit.errors import (
     KuError,
     NotFound,
     PaymentRequired,
+    ServiceUnavailable,
     Unprocessable,
 )
 from services.kit.idempotency import key_from_request, request_hash
 from services.kit.money import milli_to_ku
 from services.kit.principal import Principal
-from services.ledger.batcher import GroupCommitter
+from services.ledger.batcher import GroupCommitter, LedgerUnavailable
 
 _ERRORS: dict[int, type[KuError]] = {
     400: BadRequest,
@@ -33,11 +36,45 @@ _ERRORS: dict[int, type[KuError]] = {
 }
 
 
+class LedgerError(KuError):
+    """An operation the database refused for a reason that is not a business rule."""
+
+    status_code = 500
+    code = "ledger_error"
+    message = "The ledger could not apply this operation"
+
+
 @dataclass
 class Outcome:
     status_code: int
     body: dict[str, Any]
     replayed: bool
+
+
+@dataclass(frozen=True)
+class Keys:
+    """The idempotency keys of one request: the Idempotency-Key header and the natural
+    key built from its `reference`. Either may be missing; both are checked and the
+    outcome is stored under both, so neither can be reused with other parameters."""
+
+    header: str | None
+    natural: str | None
+
+    @property
+    def primary(self) -> str | None:
+        return self.header or self.natural
+
+
+def service_authority(principal: Principal) -> dict[str, Any]:
+    """The authority of the ledger's own in-process callers (billing, the welcome
+    consumer): a service acts in its own lane for any user."""
+    name = principal.app or "ledger"
+    return {
+        "user": "any",
+        "owner": f"service:{name}",
+        "holds": f"service:{name}",
+        "charges": name,
+    }
 
 
 def _ku_detail(detail: dict[str, Any]) -> dict[str, Any]:
@@ -59,29 +96,51 @@ class Ledger:
         op: dict[str, Any],
         principal: Principal,
         *,
-        key: str | None,
+        key: str | Keys | None,
         require_key: bool = True,
+        auth: dict[str, Any] | None = None,
     ) -> Outcome:
-        """Run one operation. `key` is the Idempotency-Key or a natural reference."""
-        if key is None and require_key:
+        """Run one operation under `auth` (see docs/ledger.md "Authority"; SQL denies an
+        operation without one). `key` is the request's Keys, or one key."""
+        keys = key if isinstance(key, Keys) else Keys(header=key, natural=None)
+        if keys.primary is None and require_key:
             raise BadRequest(
                 "Send an Idempotency-Key header or a reference so a retry cannot charge twice",
                 code="idempotency_key_required",
             )
-        if key is not None:
-            op = {
-                **op,
-                "key": key,
-                "scope": principal.idempotency_scope,
-                "hash": request_hash(op),
-            }
-        result = await self.committer.submit(op)
+        if auth is None and principal.kind == "service":
+            auth = service_authority(principal)
+        params = op
+        op = {**op, "auth": auth}
+        if keys.primary is not None:
+            op.update(
+                key=keys.primary,
+                scope=principal.idempotency_scope,
+                hash=request_hash(params),
+            )
+            if keys.header and keys.natural:
+                op["alt_key"] = keys.natural
+        result = await self._submit(op)
         status = int(result["status"])
         if status >= 400:
             error = result["error"]
+            detail = _ku_detail(error.get("detail") or {})
+            if status >= 500:
+                raise LedgerError(error["message"], code=error["code"], **detail)
             cls = _ERRORS.get(status, BadRequest)
-            raise cls(error["message"], code=error["code"], **_ku_detail(error.get("detail") or {}))
+            raise cls(error["message"], code=error["code"], **detail)
         return Outcome(status, result["body"], bool(result.get("replayed")))
+
+    async def _submit(self, op: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return await self.committer.submit(op)
+        except LedgerUnavailable as exc:
+            # The database stayed unreachable through the committer's retries. Safe to
+            # retry with the same key: the operation applied once or not at all.
+            raise ServiceUnavailable(
+                "The ledger's database is unavailable; retry with the same key",
+                code="ledger_unavailable",
+            ) from exc
 
     async def open_account(self, user_id: str, welcome_milli: int) -> Outcome:
         """Create the user's wallet and, once per user, the welcome grant."""
@@ -92,6 +151,7 @@ class Ledger:
             "source": "welcome",
             "reference": "welcome",
             "description": "Welcome credits",
+            "auth": {"user": "any", "owner": "service:ledger"},
         }
         if welcome_milli > 0:
             # One key per user, whoever asks and however often: one welcome grant.
@@ -100,9 +160,15 @@ class Ledger:
                 scope="ledger:welcome",
                 hash=request_hash({"user_id": user_id}),
             )
-        result = await self.committer.submit(op)
+        result = await self._submit(op)
+        if int(result["status"]) >= 400:
+            error = result["error"]
+            cls = _ERRORS.get(int(result["status"]), LedgerError)
+            raise cls(error["message"], code=error["code"])
         return Outcome(int(result["status"]), result["body"], bool(result.get("replayed")))
 
 
-def idempotency_key(request: Request, natural: str | None) -> str | None:
-    return key_from_request(request, natural)
+def idempotency_key(request: Request, natural: str | None) -> Keys:
+    """Both keys of a request: the header (validated) and the natural reference."""
+    header = key_from_request(request, None)
+    return Keys(header=header, natural=natural)
