@@ -77,6 +77,10 @@ def service_authority(principal: Principal) -> dict[str, Any]:
     }
 
 
+def _replayed_headers() -> dict[str, str]:
+    return {"Idempotent-Replayed": "true"}
+
+
 def _ku_detail(detail: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in detail.items():
@@ -125,10 +129,11 @@ class Ledger:
         if status >= 400:
             error = result["error"]
             detail = _ku_detail(error.get("detail") or {})
-            if status >= 500:
-                raise LedgerError(error["message"], code=error["code"], **detail)
-            cls = _ERRORS.get(status, BadRequest)
-            raise cls(error["message"], code=error["code"], **detail)
+            cls = LedgerError if status >= 500 else _ERRORS.get(status, BadRequest)
+            exc = cls(error["message"], code=error["code"], **detail)
+            if result.get("replayed"):
+                exc.headers = _replayed_headers  # type: ignore[method-assign]
+            raise exc
         return Outcome(status, result["body"], bool(result.get("replayed")))
 
     async def _submit(self, op: dict[str, Any]) -> dict[str, Any]:
