@@ -199,6 +199,9 @@ class Refund(BaseModel):
     app: str | None
     amount: Ku
     refundable: Ku = Field(description="What is still refundable on the original charge")
+    returned: Ku = Field(description="Back to the lots the charge drew from, spendable")
+    debt_settled: Ku = Field(description="Used to settle the user's debt first")
+    expired: Ku = Field(description="Back to lots that have expired meanwhile: not spendable")
     created_at: datetime
     available: Ku
     held: Ku
