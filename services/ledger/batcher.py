@@ -38,6 +38,8 @@ _CONNECTION_LOST = (
     asyncpg.InterfaceError,
     asyncpg.exceptions.OperatorInterventionError,
     asyncpg.exceptions.CannotConnectNowError,
+    # What asyncpg raises when a statement was in flight as the socket closed.
+    asyncpg.InternalClientError,
     ConnectionError,
     OSError,
 )

@@ -88,9 +88,7 @@ class TestIdempotencyKey:
         checked, and the outcome is stored under both."""
         user = await funded_user(20)
         payload = {"user_id": user, "amount": 2, "reference": "order-7"}
-        first = await ledger.post(
-            "/v1/ledger/debits", json=payload, headers={**penora(), **key()}
-        )
+        first = await ledger.post("/v1/ledger/debits", json=payload, headers={**penora(), **key()})
         assert first.status_code == 201, first.text
         same = await ledger.post("/v1/ledger/debits", json=payload, headers={**penora(), **key()})
         assert same.status_code == 201
