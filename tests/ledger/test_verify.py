@@ -98,7 +98,8 @@ CORRUPTIONS = {
     "one_grant_per_payment": "INSERT INTO ledger.transactions (kind, user_id, app,"
     " delta_milli, amount_milli, reference) VALUES ('grant', 'u1', 'billing', 0, 0, 'pay_1')",
     "clawbacks_within_grant": "INSERT INTO ledger.transactions (kind, user_id, app,"
-    f" delta_milli, amount_milli, refund_of) VALUES ('clawback', 'u2', 'billing', 0, 1, {PAY_2_TX})",
+    " delta_milli, amount_milli, refund_of)"
+    f" VALUES ('clawback', 'u2', 'billing', 0, 1, {PAY_2_TX})",
     "stale_active_holds": "UPDATE ledger.holds SET expires_at = now() - interval '2 hours'"
     f" WHERE id = {ACTIVE}",
     "credit_beside_debt": "UPDATE ledger.grants SET remaining_milli = 1 WHERE reference = 'pay_2'",
