@@ -29,8 +29,16 @@ def two_ledgers(ku_database_url: str) -> Iterator[list[str]]:
         procs.append(
             subprocess.Popen(
                 [
-                    sys.executable, "-m", "uvicorn", "services.ledger.app:create_app",
-                    "--factory", "--host", "127.0.0.1", "--port", str(port), "--no-access-log",
+                    sys.executable,
+                    "-m",
+                    "uvicorn",
+                    "services.ledger.app:create_app",
+                    "--factory",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                    "--no-access-log",
                 ],  # fmt: skip
                 env=dict(os.environ),
                 stdout=subprocess.DEVNULL,

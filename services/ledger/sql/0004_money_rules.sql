@@ -36,16 +36,24 @@
 -- `legacy_milli` is what the lot had given out before per-lot records existed
 -- (backfilled by migration 0004).
 
+-- Spendable now: unexpired grants' remaining, and nothing at all while a debt is
+-- outstanding. Expired credit is never spendable, swept or not. PL/pgSQL, not SQL:
+-- its plans are cached per session (a SQL function is planned at every call).
 CREATE OR REPLACE FUNCTION ledger._available(p_user text)
-RETURNS bigint LANGUAGE sql VOLATILE AS $$
-  -- Spendable now: unexpired grants' remaining, and nothing at all while a debt is
-  -- outstanding. Expired credit is never spendable, swept or not.
-  SELECT CASE WHEN COALESCE((SELECT debt_milli FROM ledger.wallets
-                              WHERE user_id = p_user), 0) > 0 THEN 0::bigint
-         ELSE (SELECT COALESCE(SUM(remaining_milli), 0)::bigint FROM ledger.grants
-                WHERE user_id = p_user AND remaining_milli > 0
-                  AND (expires_at IS NULL OR expires_at > clock_timestamp())) END
-$$;
+RETURNS bigint LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+  v_debt bigint;
+  v_sum bigint;
+BEGIN
+  SELECT debt_milli INTO v_debt FROM ledger.wallets WHERE user_id = p_user;
+  IF COALESCE(v_debt, 0) > 0 THEN
+    RETURN 0;
+  END IF;
+  SELECT COALESCE(SUM(remaining_milli), 0)::bigint INTO v_sum FROM ledger.grants
+   WHERE user_id = p_user AND remaining_milli > 0
+     AND (expires_at IS NULL OR expires_at > clock_timestamp());
+  RETURN v_sum;
+END $$;
 
 -- Emit credits.changed for the user; `p_available` when the caller already knows it.
 CREATE OR REPLACE FUNCTION ledger._changed(p_user text, p_delta bigint, p_reason text,
@@ -135,15 +143,17 @@ BEGIN
 END $$;
 
 CREATE OR REPLACE FUNCTION ledger._hold_json(p_hold uuid)
-RETURNS jsonb LANGUAGE sql STABLE AS $$
-  SELECT jsonb_build_object('id', id, 'user_id', user_id, 'app', app, 'owner', owner,
-                            'amount_milli', amount_milli, 'captured_milli', captured_milli,
-                            'clawed_milli', clawed_milli, 'status', status,
-                            'reference', reference, 'description', description,
-                            'expires_at', expires_at, 'created_at', created_at,
-                            'resolved_at', resolved_at)
-    FROM ledger.holds WHERE id = p_hold
-$$;
+RETURNS jsonb LANGUAGE plpgsql STABLE AS $$
+BEGIN
+  RETURN (SELECT jsonb_build_object('id', id, 'user_id', user_id, 'app', app, 'owner', owner,
+                                    'amount_milli', amount_milli,
+                                    'captured_milli', captured_milli,
+                                    'clawed_milli', clawed_milli, 'status', status,
+                                    'reference', reference, 'description', description,
+                                    'expires_at', expires_at, 'created_at', created_at,
+                                    'resolved_at', resolved_at)
+            FROM ledger.holds WHERE id = p_hold);
+END $$;
 
 -- Resolve a locked active hold: spend p_capture from its allocations whose lots are
 -- still valid (soonest-expiring first, as a debit would), give the rest back to its
@@ -283,6 +293,9 @@ DECLARE
   v_tx bigint;
   v_bal jsonb;
 BEGIN
+  IF v_amount IS NULL OR v_amount <= 0 OR v_app IS NULL THEN
+    RETURN ledger._err(422, 'invalid_debit', 'A debit needs a positive amount and an app');
+  END IF;
   IF v_available < v_amount THEN
     RETURN ledger._err(402, 'insufficient_credits', 'Insufficient credits',
                        jsonb_build_object('available_milli', v_available,
@@ -315,6 +328,9 @@ DECLARE
 BEGIN
   IF v_owner IS NULL THEN
     RETURN ledger._err(403, 'forbidden', 'A hold needs an owner in its authority');
+  END IF;
+  IF v_amount IS NULL OR v_amount <= 0 OR v_app IS NULL THEN
+    RETURN ledger._err(422, 'invalid_hold', 'A hold needs a positive amount and an app');
   END IF;
   IF v_available < v_amount THEN
     RETURN ledger._err(402, 'insufficient_credits', 'Insufficient credits',
@@ -662,12 +678,13 @@ END $$;
 -- the same key, which the caller's lookup reports as 409 on its retry).
 CREATE OR REPLACE FUNCTION ledger._remember(p_scope text, p_key text, p_hash text,
                                             p_res jsonb)
-RETURNS void LANGUAGE sql AS $$
+RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
   INSERT INTO ledger.idempotency_keys (scope, key, request_hash, status_code, response)
   VALUES (p_scope, p_key, p_hash, (p_res->>'status')::int,
           COALESCE(p_res->'body', jsonb_build_object('error', p_res->'error')))
-  ON CONFLICT DO NOTHING
-$$;
+  ON CONFLICT DO NOTHING;
+END $$;
 
 -- One operation. `op` carries: op, user_id | hold_id | transaction_id, amount (milli),
 -- app, reference, description, ...; `auth` (required, see docs/ledger.md "Authority");
@@ -812,7 +829,7 @@ END $$;
 CREATE OR REPLACE FUNCTION ledger.apply_batch(ops json)
 RETURNS jsonb LANGUAGE plpgsql AS $$
 DECLARE
-  v_out jsonb := '[]'::jsonb;
+  v_out jsonb[] := '{}';
   v_op json;
   v_res jsonb;
   v_state text;
@@ -833,9 +850,10 @@ BEGIN
                          jsonb_build_object('sqlstate', v_state))
       END;
     END;
-    v_out := v_out || jsonb_build_array(v_res);
+    -- An array grows in place; `jsonb || jsonb` would copy the whole result each time.
+    v_out := array_append(v_out, v_res);
   END LOOP;
-  RETURN v_out;
+  RETURN to_jsonb(v_out);
 END $$;
 
 -- Jobs. Both take the wallet lock first, like every operation.
