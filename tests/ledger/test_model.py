@@ -14,7 +14,8 @@ the expiry job at once.
 
 Profiles: CI runs KU_MODEL_EXAMPLES=20 examples of up to KU_MODEL_STEPS=30 steps
 (the defaults). For a longer local run:
-    KU_MODEL_EXAMPLES=500 KU_MODEL_STEPS=60 .venv/bin/pytest tests/ledger/test_model.py
+    KU_MODEL_EXAMPLES=500 KU_MODEL_STEPS=60 .venv/bin/pytest --timeout 0 \
+        tests/ledger/test_model.py
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import asyncio
 import itertools
 import os
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -425,7 +426,8 @@ class LedgerMachine(RuleBasedStateMachine):
         assert lots == {g.id: (g.remaining, g.expired) for g in self.lots.values()}
         rows = self.harness.run(
             self.harness.db.fetch(
-                "SELECT id::text, status, clawed_milli FROM ledger.holds WHERE id = ANY($1::uuid[])",
+                "SELECT id::text, status, clawed_milli FROM ledger.holds"
+                " WHERE id = ANY($1::uuid[])",
                 [h.id for h in self.holds],
             )
         )

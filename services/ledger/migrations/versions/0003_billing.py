@@ -1,5 +1,5 @@
 """billing: catalog (seeded), orders, subscriptions, payments, refunds, webhook events,
-alerts; wallets.debt_milli and the v2 ledger functions (sql/ledger_v2_billing.sql)
+alerts; wallets.debt_milli and the v2 ledger functions (sql/0003_billing.sql)
 
 Revision ID: 0003
 Revises: 0002
