@@ -3,7 +3,7 @@ and purchase lots), debits, holds, captures, releases, refunds, billing clawback
 the passage of time through the ledger, for several users; mirrors them in a small
 in-memory model of lots, holds, charges and debt; and checks after every step that
 every lot's remaining and expired credit, every hold's state and every user's
-available, held and debt agree, and after every run that `verify` finds every
+available, held and debt agree, and after every run that verify's checks find every
 invariant intact.
 
 Time: the clock is not waited for. "Time passes for a lot" moves that lot's
@@ -37,7 +37,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from services.kit.db import plain_url
 from services.kit.testing.plugin import running
-from services.ledger.verify import verify
+from services.ledger.verify import run_checks
 from tests.ledger.helpers import admin, penora
 
 NEVER = datetime.max.replace(tzinfo=UTC)
@@ -112,6 +112,10 @@ class Harness:
             self.db.fetchval("SELECT ledger.apply($1::jsonb)::text", orjson.dumps(op).decode())
         )
         return orjson.loads(raw)
+
+    async def verify(self) -> list[str]:
+        async with self.db.transaction(isolation="repeatable_read", readonly=True):
+            return await run_checks(self.db)
 
     def close(self) -> None:
         self.run(self.db.close())
@@ -447,7 +451,8 @@ class LedgerMachine(RuleBasedStateMachine):
             assert body["debt"] == ku(self.debt[u]), (u, body)
 
     def teardown(self) -> None:
-        assert self.harness.run(verify(self.harness.dsn)) == []
+        # verify's checks, on the harness's own connection (no new connection per run).
+        assert self.harness.run(self.harness.verify()) == []
 
 
 @pytest.fixture(scope="module")
