@@ -117,11 +117,13 @@ class Ledger:
         params = op
         op = {**op, "auth": auth}
         if keys.primary is not None:
-            op.update(
-                key=keys.primary,
-                scope=principal.idempotency_scope,
-                hash=request_hash(params),
-            )
+            try:
+                digest = request_hash(params)
+            except TypeError:  # text that is not UTF-8 (a lone surrogate): nothing to store
+                raise Unprocessable(
+                    "The operation holds text that is not UTF-8", code="invalid_input"
+                ) from None
+            op.update(key=keys.primary, scope=principal.idempotency_scope, hash=digest)
             if keys.header and keys.natural:
                 op["alt_key"] = keys.natural
         result = await self._submit(op)

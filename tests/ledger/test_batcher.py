@@ -95,6 +95,22 @@ class TestIsolation:
         assert {r.status_code for r in poisoned} == {422}
         assert all(r.json()["error"]["code"] for r in poisoned)
 
+    async def test_a_lone_surrogate_over_http_is_a_json_422(self, ledger, funded_user):
+        user = await funded_user(5)
+        # Escaped in the JSON text: valid JSON, decoded to a str UTF-8 cannot encode.
+        body = '{"user_id": "%s", "amount": 1, "reference": "bad \\ud800"}' % user
+        r = await ledger.post(
+            "/v1/ledger/debits",
+            content=body.encode(),
+            headers={
+                **penora(),
+                "Idempotency-Key": uuid.uuid4().hex,
+                "Content-Type": "application/json",
+            },
+        )
+        assert r.status_code == 422, r.text
+        assert r.json()["error"]["code"]
+
 
 async def _backends(conn: asyncpg.Connection) -> set[int]:
     rows = await conn.fetch(
