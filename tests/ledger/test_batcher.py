@@ -98,7 +98,7 @@ class TestIsolation:
     async def test_a_lone_surrogate_over_http_is_a_json_422(self, ledger, funded_user):
         user = await funded_user(5)
         # Escaped in the JSON text: valid JSON, decoded to a str UTF-8 cannot encode.
-        body = '{"user_id": "%s", "amount": 1, "reference": "bad \\ud800"}' % user
+        body = '{"user_id": "' + user + '", "amount": 1, "reference": "bad \\ud800"}'
         r = await ledger.post(
             "/v1/ledger/debits",
             content=body.encode(),
