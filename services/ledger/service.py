@@ -112,10 +112,14 @@ class Ledger:
                 "Send an Idempotency-Key header or a reference so a retry cannot charge twice",
                 code="idempotency_key_required",
             )
+        # The authority may come as an argument or inside the op (as the authority
+        # module's callers put it); either way it is not part of the request's hash.
+        params = {k: v for k, v in op.items() if k != "auth"}
+        if auth is None:
+            auth = op.get("auth")
         if auth is None and principal.kind == "service":
             auth = service_authority(principal)
-        params = op
-        op = {**op, "auth": auth}
+        op = {**params, "auth": auth}
         if keys.primary is not None:
             try:
                 digest = request_hash(params)

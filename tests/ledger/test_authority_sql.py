@@ -175,3 +175,29 @@ class TestAudit:
             "amount_milli": 2500,
             "status": 201,
         }
+
+
+class TestLedgerService:
+    """`Ledger.execute` passes the authority on, from its argument or from the op."""
+
+    async def test_authority_in_the_op_or_as_argument_none_is_403(self, db, ku_database_url):
+        from services.kit.errors import Forbidden
+        from services.kit.principal import Principal
+        from services.ledger.batcher import GroupCommitter
+        from services.ledger.service import Ledger
+
+        user = await funded(db)
+        app = Principal(kind="app", app="penora", scopes=frozenset({"ledger:write"}))
+        pool = await asyncpg.create_pool(plain_url(ku_database_url), min_size=1, max_size=2)
+        try:
+            ledger = Ledger(GroupCommitter(pool))
+            op = {"op": "debit", "user_id": user, "amount": 1000, "app": "penora"}
+            inside = await ledger.execute({**op, "auth": PENORA}, app, key=uuid.uuid4().hex)
+            argument = await ledger.execute(op, app, key=uuid.uuid4().hex, auth=PENORA)
+            assert inside.status_code == argument.status_code == 201
+            with pytest.raises(Forbidden) as denied:
+                await ledger.execute(op, app, key=uuid.uuid4().hex)
+            assert denied.value.code == "forbidden"
+        finally:
+            await pool.close()
+        assert await db.fetchval("SELECT ledger._available($1)", user) == 8_000
