@@ -3,10 +3,20 @@
 Every request hands its operation to `GroupCommitter.submit()`. Up to
 `max_inflight` flushers run at once; each takes whatever is queued (at most
 `max_ops`), sorts it by user so concurrent batches lock wallets in the same
-order, and calls `ledger.apply_batch()` once. Business failures come back as
-results, so they never abort a batch. If the batch itself fails (a deadlock, a
-constraint, a lost connection) its operations are retried one transaction each,
-so one bad operation cannot fail its neighbours.
+order, and calls `ledger.apply_batch()` once.
+
+Failure isolation, innermost first:
+- business failures come back as results, so they never abort a batch;
+- `apply_batch` runs each operation in its own subtransaction, so an operation the
+  database refuses (a NUL byte jsonb cannot store, a constraint) is that operation's
+  error result and its neighbours commit; an operation Python cannot even encode (a
+  lone surrogate) is answered before the batch is sent;
+- a lost connection (a terminated backend, a restart) retries the whole batch on a
+  fresh connection with backoff. Safe: every operation carries its idempotency key or
+  is its own natural key (a hold resolves once), so one that did commit before the
+  connection dropped replays instead of applying twice;
+- anything else that fails the statement (a deadlock) retries the operations one
+  transaction each, as a last resort.
 """
 
 from __future__ import annotations
@@ -22,6 +32,30 @@ import orjson
 log = logging.getLogger("ku.ledger.batcher")
 
 _RETRYABLE = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
+# The connection, not the statement, failed: the server went away or is restarting.
+_CONNECTION_LOST = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.CannotConnectNowError,
+    # What asyncpg raises when a statement was in flight as the socket closed.
+    asyncpg.InternalClientError,
+    ConnectionError,
+    OSError,
+)
+# Backoff between attempts on a lost connection: ~10 s in all, long enough for a
+# restart or a failover, short enough that a client's own timeout is not reached first.
+_RECONNECT_DELAYS = (0.0, 0.05, 0.1, 0.2, 0.4, 0.8, 1.5, 2.0, 2.5, 2.5)
+
+Item = tuple[dict[str, Any], asyncio.Future[dict[str, Any]]]
+
+
+class LedgerUnavailable(Exception):
+    """The database could not be reached through every reconnect attempt."""
+
+
+def _error(status: int, code: str, message: str) -> dict[str, Any]:
+    return {"status": status, "error": {"code": code, "message": message, "detail": {}}}
 
 
 class GroupCommitter:
@@ -29,7 +63,7 @@ class GroupCommitter:
         self.pool = pool
         self.max_ops = max_ops
         self.max_inflight = max_inflight
-        self._queue: deque[tuple[dict[str, Any], asyncio.Future[dict[str, Any]]]] = deque()
+        self._queue: deque[Item] = deque()
         self._inflight = 0
 
     async def submit(self, op: dict[str, Any]) -> dict[str, Any]:
@@ -48,57 +82,78 @@ class GroupCommitter:
         finally:
             self._inflight -= 1
 
-    async def _run(
-        self, batch: list[tuple[dict[str, Any], asyncio.Future[dict[str, Any]]]]
-    ) -> None:
+    async def _run(self, batch: list[Item]) -> None:
         batch.sort(key=lambda item: _lock_key(item[0]))
-        ops = [op for op, _ in batch]
-        try:
-            results = await self._execute(ops)
-        except Exception as exc:
-            if len(batch) == 1:
-                await self._run_single(batch[0], first_error=exc)
-                return
-            log.warning("batch of %d failed (%s); retrying one by one", len(batch), exc)
-            await asyncio.gather(*(self._run_single(item) for item in batch))
+        encoded: list[tuple[bytes, asyncio.Future[dict[str, Any]]]] = []
+        for op, future in batch:
+            try:
+                encoded.append((orjson.dumps(op), future))
+            except TypeError:
+                # Text Python cannot encode as UTF-8 (a lone surrogate): this operation
+                # alone is refused; the batch goes on without it.
+                future.set_result(
+                    _error(422, "invalid_input", "The operation holds text that is not UTF-8")
+                )
+        if not encoded:
             return
-        for (_, future), result in zip(batch, results, strict=True):
+        try:
+            results = await self._execute([raw for raw, _ in encoded])
+        except LedgerUnavailable as exc:
+            for _, future in encoded:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        except Exception as exc:
+            log.warning("batch of %d failed (%r); retrying one by one", len(encoded), exc)
+            await asyncio.gather(*(self._run_single(item, exc) for item in encoded))
+            return
+        for (_, future), result in zip(encoded, results, strict=True):
             if not future.done():
                 future.set_result(result)
 
     async def _run_single(
-        self,
-        item: tuple[dict[str, Any], asyncio.Future[dict[str, Any]]],
-        first_error: Exception | None = None,
+        self, item: tuple[bytes, asyncio.Future[dict[str, Any]]], error: Exception
     ) -> None:
-        op, future = item
-        error = first_error
+        raw, future = item
         for attempt in range(4):
-            if error is not None and not isinstance(
-                error, (*_RETRYABLE, asyncpg.UniqueViolationError)
-            ):
+            if not isinstance(error, (*_RETRYABLE, asyncpg.UniqueViolationError)):
                 break
-            if attempt:
-                await asyncio.sleep(0.005 * attempt)
+            await asyncio.sleep(0.005 * attempt)
             try:
-                (result,) = await self._execute([op])
+                (result,) = await self._execute([raw])
+            except LedgerUnavailable as exc:
+                if not future.done():
+                    future.set_exception(exc)
+                return
             except Exception as exc:
                 error = exc
                 continue
             if not future.done():
                 future.set_result(result)
             return
+        log.error("ledger operation failed: %r", error)
         if not future.done():
-            future.set_exception(error or RuntimeError("ledger operation failed"))
+            future.set_result(_error(500, "ledger_error", "The ledger could not apply this"))
 
-    async def _execute(self, ops: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    async def _execute(self, ops: list[bytes]) -> list[dict[str, Any]]:
         # One statement outside an explicit transaction is its own transaction: one
         # round trip, committed when it returns (no BEGIN/COMMIT trips on the event loop).
-        async with self.pool.acquire() as conn:
-            raw = await conn.fetchval(
-                "SELECT ledger.apply_batch($1::jsonb)::text", orjson.dumps(ops).decode()
-            )
-        return orjson.loads(raw)
+        payload = (b"[" + b",".join(ops) + b"]").decode()
+        last: Exception | None = None
+        for delay in _RECONNECT_DELAYS:
+            if delay:
+                await asyncio.sleep(delay)
+            try:
+                async with self.pool.acquire() as conn:
+                    raw = await conn.fetchval("SELECT ledger.apply_batch($1::json)::text", payload)
+            except _CONNECTION_LOST as exc:
+                # The pool drops a closed connection on release; the next acquire opens
+                # a fresh one. The operations retry under their keys.
+                log.warning("ledger connection lost (%r); retrying the batch", exc)
+                last = exc
+                continue
+            return orjson.loads(raw)
+        raise LedgerUnavailable(str(last))
 
 
 def _lock_key(op: dict[str, Any]) -> str:

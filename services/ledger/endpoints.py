@@ -107,6 +107,7 @@ async def get_balance(
         user_id=user_id,
         available=available,
         held=found["held_milli"],
+        debt=found["debt_milli"],
         total=available + found["held_milli"],
         by_source=[SourceBalance(source=s["source"], available=s["amount_milli"]) for s in sources],
         next_expiry=NextExpiry(at=expiry["at"], amount=expiry["amount_milli"]) if expiry else None,
@@ -199,7 +200,11 @@ async def create_debit(
         "auth": permit.as_sql(),
     }
     natural = f"debit:{app}:{body.user_id}:{body.reference}" if body.reference else None
-    outcome = await ledger.execute(op, principal, key=idempotency_key(request, natural))
+    outcome = await ledger.execute(
+        op,
+        principal,
+        key=idempotency_key(request, natural),
+    )
     return _respond(response, outcome)
 
 
@@ -230,7 +235,11 @@ async def create_hold(
         "auth": permit.as_sql(),
     }
     natural = f"hold:{app}:{body.user_id}:{body.reference}" if body.reference else None
-    outcome = await ledger.execute(op, principal, key=idempotency_key(request, natural))
+    outcome = await ledger.execute(
+        op,
+        principal,
+        key=idempotency_key(request, natural),
+    )
     return _respond(response, outcome)
 
 
@@ -280,8 +289,12 @@ async def _resolve(
         "auth": permit.as_sql(),
     }
     # A hold resolves once: the hold id is its own natural key, so no key is required.
-    key = request.headers.get("idempotency-key")
-    outcome = await ledger.execute(op, principal, key=key, require_key=False)
+    outcome = await ledger.execute(
+        op,
+        principal,
+        key=idempotency_key(request, None),
+        require_key=False,
+    )
     return _respond(response, outcome)
 
 

@@ -1,11 +1,14 @@
 """Ledger tables (schema `ledger`).
 
-Invariants (checked by `ku ledger verify`, enforced in `sql/ledger_functions.sql`):
+Invariants (checked by `ku ledger verify`, enforced by the functions in `sql/`, the
+newest definition of each in the highest-numbered file):
 - every journal transaction's postings sum to zero;
 - a wallet's `balance_milli` equals the sum of its grants' `remaining_milli` and of
   its `wallet` postings; its `held_milli` equals its active holds and its `held`
   postings; none of these is ever negative;
-- a hold resolves (capture, release or expiry) exactly once;
+- a hold resolves (capture, release, expiry or a full clawback) exactly once;
+- per lot: amount = remaining + drawn - returned + active held + expired + clawed
+  + settled + legacy;
 - journal rows (`transactions`, `postings`) are append-only.
 """
 
@@ -94,6 +97,13 @@ class Grant(Base):
     expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     reference: Mapped[str | None] = mapped_column(Text)
     tx_id: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    # Where the lot's credit went besides remaining, draws and holds (per-lot records):
+    # expired, taken by clawbacks, used to settle debt, and (lots older than migration
+    # 0004) given out before per-lot records existed.
+    expired_milli: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default="0")
+    clawed_milli: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default="0")
+    settled_milli: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default="0")
+    legacy_milli: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default="0")
     created_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), nullable=False, server_default=func.now()
     )
@@ -104,10 +114,13 @@ class Hold(Base):
     __table_args__ = (
         CheckConstraint("amount_milli > 0", name="amount_positive"),
         CheckConstraint(
-            "captured_milli >= 0 AND captured_milli <= amount_milli", name="captured_in_range"
+            "captured_milli >= 0 AND clawed_milli >= 0"
+            " AND captured_milli + clawed_milli <= amount_milli",
+            name="captured_in_range",
         ),
         CheckConstraint(
-            "status IN ('active', 'captured', 'released', 'expired')", name="status_known"
+            "status IN ('active', 'captured', 'released', 'expired', 'clawed')",
+            name="status_known",
         ),
         Index("ix_holds_user_active", "user_id", postgresql_where=text("status = 'active'")),
         Index("ix_holds_expiring", "expires_at", postgresql_where=text("status = 'active'")),
@@ -118,8 +131,13 @@ class Hold(Base):
         Text, ForeignKey(f"{SCHEMA}.wallets.user_id"), nullable=False
     )
     app: Mapped[str] = mapped_column(Text, nullable=False)
+    # Who placed it ("app:penora", "service:generation", ...): only its owner (or an
+    # authority over every hold) may capture or release it.
+    owner: Mapped[str] = mapped_column(Text, nullable=False)
     amount_milli: Mapped[int] = mapped_column(BigInteger, nullable=False)
     captured_milli: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default="0")
+    # Taken by clawbacks of a lot it drew from; amount - clawed is what it still holds.
+    clawed_milli: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default="0")
     status: Mapped[str] = mapped_column(Text, nullable=False, server_default="active")
     reference: Mapped[str | None] = mapped_column(Text)
     description: Mapped[str | None] = mapped_column(Text)
@@ -136,6 +154,7 @@ class HoldAllocation(Base):
     """Which grants a hold drew from, so a release gives credit back where it came from."""
 
     __tablename__ = "hold_allocations"
+    __table_args__ = (Index("ix_hold_allocations_grant", "grant_id"),)
 
     hold_id: Mapped[str] = mapped_column(
         UUID(as_uuid=False), ForeignKey(f"{SCHEMA}.holds.id"), primary_key=True
@@ -146,9 +165,65 @@ class HoldAllocation(Base):
     amount_milli: Mapped[int] = mapped_column(BigInteger, nullable=False)
 
 
+class Draw(Base):
+    """Which lots a charge (debit or capture) spent, one row per lot, so a refund gives
+    credit back where it came from; `returned_milli` is what refunds gave back."""
+
+    __tablename__ = "draws"
+    __table_args__ = (
+        CheckConstraint(
+            "amount_milli > 0 AND returned_milli >= 0 AND returned_milli <= amount_milli",
+            name="returned_in_range",
+        ),
+        Index("ix_draws_grant", "grant_id"),
+    )
+
+    tx_id: Mapped[int] = mapped_column(
+        BigInteger, ForeignKey(f"{SCHEMA}.transactions.id"), primary_key=True
+    )
+    grant_id: Mapped[int] = mapped_column(
+        BigInteger, ForeignKey(f"{SCHEMA}.grants.id"), primary_key=True
+    )
+    amount_milli: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    returned_milli: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default="0")
+
+
+class AppLink(Base):
+    """A user linked to an app (signed in through its SSO, or linked by an admin): a
+    partner key with authority `linked:<app>` may act only for these users."""
+
+    __tablename__ = "app_links"
+
+    user_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    app: Mapped[str] = mapped_column(Text, primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, server_default=func.now()
+    )
+
+
+class AuditLog(Base):
+    """Who moved money and why, for operations whose authority carries `audit`
+    (admin operations); written by `ledger.apply` in the same transaction."""
+
+    __tablename__ = "audit_log"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    tx_id: Mapped[int | None] = mapped_column(BigInteger)
+    actor: Mapped[str] = mapped_column(Text, nullable=False)
+    reason: Mapped[str | None] = mapped_column(Text)
+    op: Mapped[str] = mapped_column(Text, nullable=False)
+    user_id: Mapped[str] = mapped_column(Text, nullable=False)
+    amount_milli: Mapped[int | None] = mapped_column(BigInteger)
+    status: Mapped[int] = mapped_column(Integer, nullable=False)
+    created_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, server_default=func.now()
+    )
+
+
 class Transaction(Base):
     """A journal entry. Append-only; `kind` is one of grant, debit, reserve, capture,
-    release, hold_expiry, grant_expiry, refund."""
+    release, hold_expiry, grant_expiry, refund, clawback. `refund_of` is the charge a
+    refund returns, or the grant transaction a clawback reverses."""
 
     __tablename__ = "transactions"
     __table_args__ = (
@@ -177,8 +252,8 @@ class Transaction(Base):
 
 class Posting(Base):
     """One leg of a transaction. `account` is wallet|held (owner = user id) or a system
-    account: issuance (owner = source), spend (owner = app), expired. `debt` (owner = user
-    id) carries clawed-back credit that was already spent (see billing/)."""
+    account: issuance (owner = source), spend (owner = app), expired (owner = source).
+    `debt` (owner = user id) carries clawed-back credit that was already spent."""
 
     __tablename__ = "postings"
     __table_args__ = (

@@ -17,13 +17,13 @@ class LedgerRepository:
         """Everything the balance endpoint shows, in one round trip; None for no account.
 
         Holds whose TTL passed count as released even before a job or an operation
-        sweeps them; expired grants never count.
+        sweeps them; expired grants never count; nothing is spendable beside a debt.
         """
         row = await self.session.execute(
             text(
                 """
                 WITH wallet AS (
-                  SELECT user_id FROM ledger.wallets WHERE user_id = :u
+                  SELECT user_id, debt_milli FROM ledger.wallets WHERE user_id = :u
                 ), spendable AS (
                   SELECT g.source, g.remaining_milli AS amount
                     FROM ledger.grants g
@@ -38,7 +38,8 @@ class LedgerRepository:
                      AND (g.expires_at IS NULL OR g.expires_at > now())
                 ), by_source AS (
                   SELECT source, SUM(amount)::bigint AS amount_milli
-                    FROM spendable GROUP BY source ORDER BY source
+                    FROM spendable WHERE (SELECT debt_milli FROM wallet) = 0
+                   GROUP BY source ORDER BY source
                 ), next_expiry AS (
                   SELECT expires_at AS at, SUM(remaining_milli)::bigint AS amount_milli
                     FROM ledger.grants
@@ -48,8 +49,10 @@ class LedgerRepository:
                 SELECT
                   (SELECT COALESCE(json_agg(by_source), '[]'::json) FROM by_source) AS sources,
                   (SELECT row_to_json(next_expiry) FROM next_expiry) AS next_expiry,
-                  (SELECT COALESCE(SUM(amount_milli), 0)::bigint FROM ledger.holds
-                    WHERE user_id = :u AND status = 'active' AND expires_at > now()) AS held_milli
+                  (SELECT COALESCE(SUM(amount_milli - clawed_milli), 0)::bigint
+                     FROM ledger.holds WHERE user_id = :u AND status = 'active'
+                      AND expires_at > now()) AS held_milli,
+                  wallet.debt_milli
                   FROM wallet
                 """
             ),
@@ -77,7 +80,7 @@ class LedgerRepository:
     async def hold(self, hold_id: str) -> dict[str, Any] | None:
         row = await self.session.execute(
             text(
-                "SELECT id::text, user_id, app, owner, amount_milli, captured_milli,"
+                "SELECT id::text, user_id, app, owner, amount_milli, captured_milli, clawed_milli,"
                 " CASE WHEN status = 'active' AND expires_at <= now() THEN 'expired'"
                 " ELSE status END AS status, reference, description, expires_at, created_at,"
                 " resolved_at FROM ledger.holds WHERE id = CAST(:h AS uuid)"

@@ -12,7 +12,15 @@ GrantSource = Literal[
     "welcome", "purchase", "subscription", "promo", "refund", "admin", "compensation"
 ]
 TransactionKind = Literal[
-    "grant", "debit", "reserve", "capture", "release", "hold_expiry", "grant_expiry", "refund"
+    "grant",
+    "debit",
+    "reserve",
+    "capture",
+    "release",
+    "hold_expiry",
+    "grant_expiry",
+    "refund",
+    "clawback",
 ]
 
 
@@ -43,6 +51,10 @@ class Balance(BaseModel):
     user_id: str
     available: Ku = Field(description="Spendable now")
     held: Ku = Field(description="Reserved by active holds")
+    debt: Ku = Field(
+        description="Clawed-back credit already spent; while it is above 0 nothing is "
+        "spendable, and every credit that comes back settles it first"
+    )
     total: Ku = Field(description="available + held")
     by_source: list[SourceBalance]
     next_expiry: NextExpiry | None
@@ -178,10 +190,11 @@ class HoldOut(BaseModel):
     id: str
     user_id: str
     app: str
-    owner: str | None = Field(None, description="Who placed it (only they may resolve it)")
+    owner: str = Field(description="Who placed the hold; only its owner may resolve it")
     amount: Ku
     captured: Ku
-    status: Literal["active", "captured", "released", "expired"]
+    clawed: Ku = Field(description="Taken back by a clawback of credit the hold drew from")
+    status: Literal["active", "captured", "released", "expired", "clawed"]
     reference: str | None
     description: str | None
     expires_at: datetime
@@ -211,6 +224,9 @@ class Refund(BaseModel):
     app: str | None
     amount: Ku
     refundable: Ku = Field(description="What is still refundable on the original charge")
+    returned: Ku = Field(description="Back to the lots the charge drew from, spendable")
+    debt_settled: Ku = Field(description="Used to settle the user's debt first")
+    expired: Ku = Field(description="Back to lots that have expired meanwhile: not spendable")
     created_at: datetime
     available: Ku
     held: Ku

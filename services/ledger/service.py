@@ -1,6 +1,8 @@
-"""The ledger's rules on the Python side: who may do what, idempotency keys, and
-turning `ledger.apply()` results into responses or errors. The money movement
-itself happens in SQL (sql/ledger_v1.sql) through the group committer."""
+"""The ledger's rules on the Python side: idempotency keys, the authority each
+operation carries, and turning `ledger.apply()` results into responses or errors.
+The money movement, and the authority checks that depend on the data (whose user,
+whose hold, whose charge), happen in SQL (sql/, the newest file defining each
+function) through the group committer."""
 
 from __future__ import annotations
 
@@ -16,12 +18,13 @@ from services.kit.errors import (
     KuError,
     NotFound,
     PaymentRequired,
+    ServiceUnavailable,
     Unprocessable,
 )
 from services.kit.idempotency import key_from_request, request_hash
 from services.kit.money import milli_to_ku
 from services.kit.principal import Principal
-from services.ledger.batcher import GroupCommitter
+from services.ledger.batcher import GroupCommitter, LedgerUnavailable
 
 _ERRORS: dict[int, type[KuError]] = {
     400: BadRequest,
@@ -33,11 +36,49 @@ _ERRORS: dict[int, type[KuError]] = {
 }
 
 
+class LedgerError(KuError):
+    """An operation the database refused for a reason that is not a business rule."""
+
+    status_code = 500
+    code = "ledger_error"
+    message = "The ledger could not apply this operation"
+
+
 @dataclass
 class Outcome:
     status_code: int
     body: dict[str, Any]
     replayed: bool
+
+
+@dataclass(frozen=True)
+class Keys:
+    """The idempotency keys of one request: the Idempotency-Key header and the natural
+    key built from its `reference`. Either may be missing; both are checked and the
+    outcome is stored under both, so neither can be reused with other parameters."""
+
+    header: str | None
+    natural: str | None
+
+    @property
+    def primary(self) -> str | None:
+        return self.header or self.natural
+
+
+def service_authority(principal: Principal) -> dict[str, Any]:
+    """The authority of the ledger's own in-process callers (billing, the welcome
+    consumer): a service acts in its own lane for any user."""
+    name = principal.app or "ledger"
+    return {
+        "user": "any",
+        "owner": f"service:{name}",
+        "holds": f"service:{name}",
+        "charges": name,
+    }
+
+
+def _replayed_headers() -> dict[str, str]:
+    return {"Idempotent-Replayed": "true"}
 
 
 def _ku_detail(detail: dict[str, Any]) -> dict[str, Any]:
@@ -59,29 +100,58 @@ class Ledger:
         op: dict[str, Any],
         principal: Principal,
         *,
-        key: str | None,
+        key: str | Keys | None,
         require_key: bool = True,
+        auth: dict[str, Any] | None = None,
     ) -> Outcome:
-        """Run one operation. `key` is the Idempotency-Key or a natural reference."""
-        if key is None and require_key:
+        """Run one operation under `auth` (see docs/ledger.md "Authority"; SQL denies an
+        operation without one). `key` is the request's Keys, or one key."""
+        keys = key if isinstance(key, Keys) else Keys(header=key, natural=None)
+        if keys.primary is None and require_key:
             raise BadRequest(
                 "Send an Idempotency-Key header or a reference so a retry cannot charge twice",
                 code="idempotency_key_required",
             )
-        if key is not None:
-            op = {
-                **op,
-                "key": key,
-                "scope": principal.idempotency_scope,
-                "hash": request_hash(op),
-            }
-        result = await self.committer.submit(op)
+        # The authority may come as an argument or inside the op (as the authority
+        # module's callers put it); either way it is not part of the request's hash.
+        params = {k: v for k, v in op.items() if k != "auth"}
+        if auth is None:
+            auth = op.get("auth")
+        if auth is None and principal.kind == "service":
+            auth = service_authority(principal)
+        op = {**params, "auth": auth}
+        if keys.primary is not None:
+            try:
+                digest = request_hash(params)
+            except TypeError:  # text that is not UTF-8 (a lone surrogate): nothing to store
+                raise Unprocessable(
+                    "The operation holds text that is not UTF-8", code="invalid_input"
+                ) from None
+            op.update(key=keys.primary, scope=principal.idempotency_scope, hash=digest)
+            if keys.header and keys.natural:
+                op["alt_key"] = keys.natural
+        result = await self._submit(op)
         status = int(result["status"])
         if status >= 400:
             error = result["error"]
-            cls = _ERRORS.get(status, BadRequest)
-            raise cls(error["message"], code=error["code"], **_ku_detail(error.get("detail") or {}))
+            detail = _ku_detail(error.get("detail") or {})
+            cls = LedgerError if status >= 500 else _ERRORS.get(status, BadRequest)
+            exc = cls(error["message"], code=error["code"], **detail)
+            if result.get("replayed"):
+                exc.headers = _replayed_headers  # type: ignore[method-assign]
+            raise exc
         return Outcome(status, result["body"], bool(result.get("replayed")))
+
+    async def _submit(self, op: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return await self.committer.submit(op)
+        except LedgerUnavailable as exc:
+            # The database stayed unreachable through the committer's retries. Safe to
+            # retry with the same key: the operation applied once or not at all.
+            raise ServiceUnavailable(
+                "The ledger's database is unavailable; retry with the same key",
+                code="ledger_unavailable",
+            ) from exc
 
     async def open_account(
         self, user_id: str, amount_milli: int, *, audit: dict[str, str] | None = None
@@ -110,12 +180,19 @@ class Ledger:
                 scope="ledger:welcome",
                 hash=request_hash({"user_id": user_id, "amount": amount_milli, "initial": initial}),
             )
-        result = await self.committer.submit(op)
-        if int(result["status"]) == 409:
+        result = await self._submit(op)
+        status = int(result["status"])
+        if status == 409:
             # The user's first grant happened already, with other terms: nothing to do.
             return Outcome(200, {"user_id": user_id, "created": False}, True)
+        if status >= 400:
+            error = result["error"]
+            cls = _ERRORS.get(status, LedgerError)
+            raise cls(error["message"], code=error["code"])
         return Outcome(int(result["status"]), result["body"], bool(result.get("replayed")))
 
 
-def idempotency_key(request: Request, natural: str | None) -> str | None:
-    return key_from_request(request, natural)
+def idempotency_key(request: Request, natural: str | None) -> Keys:
+    """Both keys of a request: the header (validated) and the natural reference."""
+    header = key_from_request(request, None)
+    return Keys(header=header, natural=natural)

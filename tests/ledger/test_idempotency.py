@@ -3,7 +3,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 
-from tests.ledger.helpers import balance, imagegene, operator, penora
+from tests.ledger.helpers import balance, imagegene, key, operator, penora
 
 
 class TestIdempotencyKey:
@@ -57,26 +57,65 @@ class TestIdempotencyKey:
         assert {r.status_code for r in results} == {201}
         assert (await balance(ledger, user))["available"] == 45
 
-    async def test_failed_attempt_is_not_remembered(self, ledger, funded_user):
+    async def test_first_failure_is_the_answer_for_good(self, ledger, funded_user):
+        """Stripe's rule: a 402 is stored like a success. The same request replays it
+        (even once credit arrived: send a new key for a new attempt); the same key with
+        another amount is 409."""
         user = await funded_user(1)
         headers = {**penora(), "Idempotency-Key": uuid.uuid4().hex}
         payload = {"user_id": user, "amount": 5}
-        assert (
-            await ledger.post("/v1/ledger/debits", json=payload, headers=headers)
-        ).status_code == 402
-        await ledger.post(
+        first = await ledger.post("/v1/ledger/debits", json=payload, headers=headers)
+        assert first.status_code == 402
+        other = await ledger.post(
+            "/v1/ledger/debits", json={"user_id": user, "amount": 0.5}, headers=headers
+        )
+        assert other.status_code == 409, other.text
+        assert other.json()["error"]["code"] == "idempotency_key_reused"
+        r = await ledger.post(
             "/v1/ledger/grants",
-            json={
-                "user_id": user,
-                "amount": 10,
-                "source": "purchase",
-                "reference": uuid.uuid4().hex,
-            },
+            json={"user_id": user, "amount": 10, "source": "purchase", "reference": "p1"},
             headers=operator(),
         )
-        retry = await ledger.post("/v1/ledger/debits", json=payload, headers=headers)
-        assert retry.status_code == 201
-        assert (await balance(ledger, user))["available"] == 6
+        assert r.status_code == 201, r.text
+        again = await ledger.post("/v1/ledger/debits", json=payload, headers=headers)
+        assert again.status_code == 402
+        assert again.headers.get("idempotent-replayed") == "true"
+        assert again.json()["error"] == first.json()["error"]
+        assert (await balance(ledger, user))["available"] == 11
+
+    async def test_new_header_key_same_reference_other_params_is_409(self, ledger, funded_user):
+        """A header key no longer silently wins over the natural reference: both are
+        checked, and the outcome is stored under both."""
+        user = await funded_user(20)
+        payload = {"user_id": user, "amount": 2, "reference": "order-7"}
+        first = await ledger.post("/v1/ledger/debits", json=payload, headers={**penora(), **key()})
+        assert first.status_code == 201, first.text
+        same = await ledger.post("/v1/ledger/debits", json=payload, headers={**penora(), **key()})
+        assert same.status_code == 201
+        assert same.json()["transaction_id"] == first.json()["transaction_id"]
+        other = await ledger.post(
+            "/v1/ledger/debits", json={**payload, "amount": 3}, headers={**penora(), **key()}
+        )
+        assert other.status_code == 409, other.text
+        assert other.json()["error"]["code"] == "idempotency_key_reused"
+        assert (await balance(ledger, user))["available"] == 18
+
+    async def test_header_key_reused_with_new_reference_is_409(self, ledger, funded_user):
+        user = await funded_user(20)
+        headers = {**penora(), **key()}
+        first = await ledger.post(
+            "/v1/ledger/debits",
+            json={"user_id": user, "amount": 2, "reference": "a"},
+            headers=headers,
+        )
+        assert first.status_code == 201
+        second = await ledger.post(
+            "/v1/ledger/debits",
+            json={"user_id": user, "amount": 2, "reference": "b"},
+            headers=headers,
+        )
+        assert second.status_code == 409
+        assert (await balance(ledger, user))["available"] == 18
 
     async def test_same_reference_for_two_users_is_two_charges(self, ledger, funded_user):
         alice, bob = await funded_user(10), await funded_user(10)

@@ -16,7 +16,7 @@ down_revision: str | None = "0001"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
-SQL = Path(__file__).resolve().parents[2] / "sql" / "ledger_v1.sql"
+SQL = Path(__file__).resolve().parents[2] / "sql" / "0002_ledger.sql"
 
 
 def upgrade() -> None:

@@ -1,0 +1,180 @@
+"""The group committer: one bad operation never fails its neighbours, and a batch
+survives its connections being terminated."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+
+from services.kit.db import plain_url
+from services.kit.testing.plugin import asgi_client
+from services.ledger.batcher import GroupCommitter
+from tests.ledger.helpers import penora
+
+AUTH = {"user": "any", "owner": "app:penora", "holds": "*", "charges": "*"}
+
+
+@pytest.fixture
+async def pool(ku_database_url: str) -> AsyncIterator[asyncpg.Pool]:
+    p = await asyncpg.create_pool(plain_url(ku_database_url), min_size=1, max_size=4)
+    yield p
+    await p.close()
+
+
+async def open_users(pool: asyncpg.Pool, n: int, milli: int) -> list[str]:
+    users = [f"batch-{uuid.uuid4().hex[:10]}" for _ in range(n)]
+    committer = GroupCommitter(pool)
+    for user in users:
+        await committer.submit({"op": "open", "user_id": user, "amount": 0, "auth": AUTH})
+        r = await committer.submit(
+            {"op": "grant", "user_id": user, "amount": milli, "source": "promo", "auth": AUTH}
+        )
+        assert r["status"] == 201, r
+    return users
+
+
+def debit(user: str, milli: int, **extra: Any) -> dict[str, Any]:
+    return {
+        "op": "debit",
+        "user_id": user,
+        "amount": milli,
+        "app": "penora",
+        "auth": AUTH,
+        "key": uuid.uuid4().hex,
+        "scope": "test",
+        "hash": "h",
+        **extra,
+    }
+
+
+async def available(pool: asyncpg.Pool, user: str) -> int:
+    return await pool.fetchval("SELECT ledger._available($1)", user)
+
+
+class TestIsolation:
+    async def test_a_poisoned_op_fails_alone_in_its_batch(self, pool):
+        users = await open_users(pool, 6, 10_000)
+        committer = GroupCommitter(pool, max_ops=64, max_inflight=1)
+        ops = [debit(u, 1_000) for u in users[:4]]
+        ops.insert(1, debit(users[4], 1_000, description="bad\u0000byte"))
+        ops.insert(3, debit(users[5], 1_000, reference="lone \ud800 surrogate"))
+        results = await asyncio.gather(*(committer.submit(op) for op in ops))
+        statuses = [r["status"] for r in results]
+        assert statuses == [201, 422, 201, 422, 201, 201], results
+        assert {results[1]["error"]["code"], results[3]["error"]["code"]} == {"invalid_input"}
+        for user in users[:4]:
+            assert await available(pool, user) == 9_000
+        for user in users[4:]:
+            assert await available(pool, user) == 10_000
+
+    async def test_500_debits_1_in_10_poisoned(self, ledger: httpx.AsyncClient, funded_user):
+        users = [await funded_user(20) for _ in range(50)]
+
+        async def send(i: int) -> httpx.Response:
+            poisoned = i % 10 == 0
+            return await ledger.post(
+                "/v1/ledger/debits",
+                json={
+                    "user_id": users[i % 50],
+                    "amount": 0.1,
+                    "description": "x\u0000y" if poisoned else "clean",
+                },
+                headers={**penora(), "Idempotency-Key": uuid.uuid4().hex},
+            )
+
+        responses = await asyncio.gather(*(send(i) for i in range(500)))
+        clean = [r for i, r in enumerate(responses) if i % 10]
+        poisoned = [r for i, r in enumerate(responses) if not i % 10]
+        assert {r.status_code for r in clean} == {201}
+        assert {r.status_code for r in poisoned} == {422}
+        assert all(r.json()["error"]["code"] for r in poisoned)
+
+    async def test_a_lone_surrogate_over_http_is_a_json_422(self, ledger, funded_user):
+        user = await funded_user(5)
+        # Escaped in the JSON text: valid JSON, decoded to a str UTF-8 cannot encode.
+        body = '{"user_id": "' + user + '", "amount": 1, "reference": "bad \\ud800"}'
+        r = await ledger.post(
+            "/v1/ledger/debits",
+            content=body.encode(),
+            headers={
+                **penora(),
+                "Idempotency-Key": uuid.uuid4().hex,
+                "Content-Type": "application/json",
+            },
+        )
+        assert r.status_code == 422, r.text
+        assert r.json()["error"]["code"]
+
+
+async def _backends(conn: asyncpg.Connection) -> set[int]:
+    rows = await conn.fetch(
+        "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+        " AND pid <> pg_backend_pid()"
+    )
+    return {r["pid"] for r in rows}
+
+
+class TestTerminatedConnections:
+    async def test_terminated_backends_mid_load_charge_once(self, ku_database_url, funded_user):
+        from services.ledger.app import create_app
+
+        users = [await funded_user(100) for _ in range(10)]
+        admin_conn = await asyncpg.connect(plain_url(ku_database_url))
+        before = await _backends(admin_conn)
+        keys = [uuid.uuid4().hex for _ in range(300)]
+        async with asgi_client(create_app()) as client:
+
+            async def send(i: int) -> httpx.Response:
+                return await client.post(
+                    "/v1/ledger/debits",
+                    json={"user_id": users[i % 10], "amount": 1},
+                    headers={**penora(), "Idempotency-Key": keys[i]},
+                )
+
+            warm = await asyncio.gather(*(send(i) for i in range(20)))
+            assert {r.status_code for r in warm} == {201}
+            ours = await _backends(admin_conn) - before
+            assert ours  # this app's own connections
+
+            async def terminate() -> int:
+                killed = 0
+                await asyncio.sleep(0.05)
+                for _ in range(3):
+                    for pid in await _backends(admin_conn) - before:
+                        killed += await admin_conn.fetchval("SELECT pg_terminate_backend($1)", pid)
+                    await asyncio.sleep(0.05)
+                return killed
+
+            load, killed = await asyncio.gather(
+                asyncio.gather(*(send(i) for i in range(20, 300))), terminate()
+            )
+            responses = [*warm, *load]
+            assert killed > 0  # the load did meet terminated connections
+            assert all(r.headers["content-type"].startswith("application/json") for r in responses)
+            retryable = [i for i, r in enumerate(responses) if r.status_code >= 500]
+            assert all(
+                responses[i].json()["error"]["code"] == "ledger_unavailable" for i in retryable
+            )
+            assert {r.status_code for r in responses} <= {201, 503}
+            # A retry with the same key settles every request, once.
+            again = await asyncio.gather(*(send(i) for i in range(300)))
+            assert {r.status_code for r in again} == {201}
+            for i in range(300):
+                if responses[i].status_code == 201:
+                    assert (
+                        again[i].json()["transaction_id"] == responses[i].json()["transaction_id"]
+                    )
+        for user in users:
+            charged = await admin_conn.fetchval(
+                "SELECT COUNT(*) FROM ledger.transactions WHERE user_id = $1 AND kind = 'debit'",
+                user,
+            )
+            assert charged == 30
+            assert await admin_conn.fetchval("SELECT ledger._available($1)", user) == 70_000
+        await admin_conn.close()

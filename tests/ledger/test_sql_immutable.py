@@ -1,0 +1,173 @@
+"""The ledger's PL/pgSQL is immutable per migration: each migration installs its own
+file; released files never change; a migrated database runs exactly the newest
+definition in the tree of every function; a downgrade that would lose money records
+refuses."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import re
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+from alembic import command
+
+from services.kit.db import plain_url
+from services.kit.embedded import with_database
+from services.kit.migrations import alembic_config, upgrade_all
+from services.kit.testing.plugin import drop_database
+
+SQL_DIR = Path(__file__).resolve().parents[2] / "services" / "ledger" / "sql"
+
+# Released files: their migrations ran on real databases. A change to a rule is a
+# new migration with its own file, never an edit here.
+RELEASED = {
+    "0002_ledger.sql": "ce66056fc1a262372814b8052a8ccecc953b7e709c9df7736412827bf0a836a2",
+    "0003_billing.sql": "69e5acace461a5077db267360b7599fa233dbdca76bbce7322154977d45cd314",
+}
+
+_FUNCTION = re.compile(
+    r"CREATE OR REPLACE FUNCTION ledger\.(\w+)\s*\(.*?\)\s*RETURNS.*?AS \$\$(.*?)\$\$;",
+    re.DOTALL,
+)
+
+
+def newest_definitions() -> dict[str, str]:
+    """Function name -> body, later files overriding earlier ones (as migrations do)."""
+    bodies: dict[str, str] = {}
+    for path in sorted(SQL_DIR.glob("[0-9][0-9][0-9][0-9]_*.sql")):
+        for name, body in _FUNCTION.findall(path.read_text()):
+            bodies[name] = body
+    return bodies
+
+
+async def installed(conn: asyncpg.Connection) -> dict[str, list[str]]:
+    rows = await conn.fetch(
+        "SELECT p.proname, p.prosrc FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace"
+        " WHERE n.nspname = 'ledger' ORDER BY 1"
+    )
+    out: dict[str, list[str]] = {}
+    for r in rows:
+        out.setdefault(r["proname"], []).append(r["prosrc"])
+    return out
+
+
+def differences(db: dict[str, list[str]], tree: dict[str, str]) -> list[str]:
+    problems = [f"{n}: in the tree, not in the database" for n in tree.keys() - db.keys()]
+    problems += [f"{n}: in the database, not in the tree" for n in db.keys() - tree.keys()]
+    for name in db.keys() & tree.keys():
+        if len(db[name]) != 1:
+            problems.append(f"{name}: {len(db[name])} overloads installed")
+        elif db[name][0] != tree[name]:
+            problems.append(f"{name}: installed body differs from the newest file")
+    return sorted(problems)
+
+
+def test_released_files_never_change():
+    for name, digest in RELEASED.items():
+        assert hashlib.sha256((SQL_DIR / name).read_bytes()).hexdigest() == digest, name
+
+
+def test_each_migration_reads_its_own_file():
+    versions = SQL_DIR.parent / "migrations" / "versions"
+    for sql in sorted(SQL_DIR.glob("*.sql")):
+        number = sql.name[:4]
+        (migration,) = versions.glob(f"{number}_*.py")
+        assert f'"{sql.name}"' in migration.read_text(), (sql.name, migration.name)
+
+
+class TestMigratedDatabase:
+    async def test_runs_the_newest_definitions(self, ku_database_url):
+        conn = await asyncpg.connect(plain_url(ku_database_url))
+        try:
+            assert differences(await installed(conn), newest_definitions()) == []
+        finally:
+            await conn.close()
+
+    async def test_a_drifted_function_is_caught(self, ku_database_url):
+        conn = await asyncpg.connect(plain_url(ku_database_url))
+        try:
+            async with conn.transaction():
+                await conn.execute(
+                    "CREATE OR REPLACE FUNCTION ledger._hold_json(p_hold uuid) RETURNS jsonb"
+                    " LANGUAGE sql STABLE AS $$ SELECT '{}'::jsonb $$"
+                )
+                drift = differences(await installed(conn), newest_definitions())
+                assert drift == ["_hold_json: installed body differs from the newest file"]
+                raise _Rollback
+        except _Rollback:
+            pass
+        finally:
+            await conn.close()
+
+
+class _Rollback(Exception):
+    pass
+
+
+@pytest.fixture
+def scratch_url() -> Iterator[str]:
+    name = f"ku_sql_{secrets.token_hex(4)}"
+    url = with_database(os.environ["KU_SERVER_DATABASE_URL"], name)
+
+    async def create():
+        conn = await asyncpg.connect(plain_url(os.environ["KU_SERVER_DATABASE_URL"]))
+        await conn.execute(f'CREATE DATABASE "{name}"')
+        await conn.close()
+
+    asyncio.run(create())
+    upgrade_all(url)
+    yield url
+    asyncio.run(drop_database(name))
+
+
+def _sql(url: str, sql: str) -> None:
+    async def go():
+        conn = await asyncpg.connect(plain_url(url))
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    asyncio.run(go())
+
+
+AUTH = '"auth": {"user": "any", "owner": "app:x", "holds": "*", "charges": "*"}'
+
+
+class TestDowngrade:
+    def test_refuses_to_forgive_debt_or_lose_draws(self, scratch_url):
+        _sql(
+            scratch_url,
+            f"""
+            SELECT ledger.apply('{{"op": "open", "user_id": "u", "amount": 0, {AUTH}}}');
+            SELECT ledger.apply('{{"op": "grant", "user_id": "u", "amount": 5000,
+              "source": "purchase", "reference": "pay", {AUTH}}}');
+            SELECT ledger.apply('{{"op": "debit", "user_id": "u", "amount": 5000,
+              "app": "x", {AUTH}}}');
+            SELECT ledger.apply('{{"op": "clawback", "user_id": "u", "amount": 5000,
+              "source": "purchase", "grant_reference": "pay", {AUTH}}}');
+            """,
+        )
+        cfg = alembic_config("ledger", scratch_url)
+        with pytest.raises(Exception, match="outstanding debt.*per-lot draws"):
+            command.downgrade(cfg, "0003")
+
+    def test_an_empty_ledger_goes_down_and_up_again(self, scratch_url):
+        cfg = alembic_config("ledger", scratch_url)
+        command.downgrade(cfg, "0003")
+        command.upgrade(cfg, "head")
+
+        async def check():
+            conn = await asyncpg.connect(plain_url(scratch_url))
+            try:
+                return differences(await installed(conn), newest_definitions())
+            finally:
+                await conn.close()
+
+        assert asyncio.run(check()) == []
