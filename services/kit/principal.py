@@ -279,8 +279,10 @@ def verify_principal(
 
 
 # Verified headers, until they expire: a gateway re-signs a principal about every 20 s
-# per caller and service, so most requests skip the signature check.
-_verified: dict[str, tuple[Principal, int]] = {}
+# per caller and service, so most requests skip the signature check. Keyed by audience
+# and header: a process that serves several services (tests) never lets a header
+# verified for one pass at another.
+_verified: dict[tuple[str, str], tuple[Principal, int]] = {}
 _VERIFIED_MAX = 10_000
 
 
@@ -294,15 +296,14 @@ async def get_principal(request: Request) -> Principal:
     if not header:
         raise Unauthorized("Missing internal principal", code="missing_principal")
     now = time.time()
-    cached = _verified.get(header)
+    audience = _audience(request)
+    cached = _verified.get((audience, header))
     if cached is not None and cached[1] >= now:
         return cached[0]
-    verified = verify_principal(header, audience=_audience(request), now=now)
+    verified = verify_principal(header, audience=audience, now=now)
     if len(_verified) >= _VERIFIED_MAX:
         _verified.clear()
-    # Keyed by the header, which names its audience: a cached entry never admits the
-    # same header at another service (each process has its own cache anyway).
-    _verified[header] = (verified.principal, verified.expires_at)
+    _verified[(audience, header)] = (verified.principal, verified.expires_at)
     return verified.principal
 
 

@@ -7,6 +7,7 @@ clawbacks are the billing operation, applied straight through `ledger.apply`.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -136,6 +137,35 @@ class TestRefundKeepsExpiry:
         assert await expired_total(db, user) == 4000
 
 
+async def hold_changed_event(db: Any, hold_id: str) -> dict[str, Any]:
+    """The `hold.changed` event for a hold: still in the outbox, or already relayed."""
+    import os
+
+    from redis.asyncio import Redis
+
+    from services.kit.outbox import decode_event, stream_name
+
+    redis = Redis.from_url(os.environ["KU_REDIS_URL"])
+    try:
+        for _ in range(50):
+            row = await db.fetchval(
+                "SELECT payload FROM ledger.outbox WHERE topic = 'hold.changed'"
+                " AND payload->'hold'->>'id' = $1",
+                hold_id,
+            )
+            if row is not None:
+                return dict(orjson.loads(row))
+            stream = stream_name(os.environ["KU_BUS_PREFIX"], "ledger")
+            for _, fields in await redis.xrange(stream):
+                event = decode_event(fields)
+                if event["topic"] == "hold.changed" and event["payload"]["hold"]["id"] == hold_id:
+                    return dict(event["payload"])
+            await asyncio.sleep(0.1)
+    finally:
+        await redis.aclose()
+    raise AssertionError(f"no hold.changed event for {hold_id}")
+
+
 class TestClawbackAndHolds:
     async def test_clawback_takes_credit_sitting_in_a_hold(self, ledger, funded_user, db):
         user = await funded_user(0)
@@ -146,12 +176,8 @@ class TestClawbackAndHolds:
         assert body["held_taken_milli"] == 8_000
         got = await ledger.get(f"/v1/ledger/holds/{h['id']}", headers=operator())
         assert got.json()["status"] == "clawed" and got.json()["clawed"] == 8
-        event = await db.fetchval(
-            "SELECT payload FROM ledger.outbox WHERE topic = 'hold.changed'"
-            " AND payload->'hold'->>'id' = $1",
-            h["id"],
-        )
-        assert orjson.loads(event)["owner"] == "app:penora"
+        event = await hold_changed_event(db, h["id"])
+        assert event["owner"] == "app:penora"
         b = await balance(ledger, user)
         assert (b["available"], b["held"], b["debt"]) == (0, 0, 0)
 
