@@ -29,7 +29,9 @@ async def spend(stack: Stack, user_id: str, amount: float) -> None:
     r = await stack.ledger.post(
         "/v1/ledger/debits",
         json={"user_id": user_id, "amount": amount, "app": "penora", "reference": new_user_id()},
-        headers=principal_headers("app", audience="ledger", app="penora", scopes=("ledger:write",)),
+        headers=principal_headers(
+            "app", audience="ledger", app="penora", scopes=("ledger:write", "users:any")
+        ),
     )
     assert r.status_code == 201, r.text
 
