@@ -375,7 +375,8 @@ class Stories:
                     await session.execute(
                         text(
                             "UPDATE generation.stories"
-                            " SET lease_until = now() + make_interval(secs => :lease), runs = runs + 1"
+                            " SET lease_until = now() + make_interval(secs => :lease),"
+                            " runs = runs + 1"
                             " WHERE id IN (SELECT id FROM generation.stories"
                             " WHERE status = 'running' AND lease_until < now()"
                             " AND NOT (id = ANY(:mine))"

@@ -6,11 +6,12 @@ operators and apps make them: the `ku` CLI, the ledger's API with an admin princ
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
@@ -72,6 +73,20 @@ class Env:
     suite: Suite
     signing: SigningKey
     fake: FakeProvider
+    # A generation process started in place of a killed one (stopped with the session).
+    replacements: list[Suite] = field(default_factory=list)
+
+    def restart_generation(self) -> None:
+        """SIGKILL the generation process (as a crash would), start a new one on its port."""
+        current = (self.replacements[-1] if self.replacements else self.suite).processes
+        proc = current["generation"]
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        replacement = Suite(
+            self.suite.env, only=["generation"], migrate=False, quiet=True, ready_timeout=60
+        )
+        replacement.start()
+        self.replacements.append(replacement)
 
     @property
     def gateway(self) -> str:
@@ -162,7 +177,12 @@ def gen(ku_database_url: str, fake: FakeProvider) -> Iterator[Env]:
         quiet=True,
         ready_timeout=60,
     ) as suite:
-        yield Env(suite, signing, fake)
+        env = Env(suite, signing, fake)
+        try:
+            yield env
+        finally:
+            for replacement in env.replacements:
+                replacement.stop()
 
 
 @pytest.fixture(autouse=True)
@@ -177,4 +197,5 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     report = outcome.get_result()  # type: ignore[attr-defined]
     env = item.funcargs.get("gen") if hasattr(item, "funcargs") else None
     if report.failed and isinstance(env, Env):
-        report.sections.append(("generation log", "\n".join(env.suite.logs("generation")[-60:])))
+        suite = env.replacements[-1] if env.replacements else env.suite
+        report.sections.append(("generation log", "\n".join(suite.logs("generation")[-60:])))

@@ -176,7 +176,8 @@ class FakeProvider:
         for i in range(words):
             if stall_after is not None and i == stall_after:
                 deadline = time.monotonic() + 120
-                while not self._released and time.monotonic() < deadline:
+                # Released from the test's thread: a flag polled, not an asyncio.Event.
+                while not self._released and time.monotonic() < deadline:  # noqa: ASYNC110
                     await asyncio.sleep(0.05)
             if cut_after is not None and i == cut_after:
                 raise ConnectionResetError("cut")  # uvicorn drops the connection

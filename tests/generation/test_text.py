@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 import orjson
@@ -190,16 +192,17 @@ class TestRefusals:
     async def test_a_token_without_generate_scope_is_refused(self, gen: Env) -> None:
         user = gen.funded_user(10)
         token = gen.user_token(user, scope="ledger:read")
-        r = httpx.post(
-            f"{gen.gateway}/v1/generation/text",
-            json={"prompt": "x", "model": "fake-small"},
-            headers={"Authorization": f"Bearer {token}"},
-        )
+        async with httpx.AsyncClient(base_url=gen.gateway) as c:
+            r = await c.post(
+                "/v1/generation/text",
+                json={"prompt": "x", "model": "fake-small"},
+                headers={"Authorization": f"Bearer {token}"},
+            )
         assert r.status_code == 403, r.text
         assert kinds(gen.journal(user)) == ["grant"]
 
 
-async def read_sse(response: httpx.Response):  # type: ignore[no-untyped-def]
+async def read_sse(response: httpx.Response) -> AsyncIterator[tuple[str | None, Any]]:
     event = None
     async for line in response.aiter_lines():
         if line.startswith("event: "):
