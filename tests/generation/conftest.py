@@ -177,11 +177,11 @@ def gen(ku_database_url: str, fake: FakeProvider) -> Iterator[Env]:
         quiet=True,
         ready_timeout=60,
     ) as suite:
-        env = Env(suite, signing, fake)
+        running = Env(suite, signing, fake)
         try:
-            yield env
+            yield running
         finally:
-            for replacement in env.replacements:
+            for replacement in running.replacements:
                 replacement.stop()
 
 
