@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from typing import Any
 
 import openai
 import pytest
@@ -23,7 +24,7 @@ def kinds(gen: Env, user: str) -> list[str]:
     return [str(t["kind"]) for t in gen.journal(user)]
 
 
-async def settled(gen: Env, user: str) -> dict[str, object]:
+async def settled(gen: Env, user: str) -> dict[str, Any]:
     for _ in range(100):
         balance = gen.balance(user)
         if milli(balance["held"]) == 0:
