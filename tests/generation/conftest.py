@@ -131,6 +131,10 @@ class Env:
                 assert r.status_code == 201, r.text
         return user_id
 
+    def call(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        """A plain blocking request (setup and checks around the async calls under test)."""
+        return httpx.request(method, url, timeout=30, **kwargs)
+
     def balance(self, user_id: str) -> dict[str, Any]:
         admin = principal_headers("app", app="ops", scopes=("admin",))
         r = httpx.get(
