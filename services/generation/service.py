@@ -117,7 +117,9 @@ class _Cutter:
         # A delta that starts inside the last word continues it: not a new word.
         joins = self.ends_in_word and not delta[0].isspace()
         added = tokens - (1 if joins and tokens else 0)
-        if self.words + added >= self.limit:
+        # At exactly the limit the last word may still go on in the next delta; the cut
+        # comes when a word past the limit starts.
+        if self.words + added > self.limit:
             keep = self.limit - self.words + (1 if joins else 0)
             delta = first_words(delta, keep) if keep > 0 else ""
             added = self.limit - self.words
