@@ -186,3 +186,18 @@ class FakeProvider:
                 await asyncio.sleep(self.token_delay)
         yield chunk({}, "stop")
         yield b"data: [DONE]\n\n"
+
+
+def main() -> None:
+    """`python -m tests.generation.fake_provider PORT [TOKEN_DELAY]`: serve until killed
+    (the generation bench runs it as its own process)."""
+    import sys
+
+    server = FakeProvider(token_delay=float(sys.argv[2]) if len(sys.argv) > 2 else 0.0)
+    server.port = int(sys.argv[1])
+    server.server.config.port = server.port
+    server.server.run()
+
+
+if __name__ == "__main__":
+    main()
