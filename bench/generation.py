@@ -147,6 +147,31 @@ async def fund(ledger: str, secret: str, users: list[str]) -> None:
 ROOT = Path(__file__).resolve().parents[1]
 
 
+async def hold_latency(ledger: str, secret: str, user: str) -> list[float]:
+    """Hold then release on the ledger directly: the floor of Ku's added TTFT."""
+    import httpx
+
+    service = Principal(kind="service", app="generation", scopes=frozenset({"admin"}))
+    out = []
+    async with httpx.AsyncClient(base_url=ledger, timeout=30) as c:
+        for i in range(TTFT_SAMPLES):
+            headers = {
+                "x-ku-principal": sign_principal(service, secret),
+                "idempotency-key": secrets.token_hex(8),
+            }
+            started = time.perf_counter()
+            r = await c.post(
+                "/v1/ledger/holds",
+                json={"user_id": user, "amount": 2, "app": "bench", "reference": f"h{i}"},
+                headers=headers,
+            )
+            out.append(time.perf_counter() - started)
+            assert r.status_code == 201, r.text
+            hold = r.json()["hold"]["id"]
+            await c.post(f"/v1/ledger/holds/{hold}/release", headers=headers)
+    return out
+
+
 def start_fake(port: int) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, "-m", "tests.generation.fake_provider", str(port), str(TOKEN_DELAY)],
@@ -234,10 +259,34 @@ async def main() -> None:
                         gateway, "/v1/generation/chat/completions", body, {"x-api-key": key}
                     )
 
+                secret = suite.env["KU_INTERNAL_SECRET"]
+                generation = suite.urls["generation"]
+
+                def service(i: int) -> bytes:
+                    # The generation service without the gateway: where the time goes.
+                    principal = Principal(kind="app", app="bench", scopes=frozenset({"generate"}))
+                    body = {
+                        "model": "bench",
+                        "stream": True,
+                        "max_tokens": WORDS,
+                        "user": users[i % len(users)],
+                        "messages": [{"role": "user", "content": f"#words={WORDS} {i}"}],
+                    }
+                    return request(
+                        generation,
+                        "/v1/generation/chat/completions",
+                        body,
+                        {"x-ku-principal": sign_principal(principal, secret)},
+                    )
+
                 d1 = await ttft(fake_url, direct)
+                s1 = await ttft(generation, service)
                 g1 = await ttft(gateway, through)
+                holds = await hold_latency(suite.urls["ledger"], secret, users[0])
                 print(f"ttft direct   p50 {pct(d1, 0.5):7.2f} ms  p99 {pct(d1, 0.99):7.2f} ms")
+                print(f"ttft service  p50 {pct(s1, 0.5):7.2f} ms  p99 {pct(s1, 0.99):7.2f} ms")
                 print(f"ttft via Ku   p50 {pct(g1, 0.5):7.2f} ms  p99 {pct(g1, 0.99):7.2f} ms")
+                print(f"ledger hold   p50 {pct(holds, 0.5):7.2f} ms (part of every generation)")
                 print(
                     f"added ttft at 1 client: p50 {pct(g1, 0.5) - pct(d1, 0.5):+.2f} ms", flush=True
                 )

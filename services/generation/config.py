@@ -38,7 +38,6 @@ class GenerationSettings(KuSettings):
     generation_story_hold_ttl_seconds: int = 6 * 3600
     # A story's runner renews its lease; another process takes over an expired one.
     generation_story_lease_seconds: float = 30.0
-    generation_max_prompt_chars: int = 20_000
 
 
 @lru_cache

@@ -148,6 +148,8 @@ class Job:
     error: KuError | None = None
     # How `stream()` ended: (text delivered, finished, error, cut at max_words).
     ended: tuple[str, bool, KuError | None, bool] | None = None
+    # The insert of the generation's row (see GenerationEngine.start).
+    recorded: asyncio.Task[None] | None = None
 
     async def _deltas(self, cutter: _Cutter) -> AsyncIterator[str]:
         first = True
@@ -291,6 +293,8 @@ class Job:
             error=error,
         )
         self.settled = outcome
+        if self.recorded is not None:
+            await asyncio.gather(self.recorded, return_exceptions=True)
         await self.engine.record_outcome(
             outcome, error=settle_error or (error.code if error is not None else None)
         )
@@ -347,25 +351,24 @@ class GenerationEngine:
             description=f"{kind} with {model.id}, up to {max_words} words",
             origin=caller.origin,
         )
-        try:
-            async with unit_of_work(self.sessionmaker) as session:
-                session.add(
-                    Generation(
-                        id=uuid.UUID(generation_id),
-                        user_id=caller.user_id,
-                        app=caller.app,
-                        kind=kind,
-                        model=model.id,
-                        prompt=prompt,
-                        max_words=max_words,
-                        held_milli=held,
-                        hold_id=hold_id,
-                        status="running",
-                    )
+        # The record is written while the provider starts (it is off the time to first
+        # token); settlement waits for it before updating it.
+        recorded = asyncio.create_task(
+            self._record_start(
+                Generation(
+                    id=uuid.UUID(generation_id),
+                    user_id=caller.user_id,
+                    app=caller.app,
+                    kind=kind,
+                    model=model.id,
+                    prompt=prompt,
+                    max_words=max_words,
+                    held_milli=held,
+                    hold_id=hold_id,
+                    status="running",
                 )
-        except BaseException:
-            in_background(self.billing.release(hold_id))
-            raise
+            )
+        )
         return Job(
             engine=self,
             id=generation_id,
@@ -377,7 +380,15 @@ class GenerationEngine:
             temperature=temperature,
             hold_id=hold_id,
             held_milli=held,
+            recorded=recorded,
         )
+
+    async def _record_start(self, row: Generation) -> None:
+        try:
+            async with unit_of_work(self.sessionmaker) as session:
+                session.add(row)
+        except Exception:
+            log.exception("generation %s: could not record its start", row.id)
 
     async def record_outcome(self, outcome: Outcome, *, error: str | None) -> None:
         try:
