@@ -217,8 +217,24 @@ class Job:
                 if isinstance(item, KuError):
                     self.error = item
                     break
+                # Whatever else is already waiting goes out in the same chunk: a client
+                # or a hop that reads slower than the provider writes gets fewer, larger
+                # sends instead of falling behind one token at a time.
+                pending: Any = None
+                while not queue.empty():
+                    pending = queue.get_nowait()
+                    if not isinstance(pending, str):
+                        break
+                    item += pending
+                    pending = None
                 yield item
                 delivered.append(item)
+                if pending is done:
+                    finished = True
+                    break
+                if isinstance(pending, KuError):
+                    self.error = pending
+                    break
         finally:
             producer.cancel()
             text = "".join(delivered)

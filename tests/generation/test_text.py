@@ -263,6 +263,37 @@ class TestStreaming:
         capture = next(t for t in gen.journal(user) if t["kind"] == "capture")
         assert milli(capture["amount"]) == 120
 
+    async def test_provider_cutting_the_stream_charges_the_words_delivered(self, gen: Env) -> None:
+        user = gen.funded_user(10)
+        events: list[tuple[str | None, Any]] = []
+        async with client(gen, user) as c:
+            async with c.stream(
+                "POST",
+                "/v1/generation/text",
+                json={"prompt": "#words=50 #cut_after=7", "model": "fake-small", "stream": True},
+            ) as r:
+                assert r.status_code == 200
+                async for item in read_sse(r):
+                    events.append(item)
+        text = "".join(str(d["text"]) for e, d in events if e == "delta")
+        assert text.split() == [f"w{i}" for i in range(7)]
+        done = next(d for e, d in events if e == "done")
+        assert done["status"] == "partial" and done["words"] == 7
+        assert milli(done["cost"]) == 70
+        assert milli(gen.balance(user)["available"]) == 10_000 - 70
+
+    async def test_provider_cut_without_streaming_is_502_and_free(self, gen: Env) -> None:
+        # The client gets nothing unless the whole answer arrives: it pays nothing.
+        user = gen.funded_user(10)
+        async with client(gen, user) as c:
+            r = await c.post(
+                "/v1/generation/text",
+                json={"prompt": "#words=50 #cut_after=7", "model": "fake-small"},
+            )
+        assert r.status_code == 502, r.text
+        balance = gen.balance(user)
+        assert milli(balance["available"]) == 10_000 and milli(balance["held"]) == 0
+
     async def test_stream_failing_before_any_word_is_502_and_free(self, gen: Env) -> None:
         user = gen.funded_user(10)
         async with client(gen, user) as c:
