@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import base64
 import uuid
 from collections.abc import AsyncIterator
@@ -35,7 +36,7 @@ from services.generation.stories import Stories, outline_words
 from services.generation.tools import TOOLS
 from services.generation.workspace import save, title_from
 from services.kit.db import Session
-from services.kit.errors import BadRequest, NotFound, Unprocessable
+from services.kit.errors import BadRequest, NotFound, Unprocessable, UpstreamError
 from services.kit.money import milli_to_ku
 from services.kit.schemas import UserId
 
@@ -51,6 +52,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     503: {"description": "`providers_unavailable`: every provider's breaker is open"},
     504: {"description": "`provider_timeout`: the provider stalled (nothing charged)"},
 }
+DISCONNECT_POLL_SECONDS = 0.25
 WORDS_RULE = (
     "words = runs of non-whitespace; cost_milli = ceil(words × multiplier_milli / 100) "
     "(1 Ku per 100 words at ×1)"
@@ -147,6 +149,21 @@ async def first_then_rest(job: Job) -> tuple[str | None, AsyncIterator[str]]:
     return first, deltas
 
 
+async def collect_while_connected(request: Request, job: Job) -> Outcome:
+    """`job.collect()`, abandoned (and the hold released) if the client leaves first: a
+    client that gave up (or a gateway that timed out) never receives the text, so it
+    must not pay for it."""
+    task = asyncio.create_task(job.collect())
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_SECONDS)
+        if done:
+            return task.result()
+        if await request.is_disconnected():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            raise UpstreamError("The client went away", code="client_disconnected")
+
+
 async def run(
     request: Request,
     engine: GenerationEngine,
@@ -171,7 +188,7 @@ async def run(
         temperature=temperature,
     )
     if not stream:
-        outcome = await job.collect()
+        outcome = await collect_while_connected(request, job)
         return await saved(request, engine, caller, outcome, save_as)
     first, deltas = await first_then_rest(job)
 

@@ -20,7 +20,12 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from starlette.responses import StreamingResponse
 
 from services.generation.deps import CurrentPrincipal, Engine, caller_for
-from services.generation.endpoints import ERRORS, checked_model, first_then_rest
+from services.generation.endpoints import (
+    ERRORS,
+    checked_model,
+    collect_while_connected,
+    first_then_rest,
+)
 from services.generation.service import Outcome
 from services.kit.errors import Unprocessable
 from services.kit.money import milli_to_ku
@@ -99,7 +104,7 @@ async def chat_completions(
     created = int(time.time())
     completion_id = f"chatcmpl-{job.id}"
     if not body.stream:
-        outcome = await job.collect()
+        outcome = await collect_while_connected(request, job)
         return {
             "id": completion_id,
             "object": "chat.completion",

@@ -7,6 +7,7 @@ the messages:
 - model `answer` (any model not below): `#words=N` words (default 40), one per SSE chunk;
   `#stall_after=K`: K words, then silence until `release()` (or 120 s);
   `#cut_after=K`: K words, then the connection is closed without `[DONE]`;
+  `#delay_ms=N`: N ms between words (slow, not stalled);
 - model `always-500` / `always-429`: that status, every time;
 - model `always-stall`: headers, then silence;
 - `fail_next(status, times)`: the next `times` requests answer `status`;
@@ -137,6 +138,7 @@ class FakeProvider:
         words = directive(messages, "words") or 40
         stall_after = directive(messages, "stall_after")
         cut_after = directive(messages, "cut_after")
+        delay_ms = directive(messages, "delay_ms")
         if model == "always-stall" or (self.stall_on and self.stall_on in text):
             stall_after = 0
         if not body.get("stream"):
@@ -156,12 +158,17 @@ class FakeProvider:
                 }
             )
         return StreamingResponse(
-            self._stream(model, words, stall_after, cut_after),
+            self._stream(model, words, stall_after, cut_after, delay_ms),
             media_type="text/event-stream",
         )
 
     async def _stream(
-        self, model: str, words: int, stall_after: int | None, cut_after: int | None
+        self,
+        model: str,
+        words: int,
+        stall_after: int | None,
+        cut_after: int | None,
+        delay_ms: int | None = None,
     ) -> AsyncIterator[bytes]:
         def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
             data = {
@@ -182,8 +189,8 @@ class FakeProvider:
             if cut_after is not None and i == cut_after:
                 raise ConnectionResetError("cut")  # uvicorn drops the connection
             yield chunk({"content": word(i) if i == 0 else " " + word(i)})
-            if self.token_delay:
-                await asyncio.sleep(self.token_delay)
+            if delay_ms or self.token_delay:
+                await asyncio.sleep(delay_ms / 1000 if delay_ms else self.token_delay)
         yield chunk({}, "stop")
         yield b"data: [DONE]\n\n"
 

@@ -14,6 +14,7 @@ import httpx
 import orjson
 import pytest
 
+from services.kit.testing.plugin import principal_headers
 from tests.generation.conftest import Env
 
 pytestmark = pytest.mark.e2e
@@ -25,12 +26,11 @@ def milli(ku: float | int) -> int:
     return round(ku * 1000)
 
 
-def client(gen: Env, user_id: str, **kw: object) -> httpx.AsyncClient:
+def client(gen: Env, user_id: str, timeout: float = 30) -> httpx.AsyncClient:
     return httpx.AsyncClient(
         base_url=gen.gateway,
         headers={"Authorization": f"Bearer {gen.user_token(user_id)}"},
-        timeout=30,
-        **kw,  # type: ignore[arg-type]
+        timeout=timeout,
     )
 
 
@@ -141,6 +141,31 @@ class TestCharges:
         body = r.json()
         assert body["words"] == 25 and body["finish_reason"] == "length"
         assert milli(body["cost"]) == 250
+
+    async def test_client_gone_before_a_non_streamed_answer_pays_nothing(self, gen: Env) -> None:
+        # Straight to the service: the gateway only notices a non-streamed client leaving
+        # when its own upstream timeout closes the connection; the service then must not
+        # charge (what this shows, without waiting that long).
+        user = gen.funded_user(10)
+        marker = uuid.uuid4().hex
+        headers = principal_headers("user", app=None, user_id=user, scopes=("generate",))
+        # 40 words, 100 ms apart: slow, never stalled; the client gives up after 1 s.
+        async with httpx.AsyncClient(
+            base_url=gen.suite.urls["generation"], headers=headers, timeout=1.0
+        ) as c:
+            with pytest.raises(httpx.ReadTimeout):
+                await c.post(
+                    "/v1/generation/text",
+                    json={"prompt": f"{marker} #words=40 #delay_ms=100", "model": "fake-small"},
+                )
+        for _ in range(100):
+            balance = gen.balance(user)
+            if milli(balance["held"]) == 0:
+                break
+            await asyncio.sleep(0.1)
+        assert milli(balance["held"]) == 0 and milli(balance["available"]) == 10_000
+        assert "capture" not in kinds(gen.journal(user))
+        assert len(gen.fake.seen(marker)) == 1
 
 
 class TestRefusals:
