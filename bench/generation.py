@@ -54,37 +54,34 @@ def request(url: str, path: str, body: dict[str, object], headers: dict[str, str
 
 
 async def stream_once(url: str, raw: bytes) -> tuple[float, int, float]:
-    """(seconds to the first token, tokens, seconds in all) of one streamed request."""
+    """(seconds to the first token, words, seconds in all) of one streamed request: the
+    fake always writes WORDS words, so a stream that reached `[DONE]` delivered WORDS
+    (Ku may coalesce several words in one chunk: chunks are not words)."""
     host, port = url.split("://", 1)[1].rsplit(":", 1)
     started = time.perf_counter()
     reader, writer = await asyncio.open_connection(host, int(port))
     writer.write(raw)
     first = 0.0
-    tokens = 0
-    tail = b""
+    last = b""
     head_done = False
     try:
         while True:
             data = await reader.read(65536)
             if not data:
                 break
-            data = tail + data
             if not head_done:
                 if data[9:12] != b"200":
                     raise RuntimeError(data[:300].decode(errors="replace"))
                 head_done = True
-            found = data.count(TOKEN) - data.count(EMPTY)
-            if found > 0 and not first:
+            if not first and data.count(TOKEN) > data.count(EMPTY):
                 first = time.perf_counter() - started
-            tokens += found
-            # Keep what may hold a split marker, without counting it twice.
-            cut = max(data.rfind(b"\n"), 0)
-            tail = data[cut + 1 :][-32:] if TOKEN[:3] in data[cut + 1 :] else b""
-            if tail:
-                tokens -= tail.count(TOKEN) - tail.count(EMPTY)
+            last = (last + data)[-64:]
     finally:
         writer.close()
-    return first, tokens, time.perf_counter() - started
+    words = WORDS if b"[DONE]" in last else 0
+    if not words:
+        print("incomplete stream, ending:", last, flush=True)
+    return first, words, time.perf_counter() - started
 
 
 def pct(values: list[float], q: float) -> float:
@@ -104,20 +101,29 @@ async def ttft(url: str, build: object) -> list[float]:
 
 async def throughput(url: str, build: object) -> float:
     """Tokens per second over SECONDS with STREAMS streams always open."""
-    counted = 0
+    counted = streams = 0
+    durations: list[float] = []
     stop_at = time.perf_counter() + SECONDS
 
     async def worker(i: int) -> None:
-        nonlocal counted
+        nonlocal counted, streams
         n = 0
         while time.perf_counter() < stop_at:
-            _, tokens, _ = await stream_once(url, build(i * 1000 + n))  # type: ignore[operator]
-            counted += tokens
+            _, words, took = await stream_once(url, build(i * 1000 + n))  # type: ignore[operator]
+            counted += words
+            streams += 1
+            durations.append(took)
             n += 1
 
     started = time.perf_counter()
     await asyncio.gather(*(worker(i) for i in range(STREAMS)))
-    return counted / (time.perf_counter() - started)
+    elapsed = time.perf_counter() - started
+    print(
+        f"  {streams} streams ({counted // WORDS} complete) in {elapsed:.1f} s, "
+        f"p50 {pct(durations, 0.5):.0f} ms per stream",
+        flush=True,
+    )
+    return counted / elapsed
 
 
 async def fund(ledger: str, secret: str, users: list[str]) -> None:
@@ -292,6 +298,8 @@ async def main() -> None:
                 )
                 dn = await throughput(fake_url, direct)
                 print(f"tokens/s direct x{STREAMS}: {dn:9.0f}", flush=True)
+                sn = await throughput(generation, service)
+                print(f"tokens/s service x{STREAMS}: {sn:9.0f} (no gateway)", flush=True)
                 gn = await throughput(gateway, through)
                 print(f"tokens/s via Ku x{STREAMS}: {gn:9.0f}", flush=True)
     finally:
