@@ -187,6 +187,18 @@ class TestAppKeys:
 
 
 class TestCatalogAndMetrics:
+    def test_the_gateway_merges_the_generation_openapi(self, gen: Env) -> None:
+        doc = gen.call("GET", f"{gen.gateway}/openapi.json").json()
+        for path in (
+            "/v1/generation/text",
+            "/v1/generation/story",
+            "/v1/generation/chat/completions",
+            "/v1/generation/models",
+            "/v1/generation/estimate",
+            "/v1/generation/history",
+        ):
+            assert path in doc["paths"], path
+
     async def test_models_estimate_and_metrics(self, gen: Env) -> None:
         user = gen.funded_user(10)
         async with as_user(gen, user) as c:
