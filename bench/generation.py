@@ -34,7 +34,7 @@ from bench._common import ScratchDatabase, free_port, stop  # noqa: E402
 from services.kit.principal import Principal, sign_principal  # noqa: E402
 from services.kit.runner import Suite  # noqa: E402
 
-SECONDS = float(os.environ.get("KU_BENCH_SECONDS", "6"))
+SECONDS = float(os.environ.get("KU_BENCH_SECONDS", "4"))
 TOKEN_DELAY = float(os.environ.get("KU_BENCH_TOKEN_DELAY", "0.002"))
 STREAMS = 64
 WORDS = 200
