@@ -223,6 +223,10 @@ class Authenticator:
         if authorization:
             scheme, _, token = authorization.partition(" ")
             if scheme.lower() == "bearer" and token.strip():
+                # OpenAI-style clients send their API key as a bearer token: a Ku key
+                # (its own `ku_` format, never a JWT) is checked as the key it is.
+                if KEY_FORMAT.match(token.strip()):
+                    return await self.api_key(token.strip())
                 return await self.access_token(token.strip())
             raise _invalid_token("not a bearer token")
         raise _invalid_key()

@@ -1,11 +1,12 @@
 """Bus events the gateway reacts to, and `GET /v1/events` (Server-Sent Events).
 
 One reader per gateway process (plain XREAD, no consumer group: every
-instance must see every event) follows `<prefix>.events.ledger` and
-`<prefix>.events.auth`:
+instance must see every event) follows `<prefix>.events.ledger`,
+`<prefix>.events.auth` and `<prefix>.events.generation`:
 
 - `key.revoked` drops the key from the local cache at once;
-- `credits.changed` fans out to the connected streams of that user.
+- `credits.changed` and the generation service's `story.*` events (a story's
+  progress per chapter) fan out to the connected streams of that user.
 
 Stream entry ids are the SSE event ids, so `Last-Event-ID` resumes by reading
 the stream from there (XRANGE) before joining the live feed.
@@ -33,6 +34,8 @@ from services.kit.schemas import UserId
 log = logging.getLogger("ku.gateway.events")
 
 QUEUE_MAX = 1000
+# (stream entry id, topic, payload)
+UserEvent = tuple[str, str, dict[str, Any]]
 
 
 def _id(value: bytes | str) -> str:
@@ -63,13 +66,14 @@ class EventHub(BackgroundLoop):
         self.redis = redis
         self.ledger_stream = stream_name(prefix, "ledger")
         self.auth_stream = stream_name(prefix, "auth")
+        self.generation_stream = stream_name(prefix, "generation")
         self.on_key_revoked = on_key_revoked
-        self._subscribers: dict[str, set[asyncio.Queue[tuple[str, dict[str, Any]]]]] = {}
+        self._subscribers: dict[str, set[asyncio.Queue[UserEvent]]] = {}
         self.ready = asyncio.Event()
 
     async def _last_ids(self) -> dict[str, str]:
         ids = {}
-        for stream in (self.ledger_stream, self.auth_stream):
+        for stream in (self.ledger_stream, self.auth_stream, self.generation_stream):
             last = await self.redis.xrevrange(stream, count=1)
             ids[stream] = _id(last[0][0]) if last else "0-0"
         return ids
@@ -103,15 +107,21 @@ class EventHub(BackgroundLoop):
             prefix = payload.get("prefix")
             if prefix:
                 self.on_key_revoked(str(prefix))
-        elif topic == "credits.changed" and stream == self.ledger_stream:
+        elif self._for_user(stream, topic):
             user_id = str(payload.get("user_id"))
             for queue in self._subscribers.get(user_id, ()):
                 if queue.full():
                     continue  # a stalled client; it can resume with Last-Event-ID
-                queue.put_nowait((entry_id, payload))
+                queue.put_nowait((entry_id, topic, payload))
 
-    def subscribe(self, user_id: str) -> asyncio.Queue[tuple[str, dict[str, Any]]]:
-        queue: asyncio.Queue[tuple[str, dict[str, Any]]] = asyncio.Queue(QUEUE_MAX)
+    def _for_user(self, stream: str, topic: str) -> bool:
+        """Events a user's `/v1/events` stream carries."""
+        if stream == self.ledger_stream:
+            return topic == "credits.changed"
+        return stream == self.generation_stream and topic.startswith("story.")
+
+    def subscribe(self, user_id: str) -> asyncio.Queue[UserEvent]:
+        queue: asyncio.Queue[UserEvent] = asyncio.Queue(QUEUE_MAX)
         self._subscribers.setdefault(user_id, set()).add(queue)
         return queue
 
@@ -122,26 +132,26 @@ class EventHub(BackgroundLoop):
             if not queues:
                 del self._subscribers[user_id]
 
-    async def replay(
-        self, user_id: str, after: str, limit: int
-    ) -> list[tuple[str, dict[str, Any]]]:
-        """The user's `credits.changed` entries after `after`, oldest first."""
-        out: list[tuple[str, dict[str, Any]]] = []
-        start = "(" + after
-        scanned = 0
-        while scanned < limit:
-            entries = await self.redis.xrange(self.ledger_stream, min=start, count=500)
-            if not entries:
-                break
-            for entry_id, fields in entries:
-                scanned += 1
-                event = decode_event(fields)
-                if (
-                    event["topic"] == "credits.changed"
-                    and str(event["payload"].get("user_id")) == user_id
-                ):
-                    out.append((_id(entry_id), event["payload"]))
-            start = "(" + _id(entries[-1][0])
+    async def replay(self, user_id: str, after: str, limit: int) -> list[UserEvent]:
+        """The user's events after `after` (from every stream it follows), oldest first."""
+        out: list[UserEvent] = []
+        for stream in (self.ledger_stream, self.generation_stream):
+            start = "(" + after
+            scanned = 0
+            while scanned < limit:
+                entries = await self.redis.xrange(stream, min=start, count=500)
+                if not entries:
+                    break
+                for entry_id, fields in entries:
+                    scanned += 1
+                    event = decode_event(fields)
+                    if (
+                        self._for_user(stream, event["topic"])
+                        and str(event["payload"].get("user_id")) == user_id
+                    ):
+                        out.append((_id(entry_id), event["topic"], event["payload"]))
+                start = "(" + _id(entries[-1][0])
+        out.sort(key=lambda e: _id_tuple(e[0]))
         return out
 
     def subscribers(self) -> int:
@@ -164,18 +174,18 @@ async def stream_user(
         yield b"retry: 2000\n\n"
         seen = (0, 0)
         if last_event_id:
-            for entry_id, payload in await hub.replay(user_id, last_event_id, replay_max):
+            for entry_id, topic, payload in await hub.replay(user_id, last_event_id, replay_max):
                 seen = _id_tuple(entry_id)
-                yield sse(entry_id, "credits.changed", render_credits(payload))
+                yield sse(entry_id, topic, render_credits(payload))
         while True:
             try:
-                entry_id, payload = await asyncio.wait_for(queue.get(), timeout=keepalive)
+                entry_id, topic, payload = await asyncio.wait_for(queue.get(), timeout=keepalive)
             except TimeoutError:
                 yield b": keep-alive\n\n"
                 continue
             if _id_tuple(entry_id) <= seen:
                 continue
-            yield sse(entry_id, "credits.changed", render_credits(payload))
+            yield sse(entry_id, topic, render_credits(payload))
     finally:
         hub.unsubscribe(user_id, queue)
 
@@ -189,7 +199,7 @@ def build_router(authenticated: Callable[..., Any]) -> APIRouter:
         responses={
             200: {
                 "content": {"text/event-stream": {}},
-                "description": "`credits.changed` events; ids resume the stream",
+                "description": "`credits.changed` and `story.*` events; ids resume the stream",
             }
         },
     )
@@ -199,7 +209,7 @@ def build_router(authenticated: Callable[..., Any]) -> APIRouter:
         user_id: UserId | None = Query(None, description="For app keys: whose events"),
         last_event_id: str | None = Header(None, alias="Last-Event-ID"),
     ) -> StreamingResponse:
-        """Server-sent events for one user: `credits.changed` (new balance) as it happens."""
+        """Server-sent events for one user: `credits.changed` (new balance), `story.progress`."""
         principal = identity.principal
         if principal.kind == "user":
             target = user_id or principal.user_id

@@ -1,0 +1,59 @@
+"""Request dependencies shared by the native and the OpenAI-compatible routes: who is
+calling, for which user, booked in which app's lane."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import Depends, Request
+
+from services.generation.service import Caller, GenerationEngine
+from services.kit.errors import Forbidden, Unprocessable
+from services.kit.principal import PRINCIPAL_HEADER, Principal, get_principal
+
+CurrentPrincipal = Annotated[Principal, Depends(get_principal)]
+# A user token that names no app came through Penora (the first-party frontend).
+DEFAULT_APP = "penora"
+
+
+def caller_for(principal: Principal, request: Request, user_id: str | None) -> Caller:
+    """Generating spends the user's credit: scope `generate`; a user token for itself,
+    an app for the user it names (the ledger decides whether that app may)."""
+    principal.require_scope("generate")
+    if principal.kind == "user":
+        if user_id is not None and user_id != principal.user_id:
+            raise Forbidden("A user token may act only on its own user", code="wrong_user")
+        target = principal.user_id
+    else:
+        target = user_id
+    if not target:
+        raise Unprocessable("user_id is required for app keys", code="user_id_required")
+    return Caller(
+        user_id=target,
+        app=principal.app or DEFAULT_APP,
+        origin=request.headers.get(PRINCIPAL_HEADER),
+    )
+
+
+def reader_for(principal: Principal, user_id: str | None) -> str:
+    """Whose history may be read: a user its own; an app key the user it names."""
+    principal.require_scope("generate")
+    if principal.kind == "user":
+        if user_id is not None and user_id != principal.user_id:
+            raise Forbidden("A user token may read only its own generations", code="wrong_user")
+        return str(principal.user_id)
+    if not user_id:
+        raise Unprocessable("user_id is required for app keys", code="user_id_required")
+    return user_id
+
+
+def get_engine(request: Request) -> GenerationEngine:
+    engine: GenerationEngine = request.app.state.generation
+    return engine
+
+
+Engine = Annotated[GenerationEngine, Depends(get_engine)]
+
+
+def state(request: Request) -> Any:
+    return request.app.state

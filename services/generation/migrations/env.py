@@ -1,0 +1,4 @@
+from services.generation.models import metadata
+from services.kit.migrations import run_env
+
+run_env(metadata)

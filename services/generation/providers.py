@@ -1,0 +1,318 @@
+"""Providers behind one interface, and the router that picks one.
+
+`Provider.stream(upstream_model, messages, max_tokens, temperature)` yields text
+deltas. Two implementations:
+
+- `OpenAICompatible`: `POST {base_url}/chat/completions` with `stream: true` over
+  httpx, parsing the Server-Sent Events (DeepInfra, vLLM, Ollama, llama.cpp server and
+  OpenRouter all speak it). A read that waits longer than the timeout (60 s, seed 003)
+  is a stall.
+- `Offline`: deterministic text made locally, for development only; every result
+  served by it says `offline: true`, and production refuses to start with it.
+
+`Router.stream()` tries the model, then its fallbacks: each attempt retries 429/5xx
+and connection errors with backoff, skips a provider whose breaker is open, and
+never retries once a delta has been delivered (the caller got text; a retry would
+repeat it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import random
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import httpx
+import orjson
+from redis.asyncio import Redis
+
+from services.generation.catalog import OFFLINE, Catalog, Model
+from services.generation.config import GenerationSettings
+from services.kit.breaker import CircuitBreaker
+from services.kit.errors import ServiceUnavailable, UpstreamError, UpstreamTimeout
+
+log = logging.getLogger("ku.generation.providers")
+
+Message = dict[str, str]
+
+
+class ProviderError(Exception):
+    """One failed attempt. `retryable`: worth trying the same provider again."""
+
+    def __init__(self, message: str, *, retryable: bool, timeout: bool = False) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+        self.timeout = timeout
+
+
+class Provider(Protocol):
+    name: str
+    offline: bool
+
+    def stream(
+        self, model: str, messages: Sequence[Message], *, max_tokens: int, temperature: float
+    ) -> AsyncIterator[str]: ...
+
+    async def aclose(self) -> None: ...
+
+
+class OpenAICompatible:
+    offline = False
+
+    def __init__(self, name: str, base_url: str, api_key: str, *, timeout_seconds: float) -> None:
+        self.name = name
+        self.base_url = base_url.rstrip("/")
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._http = httpx.AsyncClient(
+            headers=headers,
+            timeout=httpx.Timeout(timeout_seconds, connect=min(10.0, timeout_seconds)),
+            limits=httpx.Limits(max_connections=500, max_keepalive_connections=100),
+        )
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def stream(
+        self, model: str, messages: Sequence[Message], *, max_tokens: int, temperature: float
+    ) -> AsyncIterator[str]:
+        body = {
+            "model": model,
+            "messages": list(messages),
+            "max_tokens": max_tokens,
+            "temperature": temperature,
+            "stream": True,
+        }
+        try:
+            async with self._http.stream(
+                "POST", f"{self.base_url}/chat/completions", json=body
+            ) as response:
+                if response.status_code != 200:
+                    await response.aread()
+                    retryable = response.status_code == 429 or response.status_code >= 500
+                    raise ProviderError(
+                        f"{self.name} answered {response.status_code}", retryable=retryable
+                    )
+                finished = False
+                async for data in _sse_data(response.aiter_lines()):
+                    if data == "[DONE]":
+                        finished = True
+                        break
+                    try:
+                        chunk = orjson.loads(data)
+                    except orjson.JSONDecodeError:
+                        raise ProviderError(
+                            f"{self.name} sent invalid JSON", retryable=True
+                        ) from None
+                    if isinstance(chunk, dict) and "error" in chunk:
+                        raise ProviderError(f"{self.name}: {chunk['error']}", retryable=True)
+                    for choice in chunk.get("choices") or ():
+                        text = (choice.get("delta") or {}).get("content")
+                        if text:
+                            yield text
+                        if choice.get("finish_reason"):
+                            finished = True
+                if not finished:
+                    raise ProviderError(f"{self.name} cut the stream", retryable=True)
+        except httpx.TimeoutException:
+            raise ProviderError(f"{self.name} timed out", retryable=False, timeout=True) from None
+        except httpx.TransportError as exc:
+            raise ProviderError(f"{self.name} unreachable: {exc}", retryable=True) from None
+
+
+async def _sse_data(lines: AsyncIterator[str]) -> AsyncIterator[str]:
+    """The `data:` payloads of an SSE stream (multi-line data joined with newlines)."""
+    buffer: list[str] = []
+    async for line in lines:
+        if not line:
+            if buffer:
+                yield "\n".join(buffer)
+                buffer = []
+            continue
+        if line.startswith(":"):
+            continue
+        field, _, value = line.partition(":")
+        if field == "data":
+            buffer.append(value[1:] if value.startswith(" ") else value)
+    if buffer:
+        yield "\n".join(buffer)
+
+
+_OFFLINE_WORDS = (
+    "the quiet river carried lanterns past the old mill while a story slowly found "
+    "its voice and every chapter opened another door into the night"
+).split()
+
+
+class Offline:
+    """Deterministic local text for development: never a real model's output."""
+
+    name = OFFLINE
+    offline = True
+
+    async def aclose(self) -> None:
+        return None
+
+    async def stream(
+        self, model: str, messages: Sequence[Message], *, max_tokens: int, temperature: float
+    ) -> AsyncIterator[str]:
+        seed = hashlib.sha256(orjson.dumps([model, list(messages)])).digest()
+        start = seed[0] % len(_OFFLINE_WORDS)
+        words = max(1, min(max_tokens * 3 // 4, 400))
+        for i in range(words):
+            yield ("" if i == 0 else " ") + _OFFLINE_WORDS[(start + i) % len(_OFFLINE_WORDS)]
+            if i % 16 == 15:
+                await asyncio.sleep(0)
+
+
+@dataclass(frozen=True)
+class Served:
+    """Who is answering: known once the first delta arrived."""
+
+    model: Model
+    provider: str
+    offline: bool
+
+
+def build_providers(settings: GenerationSettings) -> dict[str, Provider]:
+    providers: dict[str, Provider] = {OFFLINE: Offline()}
+    for name, raw in settings.generation_providers.items():
+        if name == OFFLINE:
+            continue
+        providers[name] = OpenAICompatible(
+            name,
+            str(raw.get("base_url") or ""),
+            str(raw.get("api_key") or settings.generation_api_key),
+            timeout_seconds=settings.generation_timeout_seconds,
+        )
+    return providers
+
+
+def check_production(settings: GenerationSettings, catalog: Catalog) -> None:
+    """Production serves real models only: say exactly what is missing, or pass."""
+    if settings.environment != "production":
+        return
+    if settings.generation_offline:
+        raise RuntimeError(
+            "KU_GENERATION_OFFLINE=true in production: the offline provider is for "
+            "development only; configure a real provider (KU_GENERATION_PROVIDERS, "
+            "KU_GENERATION_API_KEY)"
+        )
+    for name in sorted(catalog.providers()):
+        raw = settings.generation_providers.get(name)
+        if name == OFFLINE or raw is None:
+            raise RuntimeError(
+                f"model catalog uses provider {name!r}, which is not a configured "
+                "OpenAI-compatible provider (KU_GENERATION_PROVIDERS)"
+            )
+        if not raw.get("base_url"):
+            raise RuntimeError(f"provider {name!r} has no base_url (KU_GENERATION_PROVIDERS)")
+        needs_key = raw.get("api_key_required", True)
+        if needs_key and not (raw.get("api_key") or settings.generation_api_key):
+            raise RuntimeError(
+                f"provider {name!r} has no API key: set KU_GENERATION_API_KEY "
+                '(or "api_key_required": false for a keyless local server)'
+            )
+
+
+class Router:
+    def __init__(
+        self,
+        settings: GenerationSettings,
+        catalog: Catalog,
+        providers: dict[str, Provider],
+        redis: Redis,
+    ) -> None:
+        self.settings = settings
+        self.catalog = catalog
+        self.providers = providers
+        self.breakers = {
+            name: CircuitBreaker(
+                redis,
+                f"generation:{name}",
+                prefix=settings.bus_prefix,
+                failure_threshold=settings.generation_breaker_failures,
+                open_seconds=settings.generation_breaker_open_seconds,
+            )
+            for name in providers
+        }
+
+    async def stream(
+        self,
+        model: Model,
+        messages: Sequence[Message],
+        *,
+        max_words: int,
+        temperature: float,
+        served: list[Served],
+    ) -> AsyncIterator[str]:
+        """Deltas from the first candidate that answers; `served` gets who it was."""
+        # Tokens are ~0.75 words in English; a margin so a long answer is not cut short
+        # by the provider before `max_words` (the caller cuts at exactly max_words).
+        max_tokens = max_words * 2 + 16
+        last: ProviderError | None = None
+        skipped = 0
+        for candidate in self.catalog.chain(model):
+            provider = self.providers.get(candidate.provider)
+            if provider is None:
+                last = ProviderError(
+                    f"provider {candidate.provider} is not configured", retryable=False
+                )
+                continue
+            breaker = self.breakers[candidate.provider]
+            for attempt in range(self.settings.generation_retries + 1):
+                if not await breaker.allow():
+                    skipped += 1
+                    break
+                delivered = False
+                try:
+                    async for delta in provider.stream(
+                        candidate.upstream, messages, max_tokens=max_tokens, temperature=temperature
+                    ):
+                        if not delivered:
+                            delivered = True
+                            served.append(Served(candidate, provider.name, provider.offline))
+                        yield delta
+                    if not delivered:
+                        served.append(Served(candidate, provider.name, provider.offline))
+                    await breaker.record_success()
+                    return
+                except ProviderError as exc:
+                    await breaker.record_failure()
+                    log.warning("model %s via %s: %s", candidate.id, provider.name, exc)
+                    if delivered:
+                        raise  # text was delivered: never restart it elsewhere
+                    last = exc
+                    if not exc.retryable or attempt >= self.settings.generation_retries:
+                        break
+                    delay = self.settings.generation_backoff_seconds * 2**attempt
+                    await asyncio.sleep(delay * (0.5 + random.random()))
+        if last is None and skipped:
+            raise ServiceUnavailable(
+                "Every provider for this model is failing; try again shortly",
+                code="providers_unavailable",
+            )
+        if last is not None and last.timeout:
+            raise UpstreamTimeout(
+                "The model provider did not answer in time", code="provider_timeout"
+            )
+        raise UpstreamError("The model provider failed", code="provider_error")
+
+    async def aclose(self) -> None:
+        for provider in self.providers.values():
+            await provider.aclose()
+
+
+def to_messages(prompt: str, system: str | None = None) -> list[Message]:
+    out: list[Message] = []
+    if system:
+        out.append({"role": "system", "content": system})
+    out.append({"role": "user", "content": prompt})
+    return out
+
+
+def describe(provider: Any) -> str:
+    return getattr(provider, "name", "?")
