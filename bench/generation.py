@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import orjson  # noqa: E402
 
-from bench._common import ScratchDatabase, free_port, stop  # noqa: E402
-from services.kit.principal import Principal, sign_principal  # noqa: E402
+from bench._common import ScratchDatabase, free_port, stop, use_principal_keys  # noqa: E402
+from services.kit.principal import Principal, outgoing_header  # noqa: E402
 from services.kit.runner import Suite  # noqa: E402
 
 SECONDS = float(os.environ.get("KU_BENCH_SECONDS", "4"))
@@ -129,10 +129,14 @@ async def throughput(url: str, build: object) -> float:
 async def fund(ledger: str, secret: str, users: list[str]) -> None:
     import httpx
 
-    admin = Principal(kind="app", app="bench", scopes=frozenset({"admin"}))
+    admin = Principal(
+        kind="app",
+        app="bench",
+        scopes=frozenset({"users:any", "users:write", "ledger:grant", "ledger:write"}),
+    )
     async with httpx.AsyncClient(base_url=ledger, timeout=30) as c:
         for user in users:
-            headers = {"x-ku-principal": sign_principal(admin, secret)}
+            headers = {"x-ku-principal": outgoing_header(admin, audience="ledger")}
             r = await c.post(
                 "/v1/ledger/accounts", json={"user_id": user, "welcome": False}, headers=headers
             )
@@ -157,12 +161,14 @@ async def hold_latency(ledger: str, secret: str, user: str) -> list[float]:
     """Hold then release on the ledger directly: the floor of Ku's added TTFT."""
     import httpx
 
-    service = Principal(kind="service", app="generation", scopes=frozenset({"admin"}))
+    # What the generation service's hold costs, as a first-party app's hold (the same
+    # route and SQL; a service's hold also carries its caller's origin).
+    service = Principal(kind="app", app="bench", scopes=frozenset({"users:any", "ledger:write"}))
     out = []
     async with httpx.AsyncClient(base_url=ledger, timeout=30) as c:
         for i in range(TTFT_SAMPLES):
             headers = {
-                "x-ku-principal": sign_principal(service, secret),
+                "x-ku-principal": outgoing_header(service, audience="ledger"),
                 "idempotency-key": secrets.token_hex(8),
             }
             started = time.perf_counter()
@@ -193,6 +199,7 @@ async def main() -> None:
         async with ScratchDatabase() as db:
             env = {
                 **os.environ,
+                **use_principal_keys(),
                 "KU_DATABASE_URL": db.url,
                 "KU_BUS_PREFIX": f"kubench{secrets.token_hex(3)}",
                 "KU_LOG_LEVEL": "WARNING",
@@ -241,7 +248,7 @@ async def main() -> None:
                     )
                 ).stdout.strip()
                 users = [str(10**20 + secrets.randbelow(9 * 10**20)) for _ in range(STREAMS)]
-                await fund(suite.urls["ledger"], suite.env["KU_INTERNAL_SECRET"], users)
+                await fund(suite.urls["ledger"], "", users)
                 gateway = suite.urls["gateway"]
 
                 def direct(i: int) -> bytes:
@@ -265,12 +272,14 @@ async def main() -> None:
                         gateway, "/v1/generation/chat/completions", body, {"x-api-key": key}
                     )
 
-                secret = suite.env["KU_INTERNAL_SECRET"]
+                secret = ""
                 generation = suite.urls["generation"]
 
                 def service(i: int) -> bytes:
                     # The generation service without the gateway: where the time goes.
-                    principal = Principal(kind="app", app="bench", scopes=frozenset({"generate"}))
+                    principal = Principal(
+                        kind="app", app="bench", scopes=frozenset({"generate", "users:any"})
+                    )
                     body = {
                         "model": "bench",
                         "stream": True,
@@ -282,7 +291,7 @@ async def main() -> None:
                         generation,
                         "/v1/generation/chat/completions",
                         body,
-                        {"x-ku-principal": sign_principal(principal, secret)},
+                        {"x-ku-principal": outgoing_header(principal, audience="generation")},
                     )
 
                 d1 = await ttft(fake_url, direct)

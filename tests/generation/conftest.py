@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -108,7 +109,33 @@ class Env:
         return done.stdout.strip()
 
     def new_key(self, app: str, scopes: str) -> str:
+        """A key from `ku keys create`; Penora's and ImageGene's are first-party."""
+        if app in ("penora", "imagegene") and "users:any" not in scopes:
+            scopes += ",users:any"
         return self.ku("keys", "create", "--app", app, "--scopes", scopes)
+
+    def link(self, user_id: str, app: str) -> None:
+        """Link a user to a partner app as an admin would (auth emits `user.linked`), and
+        wait until the ledger knows it."""
+        admin = principal_headers("app", audience="auth", app="ops", scopes=("admin",))
+        auth = self.suite.urls["auth"]
+        r = httpx.post(
+            f"{auth}/v1/users",
+            json={"user_id": user_id, "email": f"{user_id}@example.com"},
+            headers=admin,
+        )
+        assert r.status_code in (200, 201), r.text
+        r = httpx.post(f"{auth}/v1/users/{user_id}/apps", json={"app": app}, headers=admin)
+        assert r.status_code == 200, r.text
+        partner = principal_headers("app", audience="ledger", app=app, scopes=("ledger:read",))
+        for _ in range(100):
+            r = httpx.get(
+                f"{self.ledger}/v1/ledger/balance", params={"user_id": user_id}, headers=partner
+            )
+            if r.status_code == 200:
+                return
+            time.sleep(0.1)
+        raise AssertionError(f"{user_id} never linked to {app}: {r.text}")
 
     def user_token(self, user_id: str, scope: str = "generate ledger:read", **claims: Any) -> str:
         return self.signing.token(user_id, scope=scope, **claims)
@@ -116,7 +143,7 @@ class Env:
     def funded_user(self, amount: int | float = 10) -> str:
         """A new user with an account and `amount` Ku of credit (no welcome grant)."""
         user_id = new_user_id()
-        admin = principal_headers("app", app="ops", scopes=("admin",))
+        admin = operator()
         with httpx.Client(base_url=self.ledger, timeout=10) as ledger:
             r = ledger.post(
                 "/v1/ledger/accounts", json={"user_id": user_id, "welcome": False}, headers=admin
@@ -136,7 +163,7 @@ class Env:
         return httpx.request(method, url, timeout=30, **kwargs)
 
     def balance(self, user_id: str) -> dict[str, Any]:
-        admin = principal_headers("app", app="ops", scopes=("admin",))
+        admin = operator()
         r = httpx.get(
             f"{self.ledger}/v1/ledger/balance", params={"user_id": user_id}, headers=admin
         )
@@ -146,7 +173,7 @@ class Env:
 
     def journal(self, user_id: str) -> list[dict[str, Any]]:
         """The user's ledger transactions, oldest first."""
-        admin = principal_headers("app", app="ops", scopes=("admin",))
+        admin = operator()
         r = httpx.get(
             f"{self.ledger}/v1/ledger/transactions",
             params={"user_id": user_id, "limit": 200},
@@ -154,6 +181,13 @@ class Env:
         )
         assert r.status_code == 200, r.text
         return list(reversed(r.json()["items"]))
+
+
+def operator() -> dict[str, str]:
+    """Penora's first-party key with every ledger scope, at the ledger: what setting a
+    user up and reading their journal need (not an admin: admins must give reasons)."""
+    scopes = ("users:any", "users:write", "ledger:read", "ledger:write", "ledger:grant")
+    return principal_headers("app", audience="ledger", app="penora", scopes=scopes)
 
 
 @pytest.fixture(scope="session")

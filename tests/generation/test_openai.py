@@ -61,6 +61,8 @@ class TestOpenAIClient:
     async def test_streamed_completion_with_an_app_key(self, gen: Env, partner_key: str) -> None:
         # No max_tokens: up to 1000 words, held at ×1.5 = 15 Ku.
         user = gen.funded_user(20)
+        gen.link(user, "quillpad")  # a partner acts only for its linked users
+        start = milli((await settled(gen, user))["available"])  # (+ auth's welcome credits)
         client = openai.AsyncOpenAI(base_url=f"{gen.gateway}/v1/generation", api_key=partner_key)
         async with client:
             stream = await client.chat.completions.create(
@@ -76,7 +78,7 @@ class TestOpenAIClient:
         assert text.split() == [f"w{i}" for i in range(18)]
         # 18 words at ×1.5 = 270 milli-Ku, booked in the partner's lane.
         balance = await settled(gen, user)
-        assert milli(balance["available"]) == 20_000 - 270
+        assert milli(balance["available"]) == start - 270
         capture = next(t for t in gen.journal(user) if t["kind"] == "capture")
         assert milli(capture["amount"]) == 270 and capture["app"] == "quillpad"
 

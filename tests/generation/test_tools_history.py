@@ -97,7 +97,7 @@ class TestSave:
             "PUT",
             f"{gen.suite.urls['workspace']}/v1/workspace/quotas/{user}",
             json={"limit_bytes": 10},
-            headers=principal_headers("app", app="ops", scopes=("admin",)),
+            headers=principal_headers("app", audience="workspace", app="ops", scopes=("admin",)),
         )
         assert r.status_code == 200, r.text
         async with as_user(gen, user) as c:
