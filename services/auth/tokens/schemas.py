@@ -5,9 +5,10 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from services.auth.users.schemas import User
+from services.kit.schemas import TextGuard
 
-Jwt = Annotated[str, StringConstraints(min_length=1, max_length=8192)]
-OpaqueToken = Annotated[str, StringConstraints(min_length=1, max_length=512)]
+Jwt = Annotated[str, TextGuard, StringConstraints(min_length=1, max_length=8192)]
+OpaqueToken = Annotated[str, TextGuard, StringConstraints(min_length=1, max_length=512)]
 
 
 class SsoExchange(BaseModel):

@@ -12,7 +12,7 @@ from pydantic import (
     StringConstraints,
 )
 
-from services.kit.schemas import UserId
+from services.kit.schemas import TextGuard, UserId
 
 
 def _int_to_str(value: Any) -> Any:
@@ -25,9 +25,13 @@ def _int_to_str(value: Any) -> Any:
 
 NewUserId = Annotated[UserId, BeforeValidator(_int_to_str)]
 Email = Annotated[
-    str, StringConstraints(strip_whitespace=True, max_length=320, pattern=r"^[^@\s]+@[^@\s]+$")
+    str,
+    TextGuard,
+    StringConstraints(strip_whitespace=True, max_length=320, pattern=r"^[^@\s]+@[^@\s]+$"),
 ]
-Username = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+Username = Annotated[
+    str, TextGuard, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)
+]
 
 EXAMPLE_ID = "101902121794505144784"
 
