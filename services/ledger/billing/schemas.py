@@ -161,7 +161,10 @@ class Subscription(BaseModel):
 
 
 class WebhookAck(BaseModel):
-    status: Literal["processed", "duplicate"]
+    status: Literal["processed", "duplicate", "pending"] = Field(
+        description="`pending` (202): a refund whose payment is not known yet; retried by the"
+        " reconcile job and by a redelivery"
+    )
     event: str
     outcome: str | None
 
