@@ -304,22 +304,28 @@ class TestDatabaseRestart:
             warm = await gather_limited(16, calls() * 2)  # every pool holds connections
             assert all(r.status_code < 500 for r in warm), [r.text for r in warm]
 
-            killed = 0
-
-            async def terminate() -> None:
-                nonlocal killed
-                await asyncio.sleep(0.05)
+            async def terminate(delay: float = 0.0) -> int:
+                await asyncio.sleep(delay)
                 conn = await asyncpg.connect(plain_url(e2e.suite.env["KU_DATABASE_URL"]))
                 try:
-                    killed = await conn.fetchval(
+                    killed: int = await conn.fetchval(
                         "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
                         " WHERE datname = current_database() AND pid <> pg_backend_pid()"
                     )
+                    return killed
                 finally:
                     await conn.close()
 
-            during, _ = await asyncio.gather(gather_limited(16, calls() * 3), terminate())
-            assert killed >= 4  # the pools of three services, at least
+            # Idle pools: every pooled connection is dead; the first request on each must
+            # not notice (the pool replaces a closed connection at checkout).
+            assert await terminate() >= 4  # the pools of three services, at least
+            await asyncio.sleep(0.2)
+            first = await gather_limited(16, calls() * 2)
+            assert [(r.status_code, r.text) for r in first if r.status_code >= 300] == []
+
+            # Mid-load: what was in flight may fail, as JSON and retryable.
+            during, killed = await asyncio.gather(gather_limited(16, calls() * 3), terminate(0.05))
+            assert killed >= 4
             # In flight while it happened: JSON, and at worst a retryable 503.
             for r in during:
                 assert is_json(r), r.text
