@@ -62,7 +62,10 @@ def check_json(value: Any) -> Any:
     return value
 
 
-# Annotate any other `str` field with it: `Annotated[str, TextGuard, StringConstraints(...)]`.
+# Annotate any other `str` field with it: `Annotated[str, StringConstraints(...), TextGuard]`.
+# Last, after the constraints: it still runs first (a "before" validator wraps what precedes
+# it), and the constraints stay in pydantic-core. Placed before them, it makes pydantic
+# check the constraints in Python (measured: a debit's body validates 2x slower).
 TextGuard = BeforeValidator(check_text)
 JsonGuard = BeforeValidator(check_json)
 
@@ -72,15 +75,15 @@ JsonObject = Annotated[dict[str, Any], JsonGuard]
 
 # SSO ids are 21-digit numbers: user ids are always strings, never integers.
 UserId = Annotated[
-    str, TextGuard, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._@:-]+$")
+    str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._@:-]+$"), TextGuard
 ]
 AppName = Annotated[
     str,
-    TextGuard,
     StringConstraints(min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9_-]*$"),
+    TextGuard,
 ]
-Reference = Annotated[str, TextGuard, StringConstraints(min_length=1, max_length=200)]
-Description = Annotated[str, TextGuard, StringConstraints(max_length=500)]
+Reference = Annotated[str, StringConstraints(min_length=1, max_length=200), TextGuard]
+Description = Annotated[str, StringConstraints(max_length=500), TextGuard]
 
 
 def rename_milli(data: Any) -> Any:

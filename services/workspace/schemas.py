@@ -9,16 +9,16 @@ from services.kit.schemas import AppName, JsonObject, Text, TextGuard, UserId
 
 Title = Annotated[
     str,
-    TextGuard,
     StringConstraints(
         strip_whitespace=True, min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$"
     ),
+    TextGuard,
 ]
 ProjectType = Annotated[
-    str, TextGuard, StringConstraints(min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9_-]*$")
+    str, StringConstraints(min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9_-]*$"), TextGuard
 ]
 ContentEncoding = Literal["auto", "text", "base64"]
-ContentType = Annotated[str, TextGuard, StringConstraints(min_length=3, max_length=100)]
+ContentType = Annotated[str, StringConstraints(min_length=3, max_length=100), TextGuard]
 
 _ENCODING_HELP = (
     "`auto` (default, what old clients get): a `data:` URL or a base64 string of a PNG, JPEG, "

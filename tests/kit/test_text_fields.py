@@ -131,7 +131,7 @@ class TestEveryTextFieldIsGuarded:
             for route in _routes(app.router.routes):
                 for field, info in _request_fields(route, urls_checked):
                     counted += 1
-                    where = f"{name} {sorted(route.methods)} {route.path} {field}"
+                    where = f"{name} {sorted(route.methods or ())} {route.path} {field}"
                     missing += unguarded(info.annotation, list(info.metadata), where, set())
         assert counted > 30  # the walk found the routes
         assert missing == []

@@ -12,7 +12,7 @@ DEFAULT_OVERLAP_SECONDS = 3600
 
 Scope = Literal[SCOPES]  # type: ignore[valid-type]
 KeyName = Annotated[
-    str, TextGuard, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)
+    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200), TextGuard
 ]
 
 
@@ -24,7 +24,7 @@ class AppCreate(BaseModel):
         },
     )
     name: AppName
-    description: Annotated[str, TextGuard, StringConstraints(max_length=500)] | None = None
+    description: Annotated[str, StringConstraints(max_length=500), TextGuard] | None = None
 
 
 class App(BaseModel):
@@ -93,7 +93,7 @@ class KeyRotated(KeyCreated):
 
 class KeyVerify(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    key: Annotated[str, TextGuard, StringConstraints(max_length=512)]
+    key: Annotated[str, StringConstraints(max_length=512), TextGuard]
 
 
 class KeyVerified(BaseModel):

@@ -26,11 +26,11 @@ def _int_to_str(value: Any) -> Any:
 NewUserId = Annotated[UserId, BeforeValidator(_int_to_str)]
 Email = Annotated[
     str,
-    TextGuard,
     StringConstraints(strip_whitespace=True, max_length=320, pattern=r"^[^@\s]+@[^@\s]+$"),
+    TextGuard,
 ]
 Username = Annotated[
-    str, TextGuard, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)
+    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200), TextGuard
 ]
 
 EXAMPLE_ID = "101902121794505144784"

@@ -12,10 +12,10 @@ from services.kit.money import Ku, PositiveKu
 from services.kit.schemas import TextGuard, UserId
 
 ItemId = Annotated[
-    str, TextGuard, StringConstraints(min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9_-]*$")
+    str, StringConstraints(min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9_-]*$"), TextGuard
 ]
 RazorpayId = Annotated[
-    str, TextGuard, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_]+$")
+    str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_]+$"), TextGuard
 ]
 Minor = Annotated[int, Field(gt=0, lt=10**12, description="Minor units (cents)")]
 USER = "101902121794505144784"
@@ -55,10 +55,10 @@ class CatalogItemPut(_In):
         },
     )
     kind: Literal["topup", "plan"]
-    name: Annotated[str, TextGuard, StringConstraints(min_length=1, max_length=100)]
+    name: Annotated[str, StringConstraints(min_length=1, max_length=100), TextGuard]
     credits: PositiveKu
     price: Minor
-    currency: Annotated[str, TextGuard, StringConstraints(pattern=r"^[A-Z]{3}$")] = "USD"
+    currency: Annotated[str, StringConstraints(pattern=r"^[A-Z]{3}$"), TextGuard] = "USD"
     period: Literal["month", "year"] | None = None
     active: bool = True
 
@@ -105,7 +105,7 @@ class VerifyIn(_In):
     )
     razorpay_order_id: RazorpayId
     razorpay_payment_id: RazorpayId
-    razorpay_signature: Annotated[str, TextGuard, StringConstraints(min_length=1, max_length=256)]
+    razorpay_signature: Annotated[str, StringConstraints(min_length=1, max_length=256), TextGuard]
 
 
 class Payment(BaseModel):
