@@ -4,8 +4,10 @@
   a NUL (or an unpaired surrogate) in `description` or `reference`: every clean one is
   a 201, every poisoned one a 422 JSON naming the field; none fails its neighbours.
 - The same for workspace saves and auth user creation, and for the compat API.
-- Every backend of the test database terminated mid-load (a failover): afterwards no
-  5xx from the workspace, auth and the ledger's reads, and never a plain-text body.
+- Every backend of the test database terminated (a failover), with the pools idle and
+  then mid-load: afterwards no 5xx from the workspace, auth, the ledger's reads and its
+  debits (each write under an Idempotency-Key); while it happens, at worst a JSON 503
+  with Retry-After; never a plain-text body.
 """
 
 from __future__ import annotations
@@ -291,6 +293,12 @@ class TestDatabaseRestart:
                         lambda u=user: client.get(
                             urls["workspace"] + "/v1/workspace/storage",
                             params={"user_id": u}, headers=admin(),
+                        ),
+                        lambda u=user: post(
+                            client, urls["ledger"] + "/v1/ledger/debits",
+                            {"user_id": u, "amount": 1, "app": "penora"},
+                            {**penora("ledger:read", "ledger:write"),
+                             "Idempotency-Key": uuid.uuid4().hex},
                         ),
                         lambda u=user: post(
                             client, urls["workspace"] + "/v1/workspace/projects",
