@@ -11,6 +11,10 @@ however often: every path funnels into `Billing.settle_*`, which
      same grant replayed (same key, same parameters, all derived from stored rows)
      and records it. Refunds work the same way with a `clawback` keyed
      `refund:<refund id>`.
+A refund webhook can overtake its payment (a subscription's `refund.processed` before
+`subscription.charged`): its event is kept as `pending_payment` (answered 202), never
+marked done; a redelivery processes it again, and the reconcile job asks Razorpay for
+the payment and applies the refund once the payment is ours.
 """
 
 from __future__ import annotations
