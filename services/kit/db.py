@@ -89,6 +89,9 @@ _GONE = (
     asyncpg.exceptions.OperatorInterventionError,  # 57P0x: terminated, shutting down
     asyncpg.exceptions.CannotConnectNowError,
     asyncpg.exceptions.TooManyConnectionsError,
+    # What asyncpg raises when a connection broke mid-operation and is used again
+    # ("cannot switch to state ...; another operation is in progress").
+    asyncpg.InternalClientError,
     ConnectionError,
     exc.DisconnectionError,
 )

@@ -260,6 +260,15 @@ class TestPoisonedText:
             assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_text", r.text
 
 
+def errors_logged(e2e: E2E) -> list[str]:
+    return [
+        line
+        for name in ("auth", "ledger", "workspace")
+        for line in e2e.suite.logs(name)
+        if "ku.errors" in line or "Traceback" in line
+    ]
+
+
 class TestDatabaseRestart:
     async def test_no_5xx_after_every_backend_is_terminated(self, e2e: E2E) -> None:
         urls = e2e.suite.urls
@@ -339,7 +348,7 @@ class TestDatabaseRestart:
                 assert is_json(r), r.text
                 assert r.status_code < 500 or (
                     r.status_code == 503 and r.headers.get("retry-after")
-                ), r.text
+                ), (r.text, errors_logged(e2e))
             after = await gather_limited(16, calls() * 3)
             bad = [
                 (str(r.request.url), r.status_code, r.text) for r in after if r.status_code >= 500
