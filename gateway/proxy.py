@@ -25,6 +25,7 @@ from services.kit.errors import (
     KuError,
     NotFound,
     PayloadTooLarge,
+    ServiceUnavailable,
     UpstreamError,
     UpstreamTimeout,
 )
@@ -227,6 +228,25 @@ class ProxyMiddleware:
                 ]
                 out += extra_headers
                 length = resp.content_length
+                if resp.status >= 500 and not _is_json(resp):
+                    # A service's bare 5xx (a crash before its own handlers, a proxy in
+                    # between): the client still gets JSON, with a code.
+                    text = await resp.content.read(512)
+                    log.warning("upstream %s answered %s: %r", service, resp.status, text[:200])
+                    started = True
+                    error: KuError = (
+                        ServiceUnavailable(
+                            f"The {service} service is unavailable",
+                            code="upstream_unavailable",
+                            service=service,
+                        )
+                        if resp.status == 503
+                        else UpstreamError(
+                            f"The {service} service failed", service=service, status=resp.status
+                        )
+                    )
+                    await send_error(send, error, extra_headers)
+                    return
                 streaming = length is None or length > SMALL_RESPONSE
                 if not streaming:
                     payload = await resp.read()
@@ -259,6 +279,11 @@ class ProxyMiddleware:
             await send_error(
                 send, UpstreamError(f"The {service} service is unreachable", service=service)
             )
+
+
+def _is_json(resp: aiohttp.ClientResponse) -> bool:
+    kind = resp.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    return kind == "application/json" or kind.endswith("+json")
 
 
 async def _pump(resp: aiohttp.ClientResponse, send: Send, receive: Receive) -> None:

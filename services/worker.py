@@ -11,7 +11,8 @@ Registry. For each service in SERVICE_ORDER the worker imports `services/<name>/
     worker_startup(ctx) / worker_shutdown(ctx)   optional async hooks for their own resources
 
 A service whose tasks module has no `CRON_JOBS` gets the jobs listed for it in
-`BUILTIN_CRON_JOBS` below (the ledger's live here so its package stays free of arq).
+`BUILTIN_CRON_JOBS` below (the ledger's, billing's reconcile included, live here so
+its package stays free of arq).
 
 Every job gets `ctx` with `settings` (KuSettings), `pool` (asyncpg), `sessionmaker`
 (SQLAlchemy, use with `services.kit.db.unit_of_work`) and `redis` (arq's). Jobs must be
@@ -21,7 +22,8 @@ Names are namespaced by KU_BUS_PREFIX (queue and cron job ids), so suites sharin
 Redis never take or dedupe each other's jobs. `KU_WORKER_SERVICES=ledger,workspace`
 limits a worker to some services' jobs (dedicated workers, partial suites).
 
-Health: GET /health (job stats) and GET /ready (database and Redis) on
+Health: GET /health (the schedule: every cron job and when it runs, every function;
+and each job's run stats) and GET /ready (database and Redis) on
 KU_WORKER_HOST:KU_WORKER_PORT (127.0.0.1:8009); one log line per job run.
 """
 
@@ -42,7 +44,7 @@ from arq import cron
 from arq.connections import RedisSettings
 from arq.cron import CronJob
 from arq.worker import Function, func, run_worker
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from services.kit.config import KuSettings
 from services.kit.db import create_engine, plain_url, sessionmaker_for
@@ -64,6 +66,16 @@ class WorkerConfig(KuSettings):
     worker_db_pool_size: int = 4
     # How often the expiry sweeps run (a divisor of 60).
     worker_sweep_seconds: Annotated[int, Field(ge=1, le=60)] = 10
+    # How often billing reconciles with Razorpay (grants payments no webhook reported,
+    # applies refunds, retries refund events that arrived before their payment).
+    # A divisor of 60, or of 3600 in whole minutes, or of a day in whole hours.
+    billing_reconcile_seconds: Annotated[int, Field(ge=1, le=86_400)] = 600
+
+    @field_validator("billing_reconcile_seconds")
+    @classmethod
+    def _fits_a_clock(cls, value: int) -> int:
+        every(value)
+        return value
 
 
 def queue_name(bus_prefix: str) -> str:
@@ -86,19 +98,48 @@ async def ledger_expire_grants(ctx: Ctx) -> int:
     return await expire_grants(ctx["pool"])
 
 
-def ledger_cron_jobs(every_seconds: int = 10) -> list[CronJob]:
-    seconds = set(range(0, 60, every_seconds))
+async def billing_reconcile(ctx: Ctx) -> dict[str, Any]:
+    from services.ledger.billing.tasks import reconcile
+    from services.ledger.config import get_settings
+
+    settings = get_settings()
+    if not settings.razorpay_key_id or not settings.razorpay_key_secret:
+        return {"skipped": "Razorpay is not configured (KU_RAZORPAY_KEY_ID / _SECRET)"}
+    return await reconcile(settings=settings)
+
+
+def every(seconds: int) -> dict[str, Any]:
+    """arq `cron()` fields for "every `seconds`" on the wall clock (arq has no intervals).
+    `seconds` must divide a minute, an hour (in whole minutes) or a day (in whole hours)."""
+    if 60 % seconds == 0:
+        return {"second": set(range(0, 60, seconds))}
+    if seconds % 60 == 0 and 3600 % seconds == 0:
+        return {"minute": set(range(0, 60, seconds // 60)), "second": 0}
+    if seconds % 3600 == 0 and 86_400 % seconds == 0:
+        return {"hour": set(range(0, 24, seconds // 3600)), "minute": 0, "second": 0}
+    raise ValueError(
+        f"{seconds} s is not a divisor of a minute, an hour (whole minutes) or a day (whole hours)"
+    )
+
+
+def ledger_cron_jobs(every_seconds: int = 10, reconcile_seconds: int = 600) -> list[CronJob]:
+    sweep: dict[str, Any] = {"second": set(range(0, 60, every_seconds))}
     return [
-        cron(ledger_expire_holds, name="ledger.expire_holds", second=seconds,
+        cron(ledger_expire_holds, name="ledger.expire_holds", **sweep,
              run_at_startup=True, timeout=60),
-        cron(ledger_expire_grants, name="ledger.expire_grants", second=seconds,
+        cron(ledger_expire_grants, name="ledger.expire_grants", **sweep,
              run_at_startup=True, timeout=60),
+        # Not at startup: a restarting fleet would all call Razorpay at once.
+        cron(billing_reconcile, name="billing.reconcile", **every(reconcile_seconds),
+             timeout=max(60, min(reconcile_seconds, 900))),
     ]  # fmt: skip
 
 
 # Jobs of services whose tasks module defines no CRON_JOBS: name -> (config -> jobs).
 BUILTIN_CRON_JOBS: dict[str, Callable[[WorkerConfig], list[CronJob]]] = {
-    "ledger": lambda config: ledger_cron_jobs(config.worker_sweep_seconds),
+    "ledger": lambda config: ledger_cron_jobs(
+        config.worker_sweep_seconds, config.billing_reconcile_seconds
+    ),
 }
 
 
@@ -181,7 +222,7 @@ def _logged(name: str, coroutine: Callable[..., Awaitable[Any]]) -> Any:
         finally:
             stats.last_finished_at = time.time()
         stats.last_ok = True
-        stats.last_result = result if isinstance(result, int | float | str | None) else None
+        stats.last_result = result if isinstance(result, int | float | str | dict | None) else None
         stats.last_error = None
         log.info(
             "job %s done: %s", name, result,
@@ -201,6 +242,17 @@ def _namespaced(job: CronJob, prefix: str) -> CronJob:
     )
 
 
+def _when(job: CronJob) -> dict[str, Any]:
+    """A cron job as /health lists it: its name and the clock fields it runs at."""
+    out: dict[str, Any] = {"name": job.name.removeprefix("cron:")}
+    for field in ("month", "day", "weekday", "hour", "minute", "second"):
+        value = getattr(job, field)
+        if value is not None:
+            out[field] = sorted(value) if isinstance(value, set) else value
+    out["run_at_startup"] = job.run_at_startup
+    return out
+
+
 # -- health endpoint ----------------------------------------------------------------------
 
 
@@ -210,6 +262,7 @@ async def _health_response(ctx: Ctx, path: str) -> tuple[int, dict[str, Any]]:
             "status": "ok",
             "service": "worker",
             "queue": ctx["queue_name"],
+            "schedule": ctx["schedule"],
             "jobs": {name: dataclasses.asdict(s) for name, s in sorted(STATS.items())},
         }
     if path == "/ready":
@@ -281,10 +334,15 @@ def build_settings(config: WorkerConfig | None = None) -> dict[str, Any]:
     if not cron_jobs and not functions:
         raise RuntimeError(f"no jobs to run for services {services or list(SERVICE_ORDER)}")
     queue = queue_name(config.bus_prefix)
+    schedule = {
+        "cron": [_when(job) for job in registry.cron_jobs],
+        "functions": sorted(f.name for f in registry.functions),
+    }
 
     async def on_startup(ctx: Ctx) -> None:
         ctx["settings"] = config
         ctx["queue_name"] = queue
+        ctx["schedule"] = schedule
         ctx["pool"] = await asyncpg.create_pool(
             plain_url(config.database_url), min_size=1, max_size=config.worker_db_pool_size
         )

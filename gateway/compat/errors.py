@@ -14,6 +14,7 @@ from starlette.responses import JSONResponse
 from gateway.auth import INVALID_KEY
 from services.kit.errors import KuError, Unprocessable
 from services.kit.money import ku_to_milli, milli_to_ku
+from services.kit.schemas import INVALID_TEXT, INVALID_TEXT_MESSAGE
 
 
 def _credits(value: Any) -> str:
@@ -63,4 +64,6 @@ def from_validation(exc: RequestValidationError) -> KuError:
     fields = [
         {"loc": [str(p) for p in e.get("loc", ())], "msg": str(e.get("msg", ""))} for e in errors
     ]
+    if all(e.get("type") == INVALID_TEXT for e in errors):
+        return Unprocessable(INVALID_TEXT_MESSAGE, code=INVALID_TEXT, errors=fields)
     return Unprocessable("Invalid input", errors=fields)

@@ -19,7 +19,7 @@ from gateway.access import authenticated
 from gateway.upstream import SignedPrincipal, Upstreams, error_from_upstream
 from services.kit.errors import KuError
 from services.kit.money import PositiveKu, milli_to_ku
-from services.kit.schemas import Description, Reference, UserId
+from services.kit.schemas import Description, Reference, Text, UserId
 
 MB = 1024 * 1024
 INITIAL_REASON = "initial credits (create-user)"
@@ -53,7 +53,7 @@ class DeductCredits(BaseModel):
     )
     user_id: CompatUserId
     amount: PositiveKu
-    app_name: str | None = Field(None, description="Defaults to the calling app")
+    app_name: Text | None = Field(None, description="Defaults to the calling app")
     description: Description | None = None
     project_code: Reference | None = Field(
         None, description="Retrying with the same project code never charges twice"
@@ -74,8 +74,8 @@ class CreateUser(BaseModel):
         },
     )
     user_id: CompatUserId
-    username: str | None = Field(None, max_length=200)
-    email: str | None = Field(None, max_length=320)
+    username: Text | None = Field(None, max_length=200)
+    email: Text | None = Field(None, max_length=320)
     initial_credits: PositiveKu | None = Field(
         None, description="Ignored unless the key has the admin scope"
     )

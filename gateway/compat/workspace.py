@@ -18,6 +18,7 @@ from starlette.responses import JSONResponse
 from gateway.compat.unified import Caller, CompatUserId
 from gateway.upstream import SignedPrincipal, Upstreams
 from services.kit.errors import KuError, NotFound
+from services.kit.schemas import JsonObject, Text
 
 MB = 1024 * 1024
 APPS = ("penora", "imagegene")
@@ -43,11 +44,11 @@ class SaveProject(BaseModel):
         },
     )
     user_id: CompatUserId
-    app_source: str | None = Field(None, description="Defaults to the calling app")
-    project_type: str | None = None
-    title: str | None = Field(None, description="Defaults to `Untitled <type>`")
-    content: str
-    metadata: dict[str, Any] | None = None
+    app_source: Text | None = Field(None, description="Defaults to the calling app")
+    project_type: Text | None = None
+    title: Text | None = Field(None, description="Defaults to `Untitled <type>`")
+    content: Text
+    metadata: JsonObject | None = None
 
 
 def _upstreams(request: Request) -> Upstreams:
@@ -225,7 +226,7 @@ def register(router: APIRouter) -> None:
         request: Request,
         identity: Caller,
         user_id: Annotated[CompatUserId, Query()],
-        app: Annotated[str | None, Query(max_length=64)] = None,
+        app: Annotated[Text | None, Query(max_length=64)] = None,
     ) -> dict[str, Any]:
         """A user's projects from every app (or one, with `app`), newest first, with storage."""
         return await _project_list(request, identity, user_id, app.strip().lower() if app else None)
@@ -253,7 +254,7 @@ def register(router: APIRouter) -> None:
         request: Request,
         identity: Caller,
         user_id: Annotated[CompatUserId, Query()],
-        app: Annotated[str | None, Query(max_length=64)] = None,
+        app: Annotated[Text | None, Query(max_length=64)] = None,
     ) -> dict[str, Any]:
         """A user's projects for a dropdown in another app (older Penora route)."""
         app_name = app.strip().lower() if app else None
@@ -270,7 +271,7 @@ def register(router: APIRouter) -> None:
     async def project(
         request: Request,
         identity: Caller,
-        code: str,
+        code: Text,
         user_id: Annotated[CompatUserId | None, Query()] = None,
     ) -> dict[str, Any]:
         """One project with its content (text, or base64 for images) by its code."""

@@ -63,6 +63,10 @@ def create_service_app(
         app.state.outbox_relay = relay
         try:
             async with _run_hooks(app, hooks):
+                # Built now, not on the first GET /openapi.json: it takes about a second
+                # (every request model's schema), longer than the gateway waits for it
+                # when it merges the services' documents on a busy machine.
+                app.openapi()
                 # Everything built at startup lives as long as the process: move it out
                 # of the collector's reach so full collections stay short (p99 latency).
                 gc.collect()

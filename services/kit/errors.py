@@ -14,6 +14,8 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 
+from services.kit.schemas import INVALID_TEXT, INVALID_TEXT_MESSAGE
+
 
 class KuError(Exception):
     status_code = 400
@@ -144,7 +146,11 @@ def _validation_response(exc: RequestValidationError) -> JSONResponse:
         }
         for e in errors
     ]
-    err = Unprocessable("Invalid input", errors=fields)
+    if all(f["type"] == INVALID_TEXT for f in fields):
+        # Only NUL / unpaired surrogates: say so in the code, as the old checks did.
+        err = Unprocessable(INVALID_TEXT_MESSAGE, code=INVALID_TEXT, errors=fields)
+    else:
+        err = Unprocessable("Invalid input", errors=fields)
     return JSONResponse(err.body(), status_code=422)
 
 

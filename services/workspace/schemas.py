@@ -5,19 +5,20 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from services.kit.schemas import AppName, UserId
+from services.kit.schemas import AppName, JsonObject, Text, TextGuard, UserId
 
 Title = Annotated[
     str,
     StringConstraints(
         strip_whitespace=True, min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$"
     ),
+    TextGuard,
 ]
 ProjectType = Annotated[
-    str, StringConstraints(min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9_-]*$")
+    str, StringConstraints(min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9_-]*$"), TextGuard
 ]
 ContentEncoding = Literal["auto", "text", "base64"]
-ContentType = Annotated[str, StringConstraints(min_length=3, max_length=100)]
+ContentType = Annotated[str, StringConstraints(min_length=3, max_length=100), TextGuard]
 
 _ENCODING_HELP = (
     "`auto` (default, what old clients get): a `data:` URL or a base64 string of a PNG, JPEG, "
@@ -63,13 +64,13 @@ class ProjectCreate(_In):
         None, description="Free-form kind (story, ai_artwork...); defaults to `text` or `image`"
     )
     title: Title
-    content: str = Field(description="Text, base64 image data, or a `data:` URL")
+    content: Text = Field(description="Text, base64 image data, or a `data:` URL")
     content_encoding: ContentEncoding = Field("auto", description=_ENCODING_HELP)
     content_type: ContentType | None = Field(
         None,
         description="Optional claim (e.g. `text/markdown`); checked against the detected type",
     )
-    metadata: dict[str, Any] = Field(default_factory=dict, description="JSON object, at most 16 KB")
+    metadata: JsonObject = Field(default_factory=dict, description="JSON object, at most 16 KB")
 
 
 class ProjectUpdate(_In):
@@ -80,10 +81,10 @@ class ProjectUpdate(_In):
         },
     )
     title: Title | None = None
-    content: str | None = None
+    content: Text | None = None
     content_encoding: ContentEncoding = Field("auto", description=_ENCODING_HELP)
     content_type: ContentType | None = None
-    metadata: dict[str, Any] | None = Field(None, description="Replaces the metadata object")
+    metadata: JsonObject | None = Field(None, description="Replaces the metadata object")
 
 
 class ProjectSummary(BaseModel):

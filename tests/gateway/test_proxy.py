@@ -29,6 +29,17 @@ async def upstream(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if not message.get("more_body"):
             break
     path = scope["path"]
+    for suffix, status in (("/crash", 500), ("/down", 503)):
+        if path.endswith(suffix):  # what uvicorn or a proxy in between answers: plain text
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": status,
+                    "headers": [(b"content-type", b"text/plain; charset=utf-8")],
+                }
+            )
+            await send({"type": "http.response.body", "body": b"Internal Server Error"})
+            return
     if path.endswith("/slow"):
         await asyncio.sleep(3)
     if path.endswith("/stream"):
@@ -156,6 +167,18 @@ class TestForwarding:
         assert r.json()["error"]["code"] == "upstream_timeout"
         r = await proxied.get("/v1/nothing/here", headers=headers)
         assert r.status_code == 404
+
+    async def test_a_bare_upstream_5xx_becomes_json(
+        self, proxied: httpx.AsyncClient, generate_key: str
+    ):
+        headers = {"X-API-Key": generate_key}
+        r = await proxied.get("/v1/generation/crash", headers=headers)
+        assert r.status_code == 502 and r.headers["content-type"] == "application/json"
+        error = r.json()["error"]
+        assert error["code"] == "upstream_error" and error["detail"]["status"] == 500
+        assert "x-request-id" in r.headers
+        r = await proxied.get("/v1/generation/down", headers=headers)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "upstream_unavailable"
 
     async def test_unreachable_service_is_502(self, gw: httpx.AsyncClient, stack: Stack):
         from tests.gateway.helpers import create_key

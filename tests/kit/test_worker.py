@@ -44,15 +44,48 @@ def config(**values: Any) -> WorkerConfig:
     )  # fmt: skip
 
 
+def by_name(jobs: list[Any]) -> dict[str, Any]:
+    return {j.name: j for j in jobs}
+
+
 class TestRegistry:
     def test_the_ledger_sweeps_run_every_10_seconds_by_default(self) -> None:
-        jobs = collect(config(), ["ledger"]).cron_jobs
-        assert sorted(j.name for j in jobs) == ["ledger.expire_grants", "ledger.expire_holds"]
-        assert all(j.second == {0, 10, 20, 30, 40, 50} and j.run_at_startup for j in jobs)
+        jobs = by_name(collect(config(), ["ledger"]).cron_jobs)
+        assert sorted(jobs) == ["billing.reconcile", "ledger.expire_grants", "ledger.expire_holds"]
+        sweeps = [jobs["ledger.expire_grants"], jobs["ledger.expire_holds"]]
+        assert all(j.second == {0, 10, 20, 30, 40, 50} and j.run_at_startup for j in sweeps)
 
     def test_sweep_interval_is_configurable(self) -> None:
-        jobs = collect(config(worker_sweep_seconds=2), ["ledger"]).cron_jobs
-        assert all(j.second == set(range(0, 60, 2)) for j in jobs)
+        jobs = by_name(collect(config(worker_sweep_seconds=2), ["ledger"]).cron_jobs)
+        for name in ("ledger.expire_grants", "ledger.expire_holds"):
+            assert jobs[name].second == set(range(0, 60, 2))
+
+    def test_billing_reconciles_every_10_minutes_by_default(self) -> None:
+        job = by_name(collect(config(), ["ledger"]).cron_jobs)["billing.reconcile"]
+        assert job.minute == {0, 10, 20, 30, 40, 50} and job.second == 0
+        assert job.coroutine is worker.billing_reconcile and not job.run_at_startup
+
+    @pytest.mark.parametrize(
+        ("seconds", "fields"),
+        [
+            (2, {"second": set(range(0, 60, 2))}),
+            (60, {"second": {0}}),
+            (900, {"minute": {0, 15, 30, 45}, "second": 0}),
+            (7200, {"hour": set(range(0, 24, 2)), "minute": 0, "second": 0}),
+        ],
+    )
+    def test_reconcile_interval_is_configurable(self, seconds: int, fields: dict) -> None:
+        assert worker.every(seconds) == fields
+        job = by_name(collect(config(billing_reconcile_seconds=seconds), ["ledger"]).cron_jobs)[
+            "billing.reconcile"
+        ]
+        for name, value in fields.items():
+            assert getattr(job, name) == value
+
+    @pytest.mark.parametrize("seconds", [7, 45, 90, 5000, 0])
+    def test_an_interval_the_clock_cannot_keep_is_refused(self, seconds: int) -> None:
+        with pytest.raises(ValueError):
+            config(billing_reconcile_seconds=seconds)
 
     def test_a_service_registers_through_its_tasks_module(self, fake_service: str) -> None:
         registry = collect(config(), [fake_service])
@@ -71,6 +104,7 @@ class TestSettings:
         assert settings["queue_name"] == queue_name("kuunit") == "kuunit:arq:queue"
         names = sorted(j.name for j in settings["cron_jobs"])
         assert names == [
+            "cron:kuunit:billing.reconcile",
             "cron:kuunit:ledger.expire_grants",
             "cron:kuunit:ledger.expire_holds",
             "cron:kuunit:zzfake.noop",

@@ -6,12 +6,14 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from services.kit.principal import SCOPES
-from services.kit.schemas import AppName
+from services.kit.schemas import AppName, TextGuard
 
 DEFAULT_OVERLAP_SECONDS = 3600
 
 Scope = Literal[SCOPES]  # type: ignore[valid-type]
-KeyName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+KeyName = Annotated[
+    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200), TextGuard
+]
 
 
 class AppCreate(BaseModel):
@@ -22,7 +24,7 @@ class AppCreate(BaseModel):
         },
     )
     name: AppName
-    description: Annotated[str, StringConstraints(max_length=500)] | None = None
+    description: Annotated[str, StringConstraints(max_length=500), TextGuard] | None = None
 
 
 class App(BaseModel):
@@ -91,7 +93,7 @@ class KeyRotated(KeyCreated):
 
 class KeyVerify(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    key: Annotated[str, StringConstraints(max_length=512)]
+    key: Annotated[str, StringConstraints(max_length=512), TextGuard]
 
 
 class KeyVerified(BaseModel):

@@ -5,10 +5,10 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from services.auth.users.schemas import User
-from services.kit.schemas import AppName
+from services.kit.schemas import AppName, TextGuard
 
-Jwt = Annotated[str, StringConstraints(min_length=1, max_length=8192)]
-OpaqueToken = Annotated[str, StringConstraints(min_length=1, max_length=512)]
+Jwt = Annotated[str, StringConstraints(min_length=1, max_length=8192), TextGuard]
+OpaqueToken = Annotated[str, StringConstraints(min_length=1, max_length=512), TextGuard]
 
 
 class SsoExchange(BaseModel):

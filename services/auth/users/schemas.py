@@ -13,7 +13,7 @@ from pydantic import (
 )
 
 from services.kit.money import PositiveKu
-from services.kit.schemas import AppName, UserId
+from services.kit.schemas import AppName, TextGuard, UserId
 
 
 def _int_to_str(value: Any) -> Any:
@@ -26,10 +26,14 @@ def _int_to_str(value: Any) -> Any:
 
 NewUserId = Annotated[UserId, BeforeValidator(_int_to_str)]
 Email = Annotated[
-    str, StringConstraints(strip_whitespace=True, max_length=320, pattern=r"^[^@\s]+@[^@\s]+$")
+    str,
+    StringConstraints(strip_whitespace=True, max_length=320, pattern=r"^[^@\s]+@[^@\s]+$"),
+    TextGuard,
 ]
-Reason = Annotated[str, StringConstraints(min_length=1, max_length=500)]
-Username = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+Username = Annotated[
+    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200), TextGuard
+]
+Reason = Annotated[str, StringConstraints(min_length=1, max_length=500), TextGuard]
 
 EXAMPLE_ID = "101902121794505144784"
 

@@ -175,17 +175,24 @@ async def create_subscription(
 @router.post(
     "/webhooks/razorpay",
     response_model=WebhookAck,
-    responses={400: {"description": "Bad signature or not a Razorpay event"}},
+    responses={
+        202: {"description": "A refund whose payment is not known yet: kept and retried"},
+        400: {"description": "Bad signature or not a Razorpay event"},
+    },
 )
 async def razorpay_webhook(
     request: Request,
     billing: BillingDep,
+    response: Response,
     x_razorpay_signature: Annotated[str | None, Header()] = None,
     x_razorpay_event_id: Annotated[str | None, Header()] = None,
 ) -> dict[str, Any]:
     """Razorpay's webhook (public: authenticated by its signature over the raw body)."""
     raw = await request.body()
-    return await billing.handle_webhook(raw, x_razorpay_signature, x_razorpay_event_id)
+    ack = await billing.handle_webhook(raw, x_razorpay_signature, x_razorpay_event_id)
+    if ack["status"] == "pending":
+        response.status_code = 202
+    return ack
 
 
 @router.get("/payments", response_model=PaymentPage, responses=ERRORS)

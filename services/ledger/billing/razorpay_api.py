@@ -36,7 +36,10 @@ def signature_ok(secret: str, message: bytes, signature: str | None) -> bool:
     """HMAC-SHA256(message, secret) in hex equals `signature` (constant time)."""
     if not secret or not signature:
         return False
-    return hmac.compare_digest(hmac_hex(secret, message), signature.strip())
+    # Bytes, not str: compare_digest raises TypeError on a non-ASCII str, and a header
+    # arrives as whatever latin-1 text the sender chose. Non-ASCII never matches hex.
+    given = signature.strip().encode("utf-8", "surrogatepass")
+    return hmac.compare_digest(hmac_hex(secret, message).encode(), given)
 
 
 class RazorpayAPI:

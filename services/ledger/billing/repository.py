@@ -285,13 +285,41 @@ class BillingRepository:
 
     # Webhook events and alerts
 
-    async def claim_event(self, event_id: str, event: str) -> bool:
-        """Record a delivery; False when this event id was handled before."""
+    async def claim_event(self, event_id: str, event: str, *, retry: frozenset[str]) -> bool:
+        """Record a delivery; False when this event id was handled before, unless its
+        outcome is one of `retry` (then it is locked for this attempt)."""
         row = await self._run(
             "INSERT INTO ledger.billing_webhook_events (event_id, event) VALUES (:i, :e)"
             " ON CONFLICT (event_id) DO NOTHING RETURNING event_id",
             i=event_id,
             e=event,
+        )
+        if row.first() is not None:
+            return True
+        outcome = await self._run(
+            "SELECT outcome FROM ledger.billing_webhook_events WHERE event_id = :i FOR UPDATE",
+            i=event_id,
+        )
+        return outcome.scalar_one_or_none() in retry
+
+    async def pending_events(self, outcome: str, *, limit: int) -> list[dict[str, Any]]:
+        """Deliveries left waiting with `outcome`, oldest first."""
+        rows = await self._run(
+            "SELECT event_id, event, razorpay_payment_id FROM ledger.billing_webhook_events"
+            " WHERE outcome = :o ORDER BY received_at LIMIT :l",
+            o=outcome,
+            l=limit,
+        )
+        return [dict(r._mapping) for r in rows]
+
+    async def lock_event(self, event_id: str, outcome: str) -> bool:
+        """Lock a delivery still waiting with `outcome`; False if it moved on or another
+        transaction holds it."""
+        row = await self._run(
+            "SELECT 1 FROM ledger.billing_webhook_events WHERE event_id = :i AND outcome = :o"
+            " FOR UPDATE SKIP LOCKED",
+            i=event_id,
+            o=outcome,
         )
         return row.first() is not None
 

@@ -9,13 +9,13 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from services.kit.money import Ku, PositiveKu
-from services.kit.schemas import UserId
+from services.kit.schemas import TextGuard, UserId
 
 ItemId = Annotated[
-    str, StringConstraints(min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9_-]*$")
+    str, StringConstraints(min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9_-]*$"), TextGuard
 ]
 RazorpayId = Annotated[
-    str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_]+$")
+    str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_]+$"), TextGuard
 ]
 Minor = Annotated[int, Field(gt=0, lt=10**12, description="Minor units (cents)")]
 USER = "101902121794505144784"
@@ -55,10 +55,10 @@ class CatalogItemPut(_In):
         },
     )
     kind: Literal["topup", "plan"]
-    name: Annotated[str, StringConstraints(min_length=1, max_length=100)]
+    name: Annotated[str, StringConstraints(min_length=1, max_length=100), TextGuard]
     credits: PositiveKu
     price: Minor
-    currency: Annotated[str, StringConstraints(pattern=r"^[A-Z]{3}$")] = "USD"
+    currency: Annotated[str, StringConstraints(pattern=r"^[A-Z]{3}$"), TextGuard] = "USD"
     period: Literal["month", "year"] | None = None
     active: bool = True
 
@@ -105,7 +105,7 @@ class VerifyIn(_In):
     )
     razorpay_order_id: RazorpayId
     razorpay_payment_id: RazorpayId
-    razorpay_signature: Annotated[str, StringConstraints(min_length=1, max_length=256)]
+    razorpay_signature: Annotated[str, StringConstraints(min_length=1, max_length=256), TextGuard]
 
 
 class Payment(BaseModel):
@@ -161,7 +161,10 @@ class Subscription(BaseModel):
 
 
 class WebhookAck(BaseModel):
-    status: Literal["processed", "duplicate"]
+    status: Literal["processed", "duplicate", "pending"] = Field(
+        description="`pending` (202): a refund whose payment is not known yet; retried by the"
+        " reconcile job and by a redelivery"
+    )
     event: str
     outcome: str | None
 

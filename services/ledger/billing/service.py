@@ -11,6 +11,10 @@ however often: every path funnels into `Billing.settle_*`, which
      same grant replayed (same key, same parameters, all derived from stored rows)
      and records it. Refunds work the same way with a `clawback` keyed
      `refund:<refund id>`.
+A refund webhook can overtake its payment (a subscription's `refund.processed` before
+`subscription.charged`): its event is kept as `pending_payment` (answered 202), never
+marked done; a redelivery processes it again, and the reconcile job asks Razorpay for
+the payment and applies the refund once the payment is ours.
 """
 
 from __future__ import annotations
@@ -50,12 +54,19 @@ BILLING_AUTH = {"user": "any", "owner": "service:billing", "holds": "*", "charge
 TOTAL_COUNT = {"month": 120, "year": 10}
 
 
+# A refund whose payment we do not know yet (it overtook `subscription.charged`, or the
+# capture): kept, not lost. The reconcile job and any redelivery process it again.
+PENDING_PAYMENT = "pending_payment"
+RETRY_OUTCOMES = frozenset({PENDING_PAYMENT})
+
+
 @dataclass
 class Settled:
     """What one path did for one payment."""
 
     outcome: str  # granted | already_granted | rejected | ignored | failed | not_captured ...
     payment: dict[str, Any] | None = None
+    payment_id: str | None = None  # when there is no payment row (yet)
 
 
 def add_period(start: datetime, period: str) -> datetime:
@@ -331,7 +342,7 @@ class Billing:
             await self.settle_payment(entity, fetch_invoices=False)
             row = await self.repo.payment(payment_id, lock=True)
         if row is None:
-            return Settled("unknown_payment")
+            return Settled(PENDING_PAYMENT, payment_id=str(payment_id))
         if await self.repo.refund_exists(refund["id"]):
             return Settled("duplicate_refund", row)
         amount = int(refund["amount"])
@@ -424,13 +435,31 @@ class Billing:
             ) from None
         if not event_id:
             event_id = "sha256:" + hashlib.sha256(raw).hexdigest()
-        if not await self.repo.claim_event(event_id, name):
+        if not await self.repo.claim_event(event_id, name, retry=RETRY_OUTCOMES):
             return {"status": "duplicate", "event": name, "outcome": None}
         settled = await self._dispatch(name, payload)
-        payment_id = settled.payment["razorpay_payment_id"] if settled.payment else None
+        payment_id = (
+            settled.payment["razorpay_payment_id"] if settled.payment else settled.payment_id
+        )
         await self.repo.finish_event(event_id, settled.outcome, payment_id)
         log.info("razorpay %s %s: %s", name, event_id, settled.outcome)
-        return {"status": "processed", "event": name, "outcome": settled.outcome}
+        status = "pending" if settled.outcome in RETRY_OUTCOMES else "processed"
+        return {"status": status, "event": name, "outcome": settled.outcome}
+
+    async def retry_pending_refund(self, event: dict[str, Any], entity: dict[str, Any]) -> str:
+        """Reconciling a refund event that arrived before its payment: settle the payment
+        as Razorpay reports it now, apply its refunds, and close the event once the payment
+        is ours. Returns the event's outcome (still `pending_payment` if it is not)."""
+        await self.settle_payment(entity, fetch_invoices=True)
+        refunds = await self.replay_refunds(entity)
+        if await self.repo.payment(str(entity["id"])) is None:
+            return PENDING_PAYMENT
+        outcomes = [r.outcome for r in refunds]
+        outcome = next((o for o in outcomes if o == "clawed_back"), None) or (
+            outcomes[0] if outcomes else "refund_already_applied"
+        )
+        await self.repo.finish_event(event["event_id"], outcome, str(entity["id"]))
+        return outcome
 
     async def _dispatch(self, name: str, payload: dict[str, Any]) -> Settled:
         def entity(kind: str) -> dict[str, Any] | None:

@@ -1,18 +1,11 @@
 """Billing jobs. Each is safe to run at any time, twice, or concurrently.
 
-For the worker (cron), like `CRON_JOBS`:
-
-    CRON_JOBS = [
-        # every 10 minutes: grant captured payments that no webhook or checkout reported
-        {"name": "billing.reconcile",
-         "function": "services.ledger.billing.tasks:reconcile",
-         "kwargs": {"lookback_hours": None},   # None: KU_BILLING_RECONCILE_HOURS (72)
-         "cron": {"minute": {0, 10, 20, 30, 40, 50}}},
-    ]
-
-`await reconcile()` needs nothing else: it opens its own engine and ledger write
-pool from the ledger's settings and closes them. Inside a process that already
-has them (the ledger app), pass `sessionmaker=` and `ledger=`. Returns counts.
+The worker runs `reconcile` as the cron job `billing.reconcile`, every
+KU_BILLING_RECONCILE_SECONDS (600; see `services.worker.ledger_cron_jobs`, which keeps
+this package free of arq). `await reconcile()` needs nothing else: it opens its own
+engine and ledger write pool from the ledger's settings and closes them. Inside a
+process that already has them (the ledger app), pass `sessionmaker=` and `ledger=`.
+Returns counts.
 Also on the command line: `ku billing reconcile [--hours N]`.
 """
 
@@ -23,7 +16,6 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 import asyncpg
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -31,20 +23,14 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from services.kit.db import create_engine, plain_url, sessionmaker_for, unit_of_work
 from services.ledger.batcher import GroupCommitter
 from services.ledger.billing.razorpay_api import RazorpayAPI
-from services.ledger.billing.service import Billing
+from services.ledger.billing.repository import BillingRepository
+from services.ledger.billing.service import PENDING_PAYMENT, Billing
 from services.ledger.config import LedgerSettings, get_settings
 from services.ledger.service import Ledger
 
 log = logging.getLogger("ku.ledger.billing.tasks")
 
-CRON_JOBS: list[dict[str, Any]] = [
-    {
-        "name": "billing.reconcile",
-        "function": "services.ledger.billing.tasks:reconcile",
-        "kwargs": {"lookback_hours": None},
-        "cron": {"minute": {0, 10, 20, 30, 40, 50}},
-    }
-]
+PENDING_BATCH = 100
 
 
 @asynccontextmanager
@@ -68,9 +54,10 @@ async def reconcile(
     settings: LedgerSettings | None = None,
 ) -> dict[str, int]:
     """Fetch the last `lookback_hours` of payments from Razorpay, grant every captured one
-    that is ours and not granted yet, and apply refunds no webhook reported. Granted
-    payments and applied refunds are left alone (the ledger replays their keys), so
-    running this any time is harmless."""
+    that is ours and not granted yet, and apply refunds no webhook reported; then retry
+    the refund events that arrived before their payment. Granted payments and applied
+    refunds are left alone (the ledger replays their keys), so running this any time is
+    harmless."""
     settings = settings or get_settings()
     if sessionmaker is None or ledger is None:
         async with _resources(settings) as (own_sessionmaker, own_ledger):
@@ -99,5 +86,40 @@ async def reconcile(
             # One bad payment must not stop the others; the next run retries it.
             log.exception("reconcile: payment %s failed", entity.get("id"))
             counts["errors"] += 1
+    await _retry_pending_refunds(sessionmaker, ledger, settings, counts)
     log.info("reconcile: %s", dict(counts))
     return dict(counts)
+
+
+async def _retry_pending_refunds(
+    sessionmaker: async_sessionmaker[AsyncSession],
+    ledger: Ledger,
+    settings: LedgerSettings,
+    counts: Counter[str],
+) -> None:
+    """Refund events parked as `pending_payment`: ask Razorpay for the payment as it is
+    now, and settle it with its refunds once it is ours. Each event in its own unit of
+    work, locked (SKIP LOCKED: a redelivery or another worker holding it wins)."""
+    async with unit_of_work(sessionmaker) as session:
+        waiting = await BillingRepository(session).pending_events(
+            PENDING_PAYMENT, limit=PENDING_BATCH
+        )
+    api = RazorpayAPI(settings)
+    for event in waiting:
+        payment_id = event["razorpay_payment_id"]
+        try:
+            # Fetched before the unit of work: no outside call while a connection is held.
+            entity = await api.fetch_payment(payment_id) if payment_id else None
+            async with unit_of_work(sessionmaker) as session:
+                billing = Billing(session, ledger, settings)
+                if not await billing.repo.lock_event(event["event_id"], PENDING_PAYMENT):
+                    continue  # resolved meanwhile (a redelivery, another worker)
+                outcome = (
+                    await billing.retry_pending_refund(event, entity)
+                    if entity is not None
+                    else PENDING_PAYMENT
+                )
+            counts[f"pending_refund_{outcome}"] += 1
+        except Exception:
+            log.exception("reconcile: pending refund event %s failed", event["event_id"])
+            counts["errors"] += 1
