@@ -15,9 +15,9 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, StringConstrain
 
 from gateway.access import client_ip
 from gateway.upstream import Upstreams
-from services.kit.schemas import AppName
+from services.kit.schemas import AppName, TextGuard
 
-Jwt = Annotated[str, StringConstraints(min_length=1, max_length=8192)]
+Jwt = Annotated[str, StringConstraints(min_length=1, max_length=8192), TextGuard]
 
 
 class CrossAppAuth(BaseModel):

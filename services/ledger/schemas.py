@@ -1,12 +1,12 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from services.kit.money import Ku, PositiveKu
-from services.kit.schemas import AppName, Description, Reference, UserId
+from services.kit.schemas import AppName, Description, Reference, TextGuard, UserId
 
 GrantSource = Literal[
     "welcome", "purchase", "subscription", "promo", "refund", "admin", "compensation"
@@ -29,12 +29,8 @@ class _In(BaseModel):
 
 
 # Why an admin moves money (required from admins, recorded in ledger.audit_log).
-ReasonField = Field(
-    None,
-    min_length=1,
-    max_length=500,
-    description="Why (required when an admin moves money; audited)",
-)
+Reason = Annotated[str, StringConstraints(min_length=1, max_length=500), TextGuard]
+ReasonField = Field(None, description="Why (required when an admin moves money; audited)")
 
 
 class SourceBalance(BaseModel):
@@ -67,7 +63,7 @@ class AccountCreate(_In):
         None,
         description="Admin only: grant this instead of the welcome credits (one grant per user)",
     )
-    reason: str | None = ReasonField
+    reason: Reason | None = ReasonField
 
 
 class Account(BaseModel):
@@ -98,7 +94,7 @@ class GrantCreate(_In):
     priority: int = Field(0, ge=-100, le=100)
     reference: Reference | None = None
     description: Description | None = None
-    reason: str | None = ReasonField
+    reason: Reason | None = ReasonField
 
 
 class Grant(BaseModel):
@@ -138,7 +134,7 @@ class DebitCreate(_In):
     reference: Reference | None = Field(
         None, description="Natural idempotency key, e.g. a project code"
     )
-    reason: str | None = ReasonField
+    reason: Reason | None = ReasonField
 
 
 class Debit(BaseModel):
@@ -174,16 +170,16 @@ class HoldCreate(_In):
     ttl_seconds: int = Field(900, ge=1, le=86_400)
     reference: Reference | None = None
     description: Description | None = None
-    reason: str | None = ReasonField
+    reason: Reason | None = ReasonField
 
 
 class CaptureIn(_In):
     amount: PositiveKu | None = Field(None, description="At most the held amount; default all")
-    reason: str | None = ReasonField
+    reason: Reason | None = ReasonField
 
 
 class ReleaseIn(_In):
-    reason: str | None = ReasonField
+    reason: Reason | None = ReasonField
 
 
 class HoldOut(BaseModel):
@@ -214,7 +210,7 @@ class RefundCreate(_In):
     amount: PositiveKu | None = Field(None, description="Default: all that is left to refund")
     reference: Reference | None = None
     description: Description | None = None
-    reason: str | None = ReasonField
+    reason: Reason | None = ReasonField
 
 
 class Refund(BaseModel):
