@@ -4,7 +4,7 @@ Request path, outermost first (all pure ASGI):
     RequestContextMiddleware  request id, access log, metrics (kit)
     CORSMiddleware            allow-listed origins only (KU_CORS_ORIGINS)
     ProxyMiddleware           /v1/<route>/... -> the owning service (gateway.proxy)
-    FastAPI routes            compat API, /v1/events, /openapi.json, /docs, health
+    FastAPI routes            compat API, /v1/events, /openapi.json, /docs, /redoc, /static, health
 """
 
 from __future__ import annotations
@@ -15,16 +15,15 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.openapi.docs import get_swagger_ui_html
 from redis.asyncio import Redis
 from starlette.middleware.cors import CORSMiddleware
-from starlette.responses import HTMLResponse, JSONResponse
+from starlette.responses import JSONResponse
 
 from gateway import compat, events
 from gateway.access import Access, authenticated
 from gateway.auth import Authenticator
 from gateway.config import GatewaySettings, get_settings
-from gateway.openapi import MergedOpenAPI
+from gateway.openapi import MergedOpenAPI, add_docs_routes
 from gateway.proxy import ProxyMiddleware
 from gateway.ratelimit import RateLimiter
 from gateway.upstream import Upstreams
@@ -171,6 +170,4 @@ def _add_meta_routes(app: FastAPI, gateway: Gateway) -> None:
     async def openapi(request: Request) -> Any:
         return JSONResponse(await gateway.openapi.document())
 
-    @app.get("/docs", include_in_schema=False)
-    async def docs() -> HTMLResponse:
-        return get_swagger_ui_html(openapi_url="/openapi.json", title="Ku API")
+    add_docs_routes(app)
