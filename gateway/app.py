@@ -4,7 +4,8 @@ Request path, outermost first (all pure ASGI):
     RequestContextMiddleware  request id, access log, metrics (kit)
     CORSMiddleware            allow-listed origins only (KU_CORS_ORIGINS)
     ProxyMiddleware           /v1/<route>/... -> the owning service (gateway.proxy)
-    FastAPI routes            compat API, /v1/events, /openapi.json, /docs, /redoc, /static, health
+    FastAPI routes            compat API, /v1/events, /openapi.json, /docs, /redoc, /static,
+                              /console (gateway.console), health
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from redis.asyncio import Redis
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import JSONResponse
 
-from gateway import compat, events
+from gateway import compat, console, events
 from gateway.access import Access, authenticated
 from gateway.auth import Authenticator
 from gateway.config import GatewaySettings, get_settings
@@ -105,6 +106,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.include_router(compat.build_router())
     app.include_router(events.build_router(authenticated()))
     app.include_router(metrics.router)
+    app.include_router(console.build_router())
     _add_meta_routes(app, gateway)
 
     app.add_middleware(ProxyMiddleware, gateway=gateway)
