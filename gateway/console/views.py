@@ -40,7 +40,8 @@ SECURITY_HEADERS = {
         "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
     ),
     "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
+    # same-origin, not no-referrer: with no-referrer a browser posts `Origin: null`.
+    "Referrer-Policy": "same-origin",
     "Cache-Control": "no-store",
 }
 GRANT_SOURCES = ("admin", "compensation", "promo")
