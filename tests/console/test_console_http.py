@@ -188,3 +188,24 @@ class TestForms:
                 time.sleep(0.2)
             else:
                 raise AssertionError("the revoked key still works")
+
+
+class TestRotate:
+    def test_rotate_shows_the_new_key_once_and_the_old_overlaps(self, ku: Ku, admin_key: str):
+        old = ku.key("rotating", "ledger:read")
+        old_prefix = old.split("_")[1]
+        b = signed_in(ku, admin_key)
+        token = csrf_of(b.get("/console/keys").text)
+        r = b.post(f"/console/keys/{old_prefix}/rotate", {"csrf": token, "overlap_seconds": "600"})
+        assert r.status_code == 200 and f"Key {old_prefix} rotated" in r.text
+        new = re.search(r'id="new-key" class="secret">([^<]+)<', r.text)
+        assert new and new.group(1) != old
+        listing = b.get("/console/keys").text
+        assert f"rotated to {new.group(1).split('_')[1]}" in listing
+        user = ku.user()
+        with httpx.Client(base_url=ku.url) as api:
+            for key in (old, new.group(1)):  # both work during the overlap
+                r = api.get(
+                    "/v1/ledger/balance", params={"user_id": user}, headers={"x-api-key": key}
+                )
+                assert r.status_code == 200, r.text
