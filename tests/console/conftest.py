@@ -8,11 +8,13 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from services.kit.runner import Suite
@@ -22,9 +24,21 @@ ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / ".artifacts" / "console"
 
 
+def wait_for_account(gateway: str, key: str, user_id: str) -> None:
+    """The ledger opens the account from the `user.created` event: wait until it has."""
+    with httpx.Client(base_url=gateway, headers={"x-api-key": key}, timeout=10) as http:
+        for _ in range(150):
+            r = http.get("/v1/ledger/balance", params={"user_id": user_id})
+            if r.status_code == 200:
+                return
+            time.sleep(0.1)
+    raise AssertionError(f"no ledger account for {user_id} after 15 s")
+
+
 @dataclass
 class Ku:
     suite: Suite
+    _reader: str | None = None
 
     @property
     def url(self) -> str:
@@ -45,13 +59,19 @@ class Ku:
         return self.cli("keys", "create", "--app", app, "--scopes", scopes)
 
     def user(self) -> str:
-        """A new user with the welcome credits (50 Ku)."""
+        """A new user with the welcome credits (50 Ku), once the ledger has opened it."""
         user_id = new_user_id()
         self.cli("users", "create", "--id", user_id, "--email", f"{user_id}@example.com")
+        wait_for_account(self.url, self.reader(), user_id)
         return user_id
 
+    def reader(self) -> str:
+        if self._reader is None:
+            self._reader = self.key("test-reader", "ledger:read")
+        return self._reader
 
-@pytest.fixture(scope="session")
+
+@pytest.fixture(scope="package")
 def ku(ku_database_url: str) -> Iterator[Ku]:
     signing = make_signing_key()
     env = {
@@ -60,6 +80,10 @@ def ku(ku_database_url: str) -> Iterator[Ku]:
         "KU_AUTH_PRIVATE_KEY": signing.private_pem,
         "KU_AUTH_KEY_ID": signing.kid,
         "KU_LOG_LEVEL": "WARNING",
+        # Small pools: the test server's connections are shared with every other run.
+        "KU_DB_POOL_SIZE": "2",
+        "KU_DB_MAX_OVERFLOW": "2",
+        "KU_WRITE_POOL_SIZE": "2",
     }
     with Suite(
         env,
@@ -72,7 +96,7 @@ def ku(ku_database_url: str) -> Iterator[Ku]:
         yield Ku(suite)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def admin_key(ku: Ku) -> str:
     return ku.key("ops", "admin")
 
@@ -96,7 +120,7 @@ def _install_chromium() -> str | None:
     return "chromium installed but not on PATH"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def browser() -> Iterator[Any]:
     reason = _install_chromium()
     if reason:

@@ -9,13 +9,14 @@ import os
 import re
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import asyncpg
 import pytest
-from ku_client import KuClient
+from ku_client import KuClient, NotFound
 
 from services.kit.runner import Suite
 from services.kit.testing.plugin import drop_database
@@ -91,6 +92,16 @@ def suite(env: dict[str, str]) -> Suite:
     )
 
 
+def wait_for_account(client: KuClient, user_id: str) -> None:
+    for _ in range(150):
+        try:
+            client.balance(user_id)
+            return
+        except NotFound:
+            time.sleep(0.1)
+    raise AssertionError(f"no ledger account for {user_id} after 15 s")
+
+
 class TestBackupRestore:
     def test_backup_drop_restore_verify(self, scratch_url: str, tmp_path: Path):
         signing = make_signing_key()
@@ -100,6 +111,10 @@ class TestBackupRestore:
             "KU_AUTH_PRIVATE_KEY": signing.private_pem,
             "KU_AUTH_KEY_ID": signing.kid,
             "KU_LOG_LEVEL": "WARNING",
+            # Small pools: the test server's connections are shared with every other run.
+            "KU_DB_POOL_SIZE": "2",
+            "KU_DB_MAX_OVERFLOW": "2",
+            "KU_WRITE_POOL_SIZE": "2",
             "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
         }
 
@@ -121,6 +136,8 @@ class TestBackupRestore:
                 ku("users", "create", "--id", user, "--email", f"{user}@example.com")
             url = running.urls["gateway"]
             with KuClient(url, api_key=app_key) as app, KuClient(url, api_key=admin_key) as admin:
+                for user in users:  # the ledger opens accounts from the `user.created` event
+                    wait_for_account(app, user)
                 app.debit(users[0], 7_250, reference="img-1")
                 held = app.reserve(users[1], 10_000, ttl_seconds=3600)
                 app.capture(app.reserve(users[1], 2_000).hold.id, 1_500)
