@@ -108,6 +108,10 @@ class TestBackupRestore:
         env = {
             **os.environ,
             "KU_DATABASE_URL": scratch_url,
+            # Its own streams: another suite of this run (on another database) must not
+            # consume this one's `user.created` events. Under the run's prefix, so the
+            # plugin's cleanup covers it.
+            "KU_BUS_PREFIX": f"{os.environ['KU_BUS_PREFIX']}.ops{uuid.uuid4().hex[:8]}",
             "KU_AUTH_PRIVATE_KEY": signing.private_pem,
             "KU_AUTH_KEY_ID": signing.kid,
             "KU_LOG_LEVEL": "WARNING",
