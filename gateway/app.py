@@ -4,7 +4,8 @@ Request path, outermost first (all pure ASGI):
     RequestContextMiddleware  request id, access log, metrics (kit)
     CORSMiddleware            allow-listed origins only (KU_CORS_ORIGINS)
     ProxyMiddleware           /v1/<route>/... -> the owning service (gateway.proxy)
-    FastAPI routes            compat API, /v1/events, /openapi.json, /docs, health
+    FastAPI routes            compat API, /v1/events, /openapi.json, /docs, /redoc, /static,
+                              /console (gateway.console), health
 """
 
 from __future__ import annotations
@@ -15,18 +16,17 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.openapi.docs import get_swagger_ui_html
 from prometheus_client import start_http_server
 from redis.asyncio import Redis
 from starlette.middleware.cors import CORSMiddleware
-from starlette.responses import HTMLResponse, JSONResponse
+from starlette.responses import JSONResponse
 
-from gateway import compat, events
+from gateway import compat, console, events
 from gateway.access import Access, authenticated
 from gateway.auth import Authenticator
 from gateway.config import GatewaySettings, get_settings
 from gateway.limits import BodyLimitMiddleware
-from gateway.openapi import MergedOpenAPI
+from gateway.openapi import MergedOpenAPI, add_docs_routes
 from gateway.proxy import ProxyMiddleware
 from gateway.ratelimit import RateLimiter
 from gateway.upstream import Upstreams
@@ -116,6 +116,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(compat.build_router())
     app.include_router(events.build_router(authenticated()))
+    app.include_router(console.build_router())
     _add_meta_routes(app, gateway)
 
     app.add_middleware(ProxyMiddleware, gateway=gateway)
@@ -182,6 +183,4 @@ def _add_meta_routes(app: FastAPI, gateway: Gateway) -> None:
     async def openapi(request: Request) -> Any:
         return JSONResponse(await gateway.openapi.document())
 
-    @app.get("/docs", include_in_schema=False)
-    async def docs() -> HTMLResponse:
-        return get_swagger_ui_html(openapi_url="/openapi.json", title="Ku API")
+    add_docs_routes(app)

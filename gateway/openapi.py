@@ -11,9 +11,14 @@ import asyncio
 import copy
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import orjson
+from fastapi import FastAPI
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from starlette.responses import HTMLResponse
+from starlette.staticfiles import StaticFiles
 
 from gateway.access import PUBLIC_PATHS
 from gateway.upstream import SERVICES, Upstreams
@@ -128,3 +133,39 @@ class MergedOpenAPI:
         except KuError:
             return None
         return body if status == 200 and isinstance(body, dict) else None
+
+
+# Swagger UI and ReDoc as published on npm (swagger-ui-dist, redoc), vendored with their
+# licences under gateway/static/vendor/ (see VENDOR.md there): the docs work without
+# internet, and the browser loads nothing from another origin.
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+STATIC_URL = "/static"
+SWAGGER = f"{STATIC_URL}/vendor/swagger-ui"
+REDOC = f"{STATIC_URL}/vendor/redoc"
+
+
+def add_docs_routes(app: FastAPI, openapi_url: str = "/openapi.json") -> None:
+    """`/static` (vendored assets), `/docs` (Swagger UI) and `/redoc`, all same-origin."""
+    app.mount(STATIC_URL, StaticFiles(directory=STATIC_DIR), name="static")
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger_ui() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url=openapi_url,
+            title="Ku API",
+            swagger_js_url=f"{SWAGGER}/swagger-ui-bundle.js",
+            swagger_css_url=f"{SWAGGER}/swagger-ui.css",
+            swagger_favicon_url=f"{SWAGGER}/favicon-32x32.png",
+            # No badge that asks swagger.io to validate the document.
+            swagger_ui_parameters={"validatorUrl": None},
+        )
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc() -> HTMLResponse:
+        return get_redoc_html(
+            openapi_url=openapi_url,
+            title="Ku API",
+            redoc_js_url=f"{REDOC}/redoc.standalone.js",
+            redoc_favicon_url=f"{SWAGGER}/favicon-32x32.png",
+            with_google_fonts=False,
+        )

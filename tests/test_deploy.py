@@ -211,16 +211,70 @@ class TestEnvExample:
         assert not used - self.listed(), sorted(used - self.listed())
 
 
+def runtime_closure() -> set[str]:
+    """Packages the lock installs for pyproject's [project] dependencies (not the extras)."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    roots = {re.split(r"[\[<>=!~; ]", d, maxsplit=1)[0].lower() for d in project["dependencies"]}
+    needed_by: dict[str, set[str]] = {}
+    current = ""
+    for line in (ROOT / "requirements.lock").read_text().splitlines():
+        if re.match(r"^[A-Za-z0-9]", line):
+            current = line.split("==")[0].strip().lower()
+            needed_by.setdefault(current, set())
+        elif m := re.match(r"^\s+#\s+(?:via\s+)?([A-Za-z0-9][A-Za-z0-9._-]*)\s*$", line):
+            needed_by[current].add(m.group(1).lower())
+    closure, frontier = set(roots), list(roots)
+    while frontier:
+        name = frontier.pop()
+        for package, parents in needed_by.items():
+            if name in parents and package not in closure:
+                closure.add(package)
+                frontier.append(package)
+    return closure
+
+
 class TestDockerfile:
     def test_base_image_and_install_order(self) -> None:
         assert re.search(r"^FROM python:3\.11-slim\b", DOCKERFILE, re.MULTILINE)
-        lock = DOCKERFILE.index("pip install -r requirements.lock")
+        deps = DOCKERFILE.index("-c requirements.lock")
         package = DOCKERFILE.index("pip install --no-deps .")
-        assert lock < package
-        assert re.search(r"^USER (?!root)\S+", DOCKERFILE, re.MULTILINE)
+        assert deps < package
+
+    def test_installs_only_runtime_dependencies(self) -> None:
+        """The image gets pyproject's [project] dependencies pinned by the lock (used as
+        constraints), never the whole lock or the dev extras."""
+        installs = [line for line in DOCKERFILE.splitlines() if "pip install" in line]
+        assert installs
+        for line in installs:
+            assert "-r requirements.lock" not in line and "[dev]" not in line, line
+        assert "['project']['dependencies']" in DOCKERFILE
+        assert "pip install -r /tmp/runtime.txt -c requirements.lock" in DOCKERFILE
+        # What those dependencies pull in, by the lock's `# via` graph, has no dev tool.
+        runtime = runtime_closure()
+        assert {"fastapi", "uvicorn", "asyncpg"} <= runtime
+        assert not runtime & {"pytest", "ruff", "mypy", "hypothesis", "selenium"}
+
+    def test_runs_as_a_non_root_user(self) -> None:
+        users = re.findall(r"^USER (\S+)", DOCKERFILE, re.MULTILINE)
+        assert users and users[-1] not in ("root", "0"), users
+        created = re.search(rf"useradd .*--uid (\d+) .*\b{users[-1]}$", DOCKERFILE, re.M)
+        assert created and int(created.group(1)) != 0
+        last_user = DOCKERFILE.rindex(f"USER {users[-1]}")
+        assert "RUN " not in DOCKERFILE[last_user:], "nothing may run as root after USER"
+        for name in ku_processes():
+            assert SERVICES[name].get("user") in (None, users[-1]), name
 
     def test_copies_every_package_the_distribution_holds(self) -> None:
-        for path in ("requirements.lock", "pyproject.toml", "README.md", "services", "gateway"):
+        for path in (
+            "requirements.lock",
+            "pyproject.toml",
+            "README.md",
+            "services",
+            "gateway",
+            "client",
+        ):
             assert re.search(rf"^COPY .*\b{re.escape(path)}\b", DOCKERFILE, re.MULTILINE), path
             assert (ROOT / path).exists(), path
 

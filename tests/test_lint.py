@@ -15,8 +15,8 @@ BIN = Path(sys.executable).parent
 @pytest.mark.parametrize(
     "command",
     [
-        ["ruff", "check", "services", "gateway", "tests", "bench"],
-        ["ruff", "format", "--check", "services", "gateway", "tests", "bench"],
+        ["ruff", "check", "services", "gateway", "tests", "bench", "client"],
+        ["ruff", "format", "--check", "services", "gateway", "tests", "bench", "client"],
         ["mypy"],
     ],
     ids=["ruff-check", "ruff-format", "mypy"],

@@ -1,0 +1,172 @@
+"""ku_client against a real suite, through the gateway: every operation it wraps, its
+typed errors, idempotent retries after a lost answer, and 429 with Retry-After."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+from ku_client import (
+    AsyncKuClient,
+    Conflict,
+    ConnectionFailed,
+    InsufficientCredits,
+    KuClient,
+    NotFound,
+    PermissionDenied,
+    RateLimited,
+    RetryPolicy,
+    StorageFull,
+    ValidationFailed,
+)
+
+from tests.client.conftest import BURST_LIMIT, Ku
+from tests.client.proxy import DroppingProxy
+
+pytestmark = pytest.mark.e2e
+
+WELCOME = 50_000  # milli-Ku
+
+
+class TestLedger:
+    def test_balance_hold_capture_release_debit_refund(self, ku: Ku, app_key: str):
+        user = ku.user()
+        with KuClient(ku.url, api_key=app_key) as client:
+            assert client.balance(user).available_milli == WELCOME
+
+            held = client.reserve(user, 12_500, reference="job-1", ttl_seconds=60)
+            assert held.hold.status == "active" and held.hold.amount_milli == 12_500
+            assert held.available_milli == WELCOME - 12_500 and held.held_milli == 12_500
+            done = client.capture(held.hold.id, 9_250)
+            assert done.hold.status == "captured" and done.hold.captured_milli == 9_250
+            assert done.available_milli == WELCOME - 9_250 and done.held_milli == 0
+            assert client.hold(held.hold.id).status == "captured"
+
+            other = client.reserve(user, 1_000)
+            assert client.release(other.hold.id).available_milli == WELCOME - 9_250
+
+            charge = client.debit(user, 750, reference="img-1", description="one image")
+            assert charge.available_milli == WELCOME - 10_000 and not charge.replayed
+            back = client.refund(charge.transaction_id, 250)
+            assert back.available_milli == WELCOME - 9_750
+
+            page = client.transactions(user, limit=3)
+            assert len(page.items) == 3 and page.next_cursor is not None
+            assert page.items[0].kind == "refund" and page.items[0].delta_milli == 250
+            rest = client.transactions(user, cursor=page.next_cursor)
+            kinds = [t.kind for t in page.items + rest.items]
+            assert kinds.count("grant") == 1 and "capture" in kinds
+
+    def test_typed_errors(self, ku: Ku, app_key: str):
+        user = ku.user()
+        with KuClient(ku.url, api_key=app_key) as client:
+            with pytest.raises(InsufficientCredits) as no_money:
+                client.debit(user, WELCOME + 1)
+            assert no_money.value.status == 402 and no_money.value.request_id
+            client.debit(user, 1_000, idempotency_key="same-key")
+            with pytest.raises(Conflict):
+                client.debit(user, 2_000, idempotency_key="same-key")
+            held = client.reserve(user, 1_000)
+            client.release(held.hold.id)
+            with pytest.raises(Conflict):
+                client.capture(held.hold.id)
+            with pytest.raises(NotFound):
+                client.balance("100000000000000000001")
+            with pytest.raises(ValidationFailed):
+                client.debit(user, 0)
+            with pytest.raises(PermissionDenied):  # an app key cannot grant
+                client.grant(user, 5_000, "promo", description="x")
+            assert client.balance(user).available_milli == WELCOME - 1_000
+
+    def test_admin_grant(self, ku: Ku, admin_key: str):
+        user = ku.user()
+        with KuClient(ku.url, api_key=admin_key) as admin:
+            granted = admin.grant(user, 2_500, "promo", description="launch week")
+            assert granted.available_milli == WELCOME + 2_500
+            assert admin.balance(user).by_source["promo"] == 2_500
+
+
+class TestWorkspace:
+    def test_save_list_get_and_storage_full(self, ku: Ku, app_key: str):
+        user = ku.user()
+        with KuClient(ku.url, api_key=app_key) as client:
+            saved = client.save_project("Chapter one", "It was a dark night.", user_id=user)
+            assert saved.user_id == user and saved.size_bytes >= len("It was a dark night.")
+            again = client.project(saved.code, user_id=user)
+            assert again.content == "It was a dark night." and again.title == "Chapter one"
+            listed = client.projects(user_id=user)
+            assert [p.code for p in listed.items] == [saved.code]
+            with pytest.raises(StorageFull) as full:  # the default quota is 1 MB
+                client.save_project("Too big", "x" * 1_100_000, user_id=user)
+            assert full.value.status == 413 and full.value.detail
+            assert len(client.projects(user_id=user).items) == 1
+
+
+class TestRetries:
+    async def test_lost_answer_to_a_debit_charges_once(self, ku: Ku, app_key: str):
+        """The first answer never reaches the client; its retry carries the same key."""
+        user = ku.user()
+        async with DroppingProxy(ku.url) as proxy:
+            async with AsyncKuClient(proxy.url, api_key=app_key) as client:
+                charge = await client.debit(user, 4_000, description="lost answer")
+                assert proxy.dropped == 1 and proxy.connections == 2
+                assert charge.replayed  # the server had done it; the retry replayed it
+                assert charge.available_milli == WELCOME - 4_000
+        with KuClient(ku.url, api_key=app_key) as direct:
+            assert direct.balance(user).available_milli == WELCOME - 4_000
+            debits = [t for t in direct.transactions(user).items if t.kind == "debit"]
+            assert len(debits) == 1 and debits[0].amount_milli == 4_000
+
+    async def test_without_retries_the_lost_answer_is_an_error(self, ku: Ku, app_key: str):
+        user = ku.user()
+        async with DroppingProxy(ku.url) as proxy:
+            no_retry = RetryPolicy(max_retries=0)
+            async with AsyncKuClient(proxy.url, api_key=app_key, retry=no_retry) as client:
+                with pytest.raises(ConnectionFailed):
+                    await client.debit(user, 1_000)
+                # The work was done: a second call with a new key charges again, which is
+                # exactly what reusing the key prevents.
+        with KuClient(ku.url, api_key=app_key) as direct:
+            assert direct.balance(user).available_milli == WELCOME - 1_000
+
+    def test_429_waits_for_retry_after(self, ku: Ku):
+        burst_key = ku.key("burst", "ledger:read")
+        user = ku.user()
+        statuses: list[int] = []
+
+        def record(response: httpx.Response) -> None:
+            statuses.append(response.status_code)
+
+        transport = httpx.HTTPTransport()
+        with KuClient(ku.url, api_key=burst_key, transport=transport) as client:
+            client._http.event_hooks["response"].append(record)
+            for _ in range(BURST_LIMIT + 2):
+                assert client.balance(user).available_milli == WELCOME
+        assert 429 in statuses and statuses.count(200) == BURST_LIMIT + 2
+        with KuClient(ku.url, api_key=burst_key, retry=RetryPolicy(max_retries=0)) as impatient:
+            with pytest.raises(RateLimited) as limited:
+                for _ in range(BURST_LIMIT + 1):
+                    impatient.balance(user)
+            assert limited.value.retry_after is not None and limited.value.retry_after > 0
+
+
+class TestEvents:
+    async def test_credits_changed_arrive_on_the_stream(self, ku: Ku, app_key: str):
+        user = ku.user()
+        async with AsyncKuClient(ku.url, api_key=app_key) as client:
+            received: list[dict[str, object]] = []
+
+            async def listen() -> None:
+                async for event in client.events(user):
+                    if event.event == "credits.changed":
+                        received.append(event.data)
+                        return
+
+            listener = asyncio.create_task(listen())
+            await asyncio.sleep(0.5)  # let the stream subscribe before the charge
+            await client.debit(user, 3_000)
+            await asyncio.wait_for(listener, timeout=15)
+        [change] = received
+        assert change["user_id"] == user
+        assert change["available"] == 47

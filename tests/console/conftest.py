@@ -1,0 +1,153 @@
+"""A real suite for the console (auth, ledger, workspace and the gateway as processes),
+and a headless Chromium (Debian's `chromium` + `chromium-driver`, installed here when
+missing) driven by selenium for the browser tests."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from services.kit.runner import Suite
+from tests.gateway.helpers import make_signing_key, new_user_id
+
+ROOT = Path(__file__).resolve().parents[2]
+ARTIFACTS = ROOT / ".artifacts" / "console"
+
+
+def wait_for_account(gateway: str, key: str, user_id: str) -> None:
+    """The ledger opens the account from the `user.created` event: wait until it has."""
+    with httpx.Client(base_url=gateway, headers={"x-api-key": key}, timeout=10) as http:
+        for _ in range(150):
+            r = http.get("/v1/ledger/balance", params={"user_id": user_id})
+            if r.status_code == 200:
+                return
+            time.sleep(0.1)
+    raise AssertionError(f"no ledger account for {user_id} after 15 s")
+
+
+@dataclass
+class Ku:
+    suite: Suite
+    _reader: str | None = None
+
+    @property
+    def url(self) -> str:
+        return self.suite.urls["gateway"]
+
+    def cli(self, *args: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "services.cli", *args],
+            env=self.suite.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
+
+    def key(self, app: str, scopes: str) -> str:
+        return self.cli("keys", "create", "--app", app, "--scopes", scopes)
+
+    def user(self) -> str:
+        """A new user with the welcome credits (50 Ku), once the ledger has opened it."""
+        user_id = new_user_id()
+        self.cli("users", "create", "--id", user_id, "--email", f"{user_id}@example.com")
+        wait_for_account(self.url, self.reader(), user_id)
+        return user_id
+
+    def reader(self) -> str:
+        if self._reader is None:
+            self._reader = self.key("test-reader", "ledger:read")
+        return self._reader
+
+
+@pytest.fixture(scope="package")
+def ku(ku_database_url: str) -> Iterator[Ku]:
+    signing = make_signing_key()
+    env = {
+        **os.environ,
+        "KU_DATABASE_URL": ku_database_url,
+        "KU_AUTH_PRIVATE_KEY": signing.private_pem,
+        "KU_AUTH_KEY_ID": signing.kid,
+        "KU_LOG_LEVEL": "WARNING",
+        # Small pools: the test server's connections are shared with every other run.
+        "KU_DB_POOL_SIZE": "2",
+        "KU_DB_MAX_OVERFLOW": "2",
+        "KU_WRITE_POOL_SIZE": "2",
+    }
+    with Suite(
+        env,
+        only=["auth", "ledger", "workspace", "gateway"],
+        free_ports=True,
+        migrate=False,
+        quiet=True,
+        ready_timeout=45,
+    ) as suite:
+        yield Ku(suite)
+
+
+@pytest.fixture(scope="package")
+def admin_key(ku: Ku) -> str:
+    return ku.key("ops", "admin")
+
+
+def _install_chromium() -> str | None:
+    """Paths are found, or installed from Debian; the reason when neither is possible."""
+    if shutil.which("chromium") and shutil.which("chromedriver"):
+        return None
+    if not shutil.which("apt-get") or os.geteuid() != 0:
+        return "chromium/chromium-driver missing and apt-get (as root) is not available"
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for command in (
+        ["apt-get", "update", "-q"],
+        ["apt-get", "install", "-y", "-q", "chromium", "chromium-driver"],
+    ):
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+        if done.returncode != 0:
+            return f"`{' '.join(command)}` failed: {done.stderr[-500:]}"
+    if shutil.which("chromium") and shutil.which("chromedriver"):
+        return None
+    return "chromium installed but not on PATH"
+
+
+@pytest.fixture(scope="package")
+def browser() -> Iterator[Any]:
+    reason = _install_chromium()
+    if reason:
+        pytest.skip(reason)
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium") or "/usr/bin/chromium"
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",  # root in a container
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        "--window-size=1280,1000",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-default-apps",
+        "--disable-sync",
+    ):
+        options.add_argument(flag)
+    service = Service(executable_path=shutil.which("chromedriver") or "/usr/bin/chromedriver")
+    driver = webdriver.Chrome(options=options, service=service)
+    driver.set_page_load_timeout(60)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    try:
+        yield driver
+    finally:
+        driver.quit()

@@ -1,0 +1,211 @@
+"""The console over plain HTTP against a real suite: who may sign in, the session
+cookie's attributes, CSRF and cross-site posts refused, a revoked key ending its
+session, and a grant that needs a reason. (The browser flows are in test_browser.py.)"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Mapping
+
+import httpx
+import pytest
+
+from tests.console.conftest import Ku
+
+pytestmark = pytest.mark.e2e
+
+
+def csrf_of(html: str) -> str:
+    match = re.search(r'name="csrf" value="([^"]+)"', html)
+    assert match, html[:500]
+    return match.group(1)
+
+
+class Browser:
+    """httpx with the cookie handling a browser has on http://127.0.0.1 (Chromium treats
+    loopback as a secure context, so it keeps and sends Secure cookies there)."""
+
+    def __init__(self, base_url: str) -> None:
+        self.http = httpx.Client(base_url=base_url, timeout=15, follow_redirects=False)
+        self.cookies: dict[str, str] = {}
+
+    def _remember(self, response: httpx.Response) -> None:
+        for header in response.headers.get_list("set-cookie"):
+            name, _, rest = header.partition("=")
+            value = rest.split(";", 1)[0]
+            if value and "max-age=0" not in header.lower():
+                self.cookies[name] = value
+            else:
+                self.cookies.pop(name, None)
+
+    def get(self, path: str, **kw: object) -> httpx.Response:
+        r = self.http.get(path, headers={"cookie": self._cookie()}, **kw)  # type: ignore[arg-type]
+        self._remember(r)
+        return r
+
+    def post(
+        self, path: str, data: Mapping[str, object], origin: str | None = None
+    ) -> httpx.Response:
+        headers = {"cookie": self._cookie()}
+        if origin is not None:
+            headers["origin"] = origin
+        r = self.http.post(path, data=data, headers=headers)
+        self._remember(r)
+        return r
+
+    def _cookie(self) -> str:
+        return "; ".join(f"{k}={v}" for k, v in self.cookies.items())
+
+    def sign_in(self, key: str) -> httpx.Response:
+        page = self.get("/console/sign-in")
+        return self.post("/console/sign-in", {"api_key": key, "csrf": csrf_of(page.text)})
+
+
+def signed_in(ku: Ku, key: str) -> Browser:
+    b = Browser(ku.url)
+    r = b.sign_in(key)
+    assert r.status_code == 303 and r.headers["location"] == "/console/overview", r.text
+    return b
+
+
+class TestSignIn:
+    def test_admin_key_signs_in_with_a_strict_cookie(self, ku: Ku, admin_key: str):
+        b = Browser(ku.url)
+        r = b.sign_in(admin_key)
+        assert r.status_code == 303
+        [cookie] = [c for c in r.headers.get_list("set-cookie") if c.startswith("ku_console=")]
+        attributes = {a.strip().lower() for a in cookie.split(";")[1:]}
+        assert {"secure", "httponly", "samesite=strict", "path=/console"} <= attributes
+        assert admin_key not in cookie  # the browser holds only a random session id
+        page = b.get("/console/overview")
+        assert page.status_code == 200 and "Users with an account" in page.text
+        csp = page.headers["content-security-policy"]
+        assert "default-src 'none'" in csp and "form-action 'self'" in csp
+        assert not re.search(r'(src|href)="(https?:)?//', page.text)
+
+    @pytest.mark.parametrize("scopes", ["ledger:read,ledger:write", "ledger:grant,users:write"])
+    def test_other_keys_are_refused(self, ku: Ku, scopes: str):
+        b = Browser(ku.url)
+        r = b.sign_in(ku.key("partner", scopes))
+        assert r.status_code == 403 and "admin scope" in r.text
+        assert "ku_console" not in b.cookies
+        assert b.get("/console/overview").headers["location"] == "/console/sign-in"
+
+    def test_wrong_key_and_missing_csrf(self, ku: Ku, admin_key: str):
+        b = Browser(ku.url)
+        assert b.sign_in("ku_abcd1234_" + "x" * 43).status_code == 401
+        b.get("/console/sign-in")
+        r = b.post("/console/sign-in", {"api_key": admin_key, "csrf": "forged"})
+        assert r.status_code == 403 and "ku_console" not in b.cookies
+
+    def test_revoked_key_ends_the_session(self, ku: Ku):
+        key = ku.key("ops-temp", "admin")
+        b = signed_in(ku, key)
+        assert b.get("/console/keys").status_code == 200
+        ku.cli("keys", "revoke", key.split("_")[1])
+        assert b.get("/console/keys").headers["location"] == "/console/sign-in"
+
+
+class TestForms:
+    def test_grant_needs_csrf_same_origin_and_a_reason(self, ku: Ku, admin_key: str):
+        user = ku.user()
+        b = signed_in(ku, admin_key)
+        page = b.get(f"/console/users/{user}")
+        assert page.status_code == 200 and 'id="available">50 Ku<' in page.text
+        token = csrf_of(page.text)
+        form = {"amount": "2.5", "source": "admin", "reason": "support ticket 17"}
+        assert b.post(f"/console/users/{user}/grant", {**form, "csrf": "nope"}).status_code == 403
+        cross = b.post(
+            f"/console/users/{user}/grant", {**form, "csrf": token}, "https://evil.example"
+        )
+        assert cross.status_code == 403
+        no_reason = b.post(f"/console/users/{user}/grant", {**form, "reason": "", "csrf": token})
+        assert no_reason.status_code == 303
+        assert "A reason is required" in b.get(f"/console/users/{user}").text
+        assert 'id="available">50 Ku<' in b.get(f"/console/users/{user}").text
+
+        ok = b.post(
+            f"/console/users/{user}/grant",
+            {**form, "csrf": token, "idempotency_key": "grant-once"},
+            origin=ku.url,
+        )
+        assert ok.status_code == 303
+        # The same form submitted twice grants once.
+        b.post(
+            f"/console/users/{user}/grant", {**form, "csrf": token, "idempotency_key": "grant-once"}
+        )
+        after = b.get(f"/console/users/{user}").text
+        assert 'id="available">52.5 Ku<' in after
+        assert "support ticket 17" in after  # the reason, on the journal and the page
+
+    def test_clawback_shows_debt(self, ku: Ku, admin_key: str):
+        user = ku.user()
+        b = signed_in(ku, admin_key)
+        token = csrf_of(b.get(f"/console/users/{user}").text)
+        form = {"amount": "60", "source": "welcome", "reason": "duplicate account", "csrf": token}
+        assert b.post(f"/console/users/{user}/clawback", form).status_code == 303
+        page = b.get(f"/console/users/{user}").text
+        assert 'id="available">0 Ku<' in page and 'id="debt">10 Ku<' in page
+        assert "duplicate account" in page
+
+    def test_keys_create_shown_once_then_revoke(self, ku: Ku, admin_key: str):
+        b = signed_in(ku, admin_key)
+        token = csrf_of(b.get("/console/keys").text)
+        r = b.post(
+            "/console/keys",
+            {
+                "app": "consoleapp",
+                "scopes": ["ledger:read"],
+                "name": "from the console",
+                "csrf": token,
+            },
+        )
+        assert r.status_code == 200 and r.headers["cache-control"] == "no-store"
+        key = re.search(r'id="new-key" class="secret">([^<]+)<', r.text)
+        assert key
+        prefix = key.group(1).split("_")[1]
+        listing = b.get("/console/keys").text
+        assert prefix in listing and key.group(1) not in listing  # never shown again
+        with httpx.Client(base_url=ku.url) as api:
+            user = ku.user()
+            ok = api.get(
+                "/v1/ledger/balance", params={"user_id": user}, headers={"x-api-key": key.group(1)}
+            )
+            assert ok.status_code == 200
+            assert b.post(f"/console/keys/{prefix}/revoke", {"csrf": token}).status_code == 303
+            assert f"Key {prefix} revoked." in b.get("/console/keys").text
+            for _ in range(60):  # gateways drop a revoked key within 5 s
+                if (
+                    api.get(
+                        "/v1/ledger/balance",
+                        params={"user_id": user},
+                        headers={"x-api-key": key.group(1)},
+                    ).status_code
+                    == 401
+                ):
+                    break
+                time.sleep(0.2)
+            else:
+                raise AssertionError("the revoked key still works")
+
+
+class TestRotate:
+    def test_rotate_shows_the_new_key_once_and_the_old_overlaps(self, ku: Ku, admin_key: str):
+        old = ku.key("rotating", "ledger:read")
+        old_prefix = old.split("_")[1]
+        b = signed_in(ku, admin_key)
+        token = csrf_of(b.get("/console/keys").text)
+        r = b.post(f"/console/keys/{old_prefix}/rotate", {"csrf": token, "overlap_seconds": "600"})
+        assert r.status_code == 200 and f"Key {old_prefix} rotated" in r.text
+        new = re.search(r'id="new-key" class="secret">([^<]+)<', r.text)
+        assert new and new.group(1) != old
+        listing = b.get("/console/keys").text
+        assert f"rotated to {new.group(1).split('_')[1]}" in listing
+        user = ku.user()
+        with httpx.Client(base_url=ku.url) as api:
+            for key in (old, new.group(1)):  # both work during the overlap
+                r = api.get(
+                    "/v1/ledger/balance", params={"user_id": user}, headers={"x-api-key": key}
+                )
+                assert r.status_code == 200, r.text
