@@ -4,9 +4,9 @@ Sign-in takes an admin API key and checks it the way the gateway checks any key
 (`Access.admit`: authentication plus the per-address limit, so guessing is throttled).
 The session record is kept in Redis under a hash of a random id; the browser's cookie
 carries only that id. The record holds the key encrypted (AES-GCM, with a key derived
-from KU_INTERNAL_SECRET), because every page re-authenticates it: a key revoked or
-expired since sign-in ends the session on the next request, and the services see the
-same principal the key would have over the API.
+from the gateway's own principal signing key), because every page re-authenticates it:
+a key revoked or expired since sign-in ends the session on the next request, and the
+services see the same principal the key would have over the API.
 
 CSRF: each session has a random token that every form posts back (compared in constant
 time), the cookie is SameSite=Strict, and a POST whose Origin is another site is refused.

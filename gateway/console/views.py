@@ -4,6 +4,8 @@ API with the signed-in key's principal, leave a message for the next page and re
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import secrets
 import uuid
 from pathlib import Path
@@ -30,7 +32,7 @@ from gateway.console.session import (
 from gateway.upstream import SignedPrincipal
 from services.kit.errors import Forbidden, KuError, NotFound, Unauthorized
 from services.kit.money import ku_to_milli, milli_to_ku
-from services.kit.principal import SCOPES
+from services.kit.principal import GATEWAY, SCOPES, keys
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 SECURITY_HEADERS = {
@@ -83,6 +85,16 @@ def redirect(url: str) -> RedirectResponse:
     return RedirectResponse(url, status_code=303, headers=SECURITY_HEADERS)
 
 
+def session_secret() -> str:
+    """The key console sessions are encrypted with: derived from the gateway's own
+    principal signing key, which only the gateway holds (docs/kit.md, "Principals")."""
+    private = keys().private.get(GATEWAY)
+    if private is None:
+        raise RuntimeError("the console runs in the gateway, which holds its signing key")
+    digest = hashlib.sha256(b"ku-console-sessions\0" + private.private_bytes_raw()).digest()
+    return base64.urlsafe_b64encode(digest).decode()
+
+
 class Console:
     """What every page needs: the gateway's parts, and the session behind the cookie."""
 
@@ -90,14 +102,12 @@ class Console:
         self.request = request
         self.gateway = request.app.state.gateway
         settings = self.gateway.settings
-        self.sessions = Sessions(
-            self.gateway.redis, settings.bus_prefix, settings.require_internal_secret()
-        )
+        self.sessions = Sessions(self.gateway.redis, settings.bus_prefix, session_secret())
 
     async def admit(self, api_key: str) -> SignedPrincipal:
         """The key as the API would see it (with the per-address limit); admins only."""
         headers = {k: v for k, v in self.request.scope["headers"] if k == b"x-forwarded-for"}
-        ip = client_ip(self.request.scope, headers, self.gateway.settings.gateway_trust_forwarded)
+        ip = client_ip(self.request.scope, headers, self.gateway.settings)
         identity, _ = await self.gateway.access.admit(
             api_key=api_key, authorization=None, client_ip=ip, money=False
         )
@@ -439,6 +449,9 @@ async def _move(request: Request, user_id: str, kind: str) -> Response:
                 "amount": amount,
                 "source": source if source in GRANT_SOURCES else "admin",
                 "description": reason,
+                "reason": reason,
+                # A lot with a reference can be named by a later claw-back.
+                "reference": headers["idempotency-key"],
             }
             await console.call(
                 identity, "ledger", "POST", "/v1/ledger/grants", json=body, headers=headers
@@ -449,6 +462,7 @@ async def _move(request: Request, user_id: str, kind: str) -> Response:
                 "user_id": user_id,
                 "amount": amount,
                 "source": source or "admin",
+                "grant_reference": _text(form, "grant_reference"),
                 "reason": reason,
             }
             done = await console.call(

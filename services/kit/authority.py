@@ -96,6 +96,8 @@ TABLE: dict[str, dict[str, Rule]] = {
     ),
     "ledger.refund": _row(first_party=Rule("any", (W,)), partner=Rule("linked", (W,))),
     # --- money in ---
+    # an operator takes credit back (billing's clawbacks of refunded payments run in-process)
+    "ledger.clawback": _row(),
     "ledger.grant": _row(
         first_party=Rule("any", (G,)),
         partner=Rule("linked", (G,)),
@@ -140,6 +142,7 @@ MONEY = frozenset(
         "ledger.release",
         "ledger.refund",
         "ledger.grant",
+        "ledger.clawback",
     }
 )
 

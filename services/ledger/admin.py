@@ -16,11 +16,12 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import text
 
+from services.kit.authority import authorize
 from services.kit.db import Session
 from services.kit.errors import NotFound
 from services.kit.money import Ku, PositiveKu
 from services.kit.principal import Principal, get_principal
-from services.kit.schemas import UserId, rename_milli
+from services.kit.schemas import Reference, UserId, rename_milli
 from services.ledger.schemas import GrantSource
 from services.ledger.service import Ledger, idempotency_key
 
@@ -97,6 +98,7 @@ class ClawbackCreate(BaseModel):
                     "user_id": "101902121794505144784",
                     "amount": 10,
                     "source": "promo",
+                    "grant_reference": "promo-2026-11",
                     "reason": "promo granted twice (ticket 4411)",
                 }
             ]
@@ -105,6 +107,9 @@ class ClawbackCreate(BaseModel):
     user_id: UserId
     amount: PositiveKu
     source: GrantSource = Field(description="The issuance the credit is taken back from")
+    grant_reference: Reference = Field(
+        description="The reference of the lot (grant) taken back: at most what it granted"
+    )
     reason: str = Field(min_length=3, max_length=500, description="Why; kept on the journal")
 
 
@@ -232,14 +237,16 @@ async def create_clawback(
     ledger: Annotated[Ledger, Depends(get_ledger)],
 ) -> dict[str, Any]:
     """Take credit back from a user, with a reason; what was already spent becomes debt."""
-    principal.require_scope("admin")
+    permit = authorize(principal, "ledger.clawback", reason=body.reason)
     op = {
         "op": "clawback",
         "user_id": body.user_id,
         "amount": body.amount,
         "source": body.source,
+        "grant_reference": body.grant_reference,
         "description": body.reason,
         "app": principal.app,
+        "auth": permit.as_sql(),
     }
     outcome = await ledger.execute(op, principal, key=idempotency_key(request, None))
     response.status_code = outcome.status_code

@@ -131,7 +131,7 @@ class TestRetries:
             assert direct.balance(user).available_milli == WELCOME - 1_000
 
     def test_429_waits_for_retry_after(self, ku: Ku):
-        burst_key = ku.key("burst", "ledger:read")
+        burst_key = ku.key("burst", "ledger:read,users:any")
         user = ku.user()
         statuses: list[int] = []
 

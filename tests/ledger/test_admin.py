@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 import httpx
 
 from services.kit.testing.plugin import principal_headers
-from tests.ledger.helpers import admin, balance, key, penora
+from tests.ledger.helpers import app_key, admin, balance, key, penora
 
 
 def granter() -> dict[str, str]:
@@ -20,7 +20,13 @@ class TestAdminOnly:
         self, ledger: httpx.AsyncClient, funded_user: Callable[..., Awaitable[str]]
     ):
         user = await funded_user(10)
-        clawback = {"user_id": user, "amount": 1, "source": "promo", "reason": "test"}
+        clawback = {
+            "user_id": user,
+            "amount": 1,
+            "source": "promo",
+            "grant_reference": "p",
+            "reason": "test",
+        }
         for headers in (penora(), granter()):
             assert (
                 await ledger.get(f"/v1/ledger/admin/users/{user}", headers=headers)
@@ -61,14 +67,20 @@ class TestUserLedger:
     async def test_clawback_with_reason_spent_part_becomes_debt(
         self, ledger: httpx.AsyncClient, funded_user: Callable[..., Awaitable[str]]
     ):
-        user = await funded_user(10)
+        user = await funded_user(10, reference="promo-1")
         r = await ledger.post(
             "/v1/ledger/debits",
             json={"user_id": user, "amount": 7, "app": "penora"},
             headers={**penora(), **key()},
         )
         assert r.status_code == 201, r.text
-        clawback = {"user_id": user, "amount": 5, "source": "promo", "reason": "granted twice"}
+        clawback = {
+            "user_id": user,
+            "amount": 5,
+            "source": "promo",
+            "grant_reference": "promo-1",
+            "reason": "granted twice",
+        }
         headers = {**admin(), **key()}
         r = await ledger.post("/v1/ledger/admin/clawbacks", json=clawback, headers=headers)
         assert r.status_code == 201, r.text
@@ -95,8 +107,8 @@ class TestOverview:
         user = await funded_user(4)
         r = await ledger.post(
             "/v1/ledger/debits",
-            json={"user_id": user, "amount": 1.5, "app": "overviewapp"},
-            headers={**penora(), **key()},
+            json={"user_id": user, "amount": 1.5},
+            headers={**app_key("overviewapp", "users:any"), **key()},
         )
         assert r.status_code == 201, r.text
         r = await ledger.get("/v1/ledger/admin/overview", params={"days": 30}, headers=admin())
