@@ -144,6 +144,7 @@ def grant(
     priority: int | None = None,
     reference: str | None = None,
     description: str | None = None,
+    reason: str | None = None,
     idempotency_key: str | None = None,
 ) -> Op[Charge]:
     body = {
@@ -154,6 +155,7 @@ def grant(
         "priority": priority,
         "reference": reference,
         "description": description,
+        "reason": reason,  # required from admins (audited)
     }
     return Op(idempotent_post("/v1/ledger/grants", body, idempotency_key), _charge)
 

@@ -82,7 +82,9 @@ class TestLedger:
     def test_admin_grant(self, ku: Ku, admin_key: str):
         user = ku.user()
         with KuClient(ku.url, api_key=admin_key) as admin:
-            granted = admin.grant(user, 2_500, "promo", description="launch week")
+            granted = admin.grant(
+                user, 2_500, "promo", description="launch week", reason="launch promo"
+            )
             assert granted.available_milli == WELCOME + 2_500
             assert admin.balance(user).by_source["promo"] == 2_500
 

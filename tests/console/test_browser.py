@@ -54,7 +54,7 @@ class TestConsoleInChromium:
         from selenium.webdriver.common.by import By
 
         user = ku.user()
-        victim = ku.key("retiring", "ledger:read")
+        victim = ku.key("retiring", "ledger:read,users:any")
         victim_prefix = victim.split("_")[1]
         with httpx.Client(base_url=ku.url) as api:  # some activity for the overview
             app_key = ku.key("imagegene", "ledger:read,ledger:write")
