@@ -714,8 +714,8 @@ class Enhancer:
         that cannot pay for one call are left out."""
         async with self.uow() as session:
             pools = {p["provider"]: p for p in await Repository(session).pools()}
-        ranked: list[tuple[int, int, str]] = []
-        for name, provider in self.providers.items():
+        ranked: list[tuple[int, int, int, str]] = []
+        for order, (name, provider) in enumerate(self.providers.items()):
             if name in exclude:
                 continue
             pool = pools.get(name)
@@ -723,8 +723,8 @@ class Enhancer:
                 continue
             state = (await self.breakers[name].state()).state
             health = 0 if state == CLOSED else 1 if state == HALF_OPEN else 2
-            ranked.append((health, provider.cost_milli, name))
-        return [self.providers[name] for _, _, name in sorted(ranked)]
+            ranked.append((health, provider.cost_milli, order, name))
+        return [self.providers[name] for *_, name in sorted(ranked)]
 
     async def consume_pool(
         self, repo: Repository, provider: str, cost: int, task_id: uuid.UUID

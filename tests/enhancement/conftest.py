@@ -40,8 +40,9 @@ STUB_DNS = {
 }
 
 
-class GuardViolation(AssertionError):
-    pass
+class GuardViolation(ConnectionRefusedError):
+    """Refuses the connection like a closed port would; the recorded violation then
+    fails the test at teardown, whatever the code under test did with the error."""
 
 
 @pytest.fixture(autouse=True)
