@@ -162,6 +162,9 @@ class Enh:
 
     def reset_providers(self, **modes: str) -> None:
         for name, fake in self.providers.items():
+            fake.start()
+            if modes.get(name) == "down":
+                fake.stop()
             fake.reset(modes.get(name, "ok"))
         r = sync_redis.Redis.from_url(self.suite.env["KU_REDIS_URL"])
         try:
@@ -261,7 +264,7 @@ def enh(ku_database_url: str) -> Iterator[Enh]:
             e = Enh(suite, worker, providers, images, signing)
             e.keys["imagegene"] = e.ku(
                 "keys", "create", "--app", "imagegene",
-                "--scopes", "enhance,ledger:read,users:write,workspace:read,workspace:write",
+                "--scopes", "enhance,ledger:read,ledger:write,users:write,workspace:read,workspace:write",
             )  # fmt: skip
             e.keys["penora"] = e.ku("keys", "create", "--app", "penora", "--scopes", "enhance")
             e.keys["admin"] = e.ku("keys", "create", "--app", "ops", "--scopes", "admin")

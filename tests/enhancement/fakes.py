@@ -55,6 +55,10 @@ RESULT = png(32, 32, (250, 40, 40))
 
 class _Server:
     def __init__(self) -> None:
+        self.port = 0
+        self._serve()
+
+    def _serve(self) -> None:
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -81,7 +85,7 @@ class _Server:
                 self.body = json.loads(self.rfile.read(length) or b"null")
                 outer.handle(self, "POST")
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}"
@@ -90,10 +94,15 @@ class _Server:
         self.stopped = False
 
     def stop(self) -> None:
+        """Down: the port refuses connections until `start()`."""
         if not self.stopped:
             self.stopped = True
             self.server.shutdown()
             self.server.server_close()
+
+    def start(self) -> None:
+        if self.stopped:
+            self._serve()  # same port
 
     def handle(self, h: Any, method: str) -> None:  # pragma: no cover - subclasses
         raise NotImplementedError
