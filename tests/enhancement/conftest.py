@@ -262,10 +262,8 @@ def enh(ku_database_url: str) -> Iterator[Enh]:
             worker = Worker(dict(suite.env))
             worker.start()
             e = Enh(suite, worker, providers, images, signing)
-            e.keys["imagegene"] = e.ku(
-                "keys", "create", "--app", "imagegene",
-                "--scopes", "enhance,ledger:read,ledger:write,users:write,workspace:read,workspace:write",
-            )  # fmt: skip
+            scopes = "enhance,ledger:read,ledger:write,users:write,workspace:read,workspace:write"
+            e.keys["imagegene"] = e.ku("keys", "create", "--app", "imagegene", "--scopes", scopes)
             e.keys["penora"] = e.ku("keys", "create", "--app", "penora", "--scopes", "enhance")
             e.keys["admin"] = e.ku("keys", "create", "--app", "ops", "--scopes", "admin")
             for name in providers:
