@@ -6,6 +6,7 @@ import asyncio
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 
@@ -102,7 +103,7 @@ class TestRedisOutage:
     async def _run(self, suite, providers, images, port, redis_proc):
         def ku(*args: str) -> str:
             done = subprocess.run(
-                [os.sys.executable, "-m", "services.cli", *args],
+                [sys.executable, "-m", "services.cli", *args],
                 env=suite.env, capture_output=True, text=True, timeout=60,
             )  # fmt: skip
             assert done.returncode == 0, done.stderr
