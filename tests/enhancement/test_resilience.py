@@ -170,6 +170,25 @@ class TestRedisOutage:
                     headers={"X-API-Key": key},
                 )
                 assert kinds(r.json()["items"]) == ["capture"] * 4 + ["reserve"] * 4
+                # The worker is still there and still takes work: a new task completes.
+                providers["nanobanana"].polls_needed = 0
+                r = await gw.post(
+                    "/v1/enhancement/tasks",
+                    json={"image_url": f"{images.url}/image.png", "enhancement_type": "mood",
+                          "user_id": user},
+                    headers={"X-API-Key": key},
+                )  # fmt: skip
+                assert r.status_code == 202, r.text
+                late = r.json()["id"]
+                deadline = time.monotonic() + 60
+                while True:
+                    assert suite.poll() is None, f"a process died: {suite.poll()}"
+                    assert time.monotonic() < deadline, "the task after the outage never ran"
+                    r = await gw.get(f"/v1/enhancement/tasks/{late}", headers={"X-API-Key": key})
+                    if r.json()["settled"]:
+                        break
+                    await asyncio.sleep(0.3)
+                assert r.json()["status"] == "completed"
                 assert suite.poll() is None
             finally:
                 new_redis.terminate()
