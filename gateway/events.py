@@ -1,11 +1,12 @@
 """Bus events the gateway reacts to, and `GET /v1/events` (Server-Sent Events).
 
 One reader per gateway process (plain XREAD, no consumer group: every
-instance must see every event) follows `<prefix>.events.ledger` and
-`<prefix>.events.auth`:
+instance must see every event) follows `<prefix>.events.ledger`,
+`<prefix>.events.auth` and `<prefix>.events.enhancement`:
 
 - `key.revoked` drops the key from the local cache at once;
-- `credits.changed` fans out to the connected streams of that user.
+- `credits.changed` fans out to the connected streams of that user;
+- `enhancement.task.updated` (task progress) likewise, live only (not replayed).
 
 Stream entry ids are the SSE event ids, so `Last-Event-ID` resumes by reading
 the stream from there (XRANGE) before joining the live feed.
@@ -33,6 +34,9 @@ from services.kit.schemas import UserId
 log = logging.getLogger("ku.gateway.events")
 
 QUEUE_MAX = 1000
+ENHANCEMENT_TOPIC = "enhancement.task.updated"
+# Queue entries of topics other than credits.changed carry their topic under this key.
+TOPIC_KEY = "_topic"
 
 
 def _id(value: bytes | str) -> str:
@@ -63,13 +67,14 @@ class EventHub(BackgroundLoop):
         self.redis = redis
         self.ledger_stream = stream_name(prefix, "ledger")
         self.auth_stream = stream_name(prefix, "auth")
+        self.enhancement_stream = stream_name(prefix, "enhancement")
         self.on_key_revoked = on_key_revoked
         self._subscribers: dict[str, set[asyncio.Queue[tuple[str, dict[str, Any]]]]] = {}
         self.ready = asyncio.Event()
 
     async def _last_ids(self) -> dict[str, str]:
         ids = {}
-        for stream in (self.ledger_stream, self.auth_stream):
+        for stream in (self.ledger_stream, self.auth_stream, self.enhancement_stream):
             last = await self.redis.xrevrange(stream, count=1)
             ids[stream] = _id(last[0][0]) if last else "0-0"
         return ids
@@ -109,6 +114,11 @@ class EventHub(BackgroundLoop):
                 if queue.full():
                     continue  # a stalled client; it can resume with Last-Event-ID
                 queue.put_nowait((entry_id, payload))
+        elif topic == ENHANCEMENT_TOPIC and stream == self.enhancement_stream:
+            tagged = {TOPIC_KEY: topic, **payload}
+            for queue in self._subscribers.get(str(payload.get("user_id")), ()):
+                if not queue.full():
+                    queue.put_nowait((entry_id, tagged))
 
     def subscribe(self, user_id: str) -> asyncio.Queue[tuple[str, dict[str, Any]]]:
         queue: asyncio.Queue[tuple[str, dict[str, Any]]] = asyncio.Queue(QUEUE_MAX)
@@ -175,6 +185,10 @@ async def stream_user(
                 continue
             if _id_tuple(entry_id) <= seen:
                 continue
+            topic = payload.get(TOPIC_KEY)
+            if topic is not None:
+                yield sse(entry_id, topic, {k: v for k, v in payload.items() if k != TOPIC_KEY})
+                continue
             yield sse(entry_id, "credits.changed", render_credits(payload))
     finally:
         hub.unsubscribe(user_id, queue)
@@ -189,7 +203,8 @@ def build_router(authenticated: Callable[..., Any]) -> APIRouter:
         responses={
             200: {
                 "content": {"text/event-stream": {}},
-                "description": "`credits.changed` events; ids resume the stream",
+                "description": "`credits.changed` and `enhancement.task.updated` events; "
+                "ids resume the stream (credits.changed)",
             }
         },
     )

@@ -86,6 +86,10 @@ class EnhancementSettings(KuSettings):
     # The month's revenue in minor units, when billing cannot be asked (see docs).
     enhancement_monthly_revenue_minor: int = 0
 
+    # Seed 004's BACKGROUND_JOB_TOKEN: lets a plain cron call POST /api/background/process-tasks
+    # (`Authorization: Bearer <token>`). Empty: that route is refused.
+    enhancement_process_token: str = ""
+
     # Users past this % of their monthly allowance get one alert per month.
     enhancement_allowance_alert_percent: int = 90
 

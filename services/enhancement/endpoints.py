@@ -1,9 +1,10 @@
 from __future__ import annotations
 
+import hmac
 from typing import Annotated, Any
 
 import orjson
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.responses import JSONResponse, Response
@@ -21,7 +22,7 @@ from services.enhancement.schemas import (
 )
 from services.enhancement.service import Enhancer, Submission
 from services.enhancement.storage import verify_link
-from services.kit.errors import BadRequest, NotFound
+from services.kit.errors import BadRequest, NotFound, Unauthorized
 from services.kit.idempotency import key_from_request
 from services.kit.principal import PRINCIPAL_HEADER, Principal, get_principal
 from services.kit.schemas import UserId
@@ -263,4 +264,18 @@ async def get_allowance(
 async def process_pending(principal: CurrentPrincipal, enhancer: EnhancerDep) -> dict[str, int]:
     """Run the pending-tasks job now: fail overdue tasks, settle, re-enqueue (admin)."""
     principal.require_scope("admin")
+    return await enhancer.run_pending(min_age_seconds=0)
+
+
+@router.post("/background/process-tasks", response_model=ProcessResult, responses=ERRORS)
+async def process_with_token(
+    enhancer: EnhancerDep,
+    x_ku_process_token: Annotated[str | None, Header()] = None,
+) -> dict[str, int]:
+    """The pending-tasks job for seed 004's cron hook, authorized by the background job
+    token (`KU_ENHANCEMENT_PROCESS_TOKEN`, compared in constant time) instead of a key."""
+    expected = enhancer.settings.enhancement_process_token
+    given = x_ku_process_token or ""
+    if not expected or not hmac.compare_digest(given.encode(), expected.encode()):
+        raise Unauthorized("Invalid background job token", code="invalid_token")
     return await enhancer.run_pending(min_age_seconds=0)

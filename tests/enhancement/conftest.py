@@ -82,6 +82,7 @@ def loopback_only(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Any]]:
     assert not violations, f"connections outside 127.0.0.0/8 were attempted: {violations}"
 
 
+PROCESS_TOKEN = "bg-token-for-tests"
 PROVIDER_COSTS = {"nanobanana": 10_000, "kie": 20_000, "fal": 30_000, "google": 40_000}
 
 
@@ -235,6 +236,7 @@ def suite_env(ku_database_url: str, signing: SigningKey, providers: dict[str, Fa
             [images.url, *(p.url for p in providers.values())]
         ),
         "KU_WORKER_PORT": str(free_port()),
+        "KU_ENHANCEMENT_PROCESS_TOKEN": PROCESS_TOKEN,
     }
     for name, fake in providers.items():
         env[f"KU_ENHANCEMENT_{name.upper()}_URL"] = fake.url
