@@ -200,3 +200,16 @@ class TestAllowance:
             await e.aclose()
             await redis.aclose()
             await engine.dispose()
+
+    async def test_degraded_result_gives_the_included_enhancement_back(self, enh: Enh):
+        enh.reset_providers(nanobanana="down", kie="down", fal="fail", google="fail")
+        user = await enh.new_user()
+        async with enh.client(enh.keys["admin"]) as gw:
+            await gw.put(f"/v1/enhancement/tiers/{user}", json={"tier": "plus"})
+        task = await enh.wait((await submit(enh, user))["id"])
+        assert task["included"] is True and task["degraded"] is True
+        async with enh.client(enh.keys["imagegene"]) as gw:
+            r = await gw.get("/v1/enhancement/allowance", params={"user_id": user})
+        assert r.json()["used"] == 0 and r.json()["remaining"] == 10
+        assert kinds(await enh.journal(user)) == []
+        enh.reset_providers()

@@ -151,6 +151,43 @@ class TestFailuresRelease:
         assert kinds(await enh.journal(user)) == ["release", "reserve"]
         assert (await enh.balance(user))["held"] == 0
 
+    async def test_stuck_task_is_failed_by_the_sweeper_and_released(self, enh: Enh):
+        from services.enhancement.config import EnhancementSettings
+        from services.enhancement.service import Enhancer, Submission
+        from services.kit.bus import redis_from_url
+        from services.kit.db import create_engine, sessionmaker_for
+        from services.kit.principal import Principal
+
+        user = await enh.new_user()
+        # An enhancer of our own with a 1 s deadline and no queue: the task gets stuck.
+        settings = EnhancementSettings(
+            database_url=enh.suite.env["KU_DATABASE_URL"],
+            ledger_url=enh.suite.urls["ledger"],
+            enhancement_task_deadline_seconds=1,
+            enhancement_storage_dir=enh.suite.env["KU_ENHANCEMENT_STORAGE_DIR"],
+        )
+        engine = create_engine(settings)
+        redis = redis_from_url(settings.redis_url)
+        e = Enhancer(settings, sessionmaker_for(engine), redis)
+        try:
+            app = Principal(kind="app", app="imagegene", scopes=frozenset({"enhance"}))
+            task, created = await e.submit(
+                app,
+                Submission("lighting", "", 0.5, None, user, None, False, upload=enh.images.image),
+                origin=None,
+                idempotency_key=None,
+            )
+            assert created and task["hold_id"]
+            await asyncio.sleep(1.2)
+            await e.run_pending()  # the worker's own run may get there first: same end
+        finally:
+            await e.aclose()
+            await redis.aclose()
+            await engine.dispose()
+        done = await enh.wait(str(task["id"]))
+        assert done["status"] == "failed" and done["error"]["code"] == "deadline_exceeded"
+        assert kinds(await enh.journal(user)) == ["release", "reserve"]
+
     async def test_insufficient_credits_402_leaves_nothing(self, enh: Enh):
         user = await enh.new_user()
         async with enh.client(enh.keys["imagegene"]) as gw:

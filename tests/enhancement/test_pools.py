@@ -121,3 +121,70 @@ class TestPools:
         chain = [p.name for p in await enhancer.chain() if p.name in {cheap, dear}]
         assert chain == [dear, cheap]  # health before cost; the open one is refused later
         assert not await enhancer.breakers[cheap].allow()
+
+
+async def insert_task(e: Enhancer, **values: object) -> uuid.UUID:
+    from datetime import UTC, datetime
+
+    task_id = uuid.uuid4()
+    row = {
+        "id": task_id,
+        "user_id": f"u{task_id.hex[:8]}",
+        "app": "imagegene",
+        "enhancement_type": "lighting",
+        "strength": 0.5,
+        "input_source": "upload",
+        "input_key": f"inputs/{task_id}",
+        "input_content_type": "image/png",
+        "input_width": 1,
+        "input_height": 1,
+        "price_milli": 2000,
+        "deadline_at": datetime.now(UTC),
+        **values,
+    }
+    async with e.uow() as session:
+        assert await Repository(session).insert_task(row) is not None
+    return task_id
+
+
+class TestScheduledJobs:
+    async def test_daily_summary_counts_the_day_once(self, enhancer: Enhancer):
+        from datetime import UTC, datetime
+
+        day = datetime(2001, 3, 4, 12, tzinfo=UTC)
+        await insert_task(enhancer, status="completed", charged_milli=2000, created_at=day)
+        await insert_task(enhancer, status="failed", created_at=day)
+        summary = await enhancer.daily_summary(datetime(2001, 3, 5, 1, tzinfo=UTC))
+        assert summary["day"] == "2001-03-04"
+        assert (summary["completed"], summary["failed"], summary["charged_milli"]) == (1, 1, 2000)
+        async with enhancer.uow() as session:
+            assert not await Repository(session).save_summary("2001-03-04", {})  # kept once
+
+    async def test_retention_deletes_old_results_only(self, enhancer: Enhancer, tmp_path):
+        from datetime import UTC, datetime, timedelta
+
+        from services.enhancement.storage import LocalStorage
+
+        enhancer.storage = LocalStorage(tmp_path)
+        old_at = datetime.now(UTC) - timedelta(
+            days=enhancer.settings.enhancement_retention_days + 1
+        )
+        old = await insert_task(enhancer, status="completed", completed_at=old_at)
+        new = await insert_task(enhancer, status="completed", completed_at=datetime.now(UTC))
+        for task_id in (old, new):
+            await enhancer.storage.put(f"inputs/{task_id}", b"in")
+            await enhancer.storage.put(f"results/{task_id}", b"out")
+            async with enhancer.uow() as session:
+                from sqlalchemy import text
+
+                await session.execute(
+                    text("UPDATE enhancement.tasks SET result_key = :k WHERE id = :id"),
+                    {"k": f"results/{task_id}", "id": task_id},
+                )
+        assert await enhancer.purge_results() >= 1
+        assert await enhancer.storage.get(f"results/{old}") is None
+        assert await enhancer.storage.get(f"inputs/{old}") is None
+        assert await enhancer.storage.get(f"results/{new}") == b"out"
+        async with enhancer.uow() as session:
+            row = await Repository(session).task(old)
+        assert row is not None and row["result_deleted_at"] is not None
