@@ -28,7 +28,9 @@ class TaskCreate(BaseModel):
     )
     image_url: str | None = Field(None, max_length=2048, description="http(s) URL of the image")
     project_code: str | None = Field(
-        None, max_length=16, description="Or: a workspace project holding the image"
+        None,
+        pattern=r"^[A-Za-z0-9]{1,16}$",
+        description="Or: a workspace project holding the image",
     )
     enhancement_type: EnhancementType
     prompt: str = Field("", max_length=2000)

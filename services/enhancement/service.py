@@ -58,6 +58,7 @@ from services.kit.errors import (
     Forbidden,
     KuError,
     NotFound,
+    PayloadTooLarge,
     Unprocessable,
 )
 from services.kit.money import milli_to_ku
@@ -188,7 +189,11 @@ class Enhancer:
         max_pixels = self.settings.enhancement_max_pixels
         if sub.upload is not None:
             if len(sub.upload) > self.settings.enhancement_max_input_bytes:
-                raise Unprocessable("The image is larger than allowed", code="input_too_large")
+                raise PayloadTooLarge(
+                    "The image is larger than allowed",
+                    code="input_too_large",
+                    max_bytes=self.settings.enhancement_max_input_bytes,
+                )
             return "upload", inspect_image(sub.upload, max_pixels)
         if sub.project_code:
             project = await self.client.json(

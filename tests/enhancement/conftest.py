@@ -237,6 +237,11 @@ def suite_env(ku_database_url: str, signing: SigningKey, providers: dict[str, Fa
         ),
         "KU_WORKER_PORT": str(free_port()),
         "KU_ENHANCEMENT_PROCESS_TOKEN": PROCESS_TOKEN,
+        # Small pools: the Postgres server is shared with every other test run.
+        "KU_DB_POOL_SIZE": "3",
+        "KU_DB_MAX_OVERFLOW": "3",
+        "KU_WORKER_DB_POOL_SIZE": "2",
+        "KU_WRITE_POOL_SIZE": "2",
     }
     for name, fake in providers.items():
         env[f"KU_ENHANCEMENT_{name.upper()}_URL"] = fake.url
@@ -245,7 +250,9 @@ def suite_env(ku_database_url: str, signing: SigningKey, providers: dict[str, Fa
     return env
 
 
-@pytest.fixture(scope="session")
+# Package scope: the processes (and their database connections) end with this package's
+# tests instead of staying up for the rest of the run.
+@pytest.fixture(scope="package")
 def enh(ku_database_url: str) -> Iterator[Enh]:
     signing = make_signing_key()
     providers = {name: FakeProvider(name) for name in PROVIDER_COSTS}

@@ -94,6 +94,12 @@ class TestSeedRoutes:
             r = await gw.post("/api/admin/refill-credits", json={"provider": "fal", "amount": 5})
             assert r.status_code == 403
 
+    async def test_merged_openapi_lists_both_apis(self, enh: Enh):
+        async with enh.client() as gw:
+            paths = (await gw.get("/openapi.json")).json()["paths"]
+        assert "/v1/enhancement/tasks" in paths and "/v1/enhancement/tasks/{task_id}" in paths
+        assert "/api/enhance-image" in paths and "/api/admin/refill-credits" in paths
+
     async def test_process_tasks_needs_the_token(self, enh: Enh):
         async with httpx.AsyncClient(base_url=enh.gateway, timeout=30) as gw:
             r = await gw.post("/api/background/process-tasks")
