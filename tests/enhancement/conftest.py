@@ -112,6 +112,7 @@ class Worker:
             except httpx.HTTPError:
                 pass
             time.sleep(0.1)
+        self.stop()
         raise AssertionError("worker did not become healthy")
 
     def kill(self) -> None:
@@ -269,21 +270,25 @@ def enh(ku_database_url: str) -> Iterator[Enh]:
             ready_timeout=60,
         ) as suite:
             worker = Worker(dict(suite.env))
-            worker.start()
-            e = Enh(suite, worker, providers, images, signing)
-            scopes = "enhance,ledger:read,ledger:write,users:write,workspace:read,workspace:write"
-            e.keys["imagegene"] = e.ku("keys", "create", "--app", "imagegene", "--scopes", scopes)
-            e.keys["penora"] = e.ku("keys", "create", "--app", "penora", "--scopes", "enhance")
-            e.keys["admin"] = e.ku("keys", "create", "--app", "ops", "--scopes", "admin")
-            for name in providers:
-                r = httpx.post(
-                    f"{e.gateway}/v1/enhancement/pools/{name}/refill",
-                    json={"amount": 100_000, "reference": f"initial-{name}"},
-                    headers={"X-API-Key": e.keys["admin"]},
-                    timeout=10,
+            try:  # whatever fails below, the worker we started is stopped
+                worker.start()
+                e = Enh(suite, worker, providers, images, signing)
+                scopes = (
+                    "enhance,ledger:read,ledger:write,users:write,workspace:read,workspace:write"
                 )
-                assert r.status_code == 200, r.text
-            try:
+                e.keys["imagegene"] = e.ku(
+                    "keys", "create", "--app", "imagegene", "--scopes", scopes
+                )
+                e.keys["penora"] = e.ku("keys", "create", "--app", "penora", "--scopes", "enhance")
+                e.keys["admin"] = e.ku("keys", "create", "--app", "ops", "--scopes", "admin")
+                for name in providers:
+                    r = httpx.post(
+                        f"{e.gateway}/v1/enhancement/pools/{name}/refill",
+                        json={"amount": 100_000, "reference": f"initial-{name}"},
+                        headers={"X-API-Key": e.keys["admin"]},
+                        timeout=10,
+                    )
+                    assert r.status_code == 200, r.text
                 yield e
             finally:
                 worker.stop()
