@@ -239,7 +239,7 @@ def suite_env(ku_database_url: str, signing: SigningKey, providers: dict[str, Fa
         "KU_WORKER_PORT": str(free_port()),
         "KU_ENHANCEMENT_PROCESS_TOKEN": PROCESS_TOKEN,
         # Small pools: the Postgres server is shared with every other test run.
-        "KU_DB_POOL_SIZE": "3",
+        "KU_DB_POOL_SIZE": "2",
         "KU_DB_MAX_OVERFLOW": "3",
         "KU_WORKER_DB_POOL_SIZE": "2",
         "KU_WRITE_POOL_SIZE": "2",
