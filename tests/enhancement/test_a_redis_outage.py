@@ -66,12 +66,9 @@ class TestRedisOutage:
         env["KU_ENHANCEMENT_PROVIDER_TIMEOUT_SECONDS"] = "30"
         providers["nanobanana"].polls_needed = 40  # ~8 s per task: spans the outage
         try:
-            suite = Suite(env, free_ports=True, quiet=True, ready_timeout=90)
-            await asyncio.to_thread(suite.start)
-            try:
+            # `async with`: a suite that fails to start is stopped too (no orphans).
+            async with Suite(env, free_ports=True, quiet=True, ready_timeout=90) as suite:
                 await self._run(suite, providers, images, port, redis_proc)
-            finally:
-                await asyncio.to_thread(suite.stop)
         finally:
             for fake in [*providers.values(), images]:
                 fake.stop()
