@@ -28,6 +28,7 @@ bench: install
 	$(BIN)/python bench/ledger.py
 	$(BIN)/python bench/gateway.py
 	$(BIN)/python bench/generation.py
+	$(BIN)/python bench/enhancement.py
 
 lock:  ## re-resolve requirements.lock from pyproject.toml
 	$(BIN)/pip install -q uv && $(BIN)/uv pip compile pyproject.toml --extra dev -o requirements.lock --python-version 3.11

@@ -2,11 +2,12 @@
 
 One reader per gateway process (plain XREAD, no consumer group: every
 instance must see every event) follows `<prefix>.events.ledger`,
-`<prefix>.events.auth` and `<prefix>.events.generation`:
+`<prefix>.events.auth`, `<prefix>.events.generation` and `<prefix>.events.enhancement`:
 
 - `key.revoked` drops the key from the local cache at once;
-- `credits.changed` and the generation service's `story.*` events (a story's
-  progress per chapter) fan out to the connected streams of that user.
+- `credits.changed`, the generation service's `story.*` events (a story's progress
+  per chapter) and the enhancement service's `enhancement.task.updated` (a task's
+  progress) fan out to the connected streams of that user.
 
 Stream entry ids are the SSE event ids, so `Last-Event-ID` resumes by reading
 the stream from there (XRANGE) before joining the live feed.
@@ -34,6 +35,7 @@ from services.kit.schemas import UserId
 log = logging.getLogger("ku.gateway.events")
 
 QUEUE_MAX = 1000
+ENHANCEMENT_TOPIC = "enhancement.task.updated"
 # (stream entry id, topic, payload)
 UserEvent = tuple[str, str, dict[str, Any]]
 
@@ -67,13 +69,19 @@ class EventHub(BackgroundLoop):
         self.ledger_stream = stream_name(prefix, "ledger")
         self.auth_stream = stream_name(prefix, "auth")
         self.generation_stream = stream_name(prefix, "generation")
+        self.enhancement_stream = stream_name(prefix, "enhancement")
         self.on_key_revoked = on_key_revoked
         self._subscribers: dict[str, set[asyncio.Queue[UserEvent]]] = {}
         self.ready = asyncio.Event()
 
     async def _last_ids(self) -> dict[str, str]:
         ids = {}
-        for stream in (self.ledger_stream, self.auth_stream, self.generation_stream):
+        for stream in (
+            self.ledger_stream,
+            self.auth_stream,
+            self.generation_stream,
+            self.enhancement_stream,
+        ):
             last = await self.redis.xrevrange(stream, count=1)
             ids[stream] = _id(last[0][0]) if last else "0-0"
         return ids
@@ -118,6 +126,8 @@ class EventHub(BackgroundLoop):
         """Events a user's `/v1/events` stream carries."""
         if stream == self.ledger_stream:
             return topic == "credits.changed"
+        if stream == self.enhancement_stream:
+            return topic == ENHANCEMENT_TOPIC
         return stream == self.generation_stream and topic.startswith("story.")
 
     def subscribe(self, user_id: str) -> asyncio.Queue[UserEvent]:
@@ -135,7 +145,7 @@ class EventHub(BackgroundLoop):
     async def replay(self, user_id: str, after: str, limit: int) -> list[UserEvent]:
         """The user's events after `after` (from every stream it follows), oldest first."""
         out: list[UserEvent] = []
-        for stream in (self.ledger_stream, self.generation_stream):
+        for stream in (self.ledger_stream, self.generation_stream, self.enhancement_stream):
             start = "(" + after
             scanned = 0
             while scanned < limit:
@@ -199,7 +209,8 @@ def build_router(authenticated: Callable[..., Any]) -> APIRouter:
         responses={
             200: {
                 "content": {"text/event-stream": {}},
-                "description": "`credits.changed` and `story.*` events; ids resume the stream",
+                "description": "`credits.changed`, `story.*` and `enhancement.task.updated` "
+                "events; ids resume the stream",
             }
         },
     )

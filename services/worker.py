@@ -43,8 +43,9 @@ import orjson
 from arq import cron
 from arq.connections import RedisSettings
 from arq.cron import CronJob
-from arq.worker import Function, func, run_worker
+from arq.worker import Function, Worker, func
 from pydantic import Field, field_validator
+from redis.exceptions import RedisError
 
 from services.kit.config import KuSettings
 from services.kit.db import create_engine, plain_url, sessionmaker_for
@@ -317,6 +318,43 @@ async def _serve_health(ctx: Ctx, host: str, port: int) -> asyncio.Server:
     return await asyncio.start_server(handle, host, port)
 
 
+# -- riding out Redis outages --------------------------------------------------------------
+
+
+class ResilientWorker(Worker):
+    """arq's worker, except that a Redis outage does not end it.
+
+    Stock arq lets a Redis error in its poll loop escape `main()`, so a one-second Redis
+    restart stops the worker (and `ku up` with it). Here a failed poll iteration (reading
+    the queue, heart beat, enqueuing a cron run) is logged and retried with exponential
+    backoff, while jobs already running carry on (they work against Postgres). Whatever
+    the queue held is gone if Redis comes back empty; jobs must therefore be recoverable
+    from the database (e.g. the enhancement pending-tasks cron re-enqueues open tasks).
+    """
+
+    backoff_max_seconds = 5.0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.redis_failures = 0
+
+    async def _poll_iteration(self) -> None:
+        try:
+            await super()._poll_iteration()
+        except (RedisError, OSError, TimeoutError) as exc:
+            self.redis_failures += 1
+            delay = min(self.backoff_max_seconds, 0.1 * 2**self.redis_failures)
+            log.warning(
+                "Redis unavailable (%s: %s); retrying in %.1f s",
+                type(exc).__name__, exc, delay,
+            )  # fmt: skip
+            await asyncio.sleep(delay)
+        else:
+            if self.redis_failures:
+                log.info("Redis is back after %d failed polls", self.redis_failures)
+                self.redis_failures = 0
+
+
 # -- arq settings -------------------------------------------------------------------------
 
 
@@ -395,7 +433,7 @@ def main() -> None:
     logging.getLogger("arq").setLevel(max(logging.WARNING, logging.getLogger().level))
     # A new loop for arq (it takes the current one when built).
     asyncio.set_event_loop(asyncio.new_event_loop())
-    run_worker(build_settings(config))
+    ResilientWorker(**build_settings(config)).run()
 
 
 if __name__ == "__main__":

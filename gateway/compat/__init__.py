@@ -3,7 +3,8 @@
 Every route here renders errors in the seeds' shape (`CompatRoute`); the
 endpoints call the services' native APIs like any other client. Modules:
 `unified.py` (credits and users); the workspace endpoints come with the
-workspace service (`workspace.py`).
+workspace service (`workspace.py`). Modules in `OWN_ROUTERS` serve routes outside
+`/api/unified` and bring their own `router` (`enhance.py`: seed 004's routes).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from gateway.compat.errors import compat_response, from_validation
 from services.kit.errors import KuError
 
 MODULES = ("unified", "workspace", "crossapp")
+OWN_ROUTERS = ("enhance",)
 
 
 class CompatRoute(APIRoute):
@@ -49,4 +51,8 @@ def build_router() -> APIRouter:
                 raise
             continue
         module.register(router)
-    return router
+    root = APIRouter()
+    root.include_router(router)
+    for name in OWN_ROUTERS:
+        root.include_router(importlib.import_module(f"gateway.compat.{name}").router)
+    return root

@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 import httpx
 
 from services.kit.testing.plugin import principal_headers
-from tests.ledger.helpers import app_key, admin, balance, key, penora
+from tests.ledger.helpers import admin, app_key, balance, key, penora
 
 
 def granter() -> dict[str, str]:

@@ -1,0 +1,3 @@
+from services.enhancement.endpoints import router
+
+routers = [router]

@@ -1,0 +1,281 @@
+from __future__ import annotations
+
+import hmac
+from typing import Annotated, Any
+
+import orjson
+from fastapi import APIRouter, Depends, Header, Query, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+from starlette.responses import JSONResponse, Response
+
+from services.enhancement.schemas import (
+    AlertPage,
+    AllowanceOut,
+    PoolOut,
+    ProcessResult,
+    RefillIn,
+    Task,
+    TaskCreate,
+    TaskPage,
+    TierIn,
+)
+from services.enhancement.service import Enhancer, Submission
+from services.enhancement.storage import verify_link
+from services.kit.errors import BadRequest, NotFound, Unauthorized
+from services.kit.idempotency import key_from_request
+from services.kit.principal import PRINCIPAL_HEADER, Principal, get_principal
+from services.kit.schemas import UserId
+
+router = APIRouter(prefix="/v1/enhancement", tags=["enhancement"])
+CurrentPrincipal = Annotated[Principal, Depends(get_principal)]
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"description": "Malformed request or Idempotency-Key"},
+    401: {"description": "Missing or invalid credentials"},
+    402: {"description": "`insufficient_credits`: the price could not be held"},
+    403: {"description": "Missing scope, another user, or another app's lane"},
+    404: {"description": "No such task (or not yours: the same answer)"},
+    409: {"description": "Idempotency-Key reused with another request"},
+    413: {"description": "`input_too_large`: the image is larger than allowed"},
+    422: {
+        "description": "Invalid input; `unsafe_url` (private, loopback, metadata, non-http), "
+        "`image_too_large` (pixels), `unsupported_image`, `invalid_image`, `input_unreachable`"
+    },
+}
+
+UPLOAD_BODY = {
+    "requestBody": {
+        "content": {
+            "application/json": {"schema": {"$ref": "#/components/schemas/TaskCreate"}},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["image", "enhancement_type"],
+                    "properties": {
+                        "image": {"type": "string", "format": "binary"},
+                        "enhancement_type": {"type": "string"},
+                        "prompt": {"type": "string"},
+                        "strength": {"type": "number"},
+                        "moodboard_id": {"type": "string"},
+                        "user_id": {"type": "string"},
+                        "app": {"type": "string"},
+                        "save_to_workspace": {"type": "boolean"},
+                    },
+                }
+            },
+        },
+        "required": True,
+    }
+}
+
+
+def get_enhancer(request: Request) -> Enhancer:
+    return request.app.state.enhancer
+
+
+EnhancerDep = Annotated[Enhancer, Depends(get_enhancer)]
+
+
+async def _submission(request: Request) -> Submission:
+    content_type = request.headers.get("content-type", "")
+    upload: bytes | None = None
+    if content_type.startswith("multipart/form-data"):
+        form = await request.form()
+        fields: dict[str, Any] = {}
+        for name, value in form.multi_items():
+            if name == "image" and not isinstance(value, str):
+                upload = await value.read()
+            elif isinstance(value, str):
+                fields[name] = value
+        if upload is None:
+            raise BadRequest("A multipart submission needs an `image` file", code="image_required")
+    else:
+        try:
+            fields = orjson.loads(await request.body())
+        except orjson.JSONDecodeError:
+            raise BadRequest("Request body is not valid JSON", code="malformed_json") from None
+        if not isinstance(fields, dict):
+            raise BadRequest("Request body must be a JSON object", code="malformed_json")
+    try:
+        body = TaskCreate.model_validate(fields)
+    except ValidationError as exc:
+        raise RequestValidationError(
+            [{**e, "loc": ("body", *e.get("loc", ()))} for e in exc.errors()]
+        ) from None
+    return Submission(
+        enhancement_type=body.enhancement_type,
+        prompt=body.prompt,
+        strength=body.strength,
+        moodboard_id=body.moodboard_id,
+        user_id=body.user_id,
+        app=body.app,
+        save_to_workspace=body.save_to_workspace,
+        image_url=body.image_url,
+        project_code=body.project_code,
+        upload=upload,
+    )
+
+
+@router.post(
+    "/tasks",
+    status_code=202,
+    response_model=Task,
+    responses={**ERRORS, 200: {"description": "A replay of an earlier submission"}},
+    openapi_extra=UPLOAD_BODY,
+)
+async def submit_task(
+    request: Request, principal: CurrentPrincipal, enhancer: EnhancerDep
+) -> Response:
+    """Submit an image (URL, multipart upload or workspace project) for enhancement; its
+    price is held now, captured on success and released on failure."""
+    principal.require_scope("enhance")
+    submission = await _submission(request)
+    task, created = await enhancer.submit(
+        principal,
+        submission,
+        origin=request.headers.get(PRINCIPAL_HEADER),
+        idempotency_key=key_from_request(request),
+    )
+    body = Task.model_validate(enhancer.render(task)).model_dump(mode="json")
+    headers = {} if created else {"Idempotent-Replayed": "true"}
+    return JSONResponse(body, status_code=202 if created else 200, headers=headers)
+
+
+@router.get("/tasks", response_model=TaskPage, responses=ERRORS)
+async def list_tasks(
+    principal: CurrentPrincipal,
+    enhancer: EnhancerDep,
+    user_id: UserId | None = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 10,
+) -> dict[str, Any]:
+    """A user's recent tasks, newest first (an app key sees the tasks made through it)."""
+    rows = await enhancer.recent(principal, user_id, limit)
+    return {"items": [enhancer.render(r) for r in rows]}
+
+
+@router.get("/tasks/{task_id}", response_model=Task, responses=ERRORS)
+async def get_task(
+    task_id: str, principal: CurrentPrincipal, enhancer: EnhancerDep
+) -> dict[str, Any]:
+    """A task: status, progress, provider, price and charge, result link, error."""
+    return enhancer.render(await enhancer.visible(principal, task_id))
+
+
+@router.get(
+    "/tasks/{task_id}/result",
+    responses={**ERRORS, 200: {"content": {"image/png": {}}, "description": "The image"}},
+)
+async def get_result(
+    task_id: str,
+    principal: CurrentPrincipal,
+    enhancer: EnhancerDep,
+    expires: int | None = None,
+    sig: Annotated[str | None, Query(max_length=64)] = None,
+) -> Response:
+    """The result image of a completed task (its owner only; `expires`+`sig` from the
+    task's `result_url`, when given, must be valid and unexpired)."""
+    task = await enhancer.visible(principal, task_id)
+    if expires is not None or sig is not None:
+        verify_link(
+            enhancer.settings.require_internal_secret(), str(task["id"]), expires or 0, sig or ""
+        )
+    if task["status"] != "completed" or not task["result_key"] or task["result_deleted_at"]:
+        raise NotFound("The task has no result", code="no_result")
+    data = await enhancer.storage.get(task["result_key"])
+    if data is None:
+        raise NotFound("The result is gone", code="no_result")
+    return Response(
+        data,
+        media_type=task["result_content_type"] or "image/png",
+        headers={"Cache-Control": "private, max-age=3600"},
+    )
+
+
+# -- admin ----------------------------------------------------------------------------
+
+
+@router.get("/pools", response_model=list[PoolOut], responses=ERRORS)
+async def list_pools(principal: CurrentPrincipal, enhancer: EnhancerDep) -> list[dict[str, Any]]:
+    """The platform's credit pool per provider, with breaker state (admin)."""
+    principal.require_scope("admin")
+    return await enhancer.pool_view()
+
+
+@router.post("/pools/{provider}/refill", response_model=PoolOut, responses=ERRORS)
+async def refill_pool(
+    provider: str, body: RefillIn, principal: CurrentPrincipal, enhancer: EnhancerDep
+) -> dict[str, Any]:
+    """Add pre-bought credits to a provider's pool (admin; idempotent by `reference`)."""
+    principal.require_scope("admin")
+    await enhancer.refill(provider, body.amount, body.reference)
+    view = {p["provider"]: p for p in await enhancer.pool_view()}
+    return view[provider]
+
+
+@router.get("/stats", responses=ERRORS)
+async def credit_stats(principal: CurrentPrincipal, enhancer: EnhancerDep) -> dict[str, Any]:
+    """Pools, this month's and today's usage, the pool budget rule, recent alerts (admin)."""
+    principal.require_scope("admin")
+    stats = await enhancer.credit_stats()
+    stats["pools"] = [PoolOut.model_validate(p).model_dump(mode="json") for p in stats["pools"]]
+    return stats
+
+
+@router.get("/alerts", response_model=AlertPage, responses=ERRORS)
+async def list_alerts(
+    principal: CurrentPrincipal,
+    enhancer: EnhancerDep,
+    kind: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+) -> dict[str, Any]:
+    """Stored alerts, newest first (admin)."""
+    principal.require_scope("admin")
+    from services.enhancement.repository import Repository
+
+    async with enhancer.uow() as session:
+        return {"items": await Repository(session).alerts(limit, kind)}
+
+
+@router.put("/tiers/{user_id}", response_model=AllowanceOut, responses=ERRORS)
+async def set_tier(
+    user_id: UserId, body: TierIn, principal: CurrentPrincipal, enhancer: EnhancerDep
+) -> dict[str, Any]:
+    """Set a user's subscription tier (free, plus, pro): its monthly included enhancements."""
+    principal.require_scope("admin")
+    await enhancer.set_tier(user_id, body.tier)
+    return await enhancer.allowance(user_id)
+
+
+@router.get("/allowance", response_model=AllowanceOut, responses=ERRORS)
+async def get_allowance(
+    principal: CurrentPrincipal, enhancer: EnhancerDep, user_id: UserId | None = None
+) -> dict[str, Any]:
+    """A user's included enhancements this month: used and remaining."""
+    principal.require_scope("enhance")
+    owner = user_id or principal.user_id
+    if not owner:
+        raise BadRequest("user_id is required for app keys", code="user_id_required")
+    principal.acts_for(owner)
+    return await enhancer.allowance(owner)
+
+
+@router.post("/process-pending", response_model=ProcessResult, responses=ERRORS)
+async def process_pending(principal: CurrentPrincipal, enhancer: EnhancerDep) -> dict[str, int]:
+    """Run the pending-tasks job now: fail overdue tasks, settle, re-enqueue (admin)."""
+    principal.require_scope("admin")
+    return await enhancer.run_pending(min_age_seconds=0)
+
+
+@router.post("/background/process-tasks", response_model=ProcessResult, responses=ERRORS)
+async def process_with_token(
+    enhancer: EnhancerDep,
+    x_ku_process_token: Annotated[str | None, Header()] = None,
+) -> dict[str, int]:
+    """The pending-tasks job for seed 004's cron hook, authorized by the background job
+    token (`KU_ENHANCEMENT_PROCESS_TOKEN`, compared in constant time) instead of a key."""
+    expected = enhancer.settings.enhancement_process_token
+    given = x_ku_process_token or ""
+    if not expected or not hmac.compare_digest(given.encode(), expected.encode()):
+        raise Unauthorized("Invalid background job token", code="invalid_token")
+    return await enhancer.run_pending(min_age_seconds=0)

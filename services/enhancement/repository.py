@@ -1,0 +1,359 @@
+"""Every SQL statement of the enhancement service."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession
+
+TASK_COLUMNS = "*"
+
+
+def _row(result: Any) -> dict[str, Any] | None:
+    row = result.mappings().first()
+    return dict(row) if row is not None else None
+
+
+class Repository:
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    async def _one(self, sql: str, **params: Any) -> dict[str, Any] | None:
+        return _row(await self.session.execute(text(sql), params))
+
+    async def _all(self, sql: str, **params: Any) -> list[dict[str, Any]]:
+        result = await self.session.execute(text(sql), params)
+        return [dict(r) for r in result.mappings().all()]
+
+    # -- tasks ------------------------------------------------------------------------
+
+    async def insert_task(self, values: dict[str, Any]) -> dict[str, Any] | None:
+        """The new task, or None when a task with this id exists (an idempotent replay)."""
+        columns = ", ".join(values)
+        params = ", ".join(f":{k}" for k in values)
+        return await self._one(
+            f"INSERT INTO enhancement.tasks ({columns}) VALUES ({params})"
+            " ON CONFLICT (id) DO NOTHING RETURNING *",
+            **values,
+        )
+
+    async def task(self, task_id: uuid.UUID, *, lock: bool = False) -> dict[str, Any] | None:
+        suffix = " FOR UPDATE" if lock else ""
+        return await self._one(
+            "SELECT * FROM enhancement.tasks WHERE id = :id" + suffix, id=task_id
+        )
+
+    async def tasks_of(self, user_id: str, app: str | None, limit: int) -> list[dict[str, Any]]:
+        """A user's newest tasks; `app` narrows them to one app's (an app key sees its own)."""
+        return await self._all(
+            "SELECT * FROM enhancement.tasks WHERE user_id = :user_id"
+            " AND (CAST(:app AS text) IS NULL OR app = :app)"
+            " ORDER BY created_at DESC, id DESC LIMIT :limit",
+            user_id=user_id,
+            app=app,
+            limit=limit,
+        )
+
+    async def claim(self, task_id: uuid.UUID, lease_seconds: int) -> dict[str, Any] | None:
+        """Take an open task whose lease is free; the new attempt number fences older workers."""
+        return await self._one(
+            "UPDATE enhancement.tasks SET status = 'processing', attempt = attempt + 1,"
+            " lease_until = now() + make_interval(secs => :lease), updated_at = now(),"
+            " progress = GREATEST(progress, 10)"
+            " WHERE id = :id AND status IN ('pending', 'processing')"
+            " AND (lease_until IS NULL OR lease_until < now()) RETURNING *",
+            id=task_id,
+            lease=lease_seconds,
+        )
+
+    async def update_fenced(
+        self, task_id: uuid.UUID, attempt: int, lease_seconds: int, **values: Any
+    ) -> bool:
+        """Write as the worker holding `attempt`, renewing its lease; False if it lost it."""
+        sets = "".join(f", {k} = :{k}" for k in values)
+        row = await self._one(
+            "UPDATE enhancement.tasks SET updated_at = now(),"
+            " lease_until = now() + make_interval(secs => :lease)" + sets + " WHERE id = :id"
+            " AND attempt = :attempt AND status = 'processing' RETURNING id",
+            id=task_id,
+            attempt=attempt,
+            lease=lease_seconds,
+            **values,
+        )
+        return row is not None
+
+    async def finish(
+        self, task_id: uuid.UUID, attempt: int | None, status: str, **values: Any
+    ) -> dict[str, Any] | None:
+        """Move an open task to completed/failed (fenced by `attempt` unless None)."""
+        sets = "".join(f", {k} = :{k}" for k in values)
+        fence = " AND attempt = :attempt" if attempt is not None else ""
+        params: dict[str, Any] = {"id": task_id, "status": status, **values}
+        if attempt is not None:
+            params["attempt"] = attempt
+        return await self._one(
+            "UPDATE enhancement.tasks SET status = :status, updated_at = now(),"
+            " completed_at = now(), lease_until = NULL,"
+            " attempt = attempt + 1, progress = CASE WHEN :status = 'completed' THEN 100"
+            " ELSE progress END"
+            + sets
+            + " WHERE id = :id AND status IN ('pending', 'processing')"
+            + fence
+            + " RETURNING *",
+            **params,
+        )
+
+    async def mark_settled(self, task_id: uuid.UUID, charged_milli: int) -> dict[str, Any] | None:
+        return await self._one(
+            "UPDATE enhancement.tasks SET settled_at = now(), charged_milli = :charged"
+            " WHERE id = :id AND settled_at IS NULL RETURNING *",
+            id=task_id,
+            charged=charged_milli,
+        )
+
+    async def overdue(self, limit: int) -> list[uuid.UUID]:
+        rows = await self._all(
+            "SELECT id FROM enhancement.tasks WHERE status IN ('pending', 'processing')"
+            " AND deadline_at < now() ORDER BY deadline_at LIMIT :limit",
+            limit=limit,
+        )
+        return [r["id"] for r in rows]
+
+    async def unsettled(self, limit: int) -> list[uuid.UUID]:
+        rows = await self._all(
+            "SELECT id FROM enhancement.tasks WHERE status IN ('completed', 'failed')"
+            " AND settled_at IS NULL ORDER BY completed_at LIMIT :limit",
+            limit=limit,
+        )
+        return [r["id"] for r in rows]
+
+    async def runnable(self, limit: int, min_age_seconds: float) -> list[dict[str, Any]]:
+        """Open tasks nobody holds a lease on (never started, or their worker died)."""
+        return await self._all(
+            "SELECT id, attempt FROM enhancement.tasks WHERE status IN ('pending', 'processing')"
+            " AND (lease_until IS NULL OR lease_until < now())"
+            " AND created_at < now() - make_interval(secs => :age)"
+            " ORDER BY created_at LIMIT :limit",
+            limit=limit,
+            age=min_age_seconds,
+        )
+
+    async def expired_results(self, before: datetime, limit: int) -> list[dict[str, Any]]:
+        return await self._all(
+            "SELECT id, input_key, result_key FROM enhancement.tasks"
+            " WHERE completed_at < :before AND result_deleted_at IS NULL"
+            " AND status IN ('completed', 'failed') LIMIT :limit",
+            before=before,
+            limit=limit,
+        )
+
+    async def mark_results_deleted(self, ids: Sequence[uuid.UUID]) -> None:
+        await self.session.execute(
+            text(
+                "UPDATE enhancement.tasks SET result_deleted_at = now()"
+                " WHERE id = ANY(CAST(:ids AS uuid[]))"
+            ),
+            {"ids": [str(i) for i in ids]},
+        )
+
+    # -- allowances -------------------------------------------------------------------
+
+    async def tier(self, user_id: str) -> str | None:
+        row = await self._one("SELECT tier FROM enhancement.tiers WHERE user_id = :u", u=user_id)
+        return row["tier"] if row else None
+
+    async def set_tier(self, user_id: str, tier: str) -> None:
+        await self.session.execute(
+            text(
+                "INSERT INTO enhancement.tiers (user_id, tier) VALUES (:u, :t)"
+                " ON CONFLICT (user_id) DO UPDATE SET tier = :t, updated_at = now()"
+            ),
+            {"u": user_id, "t": tier},
+        )
+
+    async def allowance(self, user_id: str, period: str) -> dict[str, Any] | None:
+        return await self._one(
+            "SELECT * FROM enhancement.allowances WHERE user_id = :u AND period = :p",
+            u=user_id,
+            p=period,
+        )
+
+    async def use_allowance(
+        self, user_id: str, period: str, included: int
+    ) -> dict[str, Any] | None:
+        """Take one included enhancement if any is left this period (row lock serializes)."""
+        await self.session.execute(
+            text(
+                "INSERT INTO enhancement.allowances (user_id, period, included) VALUES (:u, :p, :n)"
+                " ON CONFLICT (user_id, period) DO UPDATE SET included = :n"
+                " WHERE enhancement.allowances.used <= :n"
+            ),
+            {"u": user_id, "p": period, "n": included},
+        )
+        return await self._one(
+            "UPDATE enhancement.allowances SET used = used + 1"
+            " WHERE user_id = :u AND period = :p AND used < included RETURNING *",
+            u=user_id,
+            p=period,
+        )
+
+    async def return_allowance(self, user_id: str, period: str) -> None:
+        await self.session.execute(
+            text(
+                "UPDATE enhancement.allowances SET used = used - 1"
+                " WHERE user_id = :u AND period = :p AND used > 0"
+            ),
+            {"u": user_id, "p": period},
+        )
+
+    async def mark_allowance_alerted(self, user_id: str, period: str) -> bool:
+        row = await self._one(
+            "UPDATE enhancement.allowances SET alerted = true"
+            " WHERE user_id = :u AND period = :p AND NOT alerted RETURNING user_id",
+            u=user_id,
+            p=period,
+        )
+        return row is not None
+
+    async def drop_allowances_before(self, period: str) -> int:
+        result = await self.session.execute(
+            text("DELETE FROM enhancement.allowances WHERE period < :p"), {"p": period}
+        )
+        return int(result.rowcount or 0)  # type: ignore[attr-defined]
+
+    # -- pools ------------------------------------------------------------------------
+
+    async def pools(self) -> list[dict[str, Any]]:
+        return await self._all("SELECT * FROM enhancement.pools ORDER BY provider")
+
+    async def pool(self, provider: str, *, lock: bool = False) -> dict[str, Any] | None:
+        return await self._one(
+            "SELECT * FROM enhancement.pools WHERE provider = :p" + (" FOR UPDATE" if lock else ""),
+            p=provider,
+        )
+
+    async def ensure_pool(self, provider: str) -> None:
+        await self.session.execute(
+            text("INSERT INTO enhancement.pools (provider) VALUES (:p) ON CONFLICT DO NOTHING"),
+            {"p": provider},
+        )
+
+    async def add_pool_entry(
+        self, provider: str, reference: str, kind: str, amount_milli: int, task_id: Any = None
+    ) -> bool:
+        """Record a movement once; False when this (provider, reference) already moved it."""
+        row = await self._one(
+            "INSERT INTO enhancement.pool_entries"
+            " (provider, reference, kind, amount_milli, task_id)"
+            " VALUES (:p, :r, :k, :a, :t)"
+            " ON CONFLICT DO NOTHING RETURNING provider",
+            p=provider,
+            r=reference,
+            k=kind,
+            a=amount_milli,
+            t=task_id,
+        )
+        return row is not None
+
+    async def pool_entry(self, provider: str, reference: str) -> dict[str, Any] | None:
+        return await self._one(
+            "SELECT * FROM enhancement.pool_entries WHERE provider = :p AND reference = :r",
+            p=provider,
+            r=reference,
+        )
+
+    async def consume_pool(self, provider: str, amount_milli: int) -> dict[str, Any] | None:
+        """Take from a pool (never below zero: it stops at zero and the provider drops out)."""
+        return await self._one(
+            "UPDATE enhancement.pools SET balance_milli = GREATEST(balance_milli - :a, 0),"
+            " consumed_milli = consumed_milli + :a, updated_at = now()"
+            " WHERE provider = :p RETURNING *",
+            p=provider,
+            a=amount_milli,
+        )
+
+    async def refill_pool(self, provider: str, amount_milli: int) -> dict[str, Any] | None:
+        return await self._one(
+            "UPDATE enhancement.pools SET balance_milli = balance_milli + :a,"
+            " level_milli = balance_milli + :a, updated_at = now()"
+            " WHERE provider = :p RETURNING *",
+            p=provider,
+            a=amount_milli,
+        )
+
+    async def set_low_alerted(self, provider: str, value: bool) -> bool:
+        row = await self._one(
+            "UPDATE enhancement.pools SET low_alerted = :v WHERE provider = :p"
+            " AND low_alerted <> :v RETURNING provider",
+            p=provider,
+            v=value,
+        )
+        return row is not None
+
+    # -- alerts -----------------------------------------------------------------------
+
+    async def add_alert(
+        self, kind: str, subject: str, message: str, detail: dict[str, Any], dedupe_key: str
+    ) -> bool:
+        row = await self._one(
+            "INSERT INTO enhancement.alerts (kind, subject, message, detail, dedupe_key)"
+            " VALUES (:k, :s, :m, CAST(:d AS jsonb), :key) ON CONFLICT (dedupe_key) DO NOTHING"
+            " RETURNING id",
+            k=kind,
+            s=subject,
+            m=message,
+            d=_json(detail),
+            key=dedupe_key,
+        )
+        return row is not None
+
+    async def alerts(self, limit: int, kind: str | None = None) -> list[dict[str, Any]]:
+        return await self._all(
+            "SELECT * FROM enhancement.alerts WHERE CAST(:k AS text) IS NULL OR kind = :k"
+            " ORDER BY id DESC LIMIT :limit",
+            k=kind,
+            limit=limit,
+        )
+
+    async def count_alerts(self, kind: str, subject: str) -> int:
+        row = await self._one(
+            "SELECT count(*) AS n FROM enhancement.alerts WHERE kind = :k AND subject = :s",
+            k=kind,
+            s=subject,
+        )
+        return int(row["n"]) if row else 0
+
+    # -- stats ------------------------------------------------------------------------
+
+    async def usage_between(self, start: datetime, end: datetime) -> dict[str, Any]:
+        row = await self._one(
+            "SELECT count(*) FILTER (WHERE status = 'completed') AS completed,"
+            " count(*) FILTER (WHERE status = 'failed') AS failed,"
+            " count(*) FILTER (WHERE degraded) AS degraded,"
+            " count(*) AS submitted,"
+            " COALESCE(sum(charged_milli), 0) AS charged_milli,"
+            " COALESCE(sum(provider_cost_milli), 0) AS provider_cost_milli"
+            " FROM enhancement.tasks WHERE created_at >= :a AND created_at < :b",
+            a=start,
+            b=end,
+        )
+        return {k: int(v) for k, v in (row or {}).items()}
+
+    async def save_summary(self, day: str, summary: dict[str, Any]) -> bool:
+        row = await self._one(
+            "INSERT INTO enhancement.daily_summaries (day, summary) VALUES (:d, CAST(:s AS jsonb))"
+            " ON CONFLICT (day) DO NOTHING RETURNING day",
+            d=day,
+            s=_json(summary),
+        )
+        return row is not None
+
+
+def _json(value: Any) -> str:
+    import orjson
+
+    return orjson.dumps(value).decode()

@@ -1,0 +1,117 @@
+"""Enhancement jobs on the worker (arq). Each is safe to run twice, or concurrently:
+a task is claimed with a lease and fenced by its attempt number (see service.py).
+
+Seed 004's schedule: pending tasks every 2 minutes (`KU_ENHANCEMENT_PENDING_EVERY_SECONDS`),
+pool thresholds every 15 minutes, the daily usage summary at 01:00, the monthly
+allowance reset on the 1st at 00:00 (UTC), and result retention daily at 03:30.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from arq import cron
+from arq.cron import CronJob
+from arq.worker import func
+
+from services.enhancement.config import EnhancementSettings, get_settings
+from services.enhancement.service import JOB_NAME, Enhancer
+
+Ctx = dict[str, Any]
+
+
+def queue_job_id(prefix: str, task_id: str, attempt: int) -> str:
+    return f"{prefix}:enhancement:{task_id}:{attempt}"
+
+
+def arq_enqueuer(arq_redis: Any, settings: EnhancementSettings) -> Any:
+    """`enqueue(task_id, attempt)` on the suite's queue; one job id per attempt, so a
+    duplicate enqueue of the same attempt is a no-op and a retry gets a fresh job."""
+    from services.worker import queue_name
+
+    queue = queue_name(settings.bus_prefix)
+
+    async def enqueue(task_id: str, attempt: int) -> None:
+        await arq_redis.enqueue_job(
+            JOB_NAME,
+            task_id,
+            _job_id=queue_job_id(settings.bus_prefix, task_id, attempt),
+            _queue_name=queue,
+        )
+
+    return enqueue
+
+
+async def worker_startup(ctx: Ctx) -> None:
+    settings = get_settings()
+    ctx["enhancer"] = Enhancer(
+        settings,
+        ctx["sessionmaker"],
+        ctx["redis"],
+        enqueue=arq_enqueuer(ctx["redis"], settings),
+    )
+
+
+async def worker_shutdown(ctx: Ctx) -> None:
+    enhancer = ctx.pop("enhancer", None)
+    if enhancer is not None:
+        await enhancer.aclose()
+
+
+async def enhancement_process_task(ctx: Ctx, task_id: str) -> str:
+    return await ctx["enhancer"].process(task_id)
+
+
+async def enhancement_pending(ctx: Ctx) -> str:
+    result = await ctx["enhancer"].run_pending()
+    return " ".join(f"{k}={v}" for k, v in result.items())
+
+
+async def enhancement_thresholds(ctx: Ctx) -> int:
+    return await ctx["enhancer"].check_thresholds()
+
+
+async def enhancement_daily_summary(ctx: Ctx) -> str:
+    summary = await ctx["enhancer"].daily_summary()
+    return f"{summary['day']}: {summary.get('completed', 0)} completed"
+
+
+async def enhancement_monthly_reset(ctx: Ctx) -> int:
+    return await ctx["enhancer"].monthly_reset()
+
+
+async def enhancement_retention(ctx: Ctx) -> int:
+    return await ctx["enhancer"].purge_results()
+
+
+def _every(seconds: int) -> dict[str, Any]:
+    if seconds < 60:
+        return {"second": set(range(0, 60, max(1, seconds)))}
+    return {"minute": set(range(0, 60, max(1, seconds // 60))), "second": 0}
+
+
+def cron_jobs(settings: EnhancementSettings) -> list[CronJob]:
+    timeout = settings.enhancement_task_deadline_seconds
+    return [
+        cron(enhancement_pending, name="enhancement.pending", run_at_startup=True,
+             timeout=timeout, **_every(settings.enhancement_pending_every_seconds)),
+        cron(enhancement_thresholds, name="enhancement.thresholds",
+             minute={0, 15, 30, 45}, second=0, timeout=120),
+        cron(enhancement_daily_summary, name="enhancement.daily_summary",
+             hour=1, minute=0, second=0, timeout=300),
+        cron(enhancement_monthly_reset, name="enhancement.monthly_reset",
+             day=1, hour=0, minute=0, second=0, timeout=300),
+        cron(enhancement_retention, name="enhancement.retention",
+             hour=3, minute=30, second=0, timeout=600),
+    ]  # fmt: skip
+
+
+CRON_JOBS = cron_jobs(get_settings())
+JOB_FUNCTIONS = [
+    func(
+        enhancement_process_task,
+        name=JOB_NAME,
+        timeout=get_settings().enhancement_task_deadline_seconds + 60,
+        max_tries=1000,  # retries are ours (lease + pending job); never let arq give up
+    )
+]

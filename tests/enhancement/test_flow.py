@@ -1,0 +1,384 @@
+"""Submit through the gateway, real processes, fake providers on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+
+import pytest
+from PIL import Image
+
+from tests.enhancement.conftest import Enh
+from tests.enhancement.fakes import RESULT
+
+pytestmark = pytest.mark.e2e
+
+
+def holds_of(journal: list[dict], kind: str) -> list[dict]:
+    return [t for t in journal if t["kind"] == kind]
+
+
+class TestSubmit:
+    async def test_native_submit_completes_and_charges_once(self, enh: Enh):
+        enh.reset_providers()
+        user = await enh.new_user()
+        before = await enh.balance(user)
+        async with enh.client(enh.keys["imagegene"]) as gw:
+            r = await gw.post(
+                "/v1/enhancement/tasks",
+                json={
+                    "image_url": f"{enh.images.url}/image.png",
+                    "enhancement_type": "lighting",
+                    "prompt": "warm golden hour lighting",
+                    "strength": 0.8,
+                    "user_id": user,
+                },
+            )
+            assert r.status_code == 202, r.text
+            task_id = r.json()["id"]
+            assert r.json()["status"] == "pending" and r.json()["price"] == 2
+        task = await enh.wait(task_id)
+        assert task["status"] == "completed", task
+        assert task["provider"] == "nanobanana" and task["degraded"] is False
+        assert task["charged"] == 2
+        assert enh.providers["nanobanana"].submits == 1
+        async with enh.client(enh.keys["imagegene"]) as gw:
+            r = await gw.get(task["result_url"])
+            assert r.status_code == 200
+            assert r.content == RESULT
+            Image.open(io.BytesIO(r.content)).verify()
+        after = await enh.balance(user)
+        assert before["available"] - after["available"] == 2 and after["held"] == 0
+        journal = await enh.journal(user)
+        assert len(holds_of(journal, "reserve")) == 1
+        [capture] = holds_of(journal, "capture")
+        assert capture["amount"] == 2
+        assert holds_of(journal, "release") == []
+
+
+async def submit(enh: Enh, user: str, key: str | None = None, **extra) -> dict:
+    body = {
+        "image_url": f"{enh.images.url}/image.png",
+        "enhancement_type": "lighting",
+        "prompt": "warm",
+        "strength": 0.7,
+        "user_id": user,
+        **extra,
+    }
+    async with enh.client(key or enh.keys["imagegene"]) as gw:
+        r = await gw.post("/v1/enhancement/tasks", json=body)
+        assert r.status_code == 202, r.text
+        return dict(r.json())
+
+
+def kinds(journal: list[dict]) -> list[str]:
+    return sorted(t["kind"] for t in journal if t["kind"] in ("reserve", "capture", "release"))
+
+
+class TestProviderChain:
+    async def test_primary_down_next_used(self, enh: Enh):
+        enh.reset_providers(nanobanana="down")
+        user = await enh.new_user()
+        task = await enh.wait((await submit(enh, user))["id"])
+        assert task["status"] == "completed" and task["provider"] == "kie", task
+        assert task["degraded"] is False and task["charged"] == 2
+        assert enh.providers["kie"].submits == 1
+        assert kinds(await enh.journal(user)) == ["capture", "reserve"]
+
+    async def test_primary_fails_next_used(self, enh: Enh):
+        enh.reset_providers(nanobanana="fail", kie="reject")
+        user = await enh.new_user()
+        task = await enh.wait((await submit(enh, user))["id"])
+        assert task["provider"] == "fal" and task["degraded"] is False, task
+        assert [enh.providers[n].submits for n in ("nanobanana", "kie", "fal")] == [1, 1, 1]
+
+    async def test_stalled_provider_is_left_for_the_next(self, enh: Enh):
+        enh.reset_providers(nanobanana="stall")
+        user = await enh.new_user()
+        task = await enh.wait((await submit(enh, user))["id"])
+        assert task["provider"] == "kie" and task["status"] == "completed", task
+        assert enh.providers["nanobanana"].submits == 1
+
+    async def test_all_remote_down_degrades_and_releases(self, enh: Enh):
+        enh.reset_providers(nanobanana="down", kie="down", fal="fail", google="fail")
+        user = await enh.new_user()
+        before = await enh.balance(user)
+        task = await enh.wait((await submit(enh, user))["id"])
+        assert task["status"] == "completed" and task["degraded"] is True, task
+        assert task["provider"] == "local" and task["charged"] == 0
+        async with enh.client(enh.keys["imagegene"]) as gw:
+            r = await gw.get(task["result_url"])
+        assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+        from services.enhancement.local import difference
+
+        assert difference(enh.images.image, r.content) > 1.0  # really changed
+        assert (await enh.balance(user))["available"] == before["available"]
+        assert kinds(await enh.journal(user)) == ["release", "reserve"]
+
+    async def test_open_breaker_skips_provider(self, enh: Enh):
+        enh.reset_providers(nanobanana="fail")
+        user = await enh.new_user()
+        for _ in range(3):  # KU_ENHANCEMENT_BREAKER_FAILURES (3) failures open it
+            await enh.wait((await submit(enh, user))["id"])
+        calls = enh.providers["nanobanana"].submits
+        task = await enh.wait((await submit(enh, user))["id"])
+        assert task["provider"] == "kie"
+        assert enh.providers["nanobanana"].submits == calls  # not even tried
+        async with enh.client(enh.keys["admin"]) as gw:
+            pools = {p["provider"]: p for p in (await gw.get("/v1/enhancement/pools")).json()}
+            alerts = (await gw.get("/v1/enhancement/alerts?kind=provider_unhealthy")).json()
+        assert pools["nanobanana"]["breaker"] == "open" and not pools["nanobanana"]["active"]
+        assert any(a["subject"] == "nanobanana" for a in alerts["items"])
+
+
+class TestFailuresRelease:
+    async def test_task_failing_in_the_worker_releases(self, enh: Enh):
+        enh.reset_providers()
+        user = await enh.new_user()
+        enh.worker.stop()
+        try:
+            task = await submit(enh, user)
+            import os
+
+            os.remove(
+                os.path.join(enh.suite.env["KU_ENHANCEMENT_STORAGE_DIR"], "inputs", task["id"])
+            )
+        finally:
+            enh.worker.start()
+        done = await enh.wait(task["id"])
+        assert done["status"] == "failed" and done["error"]["code"] == "input_missing", done
+        assert done["charged"] == 0
+        assert kinds(await enh.journal(user)) == ["release", "reserve"]
+        assert (await enh.balance(user))["held"] == 0
+
+    async def test_stuck_task_is_failed_by_the_sweeper_and_released(self, enh: Enh):
+        from services.enhancement.config import EnhancementSettings
+        from services.enhancement.service import Enhancer, Submission
+        from services.kit.bus import redis_from_url
+        from services.kit.db import create_engine, sessionmaker_for
+        from services.kit.principal import Principal
+
+        user = await enh.new_user()
+        # An enhancer of our own with a 1 s deadline and no queue: the task gets stuck.
+        settings = EnhancementSettings(
+            database_url=enh.suite.env["KU_DATABASE_URL"],
+            ledger_url=enh.suite.urls["ledger"],
+            enhancement_task_deadline_seconds=1,
+            enhancement_storage_dir=enh.suite.env["KU_ENHANCEMENT_STORAGE_DIR"],
+        )
+        engine = create_engine(settings)
+        redis = redis_from_url(settings.redis_url)
+        e = Enhancer(settings, sessionmaker_for(engine), redis)
+        try:
+            app = Principal(kind="app", app="imagegene", scopes=frozenset({"enhance"}))
+            task, created = await e.submit(
+                app,
+                Submission("lighting", "", 0.5, None, user, None, False, upload=enh.images.image),
+                origin=None,
+                idempotency_key=None,
+            )
+            assert created and task["hold_id"]
+            await asyncio.sleep(1.2)
+            await e.run_pending()  # the worker's own run may get there first: same end
+        finally:
+            await e.aclose()
+            await redis.aclose()
+            await engine.dispose()
+        done = await enh.wait(str(task["id"]))
+        assert done["status"] == "failed" and done["error"]["code"] == "deadline_exceeded"
+        assert kinds(await enh.journal(user)) == ["release", "reserve"]
+
+    async def test_insufficient_credits_402_leaves_nothing(self, enh: Enh):
+        user = await enh.new_user()
+        async with enh.client(enh.keys["imagegene"]) as gw:
+            r = await gw.post("/api/unified/deduct-credits", json={"user_id": user, "amount": 49})
+            assert r.status_code == 200, r.text
+            r = await gw.post(
+                "/v1/enhancement/tasks",
+                json={"image_url": f"{enh.images.url}/image.png", "enhancement_type": "custom",
+                      "user_id": user},
+            )  # fmt: skip
+            assert r.status_code == 402, r.text
+            assert r.json()["error"]["code"] == "insufficient_credits"
+            r = await gw.get("/v1/enhancement/tasks", params={"user_id": user})
+            assert r.json()["items"] == []
+        assert "reserve" not in kinds(await enh.journal(user))
+
+    @pytest.mark.parametrize(
+        "url",
+        [
+            "http://127.0.0.1:6379/",
+            "http://169.254.169.254/latest/meta-data/",
+            "file:///etc/passwd",
+            "REDIRECT",
+        ],
+    )
+    async def test_ssrf_rejected_at_submit_without_charge(self, enh: Enh, url: str):
+        if url == "REDIRECT":  # the allowed image host redirects to loopback
+            url = f"{enh.images.url}/redirect?to=http://127.0.0.1:6379/"
+        user = await enh.new_user()
+        before = await enh.balance(user)
+        async with enh.client(enh.keys["imagegene"]) as gw:
+            r = await gw.post(
+                "/v1/enhancement/tasks",
+                json={"image_url": url, "enhancement_type": "lighting", "user_id": user},
+            )
+            assert r.status_code == 422, r.text
+            assert r.json()["error"]["code"] == "unsafe_url"
+            r = await gw.get("/v1/enhancement/tasks", params={"user_id": user})
+            assert r.json()["items"] == []
+        assert await enh.balance(user) == before
+        assert kinds(await enh.journal(user)) == []
+
+    async def test_hostname_resolving_to_private_rejected_at_submit(self, enh: Enh):
+        # In-process (the stub DNS and the socket guard live in this process): an enhancer
+        # wired to the suite's ledger, a URL whose host resolves to 10.1.2.3.
+        from services.enhancement.config import EnhancementSettings
+        from services.enhancement.service import Enhancer, Submission
+        from services.kit.bus import redis_from_url
+        from services.kit.db import create_engine, sessionmaker_for
+        from services.kit.errors import Unprocessable
+        from services.kit.principal import Principal
+
+        user = await enh.new_user()
+        settings = EnhancementSettings(
+            database_url=enh.suite.env["KU_DATABASE_URL"], ledger_url=enh.suite.urls["ledger"]
+        )
+        engine = create_engine(settings)
+        redis = redis_from_url(settings.redis_url)
+        e = Enhancer(settings, sessionmaker_for(engine), redis)
+        try:
+            app = Principal(kind="app", app="imagegene", scopes=frozenset({"enhance"}))
+            sub = Submission(
+                "lighting", "", 0.5, None, user, None, False, image_url="http://private.test/a.png"
+            )
+            with pytest.raises(Unprocessable) as caught:
+                await e.submit(app, sub, origin=None, idempotency_key=None)
+            assert caught.value.code == "unsafe_url"
+        finally:
+            await e.aclose()
+            await redis.aclose()
+            await engine.dispose()
+        assert kinds(await enh.journal(user)) == []
+
+    async def test_bomb_rejected_at_submit(self, enh: Enh):
+        user = await enh.new_user()
+        async with enh.client(enh.keys["imagegene"]) as gw:
+            r = await gw.post(
+                "/v1/enhancement/tasks",
+                json={"image_url": f"{enh.images.url}/bomb.png", "enhancement_type": "style",
+                      "user_id": user},
+            )  # fmt: skip
+        assert r.status_code == 422 and r.json()["error"]["code"] == "image_too_large", r.text
+        assert kinds(await enh.journal(user)) == []
+
+
+class TestInputsAndReplays:
+    async def test_idempotent_submit(self, enh: Enh):
+        enh.reset_providers()
+        user = await enh.new_user()
+        body = {"image_url": f"{enh.images.url}/image.png", "enhancement_type": "mood",
+                "user_id": user}  # fmt: skip
+        async with enh.client(enh.keys["imagegene"]) as gw:
+            headers = {"Idempotency-Key": "enh-1"}
+            first = await gw.post("/v1/enhancement/tasks", json=body, headers=headers)
+            again = await gw.post("/v1/enhancement/tasks", json=body, headers=headers)
+            other = await gw.post(
+                "/v1/enhancement/tasks", json={**body, "prompt": "x"}, headers=headers
+            )
+        assert first.status_code == 202 and again.status_code == 200
+        assert first.json()["id"] == again.json()["id"]
+        assert other.status_code == 409
+        await enh.wait(first.json()["id"])
+        assert kinds(await enh.journal(user)) == ["capture", "reserve"]
+
+    async def test_multipart_upload(self, enh: Enh):
+        enh.reset_providers()
+        user = await enh.new_user()
+        async with enh.client(enh.keys["imagegene"]) as gw:
+            r = await gw.post(
+                "/v1/enhancement/tasks",
+                data={"enhancement_type": "background", "strength": "0.5", "user_id": user},
+                files={"image": ("in.png", enh.images.image, "image/png")},
+            )
+        assert r.status_code == 202, r.text
+        assert r.json()["input_source"] == "upload"
+        assert (await enh.wait(r.json()["id"]))["status"] == "completed"
+
+    async def test_workspace_project_input_and_save(self, enh: Enh):
+        import base64
+
+        enh.reset_providers()
+        user = await enh.new_user()
+        data_url = "data:image/png;base64," + base64.b64encode(enh.images.image).decode()
+        async with enh.client(enh.keys["imagegene"]) as gw:
+            r = await gw.post(
+                "/v1/workspace/projects",
+                json={"user_id": user, "title": "Photo", "content": data_url},
+            )
+            assert r.status_code == 201, r.text
+            code = r.json()["code"]
+            r = await gw.post(
+                "/v1/enhancement/tasks",
+                json={"project_code": code, "enhancement_type": "style", "user_id": user,
+                      "save_to_workspace": True},
+            )  # fmt: skip
+            assert r.status_code == 202, r.text
+            task = await enh.wait(r.json()["id"])
+            assert task["status"] == "completed"
+            for _ in range(50):
+                r = await gw.get(f"/v1/enhancement/tasks/{task['id']}")
+                if r.json()["project_code"]:
+                    break
+                await asyncio.sleep(0.2)
+            saved = r.json()["project_code"]
+            assert saved and saved != code
+            r = await gw.get(f"/v1/workspace/projects/{saved}", params={"user_id": user})
+            assert r.status_code == 200 and r.json()["project_type"] == "enhanced_image"
+
+
+class TestIsolation:
+    async def test_users_cannot_read_each_other(self, enh: Enh):
+        enh.reset_providers()
+        alice, bob = await enh.new_user(), await enh.new_user()
+        alice_token = enh.signing.token(alice, scope="enhance", app="imagegene")
+        bob_token = enh.signing.token(bob, scope="enhance", app="imagegene")
+        async with enh.client(token=alice_token) as gw:
+            r = await gw.post(
+                "/v1/enhancement/tasks",
+                json={"image_url": f"{enh.images.url}/image.png", "enhancement_type": "mood"},
+            )
+            assert r.status_code == 202, r.text
+        task = await enh.wait(r.json()["id"])
+        assert task["user_id"] == alice
+        async with enh.client(token=alice_token) as gw:
+            assert (await gw.get(task["result_url"])).status_code == 200
+            listed = (await gw.get("/v1/enhancement/tasks")).json()["items"]
+            assert [t["id"] for t in listed] == [task["id"]]
+        async with enh.client(token=bob_token) as gw:
+            assert (await gw.get(f"/v1/enhancement/tasks/{task['id']}")).status_code == 404
+            assert (await gw.get(task["result_url"])).status_code == 404
+            assert (await gw.get("/v1/enhancement/tasks")).json()["items"] == []
+            r = await gw.get("/v1/enhancement/tasks", params={"user_id": alice})
+            assert r.status_code == 403
+            r = await gw.post(
+                "/v1/enhancement/tasks",
+                json={"image_url": f"{enh.images.url}/image.png", "enhancement_type": "mood",
+                      "user_id": alice},
+            )  # fmt: skip
+            assert r.status_code == 403
+        # Another app's key does not see imagegene's tasks either.
+        async with enh.client(enh.keys["penora"]) as gw:
+            assert (await gw.get(f"/v1/enhancement/tasks/{task['id']}")).status_code == 404
+            r = await gw.get("/v1/enhancement/tasks", params={"user_id": alice})
+            assert r.json()["items"] == []
+
+    async def test_forged_or_expired_link_refused(self, enh: Enh):
+        enh.reset_providers()
+        user = await enh.new_user()
+        task = await enh.wait((await submit(enh, user))["id"])
+        async with enh.client(enh.keys["imagegene"]) as gw:
+            bad = task["result_url"].rsplit("sig=", 1)[0] + "sig=" + "0" * 32
+            assert (await gw.get(bad)).status_code == 403
+            path = f"/v1/enhancement/tasks/{task['id']}/result?expires=1&sig=" + "0" * 32
+            assert (await gw.get(path)).status_code == 403

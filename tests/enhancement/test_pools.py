@@ -1,0 +1,190 @@
+"""Platform credit pools and alerts, in-process against the real database and Redis."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+
+from services.enhancement.config import EnhancementSettings
+from services.enhancement.providers import Provider
+from services.enhancement.repository import Repository
+from services.enhancement.service import Enhancer
+from services.kit.breaker import CircuitBreaker
+from services.kit.bus import redis_from_url
+from services.kit.db import create_engine, sessionmaker_for
+from services.kit.errors import Conflict
+
+
+@pytest.fixture
+async def enhancer(ku_database_url: str) -> AsyncIterator[Enhancer]:
+    settings = EnhancementSettings(database_url=ku_database_url)
+    engine = create_engine(settings)
+    redis = redis_from_url(settings.redis_url)
+    e = Enhancer(settings, sessionmaker_for(engine), redis)
+    yield e
+    await e.aclose()
+    await redis.aclose()
+    await engine.dispose()
+
+
+def add_provider(e: Enhancer, cost_milli: int) -> str:
+    """A provider of this test only (pools are keyed by provider name)."""
+    name = f"p{uuid.uuid4().hex[:10]}"
+    e.providers[name] = Provider(e.http, "http://127.0.0.1:9", "k", cost_milli)
+    e.providers[name].name = name
+    e.breakers[name] = CircuitBreaker(e.redis, name, prefix=e.settings.bus_prefix)
+    return name
+
+
+async def consume(e: Enhancer, provider: str, task_id: uuid.UUID) -> None:
+    async with e.uow() as session:
+        await e.consume_pool(
+            Repository(session), provider, e.providers[provider].cost_milli, task_id
+        )
+
+
+async def alerts(e: Enhancer, provider: str) -> list[dict]:
+    async with e.uow() as session:
+        rows = await Repository(session).alerts(500, "pool_low")
+    return [a for a in rows if a["subject"] == provider]
+
+
+async def pool(e: Enhancer, provider: str) -> dict:
+    async with e.uow() as session:
+        row = await Repository(session).pool(provider)
+    assert row is not None
+    return row
+
+
+class TestPools:
+    async def test_consumption_is_exact_and_idempotent(self, enhancer: Enhancer):
+        name = add_provider(enhancer, 20_000)
+        await enhancer.refill(name, 1_000_000, "r1")
+        task = uuid.uuid4()
+        await consume(enhancer, name, task)
+        await consume(enhancer, name, task)  # the same task again: no second charge
+        row = await pool(enhancer, name)
+        assert row["balance_milli"] == 980_000 and row["consumed_milli"] == 20_000
+
+    async def test_refill_is_idempotent_by_reference(self, enhancer: Enhancer):
+        name = add_provider(enhancer, 20_000)
+        await enhancer.refill(name, 500_000, "same")
+        await enhancer.refill(name, 500_000, "same")
+        assert (await pool(enhancer, name))["balance_milli"] == 500_000
+        with pytest.raises(Conflict):
+            await enhancer.refill(name, 700_000, "same")
+
+    async def test_one_alert_per_crossing(self, enhancer: Enhancer):
+        name = add_provider(enhancer, 100_000)
+        await enhancer.refill(name, 1_000_000, "a")  # level 1000 credits; 20 % = 200
+        for _ in range(7):  # 1000 -> 300: above both thresholds
+            await consume(enhancer, name, uuid.uuid4())
+        assert await alerts(enhancer, name) == []
+        await consume(enhancer, name, uuid.uuid4())  # 200: not below 20 % yet
+        assert await alerts(enhancer, name) == []
+        await consume(enhancer, name, uuid.uuid4())  # 100: crossed
+        await consume(enhancer, name, uuid.uuid4())  # 0: still the same crossing
+        assert await enhancer.check_thresholds() >= 0  # the 15-minute job adds nothing
+        [alert] = await alerts(enhancer, name)
+        assert alert["detail"]["auto_refill_requested"] is True
+        await enhancer.refill(name, 1_000_000, "b")  # back above: the next crossing alerts
+        assert len(await alerts(enhancer, name)) == 1
+        for _ in range(10):
+            await consume(enhancer, name, uuid.uuid4())
+        assert len(await alerts(enhancer, name)) == 2
+
+    async def test_absolute_threshold_of_100_credits(self, enhancer: Enhancer):
+        name = add_provider(enhancer, 10_000)
+        await enhancer.refill(name, 105_000, "a")
+        await consume(enhancer, name, uuid.uuid4())  # 95 credits left: below 100
+        assert len(await alerts(enhancer, name)) == 1
+
+    async def test_empty_pool_leaves_the_chain(self, enhancer: Enhancer):
+        rich, poor = add_provider(enhancer, 20_000), add_provider(enhancer, 10_000)
+        await enhancer.refill(rich, 1_000_000, "a")
+        await enhancer.refill(poor, 10_000, "a")
+        mine = {rich, poor}
+        chain = [p.name for p in await enhancer.chain() if p.name in mine]
+        assert chain == [poor, rich]  # cheapest first
+        await consume(enhancer, poor, uuid.uuid4())  # now at zero
+        chain = [p.name for p in await enhancer.chain() if p.name in mine]
+        assert chain == [rich]
+
+    async def test_open_breaker_sorts_last_or_out(self, enhancer: Enhancer):
+        cheap, dear = add_provider(enhancer, 10_000), add_provider(enhancer, 30_000)
+        for name in (cheap, dear):
+            await enhancer.refill(name, 1_000_000, "a")
+        for _ in range(enhancer.breakers[cheap].failure_threshold):
+            await enhancer.breakers[cheap].record_failure()
+        chain = [p.name for p in await enhancer.chain() if p.name in {cheap, dear}]
+        assert chain == [dear, cheap]  # health before cost; the open one is refused later
+        assert not await enhancer.breakers[cheap].allow()
+
+
+async def insert_task(e: Enhancer, **values: object) -> uuid.UUID:
+    from datetime import UTC, datetime
+
+    task_id = uuid.uuid4()
+    row = {
+        "id": task_id,
+        "user_id": f"u{task_id.hex[:8]}",
+        "app": "imagegene",
+        "enhancement_type": "lighting",
+        "strength": 0.5,
+        "input_source": "upload",
+        "input_key": f"inputs/{task_id}",
+        "input_content_type": "image/png",
+        "input_width": 1,
+        "input_height": 1,
+        "price_milli": 2000,
+        "deadline_at": datetime.now(UTC),
+        **values,
+    }
+    async with e.uow() as session:
+        assert await Repository(session).insert_task(row) is not None
+    return task_id
+
+
+class TestScheduledJobs:
+    async def test_daily_summary_counts_the_day_once(self, enhancer: Enhancer):
+        from datetime import UTC, datetime
+
+        day = datetime(2001, 3, 4, 12, tzinfo=UTC)
+        await insert_task(enhancer, status="completed", charged_milli=2000, created_at=day)
+        await insert_task(enhancer, status="failed", created_at=day)
+        summary = await enhancer.daily_summary(datetime(2001, 3, 5, 1, tzinfo=UTC))
+        assert summary["day"] == "2001-03-04"
+        assert (summary["completed"], summary["failed"], summary["charged_milli"]) == (1, 1, 2000)
+        async with enhancer.uow() as session:
+            assert not await Repository(session).save_summary("2001-03-04", {})  # kept once
+
+    async def test_retention_deletes_old_results_only(self, enhancer: Enhancer, tmp_path):
+        from datetime import UTC, datetime, timedelta
+
+        from services.enhancement.storage import LocalStorage
+
+        enhancer.storage = LocalStorage(tmp_path)
+        old_at = datetime.now(UTC) - timedelta(
+            days=enhancer.settings.enhancement_retention_days + 1
+        )
+        old = await insert_task(enhancer, status="completed", completed_at=old_at)
+        new = await insert_task(enhancer, status="completed", completed_at=datetime.now(UTC))
+        for task_id in (old, new):
+            await enhancer.storage.put(f"inputs/{task_id}", b"in")
+            await enhancer.storage.put(f"results/{task_id}", b"out")
+            async with enhancer.uow() as session:
+                from sqlalchemy import text
+
+                await session.execute(
+                    text("UPDATE enhancement.tasks SET result_key = :k WHERE id = :id"),
+                    {"k": f"results/{task_id}", "id": task_id},
+                )
+        assert await enhancer.purge_results() >= 1
+        assert await enhancer.storage.get(f"results/{old}") is None
+        assert await enhancer.storage.get(f"inputs/{old}") is None
+        assert await enhancer.storage.get(f"results/{new}") == b"out"
+        async with enhancer.uow() as session:
+            row = await Repository(session).task(old)
+        assert row is not None and row["result_deleted_at"] is not None
