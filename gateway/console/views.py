@@ -4,8 +4,6 @@ API with the signed-in key's principal, leave a message for the next page and re
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import secrets
 import uuid
 from pathlib import Path
@@ -32,7 +30,7 @@ from gateway.console.session import (
 from gateway.upstream import SignedPrincipal
 from services.kit.errors import Forbidden, KuError, NotFound, Unauthorized
 from services.kit.money import ku_to_milli, milli_to_ku
-from services.kit.principal import GATEWAY, SCOPES, keys
+from services.kit.principal import GATEWAY, SCOPES, derived_secret
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 SECURITY_HEADERS = {
@@ -88,11 +86,7 @@ def redirect(url: str) -> RedirectResponse:
 def session_secret() -> str:
     """The key console sessions are encrypted with: derived from the gateway's own
     principal signing key, which only the gateway holds (docs/kit.md, "Principals")."""
-    private = keys().private.get(GATEWAY)
-    if private is None:
-        raise RuntimeError("the console runs in the gateway, which holds its signing key")
-    digest = hashlib.sha256(b"ku-console-sessions\0" + private.private_bytes_raw()).digest()
-    return base64.urlsafe_b64encode(digest).decode()
+    return derived_secret(GATEWAY, "console-sessions")
 
 
 class Console:

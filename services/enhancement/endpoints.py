@@ -24,7 +24,7 @@ from services.enhancement.service import Enhancer, Submission
 from services.enhancement.storage import verify_link
 from services.kit.errors import BadRequest, NotFound, Unauthorized
 from services.kit.idempotency import key_from_request
-from services.kit.principal import PRINCIPAL_HEADER, Principal, get_principal
+from services.kit.principal import PRINCIPAL_HEADER, Principal, derived_secret, get_principal
 from services.kit.schemas import UserId
 
 router = APIRouter(prefix="/v1/enhancement", tags=["enhancement"])
@@ -178,7 +178,10 @@ async def get_result(
     task = await enhancer.visible(principal, task_id)
     if expires is not None or sig is not None:
         verify_link(
-            enhancer.settings.require_internal_secret(), str(task["id"]), expires or 0, sig or ""
+            derived_secret("enhancement", "result-links"),
+            str(task["id"]),
+            expires or 0,
+            sig or "",
         )
     if task["status"] != "completed" or not task["result_key"] or task["result_deleted_at"]:
         raise NotFound("The task has no result", code="no_result")

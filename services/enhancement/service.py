@@ -63,7 +63,7 @@ from services.kit.errors import (
 )
 from services.kit.money import milli_to_ku
 from services.kit.outbox import emit
-from services.kit.principal import Principal
+from services.kit.principal import Principal, derived_secret
 from services.kit.service_client import ServiceClient
 
 log = logging.getLogger("ku.enhancement")
@@ -393,7 +393,7 @@ class Enhancer:
         result_url = None
         if task["status"] == "completed" and task["result_key"] and not task["result_deleted_at"]:
             result_url = sign_link(
-                self.settings.require_internal_secret(),
+                derived_secret("enhancement", "result-links"),
                 str(task["id"]),
                 self.settings.enhancement_result_url_seconds,
             )

@@ -28,6 +28,7 @@ linked users).
 from __future__ import annotations
 
 import base64
+import hashlib
 import time
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -211,6 +212,16 @@ def sign_bytes(issuer: str, data: bytes) -> str:
     if private is None:
         raise RuntimeError(f"this process holds no principal signing key for {issuer!r}")
     return _b64(private.sign(data))
+
+
+def derived_secret(name: str, purpose: str) -> str:
+    """A secret only process `name` can compute (from its own principal signing key), for
+    `purpose`: the console's session key (gateway), signed result links (enhancement)."""
+    private = keys().private.get(name)
+    if private is None:
+        raise RuntimeError(f"this process holds no principal signing key for {name!r}")
+    material = purpose.encode() + b"\0" + private.private_bytes_raw()
+    return base64.urlsafe_b64encode(hashlib.sha256(material).digest()).decode()
 
 
 def verify_bytes(issuer: str, data: bytes, signature: str) -> bool:
