@@ -274,12 +274,15 @@ def enh(ku_database_url: str) -> Iterator[Enh]:
                 worker.start()
                 e = Enh(suite, worker, providers, images, signing)
                 scopes = (
-                    "enhance,ledger:read,ledger:write,users:write,workspace:read,workspace:write"
+                    "enhance,ledger:read,ledger:write,users:write,workspace:read,workspace:write,"
+                    "users:any"  # ImageGene and Penora are first-party
                 )
                 e.keys["imagegene"] = e.ku(
                     "keys", "create", "--app", "imagegene", "--scopes", scopes
                 )
-                e.keys["penora"] = e.ku("keys", "create", "--app", "penora", "--scopes", "enhance")
+                e.keys["penora"] = e.ku(
+                    "keys", "create", "--app", "penora", "--scopes", "enhance,users:any"
+                )
                 e.keys["admin"] = e.ku("keys", "create", "--app", "ops", "--scopes", "admin")
                 for name in providers:
                     r = httpx.post(

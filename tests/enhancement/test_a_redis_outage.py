@@ -87,7 +87,7 @@ class TestRedisOutage:
             return done.stdout.strip()
 
         key = ku("keys", "create", "--app", "imagegene", "--scopes",
-                 "enhance,ledger:read,users:write")  # fmt: skip
+                 "enhance,ledger:read,users:write,users:any")  # fmt: skip
         admin = ku("keys", "create", "--app", "ops", "--scopes", "admin")
         gw = httpx.AsyncClient(base_url=suite.urls["gateway"], timeout=30)
         try:

@@ -170,7 +170,7 @@ class TestFailuresRelease:
         redis = redis_from_url(settings.redis_url)
         e = Enhancer(settings, sessionmaker_for(engine), redis)
         try:
-            app = Principal(kind="app", app="imagegene", scopes=frozenset({"enhance"}))
+            app = Principal(kind="app", app="imagegene", scopes=frozenset({"enhance", "users:any"}))
             task, created = await e.submit(
                 app,
                 Submission("lighting", "", 0.5, None, user, None, False, upload=enh.images.image),
@@ -248,7 +248,7 @@ class TestFailuresRelease:
         redis = redis_from_url(settings.redis_url)
         e = Enhancer(settings, sessionmaker_for(engine), redis)
         try:
-            app = Principal(kind="app", app="imagegene", scopes=frozenset({"enhance"}))
+            app = Principal(kind="app", app="imagegene", scopes=frozenset({"enhance", "users:any"}))
             sub = Submission(
                 "lighting", "", 0.5, None, user, None, False, image_url="http://private.test/a.png"
             )
