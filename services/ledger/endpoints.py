@@ -4,11 +4,14 @@ import base64
 from datetime import datetime
 from typing import Annotated, Any
 
+import orjson
 from fastapi import APIRouter, Depends, Query, Request, Response
+from pydantic import BaseModel
 
 from services.kit.authority import Permit, authorize
 from services.kit.db import Session
-from services.kit.errors import BadRequest, Forbidden, NotFound, Unprocessable
+from services.kit.errors import BadRequest, Forbidden, KuError, NotFound, Unprocessable
+from services.kit.idempotency import key_from_request, request_hash
 from services.kit.principal import Principal, get_principal, origin_principal
 from services.kit.schemas import AppName, UserId, rename_milli
 from services.ledger.config import get_settings
@@ -17,6 +20,8 @@ from services.ledger.schemas import (
     Account,
     AccountCreate,
     Balance,
+    BatchIn,
+    BatchOut,
     CaptureIn,
     Debit,
     DebitCreate,
@@ -36,7 +41,7 @@ from services.ledger.schemas import (
     Usage,
     UsageRow,
 )
-from services.ledger.service import Ledger, Outcome, idempotency_key
+from services.ledger.service import Keys, Ledger, Outcome, idempotency_key, result_error
 
 router = APIRouter(prefix="/v1/ledger", tags=["ledger"])
 
@@ -151,6 +156,13 @@ async def create_grant(
 ) -> dict[str, Any]:
     """Add credit to a user as a grant (a lot with a source, optional expiry and priority)."""
     permit = _permit("ledger.grant", principal, request, reason=body.reason)
+    op, natural = _grant_op(body, permit)
+    outcome = await ledger.execute(op, principal, key=idempotency_key(request, natural))
+    return _respond(response, outcome)
+
+
+def _grant_op(body: GrantCreate, permit: Permit) -> tuple[dict[str, Any], str | None]:
+    """The grant's operation and natural key (the route's and a batch item's)."""
     if permit.kind == "service" and body.source != "promo":
         # A service's lane: allowances it hands out (expiring promo-like credit) only.
         raise Forbidden("A service may grant only promotional allowances", code="forbidden")
@@ -167,8 +179,7 @@ async def create_grant(
         "auth": permit.as_sql(),
     }
     natural = f"grant:{body.user_id}:{body.source}:{body.reference}" if body.reference else None
-    outcome = await ledger.execute(op, principal, key=idempotency_key(request, natural))
-    return _respond(response, outcome)
+    return op, natural
 
 
 @router.post(
@@ -189,6 +200,12 @@ async def create_debit(
 ) -> dict[str, Any]:
     """Spend credit at once (one-shot). Retries with the same key or reference replay."""
     permit = _permit("ledger.debit", principal, request, app=body.app, reason=body.reason)
+    op, natural = _debit_op(body, permit)
+    outcome = await ledger.execute(op, principal, key=idempotency_key(request, natural))
+    return _respond(response, outcome)
+
+
+def _debit_op(body: DebitCreate, permit: Permit) -> tuple[dict[str, Any], str | None]:
     app = permit.lane or "unknown"
     op = {
         "op": "debit",
@@ -200,12 +217,7 @@ async def create_debit(
         "auth": permit.as_sql(),
     }
     natural = f"debit:{app}:{body.user_id}:{body.reference}" if body.reference else None
-    outcome = await ledger.execute(
-        op,
-        principal,
-        key=idempotency_key(request, natural),
-    )
-    return _respond(response, outcome)
+    return op, natural
 
 
 @router.post(
@@ -223,6 +235,12 @@ async def create_hold(
 ) -> dict[str, Any]:
     """Reserve credit for work about to run; capture or release it later, or it expires."""
     permit = _permit("ledger.reserve", principal, request, app=body.app, reason=body.reason)
+    op, natural = _hold_op(body, permit)
+    outcome = await ledger.execute(op, principal, key=idempotency_key(request, natural))
+    return _respond(response, outcome)
+
+
+def _hold_op(body: HoldCreate, permit: Permit) -> tuple[dict[str, Any], str | None]:
     app = permit.lane or "unknown"
     op = {
         "op": "reserve",
@@ -235,12 +253,7 @@ async def create_hold(
         "auth": permit.as_sql(),
     }
     natural = f"hold:{app}:{body.user_id}:{body.reference}" if body.reference else None
-    outcome = await ledger.execute(
-        op,
-        principal,
-        key=idempotency_key(request, natural),
-    )
-    return _respond(response, outcome)
+    return op, natural
 
 
 @router.get("/holds/{hold_id}", response_model=HoldOut, responses=ERRORS)
@@ -282,12 +295,7 @@ async def _resolve(
     ledger: Ledger,
 ) -> dict[str, Any]:
     permit = _permit(f"ledger.{kind}", principal, request, reason=reason)
-    op: dict[str, Any] = {
-        "op": kind,
-        "hold_id": _uuid(hold_id),
-        "amount": amount,
-        "auth": permit.as_sql(),
-    }
+    op = _resolve_op(kind, hold_id, amount, permit)
     # A hold resolves once: the hold id is its own natural key, so no key is required.
     outcome = await ledger.execute(
         op,
@@ -296,6 +304,10 @@ async def _resolve(
         require_key=False,
     )
     return _respond(response, outcome)
+
+
+def _resolve_op(kind: str, hold_id: str, amount: int | None, permit: Permit) -> dict[str, Any]:
+    return {"op": kind, "hold_id": _uuid(hold_id), "amount": amount, "auth": permit.as_sql()}
 
 
 @router.post("/holds/{hold_id}/capture", response_model=HoldResult, responses=ERRORS)
@@ -337,6 +349,12 @@ async def create_refund(
 ) -> dict[str, Any]:
     """Refund all or part of an earlier debit or capture of yours, never more than it."""
     permit = _permit("ledger.refund", principal, request, reason=body.reason)
+    op, natural = _refund_op(body, permit)
+    outcome = await ledger.execute(op, principal, key=idempotency_key(request, natural))
+    return _respond(response, outcome)
+
+
+def _refund_op(body: RefundCreate, permit: Permit) -> tuple[dict[str, Any], str | None]:
     op: dict[str, Any] = {
         "op": "refund",
         "transaction_id": body.transaction_id,
@@ -346,8 +364,138 @@ async def create_refund(
         "auth": permit.as_sql(),
     }
     natural = f"refund:{body.transaction_id}:{body.reference}" if body.reference else None
-    outcome = await ledger.execute(op, principal, key=idempotency_key(request, natural))
-    return _respond(response, outcome)
+    return op, natural
+
+
+# A batch item's operation name in the authority table, its builder and its response.
+_ITEM_OPERATION = {
+    "debit": "ledger.debit",
+    "hold": "ledger.reserve",
+    "capture": "ledger.capture",
+    "release": "ledger.release",
+    "grant": "ledger.grant",
+    "refund": "ledger.refund",
+}
+_ITEM_OUT: dict[str, type[BaseModel]] = {
+    "debit": Debit,
+    "hold": HoldResult,
+    "capture": HoldResult,
+    "release": HoldResult,
+    "grant": Grant,
+    "refund": Refund,
+}
+
+
+def _item_op(
+    item: Any, principal: Principal, origin: Principal | None
+) -> tuple[dict[str, Any], str | None]:
+    """One batch item through the same table check and builder as its single route."""
+    operation = _ITEM_OPERATION[item.op]
+    app = item.app if item.op in ("debit", "hold") else None
+    permit = authorize(principal, operation, origin=origin, app=app, reason=item.reason)
+    if item.op == "debit":
+        return _debit_op(item, permit)
+    if item.op == "hold":
+        return _hold_op(item, permit)
+    if item.op == "grant":
+        return _grant_op(item, permit)
+    if item.op == "refund":
+        return _refund_op(item, permit)
+    amount = item.amount if item.op == "capture" else None
+    return _resolve_op(item.op, item.hold_id, amount, permit), None
+
+
+def _item_error(index: int, op: str, exc: KuError) -> dict[str, Any]:
+    return {
+        "index": index,
+        "op": op,
+        "status": exc.status_code,
+        "replayed": False,
+        "error": exc.body()["error"],
+    }
+
+
+def _item_result(index: int, op: str, result: dict[str, Any]) -> dict[str, Any]:
+    status = int(result["status"])
+    replayed = bool(result.get("replayed"))
+    if status >= 400:
+        out = _item_error(index, op, result_error(result))
+        out.update(status=status, replayed=replayed)
+        return out
+    body = _ITEM_OUT[op].model_validate(rename_milli(result["body"])).model_dump(mode="json")
+    return {"index": index, "op": op, "status": status, "replayed": replayed, "body": body}
+
+
+@router.post(
+    "/batch",
+    response_model=BatchOut,
+    responses={
+        **ERRORS,
+        409: {"description": "The batch's Idempotency-Key was used with other operations"},
+        422: {"description": "A malformed item, a repeated item key, or more than 1,000 items"},
+    },
+)
+async def apply_batch(
+    body: BatchIn, request: Request, principal: CurrentPrincipal, ledger: LedgerDep
+) -> Response:
+    """Apply up to 1,000 operations (debit, hold, capture, release, grant, refund) for any
+    mix of users in one request.
+
+    Each item is what its single route takes (`POST /debits`, `/holds`,
+    `/holds/{id}/capture`, `/holds/{id}/release`, `/grants`, `/refunds`) plus `op`
+    and its own required `idempotency_key` (the single route's Idempotency-Key: the
+    same key in a single request and in a batch item is one request). Each item is
+    checked by the same authority table and the same ledger rules, and answered on
+    its own: `results` in request order, each with `status` and the single route's
+    `body` or `error`. One item's 402, 403, 404 or 409 does not fail the others; the
+    request itself is 200.
+
+    Limits: 1 to 1,000 items; item keys unique within the batch (else 422 before
+    anything is applied); a malformed item (schema) rejects the whole batch, 422.
+    The items run in the ledger's group commit, `KU_BATCH_MAX_OPS` per statement,
+    sorted by user: no order among items is guaranteed (a capture of a hold placed in
+    the same batch may run before the hold: send it in a later batch).
+
+    The batch is idempotent too: with an `Idempotency-Key` header a retry replays the
+    first answer (`Idempotent-Replayed: true`), and the same key with other operations
+    is 409 `idempotency_key_reused`. Without one, a retry is still safe: every item
+    replays under its own key."""
+    items = body.operations
+    if len({item.idempotency_key for item in items}) != len(items):
+        raise Unprocessable(
+            "Each item of a batch needs its own idempotency_key", code="duplicate_item_key"
+        )
+    batch_key = key_from_request(request, None)
+    batch_hash = ""
+    if batch_key is not None:
+        batch_hash = request_hash(body.model_dump(mode="json"))
+        stored = await ledger.claim_batch(principal, batch_key, batch_hash)
+        if stored is not None:
+            return Response(
+                stored, media_type="application/json", headers={"Idempotent-Replayed": "true"}
+            )
+
+    origin = origin_principal(request, principal)
+    results: list[dict[str, Any] | None] = [None] * len(items)
+    prepared: list[dict[str, Any]] = []
+    where: list[int] = []
+    for index, item in enumerate(items):
+        try:
+            op, natural = _item_op(item, principal, origin)
+            keys = Keys(header=item.idempotency_key, natural=natural)
+            prepared.append(ledger.prepare(op, principal, key=keys))
+        except KuError as exc:
+            results[index] = _item_error(index, item.op, exc)
+            continue
+        where.append(index)
+    for index, result in zip(where, await ledger.execute_many(prepared), strict=True):
+        results[index] = _item_result(index, items[index].op, result)
+
+    failed = sum(1 for r in results if r is not None and r["status"] >= 400)
+    raw = orjson.dumps({"results": results, "succeeded": len(items) - failed, "failed": failed})
+    if batch_key is not None:
+        await ledger.store_batch(principal, batch_key, batch_hash, raw)
+    return Response(raw, media_type="application/json")
 
 
 def _cursor(value: str | None) -> int | None:
