@@ -139,7 +139,7 @@ async def direct_batch_case(dsn: str, name: str, users: list[str]) -> Result:
 
 
 async def http_batch_case(port: int, name: str, users: list[str]) -> Result:
-    principal = Principal(kind="app", app="bench", scopes=frozenset({"ledger:write"}))
+    principal = Principal(kind="app", app="bench", scopes=frozenset({"ledger:write", "users:any"}))
     header: dict[str, Any] = {
         "value": outgoing_header(principal, audience="ledger"),
         "at": time.monotonic(),
@@ -190,7 +190,7 @@ async def http_batch_case(port: int, name: str, users: list[str]) -> Result:
 
 
 async def http_case(port: int, secret: str, name: str, users: list[str]) -> Result:
-    principal = Principal(kind="app", app="bench", scopes=frozenset({"ledger:write"}))
+    principal = Principal(kind="app", app="bench", scopes=frozenset({"ledger:write", "users:any"}))
     header: dict[str, Any] = {
         "value": outgoing_header(principal, audience="ledger"),
         "at": time.monotonic(),
@@ -244,7 +244,7 @@ async def setup_users(url: str, secret: str, users: list[str], ku_each: int) -> 
                     assert r.status in (200, 201), await r.text()
                 async with session.post(
                     f"{url}/v1/ledger/grants",
-                    json={"user_id": user, "amount": ku_each, "source": "promo"},
+                    json={"user_id": user, "amount": ku_each, "source": "promo", "reason": "bench"},
                     headers={**h, "idempotency-key": uuid.uuid4().hex},
                 ) as r:
                     assert r.status == 201, await r.text()
