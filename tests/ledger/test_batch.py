@@ -105,6 +105,20 @@ class TestMixed:
         b = await balance(ledger, user)
         assert b["available"] == 25.5 and b["held"] == 0
 
+    async def test_an_item_the_database_refuses_is_alone(self, ledger, funded_user):
+        user = await funded_user(10)
+        r = await batch(
+            ledger,
+            [
+                item("debit", user_id=user, amount=1),
+                item("debit", user_id=user, amount=1, description="nul \u0000 byte"),
+                item("debit", user_id=user, amount=1),
+            ],
+        )
+        assert statuses(r) == [201, 422, 201]
+        assert r.json()["results"][1]["error"]["code"] == "invalid_input"
+        assert (await balance(ledger, user))["available"] == 8
+
 
 class TestIdempotency:
     async def test_the_same_batch_again_applies_nothing_twice(self, ledger, funded_user):
