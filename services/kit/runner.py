@@ -115,11 +115,30 @@ def _settings_from(env: Mapping[str, str]) -> KuSettings:
     return _ChildSettings(**values)  # type: ignore[arg-type]
 
 
-def _uvicorn(target: str, host: str, port: int) -> list[str]:
-    return [
+def _uvicorn(target: str, host: str, port: int, processes: int = 1) -> list[str]:
+    argv = [
         sys.executable, "-m", "uvicorn", target, "--factory",
         "--host", host, "--port", str(port), "--no-access-log",
     ]  # fmt: skip
+    if processes > 1:
+        # uvicorn's supervisor forks N workers sharing the one listening socket; each has
+        # its own event loop, pools and group committer (Postgres's row locks decide).
+        argv += ["--workers", str(processes)]
+    return argv
+
+
+def _processes(env: dict[str, str], name: str) -> int:
+    """KU_<NAME>_PROCESSES: how many processes serve `name` (default 1)."""
+    raw = env.get(f"KU_{name.upper()}_PROCESSES") or "1"
+    try:
+        count = int(raw)
+    except ValueError:
+        raise SuiteError(
+            f"KU_{name.upper()}_PROCESSES must be a whole number, not {raw!r}"
+        ) from None
+    if count < 1:
+        raise SuiteError(f"KU_{name.upper()}_PROCESSES must be at least 1")
+    return count
 
 
 def _upgrade(database_url: str) -> list[str]:
@@ -369,9 +388,12 @@ class Suite:
             if name == WORKER:
                 argv = [sys.executable, "-m", "services.worker"]
             elif name == GATEWAY:
+                # One gateway process: it serves its metrics on its own second port.
                 argv = _uvicorn("gateway.app:create_app", host, port)
             else:
-                argv = _uvicorn(f"services.{name}.app:create_app", host, port)
+                argv = _uvicorn(
+                    f"services.{name}.app:create_app", host, port, _processes(self.env, name)
+                )
             specs.append(ProcessSpec(name=name, argv=argv, port=port, host=host))
         return specs
 

@@ -74,6 +74,36 @@ class GroupCommitter:
             asyncio.create_task(self._flush())
         return await future
 
+    async def submit_many(self, ops: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Queue many operations at once (a batch request): they share the flushers'
+        `apply_batch` statements with everyone else's, so 1,000 operations are about
+        1,000 / max_ops statements, max_inflight of them at a time. Results in order;
+        an operation whose statement could not reach the database is its own 503."""
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[dict[str, Any]]] = []
+        for op in ops:
+            future: asyncio.Future[dict[str, Any]] = loop.create_future()
+            self._queue.append((op, future))
+            futures.append(future)
+        while self._inflight < self.max_inflight and self._inflight * self.max_ops < len(
+            self._queue
+        ):
+            self._inflight += 1
+            asyncio.create_task(self._flush())
+        results: list[dict[str, Any]] = []
+        for future in futures:
+            try:
+                results.append(await future)
+            except LedgerUnavailable:
+                results.append(
+                    _error(
+                        503,
+                        "ledger_unavailable",
+                        "The ledger's database is unavailable; retry with the same key",
+                    )
+                )
+        return results
+
     async def _flush(self) -> None:
         try:
             while self._queue:

@@ -4,19 +4,24 @@ import base64
 from datetime import datetime
 from typing import Annotated, Any
 
+import orjson
 from fastapi import APIRouter, Depends, Query, Request, Response
+from pydantic import BaseModel
 
 from services.kit.authority import Permit, authorize
 from services.kit.db import Session
-from services.kit.errors import BadRequest, Forbidden, NotFound, Unprocessable
+from services.kit.errors import BadRequest, Forbidden, KuError, NotFound, Unprocessable
+from services.kit.idempotency import key_from_request, request_hash
 from services.kit.principal import Principal, get_principal, origin_principal
 from services.kit.schemas import AppName, UserId, rename_milli
 from services.ledger.config import get_settings
-from services.ledger.repository import LedgerRepository
+from services.ledger.repository import LedgerRepository, read_balance
 from services.ledger.schemas import (
     Account,
     AccountCreate,
     Balance,
+    BatchIn,
+    BatchOut,
     CaptureIn,
     Debit,
     DebitCreate,
@@ -36,7 +41,7 @@ from services.ledger.schemas import (
     Usage,
     UsageRow,
 )
-from services.ledger.service import Ledger, Outcome, idempotency_key
+from services.ledger.service import Keys, Ledger, Outcome, idempotency_key, result_error
 
 router = APIRouter(prefix="/v1/ledger", tags=["ledger"])
 
@@ -57,6 +62,12 @@ async def get_ledger(request: Request) -> Ledger:
 
 
 LedgerDep = Annotated[Ledger, Depends(get_ledger)]
+
+
+def _ledger(request: Request) -> Ledger:
+    """The hot routes read the ledger off the app directly: a FastAPI dependency costs a
+    dependency solve per request (see docs/ledger.md "The hot path")."""
+    return request.app.state.ledger
 
 
 def _permit(
@@ -84,26 +95,30 @@ async def _may_read(
     return permit
 
 
-def _respond(response: Response, outcome: Outcome) -> dict[str, Any]:
-    response.status_code = outcome.status_code
-    if outcome.replayed:
-        response.headers["Idempotent-Replayed"] = "true"
-    return rename_milli(outcome.body)
+def _respond(outcome: Outcome, model: type[BaseModel]) -> Response:
+    """The route's response, serialized once by pydantic straight to JSON bytes: the
+    same validation and wire form as FastAPI's response_model path (which stays on the
+    route for the OpenAPI), without its second encoding pass and sub-response."""
+    content = model.model_validate(rename_milli(outcome.body)).model_dump_json()
+    headers = {"Idempotent-Replayed": "true"} if outcome.replayed else None
+    return Response(content, outcome.status_code, headers, media_type="application/json")
 
 
 @router.get("/balance", response_model=Balance, responses=ERRORS)
-async def get_balance(
-    user_id: UserId, principal: CurrentPrincipal, request: Request, session: Session
-) -> Balance:
+async def get_balance(user_id: UserId, principal: CurrentPrincipal, request: Request) -> Response:
     """A user's spendable, held and total credit, per source, with the next expiry."""
-    await _may_read(principal, request, session, user_id)
-    found = await LedgerRepository(session).balance(user_id)
-    if found is None:
+    permit = _permit("ledger.read", principal, request)
+    # The link check rides on the balance statement (one asyncpg round trip, on the
+    # committer's pool); the table's answer is applied before anything is shown.
+    app = permit.users[7:] if permit.users.startswith("linked:") else None
+    found = await read_balance(_ledger(request).committer.pool, user_id, app)
+    permit.check_user(user_id, found["linked"])
+    if not found["found"]:
         raise NotFound("No ledger account for this user", code="unknown_user", user_id=user_id)
     sources = found["sources"]
     available = sum(int(s["amount_milli"]) for s in sources)
     expiry = found["next_expiry"]
-    return Balance(
+    balance = Balance(
         user_id=user_id,
         available=available,
         held=found["held_milli"],
@@ -112,6 +127,7 @@ async def get_balance(
         by_source=[SourceBalance(source=s["source"], available=s["amount_milli"]) for s in sources],
         next_expiry=NextExpiry(at=expiry["at"], amount=expiry["amount_milli"]) if expiry else None,
     )
+    return Response(balance.model_dump_json(), media_type="application/json")
 
 
 @router.post("/accounts", response_model=Account, responses=ERRORS)
@@ -145,12 +161,17 @@ async def open_account(
 async def create_grant(
     body: GrantCreate,
     request: Request,
-    response: Response,
     principal: CurrentPrincipal,
-    ledger: LedgerDep,
-) -> dict[str, Any]:
+) -> Response:
     """Add credit to a user as a grant (a lot with a source, optional expiry and priority)."""
     permit = _permit("ledger.grant", principal, request, reason=body.reason)
+    op, natural = _grant_op(body, permit)
+    outcome = await _ledger(request).execute(op, principal, key=idempotency_key(request, natural))
+    return _respond(outcome, Grant)
+
+
+def _grant_op(body: GrantCreate, permit: Permit) -> tuple[dict[str, Any], str | None]:
+    """The grant's operation and natural key (the route's and a batch item's)."""
     if permit.kind == "service" and body.source != "promo":
         # A service's lane: allowances it hands out (expiring promo-like credit) only.
         raise Forbidden("A service may grant only promotional allowances", code="forbidden")
@@ -167,8 +188,7 @@ async def create_grant(
         "auth": permit.as_sql(),
     }
     natural = f"grant:{body.user_id}:{body.source}:{body.reference}" if body.reference else None
-    outcome = await ledger.execute(op, principal, key=idempotency_key(request, natural))
-    return _respond(response, outcome)
+    return op, natural
 
 
 @router.post(
@@ -183,12 +203,16 @@ async def create_grant(
 async def create_debit(
     body: DebitCreate,
     request: Request,
-    response: Response,
     principal: CurrentPrincipal,
-    ledger: LedgerDep,
-) -> dict[str, Any]:
+) -> Response:
     """Spend credit at once (one-shot). Retries with the same key or reference replay."""
     permit = _permit("ledger.debit", principal, request, app=body.app, reason=body.reason)
+    op, natural = _debit_op(body, permit)
+    outcome = await _ledger(request).execute(op, principal, key=idempotency_key(request, natural))
+    return _respond(outcome, Debit)
+
+
+def _debit_op(body: DebitCreate, permit: Permit) -> tuple[dict[str, Any], str | None]:
     app = permit.lane or "unknown"
     op = {
         "op": "debit",
@@ -200,12 +224,7 @@ async def create_debit(
         "auth": permit.as_sql(),
     }
     natural = f"debit:{app}:{body.user_id}:{body.reference}" if body.reference else None
-    outcome = await ledger.execute(
-        op,
-        principal,
-        key=idempotency_key(request, natural),
-    )
-    return _respond(response, outcome)
+    return op, natural
 
 
 @router.post(
@@ -217,12 +236,16 @@ async def create_debit(
 async def create_hold(
     body: HoldCreate,
     request: Request,
-    response: Response,
     principal: CurrentPrincipal,
-    ledger: LedgerDep,
-) -> dict[str, Any]:
+) -> Response:
     """Reserve credit for work about to run; capture or release it later, or it expires."""
     permit = _permit("ledger.reserve", principal, request, app=body.app, reason=body.reason)
+    op, natural = _hold_op(body, permit)
+    outcome = await _ledger(request).execute(op, principal, key=idempotency_key(request, natural))
+    return _respond(outcome, HoldResult)
+
+
+def _hold_op(body: HoldCreate, permit: Permit) -> tuple[dict[str, Any], str | None]:
     app = permit.lane or "unknown"
     op = {
         "op": "reserve",
@@ -235,12 +258,7 @@ async def create_hold(
         "auth": permit.as_sql(),
     }
     natural = f"hold:{app}:{body.user_id}:{body.reference}" if body.reference else None
-    outcome = await ledger.execute(
-        op,
-        principal,
-        key=idempotency_key(request, natural),
-    )
-    return _respond(response, outcome)
+    return op, natural
 
 
 @router.get("/holds/{hold_id}", response_model=HoldOut, responses=ERRORS)
@@ -277,66 +295,60 @@ async def _resolve(
     amount: int | None,
     reason: str | None,
     request: Request,
-    response: Response,
     principal: Principal,
-    ledger: Ledger,
-) -> dict[str, Any]:
+) -> Response:
     permit = _permit(f"ledger.{kind}", principal, request, reason=reason)
-    op: dict[str, Any] = {
-        "op": kind,
-        "hold_id": _uuid(hold_id),
-        "amount": amount,
-        "auth": permit.as_sql(),
-    }
+    op = _resolve_op(kind, hold_id, amount, permit)
     # A hold resolves once: the hold id is its own natural key, so no key is required.
-    outcome = await ledger.execute(
-        op,
-        principal,
-        key=idempotency_key(request, None),
-        require_key=False,
+    outcome = await _ledger(request).execute(
+        op, principal, key=idempotency_key(request, None), require_key=False
     )
-    return _respond(response, outcome)
+    return _respond(outcome, HoldResult)
+
+
+def _resolve_op(kind: str, hold_id: str, amount: int | None, permit: Permit) -> dict[str, Any]:
+    return {"op": kind, "hold_id": _uuid(hold_id), "amount": amount, "auth": permit.as_sql()}
 
 
 @router.post("/holds/{hold_id}/capture", response_model=HoldResult, responses=ERRORS)
 async def capture_hold(
     hold_id: str,
     request: Request,
-    response: Response,
     principal: CurrentPrincipal,
-    ledger: LedgerDep,
     body: CaptureIn | None = None,
-) -> dict[str, Any]:
+) -> Response:
     """Spend all or part of a hold; the rest goes back to the user. Resolves it."""
     amount = body.amount if body else None
     reason = body.reason if body else None
-    return await _resolve("capture", hold_id, amount, reason, request, response, principal, ledger)
+    return await _resolve("capture", hold_id, amount, reason, request, principal)
 
 
 @router.post("/holds/{hold_id}/release", response_model=HoldResult, responses=ERRORS)
 async def release_hold(
     hold_id: str,
     request: Request,
-    response: Response,
     principal: CurrentPrincipal,
-    ledger: LedgerDep,
     body: ReleaseIn | None = None,
-) -> dict[str, Any]:
+) -> Response:
     """Give a hold back in full. Resolves it."""
     reason = body.reason if body else None
-    return await _resolve("release", hold_id, None, reason, request, response, principal, ledger)
+    return await _resolve("release", hold_id, None, reason, request, principal)
 
 
 @router.post("/refunds", status_code=201, response_model=Refund, responses=ERRORS)
 async def create_refund(
     body: RefundCreate,
     request: Request,
-    response: Response,
     principal: CurrentPrincipal,
-    ledger: LedgerDep,
-) -> dict[str, Any]:
+) -> Response:
     """Refund all or part of an earlier debit or capture of yours, never more than it."""
     permit = _permit("ledger.refund", principal, request, reason=body.reason)
+    op, natural = _refund_op(body, permit)
+    outcome = await _ledger(request).execute(op, principal, key=idempotency_key(request, natural))
+    return _respond(outcome, Refund)
+
+
+def _refund_op(body: RefundCreate, permit: Permit) -> tuple[dict[str, Any], str | None]:
     op: dict[str, Any] = {
         "op": "refund",
         "transaction_id": body.transaction_id,
@@ -346,8 +358,142 @@ async def create_refund(
         "auth": permit.as_sql(),
     }
     natural = f"refund:{body.transaction_id}:{body.reference}" if body.reference else None
-    outcome = await ledger.execute(op, principal, key=idempotency_key(request, natural))
-    return _respond(response, outcome)
+    return op, natural
+
+
+# A batch item's operation name in the authority table, its builder and its response.
+_ITEM_OPERATION = {
+    "debit": "ledger.debit",
+    "hold": "ledger.reserve",
+    "capture": "ledger.capture",
+    "release": "ledger.release",
+    "grant": "ledger.grant",
+    "refund": "ledger.refund",
+}
+_ITEM_OUT: dict[str, type[BaseModel]] = {
+    "debit": Debit,
+    "hold": HoldResult,
+    "capture": HoldResult,
+    "release": HoldResult,
+    "grant": Grant,
+    "refund": Refund,
+}
+
+
+def _item_op(
+    item: Any, principal: Principal, origin: Principal | None
+) -> tuple[dict[str, Any], str | None]:
+    """One batch item through the same table check and builder as its single route."""
+    operation = _ITEM_OPERATION[item.op]
+    app = item.app if item.op in ("debit", "hold") else None
+    permit = authorize(principal, operation, origin=origin, app=app, reason=item.reason)
+    if item.op == "debit":
+        return _debit_op(item, permit)
+    if item.op == "hold":
+        return _hold_op(item, permit)
+    if item.op == "grant":
+        return _grant_op(item, permit)
+    if item.op == "refund":
+        return _refund_op(item, permit)
+    amount = item.amount if item.op == "capture" else None
+    return _resolve_op(item.op, item.hold_id, amount, permit), None
+
+
+def _item_error(index: int, op: str, exc: KuError) -> dict[str, Any]:
+    return {
+        "index": index,
+        "op": op,
+        "status": exc.status_code,
+        "replayed": False,
+        "error": exc.body()["error"],
+    }
+
+
+def _item_result(index: int, op: str, result: dict[str, Any]) -> dict[str, Any]:
+    status = int(result["status"])
+    replayed = bool(result.get("replayed"))
+    if status >= 400:
+        out = _item_error(index, op, result_error(result))
+        out.update(status=status, replayed=replayed)
+        return out
+    body = _ITEM_OUT[op].model_validate(rename_milli(result["body"])).model_dump(mode="json")
+    return {"index": index, "op": op, "status": status, "replayed": replayed, "body": body}
+
+
+@router.post(
+    "/batch",
+    response_model=BatchOut,
+    responses={
+        **ERRORS,
+        409: {"description": "The batch's Idempotency-Key was used with other operations"},
+        422: {"description": "A malformed item, a repeated item key, or more than 1,000 items"},
+    },
+)
+async def apply_batch(
+    body: BatchIn, request: Request, principal: CurrentPrincipal, ledger: LedgerDep
+) -> Response:
+    """Apply up to 1,000 operations (debit, hold, capture, release, grant, refund) for any
+    mix of users in one request.
+
+    Each item is what its single route takes (`POST /debits`, `/holds`,
+    `/holds/{id}/capture`, `/holds/{id}/release`, `/grants`, `/refunds`) plus `op`
+    and its own required `idempotency_key` (the single route's Idempotency-Key: the
+    same key in a single request and in a batch item is one request). Each item is
+    checked by the same authority table and the same ledger rules, and answered on
+    its own: `results` in request order, each with `status` and the single route's
+    `body` or `error`. One item's 402, 403, 404 or 409 does not fail the others; the
+    request itself is 200.
+
+    Limits: 1 to 1,000 items; item keys unique within the batch (else 422 before
+    anything is applied); a malformed item (schema) rejects the whole batch, 422.
+    The items run in the ledger's group commit, `KU_BATCH_MAX_OPS` per statement,
+    sorted by user: no order among items is guaranteed (a capture of a hold placed in
+    the same batch may run before the hold: send it in a later batch).
+
+    The batch is idempotent too: with an `Idempotency-Key` header a retry replays the
+    first answer (`Idempotent-Replayed: true`; an answer with a 5xx item is not stored,
+    so a retry tries that item again), and the same key with other operations is 409
+    `idempotency_key_reused`. Without one, a retry is still safe: every item
+    replays under its own key."""
+    items = body.operations
+    if len({item.idempotency_key for item in items}) != len(items):
+        raise Unprocessable(
+            "Each item of a batch needs its own idempotency_key", code="duplicate_item_key"
+        )
+    batch_key = key_from_request(request, None)
+    batch_hash = ""
+    if batch_key is not None:
+        batch_hash = request_hash(body.model_dump(mode="json"))
+        stored = await ledger.claim_batch(principal, batch_key, batch_hash)
+        if stored is not None:
+            return Response(
+                stored, media_type="application/json", headers={"Idempotent-Replayed": "true"}
+            )
+
+    origin = origin_principal(request, principal)
+    results: list[dict[str, Any] | None] = [None] * len(items)
+    prepared: list[dict[str, Any]] = []
+    where: list[int] = []
+    for index, item in enumerate(items):
+        try:
+            op, natural = _item_op(item, principal, origin)
+            keys = Keys(header=item.idempotency_key, natural=natural)
+            prepared.append(ledger.prepare(op, principal, key=keys))
+        except KuError as exc:
+            results[index] = _item_error(index, item.op, exc)
+            continue
+        where.append(index)
+    for index, result in zip(where, await ledger.execute_many(prepared), strict=True):
+        results[index] = _item_result(index, items[index].op, result)
+
+    failed = sum(1 for r in results if r is not None and r["status"] >= 400)
+    raw = orjson.dumps({"results": results, "succeeded": len(items) - failed, "failed": failed})
+    # An item the database could not take (5xx: unreachable, refused) was not applied
+    # and is not remembered under its key: an answer holding one is not stored either,
+    # so a retry of the batch tries it again instead of replaying the failure.
+    if batch_key is not None and all(r is not None and r["status"] < 500 for r in results):
+        await ledger.store_batch(principal, batch_key, batch_hash, raw)
+    return Response(raw, media_type="application/json")
 
 
 def _cursor(value: str | None) -> int | None:

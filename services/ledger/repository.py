@@ -5,61 +5,66 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
+import asyncpg
+import orjson
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
+
+# Everything the balance endpoint shows, and whether the user is linked to app $2, in one
+# statement. Holds whose TTL passed count as released even before a job or an operation
+# sweeps them; expired grants never count; nothing is spendable beside a debt.
+_BALANCE = """
+WITH wallet AS (
+  SELECT user_id, debt_milli FROM ledger.wallets WHERE user_id = $1
+), spendable AS (
+  SELECT g.source, g.remaining_milli AS amount
+    FROM ledger.grants g
+   WHERE g.user_id = $1 AND g.remaining_milli > 0
+     AND (g.expires_at IS NULL OR g.expires_at > now())
+  UNION ALL
+  SELECT g.source, ha.amount_milli
+    FROM ledger.holds h
+    JOIN ledger.hold_allocations ha ON ha.hold_id = h.id
+    JOIN ledger.grants g ON g.id = ha.grant_id
+   WHERE h.user_id = $1 AND h.status = 'active' AND h.expires_at <= now()
+     AND (g.expires_at IS NULL OR g.expires_at > now())
+), by_source AS (
+  SELECT source, SUM(amount)::bigint AS amount_milli
+    FROM spendable WHERE (SELECT debt_milli FROM wallet) = 0
+   GROUP BY source ORDER BY source
+), next_expiry AS (
+  SELECT expires_at AS at, SUM(remaining_milli)::bigint AS amount_milli
+    FROM ledger.grants
+   WHERE user_id = $1 AND remaining_milli > 0 AND expires_at > now()
+   GROUP BY expires_at ORDER BY expires_at LIMIT 1
+)
+SELECT
+  EXISTS (SELECT 1 FROM wallet) AS found,
+  ($2::text IS NOT NULL
+   AND EXISTS (SELECT 1 FROM ledger.app_links WHERE user_id = $1 AND app = $2)) AS linked,
+  (SELECT COALESCE(json_agg(by_source), '[]'::json) FROM by_source)::text AS sources,
+  (SELECT row_to_json(next_expiry) FROM next_expiry)::text AS next_expiry,
+  (SELECT COALESCE(SUM(amount_milli - clawed_milli), 0)::bigint
+     FROM ledger.holds WHERE user_id = $1 AND status = 'active'
+      AND expires_at > now()) AS held_milli,
+  (SELECT debt_milli FROM wallet) AS debt_milli
+"""
+
+
+async def read_balance(pool: asyncpg.Pool, user_id: str, app: str | None) -> dict[str, Any]:
+    """A user's balance over asyncpg (one statement, no ORM session, no BEGIN/COMMIT),
+    with `found` (has a wallet) and `linked` (is linked to partner `app`, when given)."""
+    async with pool.acquire() as conn:
+        row = await conn.fetchrow(_BALANCE, user_id, app)
+    out = dict(row)
+    out["sources"] = orjson.loads(out["sources"])
+    out["next_expiry"] = orjson.loads(out["next_expiry"]) if out["next_expiry"] else None
+    return out
 
 
 class LedgerRepository:
     def __init__(self, session: AsyncSession) -> None:
         self.session = session
-
-    async def balance(self, user_id: str) -> dict[str, Any] | None:
-        """Everything the balance endpoint shows, in one round trip; None for no account.
-
-        Holds whose TTL passed count as released even before a job or an operation
-        sweeps them; expired grants never count; nothing is spendable beside a debt.
-        """
-        row = await self.session.execute(
-            text(
-                """
-                WITH wallet AS (
-                  SELECT user_id, debt_milli FROM ledger.wallets WHERE user_id = :u
-                ), spendable AS (
-                  SELECT g.source, g.remaining_milli AS amount
-                    FROM ledger.grants g
-                   WHERE g.user_id = :u AND g.remaining_milli > 0
-                     AND (g.expires_at IS NULL OR g.expires_at > now())
-                  UNION ALL
-                  SELECT g.source, ha.amount_milli
-                    FROM ledger.holds h
-                    JOIN ledger.hold_allocations ha ON ha.hold_id = h.id
-                    JOIN ledger.grants g ON g.id = ha.grant_id
-                   WHERE h.user_id = :u AND h.status = 'active' AND h.expires_at <= now()
-                     AND (g.expires_at IS NULL OR g.expires_at > now())
-                ), by_source AS (
-                  SELECT source, SUM(amount)::bigint AS amount_milli
-                    FROM spendable WHERE (SELECT debt_milli FROM wallet) = 0
-                   GROUP BY source ORDER BY source
-                ), next_expiry AS (
-                  SELECT expires_at AS at, SUM(remaining_milli)::bigint AS amount_milli
-                    FROM ledger.grants
-                   WHERE user_id = :u AND remaining_milli > 0 AND expires_at > now()
-                   GROUP BY expires_at ORDER BY expires_at LIMIT 1
-                )
-                SELECT
-                  (SELECT COALESCE(json_agg(by_source), '[]'::json) FROM by_source) AS sources,
-                  (SELECT row_to_json(next_expiry) FROM next_expiry) AS next_expiry,
-                  (SELECT COALESCE(SUM(amount_milli - clawed_milli), 0)::bigint
-                     FROM ledger.holds WHERE user_id = :u AND status = 'active'
-                      AND expires_at > now()) AS held_milli,
-                  wallet.debt_milli
-                  FROM wallet
-                """
-            ),
-            {"u": user_id},
-        )
-        found = row.first()
-        return dict(found._mapping) if found else None
 
     async def is_linked(self, user_id: str, app: str) -> bool:
         """Is `user_id` linked to partner `app` (signed in through it, or an admin linked them)?"""

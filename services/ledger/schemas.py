@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
@@ -260,3 +260,116 @@ class Usage(BaseModel):
     group_by: list[str]
     rows: list[UsageRow]
     total_spent: Ku
+
+
+# --- POST /v1/ledger/batch -------------------------------------------------------------
+
+BATCH_MAX_ITEMS = 1000
+ItemKey = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=200),
+    Field(description="This item's idempotency key, as the single route's Idempotency-Key"),
+]
+_ITEM = ConfigDict(extra="forbid")
+
+
+class DebitItem(DebitCreate):
+    model_config = _ITEM
+    op: Literal["debit"]
+    idempotency_key: ItemKey
+
+
+class HoldItem(HoldCreate):
+    model_config = _ITEM
+    op: Literal["hold"]
+    idempotency_key: ItemKey
+
+
+class CaptureItem(CaptureIn):
+    model_config = _ITEM
+    op: Literal["capture"]
+    hold_id: str
+    idempotency_key: ItemKey
+
+
+class ReleaseItem(ReleaseIn):
+    model_config = _ITEM
+    op: Literal["release"]
+    hold_id: str
+    idempotency_key: ItemKey
+
+
+class GrantItem(GrantCreate):
+    model_config = _ITEM
+    op: Literal["grant"]
+    idempotency_key: ItemKey
+
+
+class RefundItem(RefundCreate):
+    model_config = _ITEM
+    op: Literal["refund"]
+    idempotency_key: ItemKey
+
+
+BatchItem = Annotated[
+    DebitItem | HoldItem | CaptureItem | ReleaseItem | GrantItem | RefundItem,
+    Field(discriminator="op"),
+]
+
+
+class BatchIn(_In):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "operations": [
+                        {
+                            "op": "debit",
+                            "idempotency_key": "usage-2026-11-25-0001",
+                            "user_id": "101902121794505144784",
+                            "amount": 0.25,
+                            "description": "1,250 tokens",
+                        },
+                        {
+                            "op": "hold",
+                            "idempotency_key": "gen_7f3a-hold",
+                            "user_id": "117288341799934211024",
+                            "amount": 12.5,
+                            "ttl_seconds": 300,
+                        },
+                        {
+                            "op": "capture",
+                            "idempotency_key": "gen_6e21-capture",
+                            "hold_id": "5b0c7a1e-9f0e-4c1a-a3b8-6d2f1f7e2c10",
+                            "amount": 3,
+                        },
+                    ]
+                }
+            ]
+        },
+    )
+    operations: list[BatchItem] = Field(min_length=1, max_length=BATCH_MAX_ITEMS)
+
+
+class BatchError(BaseModel):
+    code: str
+    message: str
+    detail: dict[str, Any] | None = None
+
+
+class BatchResult(BaseModel):
+    index: int = Field(description="The item's position in the request")
+    op: str
+    status: int = Field(description="What the single route would have answered")
+    replayed: bool = Field(description="This item's key was seen before: its first outcome")
+    body: dict[str, Any] | None = Field(
+        None, description="On success: the single route's response body"
+    )
+    error: BatchError | None = Field(None, description="On failure: the single route's error")
+
+
+class BatchOut(BaseModel):
+    results: list[BatchResult]
+    succeeded: int
+    failed: int

@@ -91,11 +91,20 @@ def _ku_detail(detail: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def result_error(result: dict[str, Any]) -> KuError:
+    """A failed `ledger.apply` result as the KuError the single routes raise."""
+    status = int(result["status"])
+    error = result["error"]
+    detail = _ku_detail(error.get("detail") or {})
+    cls = LedgerError if status >= 500 else _ERRORS.get(status, BadRequest)
+    return cls(error["message"], code=error["code"], **detail)
+
+
 class Ledger:
     def __init__(self, committer: GroupCommitter) -> None:
         self.committer = committer
 
-    async def execute(
+    def prepare(
         self,
         op: dict[str, Any],
         principal: Principal,
@@ -103,9 +112,10 @@ class Ledger:
         key: str | Keys | None,
         require_key: bool = True,
         auth: dict[str, Any] | None = None,
-    ) -> Outcome:
-        """Run one operation under `auth` (see docs/ledger.md "Authority"; SQL denies an
-        operation without one). `key` is the request's Keys, or one key."""
+    ) -> dict[str, Any]:
+        """The operation as `ledger.apply` takes it: its authority (see docs/ledger.md
+        "Authority"; SQL denies an operation without one) and its idempotency fields.
+        `key` is the request's Keys, or one key. Raises the request's 4xx."""
         keys = key if isinstance(key, Keys) else Keys(header=key, natural=None)
         if keys.primary is None and require_key:
             raise BadRequest(
@@ -130,17 +140,70 @@ class Ledger:
             op.update(key=keys.primary, scope=principal.idempotency_scope, hash=digest)
             if keys.header and keys.natural:
                 op["alt_key"] = keys.natural
-        result = await self._submit(op)
+        return op
+
+    async def execute(
+        self,
+        op: dict[str, Any],
+        principal: Principal,
+        *,
+        key: str | Keys | None,
+        require_key: bool = True,
+        auth: dict[str, Any] | None = None,
+    ) -> Outcome:
+        """Run one operation (see `prepare`); a failure is raised as its KuError."""
+        prepared = self.prepare(op, principal, key=key, require_key=require_key, auth=auth)
+        result = await self._submit(prepared)
         status = int(result["status"])
         if status >= 400:
-            error = result["error"]
-            detail = _ku_detail(error.get("detail") or {})
-            cls = LedgerError if status >= 500 else _ERRORS.get(status, BadRequest)
-            exc = cls(error["message"], code=error["code"], **detail)
+            exc = result_error(result)
             if result.get("replayed"):
                 exc.headers = _replayed_headers  # type: ignore[method-assign]
             raise exc
         return Outcome(status, result["body"], bool(result.get("replayed")))
+
+    async def execute_many(self, ops: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Run prepared operations through the committer (grouped into `apply_batch`
+        statements of at most KU_BATCH_MAX_OPS); results in order, failures included."""
+        return await self.committer.submit_many(ops)
+
+    async def claim_batch(self, principal: Principal, key: str, digest: str) -> bytes | None:
+        """Claim a batch's Idempotency-Key (`ledger.idempotency_keys`, scope
+        `batch:<caller>`): None to go on, the stored answer to replay, or 409 when the
+        key came with other operations. A claim with no answer yet (a concurrent
+        duplicate, or a first attempt that died) goes on: its items replay under their
+        own keys, so nothing applies twice."""
+        scope = f"batch:{principal.idempotency_scope}"
+        async with self.committer.pool.acquire() as conn:
+            row = await conn.fetchrow(
+                "WITH claimed AS (INSERT INTO ledger.idempotency_keys (scope, key, request_hash)"
+                " VALUES ($1, $2, $3) ON CONFLICT DO NOTHING RETURNING key)"
+                " SELECT request_hash, response::text AS response FROM ledger.idempotency_keys"
+                " WHERE scope = $1 AND key = $2 AND NOT EXISTS (SELECT 1 FROM claimed)",
+                scope,
+                key,
+                digest,
+            )
+        if row is None:
+            return None
+        if row["request_hash"] != digest:
+            raise Conflict(
+                "This Idempotency-Key was used with a different batch",
+                code="idempotency_key_reused",
+            )
+        return None if row["response"] is None else row["response"].encode()
+
+    async def store_batch(self, principal: Principal, key: str, digest: str, raw: bytes) -> None:
+        """The batch's first complete answer, for its replays (first writer wins)."""
+        async with self.committer.pool.acquire() as conn:
+            await conn.execute(
+                "UPDATE ledger.idempotency_keys SET status_code = 200, response = $4::jsonb"
+                " WHERE scope = $1 AND key = $2 AND request_hash = $3 AND response IS NULL",
+                f"batch:{principal.idempotency_scope}",
+                key,
+                digest,
+                raw.decode(),
+            )
 
     async def _submit(self, op: dict[str, Any]) -> dict[str, Any]:
         try:
