@@ -186,9 +186,7 @@ async def process_tasks(
     """Run the pending-tasks job now (seed 004's cron hook), with the background job token."""
     gateway = request.app.state.gateway
     raw = {k: v for k, v in request.scope["headers"] if k == b"x-forwarded-for"}
-    decision = await gateway.access.admit_anonymous(
-        client_ip(request.scope, raw, gateway.settings.gateway_trust_forwarded)
-    )
+    decision = await gateway.access.admit_anonymous(client_ip(request.scope, raw, gateway.settings))
     for name, value in rate_headers(decision):
         response.headers[name.decode()] = value.decode()
     scheme, _, token = (authorization or "").partition(" ")

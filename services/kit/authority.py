@@ -110,17 +110,19 @@ TABLE: dict[str, dict[str, Rule]] = {
         first_party=Rule("any", ("users:write", G)), partner=Rule("any", ("users:write", G))
     ),
     # --- workspace ---
+    # Services read a task's input and save its result on the worker, after the request
+    # that started it (and its origin) is gone; the money was authorized at submit.
     "workspace.read": _row(
         user=Rule("self"),
         first_party=Rule("any", (WR, WW)),
         partner=Rule("linked", (WR, WW)),
-        service=Rule("origin", services=_SPENDERS),
+        service=Rule("any", services=_SPENDERS),
     ),
     "workspace.write": _row(
         user=Rule("self"),
         first_party=Rule("any", (WW,)),
         partner=Rule("linked", (WW,)),
-        service=Rule("origin", services=_SPENDERS),
+        service=Rule("any", services=_SPENDERS),
     ),
     "workspace.quota": _row(),
     # --- billing ---
