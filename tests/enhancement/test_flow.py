@@ -156,7 +156,7 @@ class TestFailuresRelease:
         from services.enhancement.service import Enhancer, Submission
         from services.kit.bus import redis_from_url
         from services.kit.db import create_engine, sessionmaker_for
-        from services.kit.principal import Principal
+        from services.kit.principal import Principal, outgoing_header
 
         user = await enh.new_user()
         # An enhancer of our own with a 1 s deadline and no queue: the task gets stuck.
@@ -174,7 +174,8 @@ class TestFailuresRelease:
             task, created = await e.submit(
                 app,
                 Submission("lighting", "", 0.5, None, user, None, False, upload=enh.images.image),
-                origin=None,
+                # What the gateway forwarded for this caller (the ledger holds on its behalf).
+                origin=outgoing_header(app, audience="enhancement"),
                 idempotency_key=None,
             )
             assert created and task["hold_id"]
