@@ -27,6 +27,7 @@ from gateway.ratelimit import rate_headers
 from gateway.upstream import SignedPrincipal, Upstreams, error_from_upstream
 from services.kit.errors import Unauthorized, Unprocessable
 from services.kit.money import PositiveKu, milli_to_ku
+from services.kit.schemas import Text
 
 router = APIRouter(prefix="/api", route_class=CompatRoute, tags=["compatibility"])
 Caller = Annotated[SignedPrincipal, Depends(authenticated())]
@@ -48,19 +49,19 @@ class EnhanceImage(BaseModel):
             ]
         },
     )
-    inputImageUrl: str = Field(max_length=2048)  # noqa: N815 - the seed's wire names
-    enhancementType: str = "custom"  # noqa: N815
-    prompt: str = Field("", max_length=2000)
+    inputImageUrl: Text = Field(max_length=2048)  # noqa: N815 - the seed's wire names
+    enhancementType: Text = "custom"  # noqa: N815
+    prompt: Text = Field("", max_length=2000)
     strength: float = Field(0.8, ge=0, le=1)
-    moodboardId: str | None = Field(None, max_length=200)  # noqa: N815
-    userId: str | None = Field(None, description="For app keys: on whose behalf")  # noqa: N815
+    moodboardId: Text | None = Field(None, max_length=200)  # noqa: N815
+    userId: Text | None = Field(None, description="For app keys: on whose behalf")  # noqa: N815
 
 
 class RefillCredits(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    provider: str = Field(min_length=1, max_length=64)
+    provider: Text = Field(min_length=1, max_length=64)
     amount: PositiveKu
-    reference: str | None = Field(None, max_length=200)
+    reference: Text | None = Field(None, max_length=200)
 
 
 def _upstreams(request: Request) -> Upstreams:
@@ -118,9 +119,9 @@ async def enhance_image(request: Request, body: EnhanceImage, identity: Caller) 
 async def enhancement_status(
     request: Request,
     identity: Caller,
-    taskId: Annotated[str | None, Query(max_length=64)] = None,  # noqa: N803
+    taskId: Annotated[Text | None, Query(max_length=64)] = None,  # noqa: N803
     limit: Annotated[int, Query(ge=1, le=100)] = 10,
-    userId: Annotated[str | None, Query(max_length=128)] = None,  # noqa: N803
+    userId: Annotated[Text | None, Query(max_length=128)] = None,  # noqa: N803
 ) -> dict[str, Any]:
     """A task's status (`?taskId=`), or the user's recent tasks (`?limit=`)."""
     upstreams = _upstreams(request)

@@ -31,6 +31,7 @@ from gateway.upstream import SignedPrincipal
 from services.kit.errors import Forbidden, KuError, NotFound, Unauthorized
 from services.kit.money import ku_to_milli, milli_to_ku
 from services.kit.principal import GATEWAY, SCOPES, derived_secret
+from services.kit.schemas import Text
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 SECURITY_HEADERS = {
@@ -243,14 +244,14 @@ def build_router() -> APIRouter:
         )
 
     @router.get("/users")
-    async def find_user(request: Request, user_id: str = "") -> Response:
+    async def find_user(request: Request, user_id: Text = "") -> Response:
         user_id = user_id.strip()
         if not user_id:
             return redirect("/console/overview")
         return redirect(f"/console/users/{user_id}")
 
     @router.get("/users/{user_id}")
-    async def user_page(request: Request, user_id: str) -> Response:
+    async def user_page(request: Request, user_id: Text) -> Response:
         console = Console(request)
         signed = await console.signed_in()
         if signed is None:
@@ -307,11 +308,11 @@ def build_router() -> APIRouter:
         )
 
     @router.post("/users/{user_id}/grant")
-    async def grant(request: Request, user_id: str) -> Response:
+    async def grant(request: Request, user_id: Text) -> Response:
         return await _move(request, user_id, "grant")
 
     @router.post("/users/{user_id}/clawback")
-    async def clawback(request: Request, user_id: str) -> Response:
+    async def clawback(request: Request, user_id: Text) -> Response:
         return await _move(request, user_id, "clawback")
 
     @router.get("/keys")
@@ -355,7 +356,7 @@ def build_router() -> APIRouter:
         return await console.page(session, "key_created.html", created=created, rotated=None)
 
     @router.post("/keys/{prefix}/revoke")
-    async def revoke_key(request: Request, prefix: str) -> Response:
+    async def revoke_key(request: Request, prefix: Text) -> Response:
         console = Console(request)
         signed = await console.signed_in()
         if signed is None:
@@ -370,7 +371,7 @@ def build_router() -> APIRouter:
         return redirect("/console/keys")
 
     @router.post("/keys/{prefix}/rotate")
-    async def rotate_key(request: Request, prefix: str) -> Response:
+    async def rotate_key(request: Request, prefix: Text) -> Response:
         console = Console(request)
         signed = await console.signed_in()
         if signed is None:

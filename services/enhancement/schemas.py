@@ -6,7 +6,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from services.kit.money import Ku, PositiveKu
-from services.kit.schemas import AppName, Reference, UserId
+from services.kit.schemas import AppName, Reference, Text, UserId
 
 EnhancementType = Literal["lighting", "style", "background", "mood", "custom"]
 Status = Literal["pending", "processing", "completed", "failed"]
@@ -97,7 +97,7 @@ class RefillIn(BaseModel):
 
 class TierIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    tier: str = Field(min_length=1, max_length=32)
+    tier: Text = Field(min_length=1, max_length=32)
 
 
 class AllowanceOut(BaseModel):

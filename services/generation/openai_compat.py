@@ -29,30 +29,34 @@ from services.generation.endpoints import (
 from services.generation.service import Outcome
 from services.kit.errors import Unprocessable
 from services.kit.money import milli_to_ku
+from services.kit.schemas import JsonObject, Text, TextGuard
 
 router = APIRouter(prefix="/v1/generation", tags=["openai-compatible"])
 
 DEFAULT_MAX_WORDS = 1000
 
 
+MessageText = Annotated[str, StringConstraints(max_length=20_000), TextGuard]
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: Annotated[str, StringConstraints(max_length=20_000)] | list[dict[str, Any]] | None = (
-        None
-    )
+    content: (
+        Annotated[str, StringConstraints(max_length=20_000), TextGuard] | list[JsonObject] | None
+    ) = None
 
 
 class ChatCompletionIn(BaseModel):
     # OpenAI clients send fields we do not use (n, top_p, stop...): accepted, ignored.
     model_config = ConfigDict(extra="allow")
-    model: str
+    model: Text
     messages: list[ChatMessage] = Field(min_length=1, max_length=200)
     max_tokens: int | None = Field(None, ge=1, le=20_000)
     max_completion_tokens: int | None = Field(None, ge=1, le=20_000)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     stream: bool = False
-    user: str | None = Field(None, max_length=128, description="App keys: the Ku user who pays")
+    user: Text | None = Field(None, max_length=128, description="App keys: the Ku user who pays")
 
 
 def _text(content: Any) -> str:

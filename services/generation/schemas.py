@@ -6,9 +6,11 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from services.kit.money import Ku
-from services.kit.schemas import UserId
+from services.kit.schemas import Text, TextGuard, UserId
 
-Prompt = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=20_000)]
+Prompt = Annotated[
+    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=20_000), TextGuard
+]
 Temperature = Annotated[float, Field(ge=0.0, le=2.0, description="Sampling temperature, 0-2")]
 MaxWords = Annotated[int, Field(ge=1, le=20_000, description="Most words to generate")]
 
@@ -38,7 +40,7 @@ class ModelList(BaseModel):
 
 
 class EstimateIn(_In):
-    model: str | None = Field(None, description="Default: the catalog's first model")
+    model: Text | None = Field(None, description="Default: the catalog's first model")
     max_words: MaxWords = 500
     chapters: int | None = Field(None, ge=1, le=50, description="For a story: its chapters")
 
@@ -54,13 +56,13 @@ class Estimate(BaseModel):
 class TextIn(_In):
     user_id: UserId | None = Field(None, description="App keys: the user; user tokens: omit")
     prompt: Prompt
-    system: Annotated[str, StringConstraints(max_length=4000)] | None = None
-    model: str | None = None
+    system: Annotated[str, StringConstraints(max_length=4000), TextGuard] | None = None
+    model: Text | None = None
     max_words: MaxWords = 500
     temperature: Temperature = 0.7
     stream: bool = False
     save: bool = Field(False, description="Also save the result to the user's workspace")
-    title: Annotated[str, StringConstraints(min_length=1, max_length=200)] | None = None
+    title: Annotated[str, StringConstraints(min_length=1, max_length=200), TextGuard] | None = None
 
 
 class GenerationOut(BaseModel):
@@ -108,21 +110,21 @@ ToolName = Literal["complete", "rewrite", "describe", "brainstorm"]
 
 class ToolIn(_In):
     user_id: UserId | None = None
-    model: str | None = None
+    model: Text | None = None
     max_words: MaxWords = 300
     temperature: Temperature = 0.8
     stream: bool = False
     save: bool = False
-    text: Annotated[str, StringConstraints(max_length=20_000)] | None = Field(
+    text: Annotated[str, StringConstraints(max_length=20_000), TextGuard] | None = Field(
         None, description="complete: the text so far; rewrite: the passage"
     )
-    instructions: Annotated[str, StringConstraints(max_length=2000)] | None = Field(
+    instructions: Annotated[str, StringConstraints(max_length=2000), TextGuard] | None = Field(
         None, description="complete/rewrite: what to do (tone, direction)"
     )
-    subject: Annotated[str, StringConstraints(max_length=2000)] | None = Field(
+    subject: Annotated[str, StringConstraints(max_length=2000), TextGuard] | None = Field(
         None, description="describe: what to describe"
     )
-    topic: Annotated[str, StringConstraints(max_length=2000)] | None = Field(
+    topic: Annotated[str, StringConstraints(max_length=2000), TextGuard] | None = Field(
         None, description="brainstorm: the topic"
     )
     count: int = Field(8, ge=1, le=30, description="brainstorm: how many ideas")
@@ -131,10 +133,10 @@ class ToolIn(_In):
 class StoryIn(_In):
     user_id: UserId | None = None
     premise: Prompt
-    title: Annotated[str, StringConstraints(min_length=1, max_length=200)] | None = None
+    title: Annotated[str, StringConstraints(min_length=1, max_length=200), TextGuard] | None = None
     chapters: int = Field(3, ge=1, le=20)
     words_per_chapter: int = Field(500, ge=20, le=4000)
-    model: str | None = None
+    model: Text | None = None
     temperature: Temperature = 0.8
 
 

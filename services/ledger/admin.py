@@ -13,7 +13,7 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from sqlalchemy import text
 
 from services.kit.authority import authorize
@@ -21,7 +21,7 @@ from services.kit.db import Session
 from services.kit.errors import NotFound
 from services.kit.money import Ku, PositiveKu
 from services.kit.principal import Principal, get_principal
-from services.kit.schemas import Reference, UserId, rename_milli
+from services.kit.schemas import Reference, TextGuard, UserId, rename_milli
 from services.ledger.schemas import GrantSource
 from services.ledger.service import Ledger, idempotency_key
 
@@ -110,7 +110,9 @@ class ClawbackCreate(BaseModel):
     grant_reference: Reference = Field(
         description="The reference of the lot (grant) taken back: at most what it granted"
     )
-    reason: str = Field(min_length=3, max_length=500, description="Why; kept on the journal")
+    reason: Annotated[str, StringConstraints(min_length=3, max_length=500), TextGuard] = Field(
+        description="Why; kept on the journal"
+    )
 
 
 class Clawback(BaseModel):

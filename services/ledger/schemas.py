@@ -268,8 +268,10 @@ BATCH_MAX_ITEMS = 1000
 ItemKey = Annotated[
     str,
     StringConstraints(min_length=1, max_length=200),
+    TextGuard,
     Field(description="This item's idempotency key, as the single route's Idempotency-Key"),
 ]
+HoldId = Annotated[str, StringConstraints(min_length=1, max_length=64), TextGuard]
 _ITEM = ConfigDict(extra="forbid")
 
 
@@ -288,14 +290,14 @@ class HoldItem(HoldCreate):
 class CaptureItem(CaptureIn):
     model_config = _ITEM
     op: Literal["capture"]
-    hold_id: str
+    hold_id: HoldId
     idempotency_key: ItemKey
 
 
 class ReleaseItem(ReleaseIn):
     model_config = _ITEM
     op: Literal["release"]
-    hold_id: str
+    hold_id: HoldId
     idempotency_key: ItemKey
 
 

@@ -35,12 +35,23 @@ def ids(n: int) -> list[str]:
     return [str(10**20 + random.randrange(10**20)) for _ in range(n)]
 
 
-def admin() -> dict[str, str]:
-    return principal_headers("app", app="penora", scopes=("admin",))
+OPERATOR = ("users:any", "ledger:read", "ledger:write", "ledger:grant", "workspace:read")
+
+
+def admin(audience: str = "ledger") -> dict[str, str]:
+    """Penora's first-party key with the read and grant scopes (what setup needs)."""
+    return principal_headers("app", audience=audience, app="penora", scopes=OPERATOR)
 
 
 def penora(*scopes: str) -> dict[str, str]:
-    return principal_headers("app", app="penora", scopes=scopes)
+    """Penora's first-party key with `scopes`, signed for the service they belong to."""
+    if any(s.startswith("workspace:") for s in scopes):
+        audience = "workspace"
+    elif any(s.startswith("ledger:") for s in scopes):
+        audience = "ledger"
+    else:
+        audience = "auth"
+    return principal_headers("app", audience=audience, app="penora", scopes=(*scopes, "users:any"))
 
 
 async def post(
@@ -301,7 +312,7 @@ class TestDatabaseRestart:
                         ),
                         lambda u=user: client.get(
                             urls["workspace"] + "/v1/workspace/storage",
-                            params={"user_id": u}, headers=admin(),
+                            params={"user_id": u}, headers=admin("workspace"),
                         ),
                         lambda u=user: post(
                             client, urls["ledger"] + "/v1/ledger/debits",

@@ -32,10 +32,19 @@ SAFE_LEAVES = (int, float, bool, bytes, Decimal, datetime, date, timedelta, UUID
 def _apps() -> dict[str, FastAPI]:
     from gateway.app import create_app as gateway
     from services.auth.app import create_app as auth
+    from services.enhancement.app import create_app as enhancement
+    from services.generation.app import create_app as generation
     from services.ledger.app import create_app as ledger
     from services.workspace.app import create_app as workspace
 
-    return {"auth": auth(), "ledger": ledger(), "workspace": workspace(), "gateway": gateway()}
+    return {
+        "auth": auth(),
+        "ledger": ledger(),
+        "workspace": workspace(),
+        "generation": generation(),
+        "enhancement": enhancement(),
+        "gateway": gateway(),
+    }
 
 
 def _routes(routes: list[Any]) -> Iterator[APIRoute]:

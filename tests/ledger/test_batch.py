@@ -105,7 +105,12 @@ class TestMixed:
         b = await balance(ledger, user)
         assert b["available"] == 25.5 and b["held"] == 0
 
-    async def test_an_item_the_database_refuses_is_alone(self, ledger, funded_user):
+    async def test_an_item_with_text_the_edge_refuses_fails_the_batch_before_anything(
+        self, ledger, funded_user
+    ):
+        # A NUL byte never reaches the database: the body is malformed, so the whole batch
+        # is a 422 naming the item, and nothing is applied. (Items the database itself
+        # refuses fail alone: tests/ledger/test_batcher.py drives the committer directly.)
         user = await funded_user(10)
         r = await batch(
             ledger,
@@ -115,9 +120,11 @@ class TestMixed:
                 item("debit", user_id=user, amount=1),
             ],
         )
-        assert statuses(r) == [201, 422, 201]
-        assert r.json()["results"][1]["error"]["code"] == "invalid_input"
-        assert (await balance(ledger, user))["available"] == 8
+        assert r.status_code == 422, r.text
+        error = r.json()["error"]
+        assert error["code"] == "invalid_text"
+        assert error["detail"]["errors"][0]["loc"][:3] == ["body", "operations", "1"]
+        assert (await balance(ledger, user))["available"] == 10
 
 
 class TestIdempotency:

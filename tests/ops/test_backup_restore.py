@@ -133,7 +133,12 @@ class TestBackupRestore:
         users = [new_user_id() for _ in range(3)]
         with suite(env) as running:
             app_key = ku(
-                "keys", "create", "--app", "imagegene", "--scopes", "ledger:read,ledger:write"
+                "keys",
+                "create",
+                "--app",
+                "imagegene",
+                "--scopes",
+                "ledger:read,ledger:write,users:any",
             )
             admin_key = ku("keys", "create", "--app", "ops", "--scopes", "admin")
             for user in users:
