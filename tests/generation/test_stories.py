@@ -90,8 +90,10 @@ class TestStory:
                 captures = [t for t in journal if t["kind"] == "capture"]
                 assert [milli(t["amount"]) for t in captures] == [400, 400, 400]
 
-                gen.restart_generation()  # SIGKILL mid chapter 3, and a new process
+                # The stalled request is already in flight; the next one must not stall (the
+                # new process may claim the story before `restart_generation` returns).
                 gen.fake.stall_on = None
+                gen.restart_generation()  # SIGKILL mid chapter 3, and a new process
 
                 await wait_for(
                     lambda: any(

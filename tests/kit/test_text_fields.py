@@ -152,6 +152,8 @@ class TestEveryTextFieldIsGuarded:
             "auth": True,
             "ledger": True,
             "workspace": True,
+            "generation": True,
+            "enhancement": True,
             "gateway": False,
         }
 
