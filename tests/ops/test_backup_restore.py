@@ -150,7 +150,7 @@ class TestBackupRestore:
                 app.debit(users[0], 7_250, reference="img-1")
                 held = app.reserve(users[1], 10_000, ttl_seconds=3600)
                 app.capture(app.reserve(users[1], 2_000).hold.id, 1_500)
-                admin.grant(users[2], 12_345, "promo", description="launch")
+                admin.grant(users[2], 12_345, "promo", description="launch", reason="launch")
                 before = {u: app.balance(u) for u in users}
         wallets, lots, counts = (
             sql(scratch_url, WALLETS),
