@@ -17,53 +17,20 @@ import orjson
 
 from gateway.config import GatewaySettings
 from services.kit.errors import (
-    BadRequest,
-    Conflict,
-    Forbidden,
     KuError,
-    NotFound,
-    PayloadTooLarge,
-    PaymentRequired,
-    ServiceUnavailable,
-    TooManyRequests,
-    Unauthorized,
-    Unprocessable,
     UpstreamError,
     UpstreamTimeout,
 )
 from services.kit.logs import request_id_var
 from services.kit.principal import PRINCIPAL_HEADER, Principal, outgoing_header
+from services.kit.service_client import error_from_response
 
 SERVICES = ("auth", "ledger", "workspace", "generation", "enhancement")
-
-_BY_STATUS: dict[int, type[KuError]] = {
-    400: BadRequest,
-    401: Unauthorized,
-    402: PaymentRequired,
-    403: Forbidden,
-    404: NotFound,
-    409: Conflict,
-    413: PayloadTooLarge,
-    422: Unprocessable,
-    429: TooManyRequests,
-    503: ServiceUnavailable,
-    504: UpstreamTimeout,
-}
 
 
 def error_from_upstream(status: int, body: Any) -> KuError:
     """A service's `{"error": {code, message, detail}}` as the kit error it was raised as."""
-    cls = _BY_STATUS.get(status, UpstreamError if status >= 500 else BadRequest)
-    error = body.get("error") if isinstance(body, dict) else None
-    if not isinstance(error, dict):
-        return cls()
-    raw_detail = error.get("detail")
-    detail: dict[str, Any] = raw_detail if isinstance(raw_detail, dict) else {}
-    if cls is TooManyRequests:
-        detail = {k: v for k, v in detail.items() if k != "retry_after"}
-    exc = cls(str(error.get("message") or cls.message), code=error.get("code"), **detail)
-    exc.status_code = status if status in _BY_STATUS else exc.status_code
-    return exc
+    return error_from_response(status, body)
 
 
 class SignedPrincipal:

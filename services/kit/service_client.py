@@ -67,11 +67,14 @@ RETRY_STATUSES = frozenset({502, 503, 504})
 SAFE_METHODS = frozenset({"GET", "HEAD"})
 
 
-def error_from_response(status: int, body: Any, service: str) -> KuError:
-    """A service's `{"error": {code, message, detail}}` as the kit error it was raised as."""
+def error_from_response(status: int, body: Any, service: str | None = None) -> KuError:
+    """A service's `{"error": {code, message, detail}}` as the kit error it was raised as
+    (the gateway's and every service client's one mapping)."""
     cls = _BY_STATUS.get(status, UpstreamError if status >= 500 else BadRequest)
     error = body.get("error") if isinstance(body, dict) else None
     if not isinstance(error, dict):
+        if service is None:
+            return cls()
         return cls(f"The {service} service answered {status}", service=service)
     raw_detail = error.get("detail")
     detail: dict[str, Any] = raw_detail if isinstance(raw_detail, dict) else {}
