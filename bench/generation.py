@@ -239,7 +239,7 @@ async def main() -> None:
                             "--app",
                             "bench",
                             "--scopes",
-                            "generate",
+                            "generate,users:any",
                         ],
                         env=suite.env,
                         capture_output=True,
