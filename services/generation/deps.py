@@ -47,7 +47,8 @@ def reader_for(principal: Principal, user_id: str | None) -> str:
     return user_id
 
 
-def get_engine(request: Request) -> GenerationEngine:
+async def get_engine(request: Request) -> GenerationEngine:
+    # async: FastAPI runs a plain `def` dependency in a worker thread, a hop per request.
     engine: GenerationEngine = request.app.state.generation
     return engine
 
