@@ -72,6 +72,10 @@ class GatewaySettings(KuSettings):
     # `/v1/events` (POST /v1/events/tickets) stays valid if unused.
     gateway_events_ticket_seconds: int = 60
 
+    # Shared with the generation service (KU_GENERATION_BREAKER_OPEN_SECONDS): how long
+    # its providers' breakers stay open, for the console's providers page.
+    generation_breaker_open_seconds: float = 30.0
+
     # Extra routes: KU_GATEWAY_ROUTES='{"generate": "generation"}'.
     gateway_routes: dict[str, str] = Field(default_factory=dict)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import secrets
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from gateway.console.session import (
     set_cookie,
 )
 from gateway.upstream import SignedPrincipal
+from services.kit.breaker import CircuitBreaker
 from services.kit.errors import Forbidden, KuError, NotFound, Unauthorized
 from services.kit.money import ku_to_milli, milli_to_ku
 from services.kit.principal import GATEWAY, SCOPES, derived_secret
@@ -68,6 +70,7 @@ def _env() -> Environment:
     )
     env.filters["ku"] = lambda v: _ku(ku_to_milli(v) if v is not None else 0)
     env.filters["milli"] = _ku
+    env.filters["minor"] = lambda v: f"{int(v or 0) // 100:,}.{int(v or 0) % 100:02d}"
     env.filters["when"] = lambda v: (str(v).replace("T", " ")[:16] + " UTC") if v else "never"
     return env
 
@@ -395,6 +398,109 @@ def build_router() -> APIRouter:
             return redirect("/console/keys")
         return await console.page(session, "key_created.html", created=rotated, rotated=prefix)
 
+    @router.get("/payments")
+    async def payments_page(request: Request) -> Response:
+        console = Console(request)
+        signed = await console.signed_in()
+        if signed is None:
+            return redirect("/console/sign-in")
+        session, identity = signed
+        payments = await console.call(
+            identity, "ledger", "GET", "/v1/billing/admin/payments", params={"limit": 50}
+        )
+        alerts = await _optional(console, identity, "ledger", "/v1/billing/alerts", {"limit": 50})
+        return await console.page(
+            session,
+            "payments.html",
+            payments=payments["items"],
+            alerts=alerts["items"] if alerts else None,
+        )
+
+    @router.post("/payments/reconcile")
+    async def reconcile(request: Request) -> Response:
+        console = Console(request)
+        signed = await console.signed_in()
+        if signed is None:
+            return redirect("/console/sign-in")
+        session, identity = signed
+        form = await console.form(session, None)
+        try:
+            hours = int(_text(form, "hours") or "72")
+        except ValueError:
+            await console.flash(session, "error", "Look back: a number of hours.")
+            return redirect("/console/payments")
+        try:
+            done = await console.call(
+                identity, "ledger", "POST", "/v1/billing/admin/reconcile", json={"hours": hours}
+            )
+        except KuError as exc:
+            await console.flash(session, "error", f"Not reconciled: {_error_text(exc)}")
+            return redirect("/console/payments")
+        counts = done["counts"]
+        summary = ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "nothing to do"
+        kind = "error" if counts.get("errors") else "ok"
+        await console.flash(session, kind, f"Reconciled the last {hours} h: {summary}.")
+        return redirect("/console/payments")
+
+    @router.get("/providers")
+    async def providers_page(request: Request) -> Response:
+        console = Console(request)
+        signed = await console.signed_in()
+        if signed is None:
+            return redirect("/console/sign-in")
+        session, identity = signed
+        pools = await _optional(console, identity, "enhancement", "/v1/enhancement/pools")
+        alerts = await _optional(
+            console, identity, "enhancement", "/v1/enhancement/alerts", {"limit": 50}
+        )
+        return await console.page(
+            session,
+            "providers.html",
+            generation=await _generation_breakers(console, identity),
+            breaker_open_seconds=console.gateway.settings.generation_breaker_open_seconds,
+            pools=pools,
+            alerts=alerts["items"] if alerts else None,
+            reference=uuid.uuid4().hex,
+        )
+
+    @router.post("/providers/{provider}/refill")
+    async def refill(request: Request, provider: Text) -> Response:
+        console = Console(request)
+        signed = await console.signed_in()
+        if signed is None:
+            return redirect("/console/sign-in")
+        session, identity = signed
+        form = await console.form(session, None)
+        try:
+            milli = ku_to_milli(_text(form, "amount"))
+        except ValueError as exc:
+            await console.flash(session, "error", f"Amount: {exc}")
+            return redirect("/console/providers")
+        if milli <= 0:
+            await console.flash(session, "error", "Amount: must be greater than 0")
+            return redirect("/console/providers")
+        # The form's own reference: submitting the same form twice refills once.
+        body = {
+            "amount": milli_to_ku(milli),
+            "reference": f"console:{_text(form, 'reference') or uuid.uuid4().hex}",
+        }
+        try:
+            pool = await console.call(
+                identity,
+                "enhancement",
+                "POST",
+                f"/v1/enhancement/pools/{provider}/refill",
+                json=body,
+            )
+        except KuError as exc:
+            await console.flash(session, "error", f"{provider} not refilled: {_error_text(exc)}")
+            return redirect("/console/providers")
+        balance = _ku(ku_to_milli(pool["balance"]))
+        await console.flash(
+            session, "ok", f"Refilled {provider} with {_ku(milli)} Ku; balance {balance} Ku."
+        )
+        return redirect("/console/providers")
+
     return router
 
 
@@ -410,6 +516,43 @@ async def _optional(
         return await console.call(identity, service, "GET", path, params=params)
     except KuError:
         return None
+
+
+async def _generation_breakers(
+    console: Console, identity: SignedPrincipal
+) -> list[dict[str, Any]] | None:
+    """Generation's providers (from its model catalog) with their circuit breakers, read
+    from Redis where every generation process keeps them (services/kit/breaker.py)."""
+    catalog = await _optional(console, identity, "generation", "/v1/generation/models")
+    if catalog is None:
+        return None
+    models: dict[str, list[str]] = {}
+    for model in catalog["data"]:
+        models.setdefault(model["owned_by"], []).append(model["id"])
+    settings = console.gateway.settings
+    out = []
+    for name in sorted(models):
+        breaker = CircuitBreaker(
+            console.gateway.redis,
+            f"generation:{name}",
+            prefix=settings.bus_prefix,
+            open_seconds=settings.generation_breaker_open_seconds,
+        )
+        state = await breaker.state()
+        out.append(
+            {
+                "name": name,
+                "models": models[name],
+                "state": state.state,
+                "failures": state.failures,
+                "opened_at": (
+                    datetime.fromtimestamp(state.opened_at, UTC).isoformat()
+                    if state.opened_at
+                    else None
+                ),
+            }
+        )
+    return out
 
 
 async def _move(request: Request, user_id: str, kind: str) -> Response:

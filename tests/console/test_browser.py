@@ -1,17 +1,24 @@
 """The console and the API docs in headless Chromium (selenium + Debian's chromium):
 sign in, find a user, grant credit with a reason and see the balance change, revoke a
-key, and see /docs and /redoc render the operations. Screenshots go to
-.artifacts/console/ (the README's docs/console.png is one of them)."""
+key, and see /docs and /redoc render the operations; and a frontend on another origin
+that signs in with an SSO token and shows the live balance from /v1/events (through a
+ticket). Screenshots go to .artifacts/console/ (the README's docs/console.png is one of
+them)."""
 
 from __future__ import annotations
 
+import functools
+import threading
 import time
+from collections.abc import Iterator
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from urllib.parse import urlencode
 
 import httpx
 import pytest
 
-from tests.console.conftest import ARTIFACTS, Ku
+from tests.console.conftest import ARTIFACTS, FRONTEND, Ku, sso_token
 
 pytestmark = pytest.mark.e2e
 
@@ -136,3 +143,65 @@ class TestConsoleInChromium:
         browser.get(ku.url + "/redoc")
         wait_text(browser, "body", "/v1/ledger/balance", timeout=40)
         shot(browser, "redoc")
+
+
+def live_balance_url(origin: str, ku: Ku, user: str) -> str:
+    query = urlencode({"api": ku.url, "sso": sso_token(user)})
+    return f"{origin}/live-balance.html?{query}"
+
+
+@pytest.fixture
+def stranger_origin() -> Iterator[str]:
+    """The same page from an origin the gateway's CORS does not allow."""
+    server = ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(SimpleHTTPRequestHandler, directory=str(FRONTEND))
+    )
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+class TestLiveBalanceFromAnotherOrigin:
+    def test_page_signs_in_opens_the_stream_and_sees_a_charge(
+        self, ku: Ku, frontend: str, browser: Any
+    ):
+        from selenium.webdriver.common.by import By
+
+        user = ku.user()
+        app_key = ku.key("imagegene", "ledger:read,ledger:write")
+        browser.get(live_balance_url(frontend, ku, user))
+        wait_text(browser, "#state", "open", timeout=30)
+        assert browser.find_element(By.ID, "user").text == user
+        assert browser.find_element(By.ID, "balance").text == "50"
+
+        with httpx.Client(base_url=ku.url, timeout=15) as api:  # the app charges the user
+            r = api.post(
+                "/v1/ledger/debits",
+                json={"user_id": user, "amount": 4.25, "description": "one image"},
+                headers={"x-api-key": app_key, "idempotency-key": f"live-{user}"},
+            )
+            assert r.status_code == 201, r.text
+        wait_text(browser, "#balance", "45.75")
+        assert "credits.changed -4.25 (imagegene)" in browser.find_element(By.ID, "log").text
+        shot(browser, "live-balance")
+        # Really another origin: the page came from the frontend, its calls went to Ku.
+        assert not frontend.startswith(ku.url) and browser.current_url.startswith(frontend)
+        calls = browser.execute_script(
+            "return performance.getEntriesByType('resource').map(e => e.name)"
+        )
+        assert any(c.startswith(ku.url + "/v1/events?ticket=kuet_") for c in calls), calls
+
+    def test_an_origin_cors_does_not_allow_cannot_read_anything(
+        self, ku: Ku, stranger_origin: str, browser: Any
+    ):
+        from selenium.webdriver.common.by import By
+
+        user = ku.user()
+        browser.get(live_balance_url(stranger_origin, ku, user))
+        wait_text(browser, "#state", "failed", timeout=30)
+        assert browser.find_element(By.ID, "balance").text == "…"
