@@ -43,9 +43,14 @@ def wait_text(driver: Any, css: str, text: str, timeout: float = 20) -> None:
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
 
-    WebDriverWait(driver, timeout).until(
-        ec.text_to_be_present_in_element((By.CSS_SELECTOR, css), text)
-    )
+    try:
+        WebDriverWait(driver, timeout).until(
+            ec.text_to_be_present_in_element((By.CSS_SELECTOR, css), text)
+        )
+    except Exception:
+        (ARTIFACTS / "failed-page.html").write_text(driver.page_source)
+        shot(driver, "failed")
+        raise AssertionError(f"{text!r} not in {css} on {driver.current_url}") from None
 
 
 def shot(driver: Any, name: str) -> None:
@@ -110,6 +115,16 @@ class TestConsoleInChromium:
         )
         shot(browser, "keys")
 
+        browser.find_element(By.LINK_TEXT, "Payments").click()
+        wait_for(browser, "#payments")
+        assert browser.find_element(By.CSS_SELECTOR, "#reconcile-form button").text
+        shot(browser, "payments")
+        browser.find_element(By.LINK_TEXT, "Providers").click()
+        wait_for(browser, "#pools")
+        assert browser.find_element(By.CSS_SELECTOR, "#generation-deepinfra .breaker").text
+        assert browser.find_elements(By.CSS_SELECTOR, "#pool-fal form.refill")
+        shot(browser, "providers")
+
         # No cookie is readable by scripts, and nothing came from another origin.
         assert browser.execute_script("return document.cookie") == ""
         entries = browser.execute_script(
@@ -173,6 +188,7 @@ class TestLiveBalanceFromAnotherOrigin:
         from selenium.webdriver.common.by import By
 
         user = ku.user()
+        ku.key("penora", "ledger:read")  # the app the page signs in through is registered
         app_key = ku.key("imagegene", "ledger:read,ledger:write")
         browser.get(live_balance_url(frontend, ku, user))
         wait_text(browser, "#state", "open", timeout=30)
@@ -194,7 +210,9 @@ class TestLiveBalanceFromAnotherOrigin:
         calls = browser.execute_script(
             "return performance.getEntriesByType('resource').map(e => e.name)"
         )
-        assert any(c.startswith(ku.url + "/v1/events?ticket=kuet_") for c in calls), calls
+        assert ku.url + "/v1/events/tickets" in calls, calls
+        stream = browser.execute_script("return window.streamUrl")
+        assert stream.startswith(ku.url + "/v1/events?ticket=kuet_"), stream
 
     def test_an_origin_cors_does_not_allow_cannot_read_anything(
         self, ku: Ku, stranger_origin: str, browser: Any
