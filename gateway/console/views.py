@@ -22,6 +22,7 @@ from gateway.console.session import (
     PRE_COOKIE,
     SESSION_SECONDS,
     ConsoleSession,
+    Credential,
     Sessions,
     check_csrf,
     check_origin,
@@ -102,26 +103,104 @@ class Console:
         settings = self.gateway.settings
         self.sessions = Sessions(self.gateway.redis, settings.bus_prefix, session_secret())
 
-    async def admit(self, api_key: str) -> SignedPrincipal:
-        """The key as the API would see it (with the per-address limit); admins only."""
+    def client_ip(self) -> str:
         headers = {k: v for k, v in self.request.scope["headers"] if k == b"x-forwarded-for"}
-        ip = client_ip(self.request.scope, headers, self.gateway.settings)
-        identity, _ = await self.gateway.access.admit(
-            api_key=api_key, authorization=None, client_ip=ip, money=False
-        )
+        return client_ip(self.request.scope, headers, self.gateway.settings)
+
+    async def admit(self, credential: Credential) -> SignedPrincipal:
+        """The credential as the API would see it (with the rate limits); admins only.
+        An SSO session's expired access token is refreshed (the credential changes)."""
+        if credential.api_key is not None:
+            identity, _ = await self.gateway.access.admit(
+                api_key=credential.api_key,
+                authorization=None,
+                client_ip=self.client_ip(),
+                money=False,
+            )
+        else:
+            identity = await self._sso_identity(credential)
         if "admin" not in identity.principal.scopes:
-            raise Forbidden("The console needs a key with the admin scope", code="not_admin")
+            raise Forbidden(
+                "The console needs a key with the admin scope, or an account with the admin role",
+                code="not_admin",
+            )
         return identity
+
+    async def _sso_identity(self, credential: Credential) -> SignedPrincipal:
+        access = self.gateway.access
+        try:
+            identity, _ = await access.admit(
+                api_key=None,
+                authorization=f"Bearer {credential.access_token}",
+                client_ip=self.client_ip(),
+                money=False,
+            )
+        except Unauthorized:  # expired: refresh (auth reads the roles again)
+            pair = await self.gateway.upstreams.json(
+                "auth",
+                "POST",
+                "/v1/auth/refresh",
+                principal=None,
+                json={"refresh_token": credential.refresh_token},
+            )
+            credential.access_token = pair["access_token"]
+            credential.refresh_token = pair["refresh_token"]
+            identity, _ = await access.admit(
+                api_key=None,
+                authorization=f"Bearer {credential.access_token}",
+                client_ip=self.client_ip(),
+                money=False,
+            )
+        return identity
+
+    async def sign_in_sso(self, sso_token: str) -> Credential:
+        """Exchange the main site's SSO token at auth; the account must be an admin."""
+        await self.gateway.access.admit_anonymous(self.client_ip())
+        pair = await self.gateway.upstreams.json(
+            "auth", "POST", "/v1/auth/sso", principal=None, json={"token": sso_token}
+        )
+        credential = Credential(
+            access_token=pair["access_token"], refresh_token=pair["refresh_token"]
+        )
+        try:
+            await self.admit(credential)
+        except KuError:
+            await self.sign_out_sso(credential)
+            raise
+        return credential
+
+    async def sign_out_sso(self, credential: Credential) -> None:
+        if credential.refresh_token:
+            body = {"refresh_token": credential.refresh_token}
+            try:
+                await self.gateway.upstreams.call(
+                    "auth", "POST", "/v1/auth/logout", principal=None, json=body
+                )
+            except KuError:
+                pass  # the refresh token expires on its own
 
     async def signed_in(self) -> tuple[ConsoleSession, SignedPrincipal] | None:
         session = await self.sessions.load(self.request)
         if session is None:
             return None
+        credential = session.credential
+        before = credential.refresh_token
         try:
-            return session, await self.admit(session.api_key)
+            identity = await self.admit(credential)
+            if credential.api_key is None:
+                # The role, checked live: taking it ends the session at once, not when
+                # the access token expires.
+                user_id = identity.principal.user_id
+                roles = await self.call(identity, "auth", "GET", f"/v1/users/{user_id}/roles")
+                if "admin" not in roles["roles"]:
+                    raise Forbidden("The admin role was taken", code="not_admin")
         except (Unauthorized, Forbidden):  # revoked, expired or no longer admin
             await self.sessions.end(session)
+            await self.sign_out_sso(credential)
             return None
+        if credential.refresh_token != before:
+            await self.sessions.save(session)
+        return session, identity
 
     async def call(
         self, identity: SignedPrincipal, service: str, method: str, path: str, **kwargs: Any
@@ -175,27 +254,26 @@ def build_router() -> APIRouter:
 
     @router.post("/sign-in")
     async def sign_in(request: Request) -> Response:
+        """With an admin API key."""
         console = Console(request)
         form = await console.form(None, request.cookies.get(PRE_COOKIE))
-        api_key = _text(form, "api_key")
+        credential = Credential(api_key=_text(form, "api_key"))
         try:
-            await console.admit(api_key)
+            await console.admit(credential)
         except KuError as exc:
-            token = secrets.token_urlsafe(32)
-            response = render(
-                "sign_in.html",
-                status_code=exc.status_code if exc.status_code in (401, 403, 429) else 400,
-                csrf=token,
-                messages=[("error", "Sign-in failed: " + _error_text(exc))],
-                signed_in=False,
-            )
-            set_cookie(response, PRE_COOKIE, token, max_age=1800)
-            return response
-        session = await console.sessions.create(api_key)
-        done = redirect("/console/overview")
-        set_cookie(done, COOKIE, session.sid, max_age=SESSION_SECONDS)
-        clear_cookie(done, PRE_COOKIE)
-        return done
+            return _sign_in_failed(exc)
+        return await _signed_in(console, credential)
+
+    @router.post("/sign-in/sso")
+    async def sign_in_sso(request: Request) -> Response:
+        """With an SSO account that holds the admin role (the main site's SSO token)."""
+        console = Console(request)
+        form = await console.form(None, request.cookies.get(PRE_COOKIE))
+        try:
+            credential = await console.sign_in_sso(_text(form, "sso_token"))
+        except KuError as exc:
+            return _sign_in_failed(exc)
+        return await _signed_in(console, credential)
 
     @router.post("/sign-out")
     async def sign_out(request: Request) -> Response:
@@ -204,6 +282,7 @@ def build_router() -> APIRouter:
         if session is not None:
             await console.form(session, None)
             await console.sessions.end(session)
+            await console.sign_out_sso(session.credential)
         response = redirect("/console/sign-in")
         clear_cookie(response, COOKIE)
         return response
@@ -502,6 +581,27 @@ def build_router() -> APIRouter:
         return redirect("/console/providers")
 
     return router
+
+
+def _sign_in_failed(exc: KuError) -> Response:
+    token = secrets.token_urlsafe(32)
+    response = render(
+        "sign_in.html",
+        status_code=exc.status_code if exc.status_code in (401, 403, 429) else 400,
+        csrf=token,
+        messages=[("error", "Sign-in failed: " + _error_text(exc))],
+        signed_in=False,
+    )
+    set_cookie(response, PRE_COOKIE, token, max_age=1800)
+    return response
+
+
+async def _signed_in(console: Console, credential: Credential) -> Response:
+    session = await console.sessions.create(credential)
+    done = redirect("/console/overview")
+    set_cookie(done, COOKIE, session.sid, max_age=SESSION_SECONDS)
+    clear_cookie(done, PRE_COOKIE)
+    return done
 
 
 async def _optional(

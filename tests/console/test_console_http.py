@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.console.conftest import Ku
+from tests.console.conftest import Ku, sso_token
 from tests.ledger.billing.fake_razorpay import FakeRazorpay
 
 pytestmark = pytest.mark.e2e
@@ -63,6 +63,10 @@ class Browser:
     def sign_in(self, key: str) -> httpx.Response:
         page = self.get("/console/sign-in")
         return self.post("/console/sign-in", {"api_key": key, "csrf": csrf_of(page.text)})
+
+    def sign_in_sso(self, token: str) -> httpx.Response:
+        page = self.get("/console/sign-in")
+        return self.post("/console/sign-in/sso", {"sso_token": token, "csrf": csrf_of(page.text)})
 
 
 def signed_in(ku: Ku, key: str) -> Browser:
@@ -346,3 +350,62 @@ def pool_balance(html: str, provider: str) -> float:
     row = re.search(rf'<tr id="pool-{provider}">.*?class="num balance">([\d,.]+) Ku<', html, re.S)
     assert row, html[:2000]
     return float(row.group(1).replace(",", ""))
+
+
+class TestSsoSignIn:
+    def test_admin_account_signs_in_until_the_role_is_taken(self, ku: Ku):
+        operator, customer = ku.user(), ku.user()
+        reason = "on-call operator, ticket OPS-112"
+        assert ku.cli("users", "grant-admin", "--id", operator, "--reason", reason) == "admin"
+        b = Browser(ku.url)
+        r = b.sign_in_sso(sso_token(operator))
+        assert r.status_code == 303 and r.headers["location"] == "/console/overview", r.text
+        [cookie] = [c for c in r.headers.get_list("set-cookie") if c.startswith("ku_console=")]
+        assert "httponly" in cookie.lower() and "samesite=strict" in cookie.lower()
+        assert b.get("/console/overview").status_code == 200
+        # An admin account acts on any user, as an admin key does; the journal names it.
+        page = b.get(f"/console/users/{customer}")
+        assert page.status_code == 200 and 'id="available">50 Ku<' in page.text
+        form = {
+            "amount": "3",
+            "source": "admin",
+            "reason": "sso admin grant",
+            "csrf": csrf_of(page.text),
+        }
+        assert b.post(f"/console/users/{customer}/grant", form).status_code == 303
+        assert 'id="available">53 Ku<' in b.get(f"/console/users/{customer}").text
+
+        ku.cli("users", "revoke-admin", "--id", operator, "--reason", "left the rota")
+        gone = b.get("/console/overview")
+        assert gone.status_code == 303 and gone.headers["location"] == "/console/sign-in"
+        again = b.sign_in_sso(sso_token(operator))
+        assert again.status_code == 403 and "not_admin" in again.text
+
+    def test_non_admin_account_and_bad_tokens_are_refused(self, ku: Ku):
+        user = ku.user()
+        b = Browser(ku.url)
+        r = b.sign_in_sso(sso_token(user))
+        assert r.status_code == 403 and "not_admin" in r.text
+        assert "ku_console" not in b.cookies
+        r = b.sign_in_sso("not-a-jwt")
+        assert r.status_code in (401, 422) and "Sign-in failed" in r.text
+        assert "ku_console" not in b.cookies
+        page = b.get("/console/sign-in")
+        no_csrf = b.post("/console/sign-in/sso", {"sso_token": sso_token(user)})
+        assert no_csrf.status_code == 403 and page.status_code == 200
+
+    def test_admin_token_acts_for_others_through_the_api(self, ku: Ku):
+        operator, plain, customer = ku.user(), ku.user(), ku.user()
+        ku.cli("users", "grant-admin", "--id", operator, "--reason", "api check")
+        with httpx.Client(base_url=ku.url, timeout=15) as api:
+            tokens = {}
+            for who in (operator, plain):
+                r = api.post("/v1/auth/sso", json={"token": sso_token(who)})
+                assert r.status_code == 200, r.text
+                tokens[who] = r.json()
+            assert "admin" in tokens[operator]["scope"].split()
+            assert "admin" not in tokens[plain]["scope"].split()
+            for who, status in ((operator, 200), (plain, 403)):
+                bearer = {"authorization": f"Bearer {tokens[who]['access_token']}"}
+                r = api.get("/v1/ledger/balance", params={"user_id": customer}, headers=bearer)
+                assert r.status_code == status, r.text
