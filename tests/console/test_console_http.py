@@ -257,12 +257,12 @@ class TestPayments:
 
         done = b.post("/console/payments/reconcile", {"hours": "1", "csrf": token}, ku.url)
         assert done.status_code == 303 and done.headers["location"] == "/console/payments"
-        page = b.get("/console/payments").text
-        [message] = flashes(page)
+        html = b.get("/console/payments").text
+        [message] = flashes(html)
         assert message.startswith("Reconciled the last 1 h:") and re.search(
             r"\bgranted 1\b", message
         )
-        row = re.search(rf'<tr id="payment-{payment["id"]}">(.*?)</tr>', page, re.S)
+        row = re.search(rf'<tr id="payment-{payment["id"]}">(.*?)</tr>', html, re.S)
         assert row and user in row.group(1) and ">captured<" in row.group(1)
         assert "25 Ku" in row.group(1) and "3.00 " in row.group(1)
 

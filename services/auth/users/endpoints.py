@@ -3,6 +3,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Response
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.auth.users.schemas import (
     AppLinkIn,
@@ -109,6 +110,11 @@ def _error(code: str, message: str, description: str) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"example": example}}}
 
 
+async def _roles(session: AsyncSession, user_id: str) -> UserRoles:
+    roles = await users.roles(session, user_id)
+    return UserRoles.model_validate({"user_id": user_id, "roles": roles})
+
+
 ROLE_ERRORS: dict[int | str, dict[str, Any]] = {
     401: _error("invalid_api_key", "Invalid API key", "Missing or invalid credentials"),
     403: _error("missing_scope", "Missing scope: admin", "Not an admin"),
@@ -130,7 +136,7 @@ async def list_roles(user_id: UserId, principal: CurrentPrincipal, session: Sess
     else:
         principal.require_scope("admin")
     await users.get(session, user_id)
-    return UserRoles(user_id=user_id, roles=await users.roles(session, user_id))
+    return await _roles(session, user_id)
 
 
 @router.put(
@@ -146,7 +152,7 @@ async def grant_role(
     The user's next access token (at sign-in or refresh) carries the role's scope."""
     principal.require_scope("admin")
     await users.grant_role(session, user_id, role, by=principal.who, reason=body.reason)
-    return UserRoles(user_id=user_id, roles=await users.roles(session, user_id))
+    return await _roles(session, user_id)
 
 
 @router.post(
@@ -162,4 +168,4 @@ async def revoke_role(
     already issued keep their scope until they expire; the console checks on every page."""
     principal.require_scope("admin")
     await users.revoke_role(session, user_id, role, by=principal.who, reason=body.reason)
-    return UserRoles(user_id=user_id, roles=await users.roles(session, user_id))
+    return await _roles(session, user_id)
