@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -106,16 +107,15 @@ def frontend_origin() -> str:
     return f"http://127.0.0.1:{_free_port()}"
 
 
-@pytest.fixture(scope="package")
-def frontend(frontend_origin: str) -> Iterator[str]:
-    """tests/console/frontend/ served on its own origin (a plain static server)."""
-    port = int(frontend_origin.rsplit(":", 1)[1])
+@contextmanager
+def serve_frontend(port: int = 0) -> Iterator[str]:
+    """tests/console/frontend/ served on its own loopback origin (a plain static server)."""
     handler = functools.partial(_QuietHandler, directory=str(FRONTEND))
     server = ThreadingHTTPServer(("127.0.0.1", port), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield frontend_origin
+        yield f"http://127.0.0.1:{server.server_address[1]}"
     finally:
         server.shutdown()
         server.server_close()
@@ -125,6 +125,13 @@ def frontend(frontend_origin: str) -> Iterator[str]:
 class _QuietHandler(SimpleHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         pass
+
+
+@pytest.fixture(scope="package")
+def frontend(frontend_origin: str) -> Iterator[str]:
+    """The frontend on the one origin the gateway's CORS allows."""
+    with serve_frontend(int(frontend_origin.rsplit(":", 1)[1])) as origin:
+        yield origin
 
 
 @pytest.fixture(scope="package")

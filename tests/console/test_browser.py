@@ -7,18 +7,15 @@ them)."""
 
 from __future__ import annotations
 
-import functools
-import threading
 import time
 from collections.abc import Iterator
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlencode
 
 import httpx
 import pytest
 
-from tests.console.conftest import ARTIFACTS, FRONTEND, Ku, sso_token
+from tests.console.conftest import ARTIFACTS, Ku, serve_frontend, sso_token
 
 pytestmark = pytest.mark.e2e
 
@@ -168,17 +165,8 @@ def live_balance_url(origin: str, ku: Ku, user: str) -> str:
 @pytest.fixture
 def stranger_origin() -> Iterator[str]:
     """The same page from an origin the gateway's CORS does not allow."""
-    server = ThreadingHTTPServer(
-        ("127.0.0.1", 0), functools.partial(SimpleHTTPRequestHandler, directory=str(FRONTEND))
-    )
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
+    with serve_frontend() as origin:
+        yield origin
 
 
 class TestLiveBalanceFromAnotherOrigin:
