@@ -42,7 +42,7 @@ from services.kit.errors import BadRequest, Forbidden, Unauthorized
 from services.kit.money import milli_to_ku
 from services.kit.outbox import decode_event, stream_name
 from services.kit.principal import Principal
-from services.kit.schemas import UserId
+from services.kit.schemas import Text, UserId
 
 log = logging.getLogger("ku.gateway.events")
 
@@ -286,7 +286,7 @@ def build_router(authenticated: Callable[..., Any]) -> APIRouter:
     async def caller(
         request: Request,
         response: Response,
-        ticket: str | None = Query(
+        ticket: Text | None = Query(
             None, description="From `POST /v1/events/tickets` (browsers), instead of a header"
         ),
     ) -> Principal:
@@ -385,7 +385,7 @@ def build_router(authenticated: Callable[..., Any]) -> APIRouter:
         principal: Principal = Depends(caller),
         user_id: UserId | None = Query(None, description="For app keys: whose events"),
         last_event_id: str | None = Header(None, alias="Last-Event-ID"),
-        resume_after: str | None = Query(
+        resume_after: Text | None = Query(
             None,
             alias="last_event_id",
             description="Like the Last-Event-ID header, for a new EventSource after a ticket",

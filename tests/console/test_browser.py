@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from tests.console.conftest import ARTIFACTS, Ku, serve_frontend, sso_token
+from tests.ledger.billing.fake_razorpay import FakeRazorpay
 
 pytestmark = pytest.mark.e2e
 
@@ -59,7 +60,9 @@ def shot(driver: Any, name: str) -> None:
 
 
 class TestConsoleInChromium:
-    def test_sign_in_find_user_grant_and_revoke(self, ku: Ku, admin_key: str, browser: Any):
+    def test_sign_in_find_user_grant_and_revoke(
+        self, ku: Ku, admin_key: str, browser: Any, razorpay: FakeRazorpay
+    ):
         from selenium.webdriver.common.by import By
 
         user = ku.user()
@@ -112,9 +115,24 @@ class TestConsoleInChromium:
         )
         shot(browser, "keys")
 
+        with httpx.Client(base_url=ku.url, timeout=15) as api:  # paid, never reported
+            penora = ku.key("penora", "ledger:read,ledger:write")
+            r = api.post(
+                "/v1/billing/orders",
+                json={"user_id": user, "item": "topup_10"},
+                headers={"x-api-key": penora},
+            )
+            assert r.status_code == 201, r.text
+            payment = razorpay.pay(r.json()["razorpay_order_id"])
         browser.find_element(By.LINK_TEXT, "Payments").click()
         wait_for(browser, "#payments")
-        assert browser.find_element(By.CSS_SELECTOR, "#reconcile-form button").text
+        browser.find_element(By.CSS_SELECTOR, "#reconcile-form button").click()
+        wait_for(browser, f"#payment-{payment['id']}")
+        assert "granted 1" in browser.find_element(By.CSS_SELECTOR, ".flash.ok").text
+        assert (
+            browser.find_element(By.CSS_SELECTOR, f"#payment-{payment['id']} .granted").text
+            == "10 Ku"
+        )
         shot(browser, "payments")
         browser.find_element(By.LINK_TEXT, "Providers").click()
         wait_for(browser, "#pools")
