@@ -39,6 +39,9 @@ class GatewaySettings(KuSettings):
     # Seconds to wait for an upstream's connection / for each read of its response.
     gateway_connect_timeout_seconds: float = 2.0
     gateway_upstream_timeout_seconds: float = 30.0
+    # The generation service's reads: a non-streamed generation answers only when its
+    # last word is written (each provider read is bounded by KU_GENERATION_TIMEOUT_SECONDS).
+    gateway_generation_timeout_seconds: float = 600.0
     # Requests carrying a body of at most this many bytes are forwarded in one piece;
     # larger (or unsized) bodies are streamed.
     gateway_buffer_body_bytes: int = 64 * 1024

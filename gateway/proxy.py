@@ -221,7 +221,12 @@ class ProxyMiddleware:
         started = False
         try:
             async with self.gateway.upstreams.session.request(
-                method, url, headers=headers, data=data, allow_redirects=False
+                method,
+                url,
+                headers=headers,
+                data=data,
+                allow_redirects=False,
+                **self.gateway.upstreams.timeout_for(service),
             ) as resp:
                 out = [
                     (name.lower(), value)
