@@ -6,7 +6,7 @@ Self-contained like bench/ledger.py: a scratch database on KU_DATABASE_URL's ser
 through `ledger.apply_batch` from ONE connection (no lock waits: this is the SQL's own
 cost, not contention), for the many-users case and for the hot-user case.
 
-Printed per case: the backend's CPU time per debit (Linux schedstat; wall time and
+Printed per case: the backend's CPU time per debit (Linux /proc; wall time and
 debits/s too, which a busy machine inflates), rows inserted and
 updated per debit per table (and how many updates were HOT, i.e. wrote no index
 entry), index entries written per debit, and the functions' self time per debit
@@ -28,7 +28,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import asyncpg  # noqa: E402
 import orjson  # noqa: E402
-
 from alembic import command  # noqa: E402
 
 from bench._common import ScratchDatabase  # noqa: E402
@@ -77,10 +76,11 @@ async def _snapshot(conn: asyncpg.Connection) -> tuple[dict, dict]:
 
 
 def _cpu_seconds(pid: int) -> float:
-    """CPU time the Postgres backend `pid` has run (Linux schedstat, ns): unlike wall time,
-    it does not grow while the backend waits for a core other processes hold."""
+    """CPU time (user + system) the Postgres backend `pid` has used (Linux /proc): unlike
+    wall time, it does not grow while the backend waits for a core others hold."""
     try:
-        return int(Path(f"/proc/{pid}/schedstat").read_text().split()[0]) / 1e9
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     except OSError:  # a server on another host or in a container: no CPU figure
         return float("nan")
 
@@ -144,10 +144,14 @@ async def case(variants: list[Variant], name: str, users: list[str]) -> None:
 
 def _report(v: Variant, before: tuple, after: tuple) -> None:
     n = v.debits
-    print(f"-- {v.label}: {v.cpu / n * 1e6:.0f} us of backend CPU per debit; wall "
-          f"{v.seconds / n * 1e6:.0f} us per debit ({n / v.seconds:,.0f} debits/s on one connection)")
-    print(f"   {'table':<18}{'ins/debit':>10}{'upd/debit':>10}{'of which HOT':>13}"
-          f"{'indexes':>8}{'index entries/debit':>21}")
+    print(
+        f"-- {v.label}: {v.cpu / n * 1e6:.0f} us of backend CPU per debit; wall "
+        f"{v.seconds / n * 1e6:.0f} us per debit ({n / v.seconds:,.0f} debits/s on one connection)"
+    )
+    print(
+        f"   {'table':<18}{'ins/debit':>10}{'upd/debit':>10}{'of which HOT':>13}"
+        f"{'indexes':>8}{'index entries/debit':>21}"
+    )
     total_entries = 0.0
     for table, row in sorted(after[0].items()):
         old = before[0].get(table, {"n_tup_ins": 0, "n_tup_upd": 0, "n_tup_hot_upd": 0})
@@ -158,10 +162,13 @@ def _report(v: Variant, before: tuple, after: tuple) -> None:
             continue
         entries = (ins + upd - hot) * row["indexes"]
         total_entries += entries
-        print(f"   {table:<18}{ins:>10.2f}{upd:>10.2f}{hot:>13.2f}{row['indexes']:>8}"
-              f"{entries:>21.2f}")
-    print(f"   {'index entries written per debit (partial indexes counted as written)':<59}"
-          f"{total_entries:>21.2f}")
+        print(
+            f"   {table:<18}{ins:>10.2f}{upd:>10.2f}{hot:>13.2f}{row['indexes']:>8}{entries:>21.2f}"
+        )
+    print(
+        f"   {'index entries written per debit (partial indexes counted as written)':<59}"
+        f"{total_entries:>21.2f}"
+    )
     print(f"   {'function':<22}{'calls/debit':>12}{'self us/debit':>15}{'total us/debit':>16}")
     for func, row in sorted(after[1].items(), key=lambda kv: -kv[1]["self_time"]):
         old = before[1].get(func, {"calls": 0, "self_time": 0.0, "total_time": 0.0})
@@ -177,12 +184,10 @@ async def _prepare(label: str, revision: str, extra: str | None) -> Variant:
     db = ScratchDatabase()
     await db.__aenter__()
     if revision != "head":
-        await asyncio.to_thread(
-            command.downgrade, alembic_config("ledger", db.url), revision
-        )
+        await asyncio.to_thread(command.downgrade, alembic_config("ledger", db.url), revision)
     conn = await asyncpg.connect(db.dsn)
     if extra:
-        await conn.execute(Path(extra).read_text())
+        await conn.execute(await asyncio.to_thread(Path(extra).read_text))
     await _setup(conn, [f"bench-{i}" for i in range(MANY_USERS)], 1_000_000_000)
     await _setup(conn, ["bench-hot"], 1_000_000_000_000)
     await conn.close()
