@@ -17,6 +17,8 @@
 --   update that writes no index entry. Every query of spendable lots says `spendable`.
 -- * `_changed` read the wallet row again for `held` and `debt`; a debit or a hold
 --   passes them from its own wallet UPDATE (RETURNING).
+-- * `apply` looked for expired holds of the user before every operation; it now reads
+--   `held_milli` with the wallet lock and looks only when the user has an active hold.
 -- Migration 0005 also drops indexes and foreign keys that no rule reads (its docstring).
 
 -- Spendable now: unexpired grants' remaining, and nothing at all while a debt is
@@ -320,6 +322,144 @@ BEGIN
     'taken_milli', v_from_lot + v_from_others + v_from_holds,
     'held_taken_milli', v_from_holds, 'debt_added_milli', v_debt,
     'reference', op->>'reference', 'created_at', now()) || v_bal);
+END $$;
+
+-- One operation. `op` carries: op, user_id | hold_id | transaction_id, amount (milli),
+-- app, reference, description, ...; `auth` (required, see docs/ledger.md "Authority");
+-- and for idempotency `scope`, `hash` and `key` (the header key or the natural one)
+-- plus `alt_key` (the natural key when a header key was also sent).
+CREATE OR REPLACE FUNCTION ledger.apply(op jsonb)
+RETURNS jsonb LANGUAGE plpgsql AS $$
+DECLARE
+  v_kind text := op->>'op';
+  v_auth jsonb := op->'auth';
+  v_who text;
+  v_user text;
+  v_keys text[];
+  k text;
+  r record;
+  v_replay jsonb;
+  v_res jsonb;
+  v_status int;
+  v_created boolean := false;
+  v_held bigint;
+BEGIN
+  IF v_kind IS NULL OR v_kind NOT IN ('open', 'grant', 'debit', 'reserve', 'capture',
+                                      'release', 'refund', 'clawback') THEN
+    RETURN ledger._err(400, 'unknown_operation', 'Unknown ledger operation');
+  END IF;
+  -- Deny by default: no authority, or one that does not say whose money, is 403.
+  IF v_auth IS NULL OR jsonb_typeof(v_auth) <> 'object' OR v_auth->>'user' IS NULL THEN
+    RETURN ledger._err(403, 'forbidden', 'This operation carries no authority');
+  END IF;
+
+  IF v_kind IN ('capture', 'release') THEN
+    SELECT user_id INTO v_user FROM ledger.holds WHERE id = (op->>'hold_id')::uuid;
+    IF NOT FOUND THEN
+      RETURN ledger._err(404, 'hold_not_found', 'No such hold');
+    END IF;
+  ELSIF v_kind = 'refund' THEN
+    SELECT user_id INTO v_user FROM ledger.transactions
+     WHERE id = (op->>'transaction_id')::bigint;
+    IF NOT FOUND THEN
+      RETURN ledger._err(404, 'transaction_not_found', 'No such transaction');
+    END IF;
+  ELSE
+    v_user := op->>'user_id';
+  END IF;
+
+  v_who := v_auth->>'user';
+  IF v_who = 'any' THEN
+    NULL;
+  ELSIF v_who LIKE 'self:%' THEN
+    IF substr(v_who, 6) IS DISTINCT FROM v_user THEN
+      RETURN ledger._err(403, 'wrong_user', 'This principal may act only on its own user');
+    END IF;
+  ELSIF v_who LIKE 'linked:%' THEN
+    PERFORM 1 FROM ledger.app_links WHERE user_id = v_user AND app = substr(v_who, 8);
+    IF NOT FOUND THEN
+      RETURN ledger._err(403, 'user_not_linked', 'This user is not linked to the app',
+                         jsonb_build_object('app', substr(v_who, 8)));
+    END IF;
+  ELSE
+    RETURN ledger._err(403, 'forbidden', 'Unknown authority over users');
+  END IF;
+
+  IF v_kind = 'open' THEN
+    INSERT INTO ledger.wallets (user_id) VALUES (v_user) ON CONFLICT DO NOTHING;
+    v_created := FOUND;
+  END IF;
+
+  SELECT held_milli INTO v_held FROM ledger.wallets WHERE user_id = v_user FOR UPDATE;
+  IF NOT FOUND THEN
+    RETURN ledger._err(404, 'unknown_user', 'No ledger account for this user',
+                       jsonb_build_object('user_id', v_user));
+  END IF;
+
+  v_keys := array_remove(ARRAY[op->>'key', op->>'alt_key'], NULL);
+  FOREACH k IN ARRAY v_keys LOOP
+    SELECT request_hash, status_code, response INTO r FROM ledger.idempotency_keys
+     WHERE scope = op->>'scope' AND key = k;
+    IF FOUND THEN
+      IF r.request_hash <> op->>'hash' THEN
+        RETURN ledger._err(409, 'idempotency_key_reused',
+                           'This idempotency key or reference was used with a different request');
+      END IF;
+      IF v_replay IS NULL THEN
+        v_replay := CASE WHEN r.status_code >= 400
+                         THEN jsonb_build_object('status', r.status_code,
+                                                 'error', r.response->'error')
+                         ELSE jsonb_build_object('status', r.status_code, 'body', r.response)
+                    END || jsonb_build_object('replayed', true);
+      END IF;
+    END IF;
+  END LOOP;
+  IF v_replay IS NOT NULL THEN
+    -- Known under one key: remember it under the other too, then replay.
+    FOREACH k IN ARRAY v_keys LOOP
+      PERFORM ledger._remember(op->>'scope', k, op->>'hash', v_replay - 'replayed');
+    END LOOP;
+    RETURN v_replay;
+  END IF;
+
+  -- Only a user with an active hold has one to sweep: an active hold always holds
+  -- something (fully clawed, it is `clawed`), so held_milli > 0 exactly then.
+  IF v_held > 0 THEN
+    PERFORM ledger._sweep_holds(v_user);
+  END IF;
+
+  CASE v_kind
+    WHEN 'grant' THEN v_res := ledger._op_grant(op, v_user);
+    WHEN 'debit' THEN v_res := ledger._op_debit(op, v_user);
+    WHEN 'reserve' THEN v_res := ledger._op_reserve(op, v_user);
+    WHEN 'capture', 'release' THEN v_res := ledger._op_resolve(op, v_user);
+    WHEN 'refund' THEN v_res := ledger._op_refund(op, v_user);
+    WHEN 'clawback' THEN v_res := ledger._op_clawback(op, v_user);
+    ELSE  -- 'open'
+      IF (op->>'amount')::bigint > 0 THEN
+        -- The welcome grant rides on the idempotency key, so it happens once per user.
+        v_res := ledger._op_grant(op, v_user);
+      ELSE
+        v_res := jsonb_build_object('status', 200, 'body', jsonb_build_object('user_id', v_user));
+      END IF;
+      v_res := jsonb_set(v_res, '{body,created}', to_jsonb(v_created));
+  END CASE;
+
+  v_status := (v_res->>'status')::int;
+  -- The first outcome is the answer for good, failures included; a denial (403) is
+  -- about the caller, not the request, and is not remembered. A replayed resolution
+  -- (a hold resolved before) is remembered like any outcome.
+  IF v_status <> 403 THEN
+    FOREACH k IN ARRAY v_keys LOOP
+      PERFORM ledger._remember(op->>'scope', k, op->>'hash', v_res - 'replayed');
+    END LOOP;
+  END IF;
+  IF v_auth ? 'audit' AND v_status <> 403 THEN
+    INSERT INTO ledger.audit_log (tx_id, actor, reason, op, user_id, amount_milli, status)
+    VALUES ((v_res->'body'->>'transaction_id')::bigint, v_auth->'audit'->>'actor',
+            v_auth->'audit'->>'reason', v_kind, v_user, (op->>'amount')::bigint, v_status);
+  END IF;
+  RETURN v_res;
 END $$;
 
 -- Many operations in one transaction (group commit). First all of them in ONE
