@@ -15,9 +15,9 @@ from redis.exceptions import RedisError
 from sqlalchemy import MetaData, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from services.kit import principal
 from services.kit.bus import Consumer, handled_once, processed_events_table
 from services.kit.db import async_url, plain_url, sessionmaker_for, unit_of_work
-from services.kit import principal
 from services.kit.outbox import (
     SIGN_BETWEEN_YIELDS,
     OutboxRelay,

@@ -183,7 +183,9 @@ def test_corruption_fires_its_check(sound_db, check):
 
 
 def test_a_posting_without_its_transaction_is_caught(sound_db):
-    orphan = "UPDATE ledger.postings SET tx_id = -1 WHERE id = (SELECT min(id) FROM ledger.postings)"
+    orphan = (
+        "UPDATE ledger.postings SET tx_id = -1 WHERE id = (SELECT min(id) FROM ledger.postings)"
+    )
     problems = asyncio.run(_checks_after(sound_db, orphan))
     assert "records_linked" in {p.split(":", 1)[0] for p in problems}, problems
 
