@@ -230,6 +230,73 @@ async def http_case(port: int, secret: str, name: str, users: list[str]) -> Resu
     return result
 
 
+async def one_client_holds(port: int, dsn: str, user: str, n: int = 200) -> dict[str, Result]:
+    """Latency at ONE client, the generation service's case (a hold is on every
+    generation's time-to-first-token path): a hold and its release through HTTP, the same
+    hold as one `apply_batch` statement over asyncpg, and a bare one-row UPDATE commit
+    (the database's durable-commit floor). Interleaved, so the machine's load falls on
+    each alike; p50 of the hold only."""
+    principal = Principal(kind="app", app="bench", scopes=frozenset({"ledger:write", "users:any"}))
+    conn = RawHTTPConnection("127.0.0.1", port)
+    await conn.connect()
+    db = await asyncpg.connect(dsn)
+    lat: dict[str, list[float]] = {
+        "http hold, 1 client": [],
+        "direct hold, 1 conn": [],
+        "raw commit, 1 conn": [],
+    }
+    try:
+        for _ in range(n):
+            headers = {
+                "x-ku-principal": outgoing_header(principal, audience="ledger"),
+                "idempotency-key": uuid.uuid4().hex,
+            }
+            t0 = time.perf_counter()
+            status, body = await conn.request(
+                "POST",
+                "/v1/ledger/holds",
+                orjson.dumps({"user_id": user, "amount": 1, "app": "bench", "ttl_seconds": 60}),
+                headers,
+            )
+            lat["http hold, 1 client"].append(time.perf_counter() - t0)
+            if status != 201:
+                raise RuntimeError(f"hold: {status} {body[:200]!r}")
+            hold = orjson.loads(body)["hold"]["id"]
+            await conn.request(
+                "POST",
+                f"/v1/ledger/holds/{hold}/release",
+                b"",
+                {"x-ku-principal": headers["x-ku-principal"]},
+            )
+            op = {
+                "op": "reserve",
+                "user_id": user,
+                "amount": 1000,
+                "app": "bench",
+                "ttl_seconds": 60,
+                "reference": None,
+                "description": None,
+                "auth": BENCH_AUTH,
+                "key": uuid.uuid4().hex,
+                "scope": "app:bench",
+                "hash": uuid.uuid4().hex,
+            }
+            t0 = time.perf_counter()
+            await db.fetchval(
+                "SELECT ledger.apply_batch($1::json)::text", orjson.dumps([op]).decode()
+            )
+            lat["direct hold, 1 conn"].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            await db.execute(
+                "UPDATE bench_raw SET balance = balance - 1 WHERE id = 1 AND balance >= 1"
+            )
+            lat["raw commit, 1 conn"].append(time.perf_counter() - t0)
+    finally:
+        await conn.close()
+        await db.close()
+    return {name: Result(name, len(xs), sum(xs), xs) for name, xs in lat.items()}
+
+
 async def setup_users(url: str, secret: str, users: list[str], ku_each: int) -> None:
     admin = Principal(kind="app", app="bench", scopes=frozenset({"admin"}))
     async with aiohttp.ClientSession() as session:
@@ -300,6 +367,9 @@ async def main() -> None:
             print(direct.line(), flush=True)
             http_batch = await http_batch_case(port, f"http batch x{BATCH}", many)
             print(http_batch.line(), flush=True)
+            single = await one_client_holds(port, db.dsn, many[0])
+            for result in single.values():
+                print(result.line(), flush=True)
         finally:
             stop(proc)
 
@@ -315,6 +385,8 @@ async def main() -> None:
         ]
         for label, value, bar in ratios:
             print(f"{label:<34} {value:5.2f}  (bar {bar})  {'ok' if value >= bar else 'BELOW'}")
+        added = single["http hold, 1 client"].pct(0.5) - single["direct hold, 1 conn"].pct(0.5)
+        print(f"hold at 1 client: the service adds p50 {added:.2f} ms to its SQL statement")
         p99 = max(http_hot.pct(0.99), http_many.pct(0.99))
         print(f"p99 of single debits: {p99:.1f} ms  (bar 50 ms)  {'ok' if p99 < 50 else 'ABOVE'}")
         print(f"(total {time.monotonic() - started:.0f}s)")

@@ -16,6 +16,7 @@ once per call and reused on every retry; 429/502/503/504 and dropped connections
 retried with backoff honouring `Retry-After`. Errors are typed (`_exceptions`).
 """
 
+from ku_client._batch import BatchItem, BatchItemResult, BatchResult
 from ku_client._client import AsyncKuClient, KuClient
 from ku_client._core import RetryPolicy, new_idempotency_key
 from ku_client._exceptions import (
@@ -52,6 +53,9 @@ __all__ = [
     "AuthenticationFailed",
     "BadRequest",
     "Balance",
+    "BatchItem",
+    "BatchItemResult",
+    "BatchResult",
     "Charge",
     "Conflict",
     "ConnectionFailed",

@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 import httpx
 
 from ku_client import _ops
+from ku_client._batch import BatchItem, BatchResult
 from ku_client._core import (
     USER_AGENT,
     Call,
@@ -122,6 +123,11 @@ class KuClient:
 
     def refund(self, transaction_id: int, amount_milli: int | None = None, **kw: Any) -> Charge:
         return self._run(_ops.refund(transaction_id, amount_milli, **kw))
+
+    def batch(self, items: list[BatchItem], *, idempotency_key: str | None = None) -> BatchResult:
+        """Up to 1,000 ledger operations in one request, each answered on its own (see
+        `BatchItem`); raises only for the request as a whole (401, 422, ...)."""
+        return self._run(_ops.batch(items, idempotency_key=idempotency_key))
 
     def grant(
         self,
@@ -256,6 +262,13 @@ class AsyncKuClient:
         self, transaction_id: int, amount_milli: int | None = None, **kw: Any
     ) -> Charge:
         return await self._run(_ops.refund(transaction_id, amount_milli, **kw))
+
+    async def batch(
+        self, items: list[BatchItem], *, idempotency_key: str | None = None
+    ) -> BatchResult:
+        """Up to 1,000 ledger operations in one request, each answered on its own (see
+        `BatchItem`); raises only for the request as a whole (401, 422, ...)."""
+        return await self._run(_ops.batch(items, idempotency_key=idempotency_key))
 
     async def grant(
         self,

@@ -10,6 +10,7 @@ from typing import Any, Generic, TypeVar
 
 import httpx
 
+from ku_client._batch import BATCH_MAX_ITEMS, BatchItem, BatchResult
 from ku_client._core import Call, decode, idempotent_post, replayed
 from ku_client._models import (
     Balance,
@@ -158,6 +159,18 @@ def grant(
         "reason": reason,  # required from admins (audited)
     }
     return Op(idempotent_post("/v1/ledger/grants", body, idempotency_key), _charge)
+
+
+def batch(items: list[BatchItem], *, idempotency_key: str | None = None) -> Op[BatchResult]:
+    if not 1 <= len(items) <= BATCH_MAX_ITEMS:
+        raise ValueError(f"a batch holds 1 to {BATCH_MAX_ITEMS} items, not {len(items)}")
+    call = idempotent_post(
+        "/v1/ledger/batch", {"operations": [i.wire() for i in items]}, idempotency_key
+    )
+    return Op(
+        call,
+        lambda r: BatchResult.parse(decode(r), replayed(r), r.headers.get("x-request-id")),
+    )
 
 
 def save_project(

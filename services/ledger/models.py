@@ -18,11 +18,14 @@ from datetime import datetime
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     CheckConstraint,
+    Computed,
     DateTime,
     ForeignKey,
     Index,
     Integer,
+    PrimaryKeyConstraint,
     Text,
     func,
     text,
@@ -77,13 +80,11 @@ class Grant(Base):
         CheckConstraint(
             "remaining_milli >= 0 AND remaining_milli <= amount_milli", name="remaining_in_range"
         ),
-        Index(
-            "ix_grants_spendable",
-            "user_id",
-            "expires_at",
-            postgresql_where=text("remaining_milli > 0"),
-        ),
-        Index("ix_grants_expiring", "expires_at", postgresql_where=text("remaining_milli > 0")),
+        # On `spendable`, not `remaining_milli > 0`: an index naming remaining_milli would
+        # make every draw's UPDATE write an entry in each index (no HOT update).
+        Index("ix_grants_spendable", "user_id", "expires_at", postgresql_where=text("spendable")),
+        Index("ix_grants_expiring", "expires_at", postgresql_where=text("spendable")),
+        {"postgresql_with": {"fillfactor": "80"}},
     )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
@@ -93,6 +94,10 @@ class Grant(Base):
     source: Mapped[str] = mapped_column(Text, nullable=False)
     amount_milli: Mapped[int] = mapped_column(BigInteger, nullable=False)
     remaining_milli: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    # remaining_milli > 0, kept by Postgres: changes only when the lot runs out or fills.
+    spendable: Mapped[bool] = mapped_column(
+        Boolean, Computed("remaining_milli > 0", persisted=True), nullable=False
+    )
     priority: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
     expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     reference: Mapped[str | None] = mapped_column(Text)
@@ -175,15 +180,12 @@ class Draw(Base):
             "amount_milli > 0 AND returned_milli >= 0 AND returned_milli <= amount_milli",
             name="returned_in_range",
         ),
-        Index("ix_draws_grant", "grant_id"),
     )
 
-    tx_id: Mapped[int] = mapped_column(
-        BigInteger, ForeignKey(f"{SCHEMA}.transactions.id"), primary_key=True
-    )
-    grant_id: Mapped[int] = mapped_column(
-        BigInteger, ForeignKey(f"{SCHEMA}.grants.id"), primary_key=True
-    )
+    # No foreign keys: written only by the ledger's functions next to the charge and the
+    # lot they name; `ku ledger verify` checks the links (`records_linked`).
+    tx_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    grant_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
     amount_milli: Mapped[int] = mapped_column(BigInteger, nullable=False)
     returned_milli: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default="0")
 
@@ -258,14 +260,14 @@ class Posting(Base):
     __tablename__ = "postings"
     __table_args__ = (
         CheckConstraint("amount_milli <> 0", name="amount_not_zero"),
-        Index("ix_postings_tx", "tx_id"),
-        Index("ix_postings_account_owner", "account", "owner"),
+        # (tx_id, id): one index serves the key and every lookup by transaction.
+        PrimaryKeyConstraint("tx_id", "id"),
     )
 
-    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
-    tx_id: Mapped[int] = mapped_column(
-        BigInteger, ForeignKey(f"{SCHEMA}.transactions.id"), nullable=False
-    )
+    id: Mapped[int] = mapped_column(BigInteger, autoincrement=True)
+    # No foreign key: written only by `ledger._journal` with its transaction; `ku ledger
+    # verify` checks the link (`records_linked`).
+    tx_id: Mapped[int] = mapped_column(BigInteger, nullable=False)
     account: Mapped[str] = mapped_column(Text, nullable=False)
     owner: Mapped[str] = mapped_column(Text, nullable=False)
     amount_milli: Mapped[int] = mapped_column(BigInteger, nullable=False)

@@ -19,7 +19,7 @@ WITH wallet AS (
 ), spendable AS (
   SELECT g.source, g.remaining_milli AS amount
     FROM ledger.grants g
-   WHERE g.user_id = $1 AND g.remaining_milli > 0
+   WHERE g.user_id = $1 AND g.spendable
      AND (g.expires_at IS NULL OR g.expires_at > now())
   UNION ALL
   SELECT g.source, ha.amount_milli
@@ -35,7 +35,7 @@ WITH wallet AS (
 ), next_expiry AS (
   SELECT expires_at AS at, SUM(remaining_milli)::bigint AS amount_milli
     FROM ledger.grants
-   WHERE user_id = $1 AND remaining_milli > 0 AND expires_at > now()
+   WHERE user_id = $1 AND spendable AND expires_at > now()
    GROUP BY expires_at ORDER BY expires_at LIMIT 1
 )
 SELECT

@@ -99,6 +99,16 @@ CHECKS: list[Check] = [
         _LOT_ACCOUNTED,
     ),
     Check(
+        "records_linked",
+        "postings or draws whose transaction, or draws whose lot, does not exist (no foreign"
+        " keys since migration 0005: the ledger's functions write them with their parents)",
+        "SELECT 'posting ' || p.id FROM ledger.postings p"
+        " WHERE NOT EXISTS (SELECT 1 FROM ledger.transactions t WHERE t.id = p.tx_id)"
+        " UNION ALL SELECT 'draw ' || d.tx_id || '/' || d.grant_id FROM ledger.draws d"
+        " WHERE NOT EXISTS (SELECT 1 FROM ledger.transactions t WHERE t.id = d.tx_id)"
+        " OR NOT EXISTS (SELECT 1 FROM ledger.grants g WHERE g.id = d.grant_id)",
+    ),
+    Check(
         "lot_same_user",
         "hold allocations or charge draws from a lot of another user",
         "SELECT h.id::text FROM ledger.hold_allocations a JOIN ledger.holds h ON h.id = a.hold_id"
@@ -185,7 +195,7 @@ CHECKS: list[Check] = [
         "credit_beside_debt",
         "users with spendable credit while they owe a debt",
         "SELECT w.user_id FROM ledger.wallets w WHERE w.debt_milli > 0 AND EXISTS ("
-        " SELECT 1 FROM ledger.grants g WHERE g.user_id = w.user_id AND g.remaining_milli > 0"
+        " SELECT 1 FROM ledger.grants g WHERE g.user_id = w.user_id AND g.spendable"
         " AND (g.expires_at IS NULL OR g.expires_at > clock_timestamp()))",
     ),
 ]

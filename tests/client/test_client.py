@@ -9,8 +9,11 @@ import httpx
 import pytest
 from ku_client import (
     AsyncKuClient,
+    BatchItem,
+    Charge,
     Conflict,
     ConnectionFailed,
+    HoldResult,
     InsufficientCredits,
     KuClient,
     NotFound,
@@ -87,6 +90,55 @@ class TestLedger:
             )
             assert granted.available_milli == WELCOME + 2_500
             assert admin.balance(user).by_source["promo"] == 2_500
+
+
+class TestBatch:
+    def test_per_item_results_and_a_retried_batch(self, ku: Ku, app_key: str):
+        user = ku.user()
+        with KuClient(ku.url, api_key=app_key) as client:
+            items = [
+                BatchItem.debit(user, 1_500, description="1,500 tokens"),
+                BatchItem.hold(user, 2_000, ttl_seconds=60),
+                BatchItem.debit(user, WELCOME * 2),  # more than there is: this item alone
+                BatchItem.capture("00000000-0000-0000-0000-000000000000"),
+            ]
+            result = client.batch(items, idempotency_key="batch-1")
+            assert not result.replayed and (result.succeeded, result.failed) == (2, 2)
+            debit, hold, broke, unknown = result.items
+            assert [i.index for i in result.items] == [0, 1, 2, 3]
+            assert isinstance(debit.value, Charge) and debit.value.amount_milli == 1_500
+            assert isinstance(hold.value, HoldResult) and hold.value.hold.amount_milli == 2_000
+            assert isinstance(broke.error, InsufficientCredits) and broke.value is None
+            assert broke.status == 402 and not broke.ok
+            assert isinstance(unknown.error, NotFound) and unknown.error.code == "hold_not_found"
+
+            again = client.batch(items, idempotency_key="batch-1")  # the same batch, retried
+            assert again.replayed and (again.succeeded, again.failed) == (2, 2)
+            assert client.balance(user).available_milli == WELCOME - 3_500
+
+            # The debit's key with another amount: 409 for that item, not the batch.
+            reused = BatchItem.debit(user, 9, idempotency_key=items[0].idempotency_key)
+            later = client.batch([reused, BatchItem.release(hold.value.hold.id)])
+            conflict, released = later.items
+            assert isinstance(conflict.error, Conflict)
+            assert conflict.error.code == "idempotency_key_reused"
+            assert isinstance(released.value, HoldResult)
+            assert released.value.hold.status == "released"
+            assert client.balance(user).available_milli == WELCOME - 1_500
+            with pytest.raises(Conflict):  # the batch's own key with other operations
+                client.batch([BatchItem.debit(user, 1)], idempotency_key="batch-1")
+            with pytest.raises(ValueError):
+                client.batch([])
+
+    async def test_async_batch_across_users(self, ku: Ku, app_key: str):
+        users = [ku.user(), ku.user()]
+        async with AsyncKuClient(ku.url, api_key=app_key) as client:
+            result = await client.batch(
+                [BatchItem.debit(u, 250 * (n + 1)) for n, u in enumerate(users)]
+            )
+            assert result.succeeded == 2 and all(i.ok for i in result.items)
+            for n, user in enumerate(users):
+                assert (await client.balance(user)).available_milli == WELCOME - 250 * (n + 1)
 
 
 class TestWorkspace:

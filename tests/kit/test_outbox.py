@@ -3,8 +3,10 @@ Postgres and Redis."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import uuid
+from collections import Counter
 
 import asyncpg
 import pytest
@@ -13,9 +15,17 @@ from redis.exceptions import RedisError
 from sqlalchemy import MetaData, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from services.kit import principal
 from services.kit.bus import Consumer, handled_once, processed_events_table
 from services.kit.db import async_url, plain_url, sessionmaker_for, unit_of_work
-from services.kit.outbox import OutboxRelay, emit, event_issuer, outbox_table, signed_fields
+from services.kit.outbox import (
+    SIGN_BETWEEN_YIELDS,
+    OutboxRelay,
+    emit,
+    event_issuer,
+    outbox_table,
+    signed_fields,
+)
 
 SCHEMA = "kit_outbox_test"
 
@@ -166,3 +176,41 @@ class TestSignedEvents:
             await conn.close()
         entries = await redis.xrange(name)
         assert entries and all(event_issuer(f) == "auth" for _, f in entries)
+
+    async def test_relay_lets_requests_run_between_signatures(
+        self, tables, redis, ku_database_url, monkeypatch
+    ):
+        """The relay runs on the service's event loop: signing a batch must not hold the
+        loop for the whole batch. A ticker task counts loop turns; every signature notes
+        the count: no more than SIGN_BETWEEN_YIELDS signatures happen in one turn."""
+        engine, outbox, _ = tables
+        name = stream()
+        async with unit_of_work(sessionmaker_for(engine)) as session:
+            for n in range(4 * SIGN_BETWEEN_YIELDS):
+                await emit(session, outbox, "thing.happened", {"n": n})
+        turns = {"n": 0}
+        seen: list[int] = []
+        sign = principal.sign_bytes
+
+        def noting(issuer: str, data: bytes) -> str:
+            seen.append(turns["n"])
+            return sign(issuer, data)
+
+        monkeypatch.setattr(principal, "sign_bytes", noting)
+
+        async def tick() -> None:
+            while True:
+                turns["n"] += 1
+                await asyncio.sleep(0)
+
+        ticker = asyncio.create_task(tick())
+        conn = await asyncpg.connect(plain_url(ku_database_url))
+        try:
+            relay = OutboxRelay(plain_url(ku_database_url), redis, SCHEMA, name, issuer="auth")
+            while await relay.relay_once(conn):
+                pass
+        finally:
+            ticker.cancel()
+            await conn.close()
+        assert len(seen) >= 4 * SIGN_BETWEEN_YIELDS
+        assert max(Counter(seen).values()) <= SIGN_BETWEEN_YIELDS

@@ -86,6 +86,7 @@ CORRUPTIONS = {
     f" WHERE id = {U1_PROMO}",
     "lot_same_user": "UPDATE ledger.draws SET grant_id = (SELECT id FROM ledger.grants"
     f" WHERE user_id = 'u2') WHERE tx_id = {U1_DEBIT}",
+    "records_linked": f"UPDATE ledger.draws SET grant_id = -1 WHERE tx_id = {U1_DEBIT}",
     "charge_draws": "UPDATE ledger.draws SET amount_milli = amount_milli + 1"
     f" WHERE tx_id = {U1_DEBIT}",
     "hold_allocations": "UPDATE ledger.hold_allocations SET amount_milli = amount_milli - 1"
@@ -179,6 +180,14 @@ def test_sound_ledger_passes_every_check(sound_db):
 def test_corruption_fires_its_check(sound_db, check):
     problems = asyncio.run(_checks_after(sound_db, CORRUPTIONS[check]))
     assert check in {p.split(":", 1)[0] for p in problems}, problems
+
+
+def test_a_posting_without_its_transaction_is_caught(sound_db):
+    orphan = (
+        "UPDATE ledger.postings SET tx_id = -1 WHERE id = (SELECT min(id) FROM ledger.postings)"
+    )
+    problems = asyncio.run(_checks_after(sound_db, orphan))
+    assert "records_linked" in {p.split(":", 1)[0] for p in problems}, problems
 
 
 def test_cli_names_the_breach_and_exits_1(scratch_db, capsys):

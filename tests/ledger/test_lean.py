@@ -1,0 +1,131 @@
+"""What one debit writes since migration 0005 (docs/ledger.md "Rows one debit writes"
+and "What one debit costs in SQL"), counted by Postgres inside the debit's own
+transaction (`pg_stat_xact_user_tables`, exact and not delayed), and the
+subtransactions a batch takes (a row's `xmin` names the subtransaction that inserted
+it)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import orjson
+import pytest
+
+from services.kit.db import plain_url
+
+AUTH = {"user": "any", "owner": "app:penora", "holds": "*", "charges": "*"}
+TABLES = ("transactions", "postings", "draws", "outbox", "idempotency_keys", "grants", "wallets")
+
+
+@pytest.fixture
+async def db(ku_database_url: str) -> AsyncIterator[asyncpg.Connection]:
+    conn = await asyncpg.connect(plain_url(ku_database_url))
+    yield conn
+    await conn.close()
+
+
+async def _batch(db: asyncpg.Connection, ops: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    raw = await db.fetchval("SELECT ledger.apply_batch($1::json)::text", orjson.dumps(ops).decode())
+    return orjson.loads(raw)
+
+
+async def _funded(db: asyncpg.Connection, users: int = 1) -> list[str]:
+    ids = [f"lean-{uuid.uuid4().hex[:12]}" for _ in range(users)]
+    ops: list[dict[str, Any]] = []
+    for user in ids:
+        ops.append({"op": "open", "user_id": user, "amount": 0, "auth": AUTH})
+        ops.append(
+            {"op": "grant", "user_id": user, "amount": 1_000_000, "source": "promo", "auth": AUTH}
+        )
+    assert all(r["status"] in (200, 201) for r in await _batch(db, ops))
+    return ids
+
+
+def _debit(user: str) -> dict[str, Any]:
+    key = uuid.uuid4().hex
+    return {"op": "debit", "user_id": user, "amount": 1000, "app": "penora", "auth": AUTH,
+            "key": key, "scope": "app:penora", "hash": key}  # fmt: skip
+
+
+async def _counts(db: asyncpg.Connection) -> dict[str, tuple[int, int, int]]:
+    rows = await db.fetch(
+        "SELECT relname, n_tup_ins, n_tup_upd, n_tup_hot_upd FROM pg_stat_xact_user_tables"
+        " WHERE schemaname = 'ledger' AND relname = ANY($1::text[])",
+        list(TABLES),
+    )
+    return {r["relname"]: (r["n_tup_ins"], r["n_tup_upd"], r["n_tup_hot_upd"]) for r in rows}
+
+
+async def test_one_debit_writes_six_rows_and_updates_in_place(db):
+    (user,) = await _funded(db)
+    async with db.transaction():
+        # Postgres 15 keeps a backend's counts until it reports them, so the earlier
+        # statements' may still be there: the difference is the debit's.
+        before = await _counts(db)
+        (result,) = await _batch(db, [_debit(user)])
+        assert result["status"] == 201
+        after = await _counts(db)
+    zero = (0, 0, 0)
+    delta = {
+        t: tuple(a - b for a, b in zip(after.get(t, zero), before.get(t, zero), strict=True))
+        for t in TABLES
+    }
+    assert delta == {
+        "transactions": (1, 0, 0),
+        "postings": (2, 0, 0),
+        "draws": (1, 0, 0),
+        "outbox": (1, 0, 0),
+        "idempotency_keys": (1, 0, 0),
+        "grants": (0, 1, 1),  # the lot: updated in place, no index entry
+        "wallets": (0, 1, 1),
+    }
+
+
+async def test_journal_tables_carry_one_index_and_no_foreign_keys(db):
+    rows = await db.fetch(
+        "SELECT c.relname, count(i.indexrelid) AS indexes,"
+        " (SELECT count(*) FROM pg_constraint k WHERE k.conrelid = c.oid AND k.contype = 'f')"
+        "   AS foreign_keys"
+        " FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+        " LEFT JOIN pg_index i ON i.indrelid = c.oid"
+        " WHERE n.nspname = 'ledger' AND c.relname IN ('postings', 'draws') GROUP BY c.oid"
+    )
+    assert {r["relname"]: (r["indexes"], r["foreign_keys"]) for r in rows} == {
+        "postings": (1, 0),
+        "draws": (1, 0),
+    }
+    # No index of the lots names remaining_milli: that would stop in-place updates.
+    defs = await db.fetch(
+        "SELECT indexdef FROM pg_indexes WHERE schemaname = 'ledger' AND tablename = 'grants'"
+    )
+    assert defs and not any("remaining_milli" in r["indexdef"] for r in defs)
+
+
+async def _subtransactions(db: asyncpg.Connection, results: list[dict[str, Any]]) -> int:
+    """How many transaction ids wrote the journal entries of these results: a row's
+    `xmin` is the (sub)transaction that inserted it."""
+    ids = [r["body"]["transaction_id"] for r in results if r["status"] == 201]
+    return await db.fetchval(
+        "SELECT count(DISTINCT xmin::text) FROM ledger.transactions WHERE id = ANY($1::bigint[])",
+        ids,
+    )
+
+
+async def test_a_batch_takes_one_subtransaction(db):
+    users = await _funded(db, 10)
+    results = await _batch(db, [_debit(u) for u in users])
+    assert [r["status"] for r in results] == [201] * 10
+    assert await _subtransactions(db, results) == 1  # 0004: one per debit
+
+
+async def test_a_raising_operation_falls_back_to_one_subtransaction_each(db):
+    users = await _funded(db, 3)
+    bad = {**_debit(users[1]), "description": "nul \u0000 byte"}
+    results = await _batch(db, [_debit(users[0]), bad, _debit(users[2])])
+    assert [r["status"] for r in results] == [201, 422, 201]
+    assert results[1]["error"]["code"] == "invalid_input"
+    # The first attempt rolled back whole; then each operation in its own.
+    assert await _subtransactions(db, results) == 2
