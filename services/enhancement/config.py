@@ -4,6 +4,7 @@ provider credits (what the platform pre-bought from each provider)."""
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Literal
 
 from pydantic import Field
 
@@ -55,9 +56,21 @@ class EnhancementSettings(KuSettings):
     enhancement_pending_every_seconds: int = 120
     enhancement_hold_ttl_seconds: int = 3600
 
-    # Results.
-    enhancement_storage: str = "local"
+    # Results (and inputs): "local" (a directory shared by the service and the worker)
+    # or "s3" (an S3-compatible bucket; see storage.py).
+    enhancement_storage: Literal["local", "s3"] = "local"
     enhancement_storage_dir: str = ".ku/enhancement"
+    enhancement_s3_bucket: str = ""
+    # Keys are `<prefix>/inputs/<task>` and `<prefix>/results/<task>`.
+    enhancement_s3_prefix: str = ""
+    # Empty: AWS S3 for the region; e.g. http://minio:9000 for MinIO.
+    enhancement_s3_endpoint_url: str = ""
+    enhancement_s3_region: str = "us-east-1"
+    # Empty: botocore's credential chain (AWS_* environment, profile, instance role).
+    enhancement_s3_access_key_id: str = ""
+    enhancement_s3_secret_access_key: str = ""
+    # auto | path | virtual ("path" for MinIO and most self-hosted servers).
+    enhancement_s3_addressing_style: Literal["auto", "path", "virtual"] = "auto"
     enhancement_result_url_seconds: int = 3600
     enhancement_retention_days: int = 30
 

@@ -121,9 +121,7 @@ class Enhancer:
         self.sessionmaker = sessionmaker
         self.redis = redis
         self.client = client or ServiceClient(settings, me="enhancement")
-        self.storage = storage or build_storage(
-            settings.enhancement_storage, settings.enhancement_storage_dir
-        )
+        self.storage = storage or build_storage(settings)
         self.fetcher = fetcher or SafeFetcher(self.fetch_policy(settings.allowed_origins()))
         # Provider results come from the providers' own hosts: same rules as user input.
         self.result_fetcher = SafeFetcher(self.fetch_policy(settings.allowed_origins()))
@@ -159,6 +157,7 @@ class Enhancer:
         await self.result_fetcher.aclose()
         await self.http.aclose()
         await self.client.aclose()
+        await self.storage.aclose()
 
     def uow(self) -> Any:
         return unit_of_work(self.sessionmaker)
