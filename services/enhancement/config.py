@@ -94,10 +94,8 @@ class EnhancementSettings(KuSettings):
     # Platform pools: alert below this many credits or this % of the last refill level.
     enhancement_pool_low_milli: int = 100_000
     enhancement_pool_low_percent: int = 20
-    # Share of the month's revenue that funds the pools (seed 004: 80 %).
+    # Share of the month's revenue (billing's payments) that funds the pools (seed 004: 80 %).
     enhancement_pool_budget_percent: int = 80
-    # The month's revenue in minor units, when billing cannot be asked (see docs).
-    enhancement_monthly_revenue_minor: int = 0
 
     # Seed 004's BACKGROUND_JOB_TOKEN: lets a plain cron call POST /api/background/process-tasks
     # (`Authorization: Bearer <token>`). Empty: that route is refused.

@@ -960,19 +960,44 @@ class Enhancer:
                 now.replace(hour=0, minute=0, second=0, microsecond=0), now + timedelta(seconds=1)
             )
             alerts = await repo.alerts(20)
-        s = self.settings
-        revenue = s.enhancement_monthly_revenue_minor
         return {
             "pools": await self.pool_view(),
             "month": month,
             "today": today,
-            "budget": {
-                "monthly_revenue_minor": revenue,
-                "pool_budget_percent": s.enhancement_pool_budget_percent,
-                "pool_budget_minor": revenue * s.enhancement_pool_budget_percent // 100,
-                "source": "setting KU_ENHANCEMENT_MONTHLY_REVENUE_MINOR",
-            },
+            "budget": await self.pool_budget(now),
             "alerts": alerts,
+        }
+
+    async def pool_budget(self, now: datetime) -> dict[str, Any]:
+        """Seed 004's rule: the pools are funded from a share (80 %) of the month's revenue,
+        which billing knows from its payments (per currency, net of refunds)."""
+        percent = self.settings.enhancement_pool_budget_percent
+        month = period_of(now)
+        budget: dict[str, Any] = {
+            "month": month,
+            "pool_budget_percent": percent,
+            "source": "billing",
+        }
+        try:
+            revenue = await self.client.json(
+                "ledger", "GET", "/v1/billing/revenue", params={"month": month}
+            )
+        except KuError as exc:  # billing unreachable: the rest of the stats still answer
+            log.warning("no revenue from billing: %s", exc.code)
+            error = {"code": exc.code, "message": exc.message}
+            return {**budget, "available": False, "revenue": [], "error": error}
+        return {
+            **budget,
+            "available": True,
+            "revenue": [
+                {
+                    "currency": item["currency"],
+                    "payments": item["payments"],
+                    "revenue_minor": item["net"],
+                    "pool_budget_minor": item["net"] * percent // 100,
+                }
+                for item in revenue["items"]
+            ],
         }
 
 

@@ -411,6 +411,32 @@ class Billing:
     async def _grant_source(self, row: dict[str, Any]) -> str:
         return "purchase" if row["expires_at"] is None else "subscription"
 
+    # Revenue
+
+    async def revenue(self, month: str | None = None) -> dict[str, Any]:
+        """What payments brought in during a calendar month (UTC, default this one), by
+        currency, net of refunds."""
+        if month is None:
+            now = datetime.now(UTC)
+            start = datetime(now.year, now.month, 1, tzinfo=UTC)
+        else:
+            year, number = month.split("-")
+            start = datetime(int(year), int(number), 1, tzinfo=UTC)
+        rows = await self.repo.revenue(start, add_period(start, "month"))
+        return {
+            "month": f"{start:%Y-%m}",
+            "items": [
+                {
+                    "currency": r["currency"],
+                    "payments": r["payments"],
+                    "captured": r["captured_minor"],
+                    "refunded": r["refunded_minor"],
+                    "net": r["captured_minor"] - r["refunded_minor"],
+                }
+                for r in rows
+            ],
+        }
+
     # Webhooks
 
     async def handle_webhook(
