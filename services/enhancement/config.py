@@ -6,7 +6,7 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from services.kit.config import KuSettings
 
@@ -33,6 +33,17 @@ class EnhancementSettings(KuSettings):
     # Enhancements included per month by tier; beyond them the price is charged in Ku.
     enhancement_tier_allowances: dict[str, int] = Field(
         default_factory=lambda: {"free": 0, "plus": 10, "pro": 25}
+    )
+    # The tier each billing plan (catalog item) gives while it is paid; other plans, none.
+    enhancement_plan_tiers: dict[str, str] = Field(
+        default_factory=lambda: {
+            "lite_monthly": "plus",
+            "lite_yearly": "plus",
+            "pro_monthly": "pro",
+            "pro_yearly": "pro",
+            "studio_monthly": "pro",
+            "studio_yearly": "pro",
+        }
     )
     # The app lane a hold is booked in when the caller names none (the ledger's `app`).
     enhancement_default_app: str = "imagegene"
@@ -103,6 +114,16 @@ class EnhancementSettings(KuSettings):
 
     # Users past this % of their monthly allowance get one alert per month.
     enhancement_allowance_alert_percent: int = 90
+
+    @model_validator(mode="after")
+    def _plans_name_known_tiers(self) -> EnhancementSettings:
+        unknown = set(self.enhancement_plan_tiers.values()) - set(self.enhancement_tier_allowances)
+        if unknown:
+            raise ValueError(
+                f"KU_ENHANCEMENT_PLAN_TIERS names tiers that KU_ENHANCEMENT_TIER_ALLOWANCES"
+                f" does not have: {sorted(unknown)}"
+            )
+        return self
 
     def provider_cost(self, name: str) -> int:
         return int(getattr(self, f"enhancement_{name}_cost_milli"))

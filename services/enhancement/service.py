@@ -295,7 +295,7 @@ class Enhancer:
         """Record the task paid by an included enhancement, if the user has one left."""
         async with self.uow() as session:
             repo = Repository(session)
-            included = self.included_for(await repo.tier(owner))
+            included = self.included_for(await self.tier_of(repo, owner, now))
             if included <= 0:
                 return None
             period = period_of(now)
@@ -881,11 +881,33 @@ class Enhancer:
         async with self.uow() as session:
             await Repository(session).set_tier(user_id, tier)
 
+    async def tier_of(self, repo: Repository, user_id: str, now: datetime) -> str:
+        """The best of the admin's tier (a floor, free unless set) and the tiers of the
+        user's plans that are active and paid at `now` (fed by billing's events)."""
+        plan_tiers = self.settings.enhancement_plan_tiers
+        tiers = [await repo.tier(user_id) or "free"]
+        tiers += [plan_tiers[i] for i in await repo.paid_plans(user_id, now) if i in plan_tiers]
+        return max(tiers, key=self.included_for)
+
+    async def subscription_changed(self, payload: dict[str, Any]) -> None:
+        """Billing's `billing.subscription.changed`: a plan paid until `expires_at`, or
+        cancelled (the tier is gone at once). Plans with no tier are recorded anyway."""
+        expires_at = payload.get("expires_at")
+        async with self.uow() as session:
+            await Repository(session).record_subscription(
+                str(payload["subscription_id"]),
+                str(payload["user_id"]),
+                str(payload["item"]),
+                str(payload["status"]),
+                datetime.fromisoformat(expires_at) if expires_at else None,
+            )
+
     async def allowance(self, user_id: str, now: datetime | None = None) -> dict[str, Any]:
-        period = period_of(now or datetime.now(UTC))
+        now = now or datetime.now(UTC)
+        period = period_of(now)
         async with self.uow() as session:
             repo = Repository(session)
-            tier = await repo.tier(user_id) or "free"
+            tier = await self.tier_of(repo, user_id, now)
             row = await repo.allowance(user_id, period)
         included = self.included_for(tier)
         used = row["used"] if row else 0

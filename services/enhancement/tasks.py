@@ -1,5 +1,10 @@
-"""Enhancement jobs on the worker (arq). Each is safe to run twice, or concurrently:
-a task is claimed with a lease and fenced by its attempt number (see service.py).
+"""Enhancement jobs on the worker (arq), and the service's event consumer. Each job is
+safe to run twice, or concurrently: a task is claimed with a lease and fenced by its
+attempt number (see service.py).
+
+Tiers follow billing: `consume_subscriptions` (a lifespan hook of the service) reads
+`billing.subscription.changed` from the ledger's stream (consumer group `enhancement`)
+into `enhancement.subscriptions`; the handler is an idempotent upsert.
 
 Seed 004's schedule: pending tasks every 2 minutes (`KU_ENHANCEMENT_PENDING_EVERY_SECONDS`),
 pool thresholds every 15 minutes, the daily usage summary at 01:00, the monthly
@@ -8,14 +13,21 @@ allowance reset on the 1st at 00:00 (UTC), and result retention daily at 03:30.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 from arq import cron
 from arq.cron import CronJob
 from arq.worker import func
+from fastapi import FastAPI
 
 from services.enhancement.config import EnhancementSettings, get_settings
 from services.enhancement.service import JOB_NAME, Enhancer
+from services.kit.bus import Consumer
+from services.kit.outbox import stream_name
+
+SUBSCRIPTION_CHANGED = "billing.subscription.changed"
 
 Ctx = dict[str, Any]
 
@@ -40,6 +52,30 @@ def arq_enqueuer(arq_redis: Any, settings: EnhancementSettings) -> Any:
         )
 
     return enqueue
+
+
+@asynccontextmanager
+async def consume_subscriptions(app: FastAPI) -> AsyncIterator[None]:
+    """Lifespan hook (after the enhancer's): tiers from billing's subscription events."""
+    settings = get_settings()
+    enhancer: Enhancer = app.state.enhancer
+
+    async def handle(event: dict[str, Any]) -> None:
+        await enhancer.subscription_changed(event["payload"])
+
+    consumer = Consumer(
+        app.state.redis,
+        [stream_name(settings.bus_prefix, "ledger")],
+        group="enhancement",
+        handler=handle,
+        topics={SUBSCRIPTION_CHANGED},
+    )
+    consumer.start()
+    app.state.subscription_consumer = consumer
+    try:
+        yield
+    finally:
+        await consumer.stop()
 
 
 async def worker_startup(ctx: Ctx) -> None:
