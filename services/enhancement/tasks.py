@@ -6,9 +6,11 @@ Tiers follow billing: `consume_subscriptions` (a lifespan hook of the service) r
 `billing.subscription.changed` from the ledger's stream (consumer group `enhancement`)
 into `enhancement.subscriptions`; the handler is an idempotent upsert.
 
-Seed 004's schedule: pending tasks every 2 minutes (`KU_ENHANCEMENT_PENDING_EVERY_SECONDS`),
-pool thresholds every 15 minutes, the daily usage summary at 01:00, the monthly
-allowance reset on the 1st at 00:00 (UTC), and result retention daily at 03:30.
+Seed 004's schedule (tests/enhancement/test_schedule.py reads it back from the worker's
+registry): pending tasks every 2 minutes (`KU_ENHANCEMENT_PENDING_EVERY_SECONDS`, a
+divisor of a minute or of an hour in whole minutes), pool thresholds every 15 minutes,
+the daily usage summary at 01:00, the monthly allowance reset on the 1st at 00:00 (UTC),
+and result retention daily at 03:30.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from services.enhancement.config import EnhancementSettings, get_settings
 from services.enhancement.service import JOB_NAME, Enhancer
 from services.kit.bus import Consumer
 from services.kit.outbox import stream_name
+from services.worker import every, queue_name
 
 SUBSCRIPTION_CHANGED = "billing.subscription.changed"
 
@@ -39,8 +42,6 @@ def queue_job_id(prefix: str, task_id: str, attempt: int) -> str:
 def arq_enqueuer(arq_redis: Any, settings: EnhancementSettings) -> Any:
     """`enqueue(task_id, attempt)` on the suite's queue; one job id per attempt, so a
     duplicate enqueue of the same attempt is a no-op and a retry gets a fresh job."""
-    from services.worker import queue_name
-
     queue = queue_name(settings.bus_prefix)
 
     async def enqueue(task_id: str, attempt: int) -> None:
@@ -120,17 +121,11 @@ async def enhancement_retention(ctx: Ctx) -> int:
     return await ctx["enhancer"].purge_results()
 
 
-def _every(seconds: int) -> dict[str, Any]:
-    if seconds < 60:
-        return {"second": set(range(0, 60, max(1, seconds)))}
-    return {"minute": set(range(0, 60, max(1, seconds // 60))), "second": 0}
-
-
 def cron_jobs(settings: EnhancementSettings) -> list[CronJob]:
     timeout = settings.enhancement_task_deadline_seconds
     return [
         cron(enhancement_pending, name="enhancement.pending", run_at_startup=True,
-             timeout=timeout, **_every(settings.enhancement_pending_every_seconds)),
+             timeout=timeout, **every(settings.enhancement_pending_every_seconds)),
         cron(enhancement_thresholds, name="enhancement.thresholds",
              minute={0, 15, 30, 45}, second=0, timeout=120),
         cron(enhancement_daily_summary, name="enhancement.daily_summary",
