@@ -15,14 +15,19 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import logging
 import os
 import time
-from contextlib import AsyncExitStack
+from collections.abc import Iterator
+from contextlib import AsyncExitStack, contextmanager
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Protocol
 
 from services.enhancement.config import EnhancementSettings
-from services.kit.errors import Forbidden
+from services.kit.errors import Forbidden, ServiceUnavailable
+
+log = logging.getLogger("ku.enhancement.storage")
 
 
 class Storage(Protocol):
@@ -83,6 +88,7 @@ class S3Storage:
         secret_access_key: str | None = None,
         addressing_style: str = "auto",
         timeout_seconds: float = 30.0,
+        max_attempts: int = 3,
     ) -> None:
         from aiobotocore.config import AioConfig
 
@@ -100,7 +106,7 @@ class S3Storage:
                 s3={"addressing_style": addressing_style},
                 connect_timeout=min(10.0, timeout_seconds),
                 read_timeout=timeout_seconds,
-                retries={"max_attempts": 3, "mode": "standard"},
+                retries={"max_attempts": max_attempts, "mode": "standard"},
             ),
         }
         self._stack = AsyncExitStack()
@@ -111,11 +117,8 @@ class S3Storage:
         if self._client is None:
             async with self._lock:
                 if self._client is None:
-                    from aiobotocore.session import get_session
-
-                    session = get_session()
                     self._client = await self._stack.enter_async_context(
-                        session.create_client("s3", **self._options)
+                        _botocore_session().create_client("s3", **self._options)
                     )
         return self._client
 
@@ -124,30 +127,55 @@ class S3Storage:
             raise ValueError(f"bad storage key: {key!r}")
         return self.prefix + key
 
+    @contextmanager
+    def _errors(self) -> Iterator[None]:
+        """botocore's errors (S3 refused, unreachable, timed out) as the kit's 503."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            yield
+        except (BotoCoreError, ClientError) as exc:
+            log.warning("S3 bucket %s: %s", self.bucket, exc)
+            raise ServiceUnavailable(
+                "Result storage is unavailable", code="storage_unavailable"
+            ) from None
+
     async def put(self, key: str, data: bytes) -> None:
-        s3 = await self._s3()
-        await s3.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
+        with self._errors():
+            s3 = await self._s3()
+            await s3.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
 
     async def get(self, key: str) -> bytes | None:
         from botocore.exceptions import ClientError
 
-        s3 = await self._s3()
-        try:
-            response = await s3.get_object(Bucket=self.bucket, Key=self._key(key))
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
-                return None
-            raise
-        async with response["Body"] as body:
-            return bytes(await body.read())
+        with self._errors():
+            s3 = await self._s3()
+            try:
+                response = await s3.get_object(Bucket=self.bucket, Key=self._key(key))
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                    return None
+                raise
+            async with response["Body"] as body:
+                return bytes(await body.read())
 
     async def delete(self, key: str) -> None:
-        s3 = await self._s3()
-        await s3.delete_object(Bucket=self.bucket, Key=self._key(key))
+        with self._errors():
+            s3 = await self._s3()
+            await s3.delete_object(Bucket=self.bucket, Key=self._key(key))
 
     async def aclose(self) -> None:
         await self._stack.aclose()
         self._client = None
+
+
+@lru_cache(maxsize=1)
+def _botocore_session() -> Any:
+    """One botocore session per process: it loads and caches S3's service model (about a
+    second of CPU), which every client made from it then shares."""
+    from aiobotocore.session import get_session
+
+    return get_session()
 
 
 def build_storage(settings: EnhancementSettings) -> Storage:

@@ -30,7 +30,9 @@ from services.enhancement.storage import (
     build_storage,
     sign_link,
 )
+from services.kit.errors import ServiceUnavailable
 from services.kit.principal import derived_secret
+from services.kit.runner import free_port
 from services.kit.testing.plugin import asgi_client, principal_headers
 from tests.enhancement.helpers import insert_task
 
@@ -158,15 +160,19 @@ class TestS3Wire:
         finally:
             await storage.aclose()
 
-    async def test_a_missing_bucket_is_an_error_not_a_missing_object(self, s3_endpoint: str):
-        from botocore.exceptions import ClientError
-
-        storage = S3Storage("no-such-bucket", endpoint_url=s3_endpoint, **S3_KEYS)
-        try:
-            with pytest.raises(ClientError):
-                await storage.get("results/abc")
-        finally:
-            await storage.aclose()
+    async def test_a_missing_bucket_or_server_is_a_503_not_a_missing_object(self, s3_endpoint: str):
+        missing_bucket = S3Storage("no-such-bucket", endpoint_url=s3_endpoint, **S3_KEYS)
+        no_server = S3Storage(  # one attempt: botocore's retries back off for seconds
+            "ku-results", endpoint_url=f"http://127.0.0.1:{free_port()}", max_attempts=1, **S3_KEYS
+        )
+        for storage in (missing_bucket, no_server):
+            try:
+                for call in (storage.get("results/a"), storage.put("results/a", b"x")):
+                    with pytest.raises(ServiceUnavailable) as caught:
+                        await call
+                    assert caught.value.code == "storage_unavailable"
+            finally:
+                await storage.aclose()
 
 
 class TestSignedLinksWithS3:
