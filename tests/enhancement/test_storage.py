@@ -22,7 +22,7 @@ from sqlalchemy import text
 
 from services.enhancement.config import EnhancementSettings, get_settings
 from services.enhancement.repository import Repository
-from services.enhancement.service import Enhancer
+from services.enhancement.service import Enhancer, Submission
 from services.enhancement.storage import (
     LocalStorage,
     S3Storage,
@@ -31,9 +31,11 @@ from services.enhancement.storage import (
     sign_link,
 )
 from services.kit.errors import ServiceUnavailable
-from services.kit.principal import derived_secret
+from services.kit.principal import Principal, derived_secret
 from services.kit.runner import free_port
+from services.kit.service_client import ServiceClient
 from services.kit.testing.plugin import asgi_client, principal_headers
+from tests.enhancement.fakes import png
 from tests.enhancement.helpers import insert_task
 
 S3_KEYS: dict[str, Any] = {"access_key_id": "ku-test", "secret_access_key": "ku-test-secret"}
@@ -173,6 +175,32 @@ class TestS3Wire:
                     assert caught.value.code == "storage_unavailable"
             finally:
                 await storage.aclose()
+
+    async def test_an_unreachable_bucket_fails_a_submit_before_anything_is_held(
+        self, enhancer: Enhancer, ku_database_url: str
+    ):
+        nowhere = f"http://127.0.0.1:{free_port()}"
+        enhancer.storage = S3Storage("ku-results", endpoint_url=nowhere, max_attempts=1, **S3_KEYS)
+        # A ledger that is not there either: a hold attempted first would be a 502 instead.
+        settings = EnhancementSettings(database_url=ku_database_url, ledger_url=nowhere)
+        await enhancer.client.aclose()
+        enhancer.client = ServiceClient(settings, me="enhancement", retries=0)
+        user = str(10**20 + secrets.randbelow(10**20))
+        submission = Submission(
+            enhancement_type="lighting",
+            prompt="",
+            strength=0.5,
+            moodboard_id=None,
+            user_id=None,
+            app=None,
+            save_to_workspace=False,
+            upload=png(),
+        )
+        me = Principal(kind="user", app="imagegene", user_id=user, scopes=frozenset({"enhance"}))
+        with pytest.raises(ServiceUnavailable):
+            await enhancer.submit(me, submission, origin=None, idempotency_key=None)
+        async with enhancer.uow() as session:
+            assert await Repository(session).tasks_of(user, None, 10) == []
 
 
 class TestSignedLinksWithS3:
