@@ -126,7 +126,8 @@ class EnhancementSettings(KuSettings):
         return self
 
     def provider_cost(self, name: str) -> int:
-        return int(getattr(self, f"enhancement_{name}_cost_milli"))
+        # A pool of a provider this build does not know (renamed, removed) costs nothing.
+        return int(getattr(self, f"enhancement_{name}_cost_milli", 0))
 
     def allowed_origins(self) -> frozenset[str]:
         return frozenset(
