@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import asyncpg
 
@@ -210,3 +211,35 @@ class RawHTTPConnection:
             self.writer.close()
             with contextlib.suppress(Exception):
                 await self.writer.wait_closed()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process (and its reaped children) used so far (Linux)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    ticks = sum(int(f) for f in fields[11:15])  # utime stime cutime cstime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+class CpuMeter:
+    """CPU seconds per named process over a phase: where a bench's time goes.
+
+    with CpuMeter({"generation": pid, ...}) as cpu: ...; print(cpu.report(per=tokens))
+    """
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = {**pids, "bench": os.getpid()}
+        self.used: dict[str, float] = {}
+
+    def __enter__(self) -> CpuMeter:
+        self._start = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.used = {n: cpu_seconds(p) - self._start[n] for n, p in self.pids.items()}
+
+    def report(self, per: float, unit: str) -> str:
+        parts = [f"{name} {used / per * 1e6:.0f}" for name, used in self.used.items() if used]
+        return f"    cpu µs per {unit}: " + ", ".join(parts)

@@ -30,7 +30,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import orjson  # noqa: E402
 
-from bench._common import ScratchDatabase, free_port, stop, use_principal_keys  # noqa: E402
+from bench._common import (  # noqa: E402
+    CpuMeter,
+    ScratchDatabase,
+    free_port,
+    stop,
+    use_principal_keys,
+)
 from services.kit.principal import Principal, outgoing_header  # noqa: E402
 from services.kit.runner import Suite  # noqa: E402
 
@@ -99,8 +105,9 @@ async def ttft(url: str, build: object) -> list[float]:
     return out
 
 
-async def throughput(url: str, build: object) -> float:
-    """Tokens per second over SECONDS with STREAMS streams always open."""
+async def throughput(url: str, build: object, pids: dict[str, int]) -> float:
+    """Tokens per second over SECONDS with STREAMS streams always open; prints the CPU
+    each process spent per token."""
     counted = streams = 0
     durations: list[float] = []
     stop_at = time.perf_counter() + SECONDS
@@ -116,13 +123,15 @@ async def throughput(url: str, build: object) -> float:
             n += 1
 
     started = time.perf_counter()
-    await asyncio.gather(*(worker(i) for i in range(STREAMS)))
+    with CpuMeter(pids) as cpu:
+        await asyncio.gather(*(worker(i) for i in range(STREAMS)))
     elapsed = time.perf_counter() - started
     print(
         f"  {streams} streams ({counted // WORDS} complete) in {elapsed:.1f} s, "
         f"p50 {pct(durations, 0.5):.0f} ms per stream",
         flush=True,
     )
+    print(cpu.report(max(counted, 1), "token"), flush=True)
     return counted / elapsed
 
 
@@ -305,11 +314,13 @@ async def main() -> None:
                 print(
                     f"added ttft at 1 client: p50 {pct(g1, 0.5) - pct(d1, 0.5):+.2f} ms", flush=True
                 )
-                dn = await throughput(fake_url, direct)
+                procs = {name: p.pid for name, p in suite.processes.items()}
+                pids = {"fake": fake.pid}
+                dn = await throughput(fake_url, direct, pids)
                 print(f"tokens/s direct x{STREAMS}: {dn:9.0f}", flush=True)
-                sn = await throughput(generation, service)
+                sn = await throughput(generation, service, {**pids, **procs})
                 print(f"tokens/s service x{STREAMS}: {sn:9.0f} (no gateway)", flush=True)
-                gn = await throughput(gateway, through)
+                gn = await throughput(gateway, through, {**pids, **procs})
                 print(f"tokens/s via Ku x{STREAMS}: {gn:9.0f}", flush=True)
     finally:
         stop(fake)

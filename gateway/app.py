@@ -47,6 +47,7 @@ class Gateway:
         self.authenticator: Authenticator
         self.access: Access
         self.hub: events.EventHub
+        self.tickets: events.Tickets
         self.openapi: MergedOpenAPI
         self.metrics_server: Any = None
 
@@ -70,6 +71,7 @@ class Gateway:
         self.access = Access(s, self.authenticator, limiter)
         self.hub = events.EventHub(self.redis, s.bus_prefix, self.authenticator.revoke_prefix)
         self.hub.start()
+        self.tickets = events.Tickets(self.redis, s.bus_prefix, s.gateway_events_ticket_seconds)
         self.openapi = MergedOpenAPI(self.upstreams, app.openapi)
         try:  # follow the streams from now on before taking traffic
             await asyncio.wait_for(self.hub.ready.wait(), timeout=3)
@@ -115,7 +117,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.state.settings = settings
     install_error_handlers(app)
     app.include_router(compat.build_router())
-    app.include_router(events.build_router(authenticated()))
+    app.include_router(events.build_router(authenticated))
     app.include_router(console.build_router())
     _add_meta_routes(app, gateway)
 

@@ -39,6 +39,9 @@ class GatewaySettings(KuSettings):
     # Seconds to wait for an upstream's connection / for each read of its response.
     gateway_connect_timeout_seconds: float = 2.0
     gateway_upstream_timeout_seconds: float = 30.0
+    # The generation service's reads: a non-streamed generation answers only when its
+    # last word is written (each provider read is bounded by KU_GENERATION_TIMEOUT_SECONDS).
+    gateway_generation_timeout_seconds: float = 600.0
     # Requests carrying a body of at most this many bytes are forwarded in one piece;
     # larger (or unsized) bodies are streamed.
     gateway_buffer_body_bytes: int = 64 * 1024
@@ -68,6 +71,13 @@ class GatewaySettings(KuSettings):
     # Server-sent events: keep-alive comment interval; entries replayed on resume.
     gateway_sse_keepalive_seconds: float = 15.0
     gateway_sse_replay_max: int = 10_000
+    # KU_GATEWAY_EVENTS_TICKET_SECONDS: how long a browser's single-use ticket for
+    # `/v1/events` (POST /v1/events/tickets) stays valid if unused.
+    gateway_events_ticket_seconds: int = 60
+
+    # Shared with the generation service (KU_GENERATION_BREAKER_OPEN_SECONDS): how long
+    # its providers' breakers stay open, for the console's providers page.
+    generation_breaker_open_seconds: float = 30.0
 
     # Extra routes: KU_GATEWAY_ROUTES='{"generate": "generation"}'.
     gateway_routes: dict[str, str] = Field(default_factory=dict)

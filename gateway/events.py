@@ -11,26 +11,38 @@ instance must see every event) follows `<prefix>.events.ledger`,
 
 Stream entry ids are the SSE event ids, so `Last-Event-ID` resumes by reading
 the stream from there (XRANGE) before joining the live feed.
+
+Browsers: `EventSource` cannot send an `Authorization` header, so a page first trades
+the user's access token for a ticket (`POST /v1/events/tickets`) and opens
+`/v1/events?ticket=...`. A ticket is a random value kept in Redis under its hash for
+KU_GATEWAY_EVENTS_TICKET_SECONDS, bound to that user, taken with GETDEL (single use,
+across every gateway instance), and read only by this route: it is no access token
+and no API key, and no other route looks at `?ticket=`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
+import secrets
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import orjson
-from fastapi import APIRouter, Depends, Header, Query, Request
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from pydantic import BaseModel, Field
 from redis.asyncio import Redis
 from starlette.responses import StreamingResponse
 
+from gateway.access import client_ip
 from gateway.upstream import SignedPrincipal
 from services.kit.background import BackgroundLoop
-from services.kit.errors import BadRequest
+from services.kit.errors import BadRequest, Forbidden, Unauthorized
 from services.kit.money import milli_to_ku
 from services.kit.outbox import decode_event, stream_name
-from services.kit.schemas import UserId
+from services.kit.principal import Principal
+from services.kit.schemas import Text, UserId
 
 log = logging.getLogger("ku.gateway.events")
 
@@ -168,6 +180,66 @@ class EventHub(BackgroundLoop):
         return sum(len(q) for q in self._subscribers.values())
 
 
+# A ticket names itself, so a log line or a support ticket shows what it is.
+TICKET_PREFIX = "kuet_"
+
+
+class Tickets:
+    """Single-use, short-lived tickets that open one user's event stream."""
+
+    def __init__(self, redis: Redis, prefix: str, ttl_seconds: int) -> None:
+        self.redis = redis
+        self.prefix = prefix
+        self.ttl_seconds = ttl_seconds
+
+    def _key(self, ticket: str) -> str:
+        digest = hashlib.sha256(ticket.encode()).hexdigest()
+        return f"{self.prefix}.events.ticket:{digest}"
+
+    async def issue(self, principal: Principal) -> str:
+        ticket = TICKET_PREFIX + secrets.token_urlsafe(32)
+        record = {"user_id": principal.user_id, "app": principal.app}
+        await self.redis.set(self._key(ticket), orjson.dumps(record), ex=self.ttl_seconds)
+        return ticket
+
+    async def redeem(self, ticket: str) -> Principal:
+        """The user the ticket was issued to; the ticket is gone after this call."""
+        raw = None
+        if ticket.startswith(TICKET_PREFIX) and len(ticket) < 100:
+            raw = await self.redis.getdel(self._key(ticket))
+        if raw is None:
+            raise Unauthorized(
+                "Invalid, expired or already used events ticket", code="invalid_ticket"
+            )
+        record = orjson.loads(raw)
+        # No scopes: the principal exists only to open this user's stream.
+        return Principal(kind="user", user_id=str(record["user_id"]), app=record.get("app"))
+
+
+class EventTicket(BaseModel):
+    ticket: str = Field(description="Opens `GET /v1/events?ticket=...` once")
+    expires_in: int = Field(description="Seconds the ticket stays valid if unused")
+    user_id: str = Field(description="The user whose stream the ticket opens")
+    url: str = Field(description="The stream's path with the ticket, for `new EventSource()`")
+
+    model_config = {
+        "json_schema_extra": {
+            "examples": [
+                {
+                    "ticket": "kuet_q3Jd0...Zx8",
+                    "expires_in": 60,
+                    "user_id": "100000000000000000042",
+                    "url": "/v1/events?ticket=kuet_q3Jd0...Zx8",
+                }
+            ]
+        }
+    }
+
+
+def _error(code: str, message: str) -> dict[str, Any]:
+    return {"application/json": {"example": {"error": {"code": code, "message": message}}}}
+
+
 def sse(entry_id: str, topic: str, data: dict[str, Any]) -> bytes:
     return b"id: %s\nevent: %s\ndata: %s\n\n" % (
         entry_id.encode(),
@@ -200,28 +272,128 @@ async def stream_user(
         hub.unsubscribe(user_id, queue)
 
 
+EVENT_EXAMPLE = (
+    "id: 1764120000000-0\nevent: credits.changed\n"
+    'data: {"user_id": "100000000000000000042", "available": 45.75, "delta": -4.25, '
+    '"app": "imagegene", "reason": "debit"}\n\n'
+)
+
+
 def build_router(authenticated: Callable[..., Any]) -> APIRouter:
     router = APIRouter(tags=["events"])
+    authenticate = authenticated()
+
+    async def caller(
+        request: Request,
+        response: Response,
+        ticket: Text | None = Query(
+            None, description="From `POST /v1/events/tickets` (browsers), instead of a header"
+        ),
+    ) -> Principal:
+        """The stream's caller: a ticket, or the usual key or token (never both)."""
+        if ticket is None:
+            return (await authenticate(request, response)).principal
+        headers = request.headers
+        if headers.get("authorization") or headers.get("x-api-key"):
+            raise BadRequest("Send a ticket or credentials, not both", code="ambiguous_credentials")
+        gateway = request.app.state.gateway
+        access = gateway.access
+        raw = {k: v for k, v in request.scope["headers"] if k == b"x-forwarded-for"}
+        ip = client_ip(request.scope, raw, gateway.settings)
+        try:
+            principal = await gateway.tickets.redeem(ticket)
+        except Unauthorized:
+            await access.admit_anonymous(ip)  # guessing tickets is throttled like keys
+            raise
+        await access.limiter.check(access.limits(principal, ip), money=False)
+        return principal
+
+    @router.post(
+        "/v1/events/tickets",
+        status_code=201,
+        response_model=EventTicket,
+        summary="Get a ticket to open the event stream from a browser",
+        responses={
+            201: {"description": "A single-use ticket for this user's stream"},
+            401: {
+                "description": "No or an invalid access token",
+                "content": _error("invalid_token", "Invalid access token"),
+            },
+            403: {
+                "description": "Not a user's access token (API keys never go to browsers)",
+                "content": _error(
+                    "user_token_required", "Tickets are issued for a user's access token"
+                ),
+            },
+            429: {
+                "description": "Rate limited; see Retry-After",
+                "content": _error("rate_limited", "Too many requests"),
+            },
+        },
+    )
+    async def ticket(
+        request: Request, identity: SignedPrincipal = Depends(authenticate)
+    ) -> EventTicket:
+        """A browser's `EventSource` cannot send `Authorization`: trade the user's Ku
+        access token for a ticket, then open `GET /v1/events?ticket=...`. The ticket is
+        bound to this user, works once, expires after about a minute if unused, and is
+        accepted by no other route (it is not a bearer token). Get a new one to
+        reconnect, passing the last event id as `?last_event_id=`."""
+        principal = identity.principal
+        if principal.kind != "user" or not principal.user_id:
+            raise Forbidden(
+                "Tickets are issued for a user's access token", code="user_token_required"
+            )
+        tickets: Tickets = request.app.state.gateway.tickets
+        value = await tickets.issue(principal)
+        return EventTicket(
+            ticket=value,
+            expires_in=tickets.ttl_seconds,
+            user_id=principal.user_id,
+            url=f"/v1/events?ticket={value}",
+        )
 
     @router.get(
         "/v1/events",
         response_class=StreamingResponse,
+        summary="Stream a user's events (Server-Sent Events)",
         responses={
             200: {
-                "content": {"text/event-stream": {}},
+                "content": {"text/event-stream": {"example": EVENT_EXAMPLE}},
                 "description": "`credits.changed`, `story.*` and `enhancement.task.updated` "
                 "events; ids resume the stream",
-            }
+            },
+            400: {
+                "description": "An app key without `user_id`, a bad Last-Event-ID, or a "
+                "ticket sent with credentials",
+                "content": _error("user_id_required", "user_id is required for app keys"),
+            },
+            401: {
+                "description": "No credentials, or an invalid, expired or used ticket",
+                "content": _error(
+                    "invalid_ticket", "Invalid, expired or already used events ticket"
+                ),
+            },
+            403: {
+                "description": "Another user's stream, or a key without ledger scopes",
+                "content": _error("wrong_user", "A user token may act only on its own user"),
+            },
         },
     )
     async def events(
         request: Request,
-        identity: SignedPrincipal = Depends(authenticated),
+        principal: Principal = Depends(caller),
         user_id: UserId | None = Query(None, description="For app keys: whose events"),
         last_event_id: str | None = Header(None, alias="Last-Event-ID"),
+        resume_after: Text | None = Query(
+            None,
+            alias="last_event_id",
+            description="Like the Last-Event-ID header, for a new EventSource after a ticket",
+        ),
     ) -> StreamingResponse:
-        """Server-sent events for one user: `credits.changed` (new balance), `story.progress`."""
-        principal = identity.principal
+        """Server-sent events for one user: `credits.changed` (new balance), `story.*`
+        (a story's progress) and `enhancement.task.updated`. Authenticate with a user's
+        token or an app key (with `user_id`), or, from a browser, with a ticket."""
         if principal.kind == "user":
             target = user_id or principal.user_id
             principal.acts_for(target or "")
@@ -230,6 +402,7 @@ def build_router(authenticated: Callable[..., Any]) -> APIRouter:
             if not user_id:
                 raise BadRequest("user_id is required for app keys", code="user_id_required")
             target = user_id
+        last_event_id = last_event_id or resume_after
         if last_event_id is not None:
             try:
                 _id_tuple(last_event_id)

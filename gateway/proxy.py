@@ -69,6 +69,8 @@ DROP_RESPONSE = frozenset(
     }
 )
 SMALL_RESPONSE = 256 * 1024
+# The gateway's own routes under /v1/ (gateway.events).
+OWN_PATHS = frozenset({"/v1/events", "/v1/events/tickets"})
 
 
 class _Route:
@@ -109,7 +111,7 @@ class ProxyMiddleware:
             return
         path: str = scope["path"]
         proxied = path.startswith("/v1/") or path.startswith("/.well-known/")
-        if not proxied or path == "/v1/events":
+        if not proxied or path in OWN_PATHS:
             await self.app(scope, receive, send)
             return
         try:
@@ -219,7 +221,12 @@ class ProxyMiddleware:
         started = False
         try:
             async with self.gateway.upstreams.session.request(
-                method, url, headers=headers, data=data, allow_redirects=False
+                method,
+                url,
+                headers=headers,
+                data=data,
+                allow_redirects=False,
+                **self.gateway.upstreams.timeout_for(service),
             ) as resp:
                 out = [
                     (name.lower(), value)

@@ -57,6 +57,15 @@ class Upstreams:
     def __init__(self, settings: GatewaySettings) -> None:
         self.settings = settings
         self.urls = {name: settings.service_url(name) for name in SERVICES}
+        self._timeouts = {
+            "generation": {
+                "timeout": aiohttp.ClientTimeout(
+                    total=None,
+                    sock_connect=settings.gateway_connect_timeout_seconds,
+                    sock_read=settings.gateway_generation_timeout_seconds,
+                )
+            }
+        }
         self._session: aiohttp.ClientSession | None = None
 
     @property
@@ -64,6 +73,10 @@ class Upstreams:
         if self._session is None:
             raise RuntimeError("gateway upstreams not started")
         return self._session
+
+    def timeout_for(self, service: str) -> dict[str, aiohttp.ClientTimeout]:
+        """Request options for a call to `service`: its own read timeout if it has one."""
+        return self._timeouts.get(service, {})
 
     async def start(self) -> None:
         # Idle upstream connections close before uvicorn's own 5 s keep-alive does: a

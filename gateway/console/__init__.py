@@ -1,8 +1,11 @@
-"""The ops console at `/console`: server-rendered pages for operators (admin keys only).
+"""The ops console at `/console`: server-rendered pages for operators (admins only).
 
-    session.py    sign-in with an admin API key; the session lives in Redis, the browser
-                  holds only a random id (Secure, HttpOnly, SameSite=Strict cookie)
-    views.py      the pages and their forms (every POST carries the session's CSRF token)
+    session.py    sign-in with an admin API key or an SSO account holding the admin role;
+                  the session lives in Redis, the browser holds only a random id (Secure,
+                  HttpOnly, SameSite=Strict cookie)
+    views.py      the pages and their forms (every POST carries the session's CSRF token):
+                  overview, users, payments (reconcile), providers (breakers, pools,
+                  refill), API keys
     charts.py     the 30-day chart, drawn as SVG on the server
     templates/    Jinja2 templates (autoescaped); CSS in gateway/static/console/
 

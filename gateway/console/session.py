@@ -1,16 +1,23 @@
 """Console sessions and CSRF.
 
-Sign-in takes an admin API key and checks it the way the gateway checks any key
-(`Access.admit`: authentication plus the per-address limit, so guessing is throttled).
+Two ways in, both admins only:
+- an admin API key, checked the way the gateway checks any key (`Access.admit`:
+  authentication plus the per-address limit, so guessing is throttled);
+- an SSO account with the admin role: the main site's SSO token is exchanged at auth
+  (`POST /v1/auth/sso`) for a Ku access token and refresh token, and the access token
+  must carry the `admin` scope (auth puts it there for users holding the role).
+
 The session record is kept in Redis under a hash of a random id; the browser's cookie
-carries only that id. The record holds the key encrypted (AES-GCM, with a key derived
-from the gateway's own principal signing key), because every page re-authenticates it:
-a key revoked or expired since sign-in ends the session on the next request, and the
-services see the same principal the key would have over the API.
+carries only that id. The record holds the credential encrypted (AES-GCM, with a key
+derived from the gateway's own principal signing key), because every page
+re-authenticates it: a key revoked or expired since sign-in, or an account whose admin
+role was taken, ends the session on the next request, and the services see the same
+principal the credential would have over the API. An SSO session's access token is
+refreshed (rotating the refresh token) when it expires.
 
 CSRF: each session has a random token that every form posts back (compared in constant
 time), the cookie is SameSite=Strict, and a POST whose Origin is another site is refused.
-Before sign-in, the sign-in form is protected the same way by a short-lived cookie.
+Before sign-in, the sign-in forms are protected the same way by a short-lived cookie.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ import hashlib
 import hmac
 import secrets
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -39,9 +46,19 @@ SESSION_SECONDS = 8 * 3600
 
 
 @dataclass
+class Credential:
+    """What a session signs in with on every page: an admin key, or an SSO account's
+    Ku tokens."""
+
+    api_key: str | None = None
+    access_token: str | None = None
+    refresh_token: str | None = None
+
+
+@dataclass
 class ConsoleSession:
     sid: str
-    api_key: str
+    credential: Credential
     csrf: str
     created_at: float
     flash: list[tuple[str, str]] = field(default_factory=list)
@@ -60,10 +77,10 @@ class Sessions:
     def _key(self, sid: str) -> str:
         return f"{self.prefix}.console.session:{hashlib.sha256(sid.encode()).hexdigest()}"
 
-    async def create(self, api_key: str) -> ConsoleSession:
+    async def create(self, credential: Credential) -> ConsoleSession:
         session = ConsoleSession(
             sid=secrets.token_urlsafe(32),
-            api_key=api_key,
+            credential=credential,
             csrf=secrets.token_urlsafe(32),
             created_at=time.time(),
         )
@@ -72,7 +89,8 @@ class Sessions:
 
     async def save(self, session: ConsoleSession, ttl: int | None = None) -> None:
         nonce = secrets.token_bytes(12)
-        sealed = self._aead.encrypt(nonce, session.api_key.encode(), session.sid.encode())
+        plain = orjson.dumps(asdict(session.credential))
+        sealed = self._aead.encrypt(nonce, plain, session.sid.encode())
         record = {
             "key": _b64(nonce + sealed),
             "csrf": session.csrf,
@@ -94,12 +112,14 @@ class Sessions:
         record: dict[str, Any] = orjson.loads(raw)
         blob = base64.urlsafe_b64decode(record["key"])
         try:
-            api_key = self._aead.decrypt(blob[:12], blob[12:], sid.encode()).decode()
-        except Exception:  # another secret since sign-in: the session is void
+            credential = Credential(
+                **orjson.loads(self._aead.decrypt(blob[:12], blob[12:], sid.encode()))
+            )
+        except Exception:  # another secret since sign-in (or an older record): void
             return None
         return ConsoleSession(
             sid=sid,
-            api_key=api_key,
+            credential=credential,
             csrf=record["csrf"],
             created_at=float(record["created_at"]),
             flash=[(str(kind), str(text)) for kind, text in record.get("flash") or []],

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import secrets
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from gateway.console.session import (
     PRE_COOKIE,
     SESSION_SECONDS,
     ConsoleSession,
+    Credential,
     Sessions,
     check_csrf,
     check_origin,
@@ -28,6 +30,7 @@ from gateway.console.session import (
     set_cookie,
 )
 from gateway.upstream import SignedPrincipal
+from services.kit.breaker import CircuitBreaker
 from services.kit.errors import Forbidden, KuError, NotFound, Unauthorized
 from services.kit.money import ku_to_milli, milli_to_ku
 from services.kit.principal import GATEWAY, SCOPES, derived_secret
@@ -68,6 +71,7 @@ def _env() -> Environment:
     )
     env.filters["ku"] = lambda v: _ku(ku_to_milli(v) if v is not None else 0)
     env.filters["milli"] = _ku
+    env.filters["minor"] = lambda v: f"{int(v or 0) // 100:,}.{int(v or 0) % 100:02d}"
     env.filters["when"] = lambda v: (str(v).replace("T", " ")[:16] + " UTC") if v else "never"
     return env
 
@@ -99,26 +103,104 @@ class Console:
         settings = self.gateway.settings
         self.sessions = Sessions(self.gateway.redis, settings.bus_prefix, session_secret())
 
-    async def admit(self, api_key: str) -> SignedPrincipal:
-        """The key as the API would see it (with the per-address limit); admins only."""
+    def client_ip(self) -> str:
         headers = {k: v for k, v in self.request.scope["headers"] if k == b"x-forwarded-for"}
-        ip = client_ip(self.request.scope, headers, self.gateway.settings)
-        identity, _ = await self.gateway.access.admit(
-            api_key=api_key, authorization=None, client_ip=ip, money=False
-        )
+        return client_ip(self.request.scope, headers, self.gateway.settings)
+
+    async def admit(self, credential: Credential) -> SignedPrincipal:
+        """The credential as the API would see it (with the rate limits); admins only.
+        An SSO session's expired access token is refreshed (the credential changes)."""
+        if credential.api_key is not None:
+            identity, _ = await self.gateway.access.admit(
+                api_key=credential.api_key,
+                authorization=None,
+                client_ip=self.client_ip(),
+                money=False,
+            )
+        else:
+            identity = await self._sso_identity(credential)
         if "admin" not in identity.principal.scopes:
-            raise Forbidden("The console needs a key with the admin scope", code="not_admin")
+            raise Forbidden(
+                "The console needs a key with the admin scope, or an account with the admin role",
+                code="not_admin",
+            )
         return identity
+
+    async def _sso_identity(self, credential: Credential) -> SignedPrincipal:
+        access = self.gateway.access
+        try:
+            identity, _ = await access.admit(
+                api_key=None,
+                authorization=f"Bearer {credential.access_token}",
+                client_ip=self.client_ip(),
+                money=False,
+            )
+        except Unauthorized:  # expired: refresh (auth reads the roles again)
+            pair = await self.gateway.upstreams.json(
+                "auth",
+                "POST",
+                "/v1/auth/refresh",
+                principal=None,
+                json={"refresh_token": credential.refresh_token},
+            )
+            credential.access_token = pair["access_token"]
+            credential.refresh_token = pair["refresh_token"]
+            identity, _ = await access.admit(
+                api_key=None,
+                authorization=f"Bearer {credential.access_token}",
+                client_ip=self.client_ip(),
+                money=False,
+            )
+        return identity
+
+    async def sign_in_sso(self, sso_token: str) -> Credential:
+        """Exchange the main site's SSO token at auth; the account must be an admin."""
+        await self.gateway.access.admit_anonymous(self.client_ip())
+        pair = await self.gateway.upstreams.json(
+            "auth", "POST", "/v1/auth/sso", principal=None, json={"token": sso_token}
+        )
+        credential = Credential(
+            access_token=pair["access_token"], refresh_token=pair["refresh_token"]
+        )
+        try:
+            await self.admit(credential)
+        except KuError:
+            await self.sign_out_sso(credential)
+            raise
+        return credential
+
+    async def sign_out_sso(self, credential: Credential) -> None:
+        if credential.refresh_token:
+            body = {"refresh_token": credential.refresh_token}
+            try:
+                await self.gateway.upstreams.call(
+                    "auth", "POST", "/v1/auth/logout", principal=None, json=body
+                )
+            except KuError:
+                pass  # the refresh token expires on its own
 
     async def signed_in(self) -> tuple[ConsoleSession, SignedPrincipal] | None:
         session = await self.sessions.load(self.request)
         if session is None:
             return None
+        credential = session.credential
+        before = credential.refresh_token
         try:
-            return session, await self.admit(session.api_key)
+            identity = await self.admit(credential)
+            if credential.api_key is None:
+                # The role, checked live: taking it ends the session at once, not when
+                # the access token expires.
+                user_id = identity.principal.user_id
+                roles = await self.call(identity, "auth", "GET", f"/v1/users/{user_id}/roles")
+                if "admin" not in roles["roles"]:
+                    raise Forbidden("The admin role was taken", code="not_admin")
         except (Unauthorized, Forbidden):  # revoked, expired or no longer admin
             await self.sessions.end(session)
+            await self.sign_out_sso(credential)
             return None
+        if credential.refresh_token != before:
+            await self.sessions.save(session)
+        return session, identity
 
     async def call(
         self, identity: SignedPrincipal, service: str, method: str, path: str, **kwargs: Any
@@ -172,27 +254,26 @@ def build_router() -> APIRouter:
 
     @router.post("/sign-in")
     async def sign_in(request: Request) -> Response:
+        """With an admin API key."""
         console = Console(request)
         form = await console.form(None, request.cookies.get(PRE_COOKIE))
-        api_key = _text(form, "api_key")
+        credential = Credential(api_key=_text(form, "api_key"))
         try:
-            await console.admit(api_key)
+            await console.admit(credential)
         except KuError as exc:
-            token = secrets.token_urlsafe(32)
-            response = render(
-                "sign_in.html",
-                status_code=exc.status_code if exc.status_code in (401, 403, 429) else 400,
-                csrf=token,
-                messages=[("error", "Sign-in failed: " + _error_text(exc))],
-                signed_in=False,
-            )
-            set_cookie(response, PRE_COOKIE, token, max_age=1800)
-            return response
-        session = await console.sessions.create(api_key)
-        done = redirect("/console/overview")
-        set_cookie(done, COOKIE, session.sid, max_age=SESSION_SECONDS)
-        clear_cookie(done, PRE_COOKIE)
-        return done
+            return _sign_in_failed(exc)
+        return await _signed_in(console, credential)
+
+    @router.post("/sign-in/sso")
+    async def sign_in_sso(request: Request) -> Response:
+        """With an SSO account that holds the admin role (the main site's SSO token)."""
+        console = Console(request)
+        form = await console.form(None, request.cookies.get(PRE_COOKIE))
+        try:
+            credential = await console.sign_in_sso(_text(form, "sso_token"))
+        except KuError as exc:
+            return _sign_in_failed(exc)
+        return await _signed_in(console, credential)
 
     @router.post("/sign-out")
     async def sign_out(request: Request) -> Response:
@@ -201,6 +282,7 @@ def build_router() -> APIRouter:
         if session is not None:
             await console.form(session, None)
             await console.sessions.end(session)
+            await console.sign_out_sso(session.credential)
         response = redirect("/console/sign-in")
         clear_cookie(response, COOKIE)
         return response
@@ -395,7 +477,131 @@ def build_router() -> APIRouter:
             return redirect("/console/keys")
         return await console.page(session, "key_created.html", created=rotated, rotated=prefix)
 
+    @router.get("/payments")
+    async def payments_page(request: Request) -> Response:
+        console = Console(request)
+        signed = await console.signed_in()
+        if signed is None:
+            return redirect("/console/sign-in")
+        session, identity = signed
+        payments = await console.call(
+            identity, "ledger", "GET", "/v1/billing/admin/payments", params={"limit": 50}
+        )
+        alerts = await _optional(console, identity, "ledger", "/v1/billing/alerts", {"limit": 50})
+        return await console.page(
+            session,
+            "payments.html",
+            payments=payments["items"],
+            alerts=alerts["items"] if alerts else None,
+        )
+
+    @router.post("/payments/reconcile")
+    async def reconcile(request: Request) -> Response:
+        console = Console(request)
+        signed = await console.signed_in()
+        if signed is None:
+            return redirect("/console/sign-in")
+        session, identity = signed
+        form = await console.form(session, None)
+        try:
+            hours = int(_text(form, "hours") or "72")
+        except ValueError:
+            await console.flash(session, "error", "Look back: a number of hours.")
+            return redirect("/console/payments")
+        try:
+            done = await console.call(
+                identity, "ledger", "POST", "/v1/billing/admin/reconcile", json={"hours": hours}
+            )
+        except KuError as exc:
+            await console.flash(session, "error", f"Not reconciled: {_error_text(exc)}")
+            return redirect("/console/payments")
+        counts = done["counts"]
+        summary = ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "nothing to do"
+        kind = "error" if counts.get("errors") else "ok"
+        await console.flash(session, kind, f"Reconciled the last {hours} h: {summary}.")
+        return redirect("/console/payments")
+
+    @router.get("/providers")
+    async def providers_page(request: Request) -> Response:
+        console = Console(request)
+        signed = await console.signed_in()
+        if signed is None:
+            return redirect("/console/sign-in")
+        session, identity = signed
+        pools = await _optional(console, identity, "enhancement", "/v1/enhancement/pools")
+        alerts = await _optional(
+            console, identity, "enhancement", "/v1/enhancement/alerts", {"limit": 50}
+        )
+        return await console.page(
+            session,
+            "providers.html",
+            generation=await _generation_breakers(console, identity),
+            breaker_open_seconds=console.gateway.settings.generation_breaker_open_seconds,
+            pools=pools,
+            alerts=alerts["items"] if alerts else None,
+            reference=uuid.uuid4().hex,
+        )
+
+    @router.post("/providers/{provider}/refill")
+    async def refill(request: Request, provider: Text) -> Response:
+        console = Console(request)
+        signed = await console.signed_in()
+        if signed is None:
+            return redirect("/console/sign-in")
+        session, identity = signed
+        form = await console.form(session, None)
+        try:
+            milli = ku_to_milli(_text(form, "amount"))
+        except ValueError as exc:
+            await console.flash(session, "error", f"Amount: {exc}")
+            return redirect("/console/providers")
+        if milli <= 0:
+            await console.flash(session, "error", "Amount: must be greater than 0")
+            return redirect("/console/providers")
+        # The form's own reference: submitting the same form twice refills once.
+        body = {
+            "amount": milli_to_ku(milli),
+            "reference": f"console:{_text(form, 'reference') or uuid.uuid4().hex}",
+        }
+        try:
+            pool = await console.call(
+                identity,
+                "enhancement",
+                "POST",
+                f"/v1/enhancement/pools/{provider}/refill",
+                json=body,
+            )
+        except KuError as exc:
+            await console.flash(session, "error", f"{provider} not refilled: {_error_text(exc)}")
+            return redirect("/console/providers")
+        balance = _ku(ku_to_milli(pool["balance"]))
+        await console.flash(
+            session, "ok", f"Refilled {provider} with {_ku(milli)} Ku; balance {balance} Ku."
+        )
+        return redirect("/console/providers")
+
     return router
+
+
+def _sign_in_failed(exc: KuError) -> Response:
+    token = secrets.token_urlsafe(32)
+    response = render(
+        "sign_in.html",
+        status_code=exc.status_code if exc.status_code in (401, 403, 429) else 400,
+        csrf=token,
+        messages=[("error", "Sign-in failed: " + _error_text(exc))],
+        signed_in=False,
+    )
+    set_cookie(response, PRE_COOKIE, token, max_age=1800)
+    return response
+
+
+async def _signed_in(console: Console, credential: Credential) -> Response:
+    session = await console.sessions.create(credential)
+    done = redirect("/console/overview")
+    set_cookie(done, COOKIE, session.sid, max_age=SESSION_SECONDS)
+    clear_cookie(done, PRE_COOKIE)
+    return done
 
 
 async def _optional(
@@ -410,6 +616,43 @@ async def _optional(
         return await console.call(identity, service, "GET", path, params=params)
     except KuError:
         return None
+
+
+async def _generation_breakers(
+    console: Console, identity: SignedPrincipal
+) -> list[dict[str, Any]] | None:
+    """Generation's providers (from its model catalog) with their circuit breakers, read
+    from Redis where every generation process keeps them (services/kit/breaker.py)."""
+    catalog = await _optional(console, identity, "generation", "/v1/generation/models")
+    if catalog is None:
+        return None
+    models: dict[str, list[str]] = {}
+    for model in catalog["data"]:
+        models.setdefault(model["owned_by"], []).append(model["id"])
+    settings = console.gateway.settings
+    out = []
+    for name in sorted(models):
+        breaker = CircuitBreaker(
+            console.gateway.redis,
+            f"generation:{name}",
+            prefix=settings.bus_prefix,
+            open_seconds=settings.generation_breaker_open_seconds,
+        )
+        state = await breaker.state()
+        out.append(
+            {
+                "name": name,
+                "models": models[name],
+                "state": state.state,
+                "failures": state.failures,
+                "opened_at": (
+                    datetime.fromtimestamp(state.opened_at, UTC).isoformat()
+                    if state.opened_at
+                    else None
+                ),
+            }
+        )
+    return out
 
 
 async def _move(request: Request, user_id: str, kind: str) -> Response:

@@ -164,6 +164,28 @@ def cmd_users_create(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_users_role(args: argparse.Namespace) -> int:
+    """`ku users grant-admin` / `revoke-admin`: the first SSO admin needs a shell."""
+    from services.auth.users.schemas import RoleChange
+    from services.auth.users.service import users
+
+    try:
+        body = RoleChange(reason=args.reason)
+    except ValidationError as exc:
+        return _fail(f"invalid reason: {exc.errors()[0]['msg']}")
+    who = f"cli:{os.environ.get('USER') or 'unknown'}"
+    change = users.grant_role if args.users_command == "grant-admin" else users.revoke_role
+
+    async def work(session: AsyncSession) -> list[str]:
+        await change(session, args.id, "admin", by=who, reason=body.reason)
+        return await users.roles(session, args.id)
+
+    roles = _run(work)
+    print(f"user {args.id} roles: {', '.join(roles) or 'none'}", file=sys.stderr)
+    print(" ".join(roles))
+    return 0
+
+
 def register(
     subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
     ensure_urls: Callable[[], None],
@@ -196,3 +218,10 @@ def register(
     ucreate.add_argument("--email", required=True)
     ucreate.add_argument("--username", default=None)
     ucreate.set_defaults(func=_command(ensure_urls, cmd_users_create))
+    for name, verb in (("grant-admin", "give"), ("revoke-admin", "take")):
+        role = users_sub.add_parser(
+            name, help=f"{verb} a user's SSO account the admin role (console, admin API)"
+        )
+        role.add_argument("--id", required=True, help="user id")
+        role.add_argument("--reason", required=True, help="why (kept on the record)")
+        role.set_defaults(func=_command(ensure_urls, cmd_users_role))

@@ -111,6 +111,25 @@ class UserApp(Base):
     )
 
 
+class UserRole(Base):
+    """A role an admin gave a user (only `admin` exists): it puts the role's scope in the
+    user's access tokens. Never deleted: a revocation is recorded on the row, with who
+    granted and revoked it and why."""
+
+    __tablename__ = "user_roles"
+
+    user_id: Mapped[str] = mapped_column(Text, ForeignKey(f"{SCHEMA}.users.id"), primary_key=True)
+    role: Mapped[str] = mapped_column(Text, primary_key=True)
+    granted_by: Mapped[str] = mapped_column(Text, nullable=False)
+    reason: Mapped[str] = mapped_column(Text, nullable=False)
+    granted_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, server_default=func.now()
+    )
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    revoked_by: Mapped[str | None] = mapped_column(Text)
+    revoke_reason: Mapped[str | None] = mapped_column(Text)
+
+
 class SigningKey(Base):
     """Generated access-token signing keys (development and test only)."""
 

@@ -55,7 +55,11 @@ def create_app() -> FastAPI:
         billing = Billing(client, settings.generation_hold_ttl_seconds)
         app.state.service_client = client
         app.state.generation = GenerationEngine(
-            catalog=catalog, router=router, billing=billing, sessionmaker=app.state.sessionmaker
+            catalog=catalog,
+            router=router,
+            billing=billing,
+            sessionmaker=app.state.sessionmaker,
+            flush_seconds=settings.generation_stream_flush_ms / 1000,
         )
         stories = Stories(
             catalog=catalog,

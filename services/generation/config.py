@@ -7,6 +7,8 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Any
 
+from pydantic import Field
+
 from services.kit.config import KuSettings
 
 DEEPINFRA_URL = "https://api.deepinfra.com/v1/openai"
@@ -32,6 +34,10 @@ class GenerationSettings(KuSettings):
     # Breaker per provider, shared through Redis by every process.
     generation_breaker_failures: int = 5
     generation_breaker_open_seconds: float = 30.0
+    # A streamed answer is written to the client at most once per this many ms (the
+    # first words at once): what arrived meanwhile goes out in one chunk. Fewer, larger
+    # writes for every hop; 0 writes each provider read as it comes.
+    generation_stream_flush_ms: int = Field(default=20, ge=0, le=1000)
     # A hold outlives any generation; if this process dies the ledger expires it.
     generation_hold_ttl_seconds: int = 900
     # Stories hold every chapter up front; a story resumed later than this is failed.

@@ -3,6 +3,7 @@ calling, for which user, booked in which app's lane."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
@@ -35,19 +36,34 @@ def caller_for(principal: Principal, request: Request, user_id: str | None) -> C
     )
 
 
-def reader_for(principal: Principal, user_id: str | None) -> str:
-    """Whose history may be read: a user its own; an app key the user it names."""
+@dataclass(frozen=True)
+class Reader:
+    """Whose generations a caller may read: a user token all of its own user's; an app
+    key only those booked through that app (a partner never sees what the user wrote
+    through Penora or another partner, whatever user id it names); an operator (admin)
+    all of the user it names, as it reads their ledger."""
+
+    user_id: str
+    app: str | None
+
+
+def reader_for(principal: Principal, user_id: str | None) -> Reader:
     principal.require_scope("generate")
     if principal.kind == "user":
         if user_id is not None and user_id != principal.user_id:
             raise Forbidden("A user token may read only its own generations", code="wrong_user")
-        return str(principal.user_id)
+        return Reader(str(principal.user_id), None)
     if not user_id:
         raise Unprocessable("user_id is required for app keys", code="user_id_required")
-    return user_id
+    if principal.has_scope("admin"):
+        return Reader(user_id, None)
+    if not principal.app:
+        raise Forbidden("Only users and apps read generations", code="not_a_reader")
+    return Reader(user_id, principal.app)
 
 
-def get_engine(request: Request) -> GenerationEngine:
+async def get_engine(request: Request) -> GenerationEngine:
+    # async: FastAPI runs a plain `def` dependency in a worker thread, a hop per request.
     engine: GenerationEngine = request.app.state.generation
     return engine
 

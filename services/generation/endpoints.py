@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.responses import StreamingResponse
 
 from services.generation.catalog import Model
-from services.generation.deps import CurrentPrincipal, Engine, caller_for, reader_for
+from services.generation.deps import CurrentPrincipal, Engine, Reader, caller_for, reader_for
 from services.generation.models import Generation, Story, StoryPart
 from services.generation.providers import Message, to_messages
 from services.generation.schemas import (
@@ -333,8 +333,10 @@ async def history(
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> HistoryPage:
     """A user's generations, newest first (user tokens: their own only)."""
-    owner = reader_for(principal, user_id)
-    query = select(Generation).where(Generation.user_id == owner)
+    reader = reader_for(principal, user_id)
+    query = select(Generation).where(Generation.user_id == reader.user_id)
+    if reader.app is not None:
+        query = query.where(Generation.app == reader.app)
     if cursor:
         at, gid = _parse_cursor(cursor)
         query = query.where(
@@ -364,14 +366,15 @@ async def get_generation(
     user_id: UserId | None = None,
 ) -> HistoryItem:
     """One generation (another user's is 404: the same answer as none)."""
-    owner = reader_for(principal, user_id)
+    reader = reader_for(principal, user_id)
     try:
         gid = uuid.UUID(generation_id)
     except ValueError:
         raise NotFound("No such generation", code="generation_not_found") from None
-    row = await session.scalar(
-        select(Generation).where(Generation.id == gid, Generation.user_id == owner)
-    )
+    query = select(Generation).where(Generation.id == gid, Generation.user_id == reader.user_id)
+    if reader.app is not None:
+        query = query.where(Generation.app == reader.app)
+    row = await session.scalar(query)
     if row is None:
         raise NotFound("No such generation", code="generation_not_found")
     return history_item(row)
@@ -395,13 +398,16 @@ async def create_story(
         words_per_chapter=body.words_per_chapter,
         temperature=body.temperature,
     )
-    return await story_view(session, stories, story_id, caller.user_id)
+    return await story_view(session, stories, story_id, Reader(caller.user_id, None))
 
 
 async def story_view(
-    session: AsyncSession, stories: Stories, story_id: uuid.UUID, owner: str
+    session: AsyncSession, stories: Stories, story_id: uuid.UUID, reader: Reader
 ) -> dict[str, Any]:
-    story = await session.scalar(select(Story).where(Story.id == story_id, Story.user_id == owner))
+    query = select(Story).where(Story.id == story_id, Story.user_id == reader.user_id)
+    if reader.app is not None:
+        query = query.where(Story.app == reader.app)
+    story = await session.scalar(query)
     if story is None:
         raise NotFound("No such story", code="story_not_found")
     parts = (
@@ -421,9 +427,9 @@ async def get_story(
     user_id: UserId | None = None,
 ) -> dict[str, Any]:
     """A story, its parts and what they cost so far (another user's is 404)."""
-    owner = reader_for(principal, user_id)
+    reader = reader_for(principal, user_id)
     try:
         sid = uuid.UUID(story_id)
     except ValueError:
         raise NotFound("No such story", code="story_not_found") from None
-    return await story_view(session, request.app.state.stories, sid, owner)
+    return await story_view(session, request.app.state.stories, sid, reader)

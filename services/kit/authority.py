@@ -299,9 +299,16 @@ def _users_and_lane(
                 code="origin_required",
             )
         origin_kind = kind_of(origin)
+        if origin_kind == "admin":
+            # Operators move money in the ledger, with a reason on the journal; a
+            # service spending a user's credit for an operator would do it without one.
+            raise Forbidden(
+                "An operator does not spend a user's credit through a service",
+                code="admin_origin",
+            )
         if origin_kind == "user":
             users = f"self:{origin.user_id}"
-        elif origin_kind in ("first_party", "admin"):
+        elif origin_kind == "first_party":
             users = "any"
         else:
             users = f"linked:{origin.app}"

@@ -10,8 +10,11 @@ States (the usual three):
   a success closes the breaker, a failure opens it again.
 
 All transitions are single Redis commands or a small Lua script, so two processes
-racing see one outcome. A Redis outage fails open (calls pass, state unknown): the
-breaker protects providers, it must not take the service down with Redis.
+racing see one outcome. `closed_cache_seconds` lets a hot path skip the Redis
+read: a breaker seen closed is trusted for that long by this process (its own
+failures clear it at once; another process's opening is seen that much later).
+A Redis outage fails open (calls pass, state unknown): the breaker protects
+providers, it must not take the service down with Redis.
 """
 
 from __future__ import annotations
@@ -59,8 +62,11 @@ class CircuitBreaker:
         failure_threshold: int = 5,
         window_seconds: int = 60,
         open_seconds: float = 30.0,
+        closed_cache_seconds: float = 0.0,
     ) -> None:
         self.redis = redis
+        self.closed_cache_seconds = closed_cache_seconds
+        self._closed_until = 0.0
         self.name = name
         self.failure_threshold = failure_threshold
         self.window_seconds = window_seconds
@@ -72,9 +78,13 @@ class CircuitBreaker:
 
     async def allow(self) -> bool:
         """May a call go to the provider now? (Half-open: one trial caller at a time.)"""
+        if self._closed_until and time.monotonic() < self._closed_until:
+            return True
         try:
             opened = await self.redis.get(self._opened)
             if opened is None:
+                if self.closed_cache_seconds:
+                    self._closed_until = time.monotonic() + self.closed_cache_seconds
                 return True
             if time.time() - float(opened) < self.open_seconds:
                 return False
@@ -96,6 +106,7 @@ class CircuitBreaker:
 
     async def record_failure(self) -> bool:
         """Count a failure; True when the breaker is (now) open."""
+        self._closed_until = 0.0
         try:
             opened = await self.redis.eval(  # type: ignore[misc]
                 _FAILURE,

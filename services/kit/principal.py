@@ -115,8 +115,8 @@ class Principal:
             raise Forbidden(f"Missing scope: {' or '.join(scopes)}", code="missing_scope")
 
     def acts_for(self, user_id: str) -> None:
-        """A user token acts only on its own user id."""
-        if self.kind == "user" and self.user_id != user_id:
+        """A user token acts only on its own user id (an admin account on anyone's)."""
+        if self.kind == "user" and self.user_id != user_id and not self.is_admin:
             raise Forbidden("A user token may act only on its own user", code="wrong_user")
 
 

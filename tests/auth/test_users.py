@@ -1,11 +1,12 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 
 from sqlalchemy import text
 
 from services.auth.users.service import users
-from tests.auth.helpers import admin, app_with, stream_event, user
+from tests.auth.helpers import admin, app_with, gateway, stream_event, user
 
 
 async def count_events(redis, stream: str, user_id: str) -> int:
@@ -180,4 +181,42 @@ class TestGetUser:
             "/v1/users", json={"user_id": user_id, "email": "g@example.com"}, headers=admin()
         )
         r = await auth.get(f"/v1/users/{user_id}", headers=app_with("ledger:read"))
+        assert r.status_code == 403
+
+
+class TestAppLinks:
+    """Linking a user to an app lets that app's partner keys spend the user's credit:
+    only an admin may do it; the user may see their links, no one else but an admin."""
+
+    async def test_only_an_admin_links_a_user_to_an_app(self, auth, new_user_id):
+        user_id = new_user_id()
+        r = await auth.post(
+            "/v1/users", json={"user_id": user_id, "email": "l@example.com"}, headers=admin()
+        )
+        assert r.status_code == 201
+        partner = "p" + uuid.uuid4().hex[:10]
+        r = await auth.post("/v1/apps", json={"name": partner}, headers=admin())
+        assert r.status_code == 201, r.text
+        path = f"/v1/users/{user_id}/apps"
+        refused = {
+            "first-party app": app_with("users:write", "users:any", "ledger:write"),
+            "the partner itself": app_with("users:write", app=partner),
+            "the user's own token": user(user_id),
+            "the gateway (a service)": gateway(),
+        }
+        for who, headers in refused.items():
+            r = await auth.post(path, json={"app": partner}, headers=headers)
+            assert r.status_code == 403, (who, r.text)
+            assert r.json()["error"]["code"] == "missing_scope", who
+        r = await auth.post(path, json={"app": partner})
+        assert r.status_code == 401
+        r = await auth.get(path, headers=user(user_id))
+        assert r.status_code == 200 and r.json()["apps"] == []  # nothing was linked
+        r = await auth.post(path, json={"app": partner}, headers=admin())
+        assert r.status_code == 200 and r.json()["apps"] == [partner], r.text
+        # Reading the links: the user and admins; not another user, not an app.
+        assert (await auth.get(path, headers=user(user_id))).json()["apps"] == [partner]
+        other = new_user_id()
+        assert (await auth.get(path, headers=user(other))).status_code == 403
+        r = await auth.get(path, headers=app_with("users:write", app=partner))
         assert r.status_code == 403

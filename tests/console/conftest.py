@@ -1,27 +1,54 @@
 """A real suite for the console (auth, ledger, workspace and the gateway as processes),
-and a headless Chromium (Debian's `chromium` + `chromium-driver`, installed here when
-missing) driven by selenium for the browser tests."""
+a headless Chromium (Debian's `chromium` + `chromium-driver`, installed here when
+missing) driven by selenium for the browser tests, and a frontend on another origin
+(tests/console/frontend/, served from its own loopback port, the one origin the
+gateway's CORS allows)."""
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import os
+import secrets
 import shutil
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from jose import jwt
 
 from services.kit.runner import Suite
 from tests.gateway.helpers import make_signing_key, new_user_id
+from tests.ledger.billing.fake_razorpay import FakeRazorpay
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / ".artifacts" / "console"
+FRONTEND = Path(__file__).resolve().parent / "frontend"
+# The main site's HS256 SSO secret, as this suite's auth is configured.
+SSO_SECRET = "console-sso-shared-secret-0123456789abcdef"
+
+
+def sso_token(user_id: str) -> str:
+    """What the main site's sign-in hands a frontend: its own JWT for the user."""
+    now = int(time.time())
+    claims = {"sub": user_id, "email": f"{user_id}@example.com", "iat": now, "exp": now + 600}
+    return str(jwt.encode(claims, SSO_SECRET, algorithm="HS256"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def wait_for_account(gateway: str, key: str, user_id: str) -> None:
@@ -76,13 +103,76 @@ class Ku:
 
 
 @pytest.fixture(scope="package")
-def ku(ku_database_url: str) -> Iterator[Ku]:
+def frontend_origin() -> str:
+    return f"http://127.0.0.1:{_free_port()}"
+
+
+@contextmanager
+def serve_frontend(port: int = 0) -> Iterator[str]:
+    """tests/console/frontend/ served on its own loopback origin (a plain static server)."""
+    handler = functools.partial(_QuietHandler, directory=str(FRONTEND))
+    server = ThreadingHTTPServer(("127.0.0.1", port), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+class _QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture(scope="package")
+def frontend(frontend_origin: str) -> Iterator[str]:
+    """The frontend on the one origin the gateway's CORS allows."""
+    with serve_frontend(int(frontend_origin.rsplit(":", 1)[1])) as origin:
+        yield origin
+
+
+@pytest.fixture(scope="package")
+def razorpay() -> Iterator[FakeRazorpay]:
+    """The fake Razorpay (tests/ledger/billing), on its own event loop in a thread: the
+    suite's ledger talks to it over HTTP, the tests pay orders there."""
+    fake = FakeRazorpay(
+        key_id="rzp_test_" + secrets.token_hex(6),
+        key_secret=secrets.token_urlsafe(18),
+        webhook_secret=secrets.token_urlsafe(18),
+    )
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    asyncio.run_coroutine_threadsafe(fake.start(), loop).result(timeout=10)
+    try:
+        yield fake
+    finally:
+        asyncio.run_coroutine_threadsafe(fake.stop(), loop).result(timeout=10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=5)
+        loop.close()
+
+
+@pytest.fixture(scope="package")
+def ku(ku_database_url: str, frontend_origin: str, razorpay: FakeRazorpay) -> Iterator[Ku]:
     signing = make_signing_key()
     env = {
         **os.environ,
         "KU_DATABASE_URL": ku_database_url,
         "KU_AUTH_PRIVATE_KEY": signing.private_pem,
         "KU_AUTH_KEY_ID": signing.kid,
+        "KU_SSO_HS256_SECRET": SSO_SECRET,
+        # The frontend's origin, and only it, may call the gateway from a browser.
+        "KU_CORS_ORIGINS": frontend_origin,
+        "KU_RAZORPAY_KEY_ID": razorpay.key_id,
+        "KU_RAZORPAY_KEY_SECRET": razorpay.key_secret,
+        "KU_RAZORPAY_WEBHOOK_SECRET": razorpay.webhook_secret,
+        "KU_RAZORPAY_BASE_URL": razorpay.url,
+        # One enhancement provider, so it has a pool (never called: no task runs here).
+        "KU_ENHANCEMENT_FAL_URL": "http://127.0.0.1:9/fal",
         "KU_LOG_LEVEL": "WARNING",
         # Small pools: the test server's connections are shared with every other run.
         "KU_DB_POOL_SIZE": "2",
@@ -91,7 +181,7 @@ def ku(ku_database_url: str) -> Iterator[Ku]:
     }
     with Suite(
         env,
-        only=["auth", "ledger", "workspace", "gateway"],
+        only=["auth", "ledger", "workspace", "generation", "enhancement", "gateway"],
         free_ports=True,
         migrate=False,
         quiet=True,

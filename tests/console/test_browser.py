@@ -1,17 +1,22 @@
 """The console and the API docs in headless Chromium (selenium + Debian's chromium):
 sign in, find a user, grant credit with a reason and see the balance change, revoke a
-key, and see /docs and /redoc render the operations. Screenshots go to
-.artifacts/console/ (the README's docs/console.png is one of them)."""
+key, and see /docs and /redoc render the operations; and a frontend on another origin
+that signs in with an SSO token and shows the live balance from /v1/events (through a
+ticket). Screenshots go to .artifacts/console/ (the README's docs/console.png is one of
+them)."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from typing import Any
+from urllib.parse import urlencode
 
 import httpx
 import pytest
 
-from tests.console.conftest import ARTIFACTS, Ku
+from tests.console.conftest import ARTIFACTS, Ku, serve_frontend, sso_token
+from tests.ledger.billing.fake_razorpay import FakeRazorpay
 
 pytestmark = pytest.mark.e2e
 
@@ -36,9 +41,14 @@ def wait_text(driver: Any, css: str, text: str, timeout: float = 20) -> None:
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
 
-    WebDriverWait(driver, timeout).until(
-        ec.text_to_be_present_in_element((By.CSS_SELECTOR, css), text)
-    )
+    try:
+        WebDriverWait(driver, timeout).until(
+            ec.text_to_be_present_in_element((By.CSS_SELECTOR, css), text)
+        )
+    except Exception:
+        (ARTIFACTS / "failed-page.html").write_text(driver.page_source)
+        shot(driver, "failed")
+        raise AssertionError(f"{text!r} not in {css} on {driver.current_url}") from None
 
 
 def shot(driver: Any, name: str) -> None:
@@ -50,7 +60,9 @@ def shot(driver: Any, name: str) -> None:
 
 
 class TestConsoleInChromium:
-    def test_sign_in_find_user_grant_and_revoke(self, ku: Ku, admin_key: str, browser: Any):
+    def test_sign_in_find_user_grant_and_revoke(
+        self, ku: Ku, admin_key: str, browser: Any, razorpay: FakeRazorpay
+    ):
         from selenium.webdriver.common.by import By
 
         user = ku.user()
@@ -103,6 +115,31 @@ class TestConsoleInChromium:
         )
         shot(browser, "keys")
 
+        with httpx.Client(base_url=ku.url, timeout=15) as api:  # paid, never reported
+            penora = ku.key("penora", "ledger:read,ledger:write")
+            r = api.post(
+                "/v1/billing/orders",
+                json={"user_id": user, "item": "topup_10"},
+                headers={"x-api-key": penora},
+            )
+            assert r.status_code == 201, r.text
+            payment = razorpay.pay(r.json()["razorpay_order_id"])
+        browser.find_element(By.LINK_TEXT, "Payments").click()
+        wait_for(browser, "#payments")
+        browser.find_element(By.CSS_SELECTOR, "#reconcile-form button").click()
+        wait_for(browser, f"#payment-{payment['id']}")
+        assert "granted 1" in browser.find_element(By.CSS_SELECTOR, ".flash.ok").text
+        assert (
+            browser.find_element(By.CSS_SELECTOR, f"#payment-{payment['id']} .granted").text
+            == "10 Ku"
+        )
+        shot(browser, "payments")
+        browser.find_element(By.LINK_TEXT, "Providers").click()
+        wait_for(browser, "#pools")
+        assert browser.find_element(By.CSS_SELECTOR, "#generation-deepinfra .breaker").text
+        assert browser.find_elements(By.CSS_SELECTOR, "#pool-fal form.refill")
+        shot(browser, "providers")
+
         # No cookie is readable by scripts, and nothing came from another origin.
         assert browser.execute_script("return document.cookie") == ""
         entries = browser.execute_script(
@@ -136,3 +173,59 @@ class TestConsoleInChromium:
         browser.get(ku.url + "/redoc")
         wait_text(browser, "body", "/v1/ledger/balance", timeout=40)
         shot(browser, "redoc")
+
+
+def live_balance_url(origin: str, ku: Ku, user: str) -> str:
+    query = urlencode({"api": ku.url, "sso": sso_token(user)})
+    return f"{origin}/live-balance.html?{query}"
+
+
+@pytest.fixture
+def stranger_origin() -> Iterator[str]:
+    """The same page from an origin the gateway's CORS does not allow."""
+    with serve_frontend() as origin:
+        yield origin
+
+
+class TestLiveBalanceFromAnotherOrigin:
+    def test_page_signs_in_opens_the_stream_and_sees_a_charge(
+        self, ku: Ku, frontend: str, browser: Any
+    ):
+        from selenium.webdriver.common.by import By
+
+        user = ku.user()
+        ku.key("penora", "ledger:read")  # the app the page signs in through is registered
+        app_key = ku.key("imagegene", "ledger:read,ledger:write")
+        browser.get(live_balance_url(frontend, ku, user))
+        wait_text(browser, "#state", "open", timeout=30)
+        assert browser.find_element(By.ID, "user").text == user
+        assert browser.find_element(By.ID, "balance").text == "50"
+
+        with httpx.Client(base_url=ku.url, timeout=15) as api:  # the app charges the user
+            r = api.post(
+                "/v1/ledger/debits",
+                json={"user_id": user, "amount": 4.25, "description": "one image"},
+                headers={"x-api-key": app_key, "idempotency-key": f"live-{user}"},
+            )
+            assert r.status_code == 201, r.text
+        wait_text(browser, "#balance", "45.75")
+        assert "credits.changed -4.25 (imagegene)" in browser.find_element(By.ID, "log").text
+        shot(browser, "live-balance")
+        # Really another origin: the page came from the frontend, its calls went to Ku.
+        assert not frontend.startswith(ku.url) and browser.current_url.startswith(frontend)
+        calls = browser.execute_script(
+            "return performance.getEntriesByType('resource').map(e => e.name)"
+        )
+        assert ku.url + "/v1/events/tickets" in calls, calls
+        stream = browser.execute_script("return window.streamUrl")
+        assert stream.startswith(ku.url + "/v1/events?ticket=kuet_"), stream
+
+    def test_an_origin_cors_does_not_allow_cannot_read_anything(
+        self, ku: Ku, stranger_origin: str, browser: Any
+    ):
+        from selenium.webdriver.common.by import By
+
+        user = ku.user()
+        browser.get(live_balance_url(stranger_origin, ku, user))
+        wait_text(browser, "#state", "failed", timeout=30)
+        assert browser.find_element(By.ID, "balance").text == "…"

@@ -4,14 +4,17 @@ session, and a grant that needs a reason. (The browser flows are in test_browser
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from collections.abc import Mapping
+from typing import Any
 
 import httpx
 import pytest
 
-from tests.console.conftest import Ku
+from tests.console.conftest import Ku, sso_token
+from tests.ledger.billing.fake_razorpay import FakeRazorpay
 
 pytestmark = pytest.mark.e2e
 
@@ -60,6 +63,10 @@ class Browser:
     def sign_in(self, key: str) -> httpx.Response:
         page = self.get("/console/sign-in")
         return self.post("/console/sign-in", {"api_key": key, "csrf": csrf_of(page.text)})
+
+    def sign_in_sso(self, token: str) -> httpx.Response:
+        page = self.get("/console/sign-in")
+        return self.post("/console/sign-in/sso", {"sso_token": token, "csrf": csrf_of(page.text)})
 
 
 def signed_in(ku: Ku, key: str) -> Browser:
@@ -216,3 +223,189 @@ class TestRotate:
                     "/v1/ledger/balance", params={"user_id": user}, headers={"x-api-key": key}
                 )
                 assert r.status_code == 200, r.text
+
+
+def flashes(html: str) -> list[str]:
+    return re.findall(r'<p class="flash \w+" role="status">([^<]*)</p>', html)
+
+
+class TestPayments:
+    def test_reconcile_grants_a_missed_payment_once(
+        self, ku: Ku, admin_key: str, razorpay: FakeRazorpay
+    ):
+        user = ku.user()
+        penora = ku.key("penora", "ledger:read,ledger:write")
+        with httpx.Client(base_url=ku.url, headers={"x-api-key": penora}, timeout=15) as api:
+            r = api.post("/v1/billing/orders", json={"user_id": user, "item": "topup_25"})
+            assert r.status_code == 201, r.text
+            # Paid at Razorpay; neither checkout nor a webhook ever told Ku.
+            payment = razorpay.pay(r.json()["razorpay_order_id"])
+            # Only admins see everyone's payments or reconcile.
+            assert api.get("/v1/billing/admin/payments").status_code == 403
+            assert api.post("/v1/billing/admin/reconcile", json={}).status_code == 403
+
+        b = signed_in(ku, admin_key)
+        page = b.get("/console/payments")
+        assert page.status_code == 200 and f'id="payment-{payment["id"]}"' not in page.text
+        assert 'id="payment-alerts"' in page.text
+        token = csrf_of(page.text)
+        assert b.post("/console/payments/reconcile", {"hours": "1"}).status_code == 403
+        cross = b.post(
+            "/console/payments/reconcile", {"hours": "1", "csrf": token}, "https://evil.example"
+        )
+        assert cross.status_code == 403
+
+        done = b.post("/console/payments/reconcile", {"hours": "1", "csrf": token}, ku.url)
+        assert done.status_code == 303 and done.headers["location"] == "/console/payments"
+        html = b.get("/console/payments").text
+        [message] = flashes(html)
+        assert message.startswith("Reconciled the last 1 h:") and re.search(
+            r"\bgranted 1\b", message
+        )
+        row = re.search(rf'<tr id="payment-{payment["id"]}">(.*?)</tr>', html, re.S)
+        assert row and user in row.group(1) and ">captured<" in row.group(1)
+        assert "25 Ku" in row.group(1) and "3.00 " in row.group(1)
+
+        # Again: nothing is granted twice.
+        b.post("/console/payments/reconcile", {"hours": "1", "csrf": token})
+        [message] = flashes(b.get("/console/payments").text)
+        assert not re.search(r"\bgranted\b", message), message
+        user_page = b.get(f"/console/users/{user}").text
+        assert 'id="available">75 Ku<' in user_page
+
+    def test_bad_look_back_is_a_message(self, ku: Ku, admin_key: str):
+        b = signed_in(ku, admin_key)
+        token = csrf_of(b.get("/console/payments").text)
+        b.post("/console/payments/reconcile", {"hours": "soon", "csrf": token})
+        assert flashes(b.get("/console/payments").text) == ["Look back: a number of hours."]
+        b.post("/console/payments/reconcile", {"hours": "0", "csrf": token})
+        [message] = flashes(b.get("/console/payments").text)
+        assert message.startswith("Not reconciled:"), message
+
+
+def breaker(ku: Ku, name: str) -> Any:
+    from redis.asyncio import Redis
+
+    from services.kit.breaker import CircuitBreaker
+
+    redis = Redis.from_url(ku.suite.env["KU_REDIS_URL"])
+    return CircuitBreaker(redis, f"generation:{name}", prefix=ku.suite.env["KU_BUS_PREFIX"])
+
+
+async def trip(ku: Ku, name: str, failures: int) -> None:
+    b = breaker(ku, name)
+    for _ in range(failures):
+        await b.record_failure()
+    await b.redis.aclose()
+
+
+async def reset(ku: Ku, name: str) -> None:
+    b = breaker(ku, name)
+    await b.reset()
+    await b.redis.aclose()
+
+
+class TestProviders:
+    def test_breakers_pools_and_refill(self, ku: Ku, admin_key: str):
+        b = signed_in(ku, admin_key)
+        page = b.get("/console/providers")
+        assert page.status_code == 200
+        row = re.search(r'<tr id="generation-deepinfra">(.*?)</tr>', page.text, re.S)
+        assert row and 'class="breaker closed">closed<' in row.group(1)
+        assert re.search(r'<tr id="pool-fal">', page.text)
+        assert 'id="provider-alerts"' in page.text
+
+        # What generation does when its provider keeps failing (the same Redis keys).
+        asyncio.run(trip(ku, "deepinfra", 5))
+        try:
+            page = b.get("/console/providers")
+            row = re.search(r'<tr id="generation-deepinfra">(.*?)</tr>', page.text, re.S)
+            assert row and 'class="breaker open">open<' in row.group(1)
+        finally:
+            asyncio.run(reset(ku, "deepinfra"))
+
+        token = csrf_of(page.text)
+        form = {"amount": "150", "reference": "console-test-refill", "csrf": token}
+        before = pool_balance(page.text, "fal")
+        assert b.post("/console/providers/fal/refill", {**form, "csrf": "x"}).status_code == 403
+        cross = b.post("/console/providers/fal/refill", form, "https://evil.example")
+        assert cross.status_code == 403
+        assert b.post("/console/providers/fal/refill", form, ku.url).status_code == 303
+        page = b.get("/console/providers")
+        [message] = flashes(page.text)
+        assert message.startswith("Refilled fal with 150 Ku")
+        assert pool_balance(page.text, "fal") == before + 150
+        # The same form twice refills once.
+        b.post("/console/providers/fal/refill", form)
+        assert pool_balance(b.get("/console/providers").text, "fal") == before + 150
+
+        b.post("/console/providers/fal/refill", {**form, "amount": "-3"})
+        assert flashes(b.get("/console/providers").text) == ["Amount: must be greater than 0"]
+        b.post("/console/providers/nosuch/refill", {**form, "reference": "other"})
+        [message] = flashes(b.get("/console/providers").text)
+        assert message.startswith("nosuch not refilled:"), message
+
+
+def pool_balance(html: str, provider: str) -> float:
+    row = re.search(rf'<tr id="pool-{provider}">.*?class="num balance">([\d,.]+) Ku<', html, re.S)
+    assert row, html[:2000]
+    return float(row.group(1).replace(",", ""))
+
+
+class TestSsoSignIn:
+    def test_admin_account_signs_in_until_the_role_is_taken(self, ku: Ku):
+        operator, customer = ku.user(), ku.user()
+        reason = "on-call operator, ticket OPS-112"
+        assert ku.cli("users", "grant-admin", "--id", operator, "--reason", reason) == "admin"
+        b = Browser(ku.url)
+        r = b.sign_in_sso(sso_token(operator))
+        assert r.status_code == 303 and r.headers["location"] == "/console/overview", r.text
+        [cookie] = [c for c in r.headers.get_list("set-cookie") if c.startswith("ku_console=")]
+        assert "httponly" in cookie.lower() and "samesite=strict" in cookie.lower()
+        assert b.get("/console/overview").status_code == 200
+        # An admin account acts on any user, as an admin key does; the journal names it.
+        page = b.get(f"/console/users/{customer}")
+        assert page.status_code == 200 and 'id="available">50 Ku<' in page.text
+        form = {
+            "amount": "3",
+            "source": "admin",
+            "reason": "sso admin grant",
+            "csrf": csrf_of(page.text),
+        }
+        assert b.post(f"/console/users/{customer}/grant", form).status_code == 303
+        assert 'id="available">53 Ku<' in b.get(f"/console/users/{customer}").text
+
+        ku.cli("users", "revoke-admin", "--id", operator, "--reason", "left the rota")
+        gone = b.get("/console/overview")
+        assert gone.status_code == 303 and gone.headers["location"] == "/console/sign-in"
+        again = b.sign_in_sso(sso_token(operator))
+        assert again.status_code == 403 and "not_admin" in again.text
+
+    def test_non_admin_account_and_bad_tokens_are_refused(self, ku: Ku):
+        user = ku.user()
+        b = Browser(ku.url)
+        r = b.sign_in_sso(sso_token(user))
+        assert r.status_code == 403 and "not_admin" in r.text
+        assert "ku_console" not in b.cookies
+        r = b.sign_in_sso("not-a-jwt")
+        assert r.status_code in (401, 422) and "Sign-in failed" in r.text
+        assert "ku_console" not in b.cookies
+        page = b.get("/console/sign-in")
+        no_csrf = b.post("/console/sign-in/sso", {"sso_token": sso_token(user)})
+        assert no_csrf.status_code == 403 and page.status_code == 200
+
+    def test_admin_token_acts_for_others_through_the_api(self, ku: Ku):
+        operator, plain, customer = ku.user(), ku.user(), ku.user()
+        ku.cli("users", "grant-admin", "--id", operator, "--reason", "api check")
+        with httpx.Client(base_url=ku.url, timeout=15) as api:
+            tokens = {}
+            for who in (operator, plain):
+                r = api.post("/v1/auth/sso", json={"token": sso_token(who)})
+                assert r.status_code == 200, r.text
+                tokens[who] = r.json()
+            assert "admin" in tokens[operator]["scope"].split()
+            assert "admin" not in tokens[plain]["scope"].split()
+            for who, status in ((operator, 200), (plain, 403)):
+                bearer = {"authorization": f"Bearer {tokens[who]['access_token']}"}
+                r = api.get("/v1/ledger/balance", params={"user_id": customer}, headers=bearer)
+                assert r.status_code == status, r.text

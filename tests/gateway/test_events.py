@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import orjson
+import pytest
 
 from services.kit.testing.plugin import principal_headers
-from tests.gateway.conftest import Stack
+from tests.gateway.conftest import Served, Stack
 from tests.gateway.helpers import new_user_id
 
 
@@ -96,3 +98,146 @@ class TestCreditsChanged:
         assert r.status_code == 403
         r = await gw.get("/v1/events")
         assert r.status_code == 401
+
+
+def bearer(stack: Stack, user_id: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {stack.signing.token(user_id)}"}
+
+
+async def new_ticket(gw: httpx.AsyncClient, stack: Stack, user_id: str) -> str:
+    r = await gw.post("/v1/events/tickets", headers=bearer(stack, user_id))
+    assert r.status_code == 201, r.text
+    body = r.json()
+    assert body["user_id"] == user_id and body["url"] == f"/v1/events?ticket={body['ticket']}"
+    return str(body["ticket"])
+
+
+@pytest.fixture(scope="module")
+async def cors_gw(stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
+    """A second gateway (same Redis) that allows one frontend origin."""
+    from gateway.app import create_app
+
+    settings = stack.gateway_settings(cors_origins="https://penora.example")
+    async with Served(create_app(settings)) as served:
+        async with httpx.AsyncClient(base_url=served.url, timeout=10) as client:
+            yield client
+
+
+class TestTickets:
+    async def test_a_ticket_opens_its_users_stream_once(self, gw: httpx.AsyncClient, stack: Stack):
+        user_id = await open_account(stack)
+        r = await gw.post("/v1/events/tickets", headers=bearer(stack, user_id))
+        assert r.status_code == 201 and r.json()["expires_in"] == 60
+        ticket = r.json()["ticket"]
+        async with gw.stream("GET", "/v1/events", params={"ticket": ticket}) as stream:
+            assert stream.status_code == 200
+            await asyncio.sleep(0.2)
+            await spend(stack, user_id, 1.5)
+            [event] = await asyncio.wait_for(read_events(stream, 1), timeout=5)
+        assert event["data"]["user_id"] == user_id and event["data"]["delta"] == -1.5
+        # Used: a reconnect with the same ticket is refused (get a new one).
+        again = await gw.get("/v1/events", params={"ticket": ticket})
+        assert again.status_code == 401
+        assert again.json()["error"]["code"] == "invalid_ticket"
+        # A new ticket resumes after the last id seen (EventSource cannot set the header).
+        await spend(stack, user_id, 2)
+        fresh = await new_ticket(gw, stack, user_id)
+        params = {"ticket": fresh, "last_event_id": event["id"]}
+        async with gw.stream("GET", "/v1/events", params=params) as stream:
+            [missed] = await asyncio.wait_for(read_events(stream, 1), timeout=5)
+        assert missed["data"]["delta"] == -2
+
+    async def test_used_on_another_gateway_instance_is_used_everywhere(
+        self, gw: httpx.AsyncClient, cors_gw: httpx.AsyncClient, stack: Stack
+    ):
+        user_id = await open_account(stack)
+        ticket = await new_ticket(gw, stack, user_id)
+        async with cors_gw.stream("GET", "/v1/events", params={"ticket": ticket}) as stream:
+            assert stream.status_code == 200
+        r = await gw.get("/v1/events", params={"ticket": ticket})
+        assert r.status_code == 401
+
+    async def test_expires(self, stack: Stack):
+        from gateway.app import create_app
+
+        user_id = await open_account(stack)
+        settings = stack.gateway_settings(gateway_events_ticket_seconds=1)
+        async with Served(create_app(settings)) as served:
+            async with httpx.AsyncClient(base_url=served.url, timeout=10) as client:
+                r = await client.post("/v1/events/tickets", headers=bearer(stack, user_id))
+                assert r.status_code == 201 and r.json()["expires_in"] == 1
+                await asyncio.sleep(1.5)  # Redis drops the key after its 1 s TTL
+                late = await client.get("/v1/events", params={"ticket": r.json()["ticket"]})
+        assert late.status_code == 401
+        assert late.json()["error"]["code"] == "invalid_ticket"
+
+    async def test_bound_to_its_user(self, gw: httpx.AsyncClient, stack: Stack):
+        me, other = await open_account(stack), await open_account(stack)
+        ticket = await new_ticket(gw, stack, me)
+        r = await gw.get("/v1/events", params={"ticket": ticket, "user_id": other})
+        assert r.status_code == 403 and r.json()["error"]["code"] == "wrong_user"
+
+    async def test_only_for_user_tokens(self, gw: httpx.AsyncClient, stack: Stack, app_key: str):
+        r = await gw.post("/v1/events/tickets", headers={"X-API-Key": app_key})
+        assert r.status_code == 403 and r.json()["error"]["code"] == "user_token_required"
+        r = await gw.post("/v1/events/tickets")
+        assert r.status_code == 401
+
+    async def test_refused_everywhere_else(self, gw: httpx.AsyncClient, stack: Stack):
+        user_id = await open_account(stack)
+        ticket = await new_ticket(gw, stack, user_id)
+        balance = {"user_id": user_id}
+        attempts = [
+            ("GET", "/v1/ledger/balance", balance, {"Authorization": f"Bearer {ticket}"}),
+            ("GET", "/v1/ledger/balance", balance, {"X-API-Key": ticket}),
+            ("GET", "/v1/ledger/balance", {**balance, "ticket": ticket}, {}),
+            ("GET", "/api/unified/user-info", {**balance, "ticket": ticket}, {}),
+            ("POST", "/v1/events/tickets", {}, {"Authorization": f"Bearer {ticket}"}),
+            ("POST", "/v1/events/tickets", {"ticket": ticket}, {}),
+            ("GET", "/v1/events", {}, {"Authorization": f"Bearer {ticket}"}),
+        ]
+        for method, path, params, headers in attempts:
+            r = await gw.request(method, path, params=params, headers=headers)
+            assert r.status_code == 401, (path, headers, r.text)
+        # Not a credential together with one either.
+        both = {"ticket": ticket}
+        r = await gw.get("/v1/events", params=both, headers=bearer(stack, user_id))
+        assert r.status_code == 400 and r.json()["error"]["code"] == "ambiguous_credentials"
+        # None of that used it up: the stream still opens, once.
+        async with gw.stream("GET", "/v1/events", params={"ticket": ticket}) as stream:
+            assert stream.status_code == 200
+
+    async def test_cors_allows_only_configured_origins(
+        self, gw: httpx.AsyncClient, cors_gw: httpx.AsyncClient, stack: Stack
+    ):
+        preflight = {
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization",
+        }
+        ok = await cors_gw.options(
+            "/v1/events/tickets", headers={**preflight, "Origin": "https://penora.example"}
+        )
+        assert ok.status_code == 200
+        assert ok.headers["access-control-allow-origin"] == "https://penora.example"
+        assert "authorization" in ok.headers["access-control-allow-headers"].lower()
+        evil = await cors_gw.options(
+            "/v1/events/tickets", headers={**preflight, "Origin": "https://evil.example"}
+        )
+        assert evil.status_code == 400
+        assert "access-control-allow-origin" not in evil.headers
+        # No origins configured: no CORS at all.
+        none = await gw.options(
+            "/v1/events/tickets", headers={**preflight, "Origin": "https://penora.example"}
+        )
+        assert "access-control-allow-origin" not in none.headers
+
+        user_id = await open_account(stack)
+        for origin, allowed in (("https://penora.example", True), ("https://evil.example", False)):
+            ticket = await new_ticket(cors_gw, stack, user_id)
+            params = {"ticket": ticket}
+            headers = {"Origin": origin}
+            async with cors_gw.stream("GET", "/v1/events", params=params, headers=headers) as r:
+                assert r.status_code == 200
+                got = r.headers.get("access-control-allow-origin")
+            # A browser reads the stream only with the header naming its origin.
+            assert got == (origin if allowed else None)

@@ -83,6 +83,7 @@ async def proxied(stack: Stack) -> Any:
         settings = stack.gateway_settings(
             generation_url=fake.url,
             gateway_upstream_timeout_seconds=1,
+            gateway_generation_timeout_seconds=1,
             gateway_max_body_bytes=100_000,
             gateway_buffer_body_bytes=1000,
             cors_origins="https://penora.example",

@@ -14,6 +14,7 @@ import httpx
 import orjson
 import pytest
 
+from services.kit.runner import Suite, free_port
 from services.kit.testing.plugin import principal_headers
 from tests.generation.conftest import Env
 
@@ -328,3 +329,48 @@ class TestStreaming:
             )
         assert r.status_code == 502, r.text
         assert milli(gen.balance(user)["available"]) == 10_000
+
+
+class TestSlowAnswers:
+    def gateway(self, gen: Env, upstream: float, generation: float) -> Suite:
+        """A second gateway on the same services, with these read timeouts."""
+        env = {
+            **gen.suite.env,
+            "KU_GATEWAY_PORT": str(free_port()),
+            "KU_GATEWAY_METRICS_PORT": str(free_port()),
+            "KU_GATEWAY_UPSTREAM_TIMEOUT_SECONDS": str(upstream),
+            "KU_GATEWAY_GENERATION_TIMEOUT_SECONDS": str(generation),
+        }
+        return Suite(env, only=["gateway"], migrate=False, quiet=True, ready_timeout=60)
+
+    async def slow_generation(self, gen: Env, gateway: str, user: str) -> httpx.Response:
+        # Not streamed: nothing is written until the 15th word, >= 1.5 s in.
+        async with httpx.AsyncClient(
+            base_url=gateway,
+            headers={"Authorization": f"Bearer {gen.user_token(user)}"},
+            timeout=30,
+        ) as c:
+            return await c.post(
+                "/v1/generation/text",
+                json={"prompt": "#words=15 #delay_ms=100", "model": "fake-small"},
+            )
+
+    async def test_generation_reads_have_their_own_timeout(self, gen: Env) -> None:
+        # Longer than every other service's read timeout: still answered.
+        user = gen.funded_user(10)
+        with self.gateway(gen, upstream=1, generation=30) as gw:
+            r = await self.slow_generation(gen, gw.urls["gateway"], user)
+        assert r.status_code == 200, r.text
+        assert r.json()["words"] == 15 and milli(r.json()["cost"]) == 150
+        # And it is that timeout that governs them: shorter than the answer, 504, and
+        # the user pays nothing (the service sees its client leave and releases).
+        other = gen.funded_user(10)
+        with self.gateway(gen, upstream=30, generation=1) as gw:
+            r = await self.slow_generation(gen, gw.urls["gateway"], other)
+            assert r.status_code == 504, r.text
+            for _ in range(100):
+                balance = gen.balance(other)
+                if milli(balance["held"]) == 0:
+                    break
+                await asyncio.sleep(0.1)
+        assert milli(balance["available"]) == 10_000 and milli(balance["held"]) == 0

@@ -21,7 +21,7 @@ from services.generation.providers import (
     Offline,
     Router,
     Served,
-    _sse_data,
+    SSEParser,
     build_providers,
     check_production,
 )
@@ -78,12 +78,29 @@ class TestCutter:
 
 
 class TestSSE:
-    async def test_data_lines_joined_and_comments_skipped(self) -> None:
-        async def lines() -> AsyncIterator[str]:
-            for line in [": ping", 'data: {"a":', "data: 1}", "", "event: x", "data: [DONE]"]:
-                yield line
+    STREAM = b': ping\ndata: {"a":\ndata: 1}\n\nevent: x\nid: 3\ndata:  two spaces\n\ndata: [DONE]'
 
-        assert [d async for d in _sse_data(lines())] == ['{"a":\n1}', "[DONE]"]
+    def parse(self, pieces: list[bytes]) -> list[bytes]:
+        parser = SSEParser()
+        out = [event for piece in pieces for event in parser.feed(piece)]
+        return out + parser.end()
+
+    def test_data_lines_joined_and_comments_and_fields_skipped(self) -> None:
+        assert self.parse([self.STREAM]) == [b'{"a":\n1}', b" two spaces", b"[DONE]"]
+
+    @pytest.mark.parametrize("newline", [b"\n", b"\r\n", b"\r"])
+    def test_any_split_of_the_bytes_and_any_line_end_parse_the_same(self, newline: bytes) -> None:
+        # A provider's events arrive cut anywhere by the network, CRLF halves included.
+        stream = self.STREAM.replace(b"\n", newline)
+        expected = [b'{"a":\n1}', b" two spaces", b"[DONE]"]
+        for cut in range(len(stream) + 1):
+            assert self.parse([stream[:cut], stream[cut:]]) == expected, cut
+        assert self.parse([bytes([b]) for b in stream]) == expected
+
+    def test_nothing_pending_at_the_end(self) -> None:
+        parser = SSEParser()
+        assert parser.feed(b"data: 1\n\n") == [b"1"]
+        assert parser.end() == []
 
 
 def settings_for(fake: FakeProvider, **overrides: str) -> GenerationSettings:

@@ -68,3 +68,14 @@ class TestBreaker:
         await a.record_success()
         await a.record_failure()
         assert (await a.state()).state == CLOSED
+
+    async def test_closed_cache_trusts_closed_for_its_window_only(self, redis):
+        import asyncio
+
+        a, b = _pair(redis, failure_threshold=1, open_seconds=30, closed_cache_seconds=0.3)
+        assert await a.allow() and await b.allow()  # both saw it closed
+        assert await a.record_failure() is True
+        assert not await a.allow()  # its own failure clears its cache at once
+        assert await b.allow()  # the other process trusts what it saw, for its window
+        await asyncio.sleep(0.35)
+        assert not await b.allow()  # then reads Redis again: open

@@ -82,11 +82,14 @@ def test_http_paths_are_served():
     """Each `/v1/...` or `/api/unified/...` path named in the docs is a real route."""
     from gateway.app import create_app
     from services.auth.app import create_app as auth_app
+    from services.enhancement.app import create_app as enhancement_app
+    from services.generation.app import create_app as generation_app
     from services.ledger.app import create_app as ledger_app
     from services.workspace.app import create_app as workspace_app
 
     routes: list[str] = []
-    for app in (create_app(), auth_app(), ledger_app(), workspace_app()):
+    apps = (auth_app, ledger_app, workspace_app, generation_app, enhancement_app)
+    for app in (create_app(), *(make() for make in apps)):
         routes += list(app.openapi()["paths"])
     patterns = [re.compile("^" + re.sub(r"\{[^}]+\}", "[^/]+", r) + "$") for r in routes if r]
     text = "\n".join(doc.read_text() for doc in DOCS)

@@ -45,8 +45,17 @@ class TokenService:
         self.keyring = keyring
         self.sso = sso
 
+    def scopes(self, roles: list[str]) -> str:
+        """A user's token scopes: every user's, and each role's own (`admin`)."""
+        return " ".join(dict.fromkeys([*self.settings.user_scopes, *roles]))
+
     def access_token(
-        self, user_id: str, *, app: str | None = None, now: datetime | None = None
+        self,
+        user_id: str,
+        *,
+        app: str | None = None,
+        roles: list[str] | None = None,
+        now: datetime | None = None,
     ) -> str:
         issued = int((now or datetime.now(UTC)).timestamp())
         claims: dict[str, object] = {
@@ -56,7 +65,7 @@ class TokenService:
             "iat": issued,
             "exp": issued + self.settings.auth_access_token_ttl_seconds,
             "jti": uuid.uuid4().hex,
-            "scope": " ".join(self.settings.user_scopes),
+            "scope": self.scopes(roles or []),
         }
         if app:
             claims["app"] = app
@@ -118,10 +127,11 @@ class TokenService:
             expires_at=datetime.now(UTC) + timedelta(seconds=ttl),
             app=app,
         )
+        roles = await users.roles(session, user.id)  # read at every sign-in and refresh
         pair = TokenPair(
-            access_token=self.access_token(user.id, app=app),
+            access_token=self.access_token(user.id, app=app, roles=roles),
             expires_in=self.settings.auth_access_token_ttl_seconds,
-            scope=" ".join(self.settings.user_scopes),
+            scope=self.scopes(roles),
             refresh_token=refresh_token,
             refresh_expires_in=ttl,
             user=UserOut.model_validate(user),

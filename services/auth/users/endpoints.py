@@ -3,8 +3,18 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Response
+from sqlalchemy.ext.asyncio import AsyncSession
 
-from services.auth.users.schemas import AppLinkIn, User, UserApps, UserCreate, UserCreated
+from services.auth.users.schemas import (
+    AppLinkIn,
+    Role,
+    RoleChange,
+    User,
+    UserApps,
+    UserCreate,
+    UserCreated,
+    UserRoles,
+)
 from services.auth.users.service import users
 from services.kit.db import Session
 from services.kit.errors import Forbidden, Unprocessable
@@ -93,3 +103,69 @@ async def list_apps(user_id: UserId, principal: CurrentPrincipal, session: Sessi
         principal.require_scope("admin")
     await users.get(session, user_id)
     return UserApps(user_id=user_id, apps=await users.apps(session, user_id))
+
+
+def _error(code: str, message: str, description: str) -> dict[str, Any]:
+    example = {"error": {"code": code, "message": message}}
+    return {"description": description, "content": {"application/json": {"example": example}}}
+
+
+async def _roles(session: AsyncSession, user_id: str) -> UserRoles:
+    roles = await users.roles(session, user_id)
+    return UserRoles.model_validate({"user_id": user_id, "roles": roles})
+
+
+ROLE_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: _error("invalid_api_key", "Invalid API key", "Missing or invalid credentials"),
+    403: _error("missing_scope", "Missing scope: admin", "Not an admin"),
+    404: _error("unknown_user", "No such user", "Unknown user"),
+}
+
+
+@router.get(
+    "/{user_id}/roles",
+    response_model=UserRoles,
+    summary="A user's roles",
+    responses=ROLE_ERRORS,
+)
+async def list_roles(user_id: UserId, principal: CurrentPrincipal, session: Session) -> UserRoles:
+    """The roles a user holds now (admins, or the user's own token). `admin` puts the
+    admin scope in the user's access tokens and lets the account sign in to the console."""
+    if principal.kind == "user":
+        principal.acts_for(user_id)
+    else:
+        principal.require_scope("admin")
+    await users.get(session, user_id)
+    return await _roles(session, user_id)
+
+
+@router.put(
+    "/{user_id}/roles/{role}",
+    response_model=UserRoles,
+    summary="Give a user a role (admin)",
+    responses=ROLE_ERRORS,
+)
+async def grant_role(
+    user_id: UserId, role: Role, body: RoleChange, principal: CurrentPrincipal, session: Session
+) -> UserRoles:
+    """Admins: give a user a role, with a reason (kept with who gave it). Idempotent.
+    The user's next access token (at sign-in or refresh) carries the role's scope."""
+    principal.require_scope("admin")
+    await users.grant_role(session, user_id, role, by=principal.who, reason=body.reason)
+    return await _roles(session, user_id)
+
+
+@router.post(
+    "/{user_id}/roles/{role}/revoke",
+    response_model=UserRoles,
+    summary="Take a role from a user (admin)",
+    responses=ROLE_ERRORS,
+)
+async def revoke_role(
+    user_id: UserId, role: Role, body: RoleChange, principal: CurrentPrincipal, session: Session
+) -> UserRoles:
+    """Admins: take a role back, with a reason (kept on the record). Idempotent. Tokens
+    already issued keep their scope until they expire; the console checks on every page."""
+    principal.require_scope("admin")
+    await users.revoke_role(session, user_id, role, by=principal.who, reason=body.reason)
+    return await _roles(session, user_id)

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from sqlalchemy import select
+from sqlalchemy import func, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from services.auth.models import App, User, UserApp
+from services.auth.models import App, User, UserApp, UserRole
 
 
 class UserRepository:
@@ -46,3 +46,46 @@ class UserRepository:
     async def apps(self, user_id: str) -> list[str]:
         stmt = select(UserApp.app).where(UserApp.user_id == user_id).order_by(UserApp.app)
         return list((await self.session.scalars(stmt)).all())
+
+    async def roles(self, user_id: str) -> list[str]:
+        stmt = (
+            select(UserRole.role)
+            .where(UserRole.user_id == user_id, UserRole.revoked_at.is_(None))
+            .order_by(UserRole.role)
+        )
+        return list((await self.session.scalars(stmt)).all())
+
+    async def grant_role(self, user_id: str, role: str, *, by: str, reason: str) -> bool:
+        """True when the user did not hold the role (a revoked grant is granted anew)."""
+        stmt = (
+            insert(UserRole)
+            .values(user_id=user_id, role=role, granted_by=by, reason=reason)
+            .on_conflict_do_update(
+                index_elements=[UserRole.user_id, UserRole.role],
+                set_={
+                    "granted_by": by,
+                    "reason": reason,
+                    "granted_at": func.now(),
+                    "revoked_at": None,
+                    "revoked_by": None,
+                    "revoke_reason": None,
+                },
+                where=UserRole.revoked_at.is_not(None),
+            )
+            .returning(UserRole.role)
+        )
+        return (await self.session.scalars(stmt)).first() is not None
+
+    async def revoke_role(self, user_id: str, role: str, *, by: str, reason: str) -> bool:
+        """True when the user held the role."""
+        stmt = (
+            update(UserRole)
+            .where(
+                UserRole.user_id == user_id,
+                UserRole.role == role,
+                UserRole.revoked_at.is_(None),
+            )
+            .values(revoked_at=func.now(), revoked_by=by, revoke_reason=reason)
+            .returning(UserRole.role)
+        )
+        return (await self.session.scalars(stmt)).first() is not None

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AliasChoices,
@@ -79,3 +79,24 @@ class User(BaseModel):
 
 class UserCreated(User):
     created: bool = Field(description="False when the user already existed (nothing changed)")
+
+
+Role = Literal["admin"]
+
+
+class RoleChange(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"reason": "on-call operator, ticket OPS-112"}]},
+    )
+    reason: Annotated[str, StringConstraints(min_length=3, max_length=500), TextGuard] = Field(
+        description="Why (kept with the grant or revocation)"
+    )
+
+
+class UserRoles(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"user_id": "100000000000000000042", "roles": ["admin"]}]}
+    )
+    user_id: str
+    roles: list[Role] = Field(description="Roles held now; each adds its scope to the tokens")

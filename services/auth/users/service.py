@@ -5,9 +5,17 @@ Creation writes the `user.created` event in the same transaction (the ledger gra
 the first credits from it: the welcome credits, or an admin's initial credits instead);
 an existing id is returned unchanged. A new link writes `user.linked` (the ledger and
 the workspace let a partner key act for its linked users only).
+
+Roles: an admin may give a user the `admin` role (with a reason, kept on the row with
+who gave it); the user's next access token carries the `admin` scope, so the account
+is an admin everywhere an admin key is (docs/kit.md, authority). Revoking takes effect
+at the next token (access tokens live KU_AUTH_ACCESS_TOKEN_TTL_SECONDS; the console
+checks the role on every page).
 """
 
 from __future__ import annotations
+
+import logging
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -15,6 +23,8 @@ from services.auth.models import User, outbox
 from services.auth.users.repository import UserRepository
 from services.kit.errors import NotFound, Unprocessable
 from services.kit.outbox import emit
+
+log = logging.getLogger("ku.auth.users")
 
 USER_CREATED = "user.created"
 USER_LINKED = "user.linked"
@@ -71,6 +81,28 @@ class UserService:
 
     async def apps(self, session: AsyncSession, user_id: str) -> list[str]:
         return await UserRepository(session).apps(user_id)
+
+    async def roles(self, session: AsyncSession, user_id: str) -> list[str]:
+        """The roles a user holds now (their scopes join the user's access tokens)."""
+        return await UserRepository(session).roles(user_id)
+
+    async def grant_role(
+        self, session: AsyncSession, user_id: str, role: str, *, by: str, reason: str
+    ) -> bool:
+        await self.get(session, user_id)
+        granted = await UserRepository(session).grant_role(user_id, role, by=by, reason=reason)
+        if granted:
+            log.warning("role %s granted to user %s by %s: %s", role, user_id, by, reason)
+        return granted
+
+    async def revoke_role(
+        self, session: AsyncSession, user_id: str, role: str, *, by: str, reason: str
+    ) -> bool:
+        await self.get(session, user_id)
+        revoked = await UserRepository(session).revoke_role(user_id, role, by=by, reason=reason)
+        if revoked:
+            log.warning("role %s revoked from user %s by %s: %s", role, user_id, by, reason)
+        return revoked
 
     async def get(self, session: AsyncSession, user_id: str) -> User:
         user = await UserRepository(session).get(user_id)

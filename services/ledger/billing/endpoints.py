@@ -21,6 +21,8 @@ from services.ledger.billing.schemas import (
     Order,
     OrderCreate,
     PaymentPage,
+    ReconcileIn,
+    ReconcileResult,
     Revenue,
     Subscription,
     SubscriptionCreate,
@@ -31,6 +33,7 @@ from services.ledger.billing.schemas import (
     payment_out,
 )
 from services.ledger.billing.service import Billing
+from services.ledger.billing.tasks import reconcile
 from services.ledger.config import get_settings
 from services.ledger.repository import LedgerRepository
 
@@ -248,3 +251,81 @@ async def list_alerts(
             for r in rows
         ]
     )
+
+
+ADMIN_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {
+        "description": "Missing or invalid credentials",
+        "content": {
+            "application/json": {
+                "example": {"error": {"code": "invalid_api_key", "message": "Invalid API key"}}
+            }
+        },
+    },
+    403: {
+        "description": "Not an admin",
+        "content": {
+            "application/json": {
+                "example": {"error": {"code": "forbidden", "message": "Not allowed"}}
+            }
+        },
+    },
+}
+
+
+@router.get(
+    "/admin/payments",
+    response_model=PaymentPage,
+    summary="Recent payments of every user (admin)",
+    responses=ADMIN_ERRORS,
+)
+async def recent_payments(
+    principal: CurrentPrincipal,
+    billing: BillingDep,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+) -> PaymentPage:
+    """Every user's payments, newest first: status, the credits each granted, refunds,
+    claw-backs and debt. The operators' view (the console's payments page)."""
+    authorize(principal, "billing.admin")
+    rows = await billing.repo.recent_payments(limit=limit)
+    return PaymentPage(items=[payment_out(r) for r in rows])
+
+
+@router.post(
+    "/admin/reconcile",
+    response_model=ReconcileResult,
+    summary="Reconcile payments with Razorpay now (admin)",
+    responses={
+        **ADMIN_ERRORS,
+        503: {
+            "description": "Payments are not configured, or Razorpay cannot be reached",
+            "content": {
+                "application/json": {
+                    "example": {
+                        "error": {
+                            "code": "billing_not_configured",
+                            "message": "Payments are not configured",
+                        }
+                    }
+                }
+            },
+        },
+    },
+)
+async def reconcile_now(
+    request: Request, principal: CurrentPrincipal, body: ReconcileIn | None = None
+) -> ReconcileResult:
+    """Run the reconcile job (`ku billing reconcile`) now: grant captured payments that
+    neither checkout nor a webhook reported, apply refunds no webhook reported, retry
+    parked refund events. Safe to run any time, twice or concurrently with the worker's
+    cron: granted payments are never granted again."""
+    authorize(principal, "billing.admin")
+    # No request session here: the job opens a unit of work per payment, after each
+    # Razorpay call, never holding a connection across one.
+    counts = await reconcile(
+        lookback_hours=body.hours if body else None,
+        sessionmaker=request.app.state.sessionmaker,
+        ledger=request.app.state.ledger,
+        settings=get_settings(),
+    )
+    return ReconcileResult(counts=counts)

@@ -301,6 +301,15 @@ class BillingRepository:
         )
         return [dict(r._mapping) for r in rows]
 
+    async def recent_payments(self, *, limit: int) -> list[dict[str, Any]]:
+        """Every user's payments, newest first (the operators' view)."""
+        rows = await self._run(
+            f"SELECT {_PAYMENT_COLUMNS} FROM ledger.billing_payments"
+            " ORDER BY created_at DESC, razorpay_payment_id LIMIT :l",
+            l=limit,
+        )
+        return [dict(r._mapping) for r in rows]
+
     # Webhook events and alerts
 
     async def claim_event(self, event_id: str, event: str, *, retry: frozenset[str]) -> bool:

@@ -196,6 +196,25 @@ class AlertPage(BaseModel):
     items: list[Alert]
 
 
+class ReconcileIn(_In):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"hours": 72}]})
+    hours: int | None = Field(
+        None, ge=1, le=24 * 90, description="Look back this many hours (default 72)"
+    )
+
+
+class ReconcileResult(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"counts": {"fetched": 3, "granted": 1, "already_granted": 2}}]
+        }
+    )
+    counts: dict[str, int] = Field(
+        description="Payments fetched from Razorpay and what became of each (`granted`: "
+        "a payment nobody had reported, granted now; `errors`: retried on the next run)"
+    )
+
+
 def item_out(row: dict[str, Any]) -> CatalogItem:
     return CatalogItem(
         id=row["id"],
