@@ -77,6 +77,8 @@ ROUTES = [
     Route("ledger", "POST", "/v1/billing/orders", "billing.buy"),
     Route("ledger", "POST", "/v1/billing/subscriptions", "billing.buy"),
     Route("ledger", "POST", "/v1/billing/verify", "billing.buy", userless=True),
+    # a read, but of everyone's payments (in aggregate): only admins and enhancement
+    Route("ledger", "GET", "/v1/billing/revenue", "billing.revenue", userless=True),
 ]
 
 
@@ -217,6 +219,7 @@ def _body(route: Route, ids: dict[str, str]) -> dict[str, Any] | None:
         "ledger.release": reason,
         "ledger.refund": {"transaction_id": int(ids.get("charge", "0") or 0), **reason},
         "workspace.quota": {"limit_bytes": 2_000_000},
+        "billing.revenue": None,
         "billing.admin": {
             "kind": "topup",
             "name": "10 Ku top-up",

@@ -13,7 +13,7 @@ from services.enhancement.api import routers
 from services.enhancement.config import get_settings
 from services.enhancement.models import SCHEMA
 from services.enhancement.service import Enhancer
-from services.enhancement.tasks import arq_enqueuer
+from services.enhancement.tasks import arq_enqueuer, consume_subscriptions
 from services.kit.app import create_service_app
 
 DESCRIPTION = """
@@ -59,5 +59,5 @@ def create_app() -> FastAPI:
         title="Ku Enhancement",
         description=DESCRIPTION,
         outbox_schema=SCHEMA,
-        hooks=[enhancer_hook],
+        hooks=[enhancer_hook, consume_subscriptions],
     )

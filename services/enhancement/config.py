@@ -4,8 +4,9 @@ provider credits (what the platform pre-bought from each provider)."""
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from services.kit.config import KuSettings
 
@@ -33,6 +34,17 @@ class EnhancementSettings(KuSettings):
     enhancement_tier_allowances: dict[str, int] = Field(
         default_factory=lambda: {"free": 0, "plus": 10, "pro": 25}
     )
+    # The tier each billing plan (catalog item) gives while it is paid; other plans, none.
+    enhancement_plan_tiers: dict[str, str] = Field(
+        default_factory=lambda: {
+            "lite_monthly": "plus",
+            "lite_yearly": "plus",
+            "pro_monthly": "pro",
+            "pro_yearly": "pro",
+            "studio_monthly": "pro",
+            "studio_yearly": "pro",
+        }
+    )
     # The app lane a hold is booked in when the caller names none (the ledger's `app`).
     enhancement_default_app: str = "imagegene"
 
@@ -55,9 +67,21 @@ class EnhancementSettings(KuSettings):
     enhancement_pending_every_seconds: int = 120
     enhancement_hold_ttl_seconds: int = 3600
 
-    # Results.
-    enhancement_storage: str = "local"
+    # Results (and inputs): "local" (a directory shared by the service and the worker)
+    # or "s3" (an S3-compatible bucket; see storage.py).
+    enhancement_storage: Literal["local", "s3"] = "local"
     enhancement_storage_dir: str = ".ku/enhancement"
+    enhancement_s3_bucket: str = ""
+    # Keys are `<prefix>/inputs/<task>` and `<prefix>/results/<task>`.
+    enhancement_s3_prefix: str = ""
+    # Empty: AWS S3 for the region; e.g. http://minio:9000 for MinIO.
+    enhancement_s3_endpoint_url: str = ""
+    enhancement_s3_region: str = "us-east-1"
+    # Empty: botocore's credential chain (AWS_* environment, profile, instance role).
+    enhancement_s3_access_key_id: str = ""
+    enhancement_s3_secret_access_key: str = ""
+    # auto | path | virtual ("path" for MinIO and most self-hosted servers).
+    enhancement_s3_addressing_style: Literal["auto", "path", "virtual"] = "auto"
     enhancement_result_url_seconds: int = 3600
     enhancement_retention_days: int = 30
 
@@ -81,10 +105,8 @@ class EnhancementSettings(KuSettings):
     # Platform pools: alert below this many credits or this % of the last refill level.
     enhancement_pool_low_milli: int = 100_000
     enhancement_pool_low_percent: int = 20
-    # Share of the month's revenue that funds the pools (seed 004: 80 %).
+    # Share of the month's revenue (billing's payments) that funds the pools (seed 004: 80 %).
     enhancement_pool_budget_percent: int = 80
-    # The month's revenue in minor units, when billing cannot be asked (see docs).
-    enhancement_monthly_revenue_minor: int = 0
 
     # Seed 004's BACKGROUND_JOB_TOKEN: lets a plain cron call POST /api/background/process-tasks
     # (`Authorization: Bearer <token>`). Empty: that route is refused.
@@ -93,8 +115,19 @@ class EnhancementSettings(KuSettings):
     # Users past this % of their monthly allowance get one alert per month.
     enhancement_allowance_alert_percent: int = 90
 
+    @model_validator(mode="after")
+    def _plans_name_known_tiers(self) -> EnhancementSettings:
+        unknown = set(self.enhancement_plan_tiers.values()) - set(self.enhancement_tier_allowances)
+        if unknown:
+            raise ValueError(
+                f"KU_ENHANCEMENT_PLAN_TIERS names tiers that KU_ENHANCEMENT_TIER_ALLOWANCES"
+                f" does not have: {sorted(unknown)}"
+            )
+        return self
+
     def provider_cost(self, name: str) -> int:
-        return int(getattr(self, f"enhancement_{name}_cost_milli"))
+        # A pool of a provider this build does not know (renamed, removed) costs nothing.
+        return int(getattr(self, f"enhancement_{name}_cost_milli", 0))
 
     def allowed_origins(self) -> frozenset[str]:
         return frozenset(

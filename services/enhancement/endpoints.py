@@ -71,7 +71,8 @@ UPLOAD_BODY = {
 }
 
 
-def get_enhancer(request: Request) -> Enhancer:
+async def get_enhancer(request: Request) -> Enhancer:
+    # async: FastAPI runs a plain `def` dependency in its thread pool, a hop per request.
     return request.app.state.enhancer
 
 

@@ -166,12 +166,34 @@ class Alert(Base):
 
 
 class Tier(Base):
-    """A user's subscription tier for enhancements (free unless set)."""
+    """A user's tier set by an admin (`PUT /tiers/{user}`): a floor under the tiers of
+    the user's paid plans (`subscriptions`); free unless set."""
 
     __tablename__ = "tiers"
 
     user_id: Mapped[str] = mapped_column(Text, primary_key=True)
     tier: Mapped[str] = mapped_column(Text, nullable=False)
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, server_default=_NOW
+    )
+
+
+class Subscription(Base):
+    """A billing plan of a user, as billing's `billing.subscription.changed` events tell
+    it: its tier (`KU_ENHANCEMENT_PLAN_TIERS[item]`) counts while `status` is active and
+    `expires_at` (the end of the paid period) is ahead. Cancelled is final."""
+
+    __tablename__ = "subscriptions"
+    __table_args__ = (
+        CheckConstraint("status IN ('active', 'cancelled')", name="status_known"),
+        Index("ix_subscriptions_user", "user_id"),
+    )
+
+    subscription_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    user_id: Mapped[str] = mapped_column(Text, nullable=False)
+    item: Mapped[str] = mapped_column(Text, nullable=False)
+    status: Mapped[str] = mapped_column(Text, nullable=False)
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     updated_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), nullable=False, server_default=_NOW
     )

@@ -175,6 +175,44 @@ class Repository:
             {"u": user_id, "t": tier},
         )
 
+    async def record_subscription(
+        self,
+        subscription_id: str,
+        user_id: str,
+        item: str,
+        status: str,
+        expires_at: datetime | None,
+    ) -> None:
+        """Billing's news of a plan, in any order and any number of times: cancelled stays
+        cancelled, and the paid period only ever extends."""
+        await self.session.execute(
+            text(
+                """
+                INSERT INTO enhancement.subscriptions
+                       (subscription_id, user_id, item, status, expires_at)
+                VALUES (:s, :u, :i, :st, :e)
+                ON CONFLICT (subscription_id) DO UPDATE SET
+                    status = CASE WHEN enhancement.subscriptions.status = 'cancelled'
+                                  THEN 'cancelled' ELSE EXCLUDED.status END,
+                    expires_at = GREATEST(enhancement.subscriptions.expires_at,
+                                          EXCLUDED.expires_at),
+                    updated_at = now()
+                """
+            ),
+            {"s": subscription_id, "u": user_id, "i": item, "st": status, "e": expires_at},
+        )
+
+    async def paid_plans(self, user_id: str, now: datetime) -> list[str]:
+        """The items of the user's plans that are active and paid at `now`."""
+        rows = await self.session.execute(
+            text(
+                "SELECT item FROM enhancement.subscriptions WHERE user_id = :u"
+                " AND status = 'active' AND expires_at > :now ORDER BY item"
+            ),
+            {"u": user_id, "now": now},
+        )
+        return [r.item for r in rows]
+
     async def allowance(self, user_id: str, period: str) -> dict[str, Any] | None:
         return await self._one(
             "SELECT * FROM enhancement.allowances WHERE user_id = :u AND period = :p",
@@ -189,8 +227,10 @@ class Repository:
         await self.session.execute(
             text(
                 "INSERT INTO enhancement.allowances (user_id, period, included) VALUES (:u, :p, :n)"
-                " ON CONFLICT (user_id, period) DO UPDATE SET included = :n"
-                " WHERE enhancement.allowances.used <= :n"
+                # A tier change mid-month takes effect now; after a downgrade below what
+                # was used, nothing more is included (never a negative remainder).
+                " ON CONFLICT (user_id, period) DO UPDATE"
+                " SET included = GREATEST(:n, enhancement.allowances.used)"
             ),
             {"u": user_id, "p": period, "n": included},
         )

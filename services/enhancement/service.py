@@ -121,9 +121,7 @@ class Enhancer:
         self.sessionmaker = sessionmaker
         self.redis = redis
         self.client = client or ServiceClient(settings, me="enhancement")
-        self.storage = storage or build_storage(
-            settings.enhancement_storage, settings.enhancement_storage_dir
-        )
+        self.storage = storage or build_storage(settings)
         self.fetcher = fetcher or SafeFetcher(self.fetch_policy(settings.allowed_origins()))
         # Provider results come from the providers' own hosts: same rules as user input.
         self.result_fetcher = SafeFetcher(self.fetch_policy(settings.allowed_origins()))
@@ -159,6 +157,7 @@ class Enhancer:
         await self.result_fetcher.aclose()
         await self.http.aclose()
         await self.client.aclose()
+        await self.storage.aclose()
 
     def uow(self) -> Any:
         return unit_of_work(self.sessionmaker)
@@ -296,7 +295,7 @@ class Enhancer:
         """Record the task paid by an included enhancement, if the user has one left."""
         async with self.uow() as session:
             repo = Repository(session)
-            included = self.included_for(await repo.tier(owner))
+            included = self.included_for(await self.tier_of(repo, owner, now))
             if included <= 0:
                 return None
             period = period_of(now)
@@ -882,11 +881,33 @@ class Enhancer:
         async with self.uow() as session:
             await Repository(session).set_tier(user_id, tier)
 
+    async def tier_of(self, repo: Repository, user_id: str, now: datetime) -> str:
+        """The best of the admin's tier (a floor, free unless set) and the tiers of the
+        user's plans that are active and paid at `now` (fed by billing's events)."""
+        plan_tiers = self.settings.enhancement_plan_tiers
+        tiers = [await repo.tier(user_id) or "free"]
+        tiers += [plan_tiers[i] for i in await repo.paid_plans(user_id, now) if i in plan_tiers]
+        return max(tiers, key=self.included_for)
+
+    async def subscription_changed(self, payload: dict[str, Any]) -> None:
+        """Billing's `billing.subscription.changed`: a plan paid until `expires_at`, or
+        cancelled (the tier is gone at once). Plans with no tier are recorded anyway."""
+        expires_at = payload.get("expires_at")
+        async with self.uow() as session:
+            await Repository(session).record_subscription(
+                str(payload["subscription_id"]),
+                str(payload["user_id"]),
+                str(payload["item"]),
+                str(payload["status"]),
+                datetime.fromisoformat(expires_at) if expires_at else None,
+            )
+
     async def allowance(self, user_id: str, now: datetime | None = None) -> dict[str, Any]:
-        period = period_of(now or datetime.now(UTC))
+        now = now or datetime.now(UTC)
+        period = period_of(now)
         async with self.uow() as session:
             repo = Repository(session)
-            tier = await repo.tier(user_id) or "free"
+            tier = await self.tier_of(repo, user_id, now)
             row = await repo.allowance(user_id, period)
         included = self.included_for(tier)
         used = row["used"] if row else 0
@@ -961,19 +982,44 @@ class Enhancer:
                 now.replace(hour=0, minute=0, second=0, microsecond=0), now + timedelta(seconds=1)
             )
             alerts = await repo.alerts(20)
-        s = self.settings
-        revenue = s.enhancement_monthly_revenue_minor
         return {
             "pools": await self.pool_view(),
             "month": month,
             "today": today,
-            "budget": {
-                "monthly_revenue_minor": revenue,
-                "pool_budget_percent": s.enhancement_pool_budget_percent,
-                "pool_budget_minor": revenue * s.enhancement_pool_budget_percent // 100,
-                "source": "setting KU_ENHANCEMENT_MONTHLY_REVENUE_MINOR",
-            },
+            "budget": await self.pool_budget(now),
             "alerts": alerts,
+        }
+
+    async def pool_budget(self, now: datetime) -> dict[str, Any]:
+        """Seed 004's rule: the pools are funded from a share (80 %) of the month's revenue,
+        which billing knows from its payments (per currency, net of refunds)."""
+        percent = self.settings.enhancement_pool_budget_percent
+        month = period_of(now)
+        budget: dict[str, Any] = {
+            "month": month,
+            "pool_budget_percent": percent,
+            "source": "billing",
+        }
+        try:
+            revenue = await self.client.json(
+                "ledger", "GET", "/v1/billing/revenue", params={"month": month}
+            )
+        except KuError as exc:  # billing unreachable: the rest of the stats still answer
+            log.warning("no revenue from billing: %s", exc.code)
+            error = {"code": exc.code, "message": exc.message}
+            return {**budget, "available": False, "revenue": [], "error": error}
+        return {
+            **budget,
+            "available": True,
+            "revenue": [
+                {
+                    "currency": item["currency"],
+                    "payments": item["payments"],
+                    "revenue_minor": item["net"],
+                    "pool_budget_minor": item["net"] * percent // 100,
+                }
+                for item in revenue["items"]
+            ],
         }
 
 

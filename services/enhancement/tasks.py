@@ -1,21 +1,36 @@
-"""Enhancement jobs on the worker (arq). Each is safe to run twice, or concurrently:
-a task is claimed with a lease and fenced by its attempt number (see service.py).
+"""Enhancement jobs on the worker (arq), and the service's event consumer. Each job is
+safe to run twice, or concurrently: a task is claimed with a lease and fenced by its
+attempt number (see service.py).
 
-Seed 004's schedule: pending tasks every 2 minutes (`KU_ENHANCEMENT_PENDING_EVERY_SECONDS`),
-pool thresholds every 15 minutes, the daily usage summary at 01:00, the monthly
-allowance reset on the 1st at 00:00 (UTC), and result retention daily at 03:30.
+Tiers follow billing: `consume_subscriptions` (a lifespan hook of the service) reads
+`billing.subscription.changed` from the ledger's stream (consumer group `enhancement`)
+into `enhancement.subscriptions`; the handler is an idempotent upsert.
+
+Seed 004's schedule (tests/enhancement/test_schedule.py reads it back from the worker's
+registry): pending tasks every 2 minutes (`KU_ENHANCEMENT_PENDING_EVERY_SECONDS`, a
+divisor of a minute or of an hour in whole minutes), pool thresholds every 15 minutes,
+the daily usage summary at 01:00, the monthly allowance reset on the 1st at 00:00 (UTC),
+and result retention daily at 03:30.
 """
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 from arq import cron
 from arq.cron import CronJob
 from arq.worker import func
+from fastapi import FastAPI
 
 from services.enhancement.config import EnhancementSettings, get_settings
 from services.enhancement.service import JOB_NAME, Enhancer
+from services.kit.bus import Consumer
+from services.kit.outbox import stream_name
+from services.worker import every, queue_name
+
+SUBSCRIPTION_CHANGED = "billing.subscription.changed"
 
 Ctx = dict[str, Any]
 
@@ -27,8 +42,6 @@ def queue_job_id(prefix: str, task_id: str, attempt: int) -> str:
 def arq_enqueuer(arq_redis: Any, settings: EnhancementSettings) -> Any:
     """`enqueue(task_id, attempt)` on the suite's queue; one job id per attempt, so a
     duplicate enqueue of the same attempt is a no-op and a retry gets a fresh job."""
-    from services.worker import queue_name
-
     queue = queue_name(settings.bus_prefix)
 
     async def enqueue(task_id: str, attempt: int) -> None:
@@ -40,6 +53,30 @@ def arq_enqueuer(arq_redis: Any, settings: EnhancementSettings) -> Any:
         )
 
     return enqueue
+
+
+@asynccontextmanager
+async def consume_subscriptions(app: FastAPI) -> AsyncIterator[None]:
+    """Lifespan hook (after the enhancer's): tiers from billing's subscription events."""
+    settings = get_settings()
+    enhancer: Enhancer = app.state.enhancer
+
+    async def handle(event: dict[str, Any]) -> None:
+        await enhancer.subscription_changed(event["payload"])
+
+    consumer = Consumer(
+        app.state.redis,
+        [stream_name(settings.bus_prefix, "ledger")],
+        group="enhancement",
+        handler=handle,
+        topics={SUBSCRIPTION_CHANGED},
+    )
+    consumer.start()
+    app.state.subscription_consumer = consumer
+    try:
+        yield
+    finally:
+        await consumer.stop()
 
 
 async def worker_startup(ctx: Ctx) -> None:
@@ -84,17 +121,11 @@ async def enhancement_retention(ctx: Ctx) -> int:
     return await ctx["enhancer"].purge_results()
 
 
-def _every(seconds: int) -> dict[str, Any]:
-    if seconds < 60:
-        return {"second": set(range(0, 60, max(1, seconds)))}
-    return {"minute": set(range(0, 60, max(1, seconds // 60))), "second": 0}
-
-
 def cron_jobs(settings: EnhancementSettings) -> list[CronJob]:
     timeout = settings.enhancement_task_deadline_seconds
     return [
         cron(enhancement_pending, name="enhancement.pending", run_at_startup=True,
-             timeout=timeout, **_every(settings.enhancement_pending_every_seconds)),
+             timeout=timeout, **every(settings.enhancement_pending_every_seconds)),
         cron(enhancement_thresholds, name="enhancement.thresholds",
              minute={0, 15, 30, 45}, second=0, timeout=120),
         cron(enhancement_daily_summary, name="enhancement.daily_summary",

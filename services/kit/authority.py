@@ -133,6 +133,8 @@ TABLE: dict[str, dict[str, Rule]] = {
         user=Rule("self"), first_party=Rule("any", (R, W)), partner=Rule("linked", (R, W))
     ),
     "billing.admin": _row(),
+    # the month's revenue, in aggregate: enhancement funds its provider pools from it
+    "billing.revenue": _row(service=Rule("any", services=frozenset({"enhancement"}))),
 }
 
 # Operations that move money: an admin must say why (`reason`), and it is audited.

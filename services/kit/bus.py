@@ -94,6 +94,16 @@ class Consumer(BackgroundLoop):
                 if "BUSYGROUP" not in str(exc):
                     raise
 
+    def _unwanted(self, fields: dict[Any, Any]) -> bool:
+        """An entry of a topic this consumer does not handle: acked unread (neither its
+        signature checked nor its payload parsed; a busy stream is mostly these)."""
+        if self.topics is None:
+            return False
+        topic = fields.get(b"topic", fields.get("topic"))
+        if isinstance(topic, bytes):
+            topic = topic.decode(errors="replace")
+        return topic not in self.topics
+
     async def _handle(self, stream: str, entry_id: bytes | str, fields: dict[Any, Any]) -> None:
         expected = stream_service(stream)
         if expected is None or event_issuer(fields) != expected:
@@ -138,9 +148,15 @@ class Consumer(BackgroundLoop):
         count = 0
         for stream, entries in response or []:
             stream_name = stream.decode() if isinstance(stream, bytes) else stream
+            unwanted = []
             for entry_id, fields in entries:
-                await self._handle(stream_name, entry_id, fields)
+                if self._unwanted(fields):
+                    unwanted.append(entry_id)
+                else:
+                    await self._handle(stream_name, entry_id, fields)
                 count += 1
+            if unwanted:  # one XACK for the batch, not one round trip per entry
+                await self.redis.xack(stream_name, self.group, *unwanted)
         return count
 
     async def run(self) -> None:

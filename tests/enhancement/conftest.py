@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +26,10 @@ import httpx
 import pytest
 import redis as sync_redis
 
+from services.enhancement.config import EnhancementSettings
+from services.enhancement.service import Enhancer
+from services.kit.bus import redis_from_url
+from services.kit.db import create_engine, sessionmaker_for
 from services.kit.runner import Suite, free_port
 from tests.enhancement.fakes import FakeProvider, ImageHost
 from tests.gateway.helpers import SigningKey, make_signing_key, new_user_id
@@ -80,6 +84,19 @@ def loopback_only(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Any]]:
     monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
     yield violations
     assert not violations, f"connections outside 127.0.0.0/8 were attempted: {violations}"
+
+
+@pytest.fixture
+async def enhancer(ku_database_url: str) -> AsyncIterator[Enhancer]:
+    """An in-process engine on the real database and Redis (no provider configured)."""
+    settings = EnhancementSettings(database_url=ku_database_url)
+    engine = create_engine(settings)
+    redis = redis_from_url(settings.redis_url)
+    e = Enhancer(settings, sessionmaker_for(engine), redis)
+    yield e
+    await e.aclose()
+    await redis.aclose()
+    await engine.dispose()
 
 
 PROCESS_TOKEN = "bg-token-for-tests"

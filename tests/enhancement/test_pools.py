@@ -3,30 +3,15 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
 
 import pytest
 
-from services.enhancement.config import EnhancementSettings
 from services.enhancement.providers import Provider
 from services.enhancement.repository import Repository
 from services.enhancement.service import Enhancer
 from services.kit.breaker import CircuitBreaker
-from services.kit.bus import redis_from_url
-from services.kit.db import create_engine, sessionmaker_for
 from services.kit.errors import Conflict
-
-
-@pytest.fixture
-async def enhancer(ku_database_url: str) -> AsyncIterator[Enhancer]:
-    settings = EnhancementSettings(database_url=ku_database_url)
-    engine = create_engine(settings)
-    redis = redis_from_url(settings.redis_url)
-    e = Enhancer(settings, sessionmaker_for(engine), redis)
-    yield e
-    await e.aclose()
-    await redis.aclose()
-    await engine.dispose()
+from tests.enhancement.helpers import insert_task
 
 
 def add_provider(e: Enhancer, cost_milli: int) -> str:
@@ -123,30 +108,6 @@ class TestPools:
         assert not await enhancer.breakers[cheap].allow()
 
 
-async def insert_task(e: Enhancer, **values: object) -> uuid.UUID:
-    from datetime import UTC, datetime
-
-    task_id = uuid.uuid4()
-    row = {
-        "id": task_id,
-        "user_id": f"u{task_id.hex[:8]}",
-        "app": "imagegene",
-        "enhancement_type": "lighting",
-        "strength": 0.5,
-        "input_source": "upload",
-        "input_key": f"inputs/{task_id}",
-        "input_content_type": "image/png",
-        "input_width": 1,
-        "input_height": 1,
-        "price_milli": 2000,
-        "deadline_at": datetime.now(UTC),
-        **values,
-    }
-    async with e.uow() as session:
-        assert await Repository(session).insert_task(row) is not None
-    return task_id
-
-
 class TestScheduledJobs:
     async def test_daily_summary_counts_the_day_once(self, enhancer: Enhancer):
         from datetime import UTC, datetime
@@ -159,32 +120,3 @@ class TestScheduledJobs:
         assert (summary["completed"], summary["failed"], summary["charged_milli"]) == (1, 1, 2000)
         async with enhancer.uow() as session:
             assert not await Repository(session).save_summary("2001-03-04", {})  # kept once
-
-    async def test_retention_deletes_old_results_only(self, enhancer: Enhancer, tmp_path):
-        from datetime import UTC, datetime, timedelta
-
-        from services.enhancement.storage import LocalStorage
-
-        enhancer.storage = LocalStorage(tmp_path)
-        old_at = datetime.now(UTC) - timedelta(
-            days=enhancer.settings.enhancement_retention_days + 1
-        )
-        old = await insert_task(enhancer, status="completed", completed_at=old_at)
-        new = await insert_task(enhancer, status="completed", completed_at=datetime.now(UTC))
-        for task_id in (old, new):
-            await enhancer.storage.put(f"inputs/{task_id}", b"in")
-            await enhancer.storage.put(f"results/{task_id}", b"out")
-            async with enhancer.uow() as session:
-                from sqlalchemy import text
-
-                await session.execute(
-                    text("UPDATE enhancement.tasks SET result_key = :k WHERE id = :id"),
-                    {"k": f"results/{task_id}", "id": task_id},
-                )
-        assert await enhancer.purge_results() >= 1
-        assert await enhancer.storage.get(f"results/{old}") is None
-        assert await enhancer.storage.get(f"inputs/{old}") is None
-        assert await enhancer.storage.get(f"results/{new}") == b"out"
-        async with enhancer.uow() as session:
-            row = await Repository(session).task(old)
-        assert row is not None and row["result_deleted_at"] is not None

@@ -138,6 +138,23 @@ class TestConsumer:
         assert await second.poll_once(block_ms=100) == 1
         assert seen == ["evt-1"]
 
+    async def test_other_topics_are_acked_unread_and_a_forged_wanted_one_dropped(self, redis):
+        name = stream()
+        seen: list[str] = []
+
+        async def handler(event):
+            seen.append(event["id"])
+
+        for i in range(3):
+            await redis.xadd(name, signed_fields("auth", f"evt-other-{i}", "other", "{}"))
+        await redis.xadd(name, signed_fields("auth", "evt-wanted", "wanted", "{}"))
+        await redis.xadd(name, signed_fields("workspace", "evt-forged", "wanted", "{}"))
+        consumer = Consumer(redis, [name], "g", handler, name="a", topics={"wanted"})
+        await consumer.ensure_groups()
+        assert await consumer.poll_once(block_ms=100) == 5
+        assert seen == ["evt-wanted"]
+        assert (await redis.xpending(name, "g"))["pending"] == 0  # all acked
+
 
 class TestSignedEvents:
     async def test_unsigned_and_foreign_signed_entries_are_dropped(self, redis):

@@ -120,6 +120,13 @@ class TestSettings:
         assert worker.STATS["zzfake.noop"].last_ok is True
         assert worker.STATS["enqueued"].last_result == 7
 
+    def test_the_queue_is_looked_at_every_50_ms_when_idle(self, fake_service: str) -> None:
+        assert build_settings(config(worker_services=fake_service))["poll_delay"] == 0.05
+        slower = config(worker_services=fake_service, worker_poll_delay_seconds=0.5)
+        assert build_settings(slower)["poll_delay"] == 0.5
+        with pytest.raises(ValueError):
+            config(worker_poll_delay_seconds=0)
+
     def test_refuses_to_start_without_stores(self) -> None:
         with pytest.raises(RuntimeError, match="KU_DATABASE_URL"):
             build_settings(WorkerConfig(database_url="", redis_url=""))

@@ -23,6 +23,7 @@ from services.ledger.billing.schemas import (
     PaymentPage,
     ReconcileIn,
     ReconcileResult,
+    Revenue,
     Subscription,
     SubscriptionCreate,
     VerifyIn,
@@ -209,6 +210,21 @@ async def list_payments(
     await _may("billing.read", principal, billing, user_id)
     rows = await billing.repo.payments_of(user_id, limit=limit)
     return PaymentPage(items=[payment_out(r) for r in rows])
+
+
+@router.get("/revenue", response_model=Revenue, responses=ERRORS)
+async def get_revenue(
+    principal: CurrentPrincipal,
+    billing: BillingDep,
+    month: Annotated[
+        str | None,
+        Query(pattern=r"^[0-9]{4}-(0[1-9]|1[0-2])$", description="YYYY-MM; default this month"),
+    ] = None,
+) -> dict[str, Any]:
+    """Money received in a calendar month (UTC) by currency, net of refunds (admin, and the
+    enhancement service for its pool budget)."""
+    authorize(principal, "billing.revenue")
+    return await billing.revenue(month)
 
 
 @router.get("/alerts", response_model=AlertPage, responses=ERRORS)

@@ -283,6 +283,24 @@ class BillingRepository:
         )
         return [dict(r._mapping) for r in rows]
 
+    async def revenue(self, start: datetime, end: datetime) -> list[dict[str, Any]]:
+        """Money received in [start, end) by currency: payments captured then (by when we
+        recorded them), less what was refunded of them. Rejected (amount mismatch) and
+        ignored (charged after cancellation) payments are owed back: not revenue."""
+        rows = await self._run(
+            """
+            SELECT currency, count(*) AS payments, sum(amount_minor)::bigint AS captured_minor,
+                   sum(refunded_minor)::bigint AS refunded_minor
+              FROM ledger.billing_payments
+             WHERE status IN ('captured', 'refunded', 'partially_refunded')
+               AND created_at >= :s AND created_at < :e
+             GROUP BY currency ORDER BY currency
+            """,
+            s=start,
+            e=end,
+        )
+        return [dict(r._mapping) for r in rows]
+
     async def recent_payments(self, *, limit: int) -> list[dict[str, Any]]:
         """Every user's payments, newest first (the operators' view)."""
         rows = await self._run(

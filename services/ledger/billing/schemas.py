@@ -160,6 +160,19 @@ class Subscription(BaseModel):
     created_at: datetime
 
 
+class CurrencyRevenue(BaseModel):
+    currency: str
+    payments: int = Field(description="Payments captured in the month")
+    captured: int = Field(description="Their amount, in minor units (cents)")
+    refunded: int = Field(description="Refunded of them so far, in minor units")
+    net: int = Field(description="captured - refunded, in minor units")
+
+
+class Revenue(BaseModel):
+    month: str = Field(description="YYYY-MM (UTC)", examples=["2026-11"])
+    items: list[CurrencyRevenue] = Field(description="One per currency paid in")
+
+
 class WebhookAck(BaseModel):
     status: Literal["processed", "duplicate", "pending"] = Field(
         description="`pending` (202): a refund whose payment is not known yet; retried by the"

@@ -11,6 +11,13 @@ however often: every path funnels into `Billing.settle_*`, which
      same grant replayed (same key, same parameters, all derived from stored rows)
      and records it. Refunds work the same way with a `clawback` keyed
      `refund:<refund id>`.
+
+Plans: every paid period (a subscription's charge, or a plan bought as one order) and
+every cancellation emits `billing.subscription.changed` in the same transaction
+(`ledger.outbox`, relayed to `<prefix>.events.ledger`): {subscription_id, user_id, item,
+status "active" | "cancelled", expires_at (the paid period's end)}. The enhancement
+service sets tiers from it.
+
 A refund webhook can overtake its payment (a subscription's `refund.processed` before
 `subscription.charged`): its event is kept as `pending_payment` (answered 202), never
 marked done; a redelivery processes it again, and the reconcile job asks Razorpay for
@@ -38,10 +45,12 @@ from services.kit.errors import (
     Unprocessable,
     UpstreamError,
 )
+from services.kit.outbox import emit
 from services.kit.principal import Principal, service_principal
 from services.ledger.billing.razorpay_api import RazorpayAPI, signature_ok
 from services.ledger.billing.repository import BillingRepository
 from services.ledger.config import LedgerSettings
+from services.ledger.models import outbox
 from services.ledger.service import Ledger
 
 log = logging.getLogger("ku.ledger.billing")
@@ -58,6 +67,7 @@ TOTAL_COUNT = {"month": 120, "year": 10}
 # capture): kept, not lost. The reconcile job and any redelivery process it again.
 PENDING_PAYMENT = "pending_payment"
 RETRY_OUTCOMES = frozenset({PENDING_PAYMENT})
+SUBSCRIPTION_CHANGED = "billing.subscription.changed"
 
 
 @dataclass
@@ -192,6 +202,10 @@ class Billing:
         )
         if settled.outcome in ("granted", "already_granted"):
             await self.repo.mark_order_paid(order["id"])
+        if settled.outcome == "granted" and period:
+            await self._subscription_event(
+                order["id"], order, "active", add_period(order["created_at"], period)
+            )
         return settled
 
     # Subscriptions
@@ -268,7 +282,7 @@ class Billing:
             return Settled("ignored", row)
         if subscription.get("status"):
             await self.repo.set_subscription_status(sub["id"], str(subscription["status"]))
-        return await self._settle(
+        settled = await self._settle(
             entity,
             **values,
             expected=(sub["amount_minor"], sub["currency"]),
@@ -278,13 +292,39 @@ class Billing:
             period=(period_start, period_end),
             description=f"{sub['item_name']} until {period_end.date().isoformat()}",
         )
+        if settled.outcome == "granted":
+            await self._subscription_event(sub["id"], sub, "active", period_end)
+        return settled
 
     async def subscription_cancelled(self, subscription: dict[str, Any]) -> Settled:
         sub = await self.repo.subscription_by_razorpay_id(subscription["id"], lock=True)
         if sub is None:
             return Settled("unknown_subscription")
         await self.repo.set_subscription_status(sub["id"], "cancelled")
+        await self._subscription_event(sub["id"], sub, "cancelled", None)
         return Settled("cancelled")
+
+    async def _subscription_event(
+        self,
+        subscription_id: str,
+        terms: dict[str, Any],
+        status: str,
+        expires_at: datetime | None,
+    ) -> None:
+        """A plan paid for a period, or cancelled: in this transaction, for consumers of
+        the ledger's stream (the enhancement service's tiers)."""
+        await emit(
+            self.repo.session,
+            outbox,
+            SUBSCRIPTION_CHANGED,
+            {
+                "subscription_id": subscription_id,
+                "user_id": terms["user_id"],
+                "item": terms["item_id"],
+                "status": status,
+                "expires_at": expires_at.isoformat() if expires_at else None,
+            },
+        )
 
     # Any captured payment (webhooks, reconciliation)
 
@@ -410,6 +450,32 @@ class Billing:
 
     async def _grant_source(self, row: dict[str, Any]) -> str:
         return "purchase" if row["expires_at"] is None else "subscription"
+
+    # Revenue
+
+    async def revenue(self, month: str | None = None) -> dict[str, Any]:
+        """What payments brought in during a calendar month (UTC, default this one), by
+        currency, net of refunds."""
+        if month is None:
+            now = datetime.now(UTC)
+            start = datetime(now.year, now.month, 1, tzinfo=UTC)
+        else:
+            year, number = month.split("-")
+            start = datetime(int(year), int(number), 1, tzinfo=UTC)
+        rows = await self.repo.revenue(start, add_period(start, "month"))
+        return {
+            "month": f"{start:%Y-%m}",
+            "items": [
+                {
+                    "currency": r["currency"],
+                    "payments": r["payments"],
+                    "captured": r["captured_minor"],
+                    "refunded": r["refunded_minor"],
+                    "net": r["captured_minor"] - r["refunded_minor"],
+                }
+                for r in rows
+            ],
+        }
 
     # Webhooks
 

@@ -10,9 +10,12 @@ import base64
 import hashlib
 import hmac
 import json
+import os
 import secrets
 import string
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 from aiohttp import web
@@ -311,3 +314,56 @@ class FakeRazorpay:
             "X-Razorpay-Event-Id": rid("evt"),
         }
         return body, headers
+
+
+SETTINGS = (
+    "razorpay_key_id",
+    "razorpay_key_secret",
+    "razorpay_webhook_secret",
+    "razorpay_base_url",
+)
+
+
+async def _forget_plans(database_url: str) -> None:
+    """Plans live at one Razorpay account: another fake knows none of their ids."""
+    import asyncpg
+
+    from services.kit.db import plain_url
+
+    conn = await asyncpg.connect(plain_url(database_url))
+    try:
+        await conn.execute("UPDATE ledger.billing_catalog SET razorpay_plan_id = NULL")
+    finally:
+        await conn.close()
+
+
+@asynccontextmanager
+async def configured_razorpay() -> AsyncIterator[FakeRazorpay]:
+    """A running fake Razorpay (a fresh account: the catalog's Razorpay plan ids are
+    forgotten on the way in and out), with the ledger's settings (and the environment,
+    for the CLI) pointed at it; put back as they were afterwards."""
+    from services.ledger.config import get_settings
+
+    fake = FakeRazorpay(
+        key_id="rzp_test_" + secrets.token_hex(6),
+        key_secret=secrets.token_urlsafe(18),
+        webhook_secret=secrets.token_urlsafe(18),
+    )
+    url = await fake.start()
+    values = dict(
+        zip(SETTINGS, (fake.key_id, fake.key_secret, fake.webhook_secret, url), strict=True)
+    )
+    settings = get_settings()
+    await _forget_plans(settings.database_url)
+    saved = {name: getattr(settings, name) for name in SETTINGS}
+    for name, value in values.items():
+        setattr(settings, name, value)
+        os.environ[f"KU_{name.upper()}"] = value
+    try:
+        yield fake
+    finally:
+        for name, value in saved.items():
+            setattr(settings, name, value)
+            os.environ.pop(f"KU_{name.upper()}", None)
+        await fake.stop()
+        await _forget_plans(settings.database_url)
