@@ -27,8 +27,9 @@ from starlette.responses import StreamingResponse
 
 from gateway.upstream import SignedPrincipal
 from services.kit.background import BackgroundLoop
-from services.kit.errors import BadRequest
+from services.kit.errors import BadRequest, Forbidden
 from services.kit.money import milli_to_ku
+from services.kit.openapi import error_responses
 from services.kit.outbox import decode_event, stream_name
 from services.kit.schemas import UserId
 
@@ -200,6 +201,26 @@ async def stream_user(
         hub.unsubscribe(user_id, queue)
 
 
+EVENT_ERRORS = error_responses(
+    {
+        400: (
+            "An app key without `user_id`, or a malformed Last-Event-ID",
+            [
+                BadRequest("user_id is required for app keys", code="user_id_required"),
+                BadRequest("Invalid Last-Event-ID", code="invalid_last_event_id"),
+            ],
+        ),
+        401: "Missing or invalid credentials",
+        403: (
+            "Missing scope, or a user token naming another user",
+            Forbidden("A user token may act only on its own user", code="wrong_user"),
+        ),
+        422: "Invalid `user_id`",
+        429: "Rate limited: retry after `Retry-After` seconds",
+    }
+)
+
+
 def build_router(authenticated: Callable[..., Any]) -> APIRouter:
     router = APIRouter(tags=["events"])
 
@@ -211,7 +232,8 @@ def build_router(authenticated: Callable[..., Any]) -> APIRouter:
                 "content": {"text/event-stream": {}},
                 "description": "`credits.changed`, `story.*` and `enhancement.task.updated` "
                 "events; ids resume the stream",
-            }
+            },
+            **EVENT_ERRORS,
         },
     )
     async def events(

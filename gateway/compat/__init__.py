@@ -17,7 +17,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 
-from gateway.compat.errors import compat_response, from_validation
+from gateway.compat.errors import ERRORS, compat_response, from_validation
 from services.kit.errors import KuError
 
 MODULES = ("unified", "workspace", "crossapp")
@@ -42,7 +42,9 @@ class CompatRoute(APIRoute):
 
 
 def build_router() -> APIRouter:
-    router = APIRouter(prefix="/api/unified", route_class=CompatRoute, tags=["compatibility"])
+    router = APIRouter(
+        prefix="/api/unified", route_class=CompatRoute, tags=["compatibility"], responses=ERRORS
+    )
     for name in MODULES:
         try:
             module = importlib.import_module(f"gateway.compat.{name}")

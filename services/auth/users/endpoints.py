@@ -1,13 +1,14 @@
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, Response
 
 from services.auth.users.schemas import AppLinkIn, User, UserApps, UserCreate, UserCreated
 from services.auth.users.service import users
 from services.kit.db import Session
-from services.kit.errors import Forbidden, Unprocessable
+from services.kit.errors import Forbidden, NotFound, Unprocessable
+from services.kit.openapi import STANDARD, error_responses
 from services.kit.principal import Principal, get_principal
 from services.kit.schemas import UserId
 
@@ -15,12 +16,26 @@ router = APIRouter(prefix="/v1/users", tags=["users"])
 
 CurrentPrincipal = Annotated[Principal, Depends(get_principal)]
 
-ERRORS: dict[int | str, dict[str, Any]] = {
-    401: {"description": "Missing or invalid credentials"},
-    403: {"description": "Missing scope, or another user's record"},
-    404: {"description": "Unknown user"},
-    422: {"description": "Invalid input"},
-}
+ERRORS = error_responses(
+    {
+        401: "Missing or invalid credentials",
+        403: (
+            "Missing scope, or another user's record",
+            [
+                Forbidden("Missing scope: users:write", code="missing_scope"),
+                Forbidden("A user token may act only on its own user", code="wrong_user"),
+            ],
+        ),
+        404: (
+            "Unknown user",
+            NotFound("No such user", code="unknown_user", user_id="101902121794505144784"),
+        ),
+        422: (
+            "Invalid input",
+            [Unprocessable("No such app", code="unknown_app", app="penora"), STANDARD[422]],
+        ),
+    }
+)
 
 
 @router.post(
