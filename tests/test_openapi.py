@@ -152,6 +152,10 @@ class TestTheDocument:
                     shape = "CompatError" if where.split()[1].startswith("/api/") else "ErrorBody"
                     assert ref.endswith(f"/{shape}"), (where, status, ref)
 
+    def test_every_operation_documents_the_gateways_own_answers(self, document: dict[str, Any]):
+        for where, op in operations(document):
+            assert {"429", "502", "503", "504"} <= set(op["responses"]), where
+
     def test_public_operations_need_no_credentials(self, document: dict[str, Any]):
         public = {w for w, op in operations(document) if op.get("security") == []}
         assert {

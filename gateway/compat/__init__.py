@@ -16,9 +16,10 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException
 
 from gateway.compat.errors import ERRORS, compat_response, from_validation
-from services.kit.errors import KuError
+from services.kit.errors import KuError, http_error
 
 MODULES = ("unified", "workspace", "crossapp")
 OWN_ROUTERS = ("enhance",)
@@ -37,6 +38,8 @@ class CompatRoute(APIRoute):
                 return compat_response(exc)
             except RequestValidationError as exc:
                 return compat_response(from_validation(exc))
+            except HTTPException as exc:  # e.g. a body FastAPI cannot parse
+                return compat_response(http_error(exc))
 
         return route
 
