@@ -1,8 +1,8 @@
 """Schemathesis over the merged OpenAPI document, through the gateway of a real suite
 (every service and the gateway as processes, `Suite`): for each operation, a few
-generated requests (its examples, then fuzzing; bounded by MAX_EXAMPLES) must get no
-5xx, a response valid against the operation's documented schema, and, without
-credentials or with wrong ones, a 401/403 wherever the document says auth is needed.
+generated requests (MAX_EXAMPLES valid ones, then invalid ones) must get no 5xx, a
+response valid against the operation's documented schema, and, without credentials or
+with wrong ones, a 401/403 wherever the document says auth is needed.
 
 Authenticated as a first-party app (Penora) with narrow scopes: admin operations answer
 403 and are exercised only that far. Generation runs on the offline provider.
@@ -34,8 +34,8 @@ from tests.gateway.helpers import make_signing_key
 
 pytestmark = pytest.mark.e2e
 
-MAX_EXAMPLES = int(os.environ.get("KU_TEST_SCHEMATHESIS_EXAMPLES", "3"))
-NEGATIVE_EXAMPLES = max(1, MAX_EXAMPLES // 3)
+MAX_EXAMPLES = 2  # valid requests per operation, and one invalid (25 found nothing more)
+NEGATIVE_EXAMPLES = 1
 SCOPES = (
     "ledger:read,ledger:write,workspace:read,workspace:write,generate,enhance,users:write,users:any"
 )
@@ -47,8 +47,8 @@ EXCLUDED = {
     # hosts, i.e. traffic off this machine (tests/enhancement, against a local image host).
     ("POST", "/v1/enhancement/tasks"),
     ("POST", "/api/enhance-image"),
-    # They call Razorpay; without it configured each answers 503 `billing_not_configured`
-    # by design (tests/ledger/billing, against a local fake Razorpay).
+    # They call Razorpay or check its signatures; without Razorpay configured each answers
+    # 503 `billing_not_configured` by design (tests/ledger/billing, against a fake Razorpay).
     ("POST", "/v1/billing/orders"),
     ("POST", "/v1/billing/subscriptions"),
     ("POST", "/v1/billing/verify"),
