@@ -64,7 +64,7 @@ STANDARD: dict[int, KuError] = {
     409: Conflict(
         "This Idempotency-Key was used with a different request", code="idempotency_key_reused"
     ),
-    413: PayloadTooLarge("Request body too large", limit=1048576),
+    413: PayloadTooLarge("Request body too large (limit 10485760 bytes)", limit=10485760),
     422: Unprocessable(
         "Invalid input",
         errors=[{"loc": ["body", "user_id"], "msg": "Field required", "type": "missing"}],
