@@ -14,6 +14,7 @@ import copy
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -95,7 +96,29 @@ def ku_api(ku_database_url: str, tmp_path_factory: pytest.TempPathFactory) -> It
     ) as suite:
         key = _cli(suite.env, "keys", "create", "--app", "penora", "--scopes", SCOPES)
         url = suite.urls["gateway"]
-        yield Api(url, httpx.get(f"{url}/openapi.json", timeout=30).json(), {"X-API-Key": key})
+        yield Api(url, merged_document(url), {"X-API-Key": key})
+
+
+# One operation of each service: the gateway's document is complete only once it has
+# fetched every service's (a slow one is retried): never test a part and pass.
+ONE_PATH_EACH = {
+    "/v1/users",
+    "/v1/ledger/balance",
+    "/v1/billing/catalog",
+    "/v1/workspace/projects",
+    "/v1/generation/models",
+    "/v1/enhancement/tasks",
+    "/api/unified/user-info",
+}
+
+
+def merged_document(url: str) -> dict[str, Any]:
+    for _ in range(30):
+        document: dict[str, Any] = httpx.get(f"{url}/openapi.json", timeout=30).json()
+        if ONE_PATH_EACH <= set(document["paths"]):
+            return document
+        time.sleep(1)
+    raise AssertionError(f"the gateway's document lacks {ONE_PATH_EACH - set(document['paths'])}")
 
 
 @dataclass
