@@ -36,10 +36,12 @@ from redis.asyncio import Redis
 from starlette.responses import StreamingResponse
 
 from gateway.access import client_ip
+from gateway.auth import INVALID_KEY
 from gateway.upstream import SignedPrincipal
 from services.kit.background import BackgroundLoop
 from services.kit.errors import BadRequest, Forbidden, Unauthorized
 from services.kit.money import milli_to_ku
+from services.kit.openapi import error_responses
 from services.kit.outbox import decode_event, stream_name
 from services.kit.principal import Principal
 from services.kit.schemas import Text, UserId
@@ -236,10 +238,6 @@ class EventTicket(BaseModel):
     }
 
 
-def _error(code: str, message: str) -> dict[str, Any]:
-    return {"application/json": {"example": {"error": {"code": code, "message": message}}}}
-
-
 def sse(entry_id: str, topic: str, data: dict[str, Any]) -> bytes:
     return b"id: %s\nevent: %s\ndata: %s\n\n" % (
         entry_id.encode(),
@@ -276,6 +274,47 @@ EVENT_EXAMPLE = (
     "id: 1764120000000-0\nevent: credits.changed\n"
     'data: {"user_id": "100000000000000000042", "available": 45.75, "delta": -4.25, '
     '"app": "imagegene", "reason": "debit"}\n\n'
+)
+EVENT_ERRORS = error_responses(
+    {
+        400: (
+            "An app key without `user_id`, a malformed Last-Event-ID, or a ticket sent "
+            "with credentials",
+            [
+                BadRequest("user_id is required for app keys", code="user_id_required"),
+                BadRequest("Invalid Last-Event-ID", code="invalid_last_event_id"),
+                BadRequest("Send a ticket or credentials, not both", code="ambiguous_credentials"),
+            ],
+        ),
+        401: (
+            "No credentials, or an invalid, expired or used ticket",
+            [
+                Unauthorized(INVALID_KEY, code="invalid_api_key"),
+                Unauthorized(
+                    "Invalid, expired or already used events ticket", code="invalid_ticket"
+                ),
+            ],
+        ),
+        403: (
+            "Another user's stream, or a key without ledger scopes",
+            Forbidden("A user token may act only on its own user", code="wrong_user"),
+        ),
+        422: "Invalid `user_id`",
+        429: "Rate limited: retry after `Retry-After` seconds",
+    }
+)
+TICKET_ERRORS = error_responses(
+    {
+        401: (
+            "No or an invalid access token",
+            Unauthorized("Invalid access token", code="invalid_token"),
+        ),
+        403: (
+            "Not a user's access token (API keys never go to browsers)",
+            Forbidden("Tickets are issued for a user's access token", code="user_token_required"),
+        ),
+        429: "Rate limited: retry after `Retry-After` seconds",
+    }
 )
 
 
@@ -315,20 +354,7 @@ def build_router(authenticated: Callable[..., Any]) -> APIRouter:
         summary="Get a ticket to open the event stream from a browser",
         responses={
             201: {"description": "A single-use ticket for this user's stream"},
-            401: {
-                "description": "No or an invalid access token",
-                "content": _error("invalid_token", "Invalid access token"),
-            },
-            403: {
-                "description": "Not a user's access token (API keys never go to browsers)",
-                "content": _error(
-                    "user_token_required", "Tickets are issued for a user's access token"
-                ),
-            },
-            429: {
-                "description": "Rate limited; see Retry-After",
-                "content": _error("rate_limited", "Too many requests"),
-            },
+            **TICKET_ERRORS,
         },
     )
     async def ticket(
@@ -363,21 +389,7 @@ def build_router(authenticated: Callable[..., Any]) -> APIRouter:
                 "description": "`credits.changed`, `story.*` and `enhancement.task.updated` "
                 "events; ids resume the stream",
             },
-            400: {
-                "description": "An app key without `user_id`, a bad Last-Event-ID, or a "
-                "ticket sent with credentials",
-                "content": _error("user_id_required", "user_id is required for app keys"),
-            },
-            401: {
-                "description": "No credentials, or an invalid, expired or used ticket",
-                "content": _error(
-                    "invalid_ticket", "Invalid, expired or already used events ticket"
-                ),
-            },
-            403: {
-                "description": "Another user's stream, or a key without ledger scopes",
-                "content": _error("wrong_user", "A user token may act only on its own user"),
-            },
+            **EVENT_ERRORS,
         },
     )
     async def events(

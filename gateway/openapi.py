@@ -22,7 +22,14 @@ from starlette.staticfiles import StaticFiles
 
 from gateway.access import PUBLIC_PATHS
 from gateway.upstream import SERVICES, Upstreams
-from services.kit.errors import KuError
+from services.kit.errors import (
+    KuError,
+    ServiceUnavailable,
+    TooManyRequests,
+    UpstreamError,
+    UpstreamTimeout,
+)
+from services.kit.openapi import error_responses
 
 CACHE_SECONDS = 30.0
 SECURITY_SCHEMES = {
@@ -57,6 +64,44 @@ compatibility API answers in its old shape `{"success": false, "error": ...}`.
 Responses carry `RateLimit-*` headers; 429 carries `Retry-After`.
 """
 
+# What the gateway itself may answer on any operation it proxies, whatever the service
+# documents: the rate limit, and a service it cannot reach in time.
+GATEWAY_ERRORS = {
+    str(status): {
+        "description": response["description"],
+        "content": {
+            "application/json": {
+                "schema": {"$ref": "#/components/schemas/ErrorBody"},
+                **response["content"]["application/json"],
+            }
+        },
+    }
+    for status, response in error_responses(
+        {
+            429: (
+                "Rate limited: retry after `Retry-After` seconds",
+                TooManyRequests(retry_after=12),
+            ),
+            502: (
+                "The service behind this route is unreachable",
+                UpstreamError("The ledger service is unreachable", service="ledger"),
+            ),
+            503: (
+                "The service behind this route is unavailable",
+                ServiceUnavailable(
+                    "The ledger service is unavailable",
+                    code="upstream_unavailable",
+                    service="ledger",
+                ),
+            ),
+            504: (
+                "The service behind this route timed out",
+                UpstreamTimeout("The ledger service timed out", service="ledger"),
+            ),
+        }
+    ).items()
+}
+
 
 def merge(own: dict[str, Any], services: dict[str, dict[str, Any]]) -> dict[str, Any]:
     doc = copy.deepcopy(own)
@@ -73,10 +118,15 @@ def merge(own: dict[str, Any], services: dict[str, dict[str, Any]]) -> dict[str,
         spec = _rename_conflicts(service, spec, schemas)
         for path, item in spec.get("paths", {}).items():
             if path.startswith("/v1/") or path.startswith("/.well-known/"):
-                paths[path] = item
+                paths[path] = copy.deepcopy(item)
         schemas.update(spec.get("components", {}).get("schemas", {}))
         for tag in spec.get("tags", []):
             tags.setdefault(tag["name"], tag)
+    for item in paths.values():
+        for operation in item.values():
+            if isinstance(operation, dict) and "responses" in operation:
+                for status, response in GATEWAY_ERRORS.items():
+                    operation["responses"].setdefault(status, copy.deepcopy(response))
     components["securitySchemes"] = SECURITY_SCHEMES
     doc["security"] = [{"ApiKey": []}, {"Bearer": []}, {"ApiKeyQuery": []}]
     for path in PUBLIC_PATHS:

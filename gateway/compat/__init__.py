@@ -16,9 +16,10 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException
 
-from gateway.compat.errors import compat_response, from_validation
-from services.kit.errors import KuError
+from gateway.compat.errors import ERRORS, compat_response, from_validation
+from services.kit.errors import KuError, http_error
 
 MODULES = ("unified", "workspace", "crossapp")
 OWN_ROUTERS = ("enhance",)
@@ -37,12 +38,16 @@ class CompatRoute(APIRoute):
                 return compat_response(exc)
             except RequestValidationError as exc:
                 return compat_response(from_validation(exc))
+            except HTTPException as exc:  # e.g. a body FastAPI cannot parse
+                return compat_response(http_error(exc))
 
         return route
 
 
 def build_router() -> APIRouter:
-    router = APIRouter(prefix="/api/unified", route_class=CompatRoute, tags=["compatibility"])
+    router = APIRouter(
+        prefix="/api/unified", route_class=CompatRoute, tags=["compatibility"], responses=ERRORS
+    )
     for name in MODULES:
         try:
             module = importlib.import_module(f"gateway.compat.{name}")

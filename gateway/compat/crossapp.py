@@ -37,9 +37,11 @@ class CrossAppAuth(BaseModel):
 
 
 def register(router: APIRouter) -> None:
-    legacy = APIRouter(route_class=router.route_class, tags=["compatibility"])
+    legacy = APIRouter(
+        route_class=router.route_class, tags=["compatibility"], responses=router.responses
+    )
 
-    @legacy.post("/api/cross-app/auth")
+    @legacy.post("/api/cross-app/auth", openapi_extra={"security": []})
     async def cross_app_auth(request: Request, body: CrossAppAuth) -> dict[str, Any]:
         """Exchange the main site's SSO token for a Ku session (older clients' route)."""
         gateway = request.app.state.gateway

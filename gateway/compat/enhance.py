@@ -23,13 +23,14 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.access import authenticated, client_ip
 from gateway.compat import CompatRoute
+from gateway.compat.errors import ERRORS
 from gateway.ratelimit import rate_headers
 from gateway.upstream import SignedPrincipal, Upstreams, error_from_upstream
 from services.kit.errors import Unauthorized, Unprocessable
 from services.kit.money import PositiveKu, milli_to_ku
 from services.kit.schemas import Text
 
-router = APIRouter(prefix="/api", route_class=CompatRoute, tags=["compatibility"])
+router = APIRouter(prefix="/api", route_class=CompatRoute, tags=["compatibility"], responses=ERRORS)
 Caller = Annotated[SignedPrincipal, Depends(authenticated())]
 # Seed 004 spells NanoBanana's pool "nanobanan".
 PROVIDER_ALIASES = {"nanobanan": "nanobanana", "falai": "fal", "kieai": "kie"}
@@ -58,7 +59,14 @@ class EnhanceImage(BaseModel):
 
 
 class RefillCredits(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(
+        extra="ignore",
+        json_schema_extra={
+            "examples": [
+                {"provider": "nanobanana", "amount": 5000, "reference": "invoice-2026-11-nb"}
+            ]
+        },
+    )
     provider: Text = Field(min_length=1, max_length=64)
     amount: PositiveKu
     reference: Text | None = Field(None, max_length=200)
@@ -178,7 +186,8 @@ async def refill_credits(request: Request, body: RefillCredits, identity: Caller
     }
 
 
-@router.post("/background/process-tasks")
+# Public to the gateway: the background job token (a Bearer header) is the credential.
+@router.post("/background/process-tasks", openapi_extra={"security": []})
 async def process_tasks(
     request: Request,
     response: Response,

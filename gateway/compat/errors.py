@@ -6,14 +6,16 @@ The one mapping from a `KuError` (raised here or by a service and re-raised by
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, Field
 from starlette.responses import JSONResponse
 
 from gateway.auth import INVALID_KEY
-from services.kit.errors import KuError, Unprocessable
+from services.kit.errors import KuError, NotFound, PaymentRequired, Unprocessable
 from services.kit.money import ku_to_milli, milli_to_ku
+from services.kit.openapi import STANDARD, error_responses
 from services.kit.schemas import INVALID_TEXT, INVALID_TEXT_MESSAGE
 
 
@@ -67,3 +69,49 @@ def from_validation(exc: RequestValidationError) -> KuError:
     if all(e.get("type") == INVALID_TEXT for e in errors):
         return Unprocessable(INVALID_TEXT_MESSAGE, code=INVALID_TEXT, errors=fields)
     return Unprocessable("Invalid input", errors=fields)
+
+
+class CompatError(BaseModel):
+    """Every error of the compatibility API, in the seeds' shape."""
+
+    success: Literal[False]
+    error: str = Field(description="For people (the seeds' texts)")
+    code: str = Field(description="Machine-readable: the native API's error code")
+    details: str | None = Field(None, description="What was wrong, when known")
+    credits: float | None = Field(None, description="402: the user's spendable Ku")
+
+
+# The compatibility routes' error responses, rendered by `compat_body` like the wire.
+ERRORS = error_responses(
+    {
+        400: "Malformed request",
+        401: "Missing or invalid API key (or token)",
+        402: (
+            "`insufficient_credits` (deduct-credits, enhance-image)",
+            PaymentRequired(available=3.5, required=5),
+        ),
+        403: "Missing scope, or a user token naming another user",
+        404: (
+            "Unknown user, project or task",
+            [
+                NotFound("No ledger account for this user", code="unknown_user"),
+                NotFound("No such project", code="project_not_found"),
+            ],
+        ),
+        409: "Idempotency-Key (or project_code) reused with another request",
+        413: "Request body or storage quota too large",
+        422: (
+            "Invalid input (`user_id_required` when it is missing)",
+            [
+                Unprocessable("User ID required", code="user_id_required"),
+                STANDARD[422],
+            ],
+        ),
+        429: "Rate limited: retry after `Retry-After` seconds",
+        502: "A service behind the gateway failed",
+        503: "A service behind the gateway is unavailable",
+        504: "A service behind the gateway timed out",
+    },
+    render=compat_body,
+    model=CompatError,
+)

@@ -247,7 +247,9 @@ def register(router: APIRouter) -> None:
 
     # Penora's older cross-app routes live outside /api/unified: same route class
     # (seed-shaped errors), added to the compat router's routes without its prefix.
-    legacy = APIRouter(route_class=router.route_class, tags=["compatibility"])
+    legacy = APIRouter(
+        route_class=router.route_class, tags=["compatibility"], responses=router.responses
+    )
 
     @legacy.get("/api/user-projects")
     async def user_projects(

@@ -22,27 +22,91 @@ from services.enhancement.schemas import (
 )
 from services.enhancement.service import Enhancer, Submission
 from services.enhancement.storage import verify_link
-from services.kit.errors import BadRequest, NotFound, Unauthorized
+from services.kit.errors import (
+    BadRequest,
+    Conflict,
+    Forbidden,
+    NotFound,
+    PayloadTooLarge,
+    PaymentRequired,
+    Unauthorized,
+    Unprocessable,
+)
 from services.kit.idempotency import key_from_request
+from services.kit.openapi import STANDARD, error_responses
 from services.kit.principal import PRINCIPAL_HEADER, Principal, derived_secret, get_principal
 from services.kit.schemas import UserId
 
 router = APIRouter(prefix="/v1/enhancement", tags=["enhancement"])
 CurrentPrincipal = Annotated[Principal, Depends(get_principal)]
 
-ERRORS: dict[int | str, dict[str, Any]] = {
-    400: {"description": "Malformed request or Idempotency-Key"},
-    401: {"description": "Missing or invalid credentials"},
-    402: {"description": "`insufficient_credits`: the price could not be held"},
-    403: {"description": "Missing scope, another user, or another app's lane"},
-    404: {"description": "No such task (or not yours: the same answer)"},
-    409: {"description": "Idempotency-Key reused with another request"},
-    413: {"description": "`input_too_large`: the image is larger than allowed"},
-    422: {
-        "description": "Invalid input; `unsafe_url` (private, loopback, metadata, non-http), "
-        "`image_too_large` (pixels), `unsupported_image`, `invalid_image`, `input_unreachable`"
-    },
-}
+ERRORS = error_responses(
+    {
+        400: (
+            "Malformed request or Idempotency-Key",
+            [
+                STANDARD[400],
+                BadRequest("A multipart submission needs an `image` file", code="image_required"),
+            ],
+        ),
+        401: "Missing or invalid credentials",
+        402: (
+            "`insufficient_credits`: the price could not be held",
+            PaymentRequired(available=0.5, required=2),
+        ),
+        403: (
+            "Missing scope, another user, or another app's lane",
+            [
+                Forbidden("Missing scope: enhance", code="missing_scope"),
+                Forbidden("An app key charges only in its own app's name", code="wrong_app"),
+            ],
+        ),
+        404: (
+            "No such task (or not yours: the same answer)",
+            [
+                NotFound("No such task", code="task_not_found"),
+                NotFound("The task has no result", code="no_result"),
+            ],
+        ),
+        409: (
+            "Idempotency-Key reused with another request",
+            Conflict("Idempotency-Key reused with another request", code="idempotency_conflict"),
+        ),
+        413: (
+            "`input_too_large`: the image is larger than allowed",
+            PayloadTooLarge(
+                "The image is larger than allowed", code="input_too_large", max_bytes=10485760
+            ),
+        ),
+        422: (
+            "Invalid input; `unsafe_url` (private, loopback, metadata, non-http), "
+            "`image_too_large` (pixels), `unsupported_image`, `invalid_image`, `input_unreachable`",
+            [
+                Unprocessable(
+                    "The URL points to a private or reserved address",
+                    code="unsafe_url",
+                    host="169.254.169.254",
+                ),
+                Unprocessable(
+                    "The image has too many pixels",
+                    code="image_too_large",
+                    width=12000,
+                    height=9000,
+                    max_pixels=40000000,
+                ),
+                Unprocessable(
+                    "Only PNG, JPEG, WebP and GIF images are accepted", code="unsupported_image"
+                ),
+                Unprocessable("The input is not a readable image", code="invalid_image"),
+                Unprocessable(
+                    "The image host does not resolve",
+                    code="input_unreachable",
+                    host="images.example.com",
+                ),
+            ],
+        ),
+    }
+)
 
 UPLOAD_BODY = {
     "requestBody": {
@@ -63,7 +127,13 @@ UPLOAD_BODY = {
                         "app": {"type": "string"},
                         "save_to_workspace": {"type": "boolean"},
                     },
-                }
+                },
+                "example": {
+                    "image": "(the PNG, JPEG, WebP or GIF file)",
+                    "enhancement_type": "background",
+                    "prompt": "a plain white studio background",
+                    "strength": 0.6,
+                },
             },
         },
         "required": True,

@@ -90,13 +90,16 @@ class PoolOut(BaseModel):
 
 
 class RefillIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"amount": 5000, "reference": "invoice-2026-11-nb"}]},
+    )
     amount: PositiveKu
     reference: Reference | None = Field(None, description="Retrying with it never refills twice")
 
 
 class TierIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"tier": "plus"}]})
     tier: Text = Field(min_length=1, max_length=32)
 
 

@@ -13,7 +13,7 @@ from sqlalchemy import and_, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.responses import StreamingResponse
 
-from services.generation.catalog import Model
+from services.generation.catalog import DEFAULT_MODELS, Model
 from services.generation.deps import CurrentPrincipal, Engine, Reader, caller_for, reader_for
 from services.generation.models import Generation, Story, StoryPart
 from services.generation.providers import Message, to_messages
@@ -36,22 +36,76 @@ from services.generation.stories import Stories, outline_words
 from services.generation.tools import TOOLS
 from services.generation.workspace import save, title_from
 from services.kit.db import Session
-from services.kit.errors import BadRequest, NotFound, Unprocessable, UpstreamError
+from services.kit.errors import (
+    BadRequest,
+    Forbidden,
+    NotFound,
+    PaymentRequired,
+    ServiceUnavailable,
+    Unprocessable,
+    UpstreamError,
+    UpstreamTimeout,
+)
 from services.kit.money import milli_to_ku
+from services.kit.openapi import STANDARD, error_responses
 from services.kit.schemas import UserId
 
 router = APIRouter(prefix="/v1/generation", tags=["generation"])
 
-ERRORS: dict[int | str, dict[str, Any]] = {
-    401: {"description": "Missing or invalid credentials"},
-    402: {"description": "`insufficient_credits`: the maximum cost cannot be held"},
-    403: {"description": "Missing scope `generate`, or a user token naming another user"},
-    404: {"description": "Unknown model (or generation)"},
-    422: {"description": "Invalid input: empty prompt, lengths, temperature out of 0-2"},
-    502: {"description": "`provider_error`: every provider failed (nothing charged)"},
-    503: {"description": "`providers_unavailable`: every provider's breaker is open"},
-    504: {"description": "`provider_timeout`: the provider stalled (nothing charged)"},
-}
+ERRORS = error_responses(
+    {
+        401: "Missing or invalid credentials",
+        402: (
+            "`insufficient_credits`: the maximum cost cannot be held",
+            PaymentRequired(available=1.2, required=2.5),
+        ),
+        403: (
+            "Missing scope `generate`, or a user token naming another user",
+            [
+                Forbidden("Missing scope: generate", code="missing_scope"),
+                Forbidden("A user token may act only on its own user", code="wrong_user"),
+            ],
+        ),
+        404: (
+            "Unknown model (or generation, or story)",
+            [
+                NotFound(
+                    "Unknown model: gpt-9",
+                    code="unknown_model",
+                    available=[m["id"] for m in DEFAULT_MODELS],
+                ),
+                NotFound("No such generation", code="generation_not_found"),
+            ],
+        ),
+        422: (
+            "Invalid input: empty prompt, lengths, temperature out of 0-2",
+            [
+                Unprocessable(
+                    "max_words is above this model's limit of 2000",
+                    code="too_many_words",
+                    max_words=2000,
+                ),
+                Unprocessable("user_id is required for app keys", code="user_id_required"),
+                STANDARD[422],
+            ],
+        ),
+        502: (
+            "`provider_error`: every provider failed (nothing charged)",
+            UpstreamError("The model provider failed", code="provider_error"),
+        ),
+        503: (
+            "`providers_unavailable`: every provider's breaker is open",
+            ServiceUnavailable(
+                "Every provider for this model is failing; try again shortly",
+                code="providers_unavailable",
+            ),
+        ),
+        504: (
+            "`provider_timeout`: the provider stalled (nothing charged)",
+            UpstreamTimeout("The model provider did not answer in time", code="provider_timeout"),
+        ),
+    }
+)
 DISCONNECT_POLL_SECONDS = 0.25
 WORDS_RULE = (
     "words = runs of non-whitespace; cost_milli = ceil(words × multiplier_milli / 100) "

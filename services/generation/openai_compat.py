@@ -49,7 +49,22 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionIn(BaseModel):
     # OpenAI clients send fields we do not use (n, top_p, stop...): accepted, ignored.
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(
+        extra="allow",
+        json_schema_extra={
+            "examples": [
+                {
+                    "model": "mistralai/Mistral-7B-Instruct-v0.3",
+                    "messages": [
+                        {"role": "system", "content": "You are a concise writing assistant."},
+                        {"role": "user", "content": "Suggest a title for a story about tides."},
+                    ],
+                    "max_tokens": 60,
+                    "user": "101902121794505144784",
+                }
+            ]
+        },
+    )
     model: Text
     messages: list[ChatMessage] = Field(min_length=1, max_length=200)
     max_tokens: int | None = Field(None, ge=1, le=20_000)

@@ -40,6 +40,12 @@ class ModelList(BaseModel):
 
 
 class EstimateIn(_In):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"model": "mistralai/Mistral-7B-Instruct-v0.3", "max_words": 800}]
+        },
+    )
     model: Text | None = Field(None, description="Default: the catalog's first model")
     max_words: MaxWords = 500
     chapters: int | None = Field(None, ge=1, le=50, description="For a story: its chapters")
@@ -54,6 +60,22 @@ class Estimate(BaseModel):
 
 
 class TextIn(_In):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "user_id": "101902121794505144784",
+                    "prompt": "Write a short opening paragraph for a mystery set in Lisbon.",
+                    "model": "mistralai/Mistral-7B-Instruct-v0.3",
+                    "max_words": 200,
+                    "temperature": 0.7,
+                    "save": True,
+                    "title": "Lisbon mystery, opening",
+                }
+            ]
+        },
+    )
     user_id: UserId | None = Field(None, description="App keys: the user; user tokens: omit")
     prompt: Prompt
     system: Annotated[str, StringConstraints(max_length=4000), TextGuard] | None = None
@@ -109,6 +131,19 @@ ToolName = Literal["complete", "rewrite", "describe", "brainstorm"]
 
 
 class ToolIn(_In):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "user_id": "101902121794505144784",
+                    "topic": "names for a seaside bakery",
+                    "count": 5,
+                    "max_words": 120,
+                }
+            ]
+        },
+    )
     user_id: UserId | None = None
     model: Text | None = None
     max_words: MaxWords = 300
@@ -131,6 +166,20 @@ class ToolIn(_In):
 
 
 class StoryIn(_In):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "user_id": "101902121794505144784",
+                    "premise": "A lighthouse keeper finds letters sent to her from the future.",
+                    "title": "Letters from the Tide",
+                    "chapters": 3,
+                    "words_per_chapter": 400,
+                }
+            ]
+        },
+    )
     user_id: UserId | None = None
     premise: Prompt
     title: Annotated[str, StringConstraints(min_length=1, max_length=200), TextGuard] | None = None

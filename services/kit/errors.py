@@ -165,6 +165,13 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = _STATUS_CODES.get(exc.status_code, "error")
-        body = {"error": {"code": code, "message": str(exc.detail)}}
+        body = http_error(exc).body()
         return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+
+
+def http_error(exc: StarletteHTTPException) -> KuError:
+    """Starlette's own HTTP errors (routing's 404/405, a body that cannot be parsed) as
+    the kit error they stand for."""
+    error = KuError(str(exc.detail), code=_STATUS_CODES.get(exc.status_code, "error"))
+    error.status_code = exc.status_code
+    return error

@@ -23,6 +23,9 @@ from pydantic_core import PydanticCustomError
 _BAD_TEXT = re.compile("[\x00\ud800-\udfff]")
 INVALID_TEXT = "invalid_text"
 INVALID_TEXT_MESSAGE = "Text must not contain NUL characters or unpaired surrogates"
+INVALID_NUMBER = "invalid_number"
+INVALID_NUMBER_MESSAGE = "Integers must fit in 64 bits"
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
 def bad_text(value: str) -> bool:
@@ -45,13 +48,17 @@ def check_text(value: Any) -> Any:
 
 def check_json(value: Any) -> Any:
     """Like `check_text`, for every key and string inside a JSON value (iterative: a
-    deeply nested document cannot exhaust the stack)."""
+    deeply nested document cannot exhaust the stack); and every integer must fit in
+    64 bits, as the JSON encoders the services use require."""
     stack = [value]
     while stack:
         item = stack.pop()
         if isinstance(item, str):
             if bad_text(item):
                 raise _invalid()
+        elif isinstance(item, int) and not isinstance(item, bool):
+            if not INT64_MIN <= item <= INT64_MAX:
+                raise PydanticCustomError(INVALID_NUMBER, INVALID_NUMBER_MESSAGE)
         elif isinstance(item, dict):
             for key, child in item.items():
                 if isinstance(key, str) and bad_text(key):

@@ -18,8 +18,9 @@ from sqlalchemy import text
 
 from services.kit.authority import authorize
 from services.kit.db import Session
-from services.kit.errors import NotFound
+from services.kit.errors import BadRequest, Conflict, Forbidden, NotFound
 from services.kit.money import Ku, PositiveKu
+from services.kit.openapi import STANDARD, error_responses
 from services.kit.principal import Principal, get_principal
 from services.kit.schemas import Reference, TextGuard, UserId, rename_milli
 from services.ledger.schemas import GrantSource
@@ -28,14 +29,34 @@ from services.ledger.service import Ledger, idempotency_key
 router = APIRouter(prefix="/v1/ledger/admin", tags=["ledger admin"])
 
 CurrentPrincipal = Annotated[Principal, Depends(get_principal)]
-ERRORS: dict[int | str, dict[str, Any]] = {
-    400: {"description": "Missing Idempotency-Key"},
-    401: {"description": "Missing or invalid credentials"},
-    403: {"description": "Needs the admin scope"},
-    404: {"description": "No ledger account for this user"},
-    409: {"description": "Idempotency-Key reused with another request"},
-    422: {"description": "Invalid input (amount, empty reason, ...)"},
-}
+ERRORS = error_responses(
+    {
+        400: (
+            "Missing Idempotency-Key",
+            BadRequest(
+                "Send an Idempotency-Key header or a reference so a retry cannot charge twice",
+                code="idempotency_key_required",
+            ),
+        ),
+        401: "Missing or invalid credentials",
+        403: ("Needs the admin scope", Forbidden("Missing scope: admin", code="missing_scope")),
+        404: (
+            "No ledger account for this user, or no grant with this reference",
+            [
+                STANDARD[404],
+                NotFound("No grant with this reference to claw back", code="grant_not_found"),
+            ],
+        ),
+        409: (
+            "Idempotency-Key reused with another request",
+            Conflict(
+                "This idempotency key or reference was used with a different request",
+                code="idempotency_key_reused",
+            ),
+        ),
+        422: "Invalid input (amount, empty reason, ...)",
+    }
+)
 
 
 class AppAmount(BaseModel):

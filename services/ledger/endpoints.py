@@ -10,8 +10,18 @@ from pydantic import BaseModel
 
 from services.kit.authority import Permit, authorize
 from services.kit.db import Session
-from services.kit.errors import BadRequest, Forbidden, KuError, NotFound, Unprocessable
+from services.kit.errors import (
+    BadRequest,
+    Conflict,
+    Forbidden,
+    KuError,
+    NotFound,
+    PaymentRequired,
+    ServiceUnavailable,
+    Unprocessable,
+)
 from services.kit.idempotency import key_from_request, request_hash
+from services.kit.openapi import STANDARD, error_responses
 from services.kit.principal import Principal, get_principal, origin_principal
 from services.kit.schemas import AppName, UserId, rename_milli
 from services.ledger.config import get_settings
@@ -47,14 +57,91 @@ router = APIRouter(prefix="/v1/ledger", tags=["ledger"])
 
 CurrentPrincipal = Annotated[Principal, Depends(get_principal)]
 
-ERRORS: dict[int | str, dict[str, Any]] = {
-    400: {"description": "Malformed request or missing Idempotency-Key"},
-    401: {"description": "Missing or invalid credentials"},
-    403: {"description": "Missing scope, or another user's data"},
-    404: {"description": "Unknown user, hold or transaction"},
-    409: {"description": "Idempotency-Key reused with another request, or hold already resolved"},
-    422: {"description": "Invalid input (amount, capture above hold, ...)"},
-}
+USER = "101902121794505144784"
+HOLD = "4f9c2b1e-8d3a-4c6e-9f1b-2a7d5e8c0b34"
+ERRORS = error_responses(
+    {
+        400: (
+            "Malformed request or missing Idempotency-Key",
+            [
+                BadRequest(
+                    "Send an Idempotency-Key header or a reference so a retry cannot charge twice",
+                    code="idempotency_key_required",
+                ),
+                STANDARD[400],
+            ],
+        ),
+        401: "Missing or invalid credentials",
+        403: (
+            "Missing scope, or another user's data",
+            [
+                Forbidden("Missing scope: ledger:write", code="missing_scope"),
+                Forbidden("This principal may act only on its own user", code="wrong_user"),
+                Forbidden("This hold belongs to someone else", code="not_your_hold"),
+            ],
+        ),
+        404: (
+            "Unknown user, hold or transaction",
+            [
+                STANDARD[404],
+                NotFound("No such hold", code="hold_not_found"),
+                NotFound("No such transaction", code="transaction_not_found"),
+            ],
+        ),
+        409: (
+            "Idempotency-Key reused with another request, or hold already resolved",
+            [
+                Conflict(
+                    "This idempotency key or reference was used with a different request",
+                    code="idempotency_key_reused",
+                ),
+                Conflict(
+                    "The hold was already released",
+                    code="hold_already_released",
+                    # The hold as the ledger stores it (amounts in milli-Ku).
+                    hold={
+                        "id": HOLD,
+                        "user_id": USER,
+                        "app": "penora",
+                        "owner": "app:penora",
+                        "amount_milli": 12500,
+                        "captured_milli": 0,
+                        "clawed_milli": 0,
+                        "status": "released",
+                        "reference": "job-8812",
+                        "description": "Chapter 3 draft",
+                        "expires_at": "2026-11-26T10:15:00+00:00",
+                        "created_at": "2026-11-26T10:00:00+00:00",
+                        "resolved_at": "2026-11-26T10:02:11+00:00",
+                    },
+                ),
+            ],
+        ),
+        422: (
+            "Invalid input (amount, capture above hold, ...)",
+            [
+                STANDARD[422],
+                Unprocessable(
+                    "Cannot capture more than is held",
+                    code="capture_exceeds_hold",
+                    held=12.5,
+                    requested=15,
+                ),
+            ],
+        ),
+        503: (
+            "The ledger's database is unavailable: retry with the same Idempotency-Key",
+            ServiceUnavailable(
+                "The ledger's database is unavailable; retry with the same key",
+                code="ledger_unavailable",
+            ),
+        ),
+    }
+)
+INSUFFICIENT = (
+    "`insufficient_credits`: `detail.available` says how much there is",
+    PaymentRequired(available=3.5, required=5),
+)
 
 
 async def get_ledger(request: Request) -> Ledger:
@@ -195,10 +282,7 @@ def _grant_op(body: GrantCreate, permit: Permit) -> tuple[dict[str, Any], str | 
     "/debits",
     status_code=201,
     response_model=Debit,
-    responses={
-        **ERRORS,
-        402: {"description": "Insufficient credits; `detail.available` says how much there is"},
-    },
+    responses={**ERRORS, **error_responses({402: INSUFFICIENT})},
 )
 async def create_debit(
     body: DebitCreate,
@@ -231,7 +315,7 @@ def _debit_op(body: DebitCreate, permit: Permit) -> tuple[dict[str, Any], str | 
     "/holds",
     status_code=201,
     response_model=HoldResult,
-    responses={**ERRORS, 402: {"description": "Insufficient credits"}},
+    responses={**ERRORS, **error_responses({402: INSUFFICIENT})},
 )
 async def create_hold(
     body: HoldCreate,
@@ -425,8 +509,27 @@ def _item_result(index: int, op: str, result: dict[str, Any]) -> dict[str, Any]:
     response_model=BatchOut,
     responses={
         **ERRORS,
-        409: {"description": "The batch's Idempotency-Key was used with other operations"},
-        422: {"description": "A malformed item, a repeated item key, or more than 1,000 items"},
+        **error_responses(
+            {
+                409: (
+                    "The batch's Idempotency-Key was used with other operations",
+                    Conflict(
+                        "This Idempotency-Key was used with a different batch",
+                        code="idempotency_key_reused",
+                    ),
+                ),
+                422: (
+                    "A malformed item, a repeated item key, or more than 1,000 items",
+                    [
+                        Unprocessable(
+                            "Each item of a batch needs its own idempotency_key",
+                            code="duplicate_item_key",
+                        ),
+                        STANDARD[422],
+                    ],
+                ),
+            }
+        ),
     },
 )
 async def apply_batch(

@@ -151,7 +151,8 @@ class LedgerRepository:
             params["until"] = until
         sql = (
             f"SELECT {', '.join([*selected, ''])}"
-            " SUM(p.amount_milli)::bigint AS spent_milli,"
+            # Without a group (`group_by=`) the one row totals nothing when there is no spend.
+            " COALESCE(SUM(p.amount_milli), 0)::bigint AS spent_milli,"
             " COUNT(*) FILTER (WHERE p.amount_milli > 0) AS charges"
             " FROM ledger.transactions t"
             " JOIN ledger.postings p ON p.tx_id = t.id AND p.account = 'spend'"

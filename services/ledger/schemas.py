@@ -57,6 +57,10 @@ class Balance(BaseModel):
 
 
 class AccountCreate(_In):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"user_id": "101902121794505144784", "welcome": True}]},
+    )
     user_id: UserId
     welcome: bool = Field(True, description="Grant the welcome credits (once per user)")
     initial_credits: PositiveKu | None = Field(
@@ -174,11 +178,19 @@ class HoldCreate(_In):
 
 
 class CaptureIn(_In):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"amount": 7.25}]},
+    )
     amount: PositiveKu | None = Field(None, description="At most the held amount; default all")
     reason: Reason | None = ReasonField
 
 
 class ReleaseIn(_In):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{}]},
+    )
     reason: Reason | None = ReasonField
 
 
@@ -206,6 +218,19 @@ class HoldResult(BaseModel):
 
 
 class RefundCreate(_In):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "transaction_id": 48213,
+                    "amount": 2.5,
+                    "reference": "refund-IMG123",
+                    "description": "Image generation failed",
+                }
+            ]
+        },
+    )
     transaction_id: int = Field(gt=0)
     amount: PositiveKu | None = Field(None, description="Default: all that is left to refund")
     reference: Reference | None = None

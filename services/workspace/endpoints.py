@@ -8,12 +8,20 @@ from starlette.concurrency import run_in_threadpool
 
 from services.kit.authority import authorize
 from services.kit.db import Session
-from services.kit.errors import Unprocessable
+from services.kit.errors import (
+    BadRequest,
+    Forbidden,
+    NotFound,
+    PayloadTooLarge,
+    Unprocessable,
+)
 from services.kit.idempotency import key_from_request
+from services.kit.openapi import STANDARD, error_responses
 from services.kit.principal import Principal, get_principal, origin_principal
 from services.kit.schemas import AppName, UserId
 from services.workspace import exports
 from services.workspace.config import get_settings
+from services.workspace.content import ALLOWED_CONTENT_TYPES, UnsupportedContentType
 from services.workspace.schemas import (
     Deleted,
     Project,
@@ -36,16 +44,54 @@ OwnerParam = Annotated[
     Query(description="Optional: the owner you expect; another user's project is 404"),
 ]
 
-ERRORS: dict[int | str, dict[str, Any]] = {
-    400: {"description": "Malformed request, cursor or Idempotency-Key"},
-    401: {"description": "Missing or invalid credentials"},
-    403: {"description": "Missing scope, or a user token naming another user"},
-    404: {"description": "No such project (or not yours: the same answer)"},
-    409: {"description": "Idempotency-Key reused with another request"},
-    413: {"description": "`storage_limit_exceeded`: `detail` has needed/available/limit bytes"},
-    415: {"description": "`content_type_not_allowed`: not text or a PNG/JPEG/GIF/WebP image"},
-    422: {"description": "Invalid input (base64, title, metadata size, export format...)"},
-}
+ERRORS = error_responses(
+    {
+        400: (
+            "Malformed request, cursor or Idempotency-Key",
+            [
+                BadRequest("Request body is not valid JSON", code="malformed_json"),
+                BadRequest("Invalid cursor", code="invalid_cursor"),
+            ],
+        ),
+        401: "Missing or invalid credentials",
+        403: (
+            "Missing scope, or a user token naming another user",
+            Forbidden("This principal may act only on its own user", code="wrong_user"),
+        ),
+        404: (
+            "No such project (or not yours: the same answer)",
+            NotFound("No such project", code="project_not_found", project_code="K7M2QX"),
+        ),
+        409: "Idempotency-Key reused with another request",
+        413: (
+            "`storage_limit_exceeded`: `detail` has needed/available/limit bytes",
+            PayloadTooLarge(
+                "Storage limit exceeded: this needs 52000 more bytes but only 20576 of"
+                " 1048576 are available",
+                code="storage_limit_exceeded",
+                needed_bytes=52000,
+                available_bytes=20576,
+                used_bytes=1028000,
+                limit_bytes=1048576,
+            ),
+        ),
+        415: (
+            "`content_type_not_allowed`: not text or a PNG/JPEG/GIF/WebP image",
+            UnsupportedContentType(
+                "Content type 'application/pdf' is not allowed",
+                content_type="application/pdf",
+                allowed=list(ALLOWED_CONTENT_TYPES),
+            ),
+        ),
+        422: (
+            "Invalid input (base64, title, metadata size, export format...)",
+            [
+                Unprocessable("Content is not valid base64", code="invalid_base64"),
+                STANDARD[422],
+            ],
+        ),
+    }
+)
 
 
 async def get_workspace(session: Session) -> Workspace:

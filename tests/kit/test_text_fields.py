@@ -201,6 +201,15 @@ class TestTheCheck:
         assert check_text(text) == text
         assert check_json({"k": [text]}) == {"k": [text]}
 
+    @pytest.mark.parametrize("number", [2**63, -(2**63) - 1, 3864634730786058408655060992])
+    def test_an_integer_beyond_64_bits_is_refused(self, number: int) -> None:
+        with pytest.raises(ValueError, match="64 bits"):
+            check_json({"k": [1, {"deep": number}]})
+
+    def test_64_bit_integers_and_other_numbers_are_accepted(self) -> None:
+        doc = {"a": 2**63 - 1, "b": -(2**63), "c": 1e300, "d": True}
+        assert check_json(doc) == doc
+
     def test_a_deep_document_does_not_exhaust_the_stack(self) -> None:
         doc: Any = "x\x00"
         for _ in range(100_000):

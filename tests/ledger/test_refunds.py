@@ -87,6 +87,21 @@ class TestRefunds:
 
 
 class TestTransactionsAndUsage:
+    async def test_usage_without_a_group_is_the_total(self, ledger, funded_user):
+        # Found by schemathesis: `group_by=` summed no rows to NULL, a 500.
+        user = await funded_user(10)
+        nothing = await ledger.get(
+            "/v1/ledger/usage", params={"user_id": user, "group_by": ""}, headers=penora()
+        )
+        assert nothing.status_code == 200, nothing.text
+        assert nothing.json()["rows"] == [{"app": None, "day": None, "spent": 0, "charges": 0}]
+        await charge(ledger, user, 2.5)
+        total = await ledger.get(
+            "/v1/ledger/usage", params={"user_id": user, "group_by": ""}, headers=penora()
+        )
+        assert total.json()["rows"] == [{"app": None, "day": None, "spent": 2.5, "charges": 1}]
+        assert total.json()["total_spent"] == 2.5
+
     async def test_filters_pagination_and_usage(self, ledger, funded_user):
         user = await funded_user(100)
         for app, amount in [("penora", 1), ("imagegene", 2), ("penora", 3), ("imagegene", 4)]:

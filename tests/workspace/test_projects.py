@@ -40,6 +40,15 @@ class TestCreate:
         assert got["metadata"] == {"w": 3} and got["user_id"] == uid
         assert got["app_source"] == "penora" and got["project_type"] == "story"
 
+    async def test_metadata_with_an_integer_beyond_64_bits_is_refused(self, workspace, new_user_id):
+        # Found by schemathesis (through the compat save-project): the encoder's 500.
+        uid = new_user_id()
+        r = await save(workspace, uid, metadata={"seed": 2**64})
+        assert r.status_code == 422, r.text
+        (error,) = r.json()["error"]["detail"]["errors"]
+        assert error["type"] == "invalid_number" and error["loc"] == ["body", "metadata"]
+        assert (await saved(workspace, uid, metadata={"seed": 2**63 - 1}))["code"]
+
     async def test_codes_are_case_insensitive_on_input(self, workspace, new_user_id):
         code = (await saved(workspace, new_user_id()))["code"]
         r = await workspace.get(f"/v1/workspace/projects/{code.lower()}", headers=app_key())

@@ -15,7 +15,7 @@ A gateway may cache a 200 until min(its TTL, expires_at), and drops the prefix o
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path, Request
 
@@ -34,7 +34,8 @@ from services.auth.keys.schemas import (
 from services.auth.keys.service import keys
 from services.auth.models import ApiKey
 from services.kit.db import Session
-from services.kit.errors import BadRequest, Forbidden
+from services.kit.errors import BadRequest, Conflict, Forbidden, NotFound
+from services.kit.openapi import error_responses
 from services.kit.principal import Principal, get_principal
 from services.kit.schemas import AppName
 
@@ -46,13 +47,34 @@ internal_router = APIRouter(prefix="/internal", include_in_schema=False)
 CurrentPrincipal = Annotated[Principal, Depends(get_principal)]
 Prefix = Annotated[str, Path(pattern=r"^[a-z0-9]{8}$", examples=["k3v9x0qa"])]
 
-ERRORS: dict[int | str, dict[str, Any]] = {
-    401: {"description": "Missing or invalid credentials"},
-    403: {"description": "Needs the admin scope"},
-    404: {"description": "Unknown app or key"},
-    409: {"description": "App exists, or the key is revoked, expired or already rotated"},
-    422: {"description": "Invalid input"},
-}
+ERRORS = error_responses(
+    {
+        401: "Missing or invalid credentials",
+        403: ("Needs the admin scope", Forbidden("Missing scope: admin", code="missing_scope")),
+        404: (
+            "Unknown app or key",
+            [
+                NotFound("No such app", code="unknown_app", app="imagegene"),
+                NotFound("No such key", code="unknown_key", prefix="k3v9x0qa"),
+            ],
+        ),
+        409: (
+            "App exists, or the key is revoked, expired or already rotated",
+            [
+                Conflict("An app with this name exists", code="app_exists", app="imagegene"),
+                Conflict("This key is revoked", code="key_revoked", prefix="k3v9x0qa"),
+                Conflict("This key has expired", code="key_expired", prefix="k3v9x0qa"),
+                Conflict(
+                    "This key was already rotated",
+                    code="key_already_rotated",
+                    prefix="k3v9x0qa",
+                    replaced_by="p8w2m4zt",
+                ),
+            ],
+        ),
+        422: "Invalid input",
+    }
+)
 
 
 def _admin(principal: Principal) -> None:

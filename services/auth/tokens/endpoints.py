@@ -11,15 +11,32 @@ from starlette.responses import JSONResponse
 from services.auth.tokens.schemas import Jwks, RefreshIn, SsoExchange, TokenPair
 from services.auth.tokens.service import RefreshTokenReused, TokenService
 from services.kit.db import Session
+from services.kit.errors import ServiceUnavailable, Unauthorized
+from services.kit.openapi import error_responses
 
 router = APIRouter(prefix="/v1/auth", tags=["auth"])
 jwks_router = APIRouter(tags=["auth"])
 
-ERRORS: dict[int | str, dict[str, Any]] = {
-    401: {"description": "Invalid, expired or reused token"},
-    422: {"description": "Invalid input"},
-    503: {"description": "SSO is not configured, or its keys cannot be fetched"},
-}
+ERRORS = error_responses(
+    {
+        401: (
+            "Invalid, expired or reused token",
+            [
+                Unauthorized("Invalid SSO token", code="invalid_sso_token", reason="expired"),
+                Unauthorized("Invalid or expired refresh token", code="invalid_refresh_token"),
+                RefreshTokenReused(),
+            ],
+        ),
+        422: "Invalid input",
+        503: (
+            "SSO is not configured, or its keys cannot be fetched",
+            [
+                ServiceUnavailable("SSO is not configured", code="sso_not_configured"),
+                ServiceUnavailable("SSO keys are unavailable", code="sso_keys_unavailable"),
+            ],
+        ),
+    }
+)
 
 
 async def get_tokens(request: Request) -> TokenService:

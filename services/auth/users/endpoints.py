@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, Response
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -17,7 +17,8 @@ from services.auth.users.schemas import (
 )
 from services.auth.users.service import users
 from services.kit.db import Session
-from services.kit.errors import Forbidden, Unprocessable
+from services.kit.errors import Forbidden, NotFound, Unprocessable
+from services.kit.openapi import STANDARD, error_responses
 from services.kit.principal import Principal, get_principal
 from services.kit.schemas import UserId
 
@@ -25,12 +26,26 @@ router = APIRouter(prefix="/v1/users", tags=["users"])
 
 CurrentPrincipal = Annotated[Principal, Depends(get_principal)]
 
-ERRORS: dict[int | str, dict[str, Any]] = {
-    401: {"description": "Missing or invalid credentials"},
-    403: {"description": "Missing scope, or another user's record"},
-    404: {"description": "Unknown user"},
-    422: {"description": "Invalid input"},
-}
+ERRORS = error_responses(
+    {
+        401: "Missing or invalid credentials",
+        403: (
+            "Missing scope, or another user's record",
+            [
+                Forbidden("Missing scope: users:write", code="missing_scope"),
+                Forbidden("A user token may act only on its own user", code="wrong_user"),
+            ],
+        ),
+        404: (
+            "Unknown user",
+            NotFound("No such user", code="unknown_user", user_id="101902121794505144784"),
+        ),
+        422: (
+            "Invalid input",
+            [Unprocessable("No such app", code="unknown_app", app="penora"), STANDARD[422]],
+        ),
+    }
+)
 
 
 @router.post(
@@ -105,21 +120,28 @@ async def list_apps(user_id: UserId, principal: CurrentPrincipal, session: Sessi
     return UserApps(user_id=user_id, apps=await users.apps(session, user_id))
 
 
-def _error(code: str, message: str, description: str) -> dict[str, Any]:
-    example = {"error": {"code": code, "message": message}}
-    return {"description": description, "content": {"application/json": {"example": example}}}
-
-
 async def _roles(session: AsyncSession, user_id: str) -> UserRoles:
     roles = await users.roles(session, user_id)
     return UserRoles.model_validate({"user_id": user_id, "roles": roles})
 
 
-ROLE_ERRORS: dict[int | str, dict[str, Any]] = {
-    401: _error("invalid_api_key", "Invalid API key", "Missing or invalid credentials"),
-    403: _error("missing_scope", "Missing scope: admin", "Not an admin"),
-    404: _error("unknown_user", "No such user", "Unknown user"),
-}
+ROLE_ERRORS = error_responses(
+    {
+        401: "Missing or invalid credentials",
+        403: (
+            "Not an admin, or another user's roles",
+            [
+                Forbidden("Missing scope: admin", code="missing_scope"),
+                Forbidden("A user token may act only on its own user", code="wrong_user"),
+            ],
+        ),
+        404: (
+            "Unknown user",
+            NotFound("No such user", code="unknown_user", user_id="101902121794505144784"),
+        ),
+        422: "Invalid input (a grant or revocation needs a reason)",
+    }
+)
 
 
 @router.get(

@@ -8,7 +8,16 @@ from fastapi.responses import JSONResponse
 
 from services.kit.authority import authorize
 from services.kit.db import Session
-from services.kit.errors import Conflict
+from services.kit.errors import (
+    BadRequest,
+    Conflict,
+    Forbidden,
+    NotFound,
+    ServiceUnavailable,
+    Unprocessable,
+    UpstreamError,
+)
+from services.kit.openapi import STANDARD, error_responses
 from services.kit.principal import Principal, get_principal
 from services.kit.schemas import UserId
 from services.ledger.billing.schemas import (
@@ -41,15 +50,54 @@ router = APIRouter(prefix="/v1/billing", tags=["billing"])
 
 CurrentPrincipal = Annotated[Principal, Depends(get_principal)]
 
-ERRORS: dict[int | str, dict[str, Any]] = {
-    400: {"description": "Bad signature, unknown order, or a payment that is not the order's"},
-    401: {"description": "Missing or invalid credentials"},
-    403: {"description": "Missing scope, or another user's order"},
-    404: {"description": "Unknown item or user"},
-    422: {"description": "Invalid input"},
-    502: {"description": "Razorpay refused or could not be reached"},
-    503: {"description": "Payments are not configured"},
-}
+NOT_CONFIGURED = ServiceUnavailable(
+    "Payments are not configured (KU_RAZORPAY_KEY_ID / KU_RAZORPAY_KEY_SECRET)",
+    code="billing_not_configured",
+)
+ERRORS = error_responses(
+    {
+        400: (
+            "Bad signature, unknown order, or a payment that is not the order's",
+            [
+                BadRequest("Payment signature does not match", code="invalid_signature"),
+                BadRequest("Unknown order", code="unknown_order"),
+                BadRequest("The payment is not for this order", code="payment_order_mismatch"),
+            ],
+        ),
+        401: "Missing or invalid credentials",
+        403: (
+            "Missing scope, or another user's order",
+            [
+                Forbidden("Missing scope: ledger:write", code="missing_scope"),
+                Forbidden("This app may act only for users linked to it", code="user_not_linked"),
+            ],
+        ),
+        404: (
+            "Unknown item or user",
+            [
+                NotFound("No such item in the catalog", code="unknown_item", item="credits-500"),
+                STANDARD[404],
+            ],
+        ),
+        422: (
+            "Invalid input",
+            [
+                STANDARD[422],
+                Unprocessable("Only plans can be subscribed to", code="not_a_plan"),
+            ],
+        ),
+        502: (
+            "Razorpay refused or could not be reached",
+            [
+                UpstreamError("Razorpay refused to create an order", code="razorpay_rejected"),
+                UpstreamError(
+                    "Razorpay is unavailable (create an order)", code="razorpay_unavailable"
+                ),
+            ],
+        ),
+        503: ("Payments are not configured", NOT_CONFIGURED),
+    }
+)
 
 
 async def get_billing(request: Request, session: Session) -> Billing:
@@ -127,7 +175,18 @@ async def create_order(
     responses={
         **ERRORS,
         202: {"description": "Authorized, not captured yet: the webhook will grant"},
-        409: {"description": "Paid amount or currency differs from the order: nothing granted"},
+        **error_responses(
+            {
+                409: (
+                    "The payment does not match its order (amount, currency): nothing granted",
+                    Conflict(
+                        "The payment does not match its order; nothing was granted",
+                        code="payment_rejected",
+                        payment_id="pay_Nk3v9x0qa81LmZ",
+                    ),
+                )
+            }
+        ),
     },
 )
 async def verify_payment(
@@ -181,7 +240,28 @@ async def create_subscription(
     response_model=WebhookAck,
     responses={
         202: {"description": "A refund whose payment is not known yet: kept and retried"},
-        400: {"description": "Bad signature or not a Razorpay event"},
+        **error_responses(
+            {
+                400: (
+                    "Bad signature or not a Razorpay event",
+                    [
+                        BadRequest("Webhook signature does not match", code="invalid_signature"),
+                        BadRequest("Webhook body is not a Razorpay event", code="malformed_event"),
+                    ],
+                ),
+                422: (
+                    "The kit's validation error; not expected here (the body is read raw)",
+                    STANDARD[422],
+                ),
+                503: (
+                    "Webhooks are not configured",
+                    ServiceUnavailable(
+                        "Webhooks are not configured (KU_RAZORPAY_WEBHOOK_SECRET)",
+                        code="billing_not_configured",
+                    ),
+                ),
+            }
+        ),
     },
 )
 async def razorpay_webhook(
@@ -253,24 +333,13 @@ async def list_alerts(
     )
 
 
-ADMIN_ERRORS: dict[int | str, dict[str, Any]] = {
-    401: {
-        "description": "Missing or invalid credentials",
-        "content": {
-            "application/json": {
-                "example": {"error": {"code": "invalid_api_key", "message": "Invalid API key"}}
-            }
-        },
-    },
-    403: {
-        "description": "Not an admin",
-        "content": {
-            "application/json": {
-                "example": {"error": {"code": "forbidden", "message": "Not allowed"}}
-            }
-        },
-    },
-}
+ADMIN_ERRORS = error_responses(
+    {
+        401: "Missing or invalid credentials",
+        403: ("Not an admin", Forbidden("Missing scope: admin", code="missing_scope")),
+        422: "Invalid input",
+    }
+)
 
 
 @router.get(
@@ -297,19 +366,9 @@ async def recent_payments(
     summary="Reconcile payments with Razorpay now (admin)",
     responses={
         **ADMIN_ERRORS,
-        503: {
-            "description": "Payments are not configured, or Razorpay cannot be reached",
-            "content": {
-                "application/json": {
-                    "example": {
-                        "error": {
-                            "code": "billing_not_configured",
-                            "message": "Payments are not configured",
-                        }
-                    }
-                }
-            },
-        },
+        **error_responses(
+            {503: ("Payments are not configured, or Razorpay cannot be reached", NOT_CONFIGURED)}
+        ),
     },
 )
 async def reconcile_now(

@@ -1,0 +1,207 @@
+"""Schemathesis over the merged OpenAPI document, through the gateway of a real suite
+(every service and the gateway as processes, `Suite`): for each operation, a few
+generated requests (MAX_EXAMPLES valid ones, then invalid ones) must get no 5xx, a
+response valid against the operation's documented schema, and, without credentials or
+with wrong ones, a 401/403 wherever the document says auth is needed.
+
+Authenticated as a first-party app (Penora) with narrow scopes: admin operations answer
+403 and are exercised only that far. Generation runs on the offline provider.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import hypothesis
+import pytest
+import schemathesis
+from hypothesis.errors import Unsatisfiable
+from schemathesis import GenerationMode
+from schemathesis.checks import not_a_server_error
+from schemathesis.core.result import Ok
+from schemathesis.errors import FailureGroup
+from schemathesis.specs.openapi.checks import ignored_auth, response_schema_conformance
+
+from services.kit.runner import Suite
+from tests.gateway.helpers import make_signing_key
+
+pytestmark = pytest.mark.e2e
+
+MAX_EXAMPLES = 2  # valid requests per operation, and one invalid (25 found nothing more)
+NEGATIVE_EXAMPLES = 1
+SCOPES = (
+    "ledger:read,ledger:write,workspace:read,workspace:write,generate,enhance,users:write,users:any"
+)
+# Operations not exercised here, and why (each is tested elsewhere against fakes):
+EXCLUDED = {
+    # An endless event stream: a request never completes (tests/gateway/test_events.py).
+    ("GET", "/v1/events"),
+    # They fetch the image at a generated URL: DNS look-ups and connections to arbitrary
+    # hosts, i.e. traffic off this machine (tests/enhancement, against a local image host).
+    ("POST", "/v1/enhancement/tasks"),
+    ("POST", "/api/enhance-image"),
+    # They call Razorpay or check its signatures; without Razorpay configured each answers
+    # 503 `billing_not_configured` by design (tests/ledger/billing, against a fake Razorpay).
+    ("POST", "/v1/billing/orders"),
+    ("POST", "/v1/billing/subscriptions"),
+    ("POST", "/v1/billing/verify"),
+    ("POST", "/v1/billing/webhooks/razorpay"),
+}
+CHECKS = [not_a_server_error, response_schema_conformance, ignored_auth]
+
+
+def _cli(env: dict[str, str], *args: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "-m", "services.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+@pytest.fixture(scope="module")
+def ku_api(ku_database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
+    signing = make_signing_key()
+    env = {
+        **os.environ,
+        "KU_DATABASE_URL": ku_database_url,
+        "KU_AUTH_PRIVATE_KEY": signing.private_pem,
+        "KU_AUTH_KEY_ID": signing.kid,
+        "KU_SSO_HS256_SECRET": "schemathesis-sso-secret-0123456789abcdef",
+        "KU_GENERATION_OFFLINE": "true",
+        "KU_ENHANCEMENT_STORAGE_DIR": str(tmp_path_factory.mktemp("enhancement")),
+        "KU_LOG_LEVEL": "ERROR",
+        "KU_DB_POOL_SIZE": "2",
+        "KU_DB_MAX_OVERFLOW": "2",
+        "KU_WRITE_POOL_SIZE": "2",
+    }
+    with Suite(
+        env,
+        only=["auth", "ledger", "workspace", "generation", "enhancement", "gateway"],
+        free_ports=True,
+        migrate=False,
+        quiet=True,
+        ready_timeout=60,
+    ) as suite:
+        key = _cli(suite.env, "keys", "create", "--app", "penora", "--scopes", SCOPES)
+        url = suite.urls["gateway"]
+        yield Api(url, merged_document(url), {"X-API-Key": key})
+
+
+# One operation of each service: the gateway's document is complete only once it has
+# fetched every service's (a slow one is retried): never test a part and pass.
+ONE_PATH_EACH = {
+    "/v1/users",
+    "/v1/ledger/balance",
+    "/v1/billing/catalog",
+    "/v1/workspace/projects",
+    "/v1/generation/models",
+    "/v1/enhancement/tasks",
+    "/api/unified/user-info",
+}
+
+
+def merged_document(url: str) -> dict[str, Any]:
+    for _ in range(30):
+        document: dict[str, Any] = httpx.get(f"{url}/openapi.json", timeout=30).json()
+        if ONE_PATH_EACH <= set(document["paths"]):
+            return document
+        time.sleep(1)
+    raise AssertionError(f"the gateway's document lacks {ONE_PATH_EACH - set(document['paths'])}")
+
+
+@dataclass
+class Api:
+    url: str
+    document: dict[str, Any]
+    headers: dict[str, str]
+
+    def operations(self, document: dict[str, Any] | None = None) -> Iterator[Any]:
+        """The document's operations (EXCLUDED left out), as schemathesis loads them."""
+        config = schemathesis.Config.from_dict(
+            {
+                "base-url": self.url,
+                # Only the key given in `headers`: no generated Authorization or `api_key`.
+                "generation": {"with-security-parameters": False},
+                "request-timeout": 20,
+            }
+        )
+        schema = schemathesis.openapi.from_dict(document or self.document, config=config)
+        for result in schema.get_all_operations():
+            if not isinstance(result, Ok):  # the document has an operation it cannot test
+                raise result.err()
+            operation = result.ok()
+            if (operation.method.upper(), operation.path) not in EXCLUDED:
+                yield operation
+
+    def failures(self, operation: Any, mode: GenerationMode, examples: int) -> list[str]:
+        """What the checks found on `examples` generated requests (the first failure)."""
+
+        @hypothesis.settings(
+            max_examples=examples,
+            deadline=None,
+            derandomize=True,
+            database=None,
+            phases=[hypothesis.Phase.generate],
+            suppress_health_check=list(hypothesis.HealthCheck),
+        )
+        @hypothesis.given(case=operation.as_strategy(generation_mode=mode))
+        def run(case: schemathesis.Case) -> None:
+            case.call_and_validate(headers=self.headers, checks=CHECKS)
+
+        try:
+            run()
+        except Unsatisfiable:
+            return []  # nothing in this operation can be made invalid (no input, free text)
+        except (FailureGroup, Exception) as exc:  # the checks' failures, or the request's error
+            return [f"{operation.label} ({mode.value}): {exc}".strip()]
+        return []
+
+
+def test_no_operation_fails_a_check(ku_api: Api) -> None:
+    failures = []
+    for operation in ku_api.operations():
+        failures += ku_api.failures(operation, GenerationMode.POSITIVE, MAX_EXAMPLES)
+        failures += ku_api.failures(operation, GenerationMode.NEGATIVE, NEGATIVE_EXAMPLES)
+    assert not failures, "\n\n".join(failures)
+
+
+class TestTheRunCanFail:
+    """The same run on a document that lies names the operation and the check."""
+
+    def only(self, ku_api: Api, path: str, method: str, change: Any) -> Any:
+        document = copy.deepcopy(ku_api.document)
+        change(document["paths"][path][method])
+        (operation,) = [
+            o for o in ku_api.operations(document) if (o.path, o.method.lower()) == (path, method)
+        ]
+        return operation
+
+    def test_a_response_unlike_its_schema(self, ku_api: Api):
+        def string_balance(op: dict[str, Any]) -> None:
+            op["responses"]["200"]["content"]["application/json"]["schema"] = {"type": "string"}
+
+        operation = self.only(ku_api, "/api/unified/health", "get", string_balance)
+        (found,) = ku_api.failures(operation, GenerationMode.POSITIVE, 1)
+        assert found.startswith("GET /api/unified/health (positive)")
+        assert "Response violates schema" in found, found
+
+    def test_an_operation_that_ignores_authentication(self, ku_api: Api):
+        def needs_a_key(op: dict[str, Any]) -> None:
+            op["security"] = [{"ApiKey": []}]
+
+        operation = self.only(ku_api, "/api/unified/health", "get", needs_a_key)
+        (found,) = ku_api.failures(operation, GenerationMode.POSITIVE, 1)
+        assert found.startswith("GET /api/unified/health (positive)")
+        assert "Expected 401 or 403, got `200 OK`" in found, found
