@@ -12,8 +12,11 @@ Suite, an app key from `ku keys create`, funded users. Then:
 
 The client is raw asyncio (one HTTP/1.1 request per connection, read to EOF), counting
 `"content":"…"` deltas as they arrive, so it is not the bottleneck. The provider paces
-its tokens (KU_BENCH_TOKEN_DELAY, default 2 ms). Last line: ratio=<through Ku/direct> of
-the throughput at 64 streams.
+its tokens (KU_BENCH_TOKEN_DELAY, default 2 ms); every stream is KU_BENCH_WORDS words
+(default 200: the issue's case; a longer answer spreads each generation's fixed cost,
+hold, capture and records, over more tokens). Each throughput phase also prints the CPU
+every process spent per token delivered, which is where to look first. Last line:
+ratio=<through Ku/direct> of the throughput at 64 streams.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ from services.kit.runner import Suite  # noqa: E402
 SECONDS = float(os.environ.get("KU_BENCH_SECONDS", "4"))
 TOKEN_DELAY = float(os.environ.get("KU_BENCH_TOKEN_DELAY", "0.002"))
 STREAMS = 64
-WORDS = 200
+WORDS = int(os.environ.get("KU_BENCH_WORDS", "200"))
 TTFT_SAMPLES = 40
 TOKEN = b'"content":"'
 EMPTY = b'"content":""'
