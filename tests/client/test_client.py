@@ -24,8 +24,9 @@ from ku_client import (
     ValidationFailed,
 )
 
-from tests.client.conftest import BURST_LIMIT, Ku
+from tests.client.conftest import BURST_LIMIT
 from tests.client.proxy import DroppingProxy
+from tests.ku_suite import Ku
 
 pytestmark = pytest.mark.e2e
 

@@ -13,22 +13,20 @@ import secrets
 import shutil
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from jose import jwt
 
 from services.kit.runner import Suite
-from tests.gateway.helpers import make_signing_key, new_user_id
+from tests.gateway.helpers import make_signing_key
+from tests.ku_suite import Ku
 from tests.ledger.billing.fake_razorpay import FakeRazorpay
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -49,57 +47,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def wait_for_account(gateway: str, key: str, user_id: str) -> None:
-    """The ledger opens the account from the `user.created` event: wait until it has."""
-    with httpx.Client(base_url=gateway, headers={"x-api-key": key}, timeout=10) as http:
-        for _ in range(150):
-            r = http.get("/v1/ledger/balance", params={"user_id": user_id})
-            if r.status_code == 200:
-                return
-            time.sleep(0.1)
-    raise AssertionError(f"no ledger account for {user_id} after 15 s")
-
-
-@dataclass
-class Ku:
-    suite: Suite
-    _reader: str | None = None
-
-    @property
-    def url(self) -> str:
-        return self.suite.urls["gateway"]
-
-    def cli(self, *args: str) -> str:
-        done = subprocess.run(
-            [sys.executable, "-m", "services.cli", *args],
-            env=self.suite.env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert done.returncode == 0, done.stderr
-        return done.stdout.strip()
-
-    def key(self, app: str, scopes: str) -> str:
-        """A key from `ku keys create`; Penora's and ImageGene's (and this suite's own
-        reader) are first-party (`users:any`), as they are issued in production."""
-        if app in ("penora", "imagegene", "test-reader") and "users:any" not in scopes:
-            scopes += ",users:any"
-        return self.cli("keys", "create", "--app", app, "--scopes", scopes)
-
-    def user(self) -> str:
-        """A new user with the welcome credits (50 Ku), once the ledger has opened it."""
-        user_id = new_user_id()
-        self.cli("users", "create", "--id", user_id, "--email", f"{user_id}@example.com")
-        wait_for_account(self.url, self.reader(), user_id)
-        return user_id
-
-    def reader(self) -> str:
-        if self._reader is None:
-            self._reader = self.key("test-reader", "ledger:read")
-        return self._reader
 
 
 @pytest.fixture(scope="package")

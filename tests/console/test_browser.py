@@ -15,7 +15,8 @@ from urllib.parse import urlencode
 import httpx
 import pytest
 
-from tests.console.conftest import ARTIFACTS, Ku, serve_frontend, sso_token
+from tests.console.conftest import ARTIFACTS, serve_frontend, sso_token
+from tests.ku_suite import Ku
 from tests.ledger.billing.fake_razorpay import FakeRazorpay
 
 pytestmark = pytest.mark.e2e

@@ -13,7 +13,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.console.conftest import Ku, sso_token
+from tests.console.conftest import sso_token
+from tests.ku_suite import Ku
 from tests.ledger.billing.fake_razorpay import FakeRazorpay
 
 pytestmark = pytest.mark.e2e

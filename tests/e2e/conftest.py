@@ -5,14 +5,13 @@ setup uses the `ku` command line, as an operator would."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
 
 from services.kit.runner import Suite
+from services.kit.testing.plugin import ku_cli
 from tests.gateway.helpers import SigningKey, make_signing_key
 
 pytestmark = pytest.mark.e2e
@@ -32,15 +31,7 @@ class E2E:
 
     def ku(self, *args: str) -> str:
         """Run the `ku` CLI with the suite's environment; its stdout."""
-        done = subprocess.run(
-            [sys.executable, "-m", "services.cli", *args],
-            env=self.suite.env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert done.returncode == 0, done.stderr
-        return done.stdout.strip()
+        return ku_cli(self.suite.env, *args)
 
     def new_key(self, app: str, scopes: str) -> str:
         """A key made with `ku keys create`; Penora's and ImageGene's are first-party

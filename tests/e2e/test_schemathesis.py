@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import copy
 import os
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,6 +29,7 @@ from schemathesis.errors import FailureGroup
 from schemathesis.specs.openapi.checks import ignored_auth, response_schema_conformance
 
 from services.kit.runner import Suite
+from services.kit.testing.plugin import ku_cli
 from tests.gateway.helpers import make_signing_key
 
 pytestmark = pytest.mark.e2e
@@ -58,18 +57,6 @@ EXCLUDED = {
 CHECKS = [not_a_server_error, response_schema_conformance, ignored_auth]
 
 
-def _cli(env: dict[str, str], *args: str) -> str:
-    done = subprocess.run(
-        [sys.executable, "-m", "services.cli", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode == 0, done.stderr
-    return done.stdout.strip()
-
-
 @pytest.fixture(scope="module")
 def ku_api(ku_database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
     signing = make_signing_key()
@@ -94,7 +81,7 @@ def ku_api(ku_database_url: str, tmp_path_factory: pytest.TempPathFactory) -> It
         quiet=True,
         ready_timeout=60,
     ) as suite:
-        key = _cli(suite.env, "keys", "create", "--app", "penora", "--scopes", SCOPES)
+        key = ku_cli(suite.env, "keys", "create", "--app", "penora", "--scopes", SCOPES)
         url = suite.urls["gateway"]
         yield Api(url, merged_document(url), {"X-API-Key": key})
 

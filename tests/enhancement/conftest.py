@@ -31,6 +31,7 @@ from services.enhancement.service import Enhancer
 from services.kit.bus import redis_from_url
 from services.kit.db import create_engine, sessionmaker_for
 from services.kit.runner import Suite, free_port
+from services.kit.testing.plugin import ku_cli
 from tests.enhancement.fakes import FakeProvider, ImageHost
 from tests.gateway.helpers import SigningKey, make_signing_key, new_user_id
 
@@ -161,15 +162,7 @@ class Enh:
         return self.suite.urls["gateway"]
 
     def ku(self, *args: str) -> str:
-        done = subprocess.run(
-            [sys.executable, "-m", "services.cli", *args],
-            env=self.suite.env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert done.returncode == 0, done.stderr
-        return done.stdout.strip()
+        return ku_cli(self.suite.env, *args)
 
     def client(self, key: str | None = None, token: str | None = None) -> httpx.AsyncClient:
         headers = {}

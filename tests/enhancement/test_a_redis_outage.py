@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 
@@ -17,7 +16,7 @@ import httpx
 import pytest
 
 from services.kit.runner import Suite, free_port
-from services.kit.testing.plugin import drop_database
+from services.kit.testing.plugin import drop_database, ku_cli
 from tests.enhancement.conftest import PROVIDER_COSTS, suite_env
 from tests.enhancement.fakes import FakeProvider, ImageHost
 from tests.enhancement.test_flow import kinds
@@ -79,12 +78,7 @@ class TestRedisOutage:
 
     async def _run(self, suite, providers, images, port, redis_proc):
         def ku(*args: str) -> str:
-            done = subprocess.run(
-                [sys.executable, "-m", "services.cli", *args],
-                env=suite.env, capture_output=True, text=True, timeout=60,
-            )  # fmt: skip
-            assert done.returncode == 0, done.stderr
-            return done.stdout.strip()
+            return ku_cli(suite.env, *args)
 
         key = ku("keys", "create", "--app", "imagegene", "--scopes",
                  "enhance,ledger:read,users:write,users:any")  # fmt: skip

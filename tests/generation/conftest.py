@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -20,7 +18,7 @@ import orjson
 import pytest
 
 from services.kit.runner import Suite
-from services.kit.testing.plugin import principal_headers
+from services.kit.testing.plugin import ku_cli, principal_headers
 from tests.gateway.helpers import SigningKey, make_signing_key, new_user_id
 from tests.generation.fake_provider import FakeProvider
 
@@ -98,15 +96,7 @@ class Env:
         return self.suite.urls["ledger"]
 
     def ku(self, *args: str) -> str:
-        done = subprocess.run(
-            [sys.executable, "-m", "services.cli", *args],
-            env=self.suite.env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert done.returncode == 0, done.stderr
-        return done.stdout.strip()
+        return ku_cli(self.suite.env, *args)
 
     def new_key(self, app: str, scopes: str) -> str:
         """A key from `ku keys create`; Penora's and ImageGene's are first-party."""

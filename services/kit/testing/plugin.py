@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import subprocess
 import sys
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -135,6 +136,20 @@ async def asgi_client(app: FastAPI, **kwargs: Any) -> AsyncIterator[httpx.AsyncC
             transport=transport, base_url="http://testserver", **kwargs
         ) as client:
             yield client
+
+
+def ku_cli(env: dict[str, str], *args: str) -> str:
+    """Run the `ku` CLI (as an operator would) with a suite's environment; its stdout.
+    A non-zero exit fails the test with the CLI's stderr."""
+    done = subprocess.run(
+        [sys.executable, "-m", "services.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
 
 
 def principal_headers(
