@@ -2,7 +2,11 @@
 
 `Consumer` reads with XREADGROUP, acks only after the handler succeeds, and
 reclaims entries another consumer left pending (XAUTOCLAIM) so a crashed
-process loses nothing. Handlers must be idempotent by event id; `handled_once`
+process loses nothing. Entries delivered to this consumer and not acked (a handler
+that failed, a read whose answer was lost to a timeout or a dropped connection) are
+read again from its own pending list with a backoff (`retry_delay`, doubling to
+`retry_max`), so a transient failure delays an event by a fraction of a second rather
+than by `reclaim_idle_ms`. Handlers must be idempotent by event id; `handled_once`
 records the id in the handler's own transaction.
 """
 
@@ -73,6 +77,8 @@ class Consumer(BackgroundLoop):
         block_ms: int = 1000,
         reclaim_idle_ms: int = 30_000,
         batch: int = 50,
+        retry_delay: float = 0.2,
+        retry_max: float = 5.0,
     ) -> None:
         self.redis = redis
         self.streams = streams
@@ -83,6 +89,11 @@ class Consumer(BackgroundLoop):
         self.block_ms = block_ms
         self.reclaim_idle_ms = reclaim_idle_ms
         self.batch = batch
+        self.retry_delay = retry_delay
+        self.retry_max = retry_max
+        # When to read this consumer's own pending entries again (None: nothing owed).
+        self._retry_at: float | None = None
+        self._backoff = retry_delay
         super().__init__()
         self.task_name = f"consumer-{group}"
 
@@ -104,7 +115,12 @@ class Consumer(BackgroundLoop):
             topic = topic.decode(errors="replace")
         return topic not in self.topics
 
-    async def _handle(self, stream: str, entry_id: bytes | str, fields: dict[Any, Any]) -> None:
+    def _owe_retry(self) -> None:
+        if self._retry_at is None:
+            self._retry_at = asyncio.get_running_loop().time() + self._backoff
+
+    async def _handle(self, stream: str, entry_id: bytes | str, fields: dict[Any, Any]) -> bool:
+        """Handle one entry; False when the handler failed (the entry stays pending)."""
         expected = stream_service(stream)
         if expected is None or event_issuer(fields) != expected:
             # Not signed by the service whose stream this is: someone wrote to Redis
@@ -112,7 +128,7 @@ class Consumer(BackgroundLoop):
             EVENTS_HANDLED.labels(self.group, "?", "forged").inc()
             log.warning("dropped an unsigned or forged entry %s on %s", entry_id, stream)
             await self.redis.xack(stream, self.group, entry_id)
-            return
+            return True
         event = decode_event(fields)
         if self.topics is None or event["topic"] in self.topics:
             try:
@@ -120,9 +136,38 @@ class Consumer(BackgroundLoop):
             except Exception:
                 EVENTS_HANDLED.labels(self.group, event["topic"], "error").inc()
                 log.exception("handler failed for event %s; left pending", event["id"])
-                return
+                self._owe_retry()
+                return False
             EVENTS_HANDLED.labels(self.group, event["topic"], "ok").inc()
         await self.redis.xack(stream, self.group, entry_id)
+        return True
+
+    async def retry_own_pending(self) -> int:
+        """Handle again every entry delivered to this consumer and not acked (XREADGROUP
+        from id 0 returns them). Returns how many failed again."""
+        failed = 0
+        for stream in self.streams:
+            response = await self.redis.xreadgroup(
+                self.group, self.name, {stream: "0"}, count=self.batch
+            )
+            for _, entries in response or []:
+                for entry_id, fields in entries:
+                    if not fields:  # trimmed from the stream: nothing left to handle
+                        await self.redis.xack(stream, self.group, entry_id)
+                    elif not await self._handle(stream, entry_id, fields):
+                        failed += 1
+        return failed
+
+    async def _retry_if_due(self) -> None:
+        now = asyncio.get_running_loop().time()
+        if self._retry_at is None or now < self._retry_at:
+            return
+        self._retry_at = None
+        if await self.retry_own_pending():
+            self._backoff = min(self._backoff * 2, self.retry_max)
+            self._retry_at = now + self._backoff
+        else:
+            self._backoff = self.retry_delay
 
     async def reclaim(self) -> int:
         """Take over entries pending longer than `reclaim_idle_ms` and handle them."""
@@ -138,12 +183,16 @@ class Consumer(BackgroundLoop):
         return count
 
     async def poll_once(self, block_ms: int | None = None) -> int:
+        block = self.block_ms if block_ms is None else block_ms
+        if self._retry_at is not None:  # wake in time for the retry
+            due = self._retry_at - asyncio.get_running_loop().time()
+            block = max(1, min(block, int(due * 1000)))
         response = await self.redis.xreadgroup(
             self.group,
             self.name,
             {s: ">" for s in self.streams},
             count=self.batch,
-            block=self.block_ms if block_ms is None else block_ms,
+            block=block,
         )
         count = 0
         for stream, entries in response or []:
@@ -165,8 +214,10 @@ class Consumer(BackgroundLoop):
             try:
                 if loops == 0:
                     await self.ensure_groups()
+                    self._owe_retry()  # a read before the failure may have been lost
                 if loops % 30 == 0:
                     await self.reclaim()
+                await self._retry_if_due()
                 await self.poll_once()
                 loops += 1
             except asyncio.CancelledError:

@@ -118,7 +118,8 @@ class Env:
         r = httpx.post(f"{auth}/v1/users/{user_id}/apps", json={"app": app}, headers=admin)
         assert r.status_code == 200, r.text
         partner = principal_headers("app", audience="ledger", app=app, scopes=("ledger:read",))
-        for _ in range(100):
+        # Normally well under a second; the bound is for a loaded CI machine.
+        for _ in range(300):
             r = httpx.get(
                 f"{self.ledger}/v1/ledger/balance", params={"user_id": user_id}, headers=partner
             )
@@ -220,10 +221,13 @@ def _fresh_fake(fake: FakeProvider) -> None:
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
-    """On a failure, show what the generation service logged (its errors say why)."""
+    """On a failure, show what the generation service (and the ledger and auth, whose
+    events and holds it depends on) logged: their errors say why."""
     outcome = yield
     report = outcome.get_result()  # type: ignore[attr-defined]
     env = item.funcargs.get("gen") if hasattr(item, "funcargs") else None
     if report.failed and isinstance(env, Env):
         suite = env.replacements[-1] if env.replacements else env.suite
         report.sections.append(("generation log", "\n".join(suite.logs("generation")[-60:])))
+        for name in ("ledger", "auth"):
+            report.sections.append((f"{name} log", "\n".join(env.suite.logs(name)[-30:])))

@@ -138,6 +138,58 @@ class TestConsumer:
         assert await second.poll_once(block_ms=100) == 1
         assert seen == ["evt-1"]
 
+    async def test_failed_handler_is_retried_soon_not_after_the_reclaim_idle_time(self, redis):
+        """A transient failure (the database restarting, say) delays an event by the retry
+        backoff: the entry is read again from the consumer's own pending list."""
+        name = stream()
+        attempts: list[str] = []
+        handled = asyncio.Event()
+
+        async def flaky(event):
+            attempts.append(event["id"])
+            if len(attempts) < 3:
+                raise RuntimeError("database restarting")
+            handled.set()
+
+        consumer = Consumer(
+            redis, [name], "g", flaky, name="a", reclaim_idle_ms=600_000, retry_delay=0.05
+        )
+        await consumer.ensure_groups()
+        consumer.start()
+        try:
+            await redis.xadd(name, signed_fields("auth", "evt-flaky", "t", "{}"))
+            await asyncio.wait_for(handled.wait(), 10)  # the reclaim would take 10 minutes
+            await asyncio.sleep(0.2)  # the ack follows the handler
+            assert (await redis.xpending(name, "g"))["pending"] == 0
+        finally:
+            await consumer.stop()
+        assert attempts == ["evt-flaky"] * 3
+
+    async def test_entries_delivered_but_never_handled_are_handled_on_start(self, redis):
+        """A read whose answer was lost (a timeout, a dropped connection) leaves entries
+        delivered to this consumer: the loop reads its own pending list when it starts
+        and after every failure."""
+        name = stream()
+        seen: list[str] = []
+        handled = asyncio.Event()
+
+        async def handler(event):
+            seen.append(event["id"])
+            handled.set()
+
+        await redis.xgroup_create(name, "g", id="0", mkstream=True)
+        await redis.xadd(name, signed_fields("auth", "evt-lost", "t", "{}"))
+        await redis.xreadgroup("g", "a", {name: ">"})  # delivered to "a"; the answer is lost
+        consumer = Consumer(redis, [name], "g", handler, name="a", reclaim_idle_ms=600_000)
+        consumer.start()
+        try:
+            await asyncio.wait_for(handled.wait(), 10)
+            await asyncio.sleep(0.2)  # the ack follows the handler
+            assert (await redis.xpending(name, "g"))["pending"] == 0
+        finally:
+            await consumer.stop()
+        assert seen == ["evt-lost"]
+
     async def test_other_topics_are_acked_unread_and_a_forged_wanted_one_dropped(self, redis):
         name = stream()
         seen: list[str] = []
