@@ -102,7 +102,8 @@ class OutboxRelay(BackgroundLoop):
         self.task_name = f"outbox-relay-{schema}"
 
     async def relay_once(self, conn: asyncpg.Connection) -> int:
-        """Publish one batch; returns how many rows were relayed."""
+        """Publish one batch (at most `batch` rows, and no row past the one that reaches
+        `batch` events); returns how many events were published."""
         async with conn.transaction():
             rows = await conn.fetch(
                 f"SELECT id, topic, created_at, CASE WHEN jsonb_typeof(payload) = 'array'"
@@ -117,7 +118,11 @@ class OutboxRelay(BackgroundLoop):
                 return 0
             pipe = self.redis.pipeline(transaction=False)
             signed = 0
+            relayed = []
             for row in rows:
+                if signed >= self.batch:
+                    break  # claimed but not relayed: unlocked at commit, taken next time
+                relayed.append(row["id"])
                 created_at = row["created_at"].isoformat()
                 for event_id, payload in _events(row["id"], row["many"], row["payloads"]):
                     if signed and signed % SIGN_BETWEEN_YIELDS == 0:
@@ -135,11 +140,10 @@ class OutboxRelay(BackgroundLoop):
                     )
             await pipe.execute()
             await conn.execute(
-                f"DELETE FROM {self.schema}.outbox WHERE id = ANY($1::uuid[])",
-                [row["id"] for row in rows],
+                f"DELETE FROM {self.schema}.outbox WHERE id = ANY($1::uuid[])", relayed
             )
         EVENTS_PUBLISHED.labels(self.stream).inc(signed)
-        return len(rows)
+        return signed
 
     async def run(self) -> None:
         conn: asyncpg.Connection | None = None
@@ -150,7 +154,7 @@ class OutboxRelay(BackgroundLoop):
                     if conn is None or conn.is_closed():
                         conn = await asyncpg.connect(self.dsn)
                     moved = await self.relay_once(conn)
-                    while moved == self.batch:
+                    while moved >= self.batch:
                         moved = await self.relay_once(conn)
                     delay = self.busy_interval if moved else min(self.interval, delay * 2)
                 except asyncio.CancelledError:

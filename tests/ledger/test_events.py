@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import uuid
 
 import orjson
 from redis.asyncio import Redis
@@ -38,3 +39,52 @@ class TestCreditsChanged:
         assert topic == "credits.changed"
         assert payload["user_id"] == user and payload["available_milli"] == 6000
         assert payload["delta_milli"] == -4000 and payload["app"] == "penora"
+
+
+class TestOneOutboxRowPerBatch:
+    """Since migration 0006 a batch's `credits.changed` events are one outbox row (the
+    array of them); the relay publishes each as its own signed entry, as before."""
+
+    async def test_each_debit_of_a_batch_is_its_own_signed_entry(self, ledger, funded_user):
+        from services.kit.outbox import event_issuer
+
+        users = [await funded_user(10) for _ in range(3)]
+        items = [
+            {"op": "debit", "idempotency_key": uuid.uuid4().hex, "user_id": u, "amount": n}
+            for n, u in enumerate(users * 2, start=1)
+        ]
+        r = await ledger.post("/v1/ledger/batch", json={"operations": items}, headers=penora())
+        assert r.status_code == 200, r.text
+        txs = {res["body"]["transaction_id"]: res["body"] for res in r.json()["results"]}
+        assert len(txs) == 6
+        redis = Redis.from_url(os.environ["KU_REDIS_URL"])
+        stream = f"{os.environ['KU_BUS_PREFIX']}.events.ledger"
+        found: dict[int, dict[bytes, bytes]] = {}
+        try:
+            for _ in range(60):
+                for _, fields in await redis.xrevrange(stream, count=500):
+                    payload = orjson.loads(fields[b"payload"])
+                    if payload.get("transaction_id") in txs:
+                        found[payload["transaction_id"]] = fields
+                if len(found) == len(txs):
+                    break
+                await asyncio.sleep(0.05)
+        finally:
+            await redis.aclose()
+        assert found.keys() == txs.keys()
+        assert len({fields[b"id"] for fields in found.values()}) == 6  # six events, six ids
+        for tx, fields in found.items():
+            assert event_issuer(fields) == "ledger"
+            assert fields[b"topic"] == b"credits.changed"
+            payload = orjson.loads(fields[b"payload"])
+            body = txs[tx]
+            assert payload == {
+                "user_id": body["user_id"],
+                "available_milli": round(body["available"] * 1000),
+                "held_milli": 0,
+                "debt_milli": 0,
+                "delta_milli": -round(body["amount"] * 1000),
+                "reason": "debit",
+                "app": "penora",
+                "transaction_id": tx,
+            }
