@@ -31,7 +31,7 @@ import orjson  # noqa: E402
 from alembic import command  # noqa: E402
 
 from bench._common import ScratchDatabase  # noqa: E402
-from bench.ledger import BENCH_AUTH, MANY_USERS, _direct_ops  # noqa: E402
+from bench.ledger import BENCH_AUTH, MANY_USERS, _cpu_seconds, _direct_ops  # noqa: E402
 from services.kit.migrations import alembic_config  # noqa: E402
 
 ROUNDS = int(os.environ.get("KU_BENCH_SQL_ROUNDS", "60"))
@@ -73,16 +73,6 @@ async def _snapshot(conn: asyncpg.Connection) -> tuple[dict, dict]:
     tables = {r["relname"]: dict(r) for r in await conn.fetch(_TABLES)}
     functions = {r["funcname"]: dict(r) for r in await conn.fetch(_FUNCTIONS)}
     return tables, functions
-
-
-def _cpu_seconds(pid: int) -> float:
-    """CPU time (user + system) the Postgres backend `pid` has used (Linux /proc): unlike
-    wall time, it does not grow while the backend waits for a core others hold."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except OSError:  # a server on another host or in a container: no CPU figure
-        return float("nan")
 
 
 class Variant:

@@ -8,12 +8,13 @@
 -- No rule changes here; docs/ledger.md ("What one debit costs") has the figures
 -- (bench/ledger_sql.py). What changed:
 -- * A debit called five helpers (`_available`, `_journal`, `_draw`, `_changed`,
---   `_remember`), each a PL/pgSQL call with its own statements. `_op_debit` now states
---   them inline, and reads the user's spendable lots ONCE: the sum (what is available)
---   and the lots in draw order come from the same query, at one instant, under the
---   wallet lock `apply` holds (every writer of a user's lots holds that lock, so the
---   lots cannot change between the read and the draw; the lot UPDATE locks its row
---   anyway). The wallet's debt comes from `apply`'s locked read of the wallet.
+--   `_remember`), each a PL/pgSQL call with its own statements. `_op_debit` (and
+--   `_op_reserve`, a hold) now state them inline, and read the user's spendable lots
+--   ONCE: the sum (what is available) and the lots in draw order come from the same
+--   query, at one instant, under the wallet lock `apply` holds (every writer of a
+--   user's lots holds that lock, so the lots cannot change between the read and the
+--   draw; the lot UPDATE locks its row anyway). The wallet's debt comes from `apply`'s
+--   locked read of the wallet; a hold's JSON from its INSERT (no read back).
 -- * `apply` remembers the outcome under its keys itself (no `_remember` call).
 -- * The `credits.changed` event of a debit or a hold is returned with the operation's
 --   result (`event`) instead of being inserted by the operation: `ledger.apply` inserts
@@ -90,14 +91,22 @@ BEGIN
       'transaction_id', v_tx));
 END $$;
 
-CREATE OR REPLACE FUNCTION ledger._op_reserve(op jsonb, p_user text)
+-- A hold, stated inline as a debit is (its lots read once, no helper calls). `p_debt`
+-- as for a debit.
+CREATE OR REPLACE FUNCTION ledger._op_reserve(op jsonb, p_user text, p_debt bigint)
 RETURNS jsonb LANGUAGE plpgsql AS $$
 DECLARE
   v_amount bigint := (op->>'amount')::bigint;
   v_app text := op->>'app';
   v_owner text := op->'auth'->>'owner';
-  v_available bigint := ledger._available(p_user);
+  v_available bigint := 0;
+  v_lots bigint[];
+  v_remaining bigint[];
+  v_left bigint;
+  v_take bigint;
+  i int := 0;
   v_hold uuid := gen_random_uuid();
+  v_hold_json jsonb;
   v_tx bigint;
   v_held bigint;
   v_debt bigint;
@@ -108,20 +117,48 @@ BEGIN
   IF v_amount IS NULL OR v_amount <= 0 OR v_app IS NULL THEN
     RETURN ledger._err(422, 'invalid_hold', 'A hold needs a positive amount and an app');
   END IF;
+  IF p_debt = 0 THEN
+    SELECT COALESCE(SUM(remaining_milli), 0)::bigint,
+           array_agg(id ORDER BY expires_at ASC NULLS LAST, priority DESC, id ASC),
+           array_agg(remaining_milli ORDER BY expires_at ASC NULLS LAST, priority DESC, id ASC)
+      INTO v_available, v_lots, v_remaining
+      FROM ledger.grants
+     WHERE user_id = p_user AND spendable
+       AND (expires_at IS NULL OR expires_at > clock_timestamp());
+  END IF;
   IF v_available < v_amount THEN
     RETURN ledger._err(402, 'insufficient_credits', 'Insufficient credits',
                        jsonb_build_object('available_milli', v_available,
                                           'required_milli', v_amount));
   END IF;
-  v_tx := ledger._journal('reserve', p_user, v_app, NULL, -v_amount, v_amount,
-                          op->>'description', op->>'reference', v_hold, NULL,
-                          ARRAY['wallet', 'held'], ARRAY[p_user, p_user],
-                          ARRAY[-v_amount, v_amount]);
+  INSERT INTO ledger.transactions (kind, user_id, app, delta_milli, amount_milli,
+                                   description, reference, hold_id)
+  VALUES ('reserve', p_user, v_app, -v_amount, v_amount, op->>'description',
+          op->>'reference', v_hold)
+  RETURNING id INTO v_tx;
+  INSERT INTO ledger.postings (tx_id, account, owner, amount_milli)
+  VALUES (v_tx, 'wallet', p_user, -v_amount), (v_tx, 'held', p_user, v_amount);
   INSERT INTO ledger.holds (id, user_id, app, owner, amount_milli, reference, description,
                             expires_at, reserve_tx_id)
   VALUES (v_hold, p_user, v_app, v_owner, v_amount, op->>'reference', op->>'description',
-          clock_timestamp() + make_interval(secs => (op->>'ttl_seconds')::int), v_tx);
-  PERFORM ledger._draw(p_user, v_amount, v_hold, NULL);
+          clock_timestamp() + make_interval(secs => (op->>'ttl_seconds')::int), v_tx)
+  RETURNING jsonb_build_object('id', id, 'user_id', user_id, 'app', app, 'owner', owner,
+                               'amount_milli', amount_milli, 'captured_milli', captured_milli,
+                               'clawed_milli', clawed_milli, 'status', status,
+                               'reference', reference, 'description', description,
+                               'expires_at', expires_at, 'created_at', created_at,
+                               'resolved_at', resolved_at)
+  INTO v_hold_json;
+  -- One allocation per lot it holds from.
+  v_left := v_amount;
+  WHILE v_left > 0 LOOP
+    i := i + 1;
+    v_take := least(v_remaining[i], v_left);
+    UPDATE ledger.grants SET remaining_milli = remaining_milli - v_take WHERE id = v_lots[i];
+    INSERT INTO ledger.hold_allocations (hold_id, grant_id, amount_milli)
+    VALUES (v_hold, v_lots[i], v_take);
+    v_left := v_left - v_take;
+  END LOOP;
   UPDATE ledger.wallets
      SET balance_milli = balance_milli - v_amount, held_milli = held_milli + v_amount,
          updated_at = now()
@@ -131,7 +168,7 @@ BEGIN
   RETURN jsonb_build_object(
     'status', 201,
     'body', jsonb_build_object(
-      'hold', ledger._hold_json(v_hold), 'transaction_id', v_tx,
+      'hold', v_hold_json, 'transaction_id', v_tx,
       'available_milli', v_available, 'held_milli', v_held, 'debt_milli', v_debt),
     'event', jsonb_build_object(
       'user_id', p_user, 'available_milli', v_available, 'held_milli', v_held,
@@ -256,7 +293,7 @@ BEGIN
   CASE v_kind
     WHEN 'debit' THEN v_res := ledger._op_debit(op, v_user, v_debt);
     WHEN 'grant' THEN v_res := ledger._op_grant(op, v_user);
-    WHEN 'reserve' THEN v_res := ledger._op_reserve(op, v_user);
+    WHEN 'reserve' THEN v_res := ledger._op_reserve(op, v_user, v_debt);
     WHEN 'capture', 'release' THEN v_res := ledger._op_resolve(op, v_user);
     WHEN 'refund' THEN v_res := ledger._op_refund(op, v_user);
     WHEN 'clawback' THEN v_res := ledger._op_clawback(op, v_user);
