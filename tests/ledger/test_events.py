@@ -88,3 +88,61 @@ class TestOneOutboxRowPerBatch:
                 "app": "penora",
                 "transaction_id": tx,
             }
+
+
+class TestRelayOfArrayRows:
+    """The relay's side of one row per batch (services/kit/outbox.py), on its own schema:
+    a row whose payload is an array is one entry per element, in order, each signed,
+    each with an id derived from the row's; a claim stops at about `batch` events."""
+
+    SCHEMA = "ledger_outbox_arrays_test"
+
+    async def test_array_rows_are_one_entry_per_event(self, ku_database_url):
+        import asyncpg
+        from sqlalchemy import MetaData, text
+        from sqlalchemy.ext.asyncio import create_async_engine
+
+        from services.kit.db import async_url, plain_url
+        from services.kit.outbox import OutboxRelay, event_issuer, outbox_table
+
+        metadata = MetaData(schema=self.SCHEMA)
+        outbox_table(metadata)
+        engine = create_async_engine(async_url(ku_database_url))
+        async with engine.begin() as c:
+            await c.execute(text(f"CREATE SCHEMA IF NOT EXISTS {self.SCHEMA}"))
+            await c.run_sync(metadata.create_all)
+        await engine.dispose()
+
+        rows = [uuid.uuid4() for _ in range(3)]
+        payloads = [[{"n": 1}, {"n": 2}, {"n": 3}], [{"n": 4}, {"n": 5}, {"n": 6}], {"n": 7}]
+        conn = await asyncpg.connect(plain_url(ku_database_url))
+        redis = Redis.from_url(os.environ["KU_REDIS_URL"])
+        stream = f"{os.environ['KU_BUS_PREFIX']}.{uuid.uuid4().hex[:8]}.events.ledger"
+        try:
+            await conn.execute(f"DELETE FROM {self.SCHEMA}.outbox")
+            for i, (row, payload) in enumerate(zip(rows, payloads, strict=True)):
+                await conn.execute(
+                    f"INSERT INTO {self.SCHEMA}.outbox (id, topic, payload, created_at)"
+                    " VALUES ($1, 'credits.changed', $2::jsonb, now() + $3 * interval '1 ms')",
+                    row,
+                    orjson.dumps(payload).decode(),
+                    i,
+                )
+            relay = OutboxRelay(
+                plain_url(ku_database_url), redis, self.SCHEMA, stream, issuer="ledger", batch=4
+            )
+            # The first claim reaches 4 events within its second row: 6 events, 2 rows.
+            assert await relay.relay_once(conn) == 6
+            assert await conn.fetchval(f"SELECT count(*) FROM {self.SCHEMA}.outbox") == 1
+            assert await relay.relay_once(conn) == 1
+            assert await relay.relay_once(conn) == 0
+            entries = [fields for _, fields in await redis.xrange(stream)]
+        finally:
+            await redis.delete(stream)
+            await redis.aclose()
+            await conn.close()
+        assert [orjson.loads(f[b"payload"])["n"] for f in entries] == [1, 2, 3, 4, 5, 6, 7]
+        expected_ids = [str(uuid.uuid5(rows[r], str(i))) for r in (0, 1) for i in range(3)]
+        assert [f[b"id"].decode() for f in entries] == [*expected_ids, str(rows[2])]
+        assert all(event_issuer(f) == "ledger" for f in entries)
+        assert all(f[b"topic"] == b"credits.changed" for f in entries)
