@@ -70,6 +70,51 @@ BATCH_CLIENTS = int(os.environ.get("KU_BENCH_BATCH_CLIENTS", "8"))
 BENCH_AUTH = {"user": "any", "owner": "app:bench", "holds": "*", "charges": "*"}
 
 
+def _cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) process `pid` has used (Linux /proc): unlike wall time,
+    it does not grow while the process waits for a core others hold."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except OSError:  # a server on another host or in a container: no CPU figure
+        return float("nan")
+
+
+class ServiceCPU:
+    """The ledger process's CPU per debit over a case: from before its first request
+    until the outbox relay has published the case's last event (so the relay's work,
+    signing every event, is counted), divided by every debit the case committed
+    (warm-up included: the CPU is too)."""
+
+    def __init__(self, dsn: str, pid: int) -> None:
+        self.dsn = dsn
+        self.pid = pid
+
+    async def _debits(self, conn: asyncpg.Connection) -> int:
+        return await conn.fetchval("SELECT count(*) FROM ledger.transactions WHERE kind = 'debit'")
+
+    async def start(self) -> None:
+        conn = await asyncpg.connect(self.dsn)
+        try:
+            self.debits = await self._debits(conn)
+        finally:
+            await conn.close()
+        self.cpu = _cpu_seconds(self.pid)
+
+    async def stop(self) -> str:
+        conn = await asyncpg.connect(self.dsn)
+        try:
+            for _ in range(300):
+                if not await conn.fetchval("SELECT EXISTS (SELECT 1 FROM ledger.outbox)"):
+                    break
+                await asyncio.sleep(0.1)
+            cpu = _cpu_seconds(self.pid) - self.cpu
+            debits = await self._debits(conn) - self.debits
+        finally:
+            await conn.close()
+        return f"ledger process CPU {cpu / max(debits, 1) * 1e6:6.0f} us per debit (relay included)"
+
+
 async def raw_case(dsn: str, name: str, ids: list[int]) -> Result:
     connections = [await asyncpg.connect(dsn) for _ in range(RAW_CONNECTIONS)]
 
@@ -345,6 +390,7 @@ async def main() -> None:
         )
         try:
             await wait_ready(url, proc)
+            cpu = ServiceCPU(db.dsn, proc.pid)
             hot = ["bench-hot"]
             many = [f"bench-{i}" for i in range(MANY_USERS)]
             await setup_users(url, secret, hot, 1_000_000_000)
@@ -357,16 +403,22 @@ async def main() -> None:
 
             raw_hot = await raw_case(db.dsn, "raw hot row", [1])
             print(raw_hot.line(), flush=True)
+            await cpu.start()
             http_hot = await http_case(port, secret, "http debit, hot user", hot)
             print(http_hot.line(), flush=True)
+            print("    " + await cpu.stop(), flush=True)
             raw_many = await raw_case(db.dsn, "raw many rows", list(range(1, MANY_USERS + 1)))
             print(raw_many.line(), flush=True)
+            await cpu.start()
             http_many = await http_case(port, secret, "http debit, many users", many)
             print(http_many.line(), flush=True)
+            print("    " + await cpu.stop(), flush=True)
             direct = await direct_batch_case(db.dsn, f"direct apply_batch x{BATCH}", many)
             print(direct.line(), flush=True)
+            await cpu.start()
             http_batch = await http_batch_case(port, f"http batch x{BATCH}", many)
             print(http_batch.line(), flush=True)
+            print("    " + await cpu.stop(), flush=True)
             single = await one_client_holds(port, db.dsn, many[0])
             for result in single.values():
                 print(result.line(), flush=True)

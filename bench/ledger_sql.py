@@ -6,6 +6,9 @@ Self-contained like bench/ledger.py: a scratch database on KU_DATABASE_URL's ser
 through `ledger.apply_batch` from ONE connection (no lock waits: this is the SQL's own
 cost, not contention), for the many-users case and for the hot-user case.
 
+A third case runs holds, one per `apply_batch` statement (as one client's hold runs),
+over the 2,000 users; its rows are per hold.
+
 Printed per case: the backend's CPU time per debit (Linux /proc; wall time and
 debits/s too, which a busy machine inflates), rows inserted and
 updated per debit per table (and how many updates were HOT, i.e. wrote no index
@@ -20,8 +23,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import sys
 import time
+import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -31,7 +36,7 @@ import orjson  # noqa: E402
 from alembic import command  # noqa: E402
 
 from bench._common import ScratchDatabase  # noqa: E402
-from bench.ledger import BENCH_AUTH, MANY_USERS, _direct_ops  # noqa: E402
+from bench.ledger import BENCH_AUTH, MANY_USERS, _cpu_seconds, _direct_ops  # noqa: E402
 from services.kit.migrations import alembic_config  # noqa: E402
 
 ROUNDS = int(os.environ.get("KU_BENCH_SQL_ROUNDS", "60"))
@@ -75,16 +80,6 @@ async def _snapshot(conn: asyncpg.Connection) -> tuple[dict, dict]:
     return tables, functions
 
 
-def _cpu_seconds(pid: int) -> float:
-    """CPU time (user + system) the Postgres backend `pid` has used (Linux /proc): unlike
-    wall time, it does not grow while the backend waits for a core others hold."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except OSError:  # a server on another host or in a container: no CPU figure
-        return float("nan")
-
-
 class Variant:
     """One scratch database with its users, and its counters across the rounds run."""
 
@@ -101,24 +96,56 @@ class Variant:
         if not hasattr(self, "observer"):
             self.observer = await asyncpg.connect(self.db.dsn)
 
-    async def rounds(self, users: list[str], n: int) -> None:
+    async def rounds(self, users: list[str], n: int, holds: bool = False) -> None:
+        """`n` rounds: a batch of BATCH debits each, or (`holds`) BATCH holds, each its
+        own `apply_batch` statement and commit, as one client's hold is."""
         for _ in range(n):
-            payload = _direct_ops(users)
+            payloads = _hold_ops(users) if holds else [_direct_ops(users)]
             cpu = _cpu_seconds(self.pid)
             started = time.perf_counter()
-            raw = await self.conn.fetchval("SELECT ledger.apply_batch($1::json)::text", payload)
+            raws = [
+                await self.conn.fetchval("SELECT ledger.apply_batch($1::json)::text", payload)
+                for payload in payloads
+            ]
             self.seconds += time.perf_counter() - started
             self.cpu += _cpu_seconds(self.pid) - cpu
             self.debits += BATCH
-            bad = [r for r in orjson.loads(raw) if r["status"] != 201]
+            bad = [r for raw in raws for r in orjson.loads(raw) if r["status"] != 201]
             if bad:
                 raise RuntimeError(f"{self.label}: {bad[0]}")
 
 
-async def case(variants: list[Variant], name: str, users: list[str]) -> None:
+def _hold_ops(users: list[str]) -> list[str]:
+    """BATCH one-hold statements (TTL an hour: none expires during the run)."""
+    return [
+        orjson.dumps(
+            [
+                {
+                    "op": "reserve",
+                    "user_id": users[secrets.randbelow(len(users))],
+                    "amount": 1000,
+                    "app": "bench",
+                    "ttl_seconds": 3600,
+                    "reference": None,
+                    "description": None,
+                    "auth": BENCH_AUTH,
+                    "key": uuid.uuid4().hex,
+                    "scope": "app:bench",
+                    "hash": uuid.uuid4().hex,
+                }
+            ]
+        ).decode()
+        for _ in range(BATCH)
+    ]
+
+
+async def case(variants: list[Variant], name: str, users: list[str], holds: bool = False) -> None:
     for v in variants:
         await v.open()
-        await v.rounds(users, 3)  # warm the plan caches and the buffers
+        await v.rounds(users, 3, holds)  # warm the plan caches and the buffers
+        # Statistics for the rows the warm-up wrote (the holds table starts empty): a
+        # plan made for an empty table scans it whole once it is not.
+        await v.conn.execute("ANALYZE")
         # Statistics reach the collector when a session closes (or idles 10 s): the
         # warm-up's go with this connection, the measured rounds run on a fresh one.
         await v.conn.close()
@@ -129,7 +156,7 @@ async def case(variants: list[Variant], name: str, users: list[str]) -> None:
     # Interleaved, so a neighbour's load on the machine falls on every variant alike.
     for _ in range(ROUNDS // 5):
         for v in variants:
-            await v.rounds(users, 5)
+            await v.rounds(users, 5, holds)
     for v in variants:
         await v.conn.close()  # flushes its function statistics
     await asyncio.sleep(1.2)
@@ -206,6 +233,8 @@ async def main() -> None:
         many = [f"bench-{i}" for i in range(MANY_USERS)]
         await case(variants, f"{BATCH} debits over {MANY_USERS} users", many)
         await case(variants, f"{BATCH} debits of one hot user", ["bench-hot"])
+        if os.environ.get("KU_BENCH_SQL_HOLDS", "1") == "1":
+            await case(variants, "holds, one per statement (its commit included)", many, True)
     finally:
         for v in variants:
             await v.db.__aexit__(None, None, None)

@@ -12,6 +12,11 @@ signature is missing, wrong, or from another issuer than the stream's service. A
 who can write to Redis can add entries; only the service can make one that counts
 (a forged `user.created` grants no welcome credits).
 
+Several events in one row: a row whose payload is a JSON array holds that many events
+of its topic, in order (the ledger writes one row per batch of operations); the relay
+publishes each as its own signed entry, exactly as if each had had its own row. `emit`
+writes one event (an object) per row.
+
 Delivery guarantee: an event whose transaction rolls back never exists; one that
 commits is published at least once, even if Redis was down at commit time (the
 relay keeps the row until XADD succeeds). A crash between XADD and the row's
@@ -97,42 +102,48 @@ class OutboxRelay(BackgroundLoop):
         self.task_name = f"outbox-relay-{schema}"
 
     async def relay_once(self, conn: asyncpg.Connection) -> int:
-        """Publish one batch; returns how many rows were relayed."""
+        """Publish one batch (at most `batch` rows, and no row past the one that reaches
+        `batch` events); returns how many events were published."""
         async with conn.transaction():
             rows = await conn.fetch(
-                f"SELECT id, topic, payload::text AS payload, created_at FROM {self.schema}.outbox"
+                f"SELECT id, topic, created_at, CASE WHEN jsonb_typeof(payload) = 'array'"
+                " THEN ARRAY(SELECT e::text FROM jsonb_array_elements(payload) e)"
+                " ELSE ARRAY[payload::text] END AS payloads,"
+                " jsonb_typeof(payload) = 'array' AS many"
+                f" FROM {self.schema}.outbox"
                 " ORDER BY created_at, id LIMIT $1 FOR UPDATE SKIP LOCKED",
                 self.batch,
             )
             if not rows:
                 return 0
             pipe = self.redis.pipeline(transaction=False)
-            for i, row in enumerate(rows):
-                if i and i % SIGN_BETWEEN_YIELDS == 0:
-                    # The relay shares the event loop with the service's requests: an
-                    # Ed25519 signature is 0.1-0.4 ms of CPU, so a batch of 200 signed
-                    # in one go would stall every request in flight for 20-80 ms. Let
-                    # them run between groups of signatures.
-                    await asyncio.sleep(0)
-                pipe.xadd(
-                    self.stream,
-                    signed_fields(
-                        self.issuer,
-                        str(row["id"]),
-                        row["topic"],
-                        row["payload"],
-                        row["created_at"].isoformat(),
-                    ),
-                    maxlen=self.maxlen,
-                    approximate=True,
-                )
+            signed = 0
+            relayed = []
+            for row in rows:
+                if signed >= self.batch:
+                    break  # claimed but not relayed: unlocked at commit, taken next time
+                relayed.append(row["id"])
+                created_at = row["created_at"].isoformat()
+                for event_id, payload in _events(row["id"], row["many"], row["payloads"]):
+                    if signed and signed % SIGN_BETWEEN_YIELDS == 0:
+                        # The relay shares the event loop with the service's requests:
+                        # an Ed25519 signature is 0.1-0.4 ms of CPU, so a batch of 200
+                        # signed in one go would stall every request in flight for
+                        # 20-80 ms. Let them run between groups of signatures.
+                        await asyncio.sleep(0)
+                    signed += 1
+                    pipe.xadd(
+                        self.stream,
+                        signed_fields(self.issuer, event_id, row["topic"], payload, created_at),
+                        maxlen=self.maxlen,
+                        approximate=True,
+                    )
             await pipe.execute()
             await conn.execute(
-                f"DELETE FROM {self.schema}.outbox WHERE id = ANY($1::uuid[])",
-                [row["id"] for row in rows],
+                f"DELETE FROM {self.schema}.outbox WHERE id = ANY($1::uuid[])", relayed
             )
-        EVENTS_PUBLISHED.labels(self.stream).inc(len(rows))
-        return len(rows)
+        EVENTS_PUBLISHED.labels(self.stream).inc(signed)
+        return signed
 
     async def run(self) -> None:
         conn: asyncpg.Connection | None = None
@@ -143,7 +154,7 @@ class OutboxRelay(BackgroundLoop):
                     if conn is None or conn.is_closed():
                         conn = await asyncpg.connect(self.dsn)
                     moved = await self.relay_once(conn)
-                    while moved == self.batch:
+                    while moved >= self.batch:
                         moved = await self.relay_once(conn)
                     delay = self.busy_interval if moved else min(self.interval, delay * 2)
                 except asyncio.CancelledError:
@@ -158,6 +169,16 @@ class OutboxRelay(BackgroundLoop):
         finally:
             if conn is not None and not conn.is_closed():
                 conn.terminate()
+
+
+def _events(row_id: uuid.UUID, many: bool, payloads: list[str]) -> list[tuple[str, str]]:
+    """The events one outbox row holds, as (event id, payload text). A row whose payload
+    is a JSON array holds several events of its topic (the ledger writes one row per
+    batch): each is its own entry, with an id derived from the row's and its position,
+    the same on every relay of the row (consumers dedupe by id)."""
+    if not many:
+        return [(str(row_id), payloads[0])]
+    return [(str(uuid.uuid5(row_id, str(i))), p) for i, p in enumerate(payloads)]
 
 
 def _signed_text(event_id: str, topic: str, payload: str, created_at: str) -> bytes:

@@ -1,5 +1,5 @@
-"""What one debit writes since migration 0005 (docs/ledger.md "Rows one debit writes"
-and "What one debit costs in SQL"), counted by Postgres inside the debit's own
+"""What one debit writes since migrations 0005 and 0006 (docs/ledger.md "Rows one debit
+writes" and "What one debit costs in SQL"), counted by Postgres inside the debit's own
 transaction (`pg_stat_xact_user_tables`, exact and not delayed), and the
 subtransactions a batch takes (a row's `xmin` names the subtransaction that inserted
 it)."""
@@ -59,20 +59,26 @@ async def _counts(db: asyncpg.Connection) -> dict[str, tuple[int, int, int]]:
     return {r["relname"]: (r["n_tup_ins"], r["n_tup_upd"], r["n_tup_hot_upd"]) for r in rows}
 
 
-async def test_one_debit_writes_six_rows_and_updates_in_place(db):
-    (user,) = await _funded(db)
+async def _written(db: asyncpg.Connection, ops: list[dict[str, Any]]) -> tuple[list, dict]:
+    """The batch's results and what it wrote per table (inserted, updated, of which HOT)."""
     async with db.transaction():
         # Postgres 15 keeps a backend's counts until it reports them, so the earlier
-        # statements' may still be there: the difference is the debit's.
+        # statements' may still be there: the difference is the batch's.
         before = await _counts(db)
-        (result,) = await _batch(db, [_debit(user)])
-        assert result["status"] == 201
+        results = await _batch(db, ops)
         after = await _counts(db)
     zero = (0, 0, 0)
     delta = {
         t: tuple(a - b for a, b in zip(after.get(t, zero), before.get(t, zero), strict=True))
         for t in TABLES
     }
+    return results, delta
+
+
+async def test_one_debit_writes_six_rows_and_updates_in_place(db):
+    (user,) = await _funded(db)
+    (result,), delta = await _written(db, [_debit(user)])
+    assert result["status"] == 201
     assert delta == {
         "transactions": (1, 0, 0),
         "postings": (2, 0, 0),
@@ -82,6 +88,54 @@ async def test_one_debit_writes_six_rows_and_updates_in_place(db):
         "grants": (0, 1, 1),  # the lot: updated in place, no index entry
         "wallets": (0, 1, 1),
     }
+
+
+async def _events_written(db: asyncpg.Connection, ops: list[dict[str, Any]]) -> tuple[list, list]:
+    """The batch's results and the `credits.changed` outbox rows it wrote, each as its
+    list of events (read in the batch's transaction: no relay has taken them yet)."""
+    async with db.transaction():
+        results = await _batch(db, ops)
+        rows = await db.fetch(
+            "SELECT payload::text FROM ledger.outbox WHERE topic = 'credits.changed'"
+            " AND xmin = pg_current_xact_id()::xid"
+        )
+    out = []
+    for (raw,) in rows:
+        payload = orjson.loads(raw)
+        out.append(payload if isinstance(payload, list) else [payload])
+    return results, out
+
+
+async def test_a_batch_writes_one_outbox_row_for_all_its_events(db):
+    users = await _funded(db, 10)
+    results, delta = await _written(db, [_debit(u) for u in users])
+    assert [r["status"] for r in results] == [201] * 10
+    assert delta == {
+        "transactions": (10, 0, 0),
+        "postings": (20, 0, 0),
+        "draws": (10, 0, 0),
+        "outbox": (1, 0, 0),  # 0005: one per debit
+        "idempotency_keys": (10, 0, 0),
+        "grants": (0, 10, 10),
+        "wallets": (0, 10, 10),
+    }
+    results, rows = await _events_written(db, [_debit(u) for u in users])
+    (events,) = rows  # one row
+    # The events in the batch's order, each what the debit's result says.
+    assert [e["transaction_id"] for e in events] == [r["body"]["transaction_id"] for r in results]
+    for event, result in zip(events, results, strict=True):
+        body = result["body"]
+        assert event == {
+            "user_id": body["user_id"],
+            "available_milli": body["available_milli"],
+            "held_milli": 0,
+            "debt_milli": 0,
+            "delta_milli": -1000,
+            "reason": "debit",
+            "app": "penora",
+            "transaction_id": body["transaction_id"],
+        }
+    assert all("event" not in r for r in results)
 
 
 async def test_journal_tables_carry_one_index_and_no_foreign_keys(db):
@@ -124,8 +178,11 @@ async def test_a_batch_takes_one_subtransaction(db):
 async def test_a_raising_operation_falls_back_to_one_subtransaction_each(db):
     users = await _funded(db, 3)
     bad = {**_debit(users[1]), "description": "nul \u0000 byte"}
-    results = await _batch(db, [_debit(users[0]), bad, _debit(users[2])])
+    results, rows = await _events_written(db, [_debit(users[0]), bad, _debit(users[2])])
     assert [r["status"] for r in results] == [201, 422, 201]
     assert results[1]["error"]["code"] == "invalid_input"
     # The first attempt rolled back whole; then each operation in its own.
     assert await _subtransactions(db, results) == 2
+    # The refused operation left no event; its neighbours' are the batch's one row.
+    (events,) = rows
+    assert [e["user_id"] for e in events] == [users[0], users[2]]
