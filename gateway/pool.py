@@ -60,6 +60,7 @@ class _Connection(asyncio.Protocol):
         self.paused = False
         self.drain: asyncio.Future[None] | None = None
         self.head_only = False
+        self.keep_alive = False
 
     # -- asyncio.Protocol ---------------------------------------------------------
 
@@ -96,6 +97,8 @@ class _Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self.status = self.parser.get_status_code()
+        # Asked now: after the message completes, the parser has reset its state.
+        self.keep_alive = self.parser.should_keep_alive()
         if self.head_only:
             # A HEAD answer has no body whatever its Content-Length says; this
             # connection is not reused (the parser would wait for that body).
@@ -141,6 +144,7 @@ class _Connection(asyncio.Protocol):
         self.received_any = False
         self.error = None
         self.head_only = head_only
+        self.keep_alive = False
 
     def close(self) -> None:
         self.closed = True
@@ -152,7 +156,7 @@ class _Connection(asyncio.Protocol):
             self.done
             and not self.closed
             and self.error is None
-            and self.parser.should_keep_alive()
+            and self.keep_alive
             and self.transport is not None
             and not self.transport.is_closing()
         )

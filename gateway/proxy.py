@@ -74,6 +74,11 @@ SMALL_RESPONSE = 256 * 1024
 OWN_PATHS = frozenset({"/v1/events", "/v1/events/tickets"})
 
 
+def proxied(path: str) -> bool:
+    """Whether the proxy answers `path` (rather than one of the gateway's own routes)."""
+    return (path.startswith("/v1/") or path.startswith("/.well-known/")) and path not in OWN_PATHS
+
+
 class _Route:
     """What the access log and metrics see as the route (one label per service)."""
 
@@ -111,8 +116,7 @@ class ProxyMiddleware:
             await self.app(scope, receive, send)
             return
         path: str = scope["path"]
-        proxied = path.startswith("/v1/") or path.startswith("/.well-known/")
-        if not proxied or path in OWN_PATHS:
+        if not proxied(path):
             await self.app(scope, receive, send)
             return
         try:
