@@ -30,7 +30,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._common import Result, ScratchDatabase, load, use_principal_keys  # noqa: E402
+from bench._common import (  # noqa: E402
+    CpuMeter,
+    Result,
+    ScratchDatabase,
+    load,
+    use_principal_keys,
+)
 from services.kit.principal import Principal, outgoing_header  # noqa: E402
 from services.kit.runner import Suite  # noqa: E402
 
@@ -105,19 +111,35 @@ class Caller:
 
 
 async def run_case(
-    name: str, url: str, clients: int, build: Callable[[], bytes], expect: int, errors: list[str]
+    name: str,
+    url: str,
+    clients: int,
+    build: Callable[[], bytes],
+    expect: int,
+    errors: list[str],
+    pids: dict[str, int],
 ) -> Result:
+    calls = 0
+
     async def make(_: int) -> Callable[[], Awaitable[None]]:
         conn = await Connection.open(url)
 
         async def call() -> None:
+            nonlocal calls
             status = await conn.send(build())
+            calls += 1
             if status != expect:
                 errors.append(f"{name}: {status}")
 
         return call
 
-    return await load(name, clients, SECONDS, make, warmup=1.0)
+    # CPU per call (warm-up included in both counts): the figure a loaded machine
+    # disturbs least, unlike the rates and latencies.
+    with CpuMeter(pids) as cpu:
+        result = await load(name, clients, SECONDS, make, warmup=1.0)
+    print(result.line(), flush=True)
+    print(cpu.report(per=max(calls, 1), unit="call"), flush=True)
+    return result
 
 
 async def setup(ledger: str, secret: str, users: list[str]) -> None:
@@ -137,6 +159,7 @@ async def setup(ledger: str, secret: str, users: list[str]) -> None:
 async def measure(suite: Suite, key: str) -> float:
     secret = ""  # this process signs with the suite's keys (suite.env, set in os.environ)
     ledger, gateway = suite.urls["ledger"], suite.urls["gateway"]
+    pids = {name: suite.processes[name].pid for name in ("gateway", "ledger")}
     users = [str(10**20 + secrets.randbelow(9 * 10**20)) for _ in range(USERS)]
     await setup(ledger, secret, users)
     direct, through = Caller(secret, None), Caller(None, key)
@@ -151,8 +174,7 @@ async def measure(suite: Suite, key: str) -> float:
                     else (lambda c=caller: c.debit(users))
                 )
                 name = f"{op} {label} x{clients}"
-                rows[name] = await run_case(name, url, clients, build, expect, errors)
-                print(rows[name].line(), flush=True)
+                rows[name] = await run_case(name, url, clients, build, expect, errors, pids)
     if errors:
         print(f"errors: {len(errors)}, e.g. {errors[:3]}", flush=True)
     if errors:

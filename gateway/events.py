@@ -110,6 +110,12 @@ class EventHub(BackgroundLoop):
                 response = await self.redis.xread(dict(cursor), count=500, block=1000)  # type: ignore[arg-type]
                 for stream, entries in response or []:
                     name = _id(stream)
+                    if not self._subscribers and name != self.auth_stream and entries:
+                        # Nobody listens: only the auth stream's revocations matter, so
+                        # the other streams' events are skipped undecoded (every debit
+                        # puts one here; decoding it cost the gateway ~25% of a debit).
+                        cursor[name] = _id(entries[-1][0])
+                        continue
                     for entry_id, fields in entries:
                         cursor[name] = _id(entry_id)
                         self._dispatch(name, _id(entry_id), fields)

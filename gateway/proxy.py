@@ -2,9 +2,9 @@
 
 No FastAPI routing or dependency machinery on this path: per request it
 parses the few headers it needs, admits the caller (`gateway.access`), signs
-the principal, and streams the request and response bodies through one pooled
-aiohttp session. Bodies up to `gateway_buffer_body_bytes` go in one piece;
-larger ones, and any streamed response (SSE), pass through chunk by chunk.
+the principal, and streams the request and response bodies through the service's
+keep-alive pool (`gateway.pool`). Bodies up to `gateway_buffer_body_bytes` go in
+one piece; larger ones, and any streamed response (SSE), pass through chunk by chunk.
 """
 
 from __future__ import annotations
@@ -14,12 +14,11 @@ import logging
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-import aiohttp
 import orjson
 from starlette.types import ASGIApp, Receive, Scope, Send
-from yarl import URL
 
 from gateway.access import PUBLIC_PATHS, check_scope, check_user, client_ip, is_money
+from gateway.pool import Response
 from gateway.ratelimit import rate_headers
 from services.kit.errors import (
     KuError,
@@ -31,6 +30,8 @@ from services.kit.errors import (
 )
 from services.kit.logs import request_id_var
 from services.kit.principal import PRINCIPAL_HEADER
+
+PRINCIPAL = PRINCIPAL_HEADER.encode()
 
 log = logging.getLogger("ku.gateway.proxy")
 
@@ -52,7 +53,7 @@ DROP_REQUEST = frozenset(
         b"x-api-key",
         b"authorization",
         b"cookie",
-        PRINCIPAL_HEADER.encode(),
+        PRINCIPAL,
         b"x-forwarded-for",
         b"x-request-id",
     }
@@ -71,6 +72,11 @@ DROP_RESPONSE = frozenset(
 SMALL_RESPONSE = 256 * 1024
 # The gateway's own routes under /v1/ (gateway.events).
 OWN_PATHS = frozenset({"/v1/events", "/v1/events/tickets"})
+
+
+def proxied(path: str) -> bool:
+    """Whether the proxy answers `path` (rather than one of the gateway's own routes)."""
+    return (path.startswith("/v1/") or path.startswith("/.well-known/")) and path not in OWN_PATHS
 
 
 class _Route:
@@ -110,8 +116,7 @@ class ProxyMiddleware:
             await self.app(scope, receive, send)
             return
         path: str = scope["path"]
-        proxied = path.startswith("/v1/") or path.startswith("/.well-known/")
-        if not proxied or path in OWN_PATHS:
+        if not proxied(path):
             await self.app(scope, receive, send)
             return
         try:
@@ -138,11 +143,11 @@ class ProxyMiddleware:
         scope["route"] = self._label(route)
 
         headers: dict[bytes, bytes] = {}
-        forward: list[tuple[str, str]] = []
+        forward: list[tuple[bytes, bytes]] = []
         for name, value in scope["headers"]:
             headers[name] = value
             if name not in DROP_REQUEST:
-                forward.append((name.decode("latin-1"), value.decode("latin-1")))
+                forward.append((name, value))
         query: str = scope["query_string"].decode("latin-1")
         method: str = scope["method"]
         ip = client_ip(scope, headers, settings)
@@ -186,11 +191,11 @@ class ProxyMiddleware:
         extra_headers = rate_headers(decision)
 
         if principal_header is not None:
-            forward.append((PRINCIPAL_HEADER, principal_header))
+            forward.append((PRINCIPAL, principal_header.encode()))
         request_id = request_id_var.get()
         if request_id:
-            forward.append(("x-request-id", request_id))
-        forward.append(("x-forwarded-for", ip))
+            forward.append((b"x-request-id", request_id.encode("latin-1")))
+        forward.append((b"x-forwarded-for", ip.encode("latin-1")))
 
         data: bytes | AsyncIterator[bytes] | None = body
         if body is None and (length or chunked):
@@ -199,73 +204,60 @@ class ProxyMiddleware:
             else:
                 data = _stream_body(receive, max_body)
 
-        raw_path = scope.get("raw_path") or path.encode()
-        target = gw.upstreams.urls[service] + raw_path.decode("latin-1")
+        target: bytes = scope.get("raw_path") or path.encode()
         if query:
-            target += "?" + query
-        await self._forward(
-            method, URL(target, encoded=True), forward, data, send, receive, extra_headers, service
-        )
+            target += b"?" + scope["query_string"]
+        await self._forward(method, target, forward, data, send, receive, extra_headers, service)
 
     async def _forward(
         self,
         method: str,
-        url: URL,
-        headers: list[tuple[str, str]],
+        target: bytes,
+        headers: list[tuple[bytes, bytes]],
         data: bytes | AsyncIterator[bytes] | None,
         send: Send,
         receive: Receive,
         extra_headers: list[tuple[bytes, bytes]],
         service: str,
     ) -> None:
+        upstreams = self.gateway.upstreams
         started = False
+        resp: Response | None = None
         try:
-            async with self.gateway.upstreams.session.request(
-                method,
-                url,
-                headers=headers,
-                data=data,
-                allow_redirects=False,
-                **self.gateway.upstreams.timeout_for(service),
-            ) as resp:
-                out = [
-                    (name.lower(), value)
-                    for name, value in resp.raw_headers
-                    if name.lower() not in DROP_RESPONSE
-                ]
-                out += extra_headers
-                length = resp.content_length
-                if resp.status >= 500 and not _is_json(resp):
-                    # A service's bare 5xx (a crash before its own handlers, a proxy in
-                    # between): the client still gets JSON, with a code.
-                    text = await resp.content.read(512)
-                    log.warning("upstream %s answered %s: %r", service, resp.status, text[:200])
-                    started = True
-                    error: KuError = (
-                        ServiceUnavailable(
-                            f"The {service} service is unavailable",
-                            code="upstream_unavailable",
-                            service=service,
-                        )
-                        if resp.status == 503
-                        else UpstreamError(
-                            f"The {service} service failed", service=service, status=resp.status
-                        )
+            resp = await upstreams.pools[service].request(
+                method, target, headers, data, read_timeout=upstreams.read_timeout_for(service)
+            )
+            out = [(name, value) for name, value in resp.headers if name not in DROP_RESPONSE]
+            out += extra_headers
+            length = resp.content_length
+            if resp.status >= 500 and not _is_json(resp):
+                # A service's bare 5xx (a crash before its own handlers, a proxy in
+                # between): the client still gets JSON, with a code.
+                text = await resp.read(512)
+                log.warning("upstream %s answered %s: %r", service, resp.status, text[:200])
+                started = True
+                error: KuError = (
+                    ServiceUnavailable(
+                        f"The {service} service is unavailable",
+                        code="upstream_unavailable",
+                        service=service,
                     )
-                    await send_error(send, error, extra_headers)
-                    return
-                streaming = length is None or length > SMALL_RESPONSE
-                if not streaming:
-                    payload = await resp.read()
-                    started = True
-                    await send(
-                        {"type": "http.response.start", "status": resp.status, "headers": out}
+                    if resp.status == 503
+                    else UpstreamError(
+                        f"The {service} service failed", service=service, status=resp.status
                     )
-                    await send({"type": "http.response.body", "body": payload})
-                    return
+                )
+                await send_error(send, error, extra_headers)
+                return
+            if length is not None and length <= SMALL_RESPONSE:
+                payload = await resp.read()
                 started = True
                 await send({"type": "http.response.start", "status": resp.status, "headers": out})
-                await _pump(resp, send, receive)
+                await send({"type": "http.response.body", "body": payload})
+                return
+            started = True
+            await send({"type": "http.response.start", "status": resp.status, "headers": out})
+            await _pump(resp, send, receive)
         except _TooLarge:
             if started:
                 raise
@@ -276,28 +268,29 @@ class ProxyMiddleware:
             await send_error(
                 send, UpstreamTimeout(f"The {service} service timed out", service=service)
             )
-        except aiohttp.ClientError as exc:
+        except OSError as exc:  # refused, reset, closed early, not HTTP
             if started:
                 raise
-            if isinstance(exc.__cause__, _TooLarge) or isinstance(exc.__context__, _TooLarge):
-                await send_error(send, PayloadTooLarge("Request body too large"))
-                return
-            log.warning("upstream %s failed: %s", service, exc)
+            log.warning("upstream %s failed: %r", service, exc)
             await send_error(
                 send, UpstreamError(f"The {service} service is unreachable", service=service)
             )
+        finally:
+            if resp is not None:
+                resp.release()  # back to the pool when the answer was read whole, else closed
 
 
-def _is_json(resp: aiohttp.ClientResponse) -> bool:
-    kind = resp.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+def _is_json(resp: Response) -> bool:
+    kind = (resp.header(b"content-type") or b"").decode("latin-1")
+    kind = kind.split(";", 1)[0].strip().lower()
     return kind == "application/json" or kind.endswith("+json")
 
 
-async def _pump(resp: aiohttp.ClientResponse, send: Send, receive: Receive) -> None:
+async def _pump(resp: Response, send: Send, receive: Receive) -> None:
     """Copy a streamed response, stopping as soon as the client goes away."""
 
     async def copy() -> None:
-        async for chunk in resp.content.iter_any():
+        async for chunk in resp.iter_chunks():
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
         await send({"type": "http.response.body", "body": b""})
 

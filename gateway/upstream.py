@@ -1,10 +1,10 @@
-"""The gateway's one HTTP client to the services (aiohttp, one pooled session).
+"""The gateway's HTTP clients to the services.
 
-aiohttp rather than httpx: measured as the cheaper client per proxied request
-(see bench/gateway.py and the gateway notes in docs). `call()` is for the
-gateway's own JSON calls (auth verify, compat, OpenAPI); the proxy streams
-through the same session. Service errors come back as kit errors
-(`error_from_upstream`), so every caller renders them one way.
+The proxy's requests go through `gateway.pool` (one keep-alive pool per service, a
+lean HTTP/1.1 client: the per-request cost of a general client was most of the
+gateway's added latency). `call()` is for the gateway's own JSON calls (auth verify,
+compat, OpenAPI), through one pooled aiohttp session. Service errors come back as kit
+errors (`error_from_upstream`), so every caller renders them one way.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import aiohttp
 import orjson
 
 from gateway.config import GatewaySettings
+from gateway.pool import Pool
 from services.kit.errors import (
     KuError,
     UpstreamError,
@@ -57,15 +58,10 @@ class Upstreams:
     def __init__(self, settings: GatewaySettings) -> None:
         self.settings = settings
         self.urls = {name: settings.service_url(name) for name in SERVICES}
-        self._timeouts = {
-            "generation": {
-                "timeout": aiohttp.ClientTimeout(
-                    total=None,
-                    sock_connect=settings.gateway_connect_timeout_seconds,
-                    sock_read=settings.gateway_generation_timeout_seconds,
-                )
-            }
-        }
+        # The proxy's read timeout per service: generation's non-streamed answers may
+        # take minutes; everything else gets the general one.
+        self._read_timeouts = {"generation": settings.gateway_generation_timeout_seconds}
+        self.pools: dict[str, Pool] = {}
         self._session: aiohttp.ClientSession | None = None
 
     @property
@@ -74,11 +70,21 @@ class Upstreams:
             raise RuntimeError("gateway upstreams not started")
         return self._session
 
-    def timeout_for(self, service: str) -> dict[str, aiohttp.ClientTimeout]:
-        """Request options for a call to `service`: its own read timeout if it has one."""
-        return self._timeouts.get(service, {})
+    def read_timeout_for(self, service: str) -> float:
+        """The proxy's read timeout for `service`: its own if it has one."""
+        return self._read_timeouts.get(service, self.settings.gateway_upstream_timeout_seconds)
 
     async def start(self) -> None:
+        # Idle connections are dropped after 4 s, before uvicorn's own 5 s keep-alive
+        # closes them (gateway.pool).
+        self.pools = {
+            name: Pool(
+                url,
+                connect_timeout=self.settings.gateway_connect_timeout_seconds,
+                idle_seconds=4,
+            )
+            for name, url in self.urls.items()
+        }
         # Idle upstream connections close before uvicorn's own 5 s keep-alive does: a
         # request sent on a connection the server is closing would come back as a 502.
         connector = aiohttp.TCPConnector(
@@ -97,6 +103,9 @@ class Upstreams:
         )
 
     async def stop(self) -> None:
+        for pool in self.pools.values():
+            pool.close()
+        self.pools = {}
         if self._session is not None:
             await self._session.close()
             self._session = None

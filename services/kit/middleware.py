@@ -69,6 +69,10 @@ class RequestContextMiddleware:
         # The gateway turns this off: its compat routes answer in the seeds' shape, and
         # what it proxies is checked by the service it reaches.
         self.check_url = check_url
+        # Prometheus children by label values: `labels()` takes a lock and builds a
+        # key on every call; routes and statuses are few, so these dicts stay small.
+        self._counts: dict[tuple[str, str, int], Any] = {}
+        self._latency: dict[str, Any] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -131,8 +135,17 @@ class RequestContextMiddleware:
             elapsed = time.perf_counter() - start
             route = scope.get("route")
             path = getattr(route, "path", None) or "unmatched"
-            REQUESTS.labels(self.service, scope["method"], path, str(status)).inc()
-            LATENCY.labels(self.service, path).observe(elapsed)
+            key = (scope["method"], path, status)
+            count = self._counts.get(key)
+            if count is None:
+                count = self._counts[key] = REQUESTS.labels(
+                    self.service, scope["method"], path, str(status)
+                )
+            count.inc()
+            latency = self._latency.get(path)
+            if latency is None:
+                latency = self._latency[path] = LATENCY.labels(self.service, path)
+            latency.observe(elapsed)
             if scope["path"] not in _QUIET and log.isEnabledFor(logging.INFO):
                 log.info(
                     "%s %s %s",
