@@ -152,3 +152,14 @@ class TestHotPath:
             )
             assert r.status_code == 401, r.text
         assert (await balance(ledger, user))["available"] == 8.5
+
+    async def test_balance_fast_path_and_fallback(self, ledger, funded_user):
+        user = await funded_user(4)
+        url = "/v1/ledger/balance"
+        r = await ledger.get(url, params={"user_id": user}, headers=operator())
+        assert r.status_code == 200 and r.json()["available"] == 4, r.text
+        for params in ({}, {"user_id": "not a user id!"}):
+            r = await ledger.get(url, params=params, headers=operator())
+            assert r.status_code == 422, r.text
+        for params in ({"user_id": user}, {}):
+            assert (await ledger.get(url, params=params)).status_code == 401
