@@ -15,7 +15,8 @@ The second baseline is the ledger's own SQL ceiling: `ledger.apply_batch` called
 directly over asyncpg from DIRECT_CONNECTIONS connections, each call 100 debits of
 random users out of 2,000 (sorted by user, with the `auth` object and idempotency
 fields the service sends). The HTTP batch case posts the same 100 debits to
-POST /v1/ledger/batch from BATCH_CLIENTS clients.
+POST /v1/ledger/batch from BATCH_CLIENTS clients. "http balance, many users": 32 clients
+reading GET /v1/ledger/balance (no bar; the read route's ledger CPU per request).
 
 Printed: every rate with p50/p99 per case (per call: a batch's latency for the batch
 cases), `ledger verify` after the load, the four ratios of issue 13 against their bars:
@@ -234,6 +235,40 @@ async def http_batch_case(port: int, name: str, users: list[str]) -> Result:
     return Result(name, result.count * BATCH, result.seconds, result.latencies)
 
 
+async def http_balance_case(port: int, name: str, users: list[str], pid: int) -> Result:
+    """Balance reads (`GET /v1/ledger/balance`), CLIENTS at once: the read route's
+    per-request cost, printed as ledger process CPU per read."""
+    principal = Principal(kind="app", app="bench", scopes=frozenset({"ledger:read", "users:any"}))
+    value = outgoing_header(principal, audience="ledger")
+    connections: list[RawHTTPConnection] = []
+
+    async def make(i: int):
+        conn = RawHTTPConnection("127.0.0.1", port)
+        await conn.connect()
+        connections.append(conn)
+
+        async def call() -> None:
+            user = users[secrets.randbelow(len(users))]
+            status, _ = await conn.request(
+                "GET", f"/v1/ledger/balance?user_id={user}", b"", {"x-ku-principal": value}
+            )
+            if status != 200:
+                raise RuntimeError(f"{name}: balance answered {status}")
+
+        return call
+
+    cpu = _cpu_seconds(pid)
+    try:
+        result = await load(name, CLIENTS, SECONDS, make)
+    finally:
+        for conn in connections:
+            await conn.close()
+    cpu = _cpu_seconds(pid) - cpu
+    print(result.line(), flush=True)
+    print(f"    ledger process CPU {cpu / max(result.count, 1) * 1e6:6.0f} us per read", flush=True)
+    return result
+
+
 async def http_case(port: int, secret: str, name: str, users: list[str]) -> Result:
     principal = Principal(kind="app", app="bench", scopes=frozenset({"ledger:write", "users:any"}))
     header: dict[str, Any] = {
@@ -419,6 +454,7 @@ async def main() -> None:
             http_batch = await http_batch_case(port, f"http batch x{BATCH}", many)
             print(http_batch.line(), flush=True)
             print("    " + await cpu.stop(), flush=True)
+            await http_balance_case(port, "http balance, many users", many, proc.pid)
             single = await one_client_holds(port, db.dsn, many[0])
             for result in single.values():
                 print(result.line(), flush=True)

@@ -1,12 +1,15 @@
 from __future__ import annotations
 
 import base64
+from collections.abc import Callable, Coroutine
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import orjson
 from fastapi import APIRouter, Depends, Query, Request, Response
-from pydantic import BaseModel
+from fastapi.routing import APIRoute
+from fastapi.telemetry import get_telemetry_data
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from services.kit.authority import Permit, authorize
 from services.kit.db import Session
@@ -53,7 +56,106 @@ from services.ledger.schemas import (
 )
 from services.ledger.service import Keys, Ledger, Outcome, idempotency_key, result_error
 
-router = APIRouter(prefix="/v1/ledger", tags=["ledger"])
+
+class _HotRoute(APIRoute):
+    """A route whose endpoint is marked `@_hot(Model)` answers the well-formed request
+    without FastAPI's per-request dependency solve: the JSON body is parsed (orjson)
+    and validated by the same model in the same (python) mode, the principal is the
+    same `get_principal`, then the endpoint runs. Anything off that path (another
+    content type, a body that does not parse or validate, OpenTelemetry tracing on)
+    goes to FastAPI's own handler, which answers exactly as before: the 4xx bodies and
+    their order (JSON errors, then the principal, then validation) are FastAPI's. The
+    route, its signature and the OpenAPI are unchanged (docs/ledger.md "The hot path")."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+        endpoint = self.endpoint
+        query: dict[str, TypeAdapter[Any]] | None = getattr(endpoint, "_ku_hot_query", None)
+        if query is not None:
+            return _query_fast_path(endpoint, query, handler)
+        hot: tuple[type[BaseModel], bool] | None = getattr(endpoint, "_ku_hot_body", None)
+        if hot is None:
+            return handler
+        model, optional = hot
+
+        async def app(request: Request) -> Response:
+            if (
+                request.headers.get("content-type") != "application/json"
+                or get_telemetry_data() is not None
+            ):
+                return await handler(request)
+            raw = await request.body()
+            if not raw and not optional:
+                return await handler(request)
+            try:
+                body = model.model_validate(orjson.loads(raw)) if raw else None
+            except (orjson.JSONDecodeError, ValidationError):
+                return await handler(request)
+            principal = await get_principal(request)
+            response: Response = await endpoint(
+                body=body, request=request, principal=principal, **request.path_params
+            )
+            return response
+
+        return app
+
+
+def _query_fast_path(
+    endpoint: Callable[..., Any],
+    query: dict[str, TypeAdapter[Any]],
+    handler: Callable[[Request], Coroutine[Any, Any, Response]],
+) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+    """A GET route's fast path: each query parameter read as FastAPI reads it (the last
+    value) and validated by its own type; a missing or invalid one goes to FastAPI."""
+
+    async def app(request: Request) -> Response:
+        if get_telemetry_data() is not None:
+            return await handler(request)
+        params = request.query_params
+        values: dict[str, Any] = {}
+        for name, adapter in query.items():
+            value = params.get(name)
+            if value is None:
+                return await handler(request)
+            try:
+                values[name] = adapter.validate_python(value)
+            except ValidationError:
+                return await handler(request)
+        principal = await get_principal(request)
+        response: Response = await endpoint(request=request, principal=principal, **values)
+        return response
+
+    return app
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _hot(model: type[BaseModel], *, optional: bool = False) -> Callable[[_F], _F]:
+    """Mark a route for `_HotRoute`'s fast path: its body is `model` (or None when
+    `optional` and the body is empty); its other arguments are `request`, `principal`
+    and its path parameters (plain strings)."""
+
+    def mark(endpoint: _F) -> _F:
+        endpoint._ku_hot_body = (model, optional)  # type: ignore[attr-defined]
+        return endpoint
+
+    return mark
+
+
+def _hot_query(**params: Any) -> Callable[[_F], _F]:
+    """Mark a GET route for `_HotRoute`'s fast path: its required query parameters and
+    their types; its other arguments are `request` and `principal`."""
+
+    def mark(endpoint: _F) -> _F:
+        adapters = {name: TypeAdapter(kind) for name, kind in params.items()}
+        endpoint._ku_hot_query = adapters  # type: ignore[attr-defined]
+        return endpoint
+
+    return mark
+
+
+router = APIRouter(prefix="/v1/ledger", tags=["ledger"], route_class=_HotRoute)
 
 CurrentPrincipal = Annotated[Principal, Depends(get_principal)]
 
@@ -192,6 +294,7 @@ def _respond(outcome: Outcome, model: type[BaseModel]) -> Response:
 
 
 @router.get("/balance", response_model=Balance, responses=ERRORS)
+@_hot_query(user_id=UserId)
 async def get_balance(user_id: UserId, principal: CurrentPrincipal, request: Request) -> Response:
     """A user's spendable, held and total credit, per source, with the next expiry."""
     permit = _permit("ledger.read", principal, request)
@@ -245,6 +348,7 @@ async def open_account(
 
 
 @router.post("/grants", status_code=201, response_model=Grant, responses=ERRORS)
+@_hot(GrantCreate)
 async def create_grant(
     body: GrantCreate,
     request: Request,
@@ -284,6 +388,7 @@ def _grant_op(body: GrantCreate, permit: Permit) -> tuple[dict[str, Any], str | 
     response_model=Debit,
     responses={**ERRORS, **error_responses({402: INSUFFICIENT})},
 )
+@_hot(DebitCreate)
 async def create_debit(
     body: DebitCreate,
     request: Request,
@@ -317,6 +422,7 @@ def _debit_op(body: DebitCreate, permit: Permit) -> tuple[dict[str, Any], str | 
     response_model=HoldResult,
     responses={**ERRORS, **error_responses({402: INSUFFICIENT})},
 )
+@_hot(HoldCreate)
 async def create_hold(
     body: HoldCreate,
     request: Request,
@@ -395,6 +501,7 @@ def _resolve_op(kind: str, hold_id: str, amount: int | None, permit: Permit) -> 
 
 
 @router.post("/holds/{hold_id}/capture", response_model=HoldResult, responses=ERRORS)
+@_hot(CaptureIn, optional=True)
 async def capture_hold(
     hold_id: str,
     request: Request,
@@ -408,6 +515,7 @@ async def capture_hold(
 
 
 @router.post("/holds/{hold_id}/release", response_model=HoldResult, responses=ERRORS)
+@_hot(ReleaseIn, optional=True)
 async def release_hold(
     hold_id: str,
     request: Request,

@@ -122,3 +122,44 @@ class TestBadInput:
         )
         assert r.status_code == 403
         assert (await balance(ledger, bob))["available"] == 10
+
+
+class TestHotPath:
+    """The hot routes' fast path (`_HotRoute`, a well-formed `application/json` body) and
+    FastAPI's handler (any other content type, or a body that fails) answer alike."""
+
+    async def test_fast_path_and_fallback_share_idempotency_and_errors(self, ledger, funded_user):
+        user = await funded_user(10)
+        k = key()
+        payload = b'{"user_id": "%s", "amount": 1.5}' % user.encode()
+        fast = {**penora(), **k, "content-type": "application/json"}
+        slow = {**penora(), **k, "content-type": "application/json; charset=utf-8"}
+        first = await ledger.post("/v1/ledger/debits", content=payload, headers=fast)
+        assert first.status_code == 201, first.text
+        assert "idempotent-replayed" not in first.headers
+        again = await ledger.post("/v1/ledger/debits", content=payload, headers=slow)
+        assert again.status_code == 201 and again.headers["idempotent-replayed"] == "true"
+        assert again.json() == first.json()
+        other = b'{"user_id": "%s", "amount": 2}' % user.encode()
+        for headers in (fast, slow):
+            r = await ledger.post("/v1/ledger/debits", content=other, headers=headers)
+            assert r.status_code == 409, r.text
+            assert r.json()["error"]["code"] == "idempotency_key_reused"
+        # Without a principal: 401 first, whether the body validates or not.
+        for body in (payload, b'{"amount": -1}'):
+            r = await ledger.post(
+                "/v1/ledger/debits", content=body, headers={"content-type": "application/json"}
+            )
+            assert r.status_code == 401, r.text
+        assert (await balance(ledger, user))["available"] == 8.5
+
+    async def test_balance_fast_path_and_fallback(self, ledger, funded_user):
+        user = await funded_user(4)
+        url = "/v1/ledger/balance"
+        r = await ledger.get(url, params={"user_id": user}, headers=operator())
+        assert r.status_code == 200 and r.json()["available"] == 4, r.text
+        for params in ({}, {"user_id": "not a user id!"}):
+            r = await ledger.get(url, params=params, headers=operator())
+            assert r.status_code == 422, r.text
+        for params in ({"user_id": user}, {}):
+            assert (await ledger.get(url, params=params)).status_code == 401
