@@ -14,9 +14,11 @@ from services.generation.catalog import Catalog
 from services.generation.config import GenerationSettings, get_settings
 from services.generation.models import SCHEMA
 from services.generation.providers import Router, build_providers, check_production
+from services.generation.records import Records
 from services.generation.service import GenerationEngine, drain_background
 from services.generation.stories import Stories, StoryLeases
 from services.kit.app import create_service_app
+from services.kit.db import plain_url
 from services.kit.service_client import ServiceClient
 
 DESCRIPTION = """
@@ -53,12 +55,14 @@ def create_app() -> FastAPI:
         client = ServiceClient(settings, me="generation")
         router = Router(settings, catalog, build_providers(settings), app.state.redis)
         billing = Billing(client, settings.generation_hold_ttl_seconds)
+        records = Records(plain_url(settings.database_url))
         app.state.service_client = client
         app.state.generation = GenerationEngine(
             catalog=catalog,
             router=router,
             billing=billing,
             sessionmaker=app.state.sessionmaker,
+            records=records,
             flush_seconds=settings.generation_stream_flush_ms / 1000,
         )
         stories = Stories(
@@ -79,6 +83,8 @@ def create_app() -> FastAPI:
             await stories.stop()
             await drain_background()
             await router.aclose()
+            await billing.aclose()
+            await records.aclose()
             await client.aclose()
 
     return create_service_app(
