@@ -22,6 +22,7 @@ import asyncio
 import hashlib
 import logging
 import random
+import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -38,6 +39,8 @@ from services.kit.errors import ServiceUnavailable, UpstreamError, UpstreamTimeo
 log = logging.getLogger("ku.generation.providers")
 
 Message = dict[str, str]
+
+SUCCESS_EVERY = 1.0
 
 
 class ProviderError(Exception):
@@ -335,6 +338,11 @@ class Router:
             )
             for name in providers
         }
+        # When this process last told a provider's breaker of a success (monotonic), or
+        # 0 after a failure: a success is recorded at most once a second per provider
+        # while nothing failed (each is a Redis round trip per generation otherwise; the
+        # same second of staleness the breaker's closed cache already accepts).
+        self._succeeded: dict[str, float] = {}
 
     async def stream(
         self,
@@ -374,9 +382,13 @@ class Router:
                         yield delta
                     if not delivered:
                         served.append(Served(candidate, provider.name, provider.offline))
-                    await breaker.record_success()
+                    now = time.monotonic()
+                    if now - self._succeeded.get(candidate.provider, 0.0) >= SUCCESS_EVERY:
+                        self._succeeded[candidate.provider] = now
+                        await breaker.record_success()
                     return
                 except ProviderError as exc:
+                    self._succeeded[candidate.provider] = 0.0
                     await breaker.record_failure()
                     log.warning("model %s via %s: %s", candidate.id, provider.name, exc)
                     if delivered:
