@@ -63,7 +63,6 @@ def create_app() -> FastAPI:
             billing=billing,
             sessionmaker=app.state.sessionmaker,
             records=records,
-            flush_seconds=settings.generation_stream_flush_ms / 1000,
         )
         stories = Stories(
             catalog=catalog,

@@ -216,12 +216,11 @@ class Job:
         producer = asyncio.create_task(produce())
         delivered: list[str] = []
         finished = False
-        flush = self.engine.flush_seconds
         try:
             while True:
-                if delivered and flush:
-                    # At most one write per `flush`: what arrives meanwhile joins it.
-                    await asyncio.sleep(flush)
+                # The provider's reads are paced (`OpenAICompatible.pace_seconds`, the
+                # flush interval), so waiting here too would only add latency and a
+                # timer per write.
                 item = await queue.get()
                 if item is done:
                     finished = True
@@ -352,14 +351,12 @@ class GenerationEngine:
         billing: Billing,
         sessionmaker: async_sessionmaker[AsyncSession],
         records: Records,
-        flush_seconds: float = 0.0,
     ) -> None:
         self.catalog = catalog
         self.router = router
         self.billing = billing
         self.sessionmaker = sessionmaker
         self.records = records
-        self.flush_seconds = flush_seconds
 
     async def start(
         self,
