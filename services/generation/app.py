@@ -18,7 +18,6 @@ from services.generation.records import Records
 from services.generation.service import GenerationEngine, drain_background
 from services.generation.stories import Stories, StoryLeases
 from services.kit.app import create_service_app
-from services.kit.db import plain_url
 from services.kit.service_client import ServiceClient
 
 DESCRIPTION = """
@@ -55,7 +54,7 @@ def create_app() -> FastAPI:
         client = ServiceClient(settings, me="generation")
         router = Router(settings, catalog, build_providers(settings), app.state.redis)
         billing = Billing(client, settings.generation_hold_ttl_seconds)
-        records = Records(plain_url(settings.database_url))
+        records = Records(app.state.engine)
         app.state.service_client = client
         app.state.generation = GenerationEngine(
             catalog=catalog,
@@ -83,7 +82,6 @@ def create_app() -> FastAPI:
             await drain_background()
             await router.aclose()
             await billing.aclose()
-            await records.aclose()
             await client.aclose()
 
     return create_service_app(

@@ -1,10 +1,10 @@
 """A generation's row: inserted once its first words are out, updated at settlement.
 
-Two statements per generation, on asyncpg directly (a small pool of its own): each is
-one autocommitted statement, so one round trip, where a SQLAlchemy unit of work costs
-BEGIN, the statement and COMMIT, plus its compile and session machinery (measured
-under bench/generation.py at ~9 % of the generation process's CPU). Nothing else
-happens in these connections, so the pool skips asyncpg's reset query on release.
+Two statements per generation, each sent on the asyncpg connection under the
+service's SQLAlchemy pool (no connections of its own): one autocommitted statement,
+so one round trip, where a SQLAlchemy unit of work costs BEGIN, the statement and
+COMMIT, plus its compile and session machinery (measured under bench/generation.py at
+~9 % of the generation process's CPU).
 
 Writing a row is best effort: a failure is logged and the generation goes on (the
 money is on the ledger: the hold, then its capture or release).
@@ -12,12 +12,11 @@ money is on the ledger: the hold, then its capture or release).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import uuid
 from typing import Any
 
-import asyncpg
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.generation.models import SCHEMA
 
@@ -35,35 +34,20 @@ _FINISH = (
 )
 
 
-async def _no_reset(_: asyncpg.Connection) -> None:
-    return None
-
-
 class Records:
-    def __init__(self, dsn: str, *, max_connections: int = 4) -> None:
-        self.dsn = dsn
-        self.max_connections = max_connections
-        self._pool: asyncpg.Pool | None = None
-        self._opening = asyncio.Lock()
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
 
-    async def _get(self) -> asyncpg.Pool:
-        # Opened on first use: the service starts (and answers /health) without it.
-        if self._pool is None:
-            async with self._opening:
-                if self._pool is None:
-                    self._pool = await asyncpg.create_pool(
-                        self.dsn, min_size=1, max_size=self.max_connections, reset=_no_reset
-                    )
-        return self._pool
-
-    async def aclose(self) -> None:
-        if self._pool is not None:
-            await self._pool.close()
+    async def _execute(self, sql: str, *args: Any) -> None:
+        async with self.engine.connect() as conn:
+            raw = await conn.get_raw_connection()
+            # No transaction was begun through SQLAlchemy: the statement commits alone,
+            # and the connection goes back to the pool without a rollback round trip.
+            await raw.driver_connection.execute(sql, *args)  # type: ignore[union-attr]
 
     async def start(self, record: dict[str, Any]) -> None:
         try:
-            pool = await self._get()
-            await pool.execute(
+            await self._execute(
                 _INSERT,
                 record["id"],
                 record["user_id"],
@@ -80,8 +64,7 @@ class Records:
 
     async def finish(self, generation_id: str, values: dict[str, Any]) -> None:
         try:
-            pool = await self._get()
-            await pool.execute(
+            await self._execute(
                 _FINISH,
                 uuid.UUID(generation_id),
                 values["status"],
