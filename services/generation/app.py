@@ -14,6 +14,7 @@ from services.generation.catalog import Catalog
 from services.generation.config import GenerationSettings, get_settings
 from services.generation.models import SCHEMA
 from services.generation.providers import Router, build_providers, check_production
+from services.generation.records import Records
 from services.generation.service import GenerationEngine, drain_background
 from services.generation.stories import Stories, StoryLeases
 from services.kit.app import create_service_app
@@ -53,13 +54,14 @@ def create_app() -> FastAPI:
         client = ServiceClient(settings, me="generation")
         router = Router(settings, catalog, build_providers(settings), app.state.redis)
         billing = Billing(client, settings.generation_hold_ttl_seconds)
+        records = Records(app.state.engine)
         app.state.service_client = client
         app.state.generation = GenerationEngine(
             catalog=catalog,
             router=router,
             billing=billing,
             sessionmaker=app.state.sessionmaker,
-            flush_seconds=settings.generation_stream_flush_ms / 1000,
+            records=records,
         )
         stories = Stories(
             catalog=catalog,
@@ -79,6 +81,7 @@ def create_app() -> FastAPI:
             await stories.stop()
             await drain_background()
             await router.aclose()
+            await billing.aclose()
             await client.aclose()
 
     return create_service_app(

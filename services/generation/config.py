@@ -34,9 +34,10 @@ class GenerationSettings(KuSettings):
     # Breaker per provider, shared through Redis by every process.
     generation_breaker_failures: int = 5
     generation_breaker_open_seconds: float = 30.0
-    # A streamed answer is written to the client at most once per this many ms (the
-    # first words at once): what arrived meanwhile goes out in one chunk. Fewer, larger
-    # writes for every hop; 0 writes each provider read as it comes.
+    # A provider's stream is read at most once per this many ms once text has come (the
+    # first words at once): the tokens that arrived meanwhile are read, parsed and
+    # written to the client as one chunk. Fewer, larger reads and writes for every
+    # hop; 0 reads and writes each token as it comes.
     generation_stream_flush_ms: int = Field(default=20, ge=0, le=1000)
     # A hold outlives any generation; if this process dies the ledger expires it.
     generation_hold_ttl_seconds: int = 900

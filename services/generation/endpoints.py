@@ -247,9 +247,12 @@ async def run(
     first, deltas = await first_then_rest(job)
 
     async def body() -> AsyncIterator[bytes]:
-        yield sse("start", {"id": job.id, "model": model.id})
-        if first is not None:
-            yield sse("delta", {"text": first})
+        start = sse("start", {"id": job.id, "model": model.id})
+        if first is None:
+            yield start
+        else:
+            # One write for both: each write is a send on every hop.
+            yield start + sse("delta", {"text": first})
             async for delta in deltas:
                 yield sse("delta", {"text": delta})
         outcome = await job.finish_stream()

@@ -158,17 +158,20 @@ async def chat_completions(
         return b"data: " + orjson.dumps(data) + b"\n\n"
 
     async def stream() -> AsyncIterator[bytes]:
-        yield chunk({"role": "assistant", "content": ""})
+        # Events that are ready together go out in one write (each write is a send on
+        # every hop): the role with the first words, the last chunk with [DONE].
+        opening = chunk({"role": "assistant", "content": ""})
         if first is not None:
-            yield chunk({"content": first})
+            yield opening + chunk({"content": first})
             async for delta in deltas:
                 yield chunk({"content": delta})
+        else:
+            yield opening
         outcome = await job.finish_stream()
         if outcome.error is not None and outcome.words == 0:
             yield b"data: " + orjson.dumps(outcome.error.body()) + b"\n\n"
             return
-        yield chunk({}, outcome.finish_reason, ku=_ku(outcome))
-        yield b"data: [DONE]\n\n"
+        yield chunk({}, outcome.finish_reason, ku=_ku(outcome)) + b"data: [DONE]\n\n"
 
     return StreamingResponse(
         stream(),

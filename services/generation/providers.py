@@ -22,6 +22,7 @@ import asyncio
 import hashlib
 import logging
 import random
+import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -38,6 +39,8 @@ from services.kit.errors import ServiceUnavailable, UpstreamError, UpstreamTimeo
 log = logging.getLogger("ku.generation.providers")
 
 Message = dict[str, str]
+
+SUCCESS_EVERY = 1.0
 
 
 class ProviderError(Exception):
@@ -71,8 +74,21 @@ class OpenAICompatible:
 
     offline = False
 
-    def __init__(self, name: str, base_url: str, api_key: str, *, timeout_seconds: float) -> None:
+    def __init__(
+        self,
+        name: str,
+        base_url: str,
+        api_key: str,
+        *,
+        timeout_seconds: float,
+        pace_seconds: float = 0.0,
+    ) -> None:
         self.name = name
+        # After each piece of text, the socket is left unread this long (the stream's
+        # flush interval): tokens that arrive meanwhile wait in the kernel and come in
+        # one read, parsed in one step. Read one by one, every token costs a receive, a
+        # wake-up of this generator chain and a timer reset in aiohttp.
+        self.pace_seconds = pace_seconds
         self.base_url = base_url.rstrip("/")
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         # A stall is a read that waits longer than the timeout; a long answer that
@@ -121,6 +137,9 @@ class OpenAICompatible:
                     )
                 events = SSEParser()
                 finished = done = False
+                pace = self.pace_seconds
+                connection = response.connection
+                transport = connection.transport if connection is not None else None
                 async for data in response.content.iter_any():
                     texts: list[str] = []
                     for event in events.feed(data):
@@ -132,6 +151,13 @@ class OpenAICompatible:
                         yield "".join(texts)
                     if done:
                         break
+                    if texts and pace and transport is not None and transport.is_reading():
+                        transport.pause_reading()
+                        try:
+                            await asyncio.sleep(pace)
+                        finally:
+                            if not transport.is_closing():
+                                transport.resume_reading()
                 else:
                     # The stream ended: an event the provider did not close with a
                     # blank line still counts.
@@ -257,6 +283,7 @@ def build_providers(settings: GenerationSettings) -> dict[str, Provider]:
             str(raw.get("base_url") or ""),
             str(raw.get("api_key") or settings.generation_api_key),
             timeout_seconds=settings.generation_timeout_seconds,
+            pace_seconds=settings.generation_stream_flush_ms / 1000,
         )
     return providers
 
@@ -311,6 +338,11 @@ class Router:
             )
             for name in providers
         }
+        # When this process last told a provider's breaker of a success (monotonic), or
+        # 0 after a failure: a success is recorded at most once a second per provider
+        # while nothing failed (each is a Redis round trip per generation otherwise; the
+        # same second of staleness the breaker's closed cache already accepts).
+        self._succeeded: dict[str, float] = {}
 
     async def stream(
         self,
@@ -350,9 +382,13 @@ class Router:
                         yield delta
                     if not delivered:
                         served.append(Served(candidate, provider.name, provider.offline))
-                    await breaker.record_success()
+                    now = time.monotonic()
+                    if now - self._succeeded.get(candidate.provider, 0.0) >= SUCCESS_EVERY:
+                        self._succeeded[candidate.provider] = now
+                        await breaker.record_success()
                     return
                 except ProviderError as exc:
+                    self._succeeded[candidate.provider] = 0.0
                     await breaker.record_failure()
                     log.warning("model %s via %s: %s", candidate.id, provider.name, exc)
                     if delivered:

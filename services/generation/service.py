@@ -24,17 +24,17 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from typing import Any, cast
+from typing import Any
 
 from prometheus_client import Counter, Histogram
-from sqlalchemy import Table, insert, update
+from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.generation.billing import Billing
 from services.generation.catalog import Catalog, Model, count_words, first_words
 from services.generation.models import Generation
 from services.generation.providers import Message, ProviderError, Router, Served
+from services.generation.records import Records
 from services.kit.db import unit_of_work
 from services.kit.errors import KuError, UpstreamError
 
@@ -59,10 +59,6 @@ FIRST_TOKEN = Histogram(
     ["model", "provider"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
 )
-
-# Core statements on the table (not the ORM): they run twice per generation, and the
-# ORM's bulk path costs more CPU than the statement's round trip.
-_TABLE = cast(Table, Generation.__table__)
 
 # Settlements started from a cancelled stream must outlive it: keep a reference.
 _BACKGROUND: set[asyncio.Task[Any]] = set()
@@ -220,12 +216,11 @@ class Job:
         producer = asyncio.create_task(produce())
         delivered: list[str] = []
         finished = False
-        flush = self.engine.flush_seconds
         try:
             while True:
-                if delivered and flush:
-                    # At most one write per `flush`: what arrives meanwhile joins it.
-                    await asyncio.sleep(flush)
+                # The provider's reads are paced (`OpenAICompatible.pace_seconds`, the
+                # flush interval), so waiting here too would only add latency and a
+                # timer per write.
                 item = await queue.get()
                 if item is done:
                     finished = True
@@ -355,13 +350,13 @@ class GenerationEngine:
         router: Router,
         billing: Billing,
         sessionmaker: async_sessionmaker[AsyncSession],
-        flush_seconds: float = 0.0,
+        records: Records,
     ) -> None:
         self.catalog = catalog
         self.router = router
         self.billing = billing
         self.sessionmaker = sessionmaker
-        self.flush_seconds = flush_seconds
+        self.records = records
 
     async def start(
         self,
@@ -414,33 +409,23 @@ class GenerationEngine:
         )
 
     async def record_start(self, record: dict[str, Any]) -> None:
-        try:
-            async with unit_of_work(self.sessionmaker) as session:
-                await session.execute(insert(_TABLE), record)
-        except Exception:
-            log.exception("generation %s: could not record its start", record["id"])
+        await self.records.start(record)
 
     async def record_outcome(self, outcome: Outcome, *, error: str | None) -> None:
-        try:
-            async with unit_of_work(self.sessionmaker) as session:
-                await session.execute(
-                    update(_TABLE)
-                    .where(_TABLE.c.id == uuid.UUID(outcome.id))
-                    .values(
-                        status=outcome.status,
-                        served_model=outcome.served_model if outcome.provider else None,
-                        provider=outcome.provider,
-                        offline=outcome.offline,
-                        output=outcome.text,
-                        words=outcome.words,
-                        cost_milli=outcome.cost_milli,
-                        latency_ms=outcome.latency_ms,
-                        error=error,
-                        finished_at=datetime.now(UTC),
-                    )
-                )
-        except Exception:
-            log.exception("generation %s: could not record its outcome", outcome.id)
+        await self.records.finish(
+            outcome.id,
+            {
+                "status": outcome.status,
+                "served_model": outcome.served_model if outcome.provider else None,
+                "provider": outcome.provider,
+                "offline": outcome.offline,
+                "output": outcome.text,
+                "words": outcome.words,
+                "cost_milli": outcome.cost_milli,
+                "latency_ms": outcome.latency_ms,
+                "error": error,
+            },
+        )
 
     async def set_project(self, generation_id: str, code: str) -> None:
         async with unit_of_work(self.sessionmaker) as session:
