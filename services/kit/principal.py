@@ -290,11 +290,25 @@ def verify_principal(
 
 
 # Verified headers, until they expire: a gateway re-signs a principal about every 20 s
-# per caller and service, so most requests skip the signature check. Keyed by audience
-# and header: a process that serves several services (tests) never lets a header
-# verified for one pass at another.
-_verified: dict[tuple[str, str], tuple[Principal, int]] = {}
+# per caller and service (and a service its own, `ServiceClient.signed`), so most
+# requests skip the signature check, for the caller's header and for a forwarded
+# origin alike. Keyed by audience and header: a process that serves several services
+# (tests) never lets a header verified for one pass at another. The expiry (and an
+# origin's allowance past it) is checked on every use.
+_verified: dict[tuple[str, str], Verified] = {}
 _VERIFIED_MAX = 10_000
+
+
+def _verify_cached(header: str, *, audience: str, max_age: float = 0) -> Verified:
+    now = time.time()
+    cached = _verified.get((audience, header))
+    if cached is not None and cached.expires_at + max_age >= now:
+        return cached
+    verified = verify_principal(header, audience=audience, now=now, max_age=max_age)
+    if len(_verified) >= _VERIFIED_MAX:
+        _verified.clear()
+    _verified[(audience, header)] = verified
+    return verified
 
 
 def _audience(request: Request) -> str:
@@ -306,16 +320,7 @@ async def get_principal(request: Request) -> Principal:
     header = request.headers.get(PRINCIPAL_HEADER)
     if not header:
         raise Unauthorized("Missing internal principal", code="missing_principal")
-    now = time.time()
-    audience = _audience(request)
-    cached = _verified.get((audience, header))
-    if cached is not None and cached[1] >= now:
-        return cached[0]
-    verified = verify_principal(header, audience=audience, now=now)
-    if len(_verified) >= _VERIFIED_MAX:
-        _verified.clear()
-    _verified[(audience, header)] = (verified.principal, verified.expires_at)
-    return verified.principal
+    return _verify_cached(header, audience=_audience(request)).principal
 
 
 def origin_principal(request: Request, caller: Principal) -> Principal | None:
@@ -326,7 +331,7 @@ def origin_principal(request: Request, caller: Principal) -> Principal | None:
         return None
     if caller.kind != "service":
         raise _invalid("only a service may forward an origin principal")
-    verified = verify_principal(header, audience=str(caller.app), max_age=ORIGIN_MAX_AGE_SECONDS)
+    verified = _verify_cached(header, audience=str(caller.app), max_age=ORIGIN_MAX_AGE_SECONDS)
     if verified.issuer != GATEWAY or verified.principal.kind == "service":
         raise _invalid("an origin is a caller the gateway authenticated")
     return verified.principal

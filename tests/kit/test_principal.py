@@ -71,3 +71,56 @@ class TestExpiry:
     def test_an_expired_principal_is_refused(self):
         header = sign_principal(ADMIN, audience="ledger", issuer="gateway", now=time.time() - 61)
         assert refused(header) == "expired"
+
+
+class TestOriginCache:
+    """A forwarded origin is verified once per header (like the caller's own header),
+    and the cache never lets through what the check would refuse."""
+
+    @staticmethod
+    def origin(header: str):
+        from starlette.requests import Request
+
+        from services.kit.principal import origin_principal
+
+        request = Request({"type": "http", "headers": [(b"x-ku-origin", header.encode())]})
+        return origin_principal(request, GENERATION)
+
+    def test_verified_once_then_served_from_the_cache(self, monkeypatch: pytest.MonkeyPatch):
+        from services.kit import principal as module
+
+        calls: list[str] = []
+        real = module.verify_principal
+
+        def counting(header: str, **kwargs):
+            calls.append(header)
+            return real(header, **kwargs)
+
+        monkeypatch.setattr(module, "verify_principal", counting)
+        header = sign_principal(USER, audience="generation", issuer="gateway")
+        assert self.origin(header) == USER
+        assert self.origin(header) == USER
+        assert calls == [header]
+
+    def test_a_cached_origin_past_its_allowance_is_refused(self, monkeypatch: pytest.MonkeyPatch):
+        from services.kit import principal as module
+
+        header = sign_principal(USER, audience="generation", issuer="gateway")
+        assert self.origin(header) == USER  # cached now
+        later = time.time() + module.HEADER_TTL_SECONDS + module.ORIGIN_MAX_AGE_SECONDS + 5
+        monkeypatch.setattr(module.time, "time", lambda: later)
+        with pytest.raises(Unauthorized) as caught:
+            self.origin(header)
+        assert caught.value.detail.get("reason") == "expired"
+
+    def test_a_tampered_or_service_signed_origin_is_refused_after_a_good_one(self):
+        good = sign_principal(USER, audience="generation", issuer="gateway")
+        assert self.origin(good) == USER
+        body, mac = good.split(".", 1)
+        tampered = body + "." + ("A" if mac[0] != "A" else "B") + mac[1:]
+        with pytest.raises(Unauthorized):
+            self.origin(tampered)
+        itself = sign_principal(GENERATION, audience="generation", issuer="generation")
+        for _ in range(2):  # refused when verified and when found in the cache
+            with pytest.raises(Unauthorized):
+                self.origin(itself)
