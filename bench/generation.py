@@ -40,7 +40,7 @@ from bench._common import (  # noqa: E402
     stop,
     use_principal_keys,
 )
-from services.kit.principal import Principal, outgoing_header  # noqa: E402
+from services.kit.principal import Principal, SignedPrincipal, outgoing_header  # noqa: E402
 from services.kit.runner import Suite  # noqa: E402
 
 SECONDS = float(os.environ.get("KU_BENCH_SECONDS", "4"))
@@ -290,16 +290,12 @@ async def main() -> None:
                 principal = Principal(
                     kind="app", app="bench", scopes=frozenset({"generate", "users:any"})
                 )
-                signed: list[tuple[str, float]] = []
+                # Re-signed every 20 s, as the gateway does (a header seen before skips
+                # the service's signature check).
+                signed = SignedPrincipal(principal)
 
                 def header() -> str:
-                    # Re-signed every 20 s, as the gateway does (a header seen before
-                    # skips the service's signature check).
-                    if not signed or time.monotonic() - signed[0][1] > 20:
-                        signed[:] = [
-                            (outgoing_header(principal, audience="generation"), time.monotonic())
-                        ]
-                    return signed[0][0]
+                    return signed.header_for("generation")
 
                 def service(i: int) -> bytes:
                     # The generation service without the gateway: where the time goes.

@@ -16,9 +16,8 @@ from fastapi import Request, Response
 from gateway.auth import Authenticator
 from gateway.config import GatewaySettings
 from gateway.ratelimit import Decision, Limit, RateLimiter, rate_headers
-from gateway.upstream import SignedPrincipal
 from services.kit.errors import Forbidden
-from services.kit.principal import Principal
+from services.kit.principal import Principal, SignedPrincipal
 
 # A principal needs one of these (or admin) to reach a route family at all; the
 # services check the exact scope of each operation.

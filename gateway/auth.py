@@ -20,9 +20,9 @@ from jose import jwt
 from jose.exceptions import JOSEError
 
 from gateway.config import GatewaySettings
-from gateway.upstream import SignedPrincipal, Upstreams
+from gateway.upstream import Upstreams
 from services.kit.errors import KuError, Unauthorized, UpstreamError
-from services.kit.principal import Principal, service_principal
+from services.kit.principal import Principal, SignedPrincipal, service_principal
 
 log = logging.getLogger("ku.gateway.auth")
 

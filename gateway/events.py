@@ -37,13 +37,12 @@ from starlette.responses import StreamingResponse
 
 from gateway.access import client_ip
 from gateway.auth import INVALID_KEY
-from gateway.upstream import SignedPrincipal
 from services.kit.background import BackgroundLoop
 from services.kit.errors import BadRequest, Forbidden, Unauthorized
 from services.kit.money import milli_to_ku
 from services.kit.openapi import error_responses
 from services.kit.outbox import decode_event, stream_name
-from services.kit.principal import Principal
+from services.kit.principal import Principal, SignedPrincipal
 from services.kit.schemas import Text, UserId
 
 log = logging.getLogger("ku.gateway.events")

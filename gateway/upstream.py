@@ -9,7 +9,6 @@ errors (`error_from_upstream`), so every caller renders them one way.
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import aiohttp
@@ -23,7 +22,12 @@ from services.kit.errors import (
     UpstreamTimeout,
 )
 from services.kit.logs import request_id_var
-from services.kit.principal import PRINCIPAL_HEADER, Principal, outgoing_header
+from services.kit.principal import (
+    PRINCIPAL_HEADER,
+    Principal,
+    SignedPrincipal,
+    outgoing_header,
+)
 from services.kit.service_client import error_from_response
 
 SERVICES = ("auth", "ledger", "workspace", "generation", "enhancement")
@@ -32,26 +36,6 @@ SERVICES = ("auth", "ledger", "workspace", "generation", "enhancement")
 def error_from_upstream(status: int, body: Any) -> KuError:
     """A service's `{"error": {code, message, detail}}` as the kit error it was raised as."""
     return error_from_response(status, body)
-
-
-class SignedPrincipal:
-    """A principal the gateway authenticated, with its signed header per target service,
-    each re-signed well before it expires (a header names its audience: one signed for
-    the workspace is refused by the ledger)."""
-
-    __slots__ = ("principal", "_headers")
-
-    def __init__(self, principal: Principal) -> None:
-        self.principal = principal
-        self._headers: dict[str, tuple[str, float]] = {}
-
-    def header_for(self, service: str) -> str:
-        now = time.monotonic()
-        cached = self._headers.get(service)
-        if cached is None or now - cached[1] > 20:
-            cached = (outgoing_header(self.principal, audience=service), now)
-            self._headers[service] = cached
-        return cached[0]
 
 
 class Upstreams:

@@ -25,9 +25,10 @@ from gateway.access import authenticated, client_ip
 from gateway.compat import CompatRoute
 from gateway.compat.errors import ERRORS
 from gateway.ratelimit import rate_headers
-from gateway.upstream import SignedPrincipal, Upstreams, error_from_upstream
+from gateway.upstream import Upstreams, error_from_upstream
 from services.kit.errors import Unauthorized, Unprocessable
 from services.kit.money import PositiveKu, milli_to_ku
+from services.kit.principal import SignedPrincipal
 from services.kit.schemas import Text
 
 router = APIRouter(prefix="/api", route_class=CompatRoute, tags=["compatibility"], responses=ERRORS)

@@ -16,9 +16,10 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from gateway.access import authenticated
-from gateway.upstream import SignedPrincipal, Upstreams, error_from_upstream
+from gateway.upstream import Upstreams, error_from_upstream
 from services.kit.errors import KuError
 from services.kit.money import PositiveKu, milli_to_ku
+from services.kit.principal import SignedPrincipal
 from services.kit.schemas import Description, Reference, Text, UserId
 
 MB = 1024 * 1024

@@ -16,8 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import JSONResponse
 
 from gateway.compat.unified import Caller, CompatUserId
-from gateway.upstream import SignedPrincipal, Upstreams
+from gateway.upstream import Upstreams
 from services.kit.errors import KuError, NotFound
+from services.kit.principal import SignedPrincipal
 from services.kit.schemas import JsonObject, Text
 
 MB = 1024 * 1024

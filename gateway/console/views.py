@@ -29,11 +29,10 @@ from gateway.console.session import (
     clear_cookie,
     set_cookie,
 )
-from gateway.upstream import SignedPrincipal
 from services.kit.breaker import CircuitBreaker
 from services.kit.errors import Forbidden, KuError, NotFound, Unauthorized
 from services.kit.money import ku_to_milli, milli_to_ku
-from services.kit.principal import GATEWAY, SCOPES, derived_secret
+from services.kit.principal import GATEWAY, SCOPES, SignedPrincipal, derived_secret
 from services.kit.schemas import Text
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"

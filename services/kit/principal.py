@@ -344,6 +344,33 @@ def outgoing_header(principal: Principal, *, audience: str) -> str:
     return sign_principal(principal, audience=audience, issuer=str(issuer))
 
 
+# How long a signed header is reused before it is signed again (well inside its
+# HEADER_TTL_SECONDS): an Ed25519 signature per call costs CPU, and a header the target
+# has seen before skips its signature check (`get_principal`'s cache).
+RESIGN_SECONDS = 20.0
+
+
+class SignedPrincipal:
+    """A principal with its signed header per target service, each re-signed every
+    RESIGN_SECONDS (a header names its audience: one signed for the workspace is refused
+    by the ledger). The gateway keeps one per authenticated caller; a service's
+    `ServiceClient` keeps one for itself."""
+
+    __slots__ = ("principal", "_headers")
+
+    def __init__(self, principal: Principal) -> None:
+        self.principal = principal
+        self._headers: dict[str, tuple[str, float]] = {}
+
+    def header_for(self, service: str) -> str:
+        now = time.monotonic()
+        cached = self._headers.get(service)
+        if cached is None or now - cached[1] > RESIGN_SECONDS:
+            cached = (outgoing_header(self.principal, audience=service), now)
+            self._headers[service] = cached
+        return cached[0]
+
+
 def service_principal(name: str) -> Principal:
     """The principal a service or job uses when it calls another service."""
     return Principal(kind="service", app=name)

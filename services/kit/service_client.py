@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import time
 from typing import Any
 
 import httpx
@@ -47,7 +46,7 @@ from services.kit.logs import request_id_var
 from services.kit.principal import (
     ORIGIN_HEADER,
     PRINCIPAL_HEADER,
-    outgoing_header,
+    SignedPrincipal,
     service_principal,
 )
 
@@ -66,8 +65,6 @@ _BY_STATUS: dict[int, type[KuError]] = {
 }
 RETRY_STATUSES = frozenset({502, 503, 504})
 SAFE_METHODS = frozenset({"GET", "HEAD"})
-# How long a signed header is reused (the gateway's choice too: well inside its 60 s TTL).
-SIGNED_REUSE_SECONDS = 20.0
 
 
 def error_from_response(status: int, body: Any, service: str | None = None) -> KuError:
@@ -101,12 +98,9 @@ class ServiceClient:
         self.settings = settings
         self.me = me
         self.retries = retries
-        self._principal = service_principal(me)
-        # This service's signed header per target, re-signed well before it expires
-        # (HEADER_TTL_SECONDS, 60 s): an Ed25519 signature per call costs CPU here, and
-        # a header seen before skips the signature check on the target
-        # (`get_principal`'s cache of verified headers).
-        self._signed: dict[str, tuple[str, float]] = {}
+        # This service's signed header per target, re-signed every 20 s (a signature per
+        # call costs CPU here, and a header seen before skips the target's check).
+        self._me = SignedPrincipal(service_principal(me))
         self._http = httpx.AsyncClient(
             timeout=timeout_seconds,
             transport=transport,
@@ -120,13 +114,8 @@ class ServiceClient:
         return self.settings.service_url(service) + path
 
     def signed(self, service: str) -> str:
-        """This service's principal header for `service`, re-signed every 20 s."""
-        now = time.monotonic()
-        cached = self._signed.get(service)
-        if cached is None or now - cached[1] > SIGNED_REUSE_SECONDS:
-            cached = (outgoing_header(self._principal, audience=service), now)
-            self._signed[service] = cached
-        return cached[0]
+        """This service's principal header for `service` (`SignedPrincipal`)."""
+        return self._me.header_for(service)
 
     def headers(self, service: str, *, origin: str | None = None) -> dict[str, str]:
         out = {PRINCIPAL_HEADER: self.signed(service)}
