@@ -19,6 +19,7 @@ import asyncpg
 from services.kit.db import plain_url
 from services.kit.embedded import ensure_urls, with_database
 from services.kit.migrations import upgrade_all
+from services.kit.runner import HTTP_PROTOCOL
 
 
 def use_principal_keys() -> dict[str, str]:
@@ -85,7 +86,7 @@ def start_service(module: str, port: int, env: dict[str, str]) -> subprocess.Pop
             "--loop",
             "uvloop",
             "--http",
-            "httptools",
+            HTTP_PROTOCOL,
             "--log-level",
             "warning",
             "--workers",

@@ -14,7 +14,13 @@ import pytest
 import yaml
 
 from services.kit.config import KuSettings
-from services.kit.runner import GATEWAY, WORKER, available_processes, existing_services
+from services.kit.runner import (
+    GATEWAY,
+    HTTP_PROTOCOL,
+    WORKER,
+    available_processes,
+    existing_services,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -98,6 +104,8 @@ class TestProcesses:
         assert callable(getattr(importlib.import_module(module_name), attr))
         assert option(command, "--host") == "0.0.0.0"
         assert int(option(command, "--port")) == default_port(name)
+        # The same HTTP protocol as `ku up` (one write per response, services/kit/http.py).
+        assert option(command, "--http") == HTTP_PROTOCOL
 
     def test_worker_and_migrate_commands_exist(self) -> None:
         from services.cli import build_parser
@@ -285,3 +293,4 @@ class TestDockerfile:
         assert argv[:3] == ["python", "-m", "uvicorn"]
         module_name, attr = argv[3].split(":")
         assert callable(getattr(importlib.import_module(module_name), attr))
+        assert argv[argv.index("--http") + 1] == HTTP_PROTOCOL

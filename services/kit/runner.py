@@ -115,10 +115,15 @@ def _settings_from(env: Mapping[str, str]) -> KuSettings:
     return _ChildSettings(**values)  # type: ignore[arg-type]
 
 
+# uvicorn's httptools protocol writing a response's head and body in one send
+# (services/kit/http.py); compose and the image name it too (tests/test_deploy.py).
+HTTP_PROTOCOL = "services.kit.http:HttpProtocol"
+
+
 def _uvicorn(target: str, host: str, port: int, processes: int = 1) -> list[str]:
     argv = [
         sys.executable, "-m", "uvicorn", target, "--factory",
-        "--host", host, "--port", str(port), "--no-access-log",
+        "--host", host, "--port", str(port), "--no-access-log", "--http", HTTP_PROTOCOL,
     ]  # fmt: skip
     if processes > 1:
         # uvicorn's supervisor forks N workers sharing the one listening socket; each has
