@@ -18,9 +18,11 @@ Whatever goes wrong, a client gets JSON in the kit's shape, never Starlette's pl
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
+import secrets
 import time
-import uuid
 from typing import Any
 
 import orjson
@@ -62,6 +64,26 @@ async def send_json_error(send: Send, error: KuError) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+class _RequestIds:
+    """Request ids: this process's random 64-bit prefix and a counter, 32 hex digits
+    like a uuid4's. A uuid4 reads the OS's random source on every call, a few percent
+    of a small request's CPU; unique is all a request id needs to be."""
+
+    def __init__(self) -> None:
+        self.reset()
+        os.register_at_fork(after_in_child=self.reset)
+
+    def reset(self) -> None:
+        self.prefix = secrets.token_hex(8)
+        self.counter = itertools.count()
+
+    def __call__(self) -> str:
+        return f"{self.prefix}{next(self.counter):016x}"
+
+
+new_request_id = _RequestIds()
+
+
 class RequestContextMiddleware:
     def __init__(self, app: ASGIApp, service: str, *, check_url: bool = True) -> None:
         self.app = app
@@ -86,7 +108,7 @@ class RequestContextMiddleware:
             elif name == IDEMPOTENCY_HEADER:
                 idempotent = True
         if not request_id:
-            request_id = uuid.uuid4().hex
+            request_id = new_request_id()
         token = request_id_var.set(request_id)
         start = time.perf_counter()
         status = 500

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import asyncpg
 import httpx
 import pytest
@@ -10,7 +12,7 @@ from sqlalchemy import exc
 
 from services.kit.db import is_disconnect
 from services.kit.errors import install_error_handlers
-from services.kit.middleware import RequestContextMiddleware
+from services.kit.middleware import RequestContextMiddleware, new_request_id
 
 
 def make_app(check_url: bool = True) -> tuple[FastAPI, list[str]]:
@@ -103,3 +105,24 @@ class TestIsDisconnect:
         assert not is_disconnect(asyncpg.exceptions.UniqueViolationError("dup"))
         assert not is_disconnect(exc.DBAPIError("x", {}, ValueError("bad")))
         assert not is_disconnect(RuntimeError("bug"))
+
+
+class TestRequestIds:
+    async def test_each_request_gets_its_own_id(self) -> None:
+        app, _ = make_app()
+        async with client(app) as c:
+            ids = {(await c.get("/echo")).headers["x-request-id"] for _ in range(20)}
+        assert len(ids) == 20
+        assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+
+    def test_a_forked_process_does_not_repeat_its_parents_ids(self) -> None:
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: its first id, to the parent
+            os.write(write, new_request_id().encode())
+            os._exit(0)
+        os.waitpid(pid, 0)
+        child = os.read(read, 64).decode()
+        os.close(read)
+        os.close(write)
+        assert child[:16] != new_request_id()[:16]
