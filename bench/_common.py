@@ -70,7 +70,10 @@ class ScratchDatabase:
             self.embedded.stop()
 
 
-def start_service(module: str, port: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
+def start_service(
+    module: str, port: int, env: dict[str, str], processes: int = 1
+) -> subprocess.Popen[bytes]:
+    """`module` under uvicorn as `ku up` runs it (`processes` > 1: uvicorn's workers)."""
     return subprocess.Popen(
         [
             sys.executable,
@@ -90,7 +93,7 @@ def start_service(module: str, port: int, env: dict[str, str]) -> subprocess.Pop
             "--log-level",
             "warning",
             "--workers",
-            os.environ.get("KU_BENCH_WORKERS", "1"),
+            str(processes),
         ],
         env={**os.environ, **env},
     )
