@@ -32,9 +32,11 @@ def create_service_app(
     outbox_schema: str | None = None,
     hooks: Sequence[Hook] = (),
     openapi_tags: list[dict[str, Any]] | None = None,
+    app_class: type[FastAPI] = FastAPI,
 ) -> FastAPI:
     """Build a service. `outbox_schema` starts a relay for `<schema>.outbox`;
-    `hooks` are extra async context managers run inside the lifespan."""
+    `hooks` are extra async context managers run inside the lifespan; `app_class` a
+    FastAPI subclass (the ledger's answers its hot routes before FastAPI's layers)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -78,7 +80,7 @@ def create_service_app(
             await redis.aclose()
             await engine.dispose()
 
-    app = FastAPI(
+    app = app_class(
         title=title,
         description=description,
         version="1.0.0",

@@ -64,6 +64,10 @@ async def send_json_error(send: Send, error: KuError) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+# Set in a request's scope by the outermost RequestContextMiddleware.
+CONTEXT_KEY = "ku.request_context"
+
+
 class _RequestIds:
     """Request ids: this process's random 64-bit prefix and a counter, 32 hex digits
     like a uuid4's. A uuid4 reads the OS's random source on every call, a few percent
@@ -97,9 +101,12 @@ class RequestContextMiddleware:
         self._latency: dict[str, Any] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or CONTEXT_KEY in scope:
+            # Not HTTP, or already inside this middleware (an app that answers some
+            # routes in front of its stack hands the rest to it: counted once).
             await self.app(scope, receive, send)
             return
+        scope[CONTEXT_KEY] = True
         request_id = None
         idempotent = scope["method"] in _SAFE_METHODS
         for name, value in scope["headers"]:

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import base64
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from datetime import datetime
 from typing import Annotated, Any, TypeVar
 
@@ -56,83 +56,96 @@ from services.ledger.schemas import (
 )
 from services.ledger.service import Keys, Ledger, Outcome, idempotency_key, result_error
 
+Fast = Callable[[Request], Awaitable[Response | None]]
 
-class _HotRoute(APIRoute):
-    """A route whose endpoint is marked `@_hot(Model)` answers the well-formed request
-    without FastAPI's per-request dependency solve: the JSON body is parsed (orjson)
-    and validated by the same model in the same (python) mode, the principal is the
-    same `get_principal`, then the endpoint runs. Anything off that path (another
-    content type, a body that does not parse or validate, OpenTelemetry tracing on)
-    goes to FastAPI's own handler, which answers exactly as before: the 4xx bodies and
-    their order (JSON errors, then the principal, then validation) are FastAPI's. The
-    route, its signature and the OpenAPI are unchanged (docs/ledger.md "The hot path")."""
+
+class HotRoute(APIRoute):
+    """A route whose endpoint is marked `@_hot(Model)` (or `@_hot_query`) has a fast
+    path (`fast`): the well-formed request is answered without FastAPI's per-request
+    dependency solve: the JSON body is parsed (orjson) and validated by the same model
+    in the same (python) mode, the principal is the same `get_principal`, then the
+    endpoint runs. Anything off that path (another content type, a body that does not
+    parse or validate, OpenTelemetry tracing on) makes `fast` answer None, and FastAPI's
+    own handler answers exactly as before: the 4xx bodies and their order (JSON errors,
+    then the principal, then validation) are FastAPI's. The route, its signature and
+    the OpenAPI are unchanged. `LedgerApp` (services/ledger/app.py) calls `fast` before
+    any of FastAPI's layers (docs/ledger.md "The hot path")."""
+
+    fast: Fast | None = None
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
-        endpoint = self.endpoint
-        query: dict[str, TypeAdapter[Any]] | None = getattr(endpoint, "_ku_hot_query", None)
-        if query is not None:
-            return _query_fast_path(endpoint, query, handler)
-        hot: tuple[type[BaseModel], bool] | None = getattr(endpoint, "_ku_hot_body", None)
-        if hot is None:
+        fast = self.fast = _fast_path(self.endpoint)
+        if fast is None:
             return handler
-        model, optional = hot
 
         async def app(request: Request) -> Response:
-            if (
-                request.headers.get("content-type") != "application/json"
-                or get_telemetry_data() is not None
-            ):
-                return await handler(request)
-            raw = await request.body()
-            if not raw and not optional:
-                return await handler(request)
-            try:
-                body = model.model_validate(orjson.loads(raw)) if raw else None
-            except (orjson.JSONDecodeError, ValidationError):
-                return await handler(request)
-            principal = await get_principal(request)
-            response: Response = await endpoint(
-                body=body, request=request, principal=principal, **request.path_params
-            )
-            return response
+            response = await fast(request)
+            return response if response is not None else await handler(request)
 
         return app
 
 
-def _query_fast_path(
-    endpoint: Callable[..., Any],
-    query: dict[str, TypeAdapter[Any]],
-    handler: Callable[[Request], Coroutine[Any, Any, Response]],
-) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+def _fast_path(endpoint: Callable[..., Any]) -> Fast | None:
+    query: dict[str, TypeAdapter[Any]] | None = getattr(endpoint, "_ku_hot_query", None)
+    if query is not None:
+        return _query_fast_path(endpoint, query)
+    hot: tuple[type[BaseModel], bool] | None = getattr(endpoint, "_ku_hot_body", None)
+    if hot is None:
+        return None
+    model, optional = hot
+
+    async def fast(request: Request) -> Response | None:
+        if (
+            request.headers.get("content-type") != "application/json"
+            or get_telemetry_data() is not None
+        ):
+            return None
+        raw = await request.body()
+        if not raw and not optional:
+            return None
+        try:
+            body = model.model_validate(orjson.loads(raw)) if raw else None
+        except (orjson.JSONDecodeError, ValidationError):
+            return None
+        principal = await get_principal(request)
+        response: Response = await endpoint(
+            body=body, request=request, principal=principal, **request.path_params
+        )
+        return response
+
+    return fast
+
+
+def _query_fast_path(endpoint: Callable[..., Any], query: dict[str, TypeAdapter[Any]]) -> Fast:
     """A GET route's fast path: each query parameter read as FastAPI reads it (the last
     value) and validated by its own type; a missing or invalid one goes to FastAPI."""
 
-    async def app(request: Request) -> Response:
+    async def fast(request: Request) -> Response | None:
         if get_telemetry_data() is not None:
-            return await handler(request)
+            return None
         params = request.query_params
         values: dict[str, Any] = {}
         for name, adapter in query.items():
             value = params.get(name)
             if value is None:
-                return await handler(request)
+                return None
             try:
                 values[name] = adapter.validate_python(value)
             except ValidationError:
-                return await handler(request)
+                return None
         principal = await get_principal(request)
         response: Response = await endpoint(request=request, principal=principal, **values)
         return response
 
-    return app
+    return fast
 
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 
 def _hot(model: type[BaseModel], *, optional: bool = False) -> Callable[[_F], _F]:
-    """Mark a route for `_HotRoute`'s fast path: its body is `model` (or None when
+    """Mark a route for `HotRoute`'s fast path: its body is `model` (or None when
     `optional` and the body is empty); its other arguments are `request`, `principal`
     and its path parameters (plain strings)."""
 
@@ -144,7 +157,7 @@ def _hot(model: type[BaseModel], *, optional: bool = False) -> Callable[[_F], _F
 
 
 def _hot_query(**params: Any) -> Callable[[_F], _F]:
-    """Mark a GET route for `_HotRoute`'s fast path: its required query parameters and
+    """Mark a GET route for `HotRoute`'s fast path: its required query parameters and
     their types; its other arguments are `request` and `principal`."""
 
     def mark(endpoint: _F) -> _F:
@@ -155,7 +168,7 @@ def _hot_query(**params: Any) -> Callable[[_F], _F]:
     return mark
 
 
-router = APIRouter(prefix="/v1/ledger", tags=["ledger"], route_class=_HotRoute)
+router = APIRouter(prefix="/v1/ledger", tags=["ledger"], route_class=HotRoute)
 
 CurrentPrincipal = Annotated[Principal, Depends(get_principal)]
 

@@ -125,7 +125,7 @@ class TestBadInput:
 
 
 class TestHotPath:
-    """The hot routes' fast path (`_HotRoute`, a well-formed `application/json` body) and
+    """The hot routes' fast path (`HotRoute`, a well-formed `application/json` body) and
     FastAPI's handler (any other content type, or a body that fails) answer alike."""
 
     async def test_fast_path_and_fallback_share_idempotency_and_errors(self, ledger, funded_user):
@@ -163,3 +163,64 @@ class TestHotPath:
             assert r.status_code == 422, r.text
         for params in ({"user_id": user}, {}):
             assert (await ledger.get(url, params=params)).status_code == 401
+
+    async def test_hot_requests_are_answered_in_front_of_fastapi(
+        self, ledger, funded_user, monkeypatch
+    ):
+        """`LedgerApp` answers a well-formed hot request through the route's `fast`
+        without FastAPI's stack; a declined one (another content type) goes through
+        FastAPI with its body replayed; each is counted once in the metrics."""
+        from services.kit.metrics import REQUESTS
+        from services.ledger.api import routers
+
+        route = next(r for r in routers[0].routes if getattr(r, "path", "") == "/v1/ledger/debits")
+        calls = []
+        original = route.fast
+
+        async def counting(request):
+            calls.append(request.headers.get("content-type"))
+            return await original(request)
+
+        monkeypatch.setattr(route, "fast", counting)
+        user = await funded_user(10)
+        count = REQUESTS.labels("ledger", "POST", "/v1/ledger/debits", "201")
+        before = count._value.get()
+        payload = b'{"user_id": "%s", "amount": 1}' % user.encode()
+        for content_type in ("application/json", "application/json; charset=utf-8"):
+            r = await ledger.post(
+                "/v1/ledger/debits",
+                content=payload,
+                headers={**penora(), **key(), "content-type": content_type},
+            )
+            assert r.status_code == 201, r.text
+            assert r.headers["x-request-id"]
+        assert calls == ["application/json", "application/json; charset=utf-8"]
+        assert count._value.get() == before + 2
+        assert (await balance(ledger, user))["available"] == 8
+
+    async def test_errors_in_front_are_the_apps_error_bodies(self, ledger, funded_user):
+        user = await funded_user(1)
+        r = await ledger.post(
+            "/v1/ledger/debits", json={"user_id": user, "amount": 2}, headers={**penora(), **key()}
+        )
+        assert r.status_code == 402, r.text
+        assert r.json()["error"]["code"] == "insufficient_credits"
+        hold = await ledger.post(
+            "/v1/ledger/holds/00000000-0000-0000-0000-000000000000/capture",
+            json={},
+            headers={**penora(), **key()},
+        )
+        assert hold.status_code == 404 and hold.json()["error"]["code"] == "hold_not_found"
+
+    async def test_a_body_past_the_front_limit_takes_fastapis_path(self, ledger, funded_user):
+        from services.ledger.app import FRONT_BODY_LIMIT
+
+        user = await funded_user(5)
+        padded = b" " * (FRONT_BODY_LIMIT + 1) + b'{"user_id": "%s", "amount": 2}' % user.encode()
+        r = await ledger.post(
+            "/v1/ledger/debits",
+            content=padded,
+            headers={**penora(), **key(), "content-type": "application/json"},
+        )
+        assert r.status_code == 201, r.text
+        assert (await balance(ledger, user))["available"] == 3
