@@ -51,7 +51,7 @@ from services.enhancement.providers import (
 )
 from services.enhancement.repository import Repository
 from services.enhancement.storage import Storage, build_storage, sign_link
-from services.kit.breaker import CLOSED, HALF_OPEN, CircuitBreaker
+from services.kit.breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
 from services.kit.db import unit_of_work
 from services.kit.errors import (
     Conflict,
@@ -69,6 +69,7 @@ from services.kit.service_client import ServiceClient
 log = logging.getLogger("ku.enhancement")
 
 JOB_NAME = "enhancement_process_task"
+ALERT_TOPIC = "enhancement.alert"
 BATCH = 200
 
 
@@ -580,13 +581,7 @@ class Enhancer:
     async def _provider_failed(self, name: str) -> None:
         if await self.breakers[name].record_failure():
             async with self.uow() as session:
-                await Repository(session).add_alert(
-                    "provider_unhealthy",
-                    name,
-                    f"Provider {name} is failing; its circuit breaker opened",
-                    {"provider": name},
-                    f"provider_unhealthy:{name}:{int(time.time() // 600)}",
-                )
+                await self._unhealthy_alert(Repository(session), name)
 
     async def _complete(
         self,
@@ -616,6 +611,8 @@ class Enhancer:
                 raise LostLease()
             if provider is not None:
                 await self.consume_pool(repo, provider.name, cost, task["id"])
+                # A success closed its breaker: its next opening is a new crossing.
+                await repo.set_pool_flag(provider.name, "unhealthy_alerted", False)
             await self._event(session, done)
         await self.settle(task["id"])
         if task["save_to_workspace"]:
@@ -752,9 +749,10 @@ class Enhancer:
     async def _pool_alert(self, repo: Repository, pool: dict[str, Any]) -> None:
         """One alert (and one auto-refill request) per crossing below the threshold."""
         low = self.pool_is_low(pool)
-        if low and await repo.set_low_alerted(pool["provider"], True):
+        if low and await repo.set_pool_flag(pool["provider"], "low_alerted", True):
             crossing = await repo.count_alerts("pool_low", pool["provider"])
-            await repo.add_alert(
+            await self._alert(
+                repo,
                 "pool_low",
                 pool["provider"],
                 f"Credit pool {pool['provider']} is low: auto-refill requested",
@@ -766,7 +764,49 @@ class Enhancer:
                 f"pool_low:{pool['provider']}:{crossing + 1}",
             )
         elif not low:
-            await repo.set_low_alerted(pool["provider"], False)
+            await repo.set_pool_flag(pool["provider"], "low_alerted", False)
+
+    async def _unhealthy_alert(self, repo: Repository, name: str) -> bool:
+        """One alert per opening of a provider's breaker: the pool's `unhealthy_alerted`
+        flag is set with it and cleared only when the breaker is seen closed again."""
+        await repo.ensure_pool(name)
+        if not await repo.set_pool_flag(name, "unhealthy_alerted", True):
+            return False
+        crossing = await repo.count_alerts("provider_unhealthy", name)
+        return await self._alert(
+            repo,
+            "provider_unhealthy",
+            name,
+            f"Provider {name} is unhealthy: its circuit breaker opened",
+            {"provider": name},
+            f"provider_unhealthy:{name}:{crossing + 1}",
+        )
+
+    async def _alert(
+        self,
+        repo: Repository,
+        kind: str,
+        subject: str,
+        message: str,
+        detail: dict[str, Any],
+        dedupe_key: str,
+    ) -> bool:
+        """Store an alert (once per dedupe key) and emit it: an `enhancement.alert` event
+        through the outbox, in the same transaction, and a WARNING log line."""
+        row = await repo.add_alert(kind, subject, message, detail, dedupe_key)
+        if row is None:
+            return False
+        payload = {
+            "alert_id": row["id"],
+            "kind": kind,
+            "subject": subject,
+            "message": message,
+            "detail": detail,
+            "created_at": row["created_at"].isoformat(),
+        }
+        await emit(repo.session, outbox, ALERT_TOPIC, payload)
+        log.warning("alert %s: %s", kind, message, extra={"ctx": {"alert": payload}})
+        return True
 
     async def refill(
         self, provider: str, amount_milli: int, reference: str | None
@@ -844,15 +884,11 @@ class Enhancer:
                 await self._pool_alert(repo, pool)
                 raised += int(not before and self.pool_is_low(pool))
             for name, breaker in self.breakers.items():
-                if (await breaker.state()).state == "open":
-                    added = await repo.add_alert(
-                        "provider_unhealthy",
-                        name,
-                        f"Provider {name} is unhealthy (breaker open)",
-                        {"provider": name},
-                        f"provider_unhealthy:{name}:{int(time.time() // 600)}",
-                    )
-                    raised += int(added)
+                state = (await breaker.state()).state
+                if state == OPEN:
+                    raised += int(await self._unhealthy_alert(repo, name))
+                elif state == CLOSED:
+                    await repo.set_pool_flag(name, "unhealthy_alerted", False)
         return raised
 
     # -- allowances -------------------------------------------------------------------
@@ -863,7 +899,8 @@ class Enhancer:
         percent = self.settings.enhancement_allowance_alert_percent
         if row["included"] and row["used"] * 100 > row["included"] * percent:
             if await repo.mark_allowance_alerted(user_id, period):
-                await repo.add_alert(
+                await self._alert(
+                    repo,
                     "allowance_high",
                     user_id,
                     f"User {user_id} used over {percent}% of the month's enhancements",

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 import uuid
 
 import pytest
+from sqlalchemy import text
 
 from services.enhancement.providers import Provider
 from services.enhancement.repository import Repository
-from services.enhancement.service import Enhancer
+from services.enhancement.service import ALERT_TOPIC, Enhancer
 from services.kit.breaker import CircuitBreaker
 from services.kit.errors import Conflict
+from services.kit.outbox import decode_event, stream_name
 from tests.enhancement.helpers import insert_task
 
 
@@ -33,6 +36,28 @@ async def consume(e: Enhancer, provider: str, task_id: uuid.UUID) -> None:
 async def alerts(e: Enhancer, provider: str) -> list[dict]:
     async with e.uow() as session:
         rows = await Repository(session).alerts(500, "pool_low")
+    return [a for a in rows if a["subject"] == provider]
+
+
+async def emitted(e: Enhancer, subject: str, kind: str = "pool_low") -> list[dict]:
+    """The `enhancement.alert` events about `subject`, wherever they are now: still in the
+    outbox, or already relayed to the service's stream (a running suite's relay)."""
+    async with e.uow() as session:
+        rows = await session.execute(
+            text("SELECT payload FROM enhancement.outbox WHERE topic = :t"), {"t": ALERT_TOPIC}
+        )
+        payloads = list(rows.scalars())
+    for _, fields in await e.redis.xrange(stream_name(e.settings.bus_prefix, "enhancement")):
+        event = decode_event(fields)
+        if event["topic"] == ALERT_TOPIC:
+            payloads.append(event["payload"])
+    unique = {p["alert_id"]: p for p in payloads if (p["subject"], p["kind"]) == (subject, kind)}
+    return [unique[k] for k in sorted(unique)]
+
+
+async def unhealthy(e: Enhancer, provider: str) -> list[dict]:
+    async with e.uow() as session:
+        rows = await Repository(session).alerts(500, "provider_unhealthy")
     return [a for a in rows if a["subject"] == provider]
 
 
@@ -74,11 +99,58 @@ class TestPools:
         assert await enhancer.check_thresholds() >= 0  # the 15-minute job adds nothing
         [alert] = await alerts(enhancer, name)
         assert alert["detail"]["auto_refill_requested"] is True
+        [event] = await emitted(enhancer, name)  # stored and emitted, once
+        assert (event["alert_id"], event["kind"]) == (alert["id"], "pool_low")
         await enhancer.refill(name, 1_000_000, "b")  # back above: the next crossing alerts
         assert len(await alerts(enhancer, name)) == 1
         for _ in range(10):
             await consume(enhancer, name, uuid.uuid4())
         assert len(await alerts(enhancer, name)) == 2
+        assert len(await emitted(enhancer, name)) == 2
+
+
+class TestAlerts:
+    async def test_an_alert_is_emitted_and_logged(self, enhancer: Enhancer, caplog):
+        name = add_provider(enhancer, 10_000)
+        await enhancer.refill(name, 105_000, "a")
+        with caplog.at_level(logging.WARNING, logger="ku.enhancement"):
+            await consume(enhancer, name, uuid.uuid4())  # 95 credits: below 100
+        [alert] = await alerts(enhancer, name)
+        [event] = await emitted(enhancer, name)
+        assert event == {
+            "alert_id": alert["id"],
+            "kind": "pool_low",
+            "subject": name,
+            "message": alert["message"],
+            "detail": alert["detail"],
+            "created_at": alert["created_at"].isoformat(),
+        }
+        [record] = [r for r in caplog.records if getattr(r, "ctx", {}).get("alert") == event]
+        assert record.levelno == logging.WARNING
+
+    async def test_provider_unhealthy_once_per_breaker_opening(self, enhancer: Enhancer):
+        name = add_provider(enhancer, 10_000)
+        breaker = enhancer.breakers[name]
+        for _ in range(breaker.failure_threshold):
+            await breaker.record_failure()
+        assert (await breaker.state()).state == "open"
+        assert await enhancer.check_thresholds() >= 1
+        await enhancer.check_thresholds()  # still open: the same crossing
+        await enhancer._provider_failed(name)  # fails again while open: the same crossing
+        [first] = await unhealthy(enhancer, name)
+        events = await emitted(enhancer, name, "provider_unhealthy")
+        assert [e["alert_id"] for e in events] == [first["id"]]
+
+        await breaker.record_success()  # closed again
+        await enhancer.check_thresholds()
+        assert len(await unhealthy(enhancer, name)) == 1
+        for _ in range(breaker.failure_threshold - 1):
+            await enhancer._provider_failed(name)
+        assert len(await unhealthy(enhancer, name)) == 1  # not open yet
+        await enhancer._provider_failed(name)  # opens: a new crossing, alerted at once
+        await enhancer.check_thresholds()
+        assert len(await unhealthy(enhancer, name)) == 2
+        assert len(await emitted(enhancer, name, "provider_unhealthy")) == 2
 
     async def test_absolute_threshold_of_100_credits(self, enhancer: Enhancer):
         name = add_provider(enhancer, 10_000)
