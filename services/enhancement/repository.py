@@ -107,6 +107,15 @@ class Repository:
             **params,
         )
 
+    async def add_provider_cost(self, task_id: uuid.UUID, cost_milli: int) -> None:
+        await self.session.execute(
+            text(
+                "UPDATE enhancement.tasks SET provider_cost_milli = provider_cost_milli + :c"
+                " WHERE id = :id"
+            ),
+            {"id": task_id, "c": cost_milli},
+        )
+
     async def mark_settled(self, task_id: uuid.UUID, charged_milli: int) -> dict[str, Any] | None:
         return await self._one(
             "UPDATE enhancement.tasks SET settled_at = now(), charged_milli = :charged"

@@ -479,11 +479,22 @@ class Enhancer:
             await self.fail(tid, "internal_error", type(exc).__name__, attempt=task["attempt"])
             return "failed"
 
-    async def _write(self, task: dict[str, Any], **values: Any) -> None:
+    async def _write(
+        self, task: dict[str, Any], *, call: tuple[Provider, str] | None = None, **values: Any
+    ) -> None:
+        """A fenced write; `call` (provider, call id): a call that provider accepted, paid
+        from its pool in the same transaction (even if this worker lost the lease: the
+        provider took the call either way)."""
         async with self.uow() as session:
-            ok = await Repository(session).update_fenced(
+            repo = Repository(session)
+            ok = await repo.update_fenced(
                 task["id"], task["attempt"], self.settings.enhancement_lease_seconds, **values
             )
+            if call is not None:
+                provider, call_id = call
+                await self.consume_pool(
+                    repo, provider.name, provider.cost_milli, task["id"], call_id
+                )
         if not ok:
             raise LostLease()
         task.update(values)
@@ -520,11 +531,19 @@ class Enhancer:
                 log.warning("task %s: %s", task["id"], exc)
                 await self._provider_failed(provider.name)
                 continue
+            # The provider accepted the call: its pool pays for it now, once per call,
+            # whatever comes of it (a result, a failure, a stall).
             if submitted.task_id is not None:
                 # Stored before polling: a restarted worker polls this task, never pays twice.
-                await self._write(task, provider_task_id=submitted.task_id, progress=40)
+                await self._write(
+                    task,
+                    call=(provider, submitted.task_id),
+                    provider_task_id=submitted.task_id,
+                    progress=40,
+                )
                 outcome = await self._wait(task, provider, submitted.task_id)
             else:
+                await self._write(task, call=(provider, f"attempt-{task['attempt']}"))
                 outcome = submitted.outcome or Outcome("failed", error="no result")
             if await self._accept(task, provider, outcome):
                 return "completed"
@@ -594,7 +613,6 @@ class Enhancer:
     ) -> None:
         result_key = f"results/{task['id']}"
         await self.storage.put(result_key, result)
-        cost = provider.cost_milli if provider else 0
         async with self.uow() as session:
             repo = Repository(session)
             done = await repo.finish(
@@ -605,12 +623,10 @@ class Enhancer:
                 result_content_type=content_type,
                 provider=provider.name if provider else "local",
                 degraded=degraded,
-                provider_cost_milli=cost,
             )
             if done is None:
                 raise LostLease()
             if provider is not None:
-                await self.consume_pool(repo, provider.name, cost, task["id"])
                 # A success closed its breaker: its next opening is a new crossing.
                 await repo.set_pool_flag(provider.name, "unhealthy_alerted", False)
             await self._event(session, done)
@@ -728,13 +744,17 @@ class Enhancer:
         return [self.providers[name] for *_, name in sorted(ranked)]
 
     async def consume_pool(
-        self, repo: Repository, provider: str, cost: int, task_id: uuid.UUID
+        self, repo: Repository, provider: str, cost: int, task_id: uuid.UUID, call_id: str
     ) -> None:
-        """One call's cost out of the provider's pool, once per task."""
+        """One accepted call's cost out of the provider's pool, once per (task, call): the
+        call id is the provider's task id, or the attempt for a provider that answers at
+        once. The task's `provider_cost_milli` adds up its calls."""
         await repo.ensure_pool(provider)
         await repo.pool(provider, lock=True)
-        if not await repo.add_pool_entry(provider, f"task:{task_id}", "consume", cost, task_id):
+        reference = f"call:{task_id}:{call_id}"
+        if not await repo.add_pool_entry(provider, reference, "consume", cost, task_id):
             return
+        await repo.add_provider_cost(task_id, cost)
         pool = await repo.consume_pool(provider, cost)
         assert pool is not None
         await self._pool_alert(repo, pool)

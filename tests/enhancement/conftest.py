@@ -223,6 +223,32 @@ class Enh:
             assert r.status_code == 200, r.text
             return dict(r.json())
 
+    async def pools(self) -> dict[str, dict[str, Any]]:
+        """The platform pools by provider (admin view; amounts in credits)."""
+        async with self.client(self.keys["admin"]) as gw:
+            r = await gw.get("/v1/enhancement/pools")
+            assert r.status_code == 200, r.text
+            return {p["provider"]: p for p in r.json()}
+
+    async def sql(self, query: str, *args: Any) -> list[dict[str, Any]]:
+        """A statement on the suite's database (real Postgres), its rows."""
+        import asyncpg
+
+        conn = await asyncpg.connect(self.suite.env["KU_DATABASE_URL"])
+        try:
+            return [dict(r) for r in await conn.fetch(query, *args)]
+        finally:
+            await conn.close()
+
+    async def pool_calls(self, task_id: str) -> list[tuple[str, int]]:
+        """The provider calls a task's pools paid for: (provider, milli credits)."""
+        rows = await self.sql(
+            "SELECT provider, amount_milli FROM enhancement.pool_entries"
+            " WHERE task_id = $1 AND kind = 'consume' ORDER BY created_at",
+            uuid.UUID(task_id),
+        )
+        return [(r["provider"], r["amount_milli"]) for r in rows]
+
 
 async def _sleep(seconds: float) -> None:
     import asyncio

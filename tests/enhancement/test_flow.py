@@ -8,7 +8,7 @@ import io
 import pytest
 from PIL import Image
 
-from tests.enhancement.conftest import Enh
+from tests.enhancement.conftest import PROVIDER_COSTS, Enh
 from tests.enhancement.fakes import RESULT
 
 pytestmark = pytest.mark.e2e
@@ -23,6 +23,7 @@ class TestSubmit:
         enh.reset_providers()
         user = await enh.new_user()
         before = await enh.balance(user)
+        pools_before = await enh.pools()
         async with enh.client(enh.keys["imagegene"]) as gw:
             r = await gw.post(
                 "/v1/enhancement/tasks",
@@ -42,6 +43,11 @@ class TestSubmit:
         assert task["provider"] == "nanobanana" and task["degraded"] is False
         assert task["charged"] == 2
         assert enh.providers["nanobanana"].submits == 1
+        # The provider's pool paid for the one call, exactly, once.
+        assert await enh.pool_calls(task_id) == [("nanobanana", PROVIDER_COSTS["nanobanana"])]
+        pools = await enh.pools()
+        assert pools_before["nanobanana"]["balance"] - pools["nanobanana"]["balance"] == 10
+        assert pools["nanobanana"]["consumed"] - pools_before["nanobanana"]["consumed"] == 10
         async with enh.client(enh.keys["imagegene"]) as gw:
             r = await gw.get(task["result_url"])
             assert r.status_code == 200
@@ -91,6 +97,12 @@ class TestProviderChain:
         task = await enh.wait((await submit(enh, user))["id"])
         assert task["provider"] == "fal" and task["degraded"] is False, task
         assert [enh.providers[n].submits for n in ("nanobanana", "kie", "fal")] == [1, 1, 1]
+        # NanoBanana refused the call (500): not paid. Kie.ai accepted it, then failed the
+        # task: paid. fal.ai did the work: paid.
+        assert await enh.pool_calls(task["id"]) == [
+            ("kie", PROVIDER_COSTS["kie"]),
+            ("fal", PROVIDER_COSTS["fal"]),
+        ]
 
     async def test_stalled_provider_is_left_for_the_next(self, enh: Enh):
         enh.reset_providers(nanobanana="stall")
@@ -98,6 +110,35 @@ class TestProviderChain:
         task = await enh.wait((await submit(enh, user))["id"])
         assert task["provider"] == "kie" and task["status"] == "completed", task
         assert enh.providers["nanobanana"].submits == 1
+        # The stalled call was accepted: its pool paid for it too.
+        assert await enh.pool_calls(task["id"]) == [
+            ("nanobanana", PROVIDER_COSTS["nanobanana"]),
+            ("kie", PROVIDER_COSTS["kie"]),
+        ]
+
+    async def test_drained_pool_takes_its_provider_out(self, enh: Enh):
+        enh.reset_providers()
+        cost = PROVIDER_COSTS["nanobanana"]
+        # One call left in NanoBanana's pool.
+        await enh.sql(
+            "UPDATE enhancement.pools SET balance_milli = $1 WHERE provider = 'nanobanana'", cost
+        )
+        user = await enh.new_user()
+        first = await enh.wait((await submit(enh, user))["id"])
+        assert first["provider"] == "nanobanana", first
+        pools = await enh.pools()
+        assert pools["nanobanana"]["balance"] == 0 and pools["nanobanana"]["active"] is False
+        second = await enh.wait((await submit(enh, user))["id"])
+        assert second["provider"] == "kie" and second["degraded"] is False, second
+        assert enh.providers["nanobanana"].submits == 1  # not even tried
+        async with enh.client(enh.keys["admin"]) as gw:
+            r = await gw.post(
+                "/v1/enhancement/pools/nanobanana/refill",
+                json={"amount": 100_000, "reference": f"after-drain-{user}"},
+            )
+            assert r.status_code == 200 and r.json()["active"] is True, r.text
+        third = await enh.wait((await submit(enh, user))["id"])
+        assert third["provider"] == "nanobanana", third
 
     async def test_all_remote_down_degrades_and_releases(self, enh: Enh):
         enh.reset_providers(nanobanana="down", kie="down", fal="fail", google="fail")

@@ -26,10 +26,10 @@ def add_provider(e: Enhancer, cost_milli: int) -> str:
     return name
 
 
-async def consume(e: Enhancer, provider: str, task_id: uuid.UUID) -> None:
+async def consume(e: Enhancer, provider: str, task_id: uuid.UUID, call: str = "c1") -> None:
     async with e.uow() as session:
         await e.consume_pool(
-            Repository(session), provider, e.providers[provider].cost_milli, task_id
+            Repository(session), provider, e.providers[provider].cost_milli, task_id, call
         )
 
 
@@ -73,10 +73,13 @@ class TestPools:
         name = add_provider(enhancer, 20_000)
         await enhancer.refill(name, 1_000_000, "r1")
         task = uuid.uuid4()
-        await consume(enhancer, name, task)
-        await consume(enhancer, name, task)  # the same task again: no second charge
+        await consume(enhancer, name, task, "provider-task-1")
+        await consume(enhancer, name, task, "provider-task-1")  # the same call: no second charge
         row = await pool(enhancer, name)
         assert row["balance_milli"] == 980_000 and row["consumed_milli"] == 20_000
+        await consume(enhancer, name, task, "provider-task-2")  # a second call of the task
+        row = await pool(enhancer, name)
+        assert row["balance_milli"] == 960_000 and row["consumed_milli"] == 40_000
 
     async def test_refill_is_idempotent_by_reference(self, enhancer: Enhancer):
         name = add_provider(enhancer, 20_000)
