@@ -359,13 +359,20 @@ class Enhancer:
     async def visible(self, principal: Principal, task_id: str) -> dict[str, Any]:
         """A task the caller may see; anyone else's is 404 (no existence leak)."""
         principal.require_scope("enhance")
+        task = await self.by_id(task_id)
+        if not self.may_read(principal, task):
+            raise NotFound("No such task", code="task_not_found")
+        return task
+
+    async def by_id(self, task_id: str) -> dict[str, Any]:
+        """A task, whoever asks: only for callers already entitled to it (a signed link)."""
         try:
             tid = uuid.UUID(task_id)
         except ValueError:
             raise NotFound("No such task", code="task_not_found") from None
         async with self.uow() as session:
             task = await Repository(session).task(tid)
-        if task is None or not self.may_read(principal, task):
+        if task is None:
             raise NotFound("No such task", code="task_not_found")
         return task
 

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import io
+import uuid
 
+import httpx
 import pytest
 from PIL import Image
 
+from services.enhancement.storage import sign_link
+from services.kit.principal import derived_secret
 from tests.enhancement.conftest import PROVIDER_COSTS, Enh
 from tests.enhancement.fakes import RESULT
 
@@ -365,13 +369,16 @@ class TestIsolation:
             assert r.status_code == 202, r.text
         task = await enh.wait(r.json()["id"])
         assert task["user_id"] == alice
+        unsigned = task["result_url"].split("?", 1)[0]
         async with enh.client(token=alice_token) as gw:
             assert (await gw.get(task["result_url"])).status_code == 200
+            assert (await gw.get(unsigned)).status_code == 200  # the owner needs no link
             listed = (await gw.get("/v1/enhancement/tasks")).json()["items"]
             assert [t["id"] for t in listed] == [task["id"]]
         async with enh.client(token=bob_token) as gw:
             assert (await gw.get(f"/v1/enhancement/tasks/{task['id']}")).status_code == 404
-            assert (await gw.get(task["result_url"])).status_code == 404
+            r = await gw.get(unsigned)  # without the link: only the owner
+            assert r.status_code == 404 and r.json()["error"]["code"] == "task_not_found"
             assert (await gw.get("/v1/enhancement/tasks")).json()["items"] == []
             r = await gw.get("/v1/enhancement/tasks", params={"user_id": alice})
             assert r.status_code == 403
@@ -387,12 +394,58 @@ class TestIsolation:
             r = await gw.get("/v1/enhancement/tasks", params={"user_id": alice})
             assert r.json()["items"] == []
 
-    async def test_forged_or_expired_link_refused(self, enh: Enh):
+
+def link_parts(url: str) -> tuple[str, int, str]:
+    path, query = url.split("?", 1)
+    params = dict(p.split("=", 1) for p in query.split("&"))
+    return path, int(params["expires"]), params["sig"]
+
+
+class TestResultLinks:
+    """A signed result link is a credential of its own, until it expires."""
+
+    async def test_signed_link_needs_no_credentials(self, enh: Enh):
         enh.reset_providers()
         user = await enh.new_user()
         task = await enh.wait((await submit(enh, user))["id"])
-        async with enh.client(enh.keys["imagegene"]) as gw:
-            bad = task["result_url"].rsplit("sig=", 1)[0] + "sig=" + "0" * 32
-            assert (await gw.get(bad)).status_code == 403
-            path = f"/v1/enhancement/tasks/{task['id']}/result?expires=1&sig=" + "0" * 32
-            assert (await gw.get(path)).status_code == 403
+        path, expires, sig = link_parts(task["result_url"])
+        async with httpx.AsyncClient(base_url=enh.gateway, timeout=30) as anonymous:
+            r = await anonymous.get(task["result_url"])  # e.g. an <img src>
+            assert r.status_code == 200, r.text
+            assert r.content == RESULT and r.headers["content-type"] == "image/png"
+            # Without the whole link, the gateway wants credentials as before.
+            for partial in (path, f"{path}?sig={sig}", f"{path}?expires={expires}"):
+                r = await anonymous.get(partial)
+                assert r.status_code == 401, (partial, r.text)
+            # A link opens the result only, not the task or anything else.
+            r = await anonymous.get(
+                f"/v1/enhancement/tasks/{task['id']}?expires={expires}&sig={sig}"
+            )
+            assert r.status_code == 401
+            r = await anonymous.get(f"/v1/enhancement/pools?expires={expires}&sig={sig}")
+            assert r.status_code == 401
+
+    async def test_expired_or_altered_links_are_403(self, enh: Enh):
+        enh.reset_providers()
+        user = await enh.new_user()
+        task = await enh.wait((await submit(enh, user))["id"])
+        path, expires, sig = link_parts(task["result_url"])
+        secret = derived_secret("enhancement", "result-links")  # this run's, as the service's
+        expired = sign_link(secret, task["id"], -60)  # genuinely signed, a minute ago
+        flipped = sig[:-1] + ("0" if sig[-1] != "0" else "1")
+        other = f"/v1/enhancement/tasks/{uuid.uuid4()}/result"
+        cases = {
+            expired: "link_expired",
+            f"{path}?expires={expires}&sig={flipped}": "bad_signature",
+            f"{path}?expires={expires + 3600}&sig={sig}": "bad_signature",  # extended
+            f"{other}?expires={expires}&sig={sig}": "bad_signature",  # another task's path
+        }
+        for client in (
+            httpx.AsyncClient(base_url=enh.gateway, timeout=30),
+            enh.client(enh.keys["imagegene"]),  # the owner's app: a bad link is still bad
+        ):
+            async with client as gw:
+                for url, code in cases.items():
+                    r = await gw.get(url)
+                    assert r.status_code == 403, (url, r.text)
+                    assert r.json()["error"]["code"] == code, (url, r.text)
