@@ -79,7 +79,8 @@ DECLARED: dict[int, Any] = {
     ),
     422: (
         "Invalid input; `unsafe_url` (private, loopback, metadata, non-http), "
-        "`image_too_large` (pixels), `unsupported_image`, `invalid_image`, `input_unreachable`",
+        "`image_too_large` (pixels), `unsupported_image`, `invalid_image`, "
+        "`content_type_mismatch` (the URL served no image type), `input_unreachable`",
         [
             Unprocessable(
                 "The URL points to a private or reserved address",
@@ -97,6 +98,11 @@ DECLARED: dict[int, Any] = {
                 "Only PNG, JPEG, WebP and GIF images are accepted", code="unsupported_image"
             ),
             Unprocessable("The input is not a readable image", code="invalid_image"),
+            Unprocessable(
+                "The URL did not serve an image content type",
+                code="content_type_mismatch",
+                content_type="text/html",
+            ),
             Unprocessable(
                 "The image host does not resolve",
                 code="input_unreachable",

@@ -25,6 +25,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -249,6 +250,26 @@ class Enh:
         )
         return [(r["provider"], r["amount_milli"]) for r in rows]
 
+    @asynccontextmanager
+    async def own_enhancer(self, **overrides: Any) -> AsyncIterator[Enhancer]:
+        """An in-process engine of the test's own on the suite's database, ledger and
+        storage (no provider configured, no queue: nothing runs it but the test)."""
+        settings = EnhancementSettings(
+            database_url=self.suite.env["KU_DATABASE_URL"],
+            ledger_url=self.suite.urls["ledger"],
+            enhancement_storage_dir=self.suite.env["KU_ENHANCEMENT_STORAGE_DIR"],
+            **overrides,
+        )
+        engine = create_engine(settings)
+        redis = redis_from_url(settings.redis_url)
+        e = Enhancer(settings, sessionmaker_for(engine), redis)
+        try:
+            yield e
+        finally:
+            await e.aclose()
+            await redis.aclose()
+            await engine.dispose()
+
 
 async def _sleep(seconds: float) -> None:
     import asyncio
@@ -270,6 +291,8 @@ def suite_env(ku_database_url: str, signing: SigningKey, providers: dict[str, Fa
         "KU_ENHANCEMENT_PENDING_EVERY_SECONDS": "2",
         "KU_ENHANCEMENT_PROVIDER_TIMEOUT_SECONDS": "3",
         "KU_ENHANCEMENT_TASK_DEADLINE_SECONDS": "120",
+        # A stalled image host (ImageHost /stall) is given up on after this long.
+        "KU_ENHANCEMENT_FETCH_TIMEOUT_SECONDS": "3",
         "KU_ENHANCEMENT_FETCH_ALLOW_ORIGINS": ",".join(
             [images.url, *(p.url for p in providers.values())]
         ),

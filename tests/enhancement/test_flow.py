@@ -10,8 +10,9 @@ import httpx
 import pytest
 from PIL import Image
 
+from services.enhancement.service import Submission
 from services.enhancement.storage import sign_link
-from services.kit.principal import derived_secret
+from services.kit.principal import Principal, derived_secret, outgoing_header
 from tests.enhancement.conftest import PROVIDER_COSTS, Enh
 from tests.enhancement.fakes import RESULT
 
@@ -64,6 +65,33 @@ class TestSubmit:
         [capture] = holds_of(journal, "capture")
         assert capture["amount"] == 2
         assert holds_of(journal, "release") == []
+
+    async def test_large_image_is_priced_by_size(self, enh: Enh):
+        enh.reset_providers()
+        user = await enh.new_user()
+        before = await enh.balance(user)
+        big = io.BytesIO()
+        Image.new("RGB", (2001, 2000), (30, 60, 90)).save(big, format="PNG")
+        async with enh.client(enh.keys["imagegene"]) as gw:
+            r = await gw.post(
+                "/v1/enhancement/tasks",
+                data={"enhancement_type": "background", "user_id": user},
+                files={"image": ("big.png", big.getvalue(), "image/png")},
+            )
+        assert r.status_code == 202, r.text
+        # background is 3000 milli-Ku; 2001 x 2000 is above LARGE_PIXELS (4,000,000), so
+        # x LARGE_PERCENT (150 %): 4500 milli-Ku.
+        assert (r.json()["width"], r.json()["height"]) == (2001, 2000)
+        assert r.json()["price"] == 4.5
+        task = await enh.wait(r.json()["id"])
+        assert task["status"] == "completed" and task["charged"] == 4.5, task
+        journal = await enh.journal(user)
+        assert [t["amount"] for t in holds_of(journal, "capture")] == [4.5]
+        after = await enh.balance(user)
+        assert before["available"] - after["available"] == 4.5 and after["held"] == 0
+
+
+APP = Principal(kind="app", app="imagegene", scopes=frozenset({"enhance", "users:any"}))
 
 
 async def submit(enh: Enh, user: str, key: str | None = None, **extra) -> dict:
@@ -144,6 +172,19 @@ class TestProviderChain:
         third = await enh.wait((await submit(enh, user))["id"])
         assert third["provider"] == "nanobanana", third
 
+    async def test_google_inline_result(self, enh: Enh):
+        enh.reset_providers(nanobanana="down", kie="down", fal="down")
+        user = await enh.new_user()
+        task = await enh.wait((await submit(enh, user))["id"])
+        assert task["status"] == "completed" and task["provider"] == "google", task
+        assert task["degraded"] is False and task["charged"] == 2
+        google = enh.providers["google"]
+        assert google.submits == 1 and google.auth[-1] == "key-google"
+        async with enh.client(enh.keys["imagegene"]) as gw:
+            r = await gw.get(task["result_url"])
+        assert r.status_code == 200 and r.content == RESULT  # from the answer's inlineData
+        assert await enh.pool_calls(task["id"]) == [("google", PROVIDER_COSTS["google"])]
+
     async def test_all_remote_down_degrades_and_releases(self, enh: Enh):
         enh.reset_providers(nanobanana="down", kie="down", fal="fail", google="fail")
         user = await enh.new_user()
@@ -197,42 +238,63 @@ class TestFailuresRelease:
         assert (await enh.balance(user))["held"] == 0
 
     async def test_stuck_task_is_failed_by_the_sweeper_and_released(self, enh: Enh):
-        from services.enhancement.config import EnhancementSettings
-        from services.enhancement.service import Enhancer, Submission
-        from services.kit.bus import redis_from_url
-        from services.kit.db import create_engine, sessionmaker_for
-        from services.kit.principal import Principal, outgoing_header
-
         user = await enh.new_user()
         # An enhancer of our own with a 1 s deadline and no queue: the task gets stuck.
-        settings = EnhancementSettings(
-            database_url=enh.suite.env["KU_DATABASE_URL"],
-            ledger_url=enh.suite.urls["ledger"],
-            enhancement_task_deadline_seconds=1,
-            enhancement_storage_dir=enh.suite.env["KU_ENHANCEMENT_STORAGE_DIR"],
-        )
-        engine = create_engine(settings)
-        redis = redis_from_url(settings.redis_url)
-        e = Enhancer(settings, sessionmaker_for(engine), redis)
-        try:
-            app = Principal(kind="app", app="imagegene", scopes=frozenset({"enhance", "users:any"}))
+        async with enh.own_enhancer(enhancement_task_deadline_seconds=1) as e:
             task, created = await e.submit(
-                app,
+                APP,
                 Submission("lighting", "", 0.5, None, user, None, False, upload=enh.images.image),
                 # What the gateway forwarded for this caller (the ledger holds on its behalf).
-                origin=outgoing_header(app, audience="enhancement"),
+                origin=outgoing_header(APP, audience="enhancement"),
                 idempotency_key=None,
             )
             assert created and task["hold_id"]
             await asyncio.sleep(1.2)
             await e.run_pending()  # the worker's own run may get there first: same end
-        finally:
-            await e.aclose()
-            await redis.aclose()
-            await engine.dispose()
         done = await enh.wait(str(task["id"]))
         assert done["status"] == "failed" and done["error"]["code"] == "deadline_exceeded"
         assert kinds(await enh.journal(user)) == ["release", "reserve"]
+
+    async def test_nonzero_degraded_price_is_charged(self, enh: Enh):
+        user = await enh.new_user()
+        before = await enh.balance(user)
+        # Pillow fallback priced at 1.5 Ku (KU_ENHANCEMENT_DEGRADED_PRICE_MILLI=1500).
+        async with enh.own_enhancer(enhancement_degraded_price_milli=1500) as e:
+            assert e.providers == {}  # no remote provider: the local enhancer does the work
+            task, _ = await e.submit(
+                APP,
+                Submission("lighting", "", 0.5, None, user, None, False, upload=enh.images.image),
+                origin=outgoing_header(APP, audience="enhancement"),
+                idempotency_key=None,
+            )
+            assert await e.process(str(task["id"])) == "completed"
+        done = await enh.wait(str(task["id"]))
+        assert done["degraded"] is True and done["provider"] == "local", done
+        assert done["price"] == 2 and done["charged"] == 1.5
+        journal = await enh.journal(user)
+        [capture] = holds_of(journal, "capture")
+        assert capture["amount"] == 1.5 and holds_of(journal, "release") == []
+        after = await enh.balance(user)
+        assert before["available"] - after["available"] == 1.5 and after["held"] == 0
+
+    async def test_stalled_image_host_times_out_at_submit(self, enh: Enh):
+        user = await enh.new_user()
+        before = await enh.balance(user)
+        enh.images.release.clear()
+        try:
+            async with enh.client(enh.keys["imagegene"]) as gw:
+                r = await gw.post(
+                    "/v1/enhancement/tasks",
+                    json={"image_url": f"{enh.images.url}/stall", "enhancement_type": "mood",
+                          "user_id": user},
+                )  # fmt: skip
+        finally:
+            enh.images.release.set()
+        assert r.status_code == 422, r.text
+        error = r.json()["error"]
+        assert error["code"] == "input_unreachable" and error["detail"] == {"timeout_seconds": 3}
+        assert kinds(await enh.journal(user)) == []  # nothing held
+        assert await enh.balance(user) == before
 
     async def test_insufficient_credits_402_leaves_nothing(self, enh: Enh):
         user = await enh.new_user()

@@ -183,7 +183,41 @@ class TestAlerts:
         assert not await enhancer.breakers[cheap].allow()
 
 
+class TestPricing:
+    def test_price_by_type_and_size(self, enhancer: Enhancer):
+        # Defaults: background 3000 milli-Ku, x 150 % above 4,000,000 pixels.
+        assert enhancer.price_milli("background", 2000, 2000) == 3000  # at the limit
+        assert enhancer.price_milli("background", 2001, 2000) == 4500  # above it
+        assert enhancer.price_milli("lighting", 4001, 1000) == 3000
+
+
 class TestScheduledJobs:
+    async def test_monthly_reset_drops_past_months_only(self, enhancer: Enhancer):
+        from datetime import UTC, datetime
+
+        # A user of this test, in periods no other test uses; the job runs "on 2000-01-01"
+        # so it touches nothing but rows before 2000-01 (other users' rows stay).
+        user = f"u{uuid.uuid4().hex[:12]}"
+        async with enhancer.uow() as session:
+            repo = Repository(session)
+            for period in ("1999-11", "1999-12", "2000-01"):
+                assert await repo.use_allowance(user, period, 10) is not None
+
+        async def periods() -> list[str]:
+            async with enhancer.uow() as session:
+                rows = await session.execute(
+                    text("SELECT period FROM enhancement.allowances WHERE user_id = :u"),
+                    {"u": user},
+                )
+                return sorted(rows.scalars())
+
+        assert await periods() == ["1999-11", "1999-12", "2000-01"]  # nothing goes by itself
+        assert await enhancer.monthly_reset(now=datetime(2000, 1, 1, tzinfo=UTC)) >= 2
+        assert await periods() == ["2000-01"]  # the past months are gone, the current stays
+        async with enhancer.uow() as session:
+            row = await Repository(session).allowance(user, "2000-01")
+        assert row is not None and row["used"] == 1
+
     async def test_daily_summary_counts_the_day_once(self, enhancer: Enhancer):
         from datetime import UTC, datetime
 
