@@ -148,6 +148,7 @@ class TestAllowance:
     async def test_plus_user_pays_for_the_eleventh(self, enh: Enh):
         enh.reset_providers()
         user = await enh.new_user()
+        before = await enh.balance(user)
         async with enh.client(enh.keys["admin"]) as gw:
             r = await gw.put(f"/v1/enhancement/tiers/{user}", json={"tier": "plus"})
             assert r.status_code == 200 and r.json()["remaining"] == 10
@@ -156,7 +157,10 @@ class TestAllowance:
         assert [t["included"] for t in tasks] == [True] * 10 + [False]
         for t in tasks:
             await enh.wait(t["id"])
+        # The ten included ones left no ledger trace: one hold, one capture, 2 Ku in all.
         assert kinds(await enh.journal(user)) == ["capture", "reserve"]
+        after = await enh.balance(user)
+        assert before["available"] - after["available"] == 2 and after["held"] == 0
         async with enh.client(enh.keys["imagegene"]) as gw:
             r = await gw.get("/v1/enhancement/allowance", params={"user_id": user})
             assert r.json()["used"] == 10 and r.json()["remaining"] == 0
