@@ -94,7 +94,8 @@ class TestSubmit:
 APP = Principal(kind="app", app="imagegene", scopes=frozenset({"enhance", "users:any"}))
 
 
-async def submit(enh: Enh, user: str, key: str | None = None, **extra) -> dict:
+async def post_task(enh: Enh, user: str, key: str | None = None, **extra) -> httpx.Response:
+    """POST /v1/enhancement/tasks through the gateway (defaults: the test image, lighting)."""
     body = {
         "image_url": f"{enh.images.url}/image.png",
         "enhancement_type": "lighting",
@@ -104,9 +105,13 @@ async def submit(enh: Enh, user: str, key: str | None = None, **extra) -> dict:
         **extra,
     }
     async with enh.client(key or enh.keys["imagegene"]) as gw:
-        r = await gw.post("/v1/enhancement/tasks", json=body)
-        assert r.status_code == 202, r.text
-        return dict(r.json())
+        return await gw.post("/v1/enhancement/tasks", json=body)
+
+
+async def submit(enh: Enh, user: str, key: str | None = None, **extra) -> dict:
+    r = await post_task(enh, user, key, **extra)
+    assert r.status_code == 202, r.text
+    return dict(r.json())
 
 
 def kinds(journal: list[dict]) -> list[str]:
@@ -282,12 +287,7 @@ class TestFailuresRelease:
         before = await enh.balance(user)
         enh.images.release.clear()
         try:
-            async with enh.client(enh.keys["imagegene"]) as gw:
-                r = await gw.post(
-                    "/v1/enhancement/tasks",
-                    json={"image_url": f"{enh.images.url}/stall", "enhancement_type": "mood",
-                          "user_id": user},
-                )  # fmt: skip
+            r = await post_task(enh, user, image_url=f"{enh.images.url}/stall")
         finally:
             enh.images.release.set()
         assert r.status_code == 422, r.text
@@ -343,12 +343,7 @@ class TestFailuresRelease:
 
     async def test_bomb_rejected_at_submit(self, enh: Enh):
         user = await enh.new_user()
-        async with enh.client(enh.keys["imagegene"]) as gw:
-            r = await gw.post(
-                "/v1/enhancement/tasks",
-                json={"image_url": f"{enh.images.url}/bomb.png", "enhancement_type": "style",
-                      "user_id": user},
-            )  # fmt: skip
+        r = await post_task(enh, user, image_url=f"{enh.images.url}/bomb.png")
         assert r.status_code == 422 and r.json()["error"]["code"] == "image_too_large", r.text
         assert kinds(await enh.journal(user)) == []
 

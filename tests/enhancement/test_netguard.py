@@ -16,7 +16,7 @@ import pytest
 
 from tests.enhancement import netguard
 from tests.enhancement.conftest import CHILD_GUARD_LOG, Enh, take_child_violations
-from tests.enhancement.test_flow import kinds
+from tests.enhancement.test_flow import kinds, post_task
 
 NOT_GUARDED = 3
 PREAMBLE = f"""
@@ -185,12 +185,7 @@ class TestSuiteChildren:
         # address, which passes the SSRF rule; the guard in the service refuses the
         # connection and records it, with the service's pid.
         user = await enh.new_user()
-        async with enh.client(enh.keys["imagegene"]) as gw:
-            r = await gw.post(
-                "/v1/enhancement/tasks",
-                json={"image_url": "http://public.test/image.png", "enhancement_type": "mood",
-                      "user_id": user},
-            )  # fmt: skip
+        r = await post_task(enh, user, image_url="http://public.test/image.png")
         assert r.status_code == 422 and r.json()["error"]["code"] == "input_unreachable", r.text
         service = enh.suite.processes["enhancement"].pid
         assert take_child_violations() == [{"pid": service, "address": ["93.184.215.14", "80"]}]
