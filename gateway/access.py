@@ -6,6 +6,7 @@ so every door applies the same rules.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, MutableMapping, Sequence
 from ipaddress import IPv4Network, IPv6Network, ip_address
 from typing import Any
@@ -40,11 +41,22 @@ PUBLIC_PATHS = frozenset(
         "/.well-known/jwks.json",
     }
 )
+# A result image by its signed link (`?expires=&sig=`, the enhancement service's
+# `result_url`): the link is the credential, checked by the service (HMAC, expiry), so it
+# works in an <img src>. Without both parameters the path needs credentials as usual.
+SIGNED_RESULT = re.compile(r"/v1/enhancement/tasks/[0-9A-Fa-f-]{1,64}/result")
 MONEY_ROUTES = frozenset({"ledger", "billing"})
 # Where an API key may come as `?api_key=` (the old clients' routes, seed 001): a key in
 # a URL ends up in logs and browser history, so the native API takes headers only.
 QUERY_KEY_PREFIXES = ("/api/unified/", "/api/user-projects", "/api/project/", "/api/enhance-image")
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def is_signed_link(method: str, path: str, query: str) -> bool:
+    if method != "GET" or not SIGNED_RESULT.fullmatch(path):
+        return False
+    names = {k for k, _ in parse_qsl(query, keep_blank_values=True)}
+    return "expires" in names and "sig" in names
 
 
 def is_money(method: str, route: str) -> bool:

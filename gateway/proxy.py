@@ -17,7 +17,14 @@ from typing import Any
 import orjson
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from gateway.access import PUBLIC_PATHS, check_scope, check_user, client_ip, is_money
+from gateway.access import (
+    PUBLIC_PATHS,
+    check_scope,
+    check_user,
+    client_ip,
+    is_money,
+    is_signed_link,
+)
 from gateway.pool import Response
 from gateway.ratelimit import rate_headers
 from services.kit.errors import (
@@ -162,7 +169,7 @@ class ProxyMiddleware:
         extra_headers: list[tuple[bytes, bytes]] = []
         principal_header: str | None = None
         body: bytes | None = None
-        if path in PUBLIC_PATHS:
+        if path in PUBLIC_PATHS or is_signed_link(method, path, query):
             decision = await gw.access.admit_anonymous(ip)
         else:
             raw_key = headers.get(b"x-api-key")

@@ -40,69 +40,88 @@ from services.kit.schemas import UserId
 router = APIRouter(prefix="/v1/enhancement", tags=["enhancement"])
 CurrentPrincipal = Annotated[Principal, Depends(get_principal)]
 
-ERRORS = error_responses(
-    {
-        400: (
-            "Malformed request or Idempotency-Key",
-            [
-                STANDARD[400],
-                BadRequest("A multipart submission needs an `image` file", code="image_required"),
-            ],
+DECLARED: dict[int, Any] = {
+    400: (
+        "Malformed request or Idempotency-Key",
+        [
+            STANDARD[400],
+            BadRequest("A multipart submission needs an `image` file", code="image_required"),
+        ],
+    ),
+    401: "Missing or invalid credentials",
+    402: (
+        "`insufficient_credits`: the price could not be held",
+        PaymentRequired(available=0.5, required=2),
+    ),
+    403: (
+        "Missing scope, another user, or another app's lane",
+        [
+            Forbidden("Missing scope: enhance", code="missing_scope"),
+            Forbidden("An app key charges only in its own app's name", code="wrong_app"),
+        ],
+    ),
+    404: (
+        "No such task (or not yours: the same answer)",
+        [
+            NotFound("No such task", code="task_not_found"),
+            NotFound("The task has no result", code="no_result"),
+        ],
+    ),
+    409: (
+        "Idempotency-Key reused with another request",
+        Conflict("Idempotency-Key reused with another request", code="idempotency_conflict"),
+    ),
+    413: (
+        "`input_too_large`: the image is larger than allowed",
+        PayloadTooLarge(
+            "The image is larger than allowed", code="input_too_large", max_bytes=10485760
         ),
-        401: "Missing or invalid credentials",
-        402: (
-            "`insufficient_credits`: the price could not be held",
-            PaymentRequired(available=0.5, required=2),
-        ),
-        403: (
-            "Missing scope, another user, or another app's lane",
-            [
-                Forbidden("Missing scope: enhance", code="missing_scope"),
-                Forbidden("An app key charges only in its own app's name", code="wrong_app"),
-            ],
-        ),
-        404: (
-            "No such task (or not yours: the same answer)",
-            [
-                NotFound("No such task", code="task_not_found"),
-                NotFound("The task has no result", code="no_result"),
-            ],
-        ),
-        409: (
-            "Idempotency-Key reused with another request",
-            Conflict("Idempotency-Key reused with another request", code="idempotency_conflict"),
-        ),
-        413: (
-            "`input_too_large`: the image is larger than allowed",
-            PayloadTooLarge(
-                "The image is larger than allowed", code="input_too_large", max_bytes=10485760
+    ),
+    422: (
+        "Invalid input; `unsafe_url` (private, loopback, metadata, non-http), "
+        "`image_too_large` (pixels), `unsupported_image`, `invalid_image`, "
+        "`content_type_mismatch` (the URL served no image type), `input_unreachable`",
+        [
+            Unprocessable(
+                "The URL points to a private or reserved address",
+                code="unsafe_url",
+                host="169.254.169.254",
             ),
-        ),
-        422: (
-            "Invalid input; `unsafe_url` (private, loopback, metadata, non-http), "
-            "`image_too_large` (pixels), `unsupported_image`, `invalid_image`, `input_unreachable`",
+            Unprocessable(
+                "The image has too many pixels",
+                code="image_too_large",
+                width=12000,
+                height=9000,
+                max_pixels=40000000,
+            ),
+            Unprocessable(
+                "Only PNG, JPEG, WebP and GIF images are accepted", code="unsupported_image"
+            ),
+            Unprocessable("The input is not a readable image", code="invalid_image"),
+            Unprocessable(
+                "The URL did not serve an image content type",
+                code="content_type_mismatch",
+                content_type="text/html",
+            ),
+            Unprocessable(
+                "The image host does not resolve",
+                code="input_unreachable",
+                host="images.example.com",
+            ),
+        ],
+    ),
+}
+ERRORS = error_responses(DECLARED)
+RESULT_ERRORS = error_responses(
+    {
+        **DECLARED,
+        403: (
+            "`link_expired` or `bad_signature`: the signed link is not valid (without a link: "
+            "a missing scope)",
             [
-                Unprocessable(
-                    "The URL points to a private or reserved address",
-                    code="unsafe_url",
-                    host="169.254.169.254",
-                ),
-                Unprocessable(
-                    "The image has too many pixels",
-                    code="image_too_large",
-                    width=12000,
-                    height=9000,
-                    max_pixels=40000000,
-                ),
-                Unprocessable(
-                    "Only PNG, JPEG, WebP and GIF images are accepted", code="unsupported_image"
-                ),
-                Unprocessable("The input is not a readable image", code="invalid_image"),
-                Unprocessable(
-                    "The image host does not resolve",
-                    code="input_unreachable",
-                    host="images.example.com",
-                ),
+                Forbidden("The result link has expired", code="link_expired"),
+                Forbidden("The result link is not valid", code="bad_signature"),
+                Forbidden("Missing scope: enhance", code="missing_scope"),
             ],
         ),
     }
@@ -234,27 +253,36 @@ async def get_task(
     return enhancer.render(await enhancer.visible(principal, task_id))
 
 
+async def optional_principal(request: Request) -> Principal | None:
+    """The request's principal, or None when it came with none (a signed result link
+    through the gateway carries no credentials)."""
+    if not request.headers.get(PRINCIPAL_HEADER):
+        return None
+    return await get_principal(request)
+
+
 @router.get(
     "/tasks/{task_id}/result",
-    responses={**ERRORS, 200: {"content": {"image/png": {}}, "description": "The image"}},
+    responses={**RESULT_ERRORS, 200: {"content": {"image/png": {}}, "description": "The image"}},
 )
 async def get_result(
     task_id: str,
-    principal: CurrentPrincipal,
     enhancer: EnhancerDep,
+    principal: Annotated[Principal | None, Depends(optional_principal)],
     expires: int | None = None,
     sig: Annotated[str | None, Query(max_length=64)] = None,
 ) -> Response:
-    """The result image of a completed task (its owner only; `expires`+`sig` from the
-    task's `result_url`, when given, must be valid and unexpired)."""
-    task = await enhancer.visible(principal, task_id)
+    """The result image of a completed task. With `expires` and `sig` (the task's
+    `result_url`), the link itself is the credential: anyone holding it gets the image
+    until it expires, no key or token needed (e.g. an `<img src>`); an expired or altered
+    link is 403. Without them, only the task's owner (404 for anyone else)."""
     if expires is not None or sig is not None:
-        verify_link(
-            derived_secret("enhancement", "result-links"),
-            str(task["id"]),
-            expires or 0,
-            sig or "",
-        )
+        verify_link(derived_secret("enhancement", "result-links"), task_id, expires or 0, sig or "")
+        task = await enhancer.by_id(task_id)
+    elif principal is None:
+        raise Unauthorized("Missing internal principal", code="missing_principal")
+    else:
+        task = await enhancer.visible(principal, task_id)
     if task["status"] != "completed" or not task["result_key"] or task["result_deleted_at"]:
         raise NotFound("The task has no result", code="no_result")
     data = await enhancer.storage.get(task["result_key"])

@@ -6,10 +6,11 @@ resolves to must be public (no loopback, private, link-local, CGNAT, multicast,
 reserved or cloud-metadata address, IPv4-mapped forms included); the connection
 then goes to the address we checked (the hostname travels only as Host and SNI),
 so a DNS answer that changes between check and use cannot redirect us inward.
-Redirects are followed by hand, each hop checked the same way. The body is read
-with a size cap and a total timeout, its content type must be an image, and
-Pillow must parse it within the pixel limit (a decompression bomb is refused
-from its header, before any pixel is decoded).
+Redirects are followed by hand, each hop checked the same way. The content type must
+be an image's (`content_type_mismatch` otherwise, before the body is read); the body
+is read with a size cap and a total timeout, and Pillow must parse it
+(`invalid_image`; `unsupported_image` for another format) within the pixel limit (a
+decompression bomb is refused from its header, before any pixel is decoded).
 
 `allow_origins` exempts exact origins from the address rule; it exists for
 development and tests (fake providers on 127.0.0.1) and is empty in production.
@@ -163,19 +164,16 @@ class SafeFetcher:
     async def fetch(self, url: str) -> CheckedImage:
         try:
             async with asyncio.timeout(self.policy.timeout_seconds):
-                data, content_type = await self._fetch(url)
+                data = await self._fetch(url)
         except TimeoutError:
-            raise Unprocessable("Fetching the image timed out", code="input_unreachable") from None
-        image = inspect_image(data, self.policy.max_pixels)
-        if content_type not in ALLOWED_CONTENT_TYPES:
             raise Unprocessable(
-                "The URL did not serve an image",
-                code="unsupported_image",
-                content_type=content_type,
-            )
-        return image
+                "Fetching the image timed out",
+                code="input_unreachable",
+                timeout_seconds=self.policy.timeout_seconds,
+            ) from None
+        return inspect_image(data, self.policy.max_pixels)
 
-    async def _fetch(self, url: str) -> tuple[bytes, str]:
+    async def _fetch(self, url: str) -> bytes:
         for _ in range(self.policy.max_redirects + 1):
             target, headers, extensions = await self._target(url)
             try:
@@ -194,6 +192,18 @@ class SafeFetcher:
                             code="input_unreachable",
                             status=response.status_code,
                         )
+                    content_type = (
+                        response.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+                    )
+                    # Refused from the headers, before the body is read: a server that says
+                    # it is not sending an image is not read (not the same as an image that
+                    # does not parse, `invalid_image`).
+                    if content_type not in ALLOWED_CONTENT_TYPES:
+                        raise Unprocessable(
+                            "The URL did not serve an image content type",
+                            code="content_type_mismatch",
+                            content_type=content_type,
+                        )
                     declared = response.headers.get("content-length")
                     if declared and declared.isdigit() and int(declared) > self.policy.max_bytes:
                         raise self._too_large()
@@ -204,10 +214,7 @@ class SafeFetcher:
                         if size > self.policy.max_bytes:
                             raise self._too_large()
                         chunks.append(chunk)
-                    content_type = (
-                        response.headers.get("content-type", "").split(";", 1)[0].strip().lower()
-                    )
-                    return b"".join(chunks), content_type
+                    return b"".join(chunks)
             except httpx.HTTPError:
                 raise Unprocessable(
                     "The image URL could not be read", code="input_unreachable"

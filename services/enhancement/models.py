@@ -131,6 +131,9 @@ class Pool(Base):
     consumed_milli: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default="0")
     # Set when the low alert fired; cleared by a refill above the threshold (one per crossing).
     low_alerted: Mapped[bool] = mapped_column(Boolean, nullable=False, server_default="f")
+    # Set when the provider-unhealthy alert fired for its breaker opening; cleared when the
+    # breaker is seen closed again (one alert per crossing, however long it stays open).
+    unhealthy_alerted: Mapped[bool] = mapped_column(Boolean, nullable=False, server_default="f")
     updated_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), nullable=False, server_default=_NOW
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -105,6 +105,15 @@ class Repository:
             + fence
             + " RETURNING *",
             **params,
+        )
+
+    async def add_provider_cost(self, task_id: uuid.UUID, cost_milli: int) -> None:
+        await self.session.execute(
+            text(
+                "UPDATE enhancement.tasks SET provider_cost_milli = provider_cost_milli + :c"
+                " WHERE id = :id"
+            ),
+            {"id": task_id, "c": cost_milli},
         )
 
     async def mark_settled(self, task_id: uuid.UUID, charged_milli: int) -> dict[str, Any] | None:
@@ -325,10 +334,14 @@ class Repository:
             a=amount_milli,
         )
 
-    async def set_low_alerted(self, provider: str, value: bool) -> bool:
+    async def set_pool_flag(
+        self, provider: str, flag: Literal["low_alerted", "unhealthy_alerted"], value: bool
+    ) -> bool:
+        """Set a pool's alert flag; True only for the caller that changed it (row lock)."""
+        assert flag in ("low_alerted", "unhealthy_alerted")
         row = await self._one(
-            "UPDATE enhancement.pools SET low_alerted = :v WHERE provider = :p"
-            " AND low_alerted <> :v RETURNING provider",
+            f"UPDATE enhancement.pools SET {flag} = :v WHERE provider = :p"
+            f" AND {flag} <> :v RETURNING provider",
             p=provider,
             v=value,
         )
@@ -338,18 +351,18 @@ class Repository:
 
     async def add_alert(
         self, kind: str, subject: str, message: str, detail: dict[str, Any], dedupe_key: str
-    ) -> bool:
-        row = await self._one(
+    ) -> dict[str, Any] | None:
+        """The new alert (id, created_at), or None when its dedupe key was recorded before."""
+        return await self._one(
             "INSERT INTO enhancement.alerts (kind, subject, message, detail, dedupe_key)"
             " VALUES (:k, :s, :m, CAST(:d AS jsonb), :key) ON CONFLICT (dedupe_key) DO NOTHING"
-            " RETURNING id",
+            " RETURNING id, created_at",
             k=kind,
             s=subject,
             m=message,
             d=_json(detail),
             key=dedupe_key,
         )
-        return row is not None
 
     async def alerts(self, limit: int, kind: str | None = None) -> list[dict[str, Any]]:
         return await self._all(

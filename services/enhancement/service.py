@@ -51,7 +51,7 @@ from services.enhancement.providers import (
 )
 from services.enhancement.repository import Repository
 from services.enhancement.storage import Storage, build_storage, sign_link
-from services.kit.breaker import CLOSED, HALF_OPEN, CircuitBreaker
+from services.kit.breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
 from services.kit.db import unit_of_work
 from services.kit.errors import (
     Conflict,
@@ -69,6 +69,7 @@ from services.kit.service_client import ServiceClient
 log = logging.getLogger("ku.enhancement")
 
 JOB_NAME = "enhancement_process_task"
+ALERT_TOPIC = "enhancement.alert"
 BATCH = 200
 
 
@@ -358,13 +359,20 @@ class Enhancer:
     async def visible(self, principal: Principal, task_id: str) -> dict[str, Any]:
         """A task the caller may see; anyone else's is 404 (no existence leak)."""
         principal.require_scope("enhance")
+        task = await self.by_id(task_id)
+        if not self.may_read(principal, task):
+            raise NotFound("No such task", code="task_not_found")
+        return task
+
+    async def by_id(self, task_id: str) -> dict[str, Any]:
+        """A task, whoever asks: only for callers already entitled to it (a signed link)."""
         try:
             tid = uuid.UUID(task_id)
         except ValueError:
             raise NotFound("No such task", code="task_not_found") from None
         async with self.uow() as session:
             task = await Repository(session).task(tid)
-        if task is None or not self.may_read(principal, task):
+        if task is None:
             raise NotFound("No such task", code="task_not_found")
         return task
 
@@ -478,11 +486,22 @@ class Enhancer:
             await self.fail(tid, "internal_error", type(exc).__name__, attempt=task["attempt"])
             return "failed"
 
-    async def _write(self, task: dict[str, Any], **values: Any) -> None:
+    async def _write(
+        self, task: dict[str, Any], *, call: tuple[Provider, str] | None = None, **values: Any
+    ) -> None:
+        """A fenced write; `call` (provider, call id): a call that provider accepted, paid
+        from its pool in the same transaction (even if this worker lost the lease: the
+        provider took the call either way)."""
         async with self.uow() as session:
-            ok = await Repository(session).update_fenced(
+            repo = Repository(session)
+            ok = await repo.update_fenced(
                 task["id"], task["attempt"], self.settings.enhancement_lease_seconds, **values
             )
+            if call is not None:
+                provider, call_id = call
+                await self.consume_pool(
+                    repo, provider.name, provider.cost_milli, task["id"], call_id
+                )
         if not ok:
             raise LostLease()
         task.update(values)
@@ -519,11 +538,19 @@ class Enhancer:
                 log.warning("task %s: %s", task["id"], exc)
                 await self._provider_failed(provider.name)
                 continue
+            # The provider accepted the call: its pool pays for it now, once per call,
+            # whatever comes of it (a result, a failure, a stall).
             if submitted.task_id is not None:
                 # Stored before polling: a restarted worker polls this task, never pays twice.
-                await self._write(task, provider_task_id=submitted.task_id, progress=40)
+                await self._write(
+                    task,
+                    call=(provider, submitted.task_id),
+                    provider_task_id=submitted.task_id,
+                    progress=40,
+                )
                 outcome = await self._wait(task, provider, submitted.task_id)
             else:
+                await self._write(task, call=(provider, f"attempt-{task['attempt']}"))
                 outcome = submitted.outcome or Outcome("failed", error="no result")
             if await self._accept(task, provider, outcome):
                 return "completed"
@@ -580,13 +607,7 @@ class Enhancer:
     async def _provider_failed(self, name: str) -> None:
         if await self.breakers[name].record_failure():
             async with self.uow() as session:
-                await Repository(session).add_alert(
-                    "provider_unhealthy",
-                    name,
-                    f"Provider {name} is failing; its circuit breaker opened",
-                    {"provider": name},
-                    f"provider_unhealthy:{name}:{int(time.time() // 600)}",
-                )
+                await self._unhealthy_alert(Repository(session), name)
 
     async def _complete(
         self,
@@ -599,7 +620,6 @@ class Enhancer:
     ) -> None:
         result_key = f"results/{task['id']}"
         await self.storage.put(result_key, result)
-        cost = provider.cost_milli if provider else 0
         async with self.uow() as session:
             repo = Repository(session)
             done = await repo.finish(
@@ -610,12 +630,12 @@ class Enhancer:
                 result_content_type=content_type,
                 provider=provider.name if provider else "local",
                 degraded=degraded,
-                provider_cost_milli=cost,
             )
             if done is None:
                 raise LostLease()
             if provider is not None:
-                await self.consume_pool(repo, provider.name, cost, task["id"])
+                # A success closed its breaker: its next opening is a new crossing.
+                await repo.set_pool_flag(provider.name, "unhealthy_alerted", False)
             await self._event(session, done)
         await self.settle(task["id"])
         if task["save_to_workspace"]:
@@ -731,13 +751,17 @@ class Enhancer:
         return [self.providers[name] for *_, name in sorted(ranked)]
 
     async def consume_pool(
-        self, repo: Repository, provider: str, cost: int, task_id: uuid.UUID
+        self, repo: Repository, provider: str, cost: int, task_id: uuid.UUID, call_id: str
     ) -> None:
-        """One call's cost out of the provider's pool, once per task."""
+        """One accepted call's cost out of the provider's pool, once per (task, call): the
+        call id is the provider's task id, or the attempt for a provider that answers at
+        once. The task's `provider_cost_milli` adds up its calls."""
         await repo.ensure_pool(provider)
         await repo.pool(provider, lock=True)
-        if not await repo.add_pool_entry(provider, f"task:{task_id}", "consume", cost, task_id):
+        reference = f"call:{task_id}:{call_id}"
+        if not await repo.add_pool_entry(provider, reference, "consume", cost, task_id):
             return
+        await repo.add_provider_cost(task_id, cost)
         pool = await repo.consume_pool(provider, cost)
         assert pool is not None
         await self._pool_alert(repo, pool)
@@ -752,9 +776,10 @@ class Enhancer:
     async def _pool_alert(self, repo: Repository, pool: dict[str, Any]) -> None:
         """One alert (and one auto-refill request) per crossing below the threshold."""
         low = self.pool_is_low(pool)
-        if low and await repo.set_low_alerted(pool["provider"], True):
+        if low and await repo.set_pool_flag(pool["provider"], "low_alerted", True):
             crossing = await repo.count_alerts("pool_low", pool["provider"])
-            await repo.add_alert(
+            await self._alert(
+                repo,
                 "pool_low",
                 pool["provider"],
                 f"Credit pool {pool['provider']} is low: auto-refill requested",
@@ -766,7 +791,49 @@ class Enhancer:
                 f"pool_low:{pool['provider']}:{crossing + 1}",
             )
         elif not low:
-            await repo.set_low_alerted(pool["provider"], False)
+            await repo.set_pool_flag(pool["provider"], "low_alerted", False)
+
+    async def _unhealthy_alert(self, repo: Repository, name: str) -> bool:
+        """One alert per opening of a provider's breaker: the pool's `unhealthy_alerted`
+        flag is set with it and cleared only when the breaker is seen closed again."""
+        await repo.ensure_pool(name)
+        if not await repo.set_pool_flag(name, "unhealthy_alerted", True):
+            return False
+        crossing = await repo.count_alerts("provider_unhealthy", name)
+        return await self._alert(
+            repo,
+            "provider_unhealthy",
+            name,
+            f"Provider {name} is unhealthy: its circuit breaker opened",
+            {"provider": name},
+            f"provider_unhealthy:{name}:{crossing + 1}",
+        )
+
+    async def _alert(
+        self,
+        repo: Repository,
+        kind: str,
+        subject: str,
+        message: str,
+        detail: dict[str, Any],
+        dedupe_key: str,
+    ) -> bool:
+        """Store an alert (once per dedupe key) and emit it: an `enhancement.alert` event
+        through the outbox, in the same transaction, and a WARNING log line."""
+        row = await repo.add_alert(kind, subject, message, detail, dedupe_key)
+        if row is None:
+            return False
+        payload = {
+            "alert_id": row["id"],
+            "kind": kind,
+            "subject": subject,
+            "message": message,
+            "detail": detail,
+            "created_at": row["created_at"].isoformat(),
+        }
+        await emit(repo.session, outbox, ALERT_TOPIC, payload)
+        log.warning("alert %s: %s", kind, message, extra={"ctx": {"alert": payload}})
+        return True
 
     async def refill(
         self, provider: str, amount_milli: int, reference: str | None
@@ -844,15 +911,11 @@ class Enhancer:
                 await self._pool_alert(repo, pool)
                 raised += int(not before and self.pool_is_low(pool))
             for name, breaker in self.breakers.items():
-                if (await breaker.state()).state == "open":
-                    added = await repo.add_alert(
-                        "provider_unhealthy",
-                        name,
-                        f"Provider {name} is unhealthy (breaker open)",
-                        {"provider": name},
-                        f"provider_unhealthy:{name}:{int(time.time() // 600)}",
-                    )
-                    raised += int(added)
+                state = (await breaker.state()).state
+                if state == OPEN:
+                    raised += int(await self._unhealthy_alert(repo, name))
+                elif state == CLOSED:
+                    await repo.set_pool_flag(name, "unhealthy_alerted", False)
         return raised
 
     # -- allowances -------------------------------------------------------------------
@@ -863,7 +926,8 @@ class Enhancer:
         percent = self.settings.enhancement_allowance_alert_percent
         if row["included"] and row["used"] * 100 > row["included"] * percent:
             if await repo.mark_allowance_alerted(user_id, period):
-                await repo.add_alert(
+                await self._alert(
+                    repo,
                     "allowance_high",
                     user_id,
                     f"User {user_id} used over {percent}% of the month's enhancements",

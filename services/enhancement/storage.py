@@ -4,11 +4,12 @@ S3-compatible bucket (AWS S3, MinIO, R2, ...) by configuration (`KU_ENHANCEMENT_
 `Storage.put/get/delete` by key (`inputs/<task>`, `results/<task>`); `get` of a missing
 key is None and `delete` of one is a no-op, on both backends. Result links are Ku's own,
 whatever the backend: `/v1/enhancement/tasks/<id>/result?expires=&sig=`, signed (HMAC of
-task id and expiry with the internal secret) and expiring; `verify_link` checks them and
-the service streams the bytes from storage. So the bucket stays private (no public or
-presigned URL ever leaves Ku), the owner check still applies to every download, and a
-result deleted by retention is gone at once, not when a presigned URL runs out.
-"""
+task id and expiry with a secret derived from the service's signing key) and expiring;
+`verify_link` checks them and the service streams the bytes from storage. A valid link
+is a credential by itself (no key or token needed, e.g. in an <img src>); without one,
+only the owner may download. So the bucket stays private (no public or presigned URL
+ever leaves Ku), and a result deleted by retention is gone at once, not when a presigned
+URL runs out."""
 
 from __future__ import annotations
 

@@ -1,8 +1,14 @@
 """Fixtures for the enhancement tests.
 
-Every test here runs under `loopback_only`: any socket connection outside
-127.0.0.0/8 fails the test (even if the code under test is wrong), and test
-hostnames resolve through a stub (`STUB_DNS`), never through real DNS.
+Every test here runs under the network guard of `netguard.py`, in this process and in
+every process the tests start: a socket connection outside 127.0.0.0/8 is refused and
+fails the test (even if the code under test is wrong), and test hostnames resolve
+through a stub (`netguard.STUB_DNS`), never through real DNS. This process installs it
+with `loopback_only` (autouse); the children (services, gateway, worker, `ku` CLI,
+started from `suite_env`) load it from `childguard/sitecustomize.py`, first on their
+PYTHONPATH, and record what they refused in `CHILD_GUARD_LOG`, which `loopback_only`
+checks after each test and `enh` once more when its processes have stopped.
+`test_netguard.py` shows a guarded child refusing and recording a connection.
 
 `enh` starts the real processes (auth, ledger, workspace, enhancement, gateway via
 `services.kit.runner.Suite`, plus a worker we control so tests can SIGKILL it) with
@@ -10,7 +16,6 @@ fake providers on 127.0.0.1."""
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import signal
 import socket
@@ -18,7 +23,9 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,59 +39,54 @@ from services.kit.bus import redis_from_url
 from services.kit.db import create_engine, sessionmaker_for
 from services.kit.runner import Suite, free_port
 from services.kit.testing.plugin import ku_cli
+from tests.enhancement import netguard
 from tests.enhancement.fakes import FakeProvider, ImageHost
 from tests.gateway.helpers import SigningKey, make_signing_key, new_user_id
 
-LOOPBACK = ipaddress.ip_network("127.0.0.0/8")
-# Test hostnames and what they "resolve" to.
-STUB_DNS = {
-    "private.test": "10.1.2.3",
-    "metadata.test": "169.254.169.254",
-    "public.test": "93.184.215.14",  # public: the guard must stop any attempt to reach it
-    "loopback.test": "127.0.0.1",
-}
+# Where the children record refused connections; read by `loopback_only` after each test
+# and by `enh` at its end.
+CHILD_GUARD_LOG = os.path.join(
+    tempfile.gettempdir(), f"ku-enh-netguard-{os.getpid()}-{uuid.uuid4().hex[:8]}.log"
+)
 
 
-class GuardViolation(ConnectionRefusedError):
-    """Refuses the connection like a closed port would; the recorded violation then
-    fails the test at teardown, whatever the code under test did with the error."""
+class _ChildLog:
+    offset = 0  # where the running test's part of CHILD_GUARD_LOG starts
+    expected: list[dict[str, Any]] = []  # what tests provoked on purpose and took
+
+
+def _unexpected(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    expected = list(_ChildLog.expected)
+    out = []
+    for entry in entries:
+        if entry in expected:
+            expected.remove(entry)
+        else:
+            out.append(entry)
+    return out
+
+
+def take_child_violations() -> list[dict[str, Any]]:
+    """What the children refused since the test began ({pid, address}), taken as expected:
+    for a test that provokes a refusal on purpose and checks it."""
+    entries = _unexpected(netguard.violations(CHILD_GUARD_LOG, _ChildLog.offset))
+    _ChildLog.expected += entries
+    return entries
 
 
 @pytest.fixture(autouse=True)
 def loopback_only(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Any]]:
+    """This process's connections outside 127.0.0.0/8 (refused and listed); the test fails
+    if there are any, or if a child recorded one while the test ran."""
     violations: list[Any] = []
-    real_connect = socket.socket.connect
-    real_connect_ex = socket.socket.connect_ex
-    real_getaddrinfo = socket.getaddrinfo
-
-    def check(sock: socket.socket, address: Any) -> None:
-        if sock.family in (socket.AF_INET, socket.AF_INET6):
-            ip = ipaddress.ip_address(str(address[0]).split("%", 1)[0])
-            if ip.version != 4 or ip not in LOOPBACK:
-                violations.append(address)
-                raise GuardViolation(f"test guard: connection to {address} refused")
-
-    def connect(self: socket.socket, address: Any) -> None:
-        check(self, address)
-        return real_connect(self, address)
-
-    def connect_ex(self: socket.socket, address: Any) -> int:
-        check(self, address)
-        return real_connect_ex(self, address)
-
-    def getaddrinfo(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
-        name = host.decode() if isinstance(host, bytes) else host
-        if name in STUB_DNS:
-            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (STUB_DNS[name], port or 0))]
-        if isinstance(name, str) and name.endswith((".test", ".example", ".invalid")):
-            raise socket.gaierror(socket.EAI_NONAME, "stub DNS: unknown test host")
-        return real_getaddrinfo(host, port, *args, **kwargs)
-
-    monkeypatch.setattr(socket.socket, "connect", connect)
-    monkeypatch.setattr(socket.socket, "connect_ex", connect_ex)
-    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    for name, function in netguard.guarded(violations.append).items():
+        target = socket.socket if name.startswith("connect") else socket
+        monkeypatch.setattr(target, name, function)
+    _ChildLog.offset = netguard.log_size(CHILD_GUARD_LOG)
     yield violations
     assert not violations, f"connections outside 127.0.0.0/8 were attempted: {violations}"
+    children = _unexpected(netguard.violations(CHILD_GUARD_LOG, _ChildLog.offset))
+    assert not children, f"child processes attempted connections outside 127.0.0.0/8: {children}"
 
 
 @pytest.fixture
@@ -222,6 +224,52 @@ class Enh:
             assert r.status_code == 200, r.text
             return dict(r.json())
 
+    async def pools(self) -> dict[str, dict[str, Any]]:
+        """The platform pools by provider (admin view; amounts in credits)."""
+        async with self.client(self.keys["admin"]) as gw:
+            r = await gw.get("/v1/enhancement/pools")
+            assert r.status_code == 200, r.text
+            return {p["provider"]: p for p in r.json()}
+
+    async def sql(self, query: str, *args: Any) -> list[dict[str, Any]]:
+        """A statement on the suite's database (real Postgres), its rows."""
+        import asyncpg
+
+        conn = await asyncpg.connect(self.suite.env["KU_DATABASE_URL"])
+        try:
+            return [dict(r) for r in await conn.fetch(query, *args)]
+        finally:
+            await conn.close()
+
+    async def pool_calls(self, task_id: str) -> list[tuple[str, int]]:
+        """The provider calls a task's pools paid for: (provider, milli credits)."""
+        rows = await self.sql(
+            "SELECT provider, amount_milli FROM enhancement.pool_entries"
+            " WHERE task_id = $1 AND kind = 'consume' ORDER BY created_at",
+            uuid.UUID(task_id),
+        )
+        return [(r["provider"], r["amount_milli"]) for r in rows]
+
+    @asynccontextmanager
+    async def own_enhancer(self, **overrides: Any) -> AsyncIterator[Enhancer]:
+        """An in-process engine of the test's own on the suite's database, ledger and
+        storage (no provider configured, no queue: nothing runs it but the test)."""
+        settings = EnhancementSettings(
+            database_url=self.suite.env["KU_DATABASE_URL"],
+            ledger_url=self.suite.urls["ledger"],
+            enhancement_storage_dir=self.suite.env["KU_ENHANCEMENT_STORAGE_DIR"],
+            **overrides,
+        )
+        engine = create_engine(settings)
+        redis = redis_from_url(settings.redis_url)
+        e = Enhancer(settings, sessionmaker_for(engine), redis)
+        try:
+            yield e
+        finally:
+            await e.aclose()
+            await redis.aclose()
+            await engine.dispose()
+
 
 async def _sleep(seconds: float) -> None:
     import asyncio
@@ -243,6 +291,8 @@ def suite_env(ku_database_url: str, signing: SigningKey, providers: dict[str, Fa
         "KU_ENHANCEMENT_PENDING_EVERY_SECONDS": "2",
         "KU_ENHANCEMENT_PROVIDER_TIMEOUT_SECONDS": "3",
         "KU_ENHANCEMENT_TASK_DEADLINE_SECONDS": "120",
+        # A stalled image host (ImageHost /stall) is given up on after this long.
+        "KU_ENHANCEMENT_FETCH_TIMEOUT_SECONDS": "3",
         "KU_ENHANCEMENT_FETCH_ALLOW_ORIGINS": ",".join(
             [images.url, *(p.url for p in providers.values())]
         ),
@@ -258,7 +308,8 @@ def suite_env(ku_database_url: str, signing: SigningKey, providers: dict[str, Fa
         env[f"KU_ENHANCEMENT_{name.upper()}_URL"] = fake.url
         env[f"KU_ENHANCEMENT_{name.upper()}_API_KEY"] = f"key-{name}"
         env[f"KU_ENHANCEMENT_{name.upper()}_COST_MILLI"] = str(PROVIDER_COSTS[name])
-    return env
+    # Every process started from this environment runs under the network guard.
+    return netguard.child_env(env, CHILD_GUARD_LOG)
 
 
 # Package scope: the processes (and their database connections) end with this package's
@@ -307,3 +358,7 @@ def enh(ku_database_url: str) -> Iterator[Enh]:
                 worker.stop()
     for fake in [*providers.values(), images]:
         fake.stop()
+    recorded = _unexpected(netguard.violations(CHILD_GUARD_LOG))
+    assert not recorded, f"child processes attempted connections outside 127.0.0.0/8: {recorded}"
+    if os.path.exists(CHILD_GUARD_LOG):  # only what tests provoked on purpose: not kept
+        os.remove(CHILD_GUARD_LOG)

@@ -225,13 +225,20 @@ class FakeProvider(_Server):
 
 
 class ImageHost(_Server):
-    """GET /image.png, /bomb.png, /text (not an image), /redirect?to=URL, /big (over the cap)."""
+    """GET /image.png, /bomb.png, /text (not an image), /png-as-text (a PNG served as
+    text/plain), /broken.png (image/png, not an image), /redirect?to=URL, /big (over the
+    cap), /stall (answers only once `release` is set, or after a minute)."""
 
     def __init__(self) -> None:
         self.image = png()
         self.bomb: bytes | None = None
         self.hits = 0
+        self.release = threading.Event()
         super().__init__()
+
+    def stop(self) -> None:
+        self.release.set()
+        super().stop()
 
     def handle(self, h: Any, method: str) -> None:
         self.hits += 1
@@ -245,6 +252,13 @@ class ImageHost(_Server):
             h._send(200, self.bomb, "image/png")
         elif parts.path == "/text":
             h._send(200, b"hello", "text/plain")
+        elif parts.path == "/png-as-text":
+            h._send(200, self.image, "text/plain")
+        elif parts.path == "/broken.png":
+            h._send(200, b"\x89PNG\r\n\x1a\n" + b"not really" * 10, "image/png")
+        elif parts.path == "/stall":
+            self.release.wait(60)
+            h._send(200, self.image, "image/png")
         elif parts.path == "/redirect":
             h._send(302, b"", "text/plain", Location=query["to"][0])
         elif parts.path == "/big":

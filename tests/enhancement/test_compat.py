@@ -9,10 +9,7 @@ import httpx
 import orjson
 import pytest
 
-from services.enhancement.config import EnhancementSettings
-from services.enhancement.service import Enhancer, next_period_start
-from services.kit.bus import redis_from_url
-from services.kit.db import create_engine, sessionmaker_for
+from services.enhancement.service import next_period_start
 from tests.enhancement.conftest import PROCESS_TOKEN, Enh
 from tests.enhancement.test_flow import kinds, submit
 
@@ -151,6 +148,7 @@ class TestAllowance:
     async def test_plus_user_pays_for_the_eleventh(self, enh: Enh):
         enh.reset_providers()
         user = await enh.new_user()
+        before = await enh.balance(user)
         async with enh.client(enh.keys["admin"]) as gw:
             r = await gw.put(f"/v1/enhancement/tiers/{user}", json={"tier": "plus"})
             assert r.status_code == 200 and r.json()["remaining"] == 10
@@ -159,7 +157,10 @@ class TestAllowance:
         assert [t["included"] for t in tasks] == [True] * 10 + [False]
         for t in tasks:
             await enh.wait(t["id"])
+        # The ten included ones left no ledger trace: one hold, one capture, 2 Ku in all.
         assert kinds(await enh.journal(user)) == ["capture", "reserve"]
+        after = await enh.balance(user)
+        assert before["available"] - after["available"] == 2 and after["held"] == 0
         async with enh.client(enh.keys["imagegene"]) as gw:
             r = await gw.get("/v1/enhancement/allowance", params={"user_id": user})
             assert r.json()["used"] == 10 and r.json()["remaining"] == 0
@@ -167,22 +168,12 @@ class TestAllowance:
             r = await gw.get("/v1/enhancement/alerts", params={"kind": "allowance_high"})
             assert [a["subject"] for a in r.json()["items"]].count(user) == 1
 
-        # The 1st of next month: the allowance is 10 again, the old month is gone.
-        settings = EnhancementSettings(database_url=enh.suite.env["KU_DATABASE_URL"])
-        engine = create_engine(settings)
-        redis = redis_from_url(settings.redis_url)
-        e = Enhancer(settings, sessionmaker_for(engine), redis)
-        try:
-            first = next_period_start(datetime.now(UTC))
-            await e.monthly_reset(now=first)
-            fresh = await e.allowance(user, now=first)
+        # The 1st of next month: a new row, 10 again. (Read only: the monthly job, which
+        # deletes every user's past rows, is tested on rows of its own in test_pools.py.)
+        async with enh.own_enhancer() as e:
+            fresh = await e.allowance(user, now=next_period_start(datetime.now(UTC)))
             assert fresh["included"] == 10 and fresh["used"] == 0 and fresh["remaining"] == 10
-            now = await e.allowance(user)  # this month's row was dropped by the reset
-            assert now["used"] == 0
-        finally:
-            await e.aclose()
-            await redis.aclose()
-            await engine.dispose()
+            assert (await e.allowance(user))["used"] == 10  # this month's row is untouched
 
     async def test_unused_allowance_does_not_carry_over(self, enh: Enh):
         enh.reset_providers()
@@ -194,18 +185,10 @@ class TestAllowance:
         task = await submit(enh, user)
         assert task["included"] is True
         await enh.wait(task["id"])
-        settings = EnhancementSettings(database_url=enh.suite.env["KU_DATABASE_URL"])
-        engine = create_engine(settings)
-        redis = redis_from_url(settings.redis_url)
-        e = Enhancer(settings, sessionmaker_for(engine), redis)
-        try:
+        async with enh.own_enhancer() as e:
             assert (await e.allowance(user))["remaining"] == 24
             nxt = await e.allowance(user, now=next_period_start(datetime.now(UTC)))
             assert nxt["included"] == 25 and nxt["remaining"] == 25  # not 49
-        finally:
-            await e.aclose()
-            await redis.aclose()
-            await engine.dispose()
 
     async def test_degraded_result_gives_the_included_enhancement_back(self, enh: Enh):
         enh.reset_providers(nanobanana="down", kie="down", fal="fail", google="fail")

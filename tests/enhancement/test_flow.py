@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import io
+import uuid
 
+import httpx
 import pytest
 from PIL import Image
 
-from tests.enhancement.conftest import Enh
+from services.enhancement.service import Submission
+from services.enhancement.storage import sign_link
+from services.kit.principal import Principal, derived_secret, outgoing_header
+from tests.enhancement.conftest import PROVIDER_COSTS, Enh
 from tests.enhancement.fakes import RESULT
 
 pytestmark = pytest.mark.e2e
@@ -23,6 +28,7 @@ class TestSubmit:
         enh.reset_providers()
         user = await enh.new_user()
         before = await enh.balance(user)
+        pools_before = await enh.pools()
         async with enh.client(enh.keys["imagegene"]) as gw:
             r = await gw.post(
                 "/v1/enhancement/tasks",
@@ -42,6 +48,11 @@ class TestSubmit:
         assert task["provider"] == "nanobanana" and task["degraded"] is False
         assert task["charged"] == 2
         assert enh.providers["nanobanana"].submits == 1
+        # The provider's pool paid for the one call, exactly, once.
+        assert await enh.pool_calls(task_id) == [("nanobanana", PROVIDER_COSTS["nanobanana"])]
+        pools = await enh.pools()
+        assert pools_before["nanobanana"]["balance"] - pools["nanobanana"]["balance"] == 10
+        assert pools["nanobanana"]["consumed"] - pools_before["nanobanana"]["consumed"] == 10
         async with enh.client(enh.keys["imagegene"]) as gw:
             r = await gw.get(task["result_url"])
             assert r.status_code == 200
@@ -55,8 +66,36 @@ class TestSubmit:
         assert capture["amount"] == 2
         assert holds_of(journal, "release") == []
 
+    async def test_large_image_is_priced_by_size(self, enh: Enh):
+        enh.reset_providers()
+        user = await enh.new_user()
+        before = await enh.balance(user)
+        big = io.BytesIO()
+        Image.new("RGB", (2001, 2000), (30, 60, 90)).save(big, format="PNG")
+        async with enh.client(enh.keys["imagegene"]) as gw:
+            r = await gw.post(
+                "/v1/enhancement/tasks",
+                data={"enhancement_type": "background", "user_id": user},
+                files={"image": ("big.png", big.getvalue(), "image/png")},
+            )
+        assert r.status_code == 202, r.text
+        # background is 3000 milli-Ku; 2001 x 2000 is above LARGE_PIXELS (4,000,000), so
+        # x LARGE_PERCENT (150 %): 4500 milli-Ku.
+        assert (r.json()["width"], r.json()["height"]) == (2001, 2000)
+        assert r.json()["price"] == 4.5
+        task = await enh.wait(r.json()["id"])
+        assert task["status"] == "completed" and task["charged"] == 4.5, task
+        journal = await enh.journal(user)
+        assert [t["amount"] for t in holds_of(journal, "capture")] == [4.5]
+        after = await enh.balance(user)
+        assert before["available"] - after["available"] == 4.5 and after["held"] == 0
 
-async def submit(enh: Enh, user: str, key: str | None = None, **extra) -> dict:
+
+APP = Principal(kind="app", app="imagegene", scopes=frozenset({"enhance", "users:any"}))
+
+
+async def post_task(enh: Enh, user: str, key: str | None = None, **extra) -> httpx.Response:
+    """POST /v1/enhancement/tasks through the gateway (defaults: the test image, lighting)."""
     body = {
         "image_url": f"{enh.images.url}/image.png",
         "enhancement_type": "lighting",
@@ -66,9 +105,13 @@ async def submit(enh: Enh, user: str, key: str | None = None, **extra) -> dict:
         **extra,
     }
     async with enh.client(key or enh.keys["imagegene"]) as gw:
-        r = await gw.post("/v1/enhancement/tasks", json=body)
-        assert r.status_code == 202, r.text
-        return dict(r.json())
+        return await gw.post("/v1/enhancement/tasks", json=body)
+
+
+async def submit(enh: Enh, user: str, key: str | None = None, **extra) -> dict:
+    r = await post_task(enh, user, key, **extra)
+    assert r.status_code == 202, r.text
+    return dict(r.json())
 
 
 def kinds(journal: list[dict]) -> list[str]:
@@ -91,6 +134,12 @@ class TestProviderChain:
         task = await enh.wait((await submit(enh, user))["id"])
         assert task["provider"] == "fal" and task["degraded"] is False, task
         assert [enh.providers[n].submits for n in ("nanobanana", "kie", "fal")] == [1, 1, 1]
+        # NanoBanana refused the call (500): not paid. Kie.ai accepted it, then failed the
+        # task: paid. fal.ai did the work: paid.
+        assert await enh.pool_calls(task["id"]) == [
+            ("kie", PROVIDER_COSTS["kie"]),
+            ("fal", PROVIDER_COSTS["fal"]),
+        ]
 
     async def test_stalled_provider_is_left_for_the_next(self, enh: Enh):
         enh.reset_providers(nanobanana="stall")
@@ -98,6 +147,48 @@ class TestProviderChain:
         task = await enh.wait((await submit(enh, user))["id"])
         assert task["provider"] == "kie" and task["status"] == "completed", task
         assert enh.providers["nanobanana"].submits == 1
+        # The stalled call was accepted: its pool paid for it too.
+        assert await enh.pool_calls(task["id"]) == [
+            ("nanobanana", PROVIDER_COSTS["nanobanana"]),
+            ("kie", PROVIDER_COSTS["kie"]),
+        ]
+
+    async def test_drained_pool_takes_its_provider_out(self, enh: Enh):
+        enh.reset_providers()
+        cost = PROVIDER_COSTS["nanobanana"]
+        # One call left in NanoBanana's pool.
+        await enh.sql(
+            "UPDATE enhancement.pools SET balance_milli = $1 WHERE provider = 'nanobanana'", cost
+        )
+        user = await enh.new_user()
+        first = await enh.wait((await submit(enh, user))["id"])
+        assert first["provider"] == "nanobanana", first
+        pools = await enh.pools()
+        assert pools["nanobanana"]["balance"] == 0 and pools["nanobanana"]["active"] is False
+        second = await enh.wait((await submit(enh, user))["id"])
+        assert second["provider"] == "kie" and second["degraded"] is False, second
+        assert enh.providers["nanobanana"].submits == 1  # not even tried
+        async with enh.client(enh.keys["admin"]) as gw:
+            r = await gw.post(
+                "/v1/enhancement/pools/nanobanana/refill",
+                json={"amount": 100_000, "reference": f"after-drain-{user}"},
+            )
+            assert r.status_code == 200 and r.json()["active"] is True, r.text
+        third = await enh.wait((await submit(enh, user))["id"])
+        assert third["provider"] == "nanobanana", third
+
+    async def test_google_inline_result(self, enh: Enh):
+        enh.reset_providers(nanobanana="down", kie="down", fal="down")
+        user = await enh.new_user()
+        task = await enh.wait((await submit(enh, user))["id"])
+        assert task["status"] == "completed" and task["provider"] == "google", task
+        assert task["degraded"] is False and task["charged"] == 2
+        google = enh.providers["google"]
+        assert google.submits == 1 and google.auth[-1] == "key-google"
+        async with enh.client(enh.keys["imagegene"]) as gw:
+            r = await gw.get(task["result_url"])
+        assert r.status_code == 200 and r.content == RESULT  # from the answer's inlineData
+        assert await enh.pool_calls(task["id"]) == [("google", PROVIDER_COSTS["google"])]
 
     async def test_all_remote_down_degrades_and_releases(self, enh: Enh):
         enh.reset_providers(nanobanana="down", kie="down", fal="fail", google="fail")
@@ -152,42 +243,58 @@ class TestFailuresRelease:
         assert (await enh.balance(user))["held"] == 0
 
     async def test_stuck_task_is_failed_by_the_sweeper_and_released(self, enh: Enh):
-        from services.enhancement.config import EnhancementSettings
-        from services.enhancement.service import Enhancer, Submission
-        from services.kit.bus import redis_from_url
-        from services.kit.db import create_engine, sessionmaker_for
-        from services.kit.principal import Principal, outgoing_header
-
         user = await enh.new_user()
         # An enhancer of our own with a 1 s deadline and no queue: the task gets stuck.
-        settings = EnhancementSettings(
-            database_url=enh.suite.env["KU_DATABASE_URL"],
-            ledger_url=enh.suite.urls["ledger"],
-            enhancement_task_deadline_seconds=1,
-            enhancement_storage_dir=enh.suite.env["KU_ENHANCEMENT_STORAGE_DIR"],
-        )
-        engine = create_engine(settings)
-        redis = redis_from_url(settings.redis_url)
-        e = Enhancer(settings, sessionmaker_for(engine), redis)
-        try:
-            app = Principal(kind="app", app="imagegene", scopes=frozenset({"enhance", "users:any"}))
+        async with enh.own_enhancer(enhancement_task_deadline_seconds=1) as e:
             task, created = await e.submit(
-                app,
+                APP,
                 Submission("lighting", "", 0.5, None, user, None, False, upload=enh.images.image),
                 # What the gateway forwarded for this caller (the ledger holds on its behalf).
-                origin=outgoing_header(app, audience="enhancement"),
+                origin=outgoing_header(APP, audience="enhancement"),
                 idempotency_key=None,
             )
             assert created and task["hold_id"]
             await asyncio.sleep(1.2)
             await e.run_pending()  # the worker's own run may get there first: same end
-        finally:
-            await e.aclose()
-            await redis.aclose()
-            await engine.dispose()
         done = await enh.wait(str(task["id"]))
         assert done["status"] == "failed" and done["error"]["code"] == "deadline_exceeded"
         assert kinds(await enh.journal(user)) == ["release", "reserve"]
+
+    async def test_nonzero_degraded_price_is_charged(self, enh: Enh):
+        user = await enh.new_user()
+        before = await enh.balance(user)
+        # Pillow fallback priced at 1.5 Ku (KU_ENHANCEMENT_DEGRADED_PRICE_MILLI=1500).
+        async with enh.own_enhancer(enhancement_degraded_price_milli=1500) as e:
+            assert e.providers == {}  # no remote provider: the local enhancer does the work
+            task, _ = await e.submit(
+                APP,
+                Submission("lighting", "", 0.5, None, user, None, False, upload=enh.images.image),
+                origin=outgoing_header(APP, audience="enhancement"),
+                idempotency_key=None,
+            )
+            assert await e.process(str(task["id"])) == "completed"
+        done = await enh.wait(str(task["id"]))
+        assert done["degraded"] is True and done["provider"] == "local", done
+        assert done["price"] == 2 and done["charged"] == 1.5
+        journal = await enh.journal(user)
+        [capture] = holds_of(journal, "capture")
+        assert capture["amount"] == 1.5 and holds_of(journal, "release") == []
+        after = await enh.balance(user)
+        assert before["available"] - after["available"] == 1.5 and after["held"] == 0
+
+    async def test_stalled_image_host_times_out_at_submit(self, enh: Enh):
+        user = await enh.new_user()
+        before = await enh.balance(user)
+        enh.images.release.clear()
+        try:
+            r = await post_task(enh, user, image_url=f"{enh.images.url}/stall")
+        finally:
+            enh.images.release.set()
+        assert r.status_code == 422, r.text
+        error = r.json()["error"]
+        assert error["code"] == "input_unreachable" and error["detail"] == {"timeout_seconds": 3}
+        assert kinds(await enh.journal(user)) == []  # nothing held
+        assert await enh.balance(user) == before
 
     async def test_insufficient_credits_402_leaves_nothing(self, enh: Enh):
         user = await enh.new_user()
@@ -212,6 +319,9 @@ class TestFailuresRelease:
             "http://169.254.169.254/latest/meta-data/",
             "file:///etc/passwd",
             "REDIRECT",
+            # Resolved by the service's stub DNS (the children run under the test guard).
+            "http://private.test/a.png",  # -> 10.1.2.3
+            "http://metadata.test/latest/meta-data/",  # -> 169.254.169.254
         ],
     )
     async def test_ssrf_rejected_at_submit_without_charge(self, enh: Enh, url: str):
@@ -231,45 +341,9 @@ class TestFailuresRelease:
         assert await enh.balance(user) == before
         assert kinds(await enh.journal(user)) == []
 
-    async def test_hostname_resolving_to_private_rejected_at_submit(self, enh: Enh):
-        # In-process (the stub DNS and the socket guard live in this process): an enhancer
-        # wired to the suite's ledger, a URL whose host resolves to 10.1.2.3.
-        from services.enhancement.config import EnhancementSettings
-        from services.enhancement.service import Enhancer, Submission
-        from services.kit.bus import redis_from_url
-        from services.kit.db import create_engine, sessionmaker_for
-        from services.kit.errors import Unprocessable
-        from services.kit.principal import Principal
-
-        user = await enh.new_user()
-        settings = EnhancementSettings(
-            database_url=enh.suite.env["KU_DATABASE_URL"], ledger_url=enh.suite.urls["ledger"]
-        )
-        engine = create_engine(settings)
-        redis = redis_from_url(settings.redis_url)
-        e = Enhancer(settings, sessionmaker_for(engine), redis)
-        try:
-            app = Principal(kind="app", app="imagegene", scopes=frozenset({"enhance", "users:any"}))
-            sub = Submission(
-                "lighting", "", 0.5, None, user, None, False, image_url="http://private.test/a.png"
-            )
-            with pytest.raises(Unprocessable) as caught:
-                await e.submit(app, sub, origin=None, idempotency_key=None)
-            assert caught.value.code == "unsafe_url"
-        finally:
-            await e.aclose()
-            await redis.aclose()
-            await engine.dispose()
-        assert kinds(await enh.journal(user)) == []
-
     async def test_bomb_rejected_at_submit(self, enh: Enh):
         user = await enh.new_user()
-        async with enh.client(enh.keys["imagegene"]) as gw:
-            r = await gw.post(
-                "/v1/enhancement/tasks",
-                json={"image_url": f"{enh.images.url}/bomb.png", "enhancement_type": "style",
-                      "user_id": user},
-            )  # fmt: skip
+        r = await post_task(enh, user, image_url=f"{enh.images.url}/bomb.png")
         assert r.status_code == 422 and r.json()["error"]["code"] == "image_too_large", r.text
         assert kinds(await enh.journal(user)) == []
 
@@ -352,13 +426,16 @@ class TestIsolation:
             assert r.status_code == 202, r.text
         task = await enh.wait(r.json()["id"])
         assert task["user_id"] == alice
+        unsigned = task["result_url"].split("?", 1)[0]
         async with enh.client(token=alice_token) as gw:
             assert (await gw.get(task["result_url"])).status_code == 200
+            assert (await gw.get(unsigned)).status_code == 200  # the owner needs no link
             listed = (await gw.get("/v1/enhancement/tasks")).json()["items"]
             assert [t["id"] for t in listed] == [task["id"]]
         async with enh.client(token=bob_token) as gw:
             assert (await gw.get(f"/v1/enhancement/tasks/{task['id']}")).status_code == 404
-            assert (await gw.get(task["result_url"])).status_code == 404
+            r = await gw.get(unsigned)  # without the link: only the owner
+            assert r.status_code == 404 and r.json()["error"]["code"] == "task_not_found"
             assert (await gw.get("/v1/enhancement/tasks")).json()["items"] == []
             r = await gw.get("/v1/enhancement/tasks", params={"user_id": alice})
             assert r.status_code == 403
@@ -374,12 +451,58 @@ class TestIsolation:
             r = await gw.get("/v1/enhancement/tasks", params={"user_id": alice})
             assert r.json()["items"] == []
 
-    async def test_forged_or_expired_link_refused(self, enh: Enh):
+
+def link_parts(url: str) -> tuple[str, int, str]:
+    path, query = url.split("?", 1)
+    params = dict(p.split("=", 1) for p in query.split("&"))
+    return path, int(params["expires"]), params["sig"]
+
+
+class TestResultLinks:
+    """A signed result link is a credential of its own, until it expires."""
+
+    async def test_signed_link_needs_no_credentials(self, enh: Enh):
         enh.reset_providers()
         user = await enh.new_user()
         task = await enh.wait((await submit(enh, user))["id"])
-        async with enh.client(enh.keys["imagegene"]) as gw:
-            bad = task["result_url"].rsplit("sig=", 1)[0] + "sig=" + "0" * 32
-            assert (await gw.get(bad)).status_code == 403
-            path = f"/v1/enhancement/tasks/{task['id']}/result?expires=1&sig=" + "0" * 32
-            assert (await gw.get(path)).status_code == 403
+        path, expires, sig = link_parts(task["result_url"])
+        async with httpx.AsyncClient(base_url=enh.gateway, timeout=30) as anonymous:
+            r = await anonymous.get(task["result_url"])  # e.g. an <img src>
+            assert r.status_code == 200, r.text
+            assert r.content == RESULT and r.headers["content-type"] == "image/png"
+            # Without the whole link, the gateway wants credentials as before.
+            for partial in (path, f"{path}?sig={sig}", f"{path}?expires={expires}"):
+                r = await anonymous.get(partial)
+                assert r.status_code == 401, (partial, r.text)
+            # A link opens the result only, not the task or anything else.
+            r = await anonymous.get(
+                f"/v1/enhancement/tasks/{task['id']}?expires={expires}&sig={sig}"
+            )
+            assert r.status_code == 401
+            r = await anonymous.get(f"/v1/enhancement/pools?expires={expires}&sig={sig}")
+            assert r.status_code == 401
+
+    async def test_expired_or_altered_links_are_403(self, enh: Enh):
+        enh.reset_providers()
+        user = await enh.new_user()
+        task = await enh.wait((await submit(enh, user))["id"])
+        path, expires, sig = link_parts(task["result_url"])
+        secret = derived_secret("enhancement", "result-links")  # this run's, as the service's
+        expired = sign_link(secret, task["id"], -60)  # genuinely signed, a minute ago
+        flipped = sig[:-1] + ("0" if sig[-1] != "0" else "1")
+        other = f"/v1/enhancement/tasks/{uuid.uuid4()}/result"
+        cases = {
+            expired: "link_expired",
+            f"{path}?expires={expires}&sig={flipped}": "bad_signature",
+            f"{path}?expires={expires + 3600}&sig={sig}": "bad_signature",  # extended
+            f"{other}?expires={expires}&sig={sig}": "bad_signature",  # another task's path
+        }
+        for client in (
+            httpx.AsyncClient(base_url=enh.gateway, timeout=30),
+            enh.client(enh.keys["imagegene"]),  # the owner's app: a bad link is still bad
+        ):
+            async with client as gw:
+                for url, code in cases.items():
+                    r = await gw.get(url)
+                    assert r.status_code == 403, (url, r.text)
+                    assert r.json()["error"]["code"] == code, (url, r.text)

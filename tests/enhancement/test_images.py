@@ -109,9 +109,16 @@ class TestLimits:
         error = await refused(f"{host.url}/big", fetcher(frozenset({host.url}), max_bytes=1024))
         assert isinstance(error, PayloadTooLarge) and error.code == "input_too_large"
 
-    async def test_not_an_image(self, host):
-        error = await refused(f"{host.url}/text", fetcher(frozenset({host.url})))
-        assert error.code in ("invalid_image", "unsupported_image")
+    async def test_content_type_mismatch_is_not_an_unreadable_image(self, host):
+        allow = frozenset({host.url})
+        # Served as text: refused from the headers, whatever the bytes are.
+        for path in ("/text", "/png-as-text"):
+            error = await refused(f"{host.url}{path}", fetcher(allow))
+            assert error.code == "content_type_mismatch", (path, error)
+            assert error.detail == {"content_type": "text/plain"}
+        # Served as an image, but not one: unreadable.
+        error = await refused(f"{host.url}/broken.png", fetcher(allow))
+        assert error.code == "invalid_image"
 
     async def test_png_bomb_refused(self, host):
         error = await refused(

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 import uuid
 
 import pytest
+from sqlalchemy import text
 
 from services.enhancement.providers import Provider
 from services.enhancement.repository import Repository
-from services.enhancement.service import Enhancer
+from services.enhancement.service import ALERT_TOPIC, Enhancer
 from services.kit.breaker import CircuitBreaker
 from services.kit.errors import Conflict
+from services.kit.outbox import decode_event, stream_name
 from tests.enhancement.helpers import insert_task
 
 
@@ -23,16 +26,38 @@ def add_provider(e: Enhancer, cost_milli: int) -> str:
     return name
 
 
-async def consume(e: Enhancer, provider: str, task_id: uuid.UUID) -> None:
+async def consume(e: Enhancer, provider: str, task_id: uuid.UUID, call: str = "c1") -> None:
     async with e.uow() as session:
         await e.consume_pool(
-            Repository(session), provider, e.providers[provider].cost_milli, task_id
+            Repository(session), provider, e.providers[provider].cost_milli, task_id, call
         )
 
 
 async def alerts(e: Enhancer, provider: str) -> list[dict]:
     async with e.uow() as session:
         rows = await Repository(session).alerts(500, "pool_low")
+    return [a for a in rows if a["subject"] == provider]
+
+
+async def emitted(e: Enhancer, subject: str, kind: str = "pool_low") -> list[dict]:
+    """The `enhancement.alert` events about `subject`, wherever they are now: still in the
+    outbox, or already relayed to the service's stream (a running suite's relay)."""
+    async with e.uow() as session:
+        rows = await session.execute(
+            text("SELECT payload FROM enhancement.outbox WHERE topic = :t"), {"t": ALERT_TOPIC}
+        )
+        payloads = list(rows.scalars())
+    for _, fields in await e.redis.xrange(stream_name(e.settings.bus_prefix, "enhancement")):
+        event = decode_event(fields)
+        if event["topic"] == ALERT_TOPIC:
+            payloads.append(event["payload"])
+    unique = {p["alert_id"]: p for p in payloads if (p["subject"], p["kind"]) == (subject, kind)}
+    return [unique[k] for k in sorted(unique)]
+
+
+async def unhealthy(e: Enhancer, provider: str) -> list[dict]:
+    async with e.uow() as session:
+        rows = await Repository(session).alerts(500, "provider_unhealthy")
     return [a for a in rows if a["subject"] == provider]
 
 
@@ -48,10 +73,13 @@ class TestPools:
         name = add_provider(enhancer, 20_000)
         await enhancer.refill(name, 1_000_000, "r1")
         task = uuid.uuid4()
-        await consume(enhancer, name, task)
-        await consume(enhancer, name, task)  # the same task again: no second charge
+        await consume(enhancer, name, task, "provider-task-1")
+        await consume(enhancer, name, task, "provider-task-1")  # the same call: no second charge
         row = await pool(enhancer, name)
         assert row["balance_milli"] == 980_000 and row["consumed_milli"] == 20_000
+        await consume(enhancer, name, task, "provider-task-2")  # a second call of the task
+        row = await pool(enhancer, name)
+        assert row["balance_milli"] == 960_000 and row["consumed_milli"] == 40_000
 
     async def test_refill_is_idempotent_by_reference(self, enhancer: Enhancer):
         name = add_provider(enhancer, 20_000)
@@ -74,11 +102,58 @@ class TestPools:
         assert await enhancer.check_thresholds() >= 0  # the 15-minute job adds nothing
         [alert] = await alerts(enhancer, name)
         assert alert["detail"]["auto_refill_requested"] is True
+        [event] = await emitted(enhancer, name)  # stored and emitted, once
+        assert (event["alert_id"], event["kind"]) == (alert["id"], "pool_low")
         await enhancer.refill(name, 1_000_000, "b")  # back above: the next crossing alerts
         assert len(await alerts(enhancer, name)) == 1
         for _ in range(10):
             await consume(enhancer, name, uuid.uuid4())
         assert len(await alerts(enhancer, name)) == 2
+        assert len(await emitted(enhancer, name)) == 2
+
+
+class TestAlerts:
+    async def test_an_alert_is_emitted_and_logged(self, enhancer: Enhancer, caplog):
+        name = add_provider(enhancer, 10_000)
+        await enhancer.refill(name, 105_000, "a")
+        with caplog.at_level(logging.WARNING, logger="ku.enhancement"):
+            await consume(enhancer, name, uuid.uuid4())  # 95 credits: below 100
+        [alert] = await alerts(enhancer, name)
+        [event] = await emitted(enhancer, name)
+        assert event == {
+            "alert_id": alert["id"],
+            "kind": "pool_low",
+            "subject": name,
+            "message": alert["message"],
+            "detail": alert["detail"],
+            "created_at": alert["created_at"].isoformat(),
+        }
+        [record] = [r for r in caplog.records if getattr(r, "ctx", {}).get("alert") == event]
+        assert record.levelno == logging.WARNING
+
+    async def test_provider_unhealthy_once_per_breaker_opening(self, enhancer: Enhancer):
+        name = add_provider(enhancer, 10_000)
+        breaker = enhancer.breakers[name]
+        for _ in range(breaker.failure_threshold):
+            await breaker.record_failure()
+        assert (await breaker.state()).state == "open"
+        assert await enhancer.check_thresholds() >= 1
+        await enhancer.check_thresholds()  # still open: the same crossing
+        await enhancer._provider_failed(name)  # fails again while open: the same crossing
+        [first] = await unhealthy(enhancer, name)
+        events = await emitted(enhancer, name, "provider_unhealthy")
+        assert [e["alert_id"] for e in events] == [first["id"]]
+
+        await breaker.record_success()  # closed again
+        await enhancer.check_thresholds()
+        assert len(await unhealthy(enhancer, name)) == 1
+        for _ in range(breaker.failure_threshold - 1):
+            await enhancer._provider_failed(name)
+        assert len(await unhealthy(enhancer, name)) == 1  # not open yet
+        await enhancer._provider_failed(name)  # opens: a new crossing, alerted at once
+        await enhancer.check_thresholds()
+        assert len(await unhealthy(enhancer, name)) == 2
+        assert len(await emitted(enhancer, name, "provider_unhealthy")) == 2
 
     async def test_absolute_threshold_of_100_credits(self, enhancer: Enhancer):
         name = add_provider(enhancer, 10_000)
@@ -108,7 +183,41 @@ class TestPools:
         assert not await enhancer.breakers[cheap].allow()
 
 
+class TestPricing:
+    def test_price_by_type_and_size(self, enhancer: Enhancer):
+        # Defaults: background 3000 milli-Ku, x 150 % above 4,000,000 pixels.
+        assert enhancer.price_milli("background", 2000, 2000) == 3000  # at the limit
+        assert enhancer.price_milli("background", 2001, 2000) == 4500  # above it
+        assert enhancer.price_milli("lighting", 4001, 1000) == 3000
+
+
 class TestScheduledJobs:
+    async def test_monthly_reset_drops_past_months_only(self, enhancer: Enhancer):
+        from datetime import UTC, datetime
+
+        # A user of this test, in periods no other test uses; the job runs "on 2000-01-01"
+        # so it touches nothing but rows before 2000-01 (other users' rows stay).
+        user = f"u{uuid.uuid4().hex[:12]}"
+        async with enhancer.uow() as session:
+            repo = Repository(session)
+            for period in ("1999-11", "1999-12", "2000-01"):
+                assert await repo.use_allowance(user, period, 10) is not None
+
+        async def periods() -> list[str]:
+            async with enhancer.uow() as session:
+                rows = await session.execute(
+                    text("SELECT period FROM enhancement.allowances WHERE user_id = :u"),
+                    {"u": user},
+                )
+                return sorted(rows.scalars())
+
+        assert await periods() == ["1999-11", "1999-12", "2000-01"]  # nothing goes by itself
+        assert await enhancer.monthly_reset(now=datetime(2000, 1, 1, tzinfo=UTC)) >= 2
+        assert await periods() == ["2000-01"]  # the past months are gone, the current stays
+        async with enhancer.uow() as session:
+            row = await Repository(session).allowance(user, "2000-01")
+        assert row is not None and row["used"] == 1
+
     async def test_daily_summary_counts_the_day_once(self, enhancer: Enhancer):
         from datetime import UTC, datetime
 

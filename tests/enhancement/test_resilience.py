@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from tests.enhancement.conftest import Enh
+from tests.enhancement.conftest import PROVIDER_COSTS, Enh
 from tests.enhancement.test_flow import kinds, submit
 
 pytestmark = pytest.mark.e2e
@@ -19,6 +19,7 @@ class TestWorkerKilled:
         nano = enh.providers["nanobanana"]
         nano.polls_needed = 8
         user = await enh.new_user()
+        pools_before = await enh.pools()
         task = await submit(enh, user)
         deadline = time.monotonic() + 30
         while not (nano.submits == 1 and nano.polls >= 1):
@@ -32,4 +33,8 @@ class TestWorkerKilled:
         assert nano.submits == 1  # resumed polling the same provider task
         assert nano.polls > polls_at_kill
         assert done["charged"] == 2
+        # One provider call, paid from its pool once.
+        assert await enh.pool_calls(task["id"]) == [("nanobanana", PROVIDER_COSTS["nanobanana"])]
+        pools = await enh.pools()
+        assert pools_before["nanobanana"]["balance"] - pools["nanobanana"]["balance"] == 10
         assert kinds(await enh.journal(user)) == ["capture", "reserve"]

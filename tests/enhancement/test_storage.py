@@ -256,7 +256,13 @@ class TestSignedLinksWithS3:
                 stranger = principal_headers(
                     "user", app="imagegene", user_id=other, scopes=("enhance",)
                 )
-                assert (await client.get(link, headers=stranger)).status_code == 404
+                # The link is a credential by itself; without it, only the owner.
+                assert (await client.get(link, headers=stranger)).status_code == 200
+                assert (await client.get(link)).status_code == 200  # no principal at all
+                unsigned = link.split("?", 1)[0]
+                assert (await client.get(unsigned, headers=owner)).status_code == 200
+                assert (await client.get(unsigned, headers=stranger)).status_code == 404
+                assert (await client.get(unsigned)).status_code == 401
 
                 await enhancer.storage.delete(f"results/{task_id}")  # gone from the bucket
                 r = await client.get(link, headers=owner)
