@@ -20,8 +20,8 @@ test: install  ## the full test suite against real Postgres and Redis
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 lint: install
-	$(BIN)/ruff check services gateway tests bench
-	$(BIN)/ruff format --check services gateway tests bench
+	$(BIN)/ruff check services gateway tests bench client
+	$(BIN)/ruff format --check services gateway tests bench client
 	$(BIN)/mypy
 
 bench: install

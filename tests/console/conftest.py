@@ -184,6 +184,8 @@ def browser() -> Iterator[Any]:
         "--disable-sync",
     ):
         options.add_argument(flag)
+    # The DevTools network log: what the browser really fetched (test_browser.py).
+    options.set_capability("goog:loggingPrefs", {"performance": "ALL"})
     service = Service(executable_path=shutil.which("chromedriver") or "/usr/bin/chromedriver")
     driver = webdriver.Chrome(options=options, service=service)
     driver.set_page_load_timeout(60)

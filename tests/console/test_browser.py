@@ -52,6 +52,28 @@ def wait_text(driver: Any, css: str, text: str, timeout: float = 20) -> None:
         raise AssertionError(f"{text!r} not in {css} on {driver.current_url}") from None
 
 
+def off_site_requests(driver: Any, origin: str) -> list[str]:
+    """Requests to another origin the browser really sent since the last call (DevTools'
+    network log, which the browser fixture turns on): one the page's Content-Security-
+    Policy blocked never leaves the browser and is not counted."""
+    import json
+
+    sent: dict[str, str] = {}
+    blocked = set()
+    for entry in driver.get_log("performance"):
+        message = json.loads(entry["message"])["message"]
+        params = message.get("params", {})
+        if message["method"] == "Network.requestWillBeSent":
+            sent[params["requestId"]] = params["request"]["url"]
+        elif message["method"] == "Network.loadingFailed" and params.get("blockedReason"):
+            blocked.add(params["requestId"])
+    return [
+        url
+        for rid, url in sent.items()
+        if rid not in blocked and not url.startswith((origin, f"blob:{origin}", "data:"))
+    ]
+
+
 def shot(driver: Any, name: str) -> None:
     # The whole page, not just the window: resize to the document's height first.
     height = driver.execute_script("return document.documentElement.scrollHeight")
@@ -171,9 +193,17 @@ class TestConsoleInChromium:
         )
         assert resources and all(r.startswith(ku.url) for r in resources), resources
 
+        off_site_requests(browser, ku.url)
         browser.get(ku.url + "/redoc")
         wait_text(browser, "body", "/v1/ledger/balance", timeout=40)
         shot(browser, "redoc")
+        resources = browser.execute_script(
+            "return performance.getEntriesByType('resource').map(e => e.name)"
+        )
+        assert f"{ku.url}/static/vendor/redoc/redoc.standalone.js" in resources, resources
+        # ReDoc's sidebar asks cdn.redoc.ly for a logo: the page's CSP blocks it, so it
+        # is in the resource list (as a failed fetch) but never sent.
+        assert off_site_requests(browser, ku.url) == []
 
 
 def live_balance_url(origin: str, ku: Ku, user: str) -> str:
