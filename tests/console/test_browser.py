@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from tests.console.conftest import ARTIFACTS, serve_frontend, sso_token
+from tests.console.screenshots import stamp
 from tests.ku_suite import Ku
 from tests.ledger.billing.fake_razorpay import FakeRazorpay
 
@@ -75,11 +76,22 @@ def off_site_requests(driver: Any, origin: str) -> list[str]:
 
 
 def shot(driver: Any, name: str) -> None:
-    # The whole page, not just the window: resize to the document's height first.
+    """The whole page, not just the window (resized to the document's height first), with
+    what the page showed kept in the PNG (tests/console/screenshots.py): the README's copy
+    can then be checked against the templates without a browser."""
     height = driver.execute_script("return document.documentElement.scrollHeight")
     driver.set_window_size(1280, min(max(int(height), 800), 4000))
-    assert driver.save_screenshot(str(ARTIFACTS / f"{name}.png"))
+    path = ARTIFACTS / f"{name}.png"
+    assert driver.save_screenshot(str(path))
     driver.set_window_size(1280, 1000)
+    seen = driver.execute_script(
+        "return {"
+        "nav: [...document.querySelectorAll('header nav a')]"
+        ".map(a => [a.getAttribute('href'), a.textContent.trim()]),"
+        "fields: [...new Set([...document.querySelectorAll('main form [name]')]"
+        ".map(e => e.getAttribute('name')))].sort()}"
+    )
+    stamp(path, name, seen["nav"], seen["fields"])
 
 
 class TestConsoleInChromium:
@@ -127,7 +139,7 @@ class TestConsoleInChromium:
         assert "Granted 7.5 Ku" in flash and "goodwill after the outage" in flash
         journal = browser.find_element(By.ID, "transactions").text
         assert "goodwill after the outage" in journal
-        shot(browser, "user")
+        shot(browser, "user-granted")
 
         browser.find_element(By.LINK_TEXT, "API keys").click()
         row = wait_for(browser, f"#key-{victim_prefix}")
@@ -162,6 +174,14 @@ class TestConsoleInChromium:
         assert browser.find_element(By.CSS_SELECTOR, "#generation-deepinfra .breaker").text
         assert browser.find_elements(By.CSS_SELECTOR, "#pool-fal form.refill")
         shot(browser, "providers")
+
+        # The user's page again: the payment, its 10 Ku in the balance (the README's image).
+        browser.find_element(By.CSS_SELECTOR, "form.find input[name=user_id]").send_keys(user)
+        browser.find_element(By.CSS_SELECTOR, "form.find button").click()
+        wait_for(browser, f"#payment-{payment['id']}")
+        assert browser.find_element(By.ID, "available").text == "63.25 Ku"
+        assert "goodwill after the outage" in browser.find_element(By.ID, "transactions").text
+        shot(browser, "user")
 
         # No cookie is readable by scripts, and nothing came from another origin.
         assert browser.execute_script("return document.cookie") == ""
