@@ -31,4 +31,4 @@ bench: install
 	$(BIN)/python bench/enhancement.py
 
 lock:  ## re-resolve requirements.lock from pyproject.toml
-	$(BIN)/pip install -q uv && $(BIN)/uv pip compile pyproject.toml --extra dev -o requirements.lock --python-version 3.11
+	$(BIN)/pip install -q uv && $(BIN)/uv pip compile pyproject.toml --extra dev --extra embedded -o requirements.lock --python-version 3.11
