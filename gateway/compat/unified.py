@@ -124,7 +124,7 @@ async def _workspace_storage(
 
 
 def register(router: APIRouter) -> None:
-    @router.get("/user-info")
+    @router.get("/user-info", summary="A user's credits and storage (old clients)")
     async def user_info(
         request: Request, identity: Caller, user_id: Annotated[CompatUserId, Query()]
     ) -> dict[str, Any]:
@@ -150,7 +150,7 @@ def register(router: APIRouter) -> None:
             "timestamp": _now(),
         }
 
-    @router.post("/deduct-credits")
+    @router.post("/deduct-credits", summary="Spend a user's credits once (old clients)")
     async def deduct_credits(
         request: Request, response: Response, body: DeductCredits, identity: MoneyCaller
     ) -> dict[str, Any]:
@@ -194,7 +194,7 @@ def register(router: APIRouter) -> None:
             "timestamp": _now(),
         }
 
-    @router.get("/transactions")
+    @router.get("/transactions", summary="A user's recent transactions (old clients)")
     async def transactions(
         request: Request,
         identity: Caller,
@@ -217,7 +217,7 @@ def register(router: APIRouter) -> None:
         out["total_count"] = len(items)
         return out
 
-    @router.post("/create-user")
+    @router.post("/create-user", summary="Create a user with the welcome credits (old clients)")
     async def create_user(
         request: Request, response: Response, body: CreateUser, identity: MoneyCaller
     ) -> dict[str, Any]:
@@ -278,7 +278,7 @@ def register(router: APIRouter) -> None:
             "timestamp": _now(),
         }
 
-    @router.get("/health", openapi_extra={"security": []})
+    @router.get("/health", summary="The compatibility API answers", openapi_extra={"security": []})
     async def health() -> dict[str, Any]:
         """The compatibility API answers."""
         return {"success": True, "status": "healthy", "service": "ku", "timestamp": _now()}

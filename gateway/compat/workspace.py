@@ -177,7 +177,7 @@ async def _project_list(
 
 
 def register(router: APIRouter) -> None:
-    @router.post("/save-project")
+    @router.post("/save-project", summary="Save a project to the shared workspace (old clients)")
     async def save_project(request: Request, body: SaveProject, identity: Caller) -> Any:
         """Save a project (text, base64 image or data: URL) to the user's shared workspace."""
         identity.principal.acts_for(body.user_id)
@@ -222,7 +222,7 @@ def register(router: APIRouter) -> None:
             "created_at": project["created_at"],
         }
 
-    @router.get("/projects")
+    @router.get("/projects", summary="A user's projects from every app (old clients)")
     async def projects(
         request: Request,
         identity: Caller,
@@ -232,7 +232,7 @@ def register(router: APIRouter) -> None:
         """A user's projects from every app (or one, with `app`), newest first, with storage."""
         return await _project_list(request, identity, user_id, app.strip().lower() if app else None)
 
-    @router.get("/storage-stats")
+    @router.get("/storage-stats", summary="A user's shared storage (old clients)")
     async def storage_stats(
         request: Request, identity: Caller, user_id: Annotated[CompatUserId, Query()]
     ) -> dict[str, Any]:
@@ -252,7 +252,7 @@ def register(router: APIRouter) -> None:
         route_class=router.route_class, tags=["compatibility"], responses=router.responses
     )
 
-    @legacy.get("/api/user-projects")
+    @legacy.get("/api/user-projects", summary="A user's projects (old ImageGene clients)")
     async def user_projects(
         request: Request,
         identity: Caller,
@@ -270,7 +270,7 @@ def register(router: APIRouter) -> None:
             "storage_stats": listed["storage_stats"],
         }
 
-    @legacy.get("/api/project/{code}")
+    @legacy.get("/api/project/{code}", summary="One project with its content (old clients)")
     async def project(
         request: Request,
         identity: Caller,

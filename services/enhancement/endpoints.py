@@ -191,6 +191,7 @@ async def _submission(request: Request) -> Submission:
 
 @router.post(
     "/tasks",
+    summary="Submit an image for enhancement",
     status_code=202,
     response_model=Task,
     responses={**ERRORS, 200: {"description": "A replay of an earlier submission"}},
@@ -214,7 +215,12 @@ async def submit_task(
     return JSONResponse(body, status_code=202 if created else 200, headers=headers)
 
 
-@router.get("/tasks", response_model=TaskPage, responses=ERRORS)
+@router.get(
+    "/tasks",
+    summary="A user's enhancement tasks, newest first",
+    response_model=TaskPage,
+    responses=ERRORS,
+)
 async def list_tasks(
     principal: CurrentPrincipal,
     enhancer: EnhancerDep,
@@ -226,7 +232,9 @@ async def list_tasks(
     return {"items": [enhancer.render(r) for r in rows]}
 
 
-@router.get("/tasks/{task_id}", response_model=Task, responses=ERRORS)
+@router.get(
+    "/tasks/{task_id}", summary="One enhancement task", response_model=Task, responses=ERRORS
+)
 async def get_task(
     task_id: str, principal: CurrentPrincipal, enhancer: EnhancerDep
 ) -> dict[str, Any]:
@@ -236,6 +244,7 @@ async def get_task(
 
 @router.get(
     "/tasks/{task_id}/result",
+    summary="An enhanced image",
     responses={**ERRORS, 200: {"content": {"image/png": {}}, "description": "The image"}},
 )
 async def get_result(
@@ -270,14 +279,24 @@ async def get_result(
 # -- admin ----------------------------------------------------------------------------
 
 
-@router.get("/pools", response_model=list[PoolOut], responses=ERRORS)
+@router.get(
+    "/pools",
+    summary="Provider credit pools (admin)",
+    response_model=list[PoolOut],
+    responses=ERRORS,
+)
 async def list_pools(principal: CurrentPrincipal, enhancer: EnhancerDep) -> list[dict[str, Any]]:
     """The platform's credit pool per provider, with breaker state (admin)."""
     principal.require_scope("admin")
     return await enhancer.pool_view()
 
 
-@router.post("/pools/{provider}/refill", response_model=PoolOut, responses=ERRORS)
+@router.post(
+    "/pools/{provider}/refill",
+    summary="Refill a provider's pool (admin)",
+    response_model=PoolOut,
+    responses=ERRORS,
+)
 async def refill_pool(
     provider: str, body: RefillIn, principal: CurrentPrincipal, enhancer: EnhancerDep
 ) -> dict[str, Any]:
@@ -288,7 +307,7 @@ async def refill_pool(
     return view[provider]
 
 
-@router.get("/stats", responses=ERRORS)
+@router.get("/stats", summary="Pools, usage and the pool budget (admin)", responses=ERRORS)
 async def credit_stats(principal: CurrentPrincipal, enhancer: EnhancerDep) -> dict[str, Any]:
     """Pools, this month's and today's usage, the pool budget rule, recent alerts (admin)."""
     principal.require_scope("admin")
@@ -297,7 +316,9 @@ async def credit_stats(principal: CurrentPrincipal, enhancer: EnhancerDep) -> di
     return stats
 
 
-@router.get("/alerts", response_model=AlertPage, responses=ERRORS)
+@router.get(
+    "/alerts", summary="Enhancement alerts (admin)", response_model=AlertPage, responses=ERRORS
+)
 async def list_alerts(
     principal: CurrentPrincipal,
     enhancer: EnhancerDep,
@@ -312,7 +333,12 @@ async def list_alerts(
         return {"items": await Repository(session).alerts(limit, kind)}
 
 
-@router.put("/tiers/{user_id}", response_model=AllowanceOut, responses=ERRORS)
+@router.put(
+    "/tiers/{user_id}",
+    summary="Set a user's enhancement tier (admin)",
+    response_model=AllowanceOut,
+    responses=ERRORS,
+)
 async def set_tier(
     user_id: UserId, body: TierIn, principal: CurrentPrincipal, enhancer: EnhancerDep
 ) -> dict[str, Any]:
@@ -322,7 +348,12 @@ async def set_tier(
     return await enhancer.allowance(user_id)
 
 
-@router.get("/allowance", response_model=AllowanceOut, responses=ERRORS)
+@router.get(
+    "/allowance",
+    summary="A user's included enhancements this month",
+    response_model=AllowanceOut,
+    responses=ERRORS,
+)
 async def get_allowance(
     principal: CurrentPrincipal, enhancer: EnhancerDep, user_id: UserId | None = None
 ) -> dict[str, Any]:
@@ -335,14 +366,24 @@ async def get_allowance(
     return await enhancer.allowance(owner)
 
 
-@router.post("/process-pending", response_model=ProcessResult, responses=ERRORS)
+@router.post(
+    "/process-pending",
+    summary="Run pending enhancement tasks now (admin)",
+    response_model=ProcessResult,
+    responses=ERRORS,
+)
 async def process_pending(principal: CurrentPrincipal, enhancer: EnhancerDep) -> dict[str, int]:
     """Run the pending-tasks job now: fail overdue tasks, settle, re-enqueue (admin)."""
     principal.require_scope("admin")
     return await enhancer.run_pending(min_age_seconds=0)
 
 
-@router.post("/background/process-tasks", response_model=ProcessResult, responses=ERRORS)
+@router.post(
+    "/background/process-tasks",
+    summary="Run pending tasks (scheduler token)",
+    response_model=ProcessResult,
+    responses=ERRORS,
+)
 async def process_with_token(
     enhancer: EnhancerDep,
     x_ku_process_token: Annotated[str | None, Header()] = None,

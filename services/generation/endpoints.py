@@ -127,7 +127,9 @@ def model_out(model: Model, engine: GenerationEngine) -> ModelOut:
     )
 
 
-@router.get("/models", response_model=ModelList, responses=ERRORS)
+@router.get(
+    "/models", summary="The model catalog, with prices", response_model=ModelList, responses=ERRORS
+)
 async def list_models(engine: Engine, principal: CurrentPrincipal) -> ModelList:
     """The model catalog with prices, in OpenAI's list shape (the `openai` package reads it)."""
     principal.require_scope("generate")
@@ -145,7 +147,9 @@ def checked_model(engine: GenerationEngine, model_id: str | None, max_words: int
     return model
 
 
-@router.post("/estimate", response_model=Estimate, responses=ERRORS)
+@router.post(
+    "/estimate", summary="The most a generation can cost", response_model=Estimate, responses=ERRORS
+)
 async def estimate(body: EstimateIn, engine: Engine, principal: CurrentPrincipal) -> Estimate:
     """The most a generation (or a story of `chapters`) can cost, before anything runs."""
     principal.require_scope("generate")
@@ -298,7 +302,9 @@ async def saved(
     return result_body(outcome, project_code=code, save_error=error)
 
 
-@router.post("/text", response_model=GenerationOut, responses=ERRORS)
+@router.post(
+    "/text", summary="Generate text from a prompt", response_model=GenerationOut, responses=ERRORS
+)
 async def generate_text(
     body: TextIn, request: Request, principal: CurrentPrincipal, engine: Engine
 ) -> Any:
@@ -320,7 +326,12 @@ async def generate_text(
     )
 
 
-@router.post("/tools/{tool}", response_model=GenerationOut, responses=ERRORS)
+@router.post(
+    "/tools/{tool}",
+    summary="Run a writing tool (complete, rewrite, describe, brainstorm)",
+    response_model=GenerationOut,
+    responses=ERRORS,
+)
 async def use_tool(
     tool: Annotated[ToolName, Path(description="complete | rewrite | describe | brainstorm")],
     body: ToolIn,
@@ -381,7 +392,12 @@ def _parse_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
         raise BadRequest("Invalid cursor", code="invalid_cursor") from None
 
 
-@router.get("/history", response_model=HistoryPage, responses=ERRORS)
+@router.get(
+    "/history",
+    summary="A user's generations, newest first",
+    response_model=HistoryPage,
+    responses=ERRORS,
+)
 async def history(
     principal: CurrentPrincipal,
     session: Session,
@@ -415,7 +431,12 @@ async def history(
     )
 
 
-@router.get("/generations/{generation_id}", response_model=HistoryItem, responses=ERRORS)
+@router.get(
+    "/generations/{generation_id}",
+    summary="One generation",
+    response_model=HistoryItem,
+    responses=ERRORS,
+)
 async def get_generation(
     generation_id: str,
     principal: CurrentPrincipal,
@@ -437,7 +458,13 @@ async def get_generation(
     return history_item(row)
 
 
-@router.post("/story", status_code=202, response_model=StoryOut, responses=ERRORS)
+@router.post(
+    "/story",
+    summary="Start writing a story, chapter by chapter",
+    status_code=202,
+    response_model=StoryOut,
+    responses=ERRORS,
+)
 async def create_story(
     body: StoryIn, request: Request, principal: CurrentPrincipal, session: Session
 ) -> dict[str, Any]:
@@ -475,7 +502,12 @@ async def story_view(
     return stories.view(story, list(parts))
 
 
-@router.get("/story/{story_id}", response_model=StoryOut, responses=ERRORS)
+@router.get(
+    "/story/{story_id}",
+    summary="A story's progress and chapters",
+    response_model=StoryOut,
+    responses=ERRORS,
+)
 async def get_story(
     story_id: str,
     request: Request,

@@ -93,7 +93,7 @@ def _ku(outcome: Outcome) -> dict[str, Any]:
     }
 
 
-@router.post("/chat/completions", responses=ERRORS)
+@router.post("/chat/completions", summary="OpenAI-compatible chat completions", responses=ERRORS)
 async def chat_completions(
     body: ChatCompletionIn, request: Request, principal: CurrentPrincipal, engine: Engine
 ) -> Any:

@@ -149,7 +149,12 @@ class Clawback(BaseModel):
     created_at: datetime
 
 
-@router.get("/overview", response_model=Overview, responses=ERRORS)
+@router.get(
+    "/overview",
+    summary="Issued, spent and held, today and by day (admin)",
+    response_model=Overview,
+    responses=ERRORS,
+)
 async def overview(
     principal: CurrentPrincipal,
     session: Session,
@@ -206,7 +211,12 @@ async def overview(
     }
 
 
-@router.get("/users/{user_id}", response_model=UserLedger, responses=ERRORS)
+@router.get(
+    "/users/{user_id}",
+    summary="A user's lots, holds and debt (admin)",
+    response_model=UserLedger,
+    responses=ERRORS,
+)
 async def user_ledger(user_id: UserId, principal: CurrentPrincipal, session: Session) -> Any:
     """One user's wallet, every lot with its expiry, recent holds and debt (admin)."""
     principal.require_scope("admin")
@@ -251,7 +261,13 @@ async def get_ledger(request: Request) -> Ledger:
     return request.app.state.ledger
 
 
-@router.post("/clawbacks", status_code=201, response_model=Clawback, responses=ERRORS)
+@router.post(
+    "/clawbacks",
+    summary="Claw back a lot's credits (admin)",
+    status_code=201,
+    response_model=Clawback,
+    responses=ERRORS,
+)
 async def create_clawback(
     body: ClawbackCreate,
     request: Request,

@@ -293,7 +293,12 @@ def _respond(outcome: Outcome, model: type[BaseModel]) -> Response:
     return Response(content, outcome.status_code, headers, media_type="application/json")
 
 
-@router.get("/balance", response_model=Balance, responses=ERRORS)
+@router.get(
+    "/balance",
+    summary="A user's balance, by source, with the next expiry",
+    response_model=Balance,
+    responses=ERRORS,
+)
 @_hot_query(user_id=UserId)
 async def get_balance(user_id: UserId, principal: CurrentPrincipal, request: Request) -> Response:
     """A user's spendable, held and total credit, per source, with the next expiry."""
@@ -320,7 +325,12 @@ async def get_balance(user_id: UserId, principal: CurrentPrincipal, request: Req
     return Response(balance.model_dump_json(), media_type="application/json")
 
 
-@router.post("/accounts", response_model=Account, responses=ERRORS)
+@router.post(
+    "/accounts",
+    summary="Open a user's account (with the welcome credits)",
+    response_model=Account,
+    responses=ERRORS,
+)
 async def open_account(
     body: AccountCreate,
     principal: CurrentPrincipal,
@@ -347,7 +357,13 @@ async def open_account(
     return body_out
 
 
-@router.post("/grants", status_code=201, response_model=Grant, responses=ERRORS)
+@router.post(
+    "/grants",
+    summary="Grant credits to a user",
+    status_code=201,
+    response_model=Grant,
+    responses=ERRORS,
+)
 @_hot(GrantCreate)
 async def create_grant(
     body: GrantCreate,
@@ -384,6 +400,7 @@ def _grant_op(body: GrantCreate, permit: Permit) -> tuple[dict[str, Any], str | 
 
 @router.post(
     "/debits",
+    summary="Charge a user at once",
     status_code=201,
     response_model=Debit,
     responses={**ERRORS, **error_responses({402: INSUFFICIENT})},
@@ -418,6 +435,7 @@ def _debit_op(body: DebitCreate, permit: Permit) -> tuple[dict[str, Any], str | 
 
 @router.post(
     "/holds",
+    summary="Hold credits for a job",
     status_code=201,
     response_model=HoldResult,
     responses={**ERRORS, **error_responses({402: INSUFFICIENT})},
@@ -451,7 +469,7 @@ def _hold_op(body: HoldCreate, permit: Permit) -> tuple[dict[str, Any], str | No
     return op, natural
 
 
-@router.get("/holds/{hold_id}", response_model=HoldOut, responses=ERRORS)
+@router.get("/holds/{hold_id}", summary="One hold", response_model=HoldOut, responses=ERRORS)
 async def get_hold(
     hold_id: str, principal: CurrentPrincipal, request: Request, session: Session
 ) -> dict[str, Any]:
@@ -500,7 +518,12 @@ def _resolve_op(kind: str, hold_id: str, amount: int | None, permit: Permit) -> 
     return {"op": kind, "hold_id": _uuid(hold_id), "amount": amount, "auth": permit.as_sql()}
 
 
-@router.post("/holds/{hold_id}/capture", response_model=HoldResult, responses=ERRORS)
+@router.post(
+    "/holds/{hold_id}/capture",
+    summary="Capture a hold (all or part of it)",
+    response_model=HoldResult,
+    responses=ERRORS,
+)
 @_hot(CaptureIn, optional=True)
 async def capture_hold(
     hold_id: str,
@@ -514,7 +537,12 @@ async def capture_hold(
     return await _resolve("capture", hold_id, amount, reason, request, principal)
 
 
-@router.post("/holds/{hold_id}/release", response_model=HoldResult, responses=ERRORS)
+@router.post(
+    "/holds/{hold_id}/release",
+    summary="Release a hold",
+    response_model=HoldResult,
+    responses=ERRORS,
+)
 @_hot(ReleaseIn, optional=True)
 async def release_hold(
     hold_id: str,
@@ -527,7 +555,13 @@ async def release_hold(
     return await _resolve("release", hold_id, None, reason, request, principal)
 
 
-@router.post("/refunds", status_code=201, response_model=Refund, responses=ERRORS)
+@router.post(
+    "/refunds",
+    summary="Refund a debit or a capture",
+    status_code=201,
+    response_model=Refund,
+    responses=ERRORS,
+)
 async def create_refund(
     body: RefundCreate,
     request: Request,
@@ -614,6 +648,7 @@ def _item_result(index: int, op: str, result: dict[str, Any]) -> dict[str, Any]:
 
 @router.post(
     "/batch",
+    summary="Apply many ledger operations in one request",
     response_model=BatchOut,
     responses={
         **ERRORS,
@@ -716,7 +751,12 @@ def _cursor(value: str | None) -> int | None:
         raise BadRequest("Invalid cursor", code="invalid_cursor") from None
 
 
-@router.get("/transactions", response_model=TransactionPage, responses=ERRORS)
+@router.get(
+    "/transactions",
+    summary="A user's transactions, newest first",
+    response_model=TransactionPage,
+    responses=ERRORS,
+)
 async def list_transactions(
     user_id: UserId,
     principal: CurrentPrincipal,
@@ -751,7 +791,9 @@ async def list_transactions(
     )
 
 
-@router.get("/usage", response_model=Usage, responses=ERRORS)
+@router.get(
+    "/usage", summary="Credits spent per app and day", response_model=Usage, responses=ERRORS
+)
 async def get_usage(
     user_id: UserId,
     principal: CurrentPrincipal,

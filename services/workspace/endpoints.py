@@ -114,7 +114,13 @@ Reader = Annotated[Caller, Depends(_caller("workspace.read"))]
 Writer = Annotated[Caller, Depends(_caller("workspace.write"))]
 
 
-@router.post("/projects", status_code=201, response_model=ProjectSummary, responses=ERRORS)
+@router.post(
+    "/projects",
+    summary="Save a project",
+    status_code=201,
+    response_model=ProjectSummary,
+    responses=ERRORS,
+)
 async def create_project(
     body: ProjectCreate,
     request: Request,
@@ -130,7 +136,9 @@ async def create_project(
     return created.body
 
 
-@router.get("/projects", response_model=ProjectPage, responses=ERRORS)
+@router.get(
+    "/projects", summary="List a user's projects", response_model=ProjectPage, responses=ERRORS
+)
 async def list_projects(
     caller: Reader,
     workspace: WorkspaceDep,
@@ -152,7 +160,12 @@ async def list_projects(
     )
 
 
-@router.get("/projects/{code}", response_model=Project, responses=ERRORS)
+@router.get(
+    "/projects/{code}",
+    summary="One project, with its content",
+    response_model=Project,
+    responses=ERRORS,
+)
 async def get_project(
     code: Code, caller: Reader, workspace: WorkspaceDep, user_id: OwnerParam = None
 ) -> dict[str, Any]:
@@ -160,7 +173,9 @@ async def get_project(
     return full(await workspace.visible_project(caller, code, user_id=user_id))
 
 
-@router.patch("/projects/{code}", response_model=ProjectSummary, responses=ERRORS)
+@router.patch(
+    "/projects/{code}", summary="Change a project", response_model=ProjectSummary, responses=ERRORS
+)
 async def update_project(
     code: Code,
     body: ProjectUpdate,
@@ -172,7 +187,9 @@ async def update_project(
     return await workspace.update(caller, code, body, user_id=user_id)
 
 
-@router.delete("/projects/{code}", response_model=Deleted, responses=ERRORS)
+@router.delete(
+    "/projects/{code}", summary="Delete a project", response_model=Deleted, responses=ERRORS
+)
 async def delete_project(
     code: Code, caller: Writer, workspace: WorkspaceDep, user_id: OwnerParam = None
 ) -> dict[str, Any]:
@@ -182,6 +199,7 @@ async def delete_project(
 
 @router.get(
     "/projects/{code}/content",
+    summary="A project's raw content",
     responses={**ERRORS, 200: {"description": "The raw bytes", "content": {"*/*": {}}}},
     response_class=Response,
 )
@@ -204,6 +222,7 @@ async def get_content(
 
 @router.get(
     "/projects/{code}/export",
+    summary="Export a project (PDF, DOCX, text)",
     responses={
         **ERRORS,
         200: {
@@ -243,7 +262,9 @@ async def export_project(
     )
 
 
-@router.get("/storage", response_model=Storage, responses=ERRORS)
+@router.get(
+    "/storage", summary="A user's storage use and limit", response_model=Storage, responses=ERRORS
+)
 async def get_storage(
     caller: Reader, workspace: WorkspaceDep, user_id: UserId | None = None
 ) -> dict[str, Any]:
@@ -253,7 +274,12 @@ async def get_storage(
     return await workspace.storage(owner)
 
 
-@router.put("/quotas/{user_id}", response_model=Storage, responses=ERRORS)
+@router.put(
+    "/quotas/{user_id}",
+    summary="Set a user's storage limit (admin)",
+    response_model=Storage,
+    responses=ERRORS,
+)
 async def set_quota(
     user_id: UserId, body: QuotaUpdate, principal: CurrentPrincipal, workspace: WorkspaceDep
 ) -> dict[str, Any]:
