@@ -128,7 +128,47 @@ def model_out(model: Model, engine: GenerationEngine) -> ModelOut:
 
 
 @router.get(
-    "/models", summary="The model catalog, with prices", response_model=ModelList, responses=ERRORS
+    "/models",
+    summary="The model catalog, with prices",
+    response_model=ModelList,
+    responses={
+        **ERRORS,
+        200: {
+            "content": {
+                "application/json": {
+                    "example": {
+                        "object": "list",
+                        "data": [
+                            {
+                                "id": "mistralai/Mistral-7B-Instruct-v0.3",
+                                "object": "model",
+                                "created": 0,
+                                "owned_by": "deepinfra",
+                                "name": "Mistral 7B Instruct",
+                                "multiplier": 1.0,
+                                "price_per_100_words": 1,
+                                "max_words": 4000,
+                                "fallback": ["meta-llama/Meta-Llama-3.1-8B-Instruct"],
+                                "offline": False,
+                            },
+                            {
+                                "id": "meta-llama/Meta-Llama-3.1-8B-Instruct",
+                                "object": "model",
+                                "created": 0,
+                                "owned_by": "deepinfra",
+                                "name": "Llama 3.1 8B",
+                                "multiplier": 1.0,
+                                "price_per_100_words": 1,
+                                "max_words": 4000,
+                                "fallback": ["mistralai/Mistral-7B-Instruct-v0.3"],
+                                "offline": False,
+                            },
+                        ],
+                    }
+                }
+            }
+        },
+    },
 )
 async def list_models(engine: Engine, principal: CurrentPrincipal) -> ModelList:
     """The model catalog with prices, in OpenAI's list shape (the `openai` package reads it)."""
@@ -148,7 +188,25 @@ def checked_model(engine: GenerationEngine, model_id: str | None, max_words: int
 
 
 @router.post(
-    "/estimate", summary="The most a generation can cost", response_model=Estimate, responses=ERRORS
+    "/estimate",
+    summary="The most a generation can cost",
+    response_model=Estimate,
+    responses={
+        **ERRORS,
+        200: {
+            "content": {
+                "application/json": {
+                    "example": {
+                        "model": "mistralai/Mistral-7B-Instruct-v0.3",
+                        "max_words": 200,
+                        "words_rule": "words = runs of non-whitespace; 1 Ku per 100 words at ×1",
+                        "cost": 2,
+                        "max_cost": 2,
+                    }
+                }
+            }
+        },
+    },
 )
 async def estimate(body: EstimateIn, engine: Engine, principal: CurrentPrincipal) -> Estimate:
     """The most a generation (or a story of `chapters`) can cost, before anything runs."""
@@ -303,7 +361,35 @@ async def saved(
 
 
 @router.post(
-    "/text", summary="Generate text from a prompt", response_model=GenerationOut, responses=ERRORS
+    "/text",
+    summary="Generate text from a prompt",
+    response_model=GenerationOut,
+    responses={
+        **ERRORS,
+        200: {
+            "content": {
+                "application/json": {
+                    "example": {
+                        "id": "94f23e41-a1e2-4197-bb10-d4173a603a9f",
+                        "status": "completed",
+                        "model": "mistralai/Mistral-7B-Instruct-v0.3",
+                        "served_model": "mistralai/Mistral-7B-Instruct-v0.3",
+                        "provider": "deepinfra",
+                        "offline": False,
+                        "text": "The tram groaned up the hill toward Alfama as Inês folded the"
+                        " letter again. Nobody in Lisbon wrote letters any more.",
+                        "words": 21,
+                        "cost": 0.21,
+                        "held": 2,
+                        "finish_reason": "stop",
+                        "latency_ms": 2140,
+                        "project_code": None,
+                        "save_error": None,
+                    }
+                }
+            }
+        },
+    },
 )
 async def generate_text(
     body: TextIn, request: Request, principal: CurrentPrincipal, engine: Engine

@@ -297,7 +297,27 @@ def _respond(outcome: Outcome, model: type[BaseModel]) -> Response:
     "/balance",
     summary="A user's balance, by source, with the next expiry",
     response_model=Balance,
-    responses=ERRORS,
+    responses={
+        **ERRORS,
+        200: {
+            "content": {
+                "application/json": {
+                    "example": {
+                        "user_id": "101902121794505144784",
+                        "available": 75,
+                        "held": 0,
+                        "debt": 0,
+                        "total": 75,
+                        "by_source": [
+                            {"source": "welcome", "available": 50},
+                            {"source": "promo", "available": 25},
+                        ],
+                        "next_expiry": {"amount": 25, "at": "2027-01-31T00:00:00Z"},
+                    }
+                }
+            }
+        },
+    },
 )
 @_hot_query(user_id=UserId)
 async def get_balance(user_id: UserId, principal: CurrentPrincipal, request: Request) -> Response:
@@ -362,7 +382,27 @@ async def open_account(
     summary="Grant credits to a user",
     status_code=201,
     response_model=Grant,
-    responses=ERRORS,
+    responses={
+        **ERRORS,
+        201: {
+            "content": {
+                "application/json": {
+                    "example": {
+                        "grant_id": 2,
+                        "transaction_id": 10,
+                        "user_id": "101902121794505144784",
+                        "source": "promo",
+                        "amount": 25,
+                        "expires_at": "2027-01-31T00:00:00Z",
+                        "reference": "promo-launch-week",
+                        "created_at": "2026-11-26T10:27:31Z",
+                        "available": 62.15,
+                        "held": 0,
+                    }
+                }
+            }
+        },
+    },
 )
 @_hot(GrantCreate)
 async def create_grant(
@@ -403,7 +443,27 @@ def _grant_op(body: GrantCreate, permit: Permit) -> tuple[dict[str, Any], str | 
     summary="Charge a user at once",
     status_code=201,
     response_model=Debit,
-    responses={**ERRORS, **error_responses({402: INSUFFICIENT})},
+    responses={
+        **ERRORS,
+        **error_responses({402: INSUFFICIENT}),
+        201: {
+            "content": {
+                "application/json": {
+                    "example": {
+                        "transaction_id": 2,
+                        "user_id": "101902121794505144784",
+                        "app": "penora",
+                        "amount": 4.25,
+                        "description": "One image, 1024x1024",
+                        "reference": "img-8812",
+                        "created_at": "2026-11-26T10:27:31Z",
+                        "available": 45.75,
+                        "held": 0,
+                    }
+                }
+            }
+        },
+    },
 )
 @_hot(DebitCreate)
 async def create_debit(
@@ -522,7 +582,35 @@ def _resolve_op(kind: str, hold_id: str, amount: int | None, permit: Permit) -> 
     "/holds/{hold_id}/capture",
     summary="Capture a hold (all or part of it)",
     response_model=HoldResult,
-    responses=ERRORS,
+    responses={
+        **ERRORS,
+        200: {
+            "content": {
+                "application/json": {
+                    "example": {
+                        "hold": {
+                            "id": "d5ae7698-cbca-4af8-8c31-f1e268ae78f7",
+                            "user_id": "101902121794505144784",
+                            "app": "penora",
+                            "owner": "app:penora",
+                            "amount": 12.5,
+                            "captured": 9.25,
+                            "clawed": 0,
+                            "status": "captured",
+                            "reference": "story-77",
+                            "description": "Story, 5 chapters",
+                            "expires_at": "2026-11-26T10:32:31Z",
+                            "created_at": "2026-11-26T10:27:31Z",
+                            "resolved_at": "2026-11-26T10:27:31Z",
+                        },
+                        "transaction_id": 4,
+                        "available": 36.5,
+                        "held": 0,
+                    }
+                }
+            }
+        },
+    },
 )
 @_hot(CaptureIn, optional=True)
 async def capture_hold(
@@ -541,7 +629,35 @@ async def capture_hold(
     "/holds/{hold_id}/release",
     summary="Release a hold",
     response_model=HoldResult,
-    responses=ERRORS,
+    responses={
+        **ERRORS,
+        200: {
+            "content": {
+                "application/json": {
+                    "example": {
+                        "hold": {
+                            "id": "91ae3701-8c6a-4265-b034-480c451de5dd",
+                            "user_id": "101902121794505144784",
+                            "app": "penora",
+                            "owner": "app:penora",
+                            "amount": 3,
+                            "captured": 0,
+                            "clawed": 0,
+                            "status": "released",
+                            "reference": "story-78",
+                            "description": "Story, 3 chapters",
+                            "expires_at": "2026-11-26T10:42:31Z",
+                            "created_at": "2026-11-26T10:27:31Z",
+                            "resolved_at": "2026-11-26T10:27:31Z",
+                        },
+                        "transaction_id": 6,
+                        "available": 36.5,
+                        "held": 0,
+                    }
+                }
+            }
+        },
+    },
 )
 @_hot(ReleaseIn, optional=True)
 async def release_hold(
@@ -560,7 +676,29 @@ async def release_hold(
     summary="Refund a debit or a capture",
     status_code=201,
     response_model=Refund,
-    responses=ERRORS,
+    responses={
+        **ERRORS,
+        201: {
+            "content": {
+                "application/json": {
+                    "example": {
+                        "transaction_id": 7,
+                        "refund_of": 2,
+                        "user_id": "101902121794505144784",
+                        "app": "penora",
+                        "amount": 1.25,
+                        "refundable": 3,
+                        "returned": 1.25,
+                        "debt_settled": 0,
+                        "expired": 0,
+                        "created_at": "2026-11-26T10:27:31Z",
+                        "available": 37.75,
+                        "held": 0,
+                    }
+                }
+            }
+        },
+    },
 )
 async def create_refund(
     body: RefundCreate,

@@ -119,7 +119,27 @@ Writer = Annotated[Caller, Depends(_caller("workspace.write"))]
     summary="Save a project",
     status_code=201,
     response_model=ProjectSummary,
-    responses=ERRORS,
+    responses={
+        **ERRORS,
+        201: {
+            "content": {
+                "application/json": {
+                    "example": {
+                        "code": "WVXE48",
+                        "user_id": "101902121794505144784",
+                        "app_source": "penora",
+                        "project_type": "story",
+                        "title": "The Lighthouse Keeper",
+                        "content_type": "text/markdown",
+                        "size_bytes": 77,
+                        "metadata": {},
+                        "created_at": "2026-11-26T10:27:31Z",
+                        "updated_at": "2026-11-26T10:27:31Z",
+                    }
+                }
+            }
+        },
+    },
 )
 async def create_project(
     body: ProjectCreate,
@@ -137,7 +157,35 @@ async def create_project(
 
 
 @router.get(
-    "/projects", summary="List a user's projects", response_model=ProjectPage, responses=ERRORS
+    "/projects",
+    summary="List a user's projects",
+    response_model=ProjectPage,
+    responses={
+        **ERRORS,
+        200: {
+            "content": {
+                "application/json": {
+                    "example": {
+                        "items": [
+                            {
+                                "code": "WVXE48",
+                                "user_id": "101902121794505144784",
+                                "app_source": "penora",
+                                "project_type": "story",
+                                "title": "The Lighthouse Keeper",
+                                "content_type": "text/markdown",
+                                "size_bytes": 77,
+                                "metadata": {},
+                                "created_at": "2026-11-26T10:27:31Z",
+                                "updated_at": "2026-11-26T10:27:31Z",
+                            }
+                        ],
+                        "next_cursor": "MjAyNi0xMS0yNlQxMDoyNzozMVp8V1ZYRTQ4",
+                    }
+                }
+            }
+        },
+    },
 )
 async def list_projects(
     caller: Reader,
@@ -263,7 +311,27 @@ async def export_project(
 
 
 @router.get(
-    "/storage", summary="A user's storage use and limit", response_model=Storage, responses=ERRORS
+    "/storage",
+    summary="A user's storage use and limit",
+    response_model=Storage,
+    responses={
+        **ERRORS,
+        200: {
+            "content": {
+                "application/json": {
+                    "example": {
+                        "user_id": "101902121794505144784",
+                        "used_bytes": 77,
+                        "limit_bytes": 1048576,
+                        "available_bytes": 1048499,
+                        "percent": 0.01,
+                        "project_count": 1,
+                        "by_app": [{"app_source": "penora", "bytes": 77, "count": 1}],
+                    }
+                }
+            }
+        },
+    },
 )
 async def get_storage(
     caller: Reader, workspace: WorkspaceDep, user_id: UserId | None = None
