@@ -126,7 +126,37 @@ async def enhance_image(request: Request, body: EnhanceImage, identity: Caller) 
     return {"success": True, "taskId": task["id"], "status": task["status"], "task": _task(task)}
 
 
-@router.get("/enhance-image", summary="An enhancement task's status, or recent tasks (old clients)")
+@router.get(
+    "/enhance-image",
+    summary="An enhancement task's status, or recent tasks (old clients)",
+    responses={
+        200: {
+            "content": {
+                "application/json": {
+                    "example": {
+                        "success": True,
+                        "task": {
+                            "id": "ffa6a6b6-8be2-5527-99b4-7c99c133c693",
+                            "status": "completed",
+                            "progress": 100,
+                            "enhancementType": "lighting",
+                            "prompt": "warm golden hour lighting",
+                            "strength": 0.8,
+                            "moodboardId": None,
+                            "resultUrl": "/v1/enhancement/tasks/ffa6a6b6-8be2-5527",
+                            "errorMessage": None,
+                            "provider": "local",
+                            "degraded": True,
+                            "creditsUsed": 0,
+                            "createdAt": "2026-11-26T10:34:02Z",
+                            "completedAt": "2026-11-26T10:34:02Z",
+                        },
+                    }
+                }
+            }
+        }
+    },
+)
 async def enhancement_status(
     request: Request,
     identity: Caller,

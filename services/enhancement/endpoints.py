@@ -337,7 +337,23 @@ async def list_alerts(
     "/tiers/{user_id}",
     summary="Set a user's enhancement tier (admin)",
     response_model=AllowanceOut,
-    responses=ERRORS,
+    responses={
+        **ERRORS,
+        200: {
+            "content": {
+                "application/json": {
+                    "example": {
+                        "user_id": "101902121794505144784",
+                        "tier": "pro",
+                        "period": "2026-11",
+                        "included": 25,
+                        "used": 0,
+                        "remaining": 25,
+                    }
+                }
+            }
+        },
+    },
 )
 async def set_tier(
     user_id: UserId, body: TierIn, principal: CurrentPrincipal, enhancer: EnhancerDep
@@ -352,7 +368,23 @@ async def set_tier(
     "/allowance",
     summary="A user's included enhancements this month",
     response_model=AllowanceOut,
-    responses=ERRORS,
+    responses={
+        **ERRORS,
+        200: {
+            "content": {
+                "application/json": {
+                    "example": {
+                        "user_id": "101902121794505144784",
+                        "tier": "free",
+                        "period": "2026-11",
+                        "included": 0,
+                        "used": 0,
+                        "remaining": 0,
+                    }
+                }
+            }
+        },
+    },
 )
 async def get_allowance(
     principal: CurrentPrincipal, enhancer: EnhancerDep, user_id: UserId | None = None
@@ -370,7 +402,14 @@ async def get_allowance(
     "/process-pending",
     summary="Run pending enhancement tasks now (admin)",
     response_model=ProcessResult,
-    responses=ERRORS,
+    responses={
+        **ERRORS,
+        200: {
+            "content": {
+                "application/json": {"example": {"failed_overdue": 0, "settled": 0, "enqueued": 0}}
+            }
+        },
+    },
 )
 async def process_pending(principal: CurrentPrincipal, enhancer: EnhancerDep) -> dict[str, int]:
     """Run the pending-tasks job now: fail overdue tasks, settle, re-enqueue (admin)."""

@@ -416,7 +416,31 @@ async def generate_text(
     "/tools/{tool}",
     summary="Run a writing tool (complete, rewrite, describe, brainstorm)",
     response_model=GenerationOut,
-    responses=ERRORS,
+    responses={
+        **ERRORS,
+        200: {
+            "content": {
+                "application/json": {
+                    "example": {
+                        "id": "f1515942-4cf7-4a06-8833-2db6b565fcc7",
+                        "status": "completed",
+                        "model": "mistralai/Mistral-7B-Instruct-v0.3",
+                        "served_model": "mistralai/Mistral-7B-Instruct-v0.3",
+                        "provider": "offline",
+                        "offline": True,
+                        "text": "past the old mill while a story slowly f",
+                        "words": 40,
+                        "cost": 0.4,
+                        "held": 0.4,
+                        "finish_reason": "length",
+                        "latency_ms": 9,
+                        "project_code": None,
+                        "save_error": None,
+                    }
+                }
+            }
+        },
+    },
 )
 async def use_tool(
     tool: Annotated[ToolName, Path(description="complete | rewrite | describe | brainstorm")],

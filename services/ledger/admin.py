@@ -153,7 +153,26 @@ class Clawback(BaseModel):
     "/overview",
     summary="Issued, spent and held, today and by day (admin)",
     response_model=Overview,
-    responses=ERRORS,
+    responses={
+        **ERRORS,
+        200: {
+            "content": {
+                "application/json": {
+                    "example": {
+                        "accounts": 2,
+                        "since": "2026-11-26T00:00:00Z",
+                        "issued_today": [{"name": "welcome", "amount": 100}],
+                        "spent_today": [{"name": "penora", "amount": 9.25}],
+                        "held_now": [],
+                        "days": [
+                            {"day": "2026-11-25", "issued": 0, "spent": 0},
+                            {"day": "2026-11-26", "issued": 100, "spent": 9.25},
+                        ],
+                    }
+                }
+            }
+        },
+    },
 )
 async def overview(
     principal: CurrentPrincipal,

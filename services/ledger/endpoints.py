@@ -349,7 +349,35 @@ async def get_balance(user_id: UserId, principal: CurrentPrincipal, request: Req
     "/accounts",
     summary="Open a user's account (with the welcome credits)",
     response_model=Account,
-    responses=ERRORS,
+    responses={
+        **ERRORS,
+        200: {
+            "description": "The account was already open; nothing changed",
+            "content": {
+                "application/json": {
+                    "example": {
+                        "user_id": "101902121794505144784",
+                        "created": False,
+                        "available": 37.5,
+                        "held": 2.5,
+                    }
+                }
+            },
+        },
+        201: {
+            "description": "Opened, with the welcome credits",
+            "content": {
+                "application/json": {
+                    "example": {
+                        "user_id": "101902121794505144784",
+                        "created": True,
+                        "available": 50,
+                        "held": 0,
+                    }
+                }
+            },
+        },
+    },
 )
 async def open_account(
     body: AccountCreate,

@@ -212,7 +212,29 @@ async def list_projects(
     "/projects/{code}",
     summary="One project, with its content",
     response_model=Project,
-    responses=ERRORS,
+    responses={
+        **ERRORS,
+        200: {
+            "content": {
+                "application/json": {
+                    "example": {
+                        "code": "JEC99W",
+                        "user_id": "101902121794505144784",
+                        "app_source": "penora",
+                        "project_type": "story",
+                        "title": "The Lighthouse Keeper",
+                        "content_type": "text/markdown",
+                        "size_bytes": 89,
+                        "metadata": {"words": 12},
+                        "created_at": "2026-11-26T10:34:02Z",
+                        "updated_at": "2026-11-26T10:34:02Z",
+                        "content": "# Chapter 1\n\nThe lamp had not gone out i",
+                        "content_encoding": "text",
+                    }
+                }
+            }
+        },
+    },
 )
 async def get_project(
     code: Code, caller: Reader, workspace: WorkspaceDep, user_id: OwnerParam = None
@@ -346,7 +368,24 @@ async def get_storage(
     "/quotas/{user_id}",
     summary="Set a user's storage limit (admin)",
     response_model=Storage,
-    responses=ERRORS,
+    responses={
+        **ERRORS,
+        200: {
+            "content": {
+                "application/json": {
+                    "example": {
+                        "user_id": "101902121794505144784",
+                        "used_bytes": 99,
+                        "limit_bytes": 5242880,
+                        "available_bytes": 5242781,
+                        "percent": 0.0,
+                        "project_count": 1,
+                        "by_app": [{"app_source": "penora", "bytes": 99, "count": 1}],
+                    }
+                }
+            }
+        },
+    },
 )
 async def set_quota(
     user_id: UserId, body: QuotaUpdate, principal: CurrentPrincipal, workspace: WorkspaceDep

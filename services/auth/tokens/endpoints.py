@@ -81,6 +81,26 @@ async def logout(body: RefreshIn, tokens: Tokens, session: Session) -> Response:
 @jwks_router.get(
     "/.well-known/jwks.json",
     summary="Public keys that verify Ku's access tokens",
+    responses={
+        200: {
+            "content": {
+                "application/json": {
+                    "example": {
+                        "keys": [
+                            {
+                                "alg": "RS256",
+                                "kty": "RSA",
+                                "n": "tGsYOBe8rROhJTXYsLvygbUuST4fXxcflOjpA6qF",
+                                "e": "AQAB",
+                                "kid": "gateway-test-kid",
+                                "use": "sig",
+                            }
+                        ]
+                    }
+                }
+            }
+        }
+    },
     response_model=Jwks,
 )
 async def jwks(tokens: Tokens, response: Response) -> dict[str, Any]:

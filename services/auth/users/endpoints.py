@@ -53,7 +53,23 @@ ERRORS = error_responses(
     status_code=201,
     response_model=UserCreated,
     summary="Create a user (idempotent)",
-    responses={**ERRORS, 200: {"description": "The user already existed; returned unchanged"}},
+    responses={
+        201: {
+            "content": {
+                "application/json": {
+                    "example": {
+                        "user_id": "101902121794505144784",
+                        "username": "maria",
+                        "email": "maria@example.com",
+                        "created_at": "2026-11-26T10:34:02Z",
+                        "created": True,
+                    }
+                }
+            }
+        },
+        **ERRORS,
+        200: {"description": "The user already existed; returned unchanged"},
+    },
 )
 async def create_user(
     body: UserCreate, principal: CurrentPrincipal, session: Session, response: Response
@@ -89,7 +105,26 @@ async def create_user(
     )
 
 
-@router.get("/{user_id}", response_model=User, summary="A user's profile", responses=ERRORS)
+@router.get(
+    "/{user_id}",
+    response_model=User,
+    summary="A user's profile",
+    responses={
+        **ERRORS,
+        200: {
+            "content": {
+                "application/json": {
+                    "example": {
+                        "user_id": "101902121794505144784",
+                        "username": "maria",
+                        "email": "maria@example.com",
+                        "created_at": "2026-11-26T10:34:02Z",
+                    }
+                }
+            }
+        },
+    },
+)
 async def get_user(user_id: UserId, principal: CurrentPrincipal, session: Session) -> User:
     """A user's profile (apps with `users:write`, admins, or the user's own token)."""
     if principal.kind == "user":
@@ -116,7 +151,16 @@ async def link_app(
     "/{user_id}/apps",
     summary="The apps a user is linked to",
     response_model=UserApps,
-    responses=ERRORS,
+    responses={
+        **ERRORS,
+        200: {
+            "content": {
+                "application/json": {
+                    "example": {"user_id": "101902121794505144784", "apps": ["penora"]}
+                }
+            }
+        },
+    },
 )
 async def list_apps(user_id: UserId, principal: CurrentPrincipal, session: Session) -> UserApps:
     """The apps a user is linked to (admins, or the user's own token)."""
