@@ -143,7 +143,9 @@ async def enhance_image(request: Request, body: EnhanceImage, identity: Caller) 
                             "prompt": "warm golden hour lighting",
                             "strength": 0.8,
                             "moodboardId": None,
-                            "resultUrl": "/v1/enhancement/tasks/ffa6a6b6-8be2-5527",
+                            "resultUrl": "/v1/enhancement/tasks/ffa6a6b6-8be2-5527-99b4"
+                            "-7c99c133c693/result?expires=1795682043"
+                            "&sig=2576aaac5a36a62b6473e879e65c6b36",
                             "errorMessage": None,
                             "provider": "local",
                             "degraded": True,

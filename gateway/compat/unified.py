@@ -267,7 +267,8 @@ def register(router: APIRouter) -> None:
                                     "amount": 0,
                                     "credits_change": 2,
                                     "description": "Image enhancement (lighting)",
-                                    "project_code": "enhancement:ffa6a6b6-8be2-5527-99b4-7c99",
+                                    "project_code": "enhancement:"
+                                    "ffa6a6b6-8be2-5527-99b4-7c99c133c693",
                                     "timestamp": "2026-11-26T10:34:02Z",
                                 },
                             ],
@@ -289,7 +290,8 @@ def register(router: APIRouter) -> None:
                                     "amount": 0,
                                     "credits_change": 2,
                                     "description": "Image enhancement (lighting)",
-                                    "project_code": "enhancement:ffa6a6b6-8be2-5527-99b4-7c99",
+                                    "project_code": "enhancement:"
+                                    "ffa6a6b6-8be2-5527-99b4-7c99c133c693",
                                     "timestamp": "2026-11-26T10:34:02Z",
                                 },
                             ],

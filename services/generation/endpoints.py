@@ -426,13 +426,14 @@ async def generate_text(
                         "status": "completed",
                         "model": "mistralai/Mistral-7B-Instruct-v0.3",
                         "served_model": "mistralai/Mistral-7B-Instruct-v0.3",
-                        "provider": "offline",
-                        "offline": True,
-                        "text": "past the old mill while a story slowly f",
-                        "words": 40,
-                        "cost": 0.4,
-                        "held": 0.4,
-                        "finish_reason": "length",
+                        "provider": "deepinfra",
+                        "offline": False,
+                        "text": "1. Salt & Crumb. 2. The Tide Loaf. 3. Harbour Rise."
+                        " 4. Gull's Knead. 5. Low Tide Bakehouse.",
+                        "words": 18,
+                        "cost": 0.18,
+                        "held": 1.2,
+                        "finish_reason": "stop",
                         "latency_ms": 9,
                         "project_code": None,
                         "save_error": None,
@@ -506,7 +507,38 @@ def _parse_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
     "/history",
     summary="A user's generations, newest first",
     response_model=HistoryPage,
-    responses=ERRORS,
+    responses={
+        **ERRORS,
+        200: {
+            "content": {
+                "application/json": {
+                    "example": {
+                        "items": [
+                            {
+                                "id": "f1515942-4cf7-4a06-8833-2db6b565fcc7",
+                                "kind": "tool:brainstorm",
+                                "app": "penora",
+                                "status": "completed",
+                                "model": "mistralai/Mistral-7B-Instruct-v0.3",
+                                "served_model": "mistralai/Mistral-7B-Instruct-v0.3",
+                                "provider": "deepinfra",
+                                "offline": False,
+                                "prompt": "Brainstorm 5 names for a seaside bakery.",
+                                "output": "1. Salt & Crumb. 2. The Tide Loaf. 3. Harbour Rise."
+                                " 4. Gull's Knead. 5. Low Tide Bakehouse.",
+                                "words": 18,
+                                "cost": 0.18,
+                                "latency_ms": 9,
+                                "project_code": "K7Q2ZD",
+                                "created_at": "2026-11-26T10:34:02Z",
+                            }
+                        ],
+                        "next_cursor": "MjAyNi0xMS0yNlQxMDozNDowMlo=",
+                    }
+                }
+            }
+        },
+    },
 )
 async def history(
     principal: CurrentPrincipal,
@@ -545,7 +577,33 @@ async def history(
     "/generations/{generation_id}",
     summary="One generation",
     response_model=HistoryItem,
-    responses=ERRORS,
+    responses={
+        **ERRORS,
+        200: {
+            "content": {
+                "application/json": {
+                    "example": {
+                        "id": "f1515942-4cf7-4a06-8833-2db6b565fcc7",
+                        "kind": "tool:brainstorm",
+                        "app": "penora",
+                        "status": "completed",
+                        "model": "mistralai/Mistral-7B-Instruct-v0.3",
+                        "served_model": "mistralai/Mistral-7B-Instruct-v0.3",
+                        "provider": "deepinfra",
+                        "offline": False,
+                        "prompt": "Brainstorm 5 names for a seaside bakery.",
+                        "output": "1. Salt & Crumb. 2. The Tide Loaf. 3. Harbour Rise."
+                        " 4. Gull's Knead. 5. Low Tide Bakehouse.",
+                        "words": 18,
+                        "cost": 0.18,
+                        "latency_ms": 9,
+                        "project_code": "K7Q2ZD",
+                        "created_at": "2026-11-26T10:34:02Z",
+                    }
+                }
+            }
+        },
+    },
 )
 async def get_generation(
     generation_id: str,

@@ -102,7 +102,7 @@ def _ku(outcome: Outcome) -> dict[str, Any]:
             "content": {
                 "application/json": {
                     "example": {
-                        "id": "chatcmpl-7220a240-d3fc-4c47-a375-6cab593",
+                        "id": "chatcmpl-7220a240-d3fc-4c47-a375-6cab593684f0",
                         "object": "chat.completion",
                         "created": 1795678442,
                         "model": "mistralai/Mistral-7B-Instruct-v0.3",
@@ -111,19 +111,19 @@ def _ku(outcome: Outcome) -> dict[str, Any]:
                                 "index": 0,
                                 "message": {
                                     "role": "assistant",
-                                    "content": "story slowly found its voice and every c",
+                                    "content": "Letters from the Tide",
                                 },
-                                "finish_reason": "length",
+                                "finish_reason": "stop",
                             }
                         ],
-                        "usage": {"prompt_tokens": 0, "completion_tokens": 20, "total_tokens": 20},
+                        "usage": {"prompt_tokens": 18, "completion_tokens": 6, "total_tokens": 24},
                         "ku": {
                             "generation_id": "7220a240-d3fc-4c47-a375-6cab593684f0",
-                            "words": 20,
-                            "cost": 0.2,
+                            "words": 4,
+                            "cost": 0.04,
                             "served_model": "mistralai/Mistral-7B-Instruct-v0.3",
-                            "provider": "offline",
-                            "offline": True,
+                            "provider": "deepinfra",
+                            "offline": False,
                         },
                     }
                 }

@@ -234,7 +234,55 @@ async def overview(
     "/users/{user_id}",
     summary="A user's lots, holds and debt (admin)",
     response_model=UserLedger,
-    responses=ERRORS,
+    responses={
+        **ERRORS,
+        200: {
+            "content": {
+                "application/json": {
+                    "example": {
+                        "user_id": "101902121794505144784",
+                        "balance": 65.75,
+                        "held": 0,
+                        "debt": 0,
+                        "lots": [
+                            {
+                                "id": 1,
+                                "source": "welcome",
+                                "amount": 50,
+                                "remaining": 40.75,
+                                "expires_at": "2027-11-26T07:34:00Z",
+                                "expired": False,
+                                "reference": "welcome",
+                                "created_at": "2026-11-26T10:34:00Z",
+                            },
+                            {
+                                "id": 2,
+                                "source": "promo",
+                                "amount": 25,
+                                "remaining": 25,
+                                "expires_at": "2027-01-31T00:00:00Z",
+                                "expired": False,
+                                "reference": "promo-launch-week",
+                                "created_at": "2026-11-26T10:35:00Z",
+                            },
+                        ],
+                        "holds": [
+                            {
+                                "id": "abaf570e-0a90-423d-a770-f8dccf40a887",
+                                "app": "penora",
+                                "amount": 12.5,
+                                "captured": 9.25,
+                                "status": "captured",
+                                "reference": "story-77",
+                                "expires_at": "2026-11-26T10:39:02Z",
+                                "created_at": "2026-11-26T10:34:02Z",
+                            }
+                        ],
+                    }
+                }
+            }
+        },
+    },
 )
 async def user_ledger(user_id: UserId, principal: CurrentPrincipal, session: Session) -> Any:
     """One user's wallet, every lot with its expiry, recent holds and debt (admin)."""

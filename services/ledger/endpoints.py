@@ -557,7 +557,35 @@ def _hold_op(body: HoldCreate, permit: Permit) -> tuple[dict[str, Any], str | No
     return op, natural
 
 
-@router.get("/holds/{hold_id}", summary="One hold", response_model=HoldOut, responses=ERRORS)
+@router.get(
+    "/holds/{hold_id}",
+    summary="One hold",
+    response_model=HoldOut,
+    responses={
+        **ERRORS,
+        200: {
+            "content": {
+                "application/json": {
+                    "example": {
+                        "id": "abaf570e-0a90-423d-a770-f8dccf40a887",
+                        "user_id": "101902121794505144784",
+                        "app": "penora",
+                        "owner": "app:penora",
+                        "amount": 12.5,
+                        "captured": 9.25,
+                        "clawed": 0,
+                        "status": "captured",
+                        "reference": "story-77",
+                        "description": "Story, 5 chapters",
+                        "expires_at": "2026-11-26T10:39:02Z",
+                        "created_at": "2026-11-26T10:34:02Z",
+                        "resolved_at": "2026-11-26T10:36:10Z",
+                    }
+                }
+            }
+        },
+    },
+)
 async def get_hold(
     hold_id: str, principal: CurrentPrincipal, request: Request, session: Session
 ) -> dict[str, Any]:

@@ -121,7 +121,41 @@ async def _may(operation: str, principal: Principal, billing: Billing, user_id: 
     "/catalog",
     summary="What can be bought: top-ups and subscriptions",
     response_model=Catalog,
-    responses=ERRORS,
+    responses={
+        **ERRORS,
+        200: {
+            "content": {
+                "application/json": {
+                    "example": {
+                        "items": [
+                            {
+                                "id": "lite_monthly",
+                                "kind": "plan",
+                                "name": "Lite (monthly)",
+                                "credits": 500,
+                                "price": 2000,
+                                "currency": "USD",
+                                "period": "month",
+                                "active": True,
+                                "updated_at": "2026-11-26T10:33:52Z",
+                            },
+                            {
+                                "id": "pro_monthly",
+                                "kind": "plan",
+                                "name": "Pro (monthly)",
+                                "credits": 1500,
+                                "price": 5000,
+                                "currency": "USD",
+                                "period": "month",
+                                "active": True,
+                                "updated_at": "2026-11-26T10:33:52Z",
+                            },
+                        ]
+                    }
+                }
+            }
+        },
+    },
 )
 async def get_catalog(
     principal: CurrentPrincipal,
