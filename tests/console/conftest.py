@@ -57,7 +57,14 @@ def frontend_origin() -> str:
 @contextmanager
 def serve_frontend(port: int = 0) -> Iterator[str]:
     """tests/console/frontend/ served on its own loopback origin (a plain static server)."""
-    handler = functools.partial(_QuietHandler, directory=str(FRONTEND))
+    with serve_directory(FRONTEND, port) as origin:
+        yield origin
+
+
+@contextmanager
+def serve_directory(directory: Path, port: int = 0) -> Iterator[str]:
+    """A directory's files over HTTP on a loopback port: a plain static server."""
+    handler = functools.partial(_QuietHandler, directory=str(directory))
     server = ThreadingHTTPServer(("127.0.0.1", port), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()

@@ -14,13 +14,10 @@ the event stream only that way (AUTH_ONLY, which says why).
 from __future__ import annotations
 
 import copy
-import functools
 import os
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
@@ -37,7 +34,7 @@ from schemathesis.specs.openapi.checks import ignored_auth, response_schema_conf
 
 from services.kit.runner import Suite
 from services.kit.testing.plugin import ku_cli
-from tests.console.conftest import razorpay_env, razorpay_in_a_thread
+from tests.console.conftest import razorpay_env, razorpay_in_a_thread, serve_directory
 from tests.gateway.helpers import make_signing_key, new_user_id
 from tests.ku_suite import wait_for_account
 from tests.ledger.billing.fake_razorpay import FakeRazorpay
@@ -86,21 +83,8 @@ def image_host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A PNG on a loopback HTTP server: the one image URL the enhancement operations get."""
     directory = tmp_path_factory.mktemp("images")
     Image.new("RGB", (48, 32), (200, 120, 40)).save(directory / "photo.png")
-    handler = functools.partial(_QuietHandler, directory=str(directory))
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
-
-
-class _QuietHandler(SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
+    with serve_directory(directory) as origin:
+        yield origin
 
 
 @pytest.fixture(scope="module")
