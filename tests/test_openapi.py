@@ -245,8 +245,8 @@ class TestTheDocument:
         public = {w for w, op in operations(document) if op.get("security") == []}
         assert {
             "POST /v1/auth/sso",
-                    "POST /v1/billing/webhooks/razorpay",
-                    "POST /api/cross-app/auth",
+            "POST /v1/billing/webhooks/razorpay",
+            "POST /api/cross-app/auth",
             "POST /api/background/process-tasks",
         } <= public
         assert "POST /v1/ledger/debits" not in public
