@@ -283,7 +283,28 @@ async def get_result(
     "/pools",
     summary="Provider credit pools (admin)",
     response_model=list[PoolOut],
-    responses=ERRORS,
+    responses={
+        **ERRORS,
+        200: {
+            "content": {
+                "application/json": {
+                    "example": [
+                        {
+                            "provider": "fal",
+                            "balance": 0,
+                            "level": 0,
+                            "consumed": 0,
+                            "cost_per_call": 39,
+                            "percent_left": 0.0,
+                            "low": True,
+                            "breaker": "closed",
+                            "active": False,
+                        }
+                    ]
+                }
+            }
+        },
+    },
 )
 async def list_pools(principal: CurrentPrincipal, enhancer: EnhancerDep) -> list[dict[str, Any]]:
     """The platform's credit pool per provider, with breaker state (admin)."""
@@ -295,7 +316,26 @@ async def list_pools(principal: CurrentPrincipal, enhancer: EnhancerDep) -> list
     "/pools/{provider}/refill",
     summary="Refill a provider's pool (admin)",
     response_model=PoolOut,
-    responses=ERRORS,
+    responses={
+        **ERRORS,
+        200: {
+            "content": {
+                "application/json": {
+                    "example": {
+                        "provider": "fal",
+                        "balance": 5000,
+                        "level": 5000,
+                        "consumed": 0,
+                        "cost_per_call": 39,
+                        "percent_left": 100.0,
+                        "low": False,
+                        "breaker": "closed",
+                        "active": True,
+                    }
+                }
+            }
+        },
+    },
 )
 async def refill_pool(
     provider: str, body: RefillIn, principal: CurrentPrincipal, enhancer: EnhancerDep
@@ -307,7 +347,65 @@ async def refill_pool(
     return view[provider]
 
 
-@router.get("/stats", summary="Pools, usage and the pool budget (admin)", responses=ERRORS)
+@router.get(
+    "/stats",
+    summary="Pools, usage and the pool budget (admin)",
+    responses={
+        **ERRORS,
+        200: {
+            "content": {
+                "application/json": {
+                    "example": {
+                        "pools": [
+                            {
+                                "provider": "fal",
+                                "balance": 5000,
+                                "level": 5000,
+                                "consumed": 0,
+                                "cost_per_call": 39,
+                                "percent_left": 100.0,
+                                "low": False,
+                                "breaker": "closed",
+                                "active": True,
+                            }
+                        ],
+                        "month": {
+                            "completed": 0,
+                            "failed": 0,
+                            "degraded": 0,
+                            "submitted": 0,
+                            "charged_milli": 0,
+                            "provider_cost_milli": 0,
+                        },
+                        "today": {
+                            "completed": 0,
+                            "failed": 0,
+                            "degraded": 0,
+                            "submitted": 0,
+                            "charged_milli": 0,
+                            "provider_cost_milli": 0,
+                        },
+                        "budget": {
+                            "month": "2026-11",
+                            "pool_budget_percent": 80,
+                            "source": "billing",
+                            "available": True,
+                            "revenue": [
+                                {
+                                    "currency": "USD",
+                                    "payments": 2,
+                                    "revenue_minor": 400,
+                                    "pool_budget_minor": 320,
+                                }
+                            ],
+                        },
+                        "alerts": [],
+                    }
+                }
+            }
+        },
+    },
+)
 async def credit_stats(principal: CurrentPrincipal, enhancer: EnhancerDep) -> dict[str, Any]:
     """Pools, this month's and today's usage, the pool budget rule, recent alerts (admin)."""
     principal.require_scope("admin")

@@ -333,7 +333,27 @@ async def get_ledger(request: Request) -> Ledger:
     summary="Claw back a lot's credits (admin)",
     status_code=201,
     response_model=Clawback,
-    responses=ERRORS,
+    responses={
+        **ERRORS,
+        201: {
+            "content": {
+                "application/json": {
+                    "example": {
+                        "transaction_id": 4,
+                        "user_id": "101902121794505144784",
+                        "source": "purchase",
+                        "amount": 10,
+                        "taken": 10,
+                        "debt_added": 0,
+                        "debt": 0,
+                        "available": 75,
+                        "held": 0,
+                        "created_at": "2026-11-26T10:45:13Z",
+                    }
+                }
+            }
+        },
+    },
 )
 async def create_clawback(
     body: ClawbackCreate,

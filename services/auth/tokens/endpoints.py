@@ -50,7 +50,29 @@ Tokens = Annotated[TokenService, Depends(get_tokens)]
     "/sso",
     summary="Exchange the main site's SSO token for Ku tokens",
     response_model=TokenPair,
-    responses=ERRORS,
+    responses={
+        **ERRORS,
+        200: {
+            "content": {
+                "application/json": {
+                    "example": {
+                        "access_token": "eyJhbGciOiJSUzI1NiIsImtpZCI6ImdhdGV3YXkt...",
+                        "token_type": "Bearer",
+                        "expires_in": 900,
+                        "scope": "ledger:read workspace:read workspace:write generate enhance",
+                        "refresh_token": "euVMqdH35DjuUQ4SFjOtyh_41olm76aya9U7OOQP...",
+                        "refresh_expires_in": 2592000,
+                        "user": {
+                            "user_id": "101902121794505144784",
+                            "username": "maria",
+                            "email": "101902121794505144784@example.com",
+                            "created_at": "2026-11-26T10:45:11Z",
+                        },
+                    }
+                }
+            }
+        },
+    },
 )
 async def sso_exchange(body: SsoExchange, tokens: Tokens, session: Session) -> TokenPair:
     """Exchange the main site's SSO JWT for a Ku access token and refresh token."""
@@ -90,7 +112,7 @@ async def logout(body: RefreshIn, tokens: Tokens, session: Session) -> Response:
                             {
                                 "alg": "RS256",
                                 "kty": "RSA",
-                                "n": "tGsYOBe8rROhJTXYsLvygbUuST4fXxcflOjpA6qF...",  # abbreviated
+                                "n": "tGsYOBe8rROhJTXYsLvygbUuST4fXxcflOjpA6qF...",
                                 "e": "AQAB",
                                 "kid": "gateway-test-kid",
                                 "use": "sig",

@@ -197,7 +197,27 @@ async def put_catalog_item(
     summary="Start buying a top-up (a Razorpay order)",
     status_code=201,
     response_model=Order,
-    responses=ERRORS,
+    responses={
+        **ERRORS,
+        201: {
+            "content": {
+                "application/json": {
+                    "example": {
+                        "order_id": "kuord_4296f649961445439eb369f740402bec",
+                        "razorpay_order_id": "order_dcdroPFOzfnu08",
+                        "user_id": "101902121794505144784",
+                        "item": "topup_25",
+                        "credits": 25,
+                        "amount": 300,
+                        "currency": "USD",
+                        "key_id": "rzp_test_10f228c57614",
+                        "status": "created",
+                        "created_at": "2026-11-26T10:45:13Z",
+                    }
+                }
+            }
+        },
+    },
 )
 async def create_order(
     body: OrderCreate, principal: CurrentPrincipal, billing: BillingDep
@@ -269,7 +289,28 @@ async def verify_payment(
     summary="Start a subscription (at Razorpay)",
     status_code=201,
     response_model=Subscription,
-    responses=ERRORS,
+    responses={
+        **ERRORS,
+        201: {
+            "content": {
+                "application/json": {
+                    "example": {
+                        "subscription_id": "kusub_798b761d26b74859a821decc2a809346",
+                        "razorpay_subscription_id": "sub_YufQY2fEUtGKFv",
+                        "user_id": "101902121794505144784",
+                        "item": "pro_monthly",
+                        "credits": 1500,
+                        "amount": 5000,
+                        "currency": "USD",
+                        "period": "month",
+                        "key_id": "rzp_test_10f228c57614",
+                        "status": "created",
+                        "created_at": "2026-11-26T10:45:13Z",
+                    }
+                }
+            }
+        },
+    },
 )
 async def create_subscription(
     body: SubscriptionCreate, principal: CurrentPrincipal, billing: BillingDep
@@ -297,6 +338,17 @@ async def create_subscription(
     summary="Razorpay's webhook",
     response_model=WebhookAck,
     responses={
+        200: {
+            "content": {
+                "application/json": {
+                    "example": {
+                        "status": "processed",
+                        "event": "payment.captured",
+                        "outcome": "granted",
+                    }
+                }
+            }
+        },
         202: {"description": "A refund whose payment is not known yet: kept and retried"},
         **error_responses(
             {
