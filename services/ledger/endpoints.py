@@ -986,7 +986,24 @@ async def list_transactions(
 
 
 @router.get(
-    "/usage", summary="Credits spent per app and day", response_model=Usage, responses=ERRORS
+    "/usage",
+    summary="Credits spent per app and day",
+    response_model=Usage,
+    responses={
+        **ERRORS,
+        200: {
+            "content": {
+                "application/json": {
+                    "example": {
+                        "user_id": "101902121794505144784",
+                        "group_by": ["app"],
+                        "rows": [{"app": "penora", "day": None, "spent": 9.25, "charges": 1}],
+                        "total_spent": 9.25,
+                    }
+                }
+            }
+        },
+    },
 )
 async def get_usage(
     user_id: UserId,

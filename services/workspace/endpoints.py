@@ -244,7 +244,30 @@ async def get_project(
 
 
 @router.patch(
-    "/projects/{code}", summary="Change a project", response_model=ProjectSummary, responses=ERRORS
+    "/projects/{code}",
+    summary="Change a project",
+    response_model=ProjectSummary,
+    responses={
+        **ERRORS,
+        200: {
+            "content": {
+                "application/json": {
+                    "example": {
+                        "code": "JEC99W",
+                        "user_id": "101902121794505144784",
+                        "app_source": "penora",
+                        "project_type": "story",
+                        "title": "The Lighthouse Keeper (draft 2)",
+                        "content_type": "text/markdown",
+                        "size_bytes": 99,
+                        "metadata": {"words": 12},
+                        "created_at": "2026-11-26T10:34:02Z",
+                        "updated_at": "2026-11-26T10:34:02Z",
+                    }
+                }
+            }
+        },
+    },
 )
 async def update_project(
     code: Code,
@@ -258,7 +281,32 @@ async def update_project(
 
 
 @router.delete(
-    "/projects/{code}", summary="Delete a project", response_model=Deleted, responses=ERRORS
+    "/projects/{code}",
+    summary="Delete a project",
+    response_model=Deleted,
+    responses={
+        **ERRORS,
+        200: {
+            "content": {
+                "application/json": {
+                    "example": {
+                        "code": "XFXESC",
+                        "deleted": True,
+                        "size_bytes": 18,
+                        "storage": {
+                            "user_id": "101902121794505144784",
+                            "used_bytes": 99,
+                            "limit_bytes": 1048576,
+                            "available_bytes": 1048477,
+                            "percent": 0.01,
+                            "project_count": 1,
+                            "by_app": [{"app_source": "penora", "bytes": 99, "count": 1}],
+                        },
+                    }
+                }
+            }
+        },
+    },
 )
 async def delete_project(
     code: Code, caller: Writer, workspace: WorkspaceDep, user_id: OwnerParam = None

@@ -86,7 +86,25 @@ def _created(row: ApiKey, key: str) -> KeyCreated:
 
 
 @apps_router.post(
-    "", summary="Register an app (admin)", status_code=201, response_model=App, responses=ERRORS
+    "",
+    summary="Register an app (admin)",
+    status_code=201,
+    response_model=App,
+    responses={
+        **ERRORS,
+        201: {
+            "content": {
+                "application/json": {
+                    "example": {
+                        "name": "storyboard",
+                        "description": "Storyboards from scripts",
+                        "created_at": "2026-11-26T10:34:02Z",
+                        "active_keys": 0,
+                    }
+                }
+            }
+        },
+    },
 )
 async def create_app(body: AppCreate, principal: CurrentPrincipal, session: Session) -> App:
     """Register an app (penora, imagegene, a partner) that will hold API keys."""

@@ -80,7 +80,32 @@ async def sso_exchange(body: SsoExchange, tokens: Tokens, session: Session) -> T
 
 
 @router.post(
-    "/refresh", summary="Refresh an access token", response_model=TokenPair, responses=ERRORS
+    "/refresh",
+    summary="Refresh an access token",
+    response_model=TokenPair,
+    responses={
+        **ERRORS,
+        200: {
+            "content": {
+                "application/json": {
+                    "example": {
+                        "access_token": "eyJhbGciOiJSUzI1NiIsImtpZCI6ImdhdGV3YXkt...",
+                        "token_type": "Bearer",
+                        "expires_in": 900,
+                        "scope": "ledger:read workspace:read workspace:write generate enhance",
+                        "refresh_token": "wtFyDAGzbunV5IFdVcUoOBkY1n4ZnwuAYSXuU46s...",
+                        "refresh_expires_in": 2592000,
+                        "user": {
+                            "user_id": "101902121794505144784",
+                            "username": "maria",
+                            "email": "101902121794505144784@example.com",
+                            "created_at": "2026-11-26T10:45:11Z",
+                        },
+                    }
+                }
+            }
+        },
+    },
 )
 async def refresh(body: RefreshIn, tokens: Tokens, session: Session) -> Any:
     """Trade a refresh token for a new pair; the old refresh token stops working."""

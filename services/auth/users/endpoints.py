@@ -135,7 +135,19 @@ async def get_user(user_id: UserId, principal: CurrentPrincipal, session: Sessio
 
 
 @router.post(
-    "/{user_id}/apps", summary="Link a user to an app", response_model=UserApps, responses=ERRORS
+    "/{user_id}/apps",
+    summary="Link a user to an app",
+    response_model=UserApps,
+    responses={
+        **ERRORS,
+        200: {
+            "content": {
+                "application/json": {
+                    "example": {"user_id": "101902121794505144784", "apps": ["penora"]}
+                }
+            }
+        },
+    },
 )
 async def link_app(
     user_id: UserId, body: AppLinkIn, principal: CurrentPrincipal, session: Session

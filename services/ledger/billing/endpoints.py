@@ -403,7 +403,13 @@ async def list_payments(
 
 
 @router.get(
-    "/revenue", summary="A month's revenue by currency", response_model=Revenue, responses=ERRORS
+    "/revenue",
+    summary="A month's revenue by currency",
+    response_model=Revenue,
+    responses={
+        **ERRORS,
+        200: {"content": {"application/json": {"example": {"month": "2026-11", "items": []}}}},
+    },
 )
 async def get_revenue(
     principal: CurrentPrincipal,
