@@ -20,8 +20,8 @@ test: install  ## the full test suite against real Postgres and Redis
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 lint: install
-	$(BIN)/ruff check services gateway tests bench
-	$(BIN)/ruff format --check services gateway tests bench
+	$(BIN)/ruff check services gateway tests bench client
+	$(BIN)/ruff format --check services gateway tests bench client
 	$(BIN)/mypy
 
 bench: install
@@ -31,4 +31,4 @@ bench: install
 	$(BIN)/python bench/enhancement.py
 
 lock:  ## re-resolve requirements.lock from pyproject.toml
-	$(BIN)/pip install -q uv && $(BIN)/uv pip compile pyproject.toml --extra dev -o requirements.lock --python-version 3.11
+	$(BIN)/pip install -q uv && $(BIN)/uv pip compile pyproject.toml --extra dev --extra embedded -o requirements.lock --python-version 3.11

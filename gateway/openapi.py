@@ -212,10 +212,14 @@ def add_docs_routes(app: FastAPI, openapi_url: str = "/openapi.json") -> None:
 
     @app.get("/redoc", include_in_schema=False)
     async def redoc() -> HTMLResponse:
-        return get_redoc_html(
+        page = get_redoc_html(
             openapi_url=openapi_url,
             title="Ku API",
             redoc_js_url=f"{REDOC}/redoc.standalone.js",
             redoc_favicon_url=f"{SWAGGER}/favicon-32x32.png",
             with_google_fonts=False,
         )
+        # ReDoc's sidebar always asks cdn.redoc.ly for its logo; images only from here
+        # (the logo is then hidden, by ReDoc's own error handler).
+        page.headers["content-security-policy"] = "img-src 'self' data:"
+        return page

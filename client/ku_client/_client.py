@@ -23,7 +23,20 @@ from ku_client._core import (
     should_retry,
 )
 from ku_client._exceptions import ConnectionFailed
-from ku_client._models import Balance, Charge, Event, Hold, HoldResult, Page, Project, Transaction
+from ku_client._models import (
+    Balance,
+    Charge,
+    EnhancementTask,
+    Estimate,
+    Event,
+    Generation,
+    Hold,
+    HoldResult,
+    Model,
+    Page,
+    Project,
+    Transaction,
+)
 from ku_client._sse import EventParser
 
 R = TypeVar("R")
@@ -151,6 +164,26 @@ class KuClient:
 
     def project(self, code: str, *, user_id: str | None = None) -> Project:
         return self._run(_ops.project(code, user_id=user_id))
+
+    # generation
+    def models(self) -> list[Model]:
+        return self._run(_ops.models())
+
+    def estimate(self, max_words: int | None = None, **options: Any) -> Estimate:
+        return self._run(_ops.estimate(max_words, **options))
+
+    def generate_text(self, prompt: str, **options: Any) -> Generation:
+        """Generate from one prompt (not streamed). Never retried: see `_ops`."""
+        return self._run(_ops.generate_text(prompt, **options))
+
+    # enhancement
+    def enhance(self, enhancement_type: str, **options: Any) -> EnhancementTask:
+        """Submit an image (`image_url` or a workspace `project_code`); its price is held
+        now. Poll `enhancement_task` until `.done`."""
+        return self._run(_ops.enhance(enhancement_type, **options))
+
+    def enhancement_task(self, task_id: str) -> EnhancementTask:
+        return self._run(_ops.enhancement_task(task_id))
 
     # events
     def events(
@@ -290,6 +323,24 @@ class AsyncKuClient:
 
     async def project(self, code: str, *, user_id: str | None = None) -> Project:
         return await self._run(_ops.project(code, user_id=user_id))
+
+    async def models(self) -> list[Model]:
+        return await self._run(_ops.models())
+
+    async def estimate(self, max_words: int | None = None, **options: Any) -> Estimate:
+        return await self._run(_ops.estimate(max_words, **options))
+
+    async def generate_text(self, prompt: str, **options: Any) -> Generation:
+        """Generate from one prompt (not streamed). Never retried: see `_ops`."""
+        return await self._run(_ops.generate_text(prompt, **options))
+
+    async def enhance(self, enhancement_type: str, **options: Any) -> EnhancementTask:
+        """Submit an image (`image_url` or a workspace `project_code`); its price is held
+        now. Poll `enhancement_task` until `.done`."""
+        return await self._run(_ops.enhance(enhancement_type, **options))
+
+    async def enhancement_task(self, task_id: str) -> EnhancementTask:
+        return await self._run(_ops.enhancement_task(task_id))
 
     async def events(
         self, user_id: str | None = None, *, last_event_id: str | None = None

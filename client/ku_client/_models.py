@@ -214,3 +214,143 @@ class Event:
     id: str | None
     event: str
     data: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Model:
+    """A model of the generation catalog, with its price."""
+
+    id: str
+    name: str
+    provider: str
+    price_per_100_words_milli: int
+    max_words: int
+    fallback: list[str]
+    offline: bool
+    raw: dict[str, Any] = field(repr=False)
+
+    @classmethod
+    def parse(cls, d: dict[str, Any]) -> Model:
+        return cls(
+            id=d["id"],
+            name=d["name"],
+            provider=d["owned_by"],
+            price_per_100_words_milli=_milli(d, "price_per_100_words"),
+            max_words=int(d["max_words"]),
+            fallback=list(d.get("fallback") or []),
+            offline=bool(d.get("offline")),
+            raw=d,
+        )
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """The most a generation can cost: `cost_milli` at the model's price, `max_cost_milli`
+    what is held (the dearest model of its fallback chain)."""
+
+    model: str
+    max_words: int
+    cost_milli: int
+    max_cost_milli: int
+    words_rule: str
+    raw: dict[str, Any] = field(repr=False)
+
+    @classmethod
+    def parse(cls, d: dict[str, Any]) -> Estimate:
+        return cls(
+            model=d["model"],
+            max_words=int(d["max_words"]),
+            cost_milli=_milli(d, "cost"),
+            max_cost_milli=_milli(d, "max_cost"),
+            words_rule=d.get("words_rule", ""),
+            raw=d,
+        )
+
+
+@dataclass(frozen=True)
+class Generation:
+    """A finished generation: the text, its words and what it cost."""
+
+    id: str
+    status: str
+    model: str
+    served_model: str
+    provider: str | None
+    offline: bool
+    text: str
+    words: int
+    cost_milli: int
+    held_milli: int
+    finish_reason: str
+    project_code: str | None
+    raw: dict[str, Any] = field(repr=False)
+
+    @classmethod
+    def parse(cls, d: dict[str, Any]) -> Generation:
+        return cls(
+            id=d["id"],
+            status=d["status"],
+            model=d["model"],
+            served_model=d["served_model"],
+            provider=d.get("provider"),
+            offline=bool(d.get("offline")),
+            text=d["text"],
+            words=int(d["words"]),
+            cost_milli=_milli(d, "cost"),
+            held_milli=_milli(d, "held"),
+            finish_reason=d["finish_reason"],
+            project_code=d.get("project_code"),
+            raw=d,
+        )
+
+
+@dataclass(frozen=True)
+class EnhancementTask:
+    """An image enhancement task: `status` pending, processing, completed or failed."""
+
+    id: str
+    user_id: str
+    app: str
+    status: str
+    progress: int
+    enhancement_type: str
+    price_milli: int
+    charged_milli: int
+    settled: bool
+    provider: str | None
+    degraded: bool
+    result_url: str | None
+    project_code: str | None
+    error_code: str | None
+    created_at: datetime | None
+    completed_at: datetime | None
+    replayed: bool
+    raw: dict[str, Any] = field(repr=False)
+
+    @property
+    def done(self) -> bool:
+        return self.status in ("completed", "failed")
+
+    @classmethod
+    def parse(cls, d: dict[str, Any], replayed: bool = False) -> EnhancementTask:
+        error = d.get("error") or {}
+        return cls(
+            id=d["id"],
+            user_id=d["user_id"],
+            app=d["app"],
+            status=d["status"],
+            progress=int(d.get("progress") or 0),
+            enhancement_type=d["enhancement_type"],
+            price_milli=_milli(d, "price"),
+            charged_milli=_milli(d, "charged"),
+            settled=bool(d.get("settled")),
+            provider=d.get("provider"),
+            degraded=bool(d.get("degraded")),
+            result_url=d.get("result_url"),
+            project_code=d.get("project_code"),
+            error_code=error.get("code"),
+            created_at=_time(d.get("created_at")),
+            completed_at=_time(d.get("completed_at")),
+            replayed=replayed,
+            raw=d,
+        )

@@ -15,8 +15,12 @@ from ku_client._core import Call, decode, idempotent_post, replayed
 from ku_client._models import (
     Balance,
     Charge,
+    EnhancementTask,
+    Estimate,
+    Generation,
     Hold,
     HoldResult,
+    Model,
     Page,
     Project,
     Transaction,
@@ -220,3 +224,86 @@ def projects(
 def project(code: str, *, user_id: str | None = None) -> Op[Project]:
     call = Call("GET", f"/v1/workspace/projects/{code}", params={"user_id": user_id})
     return Op(call, lambda r: Project.parse(decode(r)))
+
+
+# generation
+
+
+def models() -> Op[list[Model]]:
+    call = Call("GET", "/v1/generation/models")
+    return Op(call, lambda r: [Model.parse(m) for m in decode(r)["data"]])
+
+
+def estimate(
+    max_words: int | None = None, *, model: str | None = None, chapters: int | None = None
+) -> Op[Estimate]:
+    # Prices a generation; nothing is held or run, so it is safe to repeat.
+    body = {"model": model, "max_words": max_words, "chapters": chapters}
+    call = Call(
+        "POST", "/v1/generation/estimate", body={k: v for k, v in body.items() if v is not None}
+    )
+    return Op(call, lambda r: Estimate.parse(decode(r)))
+
+
+def generate_text(
+    prompt: str,
+    *,
+    user_id: str | None = None,
+    model: str | None = None,
+    system: str | None = None,
+    max_words: int | None = None,
+    temperature: float | None = None,
+    save: bool | None = None,
+    title: str | None = None,
+) -> Op[Generation]:
+    body = {
+        "prompt": prompt,
+        "user_id": user_id,
+        "model": model,
+        "system": system,
+        "max_words": max_words,
+        "temperature": temperature,
+        "save": save,
+        "title": title,
+    }
+    # Never retried: the service does not de-duplicate a generation, so a repeat after a
+    # lost answer would run (and charge) it again.
+    call = Call(
+        "POST",
+        "/v1/generation/text",
+        body={k: v for k, v in body.items() if v is not None},
+        retryable=False,
+    )
+    return Op(call, lambda r: Generation.parse(decode(r)))
+
+
+# enhancement
+
+
+def enhance(
+    enhancement_type: str,
+    *,
+    user_id: str | None = None,
+    image_url: str | None = None,
+    project_code: str | None = None,
+    prompt: str | None = None,
+    strength: float | None = None,
+    save_to_workspace: bool | None = None,
+    idempotency_key: str | None = None,
+) -> Op[EnhancementTask]:
+    body = {
+        "enhancement_type": enhancement_type,
+        "user_id": user_id,
+        "image_url": image_url,
+        "project_code": project_code,
+        "prompt": prompt,
+        "strength": strength,
+        "save_to_workspace": save_to_workspace,
+    }
+    call = idempotent_post("/v1/enhancement/tasks", body, idempotency_key)
+    return Op(call, lambda r: EnhancementTask.parse(decode(r), replayed(r)))
+
+
+def enhancement_task(task_id: str) -> Op[EnhancementTask]:
+    call = Call("GET", f"/v1/enhancement/tasks/{task_id}")
+    return Op(call, lambda r: EnhancementTask.parse(decode(r)))

@@ -41,7 +41,11 @@ def register(router: APIRouter) -> None:
         route_class=router.route_class, tags=["compatibility"], responses=router.responses
     )
 
-    @legacy.post("/api/cross-app/auth", openapi_extra={"security": []})
+    @legacy.post(
+        "/api/cross-app/auth",
+        summary="Sign in across apps with an SSO token (old clients)",
+        openapi_extra={"security": []},
+    )
     async def cross_app_auth(request: Request, body: CrossAppAuth) -> dict[str, Any]:
         """Exchange the main site's SSO token for a Ku session (older clients' route)."""
         gateway = request.app.state.gateway

@@ -97,7 +97,9 @@ def _task(t: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-@router.post("/enhance-image", status_code=202)
+@router.post(
+    "/enhance-image", summary="Submit an image for enhancement (old clients)", status_code=202
+)
 async def enhance_image(request: Request, body: EnhanceImage, identity: Caller) -> dict[str, Any]:
     """Submit an enhancement task (seed 004): answers with its `taskId` at once."""
     native: dict[str, Any] = {
@@ -124,7 +126,39 @@ async def enhance_image(request: Request, body: EnhanceImage, identity: Caller) 
     return {"success": True, "taskId": task["id"], "status": task["status"], "task": _task(task)}
 
 
-@router.get("/enhance-image")
+@router.get(
+    "/enhance-image",
+    summary="An enhancement task's status, or recent tasks (old clients)",
+    responses={
+        200: {
+            "content": {
+                "application/json": {
+                    "example": {
+                        "success": True,
+                        "task": {
+                            "id": "ffa6a6b6-8be2-5527-99b4-7c99c133c693",
+                            "status": "completed",
+                            "progress": 100,
+                            "enhancementType": "lighting",
+                            "prompt": "warm golden hour lighting",
+                            "strength": 0.8,
+                            "moodboardId": None,
+                            "resultUrl": "/v1/enhancement/tasks/ffa6a6b6-8be2-5527-99b4"
+                            "-7c99c133c693/result?expires=1795682043"
+                            "&sig=2576aaac5a36a62b6473e879e65c6b36",
+                            "errorMessage": None,
+                            "provider": "local",
+                            "degraded": True,
+                            "creditsUsed": 0,
+                            "createdAt": "2026-11-26T10:34:02Z",
+                            "completedAt": "2026-11-26T10:34:02Z",
+                        },
+                    }
+                }
+            }
+        }
+    },
+)
 async def enhancement_status(
     request: Request,
     identity: Caller,
@@ -148,7 +182,7 @@ async def enhancement_status(
     return {"success": True, "tasks": [_task(t) for t in page["items"]]}
 
 
-@router.get("/admin/credit-stats")
+@router.get("/admin/credit-stats", summary="Platform credit pools and usage (admin, old clients)")
 async def credit_stats(request: Request, identity: Caller) -> dict[str, Any]:
     """Platform credit pools, usage, the pool budget rule and recent alerts (admin)."""
     stats = await _upstreams(request).json(
@@ -164,7 +198,7 @@ async def credit_stats(request: Request, identity: Caller) -> dict[str, Any]:
     }
 
 
-@router.post("/admin/refill-credits")
+@router.post("/admin/refill-credits", summary="Refill a provider's pool (admin, old clients)")
 async def refill_credits(request: Request, body: RefillCredits, identity: Caller) -> dict[str, Any]:
     """Add pre-bought credits to a provider's pool (admin)."""
     provider = PROVIDER_ALIASES.get(body.provider.lower(), body.provider.lower())
@@ -188,7 +222,11 @@ async def refill_credits(request: Request, body: RefillCredits, identity: Caller
 
 
 # Public to the gateway: the background job token (a Bearer header) is the credential.
-@router.post("/background/process-tasks", openapi_extra={"security": []})
+@router.post(
+    "/background/process-tasks",
+    summary="Run pending enhancement tasks (job token, old clients)",
+    openapi_extra={"security": []},
+)
 async def process_tasks(
     request: Request,
     response: Response,

@@ -124,7 +124,34 @@ async def _workspace_storage(
 
 
 def register(router: APIRouter) -> None:
-    @router.get("/user-info")
+    @router.get(
+        "/user-info",
+        summary="A user's credits and storage (old clients)",
+        responses={
+            200: {
+                "content": {
+                    "application/json": {
+                        "example": {
+                            "success": True,
+                            "user_id": "101902121794505144784",
+                            "credits": 38.55,
+                            "held_credits": 0,
+                            "storage": {
+                                "used_mb": 0.0,
+                                "remaining_mb": 5.0,
+                                "available_mb": 5.0,
+                                "total_mb": 5.0,
+                                "limit_mb": 5.0,
+                                "usage_percentage": 0.0,
+                                "total_projects": 2,
+                            },
+                            "timestamp": "2026-11-26T10:34:03Z",
+                        }
+                    }
+                }
+            }
+        },
+    )
     async def user_info(
         request: Request, identity: Caller, user_id: Annotated[CompatUserId, Query()]
     ) -> dict[str, Any]:
@@ -150,7 +177,26 @@ def register(router: APIRouter) -> None:
             "timestamp": _now(),
         }
 
-    @router.post("/deduct-credits")
+    @router.post(
+        "/deduct-credits",
+        summary="Spend a user's credits once (old clients)",
+        responses={
+            200: {
+                "content": {
+                    "application/json": {
+                        "example": {
+                            "success": True,
+                            "credits_deducted": 2,
+                            "new_balance": 36.55,
+                            "app_name": "penora",
+                            "transaction_id": 17,
+                            "timestamp": "2026-11-26T10:34:03Z",
+                        }
+                    }
+                }
+            }
+        },
+    )
     async def deduct_credits(
         request: Request, response: Response, body: DeductCredits, identity: MoneyCaller
     ) -> dict[str, Any]:
@@ -194,7 +240,69 @@ def register(router: APIRouter) -> None:
             "timestamp": _now(),
         }
 
-    @router.get("/transactions")
+    @router.get(
+        "/transactions",
+        summary="A user's recent transactions (old clients)",
+        responses={
+            200: {
+                "content": {
+                    "application/json": {
+                        "example": {
+                            "success": True,
+                            "all_transactions": [
+                                {
+                                    "id": 17,
+                                    "type": "debit",
+                                    "app_name": "penora",
+                                    "amount": 2,
+                                    "credits_change": -2,
+                                    "description": "Story chapter",
+                                    "project_code": "PN1234",
+                                    "timestamp": "2026-11-26T10:34:03Z",
+                                },
+                                {
+                                    "id": 16,
+                                    "type": "release",
+                                    "app_name": "penora",
+                                    "amount": 0,
+                                    "credits_change": 2,
+                                    "description": "Image enhancement (lighting)",
+                                    "project_code": "enhancement:"
+                                    "ffa6a6b6-8be2-5527-99b4-7c99c133c693",
+                                    "timestamp": "2026-11-26T10:34:02Z",
+                                },
+                            ],
+                            "penora_transactions": [
+                                {
+                                    "id": 17,
+                                    "type": "debit",
+                                    "app_name": "penora",
+                                    "amount": 2,
+                                    "credits_change": -2,
+                                    "description": "Story chapter",
+                                    "project_code": "PN1234",
+                                    "timestamp": "2026-11-26T10:34:03Z",
+                                },
+                                {
+                                    "id": 16,
+                                    "type": "release",
+                                    "app_name": "penora",
+                                    "amount": 0,
+                                    "credits_change": 2,
+                                    "description": "Image enhancement (lighting)",
+                                    "project_code": "enhancement:"
+                                    "ffa6a6b6-8be2-5527-99b4-7c99c133c693",
+                                    "timestamp": "2026-11-26T10:34:02Z",
+                                },
+                            ],
+                            "imagegene_transactions": [],
+                            "total_count": 2,
+                        }
+                    }
+                }
+            }
+        },
+    )
     async def transactions(
         request: Request,
         identity: Caller,
@@ -217,7 +325,7 @@ def register(router: APIRouter) -> None:
         out["total_count"] = len(items)
         return out
 
-    @router.post("/create-user")
+    @router.post("/create-user", summary="Create a user with the welcome credits (old clients)")
     async def create_user(
         request: Request, response: Response, body: CreateUser, identity: MoneyCaller
     ) -> dict[str, Any]:
@@ -278,7 +386,25 @@ def register(router: APIRouter) -> None:
             "timestamp": _now(),
         }
 
-    @router.get("/health", openapi_extra={"security": []})
+    @router.get(
+        "/health",
+        summary="The compatibility API answers",
+        responses={
+            200: {
+                "content": {
+                    "application/json": {
+                        "example": {
+                            "success": True,
+                            "status": "healthy",
+                            "service": "ku",
+                            "timestamp": "2026-11-26T10:34:03Z",
+                        }
+                    }
+                }
+            }
+        },
+        openapi_extra={"security": []},
+    )
     async def health() -> dict[str, Any]:
         """The compatibility API answers."""
         return {"success": True, "status": "healthy", "service": "ku", "timestamp": _now()}

@@ -177,7 +177,7 @@ async def _project_list(
 
 
 def register(router: APIRouter) -> None:
-    @router.post("/save-project")
+    @router.post("/save-project", summary="Save a project to the shared workspace (old clients)")
     async def save_project(request: Request, body: SaveProject, identity: Caller) -> Any:
         """Save a project (text, base64 image or data: URL) to the user's shared workspace."""
         identity.principal.acts_for(body.user_id)
@@ -222,7 +222,90 @@ def register(router: APIRouter) -> None:
             "created_at": project["created_at"],
         }
 
-    @router.get("/projects")
+    @router.get(
+        "/projects",
+        summary="A user's projects from every app (old clients)",
+        responses={
+            200: {
+                "content": {
+                    "application/json": {
+                        "example": {
+                            "success": True,
+                            "all_projects": [
+                                {
+                                    "code": "ZYQ3CT",
+                                    "project_code": "ZYQ3CT",
+                                    "title": "Harbour at dusk",
+                                    "app_source": "penora",
+                                    "project_type": "image",
+                                    "content_type": "image/png",
+                                    "size_bytes": 155,
+                                    "size_mb": 0.0001,
+                                    "metadata": {},
+                                    "created_at": "2026-11-26T10:34:02Z",
+                                    "updated_at": "2026-11-26T10:34:02Z",
+                                },
+                                {
+                                    "code": "JEC99W",
+                                    "project_code": "JEC99W",
+                                    "title": "The Lighthouse Keeper (draft 2)",
+                                    "app_source": "penora",
+                                    "project_type": "story",
+                                    "content_type": "text/markdown",
+                                    "size_bytes": 99,
+                                    "size_mb": 0.0001,
+                                    "metadata": {"words": 12},
+                                    "created_at": "2026-11-26T10:34:02Z",
+                                    "updated_at": "2026-11-26T10:34:02Z",
+                                },
+                            ],
+                            "penora_projects": [
+                                {
+                                    "code": "ZYQ3CT",
+                                    "project_code": "ZYQ3CT",
+                                    "title": "Harbour at dusk",
+                                    "app_source": "penora",
+                                    "project_type": "image",
+                                    "content_type": "image/png",
+                                    "size_bytes": 155,
+                                    "size_mb": 0.0001,
+                                    "metadata": {},
+                                    "created_at": "2026-11-26T10:34:02Z",
+                                    "updated_at": "2026-11-26T10:34:02Z",
+                                },
+                                {
+                                    "code": "JEC99W",
+                                    "project_code": "JEC99W",
+                                    "title": "The Lighthouse Keeper (draft 2)",
+                                    "app_source": "penora",
+                                    "project_type": "story",
+                                    "content_type": "text/markdown",
+                                    "size_bytes": 99,
+                                    "size_mb": 0.0001,
+                                    "metadata": {"words": 12},
+                                    "created_at": "2026-11-26T10:34:02Z",
+                                    "updated_at": "2026-11-26T10:34:02Z",
+                                },
+                            ],
+                            "imagegene_projects": [],
+                            "total_count": 2,
+                            "penora_count": 2,
+                            "imagegene_count": 0,
+                            "storage_stats": {
+                                "used_mb": 0.0,
+                                "limit_mb": 5.0,
+                                "available_mb": 5.0,
+                                "usage_percentage": 0.0,
+                                "used_bytes": 254,
+                                "limit_bytes": 5242880,
+                                "available_bytes": 5242626,
+                            },
+                        }
+                    }
+                }
+            }
+        },
+    )
     async def projects(
         request: Request,
         identity: Caller,
@@ -232,7 +315,39 @@ def register(router: APIRouter) -> None:
         """A user's projects from every app (or one, with `app`), newest first, with storage."""
         return await _project_list(request, identity, user_id, app.strip().lower() if app else None)
 
-    @router.get("/storage-stats")
+    @router.get(
+        "/storage-stats",
+        summary="A user's shared storage (old clients)",
+        responses={
+            200: {
+                "content": {
+                    "application/json": {
+                        "example": {
+                            "success": True,
+                            "user_id": "101902121794505144784",
+                            "storage_stats": {
+                                "used_mb": 0.0,
+                                "limit_mb": 5.0,
+                                "available_mb": 5.0,
+                                "usage_percentage": 0.0,
+                                "used_bytes": 254,
+                                "limit_bytes": 5242880,
+                                "available_bytes": 5242626,
+                            },
+                            "breakdown": {
+                                "penora_mb": 0.0,
+                                "imagegene_mb": 0.0,
+                                "total_projects": 2,
+                                "penora_projects": 2,
+                                "imagegene_projects": 0,
+                                "apps": {"penora": {"mb": 0.0, "bytes": 254, "projects": 2}},
+                            },
+                        }
+                    }
+                }
+            }
+        },
+    )
     async def storage_stats(
         request: Request, identity: Caller, user_id: Annotated[CompatUserId, Query()]
     ) -> dict[str, Any]:
@@ -252,7 +367,7 @@ def register(router: APIRouter) -> None:
         route_class=router.route_class, tags=["compatibility"], responses=router.responses
     )
 
-    @legacy.get("/api/user-projects")
+    @legacy.get("/api/user-projects", summary="A user's projects (old ImageGene clients)")
     async def user_projects(
         request: Request,
         identity: Caller,
@@ -270,7 +385,35 @@ def register(router: APIRouter) -> None:
             "storage_stats": listed["storage_stats"],
         }
 
-    @legacy.get("/api/project/{code}")
+    @legacy.get(
+        "/api/project/{code}",
+        summary="One project with its content (old clients)",
+        responses={
+            200: {
+                "content": {
+                    "application/json": {
+                        "example": {
+                            "success": True,
+                            "project": {
+                                "code": "JEC99W",
+                                "project_code": "JEC99W",
+                                "title": "The Lighthouse Keeper (draft 2)",
+                                "app_source": "penora",
+                                "project_type": "story",
+                                "content_type": "text/markdown",
+                                "size_bytes": 99,
+                                "size_mb": 0.0001,
+                                "metadata": {"words": 12},
+                                "created_at": "2026-11-26T10:34:02Z",
+                                "updated_at": "2026-11-26T10:34:02Z",
+                                "content": "# Chapter 1\n\nThe lamp had not gone out i",
+                            },
+                        }
+                    }
+                }
+            }
+        },
+    )
     async def project(
         request: Request,
         identity: Caller,

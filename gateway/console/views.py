@@ -373,6 +373,10 @@ def build_router() -> APIRouter:
         storage = await _optional(
             console, identity, "workspace", "/v1/workspace/storage", {"user_id": user_id}
         )
+        # This user's own payments (billing's per-user list; an admin may read any user's).
+        payments = await _optional(
+            console, identity, "ledger", "/v1/billing/payments", {"user_id": user_id, "limit": 25}
+        )
         return await console.page(
             session,
             "user.html",
@@ -383,6 +387,7 @@ def build_router() -> APIRouter:
             transactions=transactions["items"],
             projects=projects["items"] if projects else None,
             storage=storage,
+            payments=payments["items"] if payments else None,
             grant_sources=GRANT_SOURCES,
             clawback_sources=CLAWBACK_SOURCES,
             idempotency_key=uuid.uuid4().hex,

@@ -210,6 +210,7 @@ async def _submission(request: Request) -> Submission:
 
 @router.post(
     "/tasks",
+    summary="Submit an image for enhancement",
     status_code=202,
     response_model=Task,
     responses={**ERRORS, 200: {"description": "A replay of an earlier submission"}},
@@ -233,7 +234,12 @@ async def submit_task(
     return JSONResponse(body, status_code=202 if created else 200, headers=headers)
 
 
-@router.get("/tasks", response_model=TaskPage, responses=ERRORS)
+@router.get(
+    "/tasks",
+    summary="A user's enhancement tasks, newest first",
+    response_model=TaskPage,
+    responses=ERRORS,
+)
 async def list_tasks(
     principal: CurrentPrincipal,
     enhancer: EnhancerDep,
@@ -245,7 +251,9 @@ async def list_tasks(
     return {"items": [enhancer.render(r) for r in rows]}
 
 
-@router.get("/tasks/{task_id}", response_model=Task, responses=ERRORS)
+@router.get(
+    "/tasks/{task_id}", summary="One enhancement task", response_model=Task, responses=ERRORS
+)
 async def get_task(
     task_id: str, principal: CurrentPrincipal, enhancer: EnhancerDep
 ) -> dict[str, Any]:
@@ -263,6 +271,7 @@ async def optional_principal(request: Request) -> Principal | None:
 
 @router.get(
     "/tasks/{task_id}/result",
+    summary="An enhanced image",
     responses={**RESULT_ERRORS, 200: {"content": {"image/png": {}}, "description": "The image"}},
 )
 async def get_result(
@@ -298,14 +307,64 @@ async def get_result(
 # -- admin ----------------------------------------------------------------------------
 
 
-@router.get("/pools", response_model=list[PoolOut], responses=ERRORS)
+@router.get(
+    "/pools",
+    summary="Provider credit pools (admin)",
+    response_model=list[PoolOut],
+    responses={
+        **ERRORS,
+        200: {
+            "content": {
+                "application/json": {
+                    "example": [
+                        {
+                            "provider": "fal",
+                            "balance": 0,
+                            "level": 0,
+                            "consumed": 0,
+                            "cost_per_call": 39,
+                            "percent_left": 0.0,
+                            "low": True,
+                            "breaker": "closed",
+                            "active": False,
+                        }
+                    ]
+                }
+            }
+        },
+    },
+)
 async def list_pools(principal: CurrentPrincipal, enhancer: EnhancerDep) -> list[dict[str, Any]]:
     """The platform's credit pool per provider, with breaker state (admin)."""
     principal.require_scope("admin")
     return await enhancer.pool_view()
 
 
-@router.post("/pools/{provider}/refill", response_model=PoolOut, responses=ERRORS)
+@router.post(
+    "/pools/{provider}/refill",
+    summary="Refill a provider's pool (admin)",
+    response_model=PoolOut,
+    responses={
+        **ERRORS,
+        200: {
+            "content": {
+                "application/json": {
+                    "example": {
+                        "provider": "fal",
+                        "balance": 5000,
+                        "level": 5000,
+                        "consumed": 0,
+                        "cost_per_call": 39,
+                        "percent_left": 100.0,
+                        "low": False,
+                        "breaker": "closed",
+                        "active": True,
+                    }
+                }
+            }
+        },
+    },
+)
 async def refill_pool(
     provider: str, body: RefillIn, principal: CurrentPrincipal, enhancer: EnhancerDep
 ) -> dict[str, Any]:
@@ -316,7 +375,65 @@ async def refill_pool(
     return view[provider]
 
 
-@router.get("/stats", responses=ERRORS)
+@router.get(
+    "/stats",
+    summary="Pools, usage and the pool budget (admin)",
+    responses={
+        **ERRORS,
+        200: {
+            "content": {
+                "application/json": {
+                    "example": {
+                        "pools": [
+                            {
+                                "provider": "fal",
+                                "balance": 5000,
+                                "level": 5000,
+                                "consumed": 0,
+                                "cost_per_call": 39,
+                                "percent_left": 100.0,
+                                "low": False,
+                                "breaker": "closed",
+                                "active": True,
+                            }
+                        ],
+                        "month": {
+                            "completed": 0,
+                            "failed": 0,
+                            "degraded": 0,
+                            "submitted": 0,
+                            "charged_milli": 0,
+                            "provider_cost_milli": 0,
+                        },
+                        "today": {
+                            "completed": 0,
+                            "failed": 0,
+                            "degraded": 0,
+                            "submitted": 0,
+                            "charged_milli": 0,
+                            "provider_cost_milli": 0,
+                        },
+                        "budget": {
+                            "month": "2026-11",
+                            "pool_budget_percent": 80,
+                            "source": "billing",
+                            "available": True,
+                            "revenue": [
+                                {
+                                    "currency": "USD",
+                                    "payments": 2,
+                                    "revenue_minor": 400,
+                                    "pool_budget_minor": 320,
+                                }
+                            ],
+                        },
+                        "alerts": [],
+                    }
+                }
+            }
+        },
+    },
+)
 async def credit_stats(principal: CurrentPrincipal, enhancer: EnhancerDep) -> dict[str, Any]:
     """Pools, this month's and today's usage, the pool budget rule, recent alerts (admin)."""
     principal.require_scope("admin")
@@ -325,7 +442,9 @@ async def credit_stats(principal: CurrentPrincipal, enhancer: EnhancerDep) -> di
     return stats
 
 
-@router.get("/alerts", response_model=AlertPage, responses=ERRORS)
+@router.get(
+    "/alerts", summary="Enhancement alerts (admin)", response_model=AlertPage, responses=ERRORS
+)
 async def list_alerts(
     principal: CurrentPrincipal,
     enhancer: EnhancerDep,
@@ -340,7 +459,28 @@ async def list_alerts(
         return {"items": await Repository(session).alerts(limit, kind)}
 
 
-@router.put("/tiers/{user_id}", response_model=AllowanceOut, responses=ERRORS)
+@router.put(
+    "/tiers/{user_id}",
+    summary="Set a user's enhancement tier (admin)",
+    response_model=AllowanceOut,
+    responses={
+        **ERRORS,
+        200: {
+            "content": {
+                "application/json": {
+                    "example": {
+                        "user_id": "101902121794505144784",
+                        "tier": "pro",
+                        "period": "2026-11",
+                        "included": 25,
+                        "used": 0,
+                        "remaining": 25,
+                    }
+                }
+            }
+        },
+    },
+)
 async def set_tier(
     user_id: UserId, body: TierIn, principal: CurrentPrincipal, enhancer: EnhancerDep
 ) -> dict[str, Any]:
@@ -350,7 +490,28 @@ async def set_tier(
     return await enhancer.allowance(user_id)
 
 
-@router.get("/allowance", response_model=AllowanceOut, responses=ERRORS)
+@router.get(
+    "/allowance",
+    summary="A user's included enhancements this month",
+    response_model=AllowanceOut,
+    responses={
+        **ERRORS,
+        200: {
+            "content": {
+                "application/json": {
+                    "example": {
+                        "user_id": "101902121794505144784",
+                        "tier": "free",
+                        "period": "2026-11",
+                        "included": 0,
+                        "used": 0,
+                        "remaining": 0,
+                    }
+                }
+            }
+        },
+    },
+)
 async def get_allowance(
     principal: CurrentPrincipal, enhancer: EnhancerDep, user_id: UserId | None = None
 ) -> dict[str, Any]:
@@ -363,14 +524,31 @@ async def get_allowance(
     return await enhancer.allowance(owner)
 
 
-@router.post("/process-pending", response_model=ProcessResult, responses=ERRORS)
+@router.post(
+    "/process-pending",
+    summary="Run pending enhancement tasks now (admin)",
+    response_model=ProcessResult,
+    responses={
+        **ERRORS,
+        200: {
+            "content": {
+                "application/json": {"example": {"failed_overdue": 0, "settled": 0, "enqueued": 0}}
+            }
+        },
+    },
+)
 async def process_pending(principal: CurrentPrincipal, enhancer: EnhancerDep) -> dict[str, int]:
     """Run the pending-tasks job now: fail overdue tasks, settle, re-enqueue (admin)."""
     principal.require_scope("admin")
     return await enhancer.run_pending(min_age_seconds=0)
 
 
-@router.post("/background/process-tasks", response_model=ProcessResult, responses=ERRORS)
+@router.post(
+    "/background/process-tasks",
+    summary="Run pending tasks (scheduler token)",
+    response_model=ProcessResult,
+    responses=ERRORS,
+)
 async def process_with_token(
     enhancer: EnhancerDep,
     x_ku_process_token: Annotated[str | None, Header()] = None,

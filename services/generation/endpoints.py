@@ -127,7 +127,49 @@ def model_out(model: Model, engine: GenerationEngine) -> ModelOut:
     )
 
 
-@router.get("/models", response_model=ModelList, responses=ERRORS)
+@router.get(
+    "/models",
+    summary="The model catalog, with prices",
+    response_model=ModelList,
+    responses={
+        **ERRORS,
+        200: {
+            "content": {
+                "application/json": {
+                    "example": {
+                        "object": "list",
+                        "data": [
+                            {
+                                "id": "mistralai/Mistral-7B-Instruct-v0.3",
+                                "object": "model",
+                                "created": 0,
+                                "owned_by": "deepinfra",
+                                "name": "Mistral 7B Instruct",
+                                "multiplier": 1.0,
+                                "price_per_100_words": 1,
+                                "max_words": 4000,
+                                "fallback": ["meta-llama/Meta-Llama-3.1-8B-Instruct"],
+                                "offline": False,
+                            },
+                            {
+                                "id": "meta-llama/Meta-Llama-3.1-8B-Instruct",
+                                "object": "model",
+                                "created": 0,
+                                "owned_by": "deepinfra",
+                                "name": "Llama 3.1 8B",
+                                "multiplier": 1.0,
+                                "price_per_100_words": 1,
+                                "max_words": 4000,
+                                "fallback": ["mistralai/Mistral-7B-Instruct-v0.3"],
+                                "offline": False,
+                            },
+                        ],
+                    }
+                }
+            }
+        },
+    },
+)
 async def list_models(engine: Engine, principal: CurrentPrincipal) -> ModelList:
     """The model catalog with prices, in OpenAI's list shape (the `openai` package reads it)."""
     principal.require_scope("generate")
@@ -145,7 +187,27 @@ def checked_model(engine: GenerationEngine, model_id: str | None, max_words: int
     return model
 
 
-@router.post("/estimate", response_model=Estimate, responses=ERRORS)
+@router.post(
+    "/estimate",
+    summary="The most a generation can cost",
+    response_model=Estimate,
+    responses={
+        **ERRORS,
+        200: {
+            "content": {
+                "application/json": {
+                    "example": {
+                        "model": "mistralai/Mistral-7B-Instruct-v0.3",
+                        "max_words": 200,
+                        "words_rule": "words = runs of non-whitespace; 1 Ku per 100 words at ×1",
+                        "cost": 2,
+                        "max_cost": 2,
+                    }
+                }
+            }
+        },
+    },
+)
 async def estimate(body: EstimateIn, engine: Engine, principal: CurrentPrincipal) -> Estimate:
     """The most a generation (or a story of `chapters`) can cost, before anything runs."""
     principal.require_scope("generate")
@@ -298,7 +360,37 @@ async def saved(
     return result_body(outcome, project_code=code, save_error=error)
 
 
-@router.post("/text", response_model=GenerationOut, responses=ERRORS)
+@router.post(
+    "/text",
+    summary="Generate text from a prompt",
+    response_model=GenerationOut,
+    responses={
+        **ERRORS,
+        200: {
+            "content": {
+                "application/json": {
+                    "example": {
+                        "id": "94f23e41-a1e2-4197-bb10-d4173a603a9f",
+                        "status": "completed",
+                        "model": "mistralai/Mistral-7B-Instruct-v0.3",
+                        "served_model": "mistralai/Mistral-7B-Instruct-v0.3",
+                        "provider": "deepinfra",
+                        "offline": False,
+                        "text": "The tram groaned up the hill toward Alfama as Inês folded the"
+                        " letter again. Nobody in Lisbon wrote letters any more.",
+                        "words": 21,
+                        "cost": 0.21,
+                        "held": 2,
+                        "finish_reason": "stop",
+                        "latency_ms": 2140,
+                        "project_code": None,
+                        "save_error": None,
+                    }
+                }
+            }
+        },
+    },
+)
 async def generate_text(
     body: TextIn, request: Request, principal: CurrentPrincipal, engine: Engine
 ) -> Any:
@@ -320,7 +412,37 @@ async def generate_text(
     )
 
 
-@router.post("/tools/{tool}", response_model=GenerationOut, responses=ERRORS)
+@router.post(
+    "/tools/{tool}",
+    summary="Run a writing tool (complete, rewrite, describe, brainstorm)",
+    response_model=GenerationOut,
+    responses={
+        **ERRORS,
+        200: {
+            "content": {
+                "application/json": {
+                    "example": {
+                        "id": "f1515942-4cf7-4a06-8833-2db6b565fcc7",
+                        "status": "completed",
+                        "model": "mistralai/Mistral-7B-Instruct-v0.3",
+                        "served_model": "mistralai/Mistral-7B-Instruct-v0.3",
+                        "provider": "deepinfra",
+                        "offline": False,
+                        "text": "1. Salt & Crumb. 2. The Tide Loaf. 3. Harbour Rise."
+                        " 4. Gull's Knead. 5. Low Tide Bakehouse.",
+                        "words": 18,
+                        "cost": 0.18,
+                        "held": 1.2,
+                        "finish_reason": "stop",
+                        "latency_ms": 9,
+                        "project_code": None,
+                        "save_error": None,
+                    }
+                }
+            }
+        },
+    },
+)
 async def use_tool(
     tool: Annotated[ToolName, Path(description="complete | rewrite | describe | brainstorm")],
     body: ToolIn,
@@ -381,7 +503,43 @@ def _parse_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
         raise BadRequest("Invalid cursor", code="invalid_cursor") from None
 
 
-@router.get("/history", response_model=HistoryPage, responses=ERRORS)
+@router.get(
+    "/history",
+    summary="A user's generations, newest first",
+    response_model=HistoryPage,
+    responses={
+        **ERRORS,
+        200: {
+            "content": {
+                "application/json": {
+                    "example": {
+                        "items": [
+                            {
+                                "id": "f1515942-4cf7-4a06-8833-2db6b565fcc7",
+                                "kind": "tool:brainstorm",
+                                "app": "penora",
+                                "status": "completed",
+                                "model": "mistralai/Mistral-7B-Instruct-v0.3",
+                                "served_model": "mistralai/Mistral-7B-Instruct-v0.3",
+                                "provider": "deepinfra",
+                                "offline": False,
+                                "prompt": "Brainstorm 5 names for a seaside bakery.",
+                                "output": "1. Salt & Crumb. 2. The Tide Loaf. 3. Harbour Rise."
+                                " 4. Gull's Knead. 5. Low Tide Bakehouse.",
+                                "words": 18,
+                                "cost": 0.18,
+                                "latency_ms": 9,
+                                "project_code": "K7Q2ZD",
+                                "created_at": "2026-11-26T10:34:02Z",
+                            }
+                        ],
+                        "next_cursor": "MjAyNi0xMS0yNlQxMDozNDowMlo=",
+                    }
+                }
+            }
+        },
+    },
+)
 async def history(
     principal: CurrentPrincipal,
     session: Session,
@@ -415,7 +573,38 @@ async def history(
     )
 
 
-@router.get("/generations/{generation_id}", response_model=HistoryItem, responses=ERRORS)
+@router.get(
+    "/generations/{generation_id}",
+    summary="One generation",
+    response_model=HistoryItem,
+    responses={
+        **ERRORS,
+        200: {
+            "content": {
+                "application/json": {
+                    "example": {
+                        "id": "f1515942-4cf7-4a06-8833-2db6b565fcc7",
+                        "kind": "tool:brainstorm",
+                        "app": "penora",
+                        "status": "completed",
+                        "model": "mistralai/Mistral-7B-Instruct-v0.3",
+                        "served_model": "mistralai/Mistral-7B-Instruct-v0.3",
+                        "provider": "deepinfra",
+                        "offline": False,
+                        "prompt": "Brainstorm 5 names for a seaside bakery.",
+                        "output": "1. Salt & Crumb. 2. The Tide Loaf. 3. Harbour Rise."
+                        " 4. Gull's Knead. 5. Low Tide Bakehouse.",
+                        "words": 18,
+                        "cost": 0.18,
+                        "latency_ms": 9,
+                        "project_code": "K7Q2ZD",
+                        "created_at": "2026-11-26T10:34:02Z",
+                    }
+                }
+            }
+        },
+    },
+)
 async def get_generation(
     generation_id: str,
     principal: CurrentPrincipal,
@@ -437,7 +626,13 @@ async def get_generation(
     return history_item(row)
 
 
-@router.post("/story", status_code=202, response_model=StoryOut, responses=ERRORS)
+@router.post(
+    "/story",
+    summary="Start writing a story, chapter by chapter",
+    status_code=202,
+    response_model=StoryOut,
+    responses=ERRORS,
+)
 async def create_story(
     body: StoryIn, request: Request, principal: CurrentPrincipal, session: Session
 ) -> dict[str, Any]:
@@ -475,7 +670,12 @@ async def story_view(
     return stories.view(story, list(parts))
 
 
-@router.get("/story/{story_id}", response_model=StoryOut, responses=ERRORS)
+@router.get(
+    "/story/{story_id}",
+    summary="A story's progress and chapters",
+    response_model=StoryOut,
+    responses=ERRORS,
+)
 async def get_story(
     story_id: str,
     request: Request,

@@ -93,7 +93,44 @@ def _ku(outcome: Outcome) -> dict[str, Any]:
     }
 
 
-@router.post("/chat/completions", responses=ERRORS)
+@router.post(
+    "/chat/completions",
+    summary="OpenAI-compatible chat completions",
+    responses={
+        **ERRORS,
+        200: {
+            "content": {
+                "application/json": {
+                    "example": {
+                        "id": "chatcmpl-7220a240-d3fc-4c47-a375-6cab593684f0",
+                        "object": "chat.completion",
+                        "created": 1795678442,
+                        "model": "mistralai/Mistral-7B-Instruct-v0.3",
+                        "choices": [
+                            {
+                                "index": 0,
+                                "message": {
+                                    "role": "assistant",
+                                    "content": "Letters from the Tide",
+                                },
+                                "finish_reason": "stop",
+                            }
+                        ],
+                        "usage": {"prompt_tokens": 18, "completion_tokens": 6, "total_tokens": 24},
+                        "ku": {
+                            "generation_id": "7220a240-d3fc-4c47-a375-6cab593684f0",
+                            "words": 4,
+                            "cost": 0.04,
+                            "served_model": "mistralai/Mistral-7B-Instruct-v0.3",
+                            "provider": "deepinfra",
+                            "offline": False,
+                        },
+                    }
+                }
+            }
+        },
+    },
+)
 async def chat_completions(
     body: ChatCompletionIn, request: Request, principal: CurrentPrincipal, engine: Engine
 ) -> Any:

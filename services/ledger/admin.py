@@ -149,7 +149,31 @@ class Clawback(BaseModel):
     created_at: datetime
 
 
-@router.get("/overview", response_model=Overview, responses=ERRORS)
+@router.get(
+    "/overview",
+    summary="Issued, spent and held, today and by day (admin)",
+    response_model=Overview,
+    responses={
+        **ERRORS,
+        200: {
+            "content": {
+                "application/json": {
+                    "example": {
+                        "accounts": 2,
+                        "since": "2026-11-26T00:00:00Z",
+                        "issued_today": [{"name": "welcome", "amount": 100}],
+                        "spent_today": [{"name": "penora", "amount": 9.25}],
+                        "held_now": [],
+                        "days": [
+                            {"day": "2026-11-25", "issued": 0, "spent": 0},
+                            {"day": "2026-11-26", "issued": 100, "spent": 9.25},
+                        ],
+                    }
+                }
+            }
+        },
+    },
+)
 async def overview(
     principal: CurrentPrincipal,
     session: Session,
@@ -206,7 +230,60 @@ async def overview(
     }
 
 
-@router.get("/users/{user_id}", response_model=UserLedger, responses=ERRORS)
+@router.get(
+    "/users/{user_id}",
+    summary="A user's lots, holds and debt (admin)",
+    response_model=UserLedger,
+    responses={
+        **ERRORS,
+        200: {
+            "content": {
+                "application/json": {
+                    "example": {
+                        "user_id": "101902121794505144784",
+                        "balance": 65.75,
+                        "held": 0,
+                        "debt": 0,
+                        "lots": [
+                            {
+                                "id": 1,
+                                "source": "welcome",
+                                "amount": 50,
+                                "remaining": 40.75,
+                                "expires_at": "2027-11-26T07:34:00Z",
+                                "expired": False,
+                                "reference": "welcome",
+                                "created_at": "2026-11-26T10:34:00Z",
+                            },
+                            {
+                                "id": 2,
+                                "source": "promo",
+                                "amount": 25,
+                                "remaining": 25,
+                                "expires_at": "2027-01-31T00:00:00Z",
+                                "expired": False,
+                                "reference": "promo-launch-week",
+                                "created_at": "2026-11-26T10:35:00Z",
+                            },
+                        ],
+                        "holds": [
+                            {
+                                "id": "abaf570e-0a90-423d-a770-f8dccf40a887",
+                                "app": "penora",
+                                "amount": 12.5,
+                                "captured": 9.25,
+                                "status": "captured",
+                                "reference": "story-77",
+                                "expires_at": "2026-11-26T10:39:02Z",
+                                "created_at": "2026-11-26T10:34:02Z",
+                            }
+                        ],
+                    }
+                }
+            }
+        },
+    },
+)
 async def user_ledger(user_id: UserId, principal: CurrentPrincipal, session: Session) -> Any:
     """One user's wallet, every lot with its expiry, recent holds and debt (admin)."""
     principal.require_scope("admin")
@@ -251,7 +328,33 @@ async def get_ledger(request: Request) -> Ledger:
     return request.app.state.ledger
 
 
-@router.post("/clawbacks", status_code=201, response_model=Clawback, responses=ERRORS)
+@router.post(
+    "/clawbacks",
+    summary="Claw back a lot's credits (admin)",
+    status_code=201,
+    response_model=Clawback,
+    responses={
+        **ERRORS,
+        201: {
+            "content": {
+                "application/json": {
+                    "example": {
+                        "transaction_id": 4,
+                        "user_id": "101902121794505144784",
+                        "source": "purchase",
+                        "amount": 10,
+                        "taken": 10,
+                        "debt_added": 0,
+                        "debt": 0,
+                        "available": 75,
+                        "held": 0,
+                        "created_at": "2026-11-26T10:45:13Z",
+                    }
+                }
+            }
+        },
+    },
+)
 async def create_clawback(
     body: ClawbackCreate,
     request: Request,

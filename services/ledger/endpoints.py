@@ -306,7 +306,32 @@ def _respond(outcome: Outcome, model: type[BaseModel]) -> Response:
     return Response(content, outcome.status_code, headers, media_type="application/json")
 
 
-@router.get("/balance", response_model=Balance, responses=ERRORS)
+@router.get(
+    "/balance",
+    summary="A user's balance, by source, with the next expiry",
+    response_model=Balance,
+    responses={
+        **ERRORS,
+        200: {
+            "content": {
+                "application/json": {
+                    "example": {
+                        "user_id": "101902121794505144784",
+                        "available": 75,
+                        "held": 0,
+                        "debt": 0,
+                        "total": 75,
+                        "by_source": [
+                            {"source": "welcome", "available": 50},
+                            {"source": "promo", "available": 25},
+                        ],
+                        "next_expiry": {"amount": 25, "at": "2027-01-31T00:00:00Z"},
+                    }
+                }
+            }
+        },
+    },
+)
 @_hot_query(user_id=UserId)
 async def get_balance(user_id: UserId, principal: CurrentPrincipal, request: Request) -> Response:
     """A user's spendable, held and total credit, per source, with the next expiry."""
@@ -333,7 +358,40 @@ async def get_balance(user_id: UserId, principal: CurrentPrincipal, request: Req
     return Response(balance.model_dump_json(), media_type="application/json")
 
 
-@router.post("/accounts", response_model=Account, responses=ERRORS)
+@router.post(
+    "/accounts",
+    summary="Open a user's account (with the welcome credits)",
+    response_model=Account,
+    responses={
+        **ERRORS,
+        200: {
+            "description": "The account was already open; nothing changed",
+            "content": {
+                "application/json": {
+                    "example": {
+                        "user_id": "101902121794505144784",
+                        "created": False,
+                        "available": 37.5,
+                        "held": 2.5,
+                    }
+                }
+            },
+        },
+        201: {
+            "description": "Opened, with the welcome credits",
+            "content": {
+                "application/json": {
+                    "example": {
+                        "user_id": "101902121794505144784",
+                        "created": True,
+                        "available": 50,
+                        "held": 0,
+                    }
+                }
+            },
+        },
+    },
+)
 async def open_account(
     body: AccountCreate,
     principal: CurrentPrincipal,
@@ -360,7 +418,33 @@ async def open_account(
     return body_out
 
 
-@router.post("/grants", status_code=201, response_model=Grant, responses=ERRORS)
+@router.post(
+    "/grants",
+    summary="Grant credits to a user",
+    status_code=201,
+    response_model=Grant,
+    responses={
+        **ERRORS,
+        201: {
+            "content": {
+                "application/json": {
+                    "example": {
+                        "grant_id": 2,
+                        "transaction_id": 10,
+                        "user_id": "101902121794505144784",
+                        "source": "promo",
+                        "amount": 25,
+                        "expires_at": "2027-01-31T00:00:00Z",
+                        "reference": "promo-launch-week",
+                        "created_at": "2026-11-26T10:27:31Z",
+                        "available": 62.15,
+                        "held": 0,
+                    }
+                }
+            }
+        },
+    },
+)
 @_hot(GrantCreate)
 async def create_grant(
     body: GrantCreate,
@@ -397,9 +481,30 @@ def _grant_op(body: GrantCreate, permit: Permit) -> tuple[dict[str, Any], str | 
 
 @router.post(
     "/debits",
+    summary="Charge a user at once",
     status_code=201,
     response_model=Debit,
-    responses={**ERRORS, **error_responses({402: INSUFFICIENT})},
+    responses={
+        **ERRORS,
+        **error_responses({402: INSUFFICIENT}),
+        201: {
+            "content": {
+                "application/json": {
+                    "example": {
+                        "transaction_id": 2,
+                        "user_id": "101902121794505144784",
+                        "app": "penora",
+                        "amount": 4.25,
+                        "description": "One image, 1024x1024",
+                        "reference": "img-8812",
+                        "created_at": "2026-11-26T10:27:31Z",
+                        "available": 45.75,
+                        "held": 0,
+                    }
+                }
+            }
+        },
+    },
 )
 @_hot(DebitCreate)
 async def create_debit(
@@ -431,6 +536,7 @@ def _debit_op(body: DebitCreate, permit: Permit) -> tuple[dict[str, Any], str | 
 
 @router.post(
     "/holds",
+    summary="Hold credits for a job",
     status_code=201,
     response_model=HoldResult,
     responses={**ERRORS, **error_responses({402: INSUFFICIENT})},
@@ -464,7 +570,35 @@ def _hold_op(body: HoldCreate, permit: Permit) -> tuple[dict[str, Any], str | No
     return op, natural
 
 
-@router.get("/holds/{hold_id}", response_model=HoldOut, responses=ERRORS)
+@router.get(
+    "/holds/{hold_id}",
+    summary="One hold",
+    response_model=HoldOut,
+    responses={
+        **ERRORS,
+        200: {
+            "content": {
+                "application/json": {
+                    "example": {
+                        "id": "abaf570e-0a90-423d-a770-f8dccf40a887",
+                        "user_id": "101902121794505144784",
+                        "app": "penora",
+                        "owner": "app:penora",
+                        "amount": 12.5,
+                        "captured": 9.25,
+                        "clawed": 0,
+                        "status": "captured",
+                        "reference": "story-77",
+                        "description": "Story, 5 chapters",
+                        "expires_at": "2026-11-26T10:39:02Z",
+                        "created_at": "2026-11-26T10:34:02Z",
+                        "resolved_at": "2026-11-26T10:36:10Z",
+                    }
+                }
+            }
+        },
+    },
+)
 async def get_hold(
     hold_id: str, principal: CurrentPrincipal, request: Request, session: Session
 ) -> dict[str, Any]:
@@ -513,7 +647,40 @@ def _resolve_op(kind: str, hold_id: str, amount: int | None, permit: Permit) -> 
     return {"op": kind, "hold_id": _uuid(hold_id), "amount": amount, "auth": permit.as_sql()}
 
 
-@router.post("/holds/{hold_id}/capture", response_model=HoldResult, responses=ERRORS)
+@router.post(
+    "/holds/{hold_id}/capture",
+    summary="Capture a hold (all or part of it)",
+    response_model=HoldResult,
+    responses={
+        **ERRORS,
+        200: {
+            "content": {
+                "application/json": {
+                    "example": {
+                        "hold": {
+                            "id": "d5ae7698-cbca-4af8-8c31-f1e268ae78f7",
+                            "user_id": "101902121794505144784",
+                            "app": "penora",
+                            "owner": "app:penora",
+                            "amount": 12.5,
+                            "captured": 9.25,
+                            "clawed": 0,
+                            "status": "captured",
+                            "reference": "story-77",
+                            "description": "Story, 5 chapters",
+                            "expires_at": "2026-11-26T10:32:31Z",
+                            "created_at": "2026-11-26T10:27:31Z",
+                            "resolved_at": "2026-11-26T10:27:31Z",
+                        },
+                        "transaction_id": 4,
+                        "available": 36.5,
+                        "held": 0,
+                    }
+                }
+            }
+        },
+    },
+)
 @_hot(CaptureIn, optional=True)
 async def capture_hold(
     hold_id: str,
@@ -527,7 +694,40 @@ async def capture_hold(
     return await _resolve("capture", hold_id, amount, reason, request, principal)
 
 
-@router.post("/holds/{hold_id}/release", response_model=HoldResult, responses=ERRORS)
+@router.post(
+    "/holds/{hold_id}/release",
+    summary="Release a hold",
+    response_model=HoldResult,
+    responses={
+        **ERRORS,
+        200: {
+            "content": {
+                "application/json": {
+                    "example": {
+                        "hold": {
+                            "id": "91ae3701-8c6a-4265-b034-480c451de5dd",
+                            "user_id": "101902121794505144784",
+                            "app": "penora",
+                            "owner": "app:penora",
+                            "amount": 3,
+                            "captured": 0,
+                            "clawed": 0,
+                            "status": "released",
+                            "reference": "story-78",
+                            "description": "Story, 3 chapters",
+                            "expires_at": "2026-11-26T10:42:31Z",
+                            "created_at": "2026-11-26T10:27:31Z",
+                            "resolved_at": "2026-11-26T10:27:31Z",
+                        },
+                        "transaction_id": 6,
+                        "available": 36.5,
+                        "held": 0,
+                    }
+                }
+            }
+        },
+    },
+)
 @_hot(ReleaseIn, optional=True)
 async def release_hold(
     hold_id: str,
@@ -540,7 +740,35 @@ async def release_hold(
     return await _resolve("release", hold_id, None, reason, request, principal)
 
 
-@router.post("/refunds", status_code=201, response_model=Refund, responses=ERRORS)
+@router.post(
+    "/refunds",
+    summary="Refund a debit or a capture",
+    status_code=201,
+    response_model=Refund,
+    responses={
+        **ERRORS,
+        201: {
+            "content": {
+                "application/json": {
+                    "example": {
+                        "transaction_id": 7,
+                        "refund_of": 2,
+                        "user_id": "101902121794505144784",
+                        "app": "penora",
+                        "amount": 1.25,
+                        "refundable": 3,
+                        "returned": 1.25,
+                        "debt_settled": 0,
+                        "expired": 0,
+                        "created_at": "2026-11-26T10:27:31Z",
+                        "available": 37.75,
+                        "held": 0,
+                    }
+                }
+            }
+        },
+    },
+)
 async def create_refund(
     body: RefundCreate,
     request: Request,
@@ -627,6 +855,7 @@ def _item_result(index: int, op: str, result: dict[str, Any]) -> dict[str, Any]:
 
 @router.post(
     "/batch",
+    summary="Apply many ledger operations in one request",
     response_model=BatchOut,
     responses={
         **ERRORS,
@@ -729,7 +958,12 @@ def _cursor(value: str | None) -> int | None:
         raise BadRequest("Invalid cursor", code="invalid_cursor") from None
 
 
-@router.get("/transactions", response_model=TransactionPage, responses=ERRORS)
+@router.get(
+    "/transactions",
+    summary="A user's transactions, newest first",
+    response_model=TransactionPage,
+    responses=ERRORS,
+)
 async def list_transactions(
     user_id: UserId,
     principal: CurrentPrincipal,
@@ -764,7 +998,26 @@ async def list_transactions(
     )
 
 
-@router.get("/usage", response_model=Usage, responses=ERRORS)
+@router.get(
+    "/usage",
+    summary="Credits spent per app and day",
+    response_model=Usage,
+    responses={
+        **ERRORS,
+        200: {
+            "content": {
+                "application/json": {
+                    "example": {
+                        "user_id": "101902121794505144784",
+                        "group_by": ["app"],
+                        "rows": [{"app": "penora", "day": None, "spent": 9.25, "charges": 1}],
+                        "total_spent": 9.25,
+                    }
+                }
+            }
+        },
+    },
+)
 async def get_usage(
     user_id: UserId,
     principal: CurrentPrincipal,

@@ -114,7 +114,33 @@ Reader = Annotated[Caller, Depends(_caller("workspace.read"))]
 Writer = Annotated[Caller, Depends(_caller("workspace.write"))]
 
 
-@router.post("/projects", status_code=201, response_model=ProjectSummary, responses=ERRORS)
+@router.post(
+    "/projects",
+    summary="Save a project",
+    status_code=201,
+    response_model=ProjectSummary,
+    responses={
+        **ERRORS,
+        201: {
+            "content": {
+                "application/json": {
+                    "example": {
+                        "code": "WVXE48",
+                        "user_id": "101902121794505144784",
+                        "app_source": "penora",
+                        "project_type": "story",
+                        "title": "The Lighthouse Keeper",
+                        "content_type": "text/markdown",
+                        "size_bytes": 77,
+                        "metadata": {},
+                        "created_at": "2026-11-26T10:27:31Z",
+                        "updated_at": "2026-11-26T10:27:31Z",
+                    }
+                }
+            }
+        },
+    },
+)
 async def create_project(
     body: ProjectCreate,
     request: Request,
@@ -130,7 +156,37 @@ async def create_project(
     return created.body
 
 
-@router.get("/projects", response_model=ProjectPage, responses=ERRORS)
+@router.get(
+    "/projects",
+    summary="List a user's projects",
+    response_model=ProjectPage,
+    responses={
+        **ERRORS,
+        200: {
+            "content": {
+                "application/json": {
+                    "example": {
+                        "items": [
+                            {
+                                "code": "WVXE48",
+                                "user_id": "101902121794505144784",
+                                "app_source": "penora",
+                                "project_type": "story",
+                                "title": "The Lighthouse Keeper",
+                                "content_type": "text/markdown",
+                                "size_bytes": 77,
+                                "metadata": {},
+                                "created_at": "2026-11-26T10:27:31Z",
+                                "updated_at": "2026-11-26T10:27:31Z",
+                            }
+                        ],
+                        "next_cursor": "MjAyNi0xMS0yNlQxMDoyNzozMVp8V1ZYRTQ4",
+                    }
+                }
+            }
+        },
+    },
+)
 async def list_projects(
     caller: Reader,
     workspace: WorkspaceDep,
@@ -152,7 +208,34 @@ async def list_projects(
     )
 
 
-@router.get("/projects/{code}", response_model=Project, responses=ERRORS)
+@router.get(
+    "/projects/{code}",
+    summary="One project, with its content",
+    response_model=Project,
+    responses={
+        **ERRORS,
+        200: {
+            "content": {
+                "application/json": {
+                    "example": {
+                        "code": "JEC99W",
+                        "user_id": "101902121794505144784",
+                        "app_source": "penora",
+                        "project_type": "story",
+                        "title": "The Lighthouse Keeper",
+                        "content_type": "text/markdown",
+                        "size_bytes": 89,
+                        "metadata": {"words": 12},
+                        "created_at": "2026-11-26T10:34:02Z",
+                        "updated_at": "2026-11-26T10:34:02Z",
+                        "content": "# Chapter 1\n\nThe lamp had not gone out i",
+                        "content_encoding": "text",
+                    }
+                }
+            }
+        },
+    },
+)
 async def get_project(
     code: Code, caller: Reader, workspace: WorkspaceDep, user_id: OwnerParam = None
 ) -> dict[str, Any]:
@@ -160,7 +243,32 @@ async def get_project(
     return full(await workspace.visible_project(caller, code, user_id=user_id))
 
 
-@router.patch("/projects/{code}", response_model=ProjectSummary, responses=ERRORS)
+@router.patch(
+    "/projects/{code}",
+    summary="Change a project",
+    response_model=ProjectSummary,
+    responses={
+        **ERRORS,
+        200: {
+            "content": {
+                "application/json": {
+                    "example": {
+                        "code": "JEC99W",
+                        "user_id": "101902121794505144784",
+                        "app_source": "penora",
+                        "project_type": "story",
+                        "title": "The Lighthouse Keeper (draft 2)",
+                        "content_type": "text/markdown",
+                        "size_bytes": 99,
+                        "metadata": {"words": 12},
+                        "created_at": "2026-11-26T10:34:02Z",
+                        "updated_at": "2026-11-26T10:34:02Z",
+                    }
+                }
+            }
+        },
+    },
+)
 async def update_project(
     code: Code,
     body: ProjectUpdate,
@@ -172,7 +280,34 @@ async def update_project(
     return await workspace.update(caller, code, body, user_id=user_id)
 
 
-@router.delete("/projects/{code}", response_model=Deleted, responses=ERRORS)
+@router.delete(
+    "/projects/{code}",
+    summary="Delete a project",
+    response_model=Deleted,
+    responses={
+        **ERRORS,
+        200: {
+            "content": {
+                "application/json": {
+                    "example": {
+                        "code": "XFXESC",
+                        "deleted": True,
+                        "size_bytes": 18,
+                        "storage": {
+                            "user_id": "101902121794505144784",
+                            "used_bytes": 99,
+                            "limit_bytes": 1048576,
+                            "available_bytes": 1048477,
+                            "percent": 0.01,
+                            "project_count": 1,
+                            "by_app": [{"app_source": "penora", "bytes": 99, "count": 1}],
+                        },
+                    }
+                }
+            }
+        },
+    },
+)
 async def delete_project(
     code: Code, caller: Writer, workspace: WorkspaceDep, user_id: OwnerParam = None
 ) -> dict[str, Any]:
@@ -182,6 +317,7 @@ async def delete_project(
 
 @router.get(
     "/projects/{code}/content",
+    summary="A project's raw content",
     responses={**ERRORS, 200: {"description": "The raw bytes", "content": {"*/*": {}}}},
     response_class=Response,
 )
@@ -204,6 +340,7 @@ async def get_content(
 
 @router.get(
     "/projects/{code}/export",
+    summary="Export a project (PDF, DOCX, text)",
     responses={
         **ERRORS,
         200: {
@@ -243,7 +380,29 @@ async def export_project(
     )
 
 
-@router.get("/storage", response_model=Storage, responses=ERRORS)
+@router.get(
+    "/storage",
+    summary="A user's storage use and limit",
+    response_model=Storage,
+    responses={
+        **ERRORS,
+        200: {
+            "content": {
+                "application/json": {
+                    "example": {
+                        "user_id": "101902121794505144784",
+                        "used_bytes": 77,
+                        "limit_bytes": 1048576,
+                        "available_bytes": 1048499,
+                        "percent": 0.01,
+                        "project_count": 1,
+                        "by_app": [{"app_source": "penora", "bytes": 77, "count": 1}],
+                    }
+                }
+            }
+        },
+    },
+)
 async def get_storage(
     caller: Reader, workspace: WorkspaceDep, user_id: UserId | None = None
 ) -> dict[str, Any]:
@@ -253,7 +412,29 @@ async def get_storage(
     return await workspace.storage(owner)
 
 
-@router.put("/quotas/{user_id}", response_model=Storage, responses=ERRORS)
+@router.put(
+    "/quotas/{user_id}",
+    summary="Set a user's storage limit (admin)",
+    response_model=Storage,
+    responses={
+        **ERRORS,
+        200: {
+            "content": {
+                "application/json": {
+                    "example": {
+                        "user_id": "101902121794505144784",
+                        "used_bytes": 99,
+                        "limit_bytes": 5242880,
+                        "available_bytes": 5242781,
+                        "percent": 0.0,
+                        "project_count": 1,
+                        "by_app": [{"app_source": "penora", "bytes": 99, "count": 1}],
+                    }
+                }
+            }
+        },
+    },
+)
 async def set_quota(
     user_id: UserId, body: QuotaUpdate, principal: CurrentPrincipal, workspace: WorkspaceDep
 ) -> dict[str, Any]:

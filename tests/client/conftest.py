@@ -1,5 +1,6 @@
-"""A real suite (auth, ledger, workspace, gateway processes) for the client's tests; keys
-and users are made with the `ku` CLI, as an operator would."""
+"""A real suite for the client's tests: every process `ku up` runs (the services, the
+worker and the gateway: `available_processes()`), generation on its offline provider;
+keys and users are made with the `ku` CLI, as an operator would."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from services.kit.runner import Suite
+from services.kit.runner import Suite, available_processes
 from tests.gateway.helpers import make_signing_key
 from tests.ku_suite import Ku
 
@@ -20,7 +21,7 @@ BURST_LIMIT = 3
 
 
 @pytest.fixture(scope="package")
-def ku(ku_database_url: str) -> Iterator[Ku]:
+def ku(ku_database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ku]:
     signing = make_signing_key()
     env = {
         **os.environ,
@@ -29,6 +30,8 @@ def ku(ku_database_url: str) -> Iterator[Ku]:
         "KU_AUTH_KEY_ID": signing.kid,
         "KU_GATEWAY_RATE_WINDOW_SECONDS": str(RATE_WINDOW_SECONDS),
         "KU_GATEWAY_RATE_APPS": f'{{"burst": {BURST_LIMIT}}}',
+        "KU_GENERATION_OFFLINE": "true",
+        "KU_ENHANCEMENT_STORAGE_DIR": str(tmp_path_factory.mktemp("enhancement")),
         "KU_LOG_LEVEL": "WARNING",
         # Small pools: the test server's connections are shared with every other run.
         "KU_DB_POOL_SIZE": "2",
@@ -37,7 +40,7 @@ def ku(ku_database_url: str) -> Iterator[Ku]:
     }
     with Suite(
         env,
-        only=["auth", "ledger", "workspace", "gateway"],
+        only=available_processes(),
         free_ports=True,
         migrate=False,
         quiet=True,

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
+from collections.abc import Iterator
 from urllib.parse import urlsplit
 
 
@@ -72,3 +74,21 @@ class DroppingProxy:
         finally:
             with contextlib.suppress(Exception):
                 dst.close()
+
+
+@contextlib.contextmanager
+def in_a_thread(proxy: DroppingProxy) -> Iterator[DroppingProxy]:
+    """The proxy on its own event loop in a thread, for a blocking client."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        asyncio.run_coroutine_threadsafe(proxy.__aenter__(), loop).result(timeout=10)
+        try:
+            yield proxy
+        finally:
+            asyncio.run_coroutine_threadsafe(proxy.__aexit__(), loop).result(timeout=10)
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=5)
+        loop.close()

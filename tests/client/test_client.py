@@ -4,6 +4,9 @@ typed errors, idempotent retries after a lost answer, and 429 with Retry-After."
 from __future__ import annotations
 
 import asyncio
+import base64
+import io
+import time
 
 import httpx
 import pytest
@@ -13,9 +16,13 @@ from ku_client import (
     Charge,
     Conflict,
     ConnectionFailed,
+    EnhancementTask,
+    Estimate,
+    Generation,
     HoldResult,
     InsufficientCredits,
     KuClient,
+    Model,
     NotFound,
     PermissionDenied,
     RateLimited,
@@ -23,9 +30,10 @@ from ku_client import (
     StorageFull,
     ValidationFailed,
 )
+from PIL import Image
 
 from tests.client.conftest import BURST_LIMIT
-from tests.client.proxy import DroppingProxy
+from tests.client.proxy import DroppingProxy, in_a_thread
 from tests.ku_suite import Ku
 
 pytestmark = pytest.mark.e2e
@@ -173,6 +181,19 @@ class TestRetries:
             debits = [t for t in direct.transactions(user).items if t.kind == "debit"]
             assert len(debits) == 1 and debits[0].amount_milli == 4_000
 
+    def test_lost_answer_to_a_blocking_debit_charges_once(self, ku: Ku, app_key: str):
+        """The same with `KuClient` (the proxy on its own loop in a thread)."""
+        user = ku.user()
+        with in_a_thread(DroppingProxy(ku.url)) as proxy:
+            with KuClient(proxy.url, api_key=app_key) as client:
+                charge = client.debit(user, 2_500, description="lost answer, blocking")
+                assert proxy.dropped == 1 and proxy.connections == 2
+                assert charge.replayed and charge.available_milli == WELCOME - 2_500
+        with KuClient(ku.url, api_key=app_key) as direct:
+            assert direct.balance(user).available_milli == WELCOME - 2_500
+            debits = [t for t in direct.transactions(user).items if t.kind == "debit"]
+            assert len(debits) == 1 and debits[0].amount_milli == 2_500
+
     async def test_without_retries_the_lost_answer_is_an_error(self, ku: Ku, app_key: str):
         user = ku.user()
         async with DroppingProxy(ku.url) as proxy:
@@ -213,8 +234,9 @@ class TestEvents:
             received: list[dict[str, object]] = []
 
             async def listen() -> None:
+                # The welcome grant's event may come first (the worker relays it).
                 async for event in client.events(user):
-                    if event.event == "credits.changed":
+                    if event.event == "credits.changed" and event.data.get("app") == "imagegene":
                         received.append(event.data)
                         return
 
@@ -223,5 +245,82 @@ class TestEvents:
             await client.debit(user, 3_000)
             await asyncio.wait_for(listener, timeout=15)
         [change] = received
-        assert change["user_id"] == user
+        assert change["user_id"] == user and change["delta"] == -3
         assert change["available"] == 47
+
+
+def image_data_url(size: int = 64) -> str:
+    """A small PNG as a data: URL, the way ImageGene saves an image to the workspace."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), (40, 90, 160)).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+@pytest.fixture(scope="module")
+def creative_key(ku: Ku) -> str:
+    """What Penora holds: the ledger and workspace, generation and enhancement."""
+    scopes = "ledger:read,ledger:write,workspace:read,workspace:write,generate,enhance"
+    return ku.key("penora", scopes)
+
+
+class TestGeneration:
+    def test_models_estimate_and_text_charged_once(self, ku: Ku, creative_key: str):
+        user = ku.user()
+        with KuClient(ku.url, api_key=creative_key) as client:
+            catalog = client.models()
+            assert catalog and all(isinstance(m, Model) for m in catalog)
+            first = catalog[0]
+            assert first.offline and first.price_per_100_words_milli > 0  # the offline provider
+
+            priced = client.estimate(200)
+            assert isinstance(priced, Estimate) and priced.model == first.id
+            assert priced.cost_milli == 2 * first.price_per_100_words_milli
+            assert priced.max_cost_milli >= priced.cost_milli
+
+            done = client.generate_text("Open a mystery set in Lisbon.", user_id=user, max_words=60)
+            assert isinstance(done, Generation) and done.status == "completed"
+            assert done.offline and 0 < done.words <= 60 and done.text
+            assert 0 < done.cost_milli <= done.held_milli
+            assert client.balance(user).available_milli == WELCOME - done.cost_milli
+            with pytest.raises(ValidationFailed):
+                client.estimate(0)
+
+    async def test_async_estimate_names_the_model(self, ku: Ku, creative_key: str):
+        async with AsyncKuClient(ku.url, api_key=creative_key) as client:
+            catalog = await client.models()
+            last = catalog[-1]
+            priced = await client.estimate(100, model=last.id)
+            assert priced.model == last.id
+            assert priced.cost_milli == last.price_per_100_words_milli
+
+
+class TestEnhancement:
+    def test_submit_replay_and_follow_a_task_to_its_end(self, ku: Ku, creative_key: str):
+        user = ku.user()
+        with KuClient(ku.url, api_key=creative_key) as client:
+            photo = client.save_project(
+                "Harbour at dusk", image_data_url(), user_id=user, project_type="image"
+            )
+            task = client.enhance(
+                "lighting", user_id=user, project_code=photo.code, idempotency_key=f"enh-{user}"
+            )
+            assert isinstance(task, EnhancementTask) and not task.replayed
+            assert task.user_id == user and task.enhancement_type == "lighting"
+            again = client.enhance(
+                "lighting", user_id=user, project_code=photo.code, idempotency_key=f"enh-{user}"
+            )
+            assert again.replayed and again.id == task.id  # one task, held once
+
+            for _ in range(240):  # the worker runs it (no provider here: the local enhancer)
+                seen = client.enhancement_task(task.id)
+                if seen.done and seen.settled:
+                    break
+                time.sleep(0.25)
+            else:
+                raise AssertionError(f"task still {seen.status} after 60 s")
+            assert seen.status == "completed" and seen.degraded and seen.result_url
+            balance = client.balance(user)
+            assert balance.held_milli == 0
+            assert balance.available_milli == WELCOME - seen.charged_milli
+            with pytest.raises(NotFound):
+                client.enhancement_task("00000000-0000-0000-0000-000000000000")

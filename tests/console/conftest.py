@@ -57,7 +57,14 @@ def frontend_origin() -> str:
 @contextmanager
 def serve_frontend(port: int = 0) -> Iterator[str]:
     """tests/console/frontend/ served on its own loopback origin (a plain static server)."""
-    handler = functools.partial(_QuietHandler, directory=str(FRONTEND))
+    with serve_directory(FRONTEND, port) as origin:
+        yield origin
+
+
+@contextmanager
+def serve_directory(directory: Path, port: int = 0) -> Iterator[str]:
+    """A directory's files over HTTP on a loopback port: a plain static server."""
+    handler = functools.partial(_QuietHandler, directory=str(directory))
     server = ThreadingHTTPServer(("127.0.0.1", port), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -81,9 +88,9 @@ def frontend(frontend_origin: str) -> Iterator[str]:
         yield origin
 
 
-@pytest.fixture(scope="package")
-def razorpay() -> Iterator[FakeRazorpay]:
-    """The fake Razorpay (tests/ledger/billing), on its own event loop in a thread: the
+@contextmanager
+def razorpay_in_a_thread() -> Iterator[FakeRazorpay]:
+    """The fake Razorpay (tests/ledger/billing), on its own event loop in a thread: a
     suite's ledger talks to it over HTTP, the tests pay orders there."""
     fake = FakeRazorpay(
         key_id="rzp_test_" + secrets.token_hex(6),
@@ -103,6 +110,22 @@ def razorpay() -> Iterator[FakeRazorpay]:
         loop.close()
 
 
+def razorpay_env(fake: FakeRazorpay) -> dict[str, str]:
+    """A suite's settings for the fake Razorpay."""
+    return {
+        "KU_RAZORPAY_KEY_ID": fake.key_id,
+        "KU_RAZORPAY_KEY_SECRET": fake.key_secret,
+        "KU_RAZORPAY_WEBHOOK_SECRET": fake.webhook_secret,
+        "KU_RAZORPAY_BASE_URL": fake.url,
+    }
+
+
+@pytest.fixture(scope="package")
+def razorpay() -> Iterator[FakeRazorpay]:
+    with razorpay_in_a_thread() as fake:
+        yield fake
+
+
 @pytest.fixture(scope="package")
 def ku(ku_database_url: str, frontend_origin: str, razorpay: FakeRazorpay) -> Iterator[Ku]:
     signing = make_signing_key()
@@ -114,10 +137,7 @@ def ku(ku_database_url: str, frontend_origin: str, razorpay: FakeRazorpay) -> It
         "KU_SSO_HS256_SECRET": SSO_SECRET,
         # The frontend's origin, and only it, may call the gateway from a browser.
         "KU_CORS_ORIGINS": frontend_origin,
-        "KU_RAZORPAY_KEY_ID": razorpay.key_id,
-        "KU_RAZORPAY_KEY_SECRET": razorpay.key_secret,
-        "KU_RAZORPAY_WEBHOOK_SECRET": razorpay.webhook_secret,
-        "KU_RAZORPAY_BASE_URL": razorpay.url,
+        **razorpay_env(razorpay),
         # One enhancement provider, so it has a pool (never called: no task runs here).
         "KU_ENHANCEMENT_FAL_URL": "http://127.0.0.1:9/fal",
         "KU_LOG_LEVEL": "WARNING",
@@ -184,6 +204,8 @@ def browser() -> Iterator[Any]:
         "--disable-sync",
     ):
         options.add_argument(flag)
+    # The DevTools network log: what the browser really fetched (test_browser.py).
+    options.set_capability("goog:loggingPrefs", {"performance": "ALL"})
     service = Service(executable_path=shutil.which("chromedriver") or "/usr/bin/chromedriver")
     driver = webdriver.Chrome(options=options, service=service)
     driver.set_page_load_timeout(60)

@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from tests.console.conftest import ARTIFACTS, serve_frontend, sso_token
+from tests.console.screenshots import stamp
 from tests.ku_suite import Ku
 from tests.ledger.billing.fake_razorpay import FakeRazorpay
 
@@ -52,12 +53,45 @@ def wait_text(driver: Any, css: str, text: str, timeout: float = 20) -> None:
         raise AssertionError(f"{text!r} not in {css} on {driver.current_url}") from None
 
 
+def off_site_requests(driver: Any, origin: str) -> list[str]:
+    """Requests to another origin the browser really sent since the last call (DevTools'
+    network log, which the browser fixture turns on): one the page's Content-Security-
+    Policy blocked never leaves the browser and is not counted."""
+    import json
+
+    sent: dict[str, str] = {}
+    blocked = set()
+    for entry in driver.get_log("performance"):
+        message = json.loads(entry["message"])["message"]
+        params = message.get("params", {})
+        if message["method"] == "Network.requestWillBeSent":
+            sent[params["requestId"]] = params["request"]["url"]
+        elif message["method"] == "Network.loadingFailed" and params.get("blockedReason"):
+            blocked.add(params["requestId"])
+    return [
+        url
+        for rid, url in sent.items()
+        if rid not in blocked and not url.startswith((origin, f"blob:{origin}", "data:"))
+    ]
+
+
 def shot(driver: Any, name: str) -> None:
-    # The whole page, not just the window: resize to the document's height first.
+    """The whole page, not just the window (resized to the document's height first), with
+    what the page showed kept in the PNG (tests/console/screenshots.py): the README's copy
+    can then be checked against the templates without a browser."""
     height = driver.execute_script("return document.documentElement.scrollHeight")
     driver.set_window_size(1280, min(max(int(height), 800), 4000))
-    assert driver.save_screenshot(str(ARTIFACTS / f"{name}.png"))
+    path = ARTIFACTS / f"{name}.png"
+    assert driver.save_screenshot(str(path))
     driver.set_window_size(1280, 1000)
+    seen = driver.execute_script(
+        "return {"
+        "nav: [...document.querySelectorAll('header nav a')]"
+        ".map(a => [a.getAttribute('href'), a.textContent.trim()]),"
+        "fields: [...new Set([...document.querySelectorAll('main form [name]')]"
+        ".map(e => e.getAttribute('name')))].sort()}"
+    )
+    stamp(path, name, seen["nav"], seen["fields"])
 
 
 class TestConsoleInChromium:
@@ -105,7 +139,7 @@ class TestConsoleInChromium:
         assert "Granted 7.5 Ku" in flash and "goodwill after the outage" in flash
         journal = browser.find_element(By.ID, "transactions").text
         assert "goodwill after the outage" in journal
-        shot(browser, "user")
+        shot(browser, "user-granted")
 
         browser.find_element(By.LINK_TEXT, "API keys").click()
         row = wait_for(browser, f"#key-{victim_prefix}")
@@ -141,6 +175,14 @@ class TestConsoleInChromium:
         assert browser.find_elements(By.CSS_SELECTOR, "#pool-fal form.refill")
         shot(browser, "providers")
 
+        # The user's page again: the payment, its 10 Ku in the balance (the README's image).
+        browser.find_element(By.CSS_SELECTOR, "form.find input[name=user_id]").send_keys(user)
+        browser.find_element(By.CSS_SELECTOR, "form.find button").click()
+        wait_for(browser, f"#payment-{payment['id']}")
+        assert browser.find_element(By.ID, "available").text == "63.25 Ku"
+        assert "goodwill after the outage" in browser.find_element(By.ID, "transactions").text
+        shot(browser, "user")
+
         # No cookie is readable by scripts, and nothing came from another origin.
         assert browser.execute_script("return document.cookie") == ""
         entries = browser.execute_script(
@@ -171,9 +213,17 @@ class TestConsoleInChromium:
         )
         assert resources and all(r.startswith(ku.url) for r in resources), resources
 
+        off_site_requests(browser, ku.url)
         browser.get(ku.url + "/redoc")
         wait_text(browser, "body", "/v1/ledger/balance", timeout=40)
         shot(browser, "redoc")
+        resources = browser.execute_script(
+            "return performance.getEntriesByType('resource').map(e => e.name)"
+        )
+        assert f"{ku.url}/static/vendor/redoc/redoc.standalone.js" in resources, resources
+        # ReDoc's sidebar asks cdn.redoc.ly for a logo: the page's CSP blocks it, so it
+        # is in the resource list (as a failed fetch) but never sent.
+        assert off_site_requests(browser, ku.url) == []
 
 
 def live_balance_url(origin: str, ku: Ku, user: str) -> str:

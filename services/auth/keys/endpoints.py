@@ -85,7 +85,27 @@ def _created(row: ApiKey, key: str) -> KeyCreated:
     return KeyCreated(**Key.model_validate(row).model_dump(), key=key)
 
 
-@apps_router.post("", status_code=201, response_model=App, responses=ERRORS)
+@apps_router.post(
+    "",
+    summary="Register an app (admin)",
+    status_code=201,
+    response_model=App,
+    responses={
+        **ERRORS,
+        201: {
+            "content": {
+                "application/json": {
+                    "example": {
+                        "name": "storyboard",
+                        "description": "Storyboards from scripts",
+                        "created_at": "2026-11-26T10:34:02Z",
+                        "active_keys": 0,
+                    }
+                }
+            }
+        },
+    },
+)
 async def create_app(body: AppCreate, principal: CurrentPrincipal, session: Session) -> App:
     """Register an app (penora, imagegene, a partner) that will hold API keys."""
     _admin(principal)
@@ -93,7 +113,9 @@ async def create_app(body: AppCreate, principal: CurrentPrincipal, session: Sess
     return App.model_validate(app)
 
 
-@apps_router.get("", response_model=list[App], responses=ERRORS)
+@apps_router.get(
+    "", summary="List the registered apps (admin)", response_model=list[App], responses=ERRORS
+)
 async def list_apps(principal: CurrentPrincipal, session: Session) -> list[App]:
     """Every app, with its number of live keys."""
     _admin(principal)
@@ -103,7 +125,13 @@ async def list_apps(principal: CurrentPrincipal, session: Session) -> list[App]:
     ]
 
 
-@keys_router.post("", status_code=201, response_model=KeyCreated, responses=ERRORS)
+@keys_router.post(
+    "",
+    summary="Create an API key, shown once (admin)",
+    status_code=201,
+    response_model=KeyCreated,
+    responses=ERRORS,
+)
 async def create_key(body: KeyCreate, principal: CurrentPrincipal, session: Session) -> KeyCreated:
     """Issue an API key for an app. The key is in this response only: store it now."""
     _admin(principal)
@@ -118,7 +146,7 @@ async def create_key(body: KeyCreate, principal: CurrentPrincipal, session: Sess
     return _created(row, key)
 
 
-@keys_router.get("", response_model=list[Key], responses=ERRORS)
+@keys_router.get("", summary="List API keys (admin)", response_model=list[Key], responses=ERRORS)
 async def list_keys(
     principal: CurrentPrincipal, session: Session, app: AppName | None = None
 ) -> list[Key]:
@@ -127,21 +155,31 @@ async def list_keys(
     return [Key.model_validate(k) for k in await keys.list_keys(session, app)]
 
 
-@keys_router.get("/{prefix}", response_model=Key, responses=ERRORS)
+@keys_router.get(
+    "/{prefix}", summary="One API key, by its prefix (admin)", response_model=Key, responses=ERRORS
+)
 async def get_key(prefix: Prefix, principal: CurrentPrincipal, session: Session) -> Key:
     """One key by its prefix (never the secret)."""
     _admin(principal)
     return Key.model_validate(await keys.get_key(session, prefix))
 
 
-@keys_router.post("/{prefix}/revoke", response_model=Key, responses=ERRORS)
+@keys_router.post(
+    "/{prefix}/revoke", summary="Revoke an API key (admin)", response_model=Key, responses=ERRORS
+)
 async def revoke_key(prefix: Prefix, principal: CurrentPrincipal, session: Session) -> Key:
     """Revoke a key now; gateways drop it within seconds. Revoking twice is harmless."""
     _admin(principal)
     return Key.model_validate(await keys.revoke(session, prefix))
 
 
-@keys_router.post("/{prefix}/rotate", status_code=201, response_model=KeyRotated, responses=ERRORS)
+@keys_router.post(
+    "/{prefix}/rotate",
+    summary="Rotate an API key, with an overlap (admin)",
+    status_code=201,
+    response_model=KeyRotated,
+    responses=ERRORS,
+)
 async def rotate_key(
     prefix: Prefix,
     principal: CurrentPrincipal,

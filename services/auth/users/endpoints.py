@@ -52,7 +52,24 @@ ERRORS = error_responses(
     "",
     status_code=201,
     response_model=UserCreated,
-    responses={**ERRORS, 200: {"description": "The user already existed; returned unchanged"}},
+    summary="Create a user (idempotent)",
+    responses={
+        201: {
+            "content": {
+                "application/json": {
+                    "example": {
+                        "user_id": "101902121794505144784",
+                        "username": "maria",
+                        "email": "maria@example.com",
+                        "created_at": "2026-11-26T10:34:02Z",
+                        "created": True,
+                    }
+                }
+            }
+        },
+        **ERRORS,
+        200: {"description": "The user already existed; returned unchanged"},
+    },
 )
 async def create_user(
     body: UserCreate, principal: CurrentPrincipal, session: Session, response: Response
@@ -88,7 +105,26 @@ async def create_user(
     )
 
 
-@router.get("/{user_id}", response_model=User, responses=ERRORS)
+@router.get(
+    "/{user_id}",
+    response_model=User,
+    summary="A user's profile",
+    responses={
+        **ERRORS,
+        200: {
+            "content": {
+                "application/json": {
+                    "example": {
+                        "user_id": "101902121794505144784",
+                        "username": "maria",
+                        "email": "maria@example.com",
+                        "created_at": "2026-11-26T10:34:02Z",
+                    }
+                }
+            }
+        },
+    },
+)
 async def get_user(user_id: UserId, principal: CurrentPrincipal, session: Session) -> User:
     """A user's profile (apps with `users:write`, admins, or the user's own token)."""
     if principal.kind == "user":
@@ -98,7 +134,21 @@ async def get_user(user_id: UserId, principal: CurrentPrincipal, session: Sessio
     return User.model_validate(await users.get(session, user_id))
 
 
-@router.post("/{user_id}/apps", response_model=UserApps, responses=ERRORS)
+@router.post(
+    "/{user_id}/apps",
+    summary="Link a user to an app",
+    response_model=UserApps,
+    responses={
+        **ERRORS,
+        200: {
+            "content": {
+                "application/json": {
+                    "example": {"user_id": "101902121794505144784", "apps": ["penora"]}
+                }
+            }
+        },
+    },
+)
 async def link_app(
     user_id: UserId, body: AppLinkIn, principal: CurrentPrincipal, session: Session
 ) -> UserApps:
@@ -109,7 +159,21 @@ async def link_app(
     return UserApps(user_id=user_id, apps=await users.apps(session, user_id))
 
 
-@router.get("/{user_id}/apps", response_model=UserApps, responses=ERRORS)
+@router.get(
+    "/{user_id}/apps",
+    summary="The apps a user is linked to",
+    response_model=UserApps,
+    responses={
+        **ERRORS,
+        200: {
+            "content": {
+                "application/json": {
+                    "example": {"user_id": "101902121794505144784", "apps": ["penora"]}
+                }
+            }
+        },
+    },
+)
 async def list_apps(user_id: UserId, principal: CurrentPrincipal, session: Session) -> UserApps:
     """The apps a user is linked to (admins, or the user's own token)."""
     if principal.kind == "user":

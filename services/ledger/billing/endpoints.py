@@ -117,7 +117,46 @@ async def _may(operation: str, principal: Principal, billing: Billing, user_id: 
     permit.check_user(user_id, linked)
 
 
-@router.get("/catalog", response_model=Catalog, responses=ERRORS)
+@router.get(
+    "/catalog",
+    summary="What can be bought: top-ups and subscriptions",
+    response_model=Catalog,
+    responses={
+        **ERRORS,
+        200: {
+            "content": {
+                "application/json": {
+                    "example": {
+                        "items": [
+                            {
+                                "id": "lite_monthly",
+                                "kind": "plan",
+                                "name": "Lite (monthly)",
+                                "credits": 500,
+                                "price": 2000,
+                                "currency": "USD",
+                                "period": "month",
+                                "active": True,
+                                "updated_at": "2026-11-26T10:33:52Z",
+                            },
+                            {
+                                "id": "pro_monthly",
+                                "kind": "plan",
+                                "name": "Pro (monthly)",
+                                "credits": 1500,
+                                "price": 5000,
+                                "currency": "USD",
+                                "period": "month",
+                                "active": True,
+                                "updated_at": "2026-11-26T10:33:52Z",
+                            },
+                        ]
+                    }
+                }
+            }
+        },
+    },
+)
 async def get_catalog(
     principal: CurrentPrincipal,
     billing: BillingDep,
@@ -130,7 +169,12 @@ async def get_catalog(
     return Catalog(items=[item_out(r) for r in rows])
 
 
-@router.put("/catalog/{item_id}", response_model=CatalogItem, responses=ERRORS)
+@router.put(
+    "/catalog/{item_id}",
+    summary="Create or change a catalog item (admin)",
+    response_model=CatalogItem,
+    responses=ERRORS,
+)
 async def put_catalog_item(
     item_id: ItemId, body: CatalogItemPut, principal: CurrentPrincipal, billing: BillingDep
 ) -> CatalogItem:
@@ -148,7 +192,33 @@ async def put_catalog_item(
     return item_out(await billing.put_item(item_id, values))
 
 
-@router.post("/orders", status_code=201, response_model=Order, responses=ERRORS)
+@router.post(
+    "/orders",
+    summary="Start buying a top-up (a Razorpay order)",
+    status_code=201,
+    response_model=Order,
+    responses={
+        **ERRORS,
+        201: {
+            "content": {
+                "application/json": {
+                    "example": {
+                        "order_id": "kuord_4296f649961445439eb369f740402bec",
+                        "razorpay_order_id": "order_dcdroPFOzfnu08",
+                        "user_id": "101902121794505144784",
+                        "item": "topup_25",
+                        "credits": 25,
+                        "amount": 300,
+                        "currency": "USD",
+                        "key_id": "rzp_test_10f228c57614",
+                        "status": "created",
+                        "created_at": "2026-11-26T10:45:13Z",
+                    }
+                }
+            }
+        },
+    },
+)
 async def create_order(
     body: OrderCreate, principal: CurrentPrincipal, billing: BillingDep
 ) -> Order:
@@ -171,6 +241,7 @@ async def create_order(
 
 @router.post(
     "/verify",
+    summary="Confirm a checkout payment",
     response_model=VerifyResult,
     responses={
         **ERRORS,
@@ -213,7 +284,34 @@ async def verify_payment(
     )
 
 
-@router.post("/subscriptions", status_code=201, response_model=Subscription, responses=ERRORS)
+@router.post(
+    "/subscriptions",
+    summary="Start a subscription (at Razorpay)",
+    status_code=201,
+    response_model=Subscription,
+    responses={
+        **ERRORS,
+        201: {
+            "content": {
+                "application/json": {
+                    "example": {
+                        "subscription_id": "kusub_798b761d26b74859a821decc2a809346",
+                        "razorpay_subscription_id": "sub_YufQY2fEUtGKFv",
+                        "user_id": "101902121794505144784",
+                        "item": "pro_monthly",
+                        "credits": 1500,
+                        "amount": 5000,
+                        "currency": "USD",
+                        "period": "month",
+                        "key_id": "rzp_test_10f228c57614",
+                        "status": "created",
+                        "created_at": "2026-11-26T10:45:13Z",
+                    }
+                }
+            }
+        },
+    },
+)
 async def create_subscription(
     body: SubscriptionCreate, principal: CurrentPrincipal, billing: BillingDep
 ) -> Subscription:
@@ -237,8 +335,20 @@ async def create_subscription(
 
 @router.post(
     "/webhooks/razorpay",
+    summary="Razorpay's webhook",
     response_model=WebhookAck,
     responses={
+        200: {
+            "content": {
+                "application/json": {
+                    "example": {
+                        "status": "processed",
+                        "event": "payment.captured",
+                        "outcome": "granted",
+                    }
+                }
+            }
+        },
         202: {"description": "A refund whose payment is not known yet: kept and retried"},
         **error_responses(
             {
@@ -279,7 +389,7 @@ async def razorpay_webhook(
     return ack
 
 
-@router.get("/payments", response_model=PaymentPage, responses=ERRORS)
+@router.get("/payments", summary="A user's payments", response_model=PaymentPage, responses=ERRORS)
 async def list_payments(
     user_id: UserId,
     principal: CurrentPrincipal,
@@ -292,7 +402,15 @@ async def list_payments(
     return PaymentPage(items=[payment_out(r) for r in rows])
 
 
-@router.get("/revenue", response_model=Revenue, responses=ERRORS)
+@router.get(
+    "/revenue",
+    summary="A month's revenue by currency",
+    response_model=Revenue,
+    responses={
+        **ERRORS,
+        200: {"content": {"application/json": {"example": {"month": "2026-11", "items": []}}}},
+    },
+)
 async def get_revenue(
     principal: CurrentPrincipal,
     billing: BillingDep,
@@ -307,7 +425,12 @@ async def get_revenue(
     return await billing.revenue(month)
 
 
-@router.get("/alerts", response_model=AlertPage, responses=ERRORS)
+@router.get(
+    "/alerts",
+    summary="Payments that need a human (admin)",
+    response_model=AlertPage,
+    responses=ERRORS,
+)
 async def list_alerts(
     principal: CurrentPrincipal,
     billing: BillingDep,
