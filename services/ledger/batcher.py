@@ -1,9 +1,16 @@
 """Group commit: concurrent ledger operations share one transaction and one round trip.
 
 Every request hands its operation to `GroupCommitter.submit()`. Up to
-`max_inflight` flushers run at once; each takes whatever is queued (at most
-`max_ops`), sorts it by user so concurrent batches lock wallets in the same
-order, and calls `ledger.apply_batch()` once.
+`max_inflight` flushers run at once; each takes what is queued (at most `max_ops`),
+sorts it by user so concurrent batches lock wallets in the same order, and calls
+`ledger.apply_batch()` once.
+
+A user (a hold, a transaction) is in at most one in-flight batch of this process: an
+operation whose user is in a batch being applied waits in the queue for the next one.
+Two batches holding the same user would only wait for each other's wallet lock
+(Postgres applies them one after the other anyway); waiting in the queue instead lets
+one busy user's operations gather into one larger batch, one commit for all of them
+(bench/ledger.py, "http debit, hot user"). Operations of the same user keep their order.
 
 Failure isolation, innermost first:
 - business failures come back as results, so they never abort a batch;
@@ -65,6 +72,8 @@ class GroupCommitter:
         self.max_inflight = max_inflight
         self._queue: deque[Item] = deque()
         self._inflight = 0
+        # Lock keys (`_lock_key`) of the operations in the batches being applied.
+        self._busy: set[str] = set()
 
     async def submit(self, op: dict[str, Any]) -> dict[str, Any]:
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
@@ -106,11 +115,33 @@ class GroupCommitter:
 
     async def _flush(self) -> None:
         try:
-            while self._queue:
-                batch = [self._queue.popleft() for _ in range(min(self.max_ops, len(self._queue)))]
-                await self._run(batch)
+            while batch := self._take():
+                keys = {key for op, _ in batch if (key := _lock_key(op))}
+                self._busy |= keys
+                try:
+                    await self._run(batch)
+                finally:
+                    self._busy -= keys
         finally:
             self._inflight -= 1
+            # Operations left for a busy user, with no flusher to take them: start one.
+            if self._queue and self._inflight == 0:
+                self._inflight += 1
+                asyncio.create_task(self._flush())
+
+    def _take(self) -> list[Item]:
+        """The next batch: up to `max_ops` queued operations, in queue order, none of
+        whose users is in a batch being applied (those stay queued, in order)."""
+        queue = self._queue
+        if not self._busy:
+            return [queue.popleft() for _ in range(min(self.max_ops, len(queue)))]
+        batch: list[Item] = []
+        kept: list[Item] = []
+        while queue and len(batch) < self.max_ops:
+            item = queue.popleft()
+            (batch if _lock_key(item[0]) not in self._busy else kept).append(item)
+        queue.extendleft(reversed(kept))
+        return batch
 
     async def _run(self, batch: list[Item]) -> None:
         batch.sort(key=lambda item: _lock_key(item[0]))

@@ -57,6 +57,59 @@ async def available(pool: asyncpg.Pool, user: str) -> int:
     return await pool.fetchval("SELECT ledger._available($1)", user)
 
 
+class RecordingCommitter(GroupCommitter):
+    """Records each `apply_batch` statement's users, and which ran at the same time."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.running: list[set[str]] = []
+        self.overlaps: list[set[str]] = []
+        self.batches: list[list[str]] = []
+
+    async def _execute(self, ops: list[bytes]) -> list[dict[str, Any]]:
+        import orjson
+
+        decoded = [orjson.loads(op) for op in ops]
+        users = {op["user_id"] for op in decoded}
+        for other in self.running:
+            if users & other:
+                self.overlaps.append(users & other)
+        self.running.append(users)
+        self.batches.append([op["key"] for op in decoded])
+        try:
+            return await super()._execute(ops)
+        finally:
+            self.running.remove(users)
+
+
+class TestOneBatchPerUser:
+    async def test_a_busy_user_waits_for_the_next_batch_in_order(self, pool):
+        (hot,) = await open_users(pool, 1, 1_000_000)
+        others = await open_users(pool, 8, 1_000_000)
+        committer = RecordingCommitter(pool, max_ops=64, max_inflight=3)
+        hot_ops = [debit(hot, 1) for _ in range(60)]
+        other_ops = [debit(others[i % 8], 1) for i in range(40)]
+
+        async def submit_later(op: dict[str, Any], delay: float) -> dict[str, Any]:
+            await asyncio.sleep(delay)
+            return await committer.submit(op)
+
+        # Arriving over ~30 ms, as requests do: several batches are in flight at once.
+        results = await asyncio.gather(
+            *(submit_later(op, i * 0.0005) for i, op in enumerate(hot_ops)),
+            *(submit_later(op, i * 0.0007) for i, op in enumerate(other_ops)),
+        )
+        assert [r["status"] for r in results] == [201] * 100, results
+        assert committer.overlaps == []  # the hot user was never in two batches at once
+        assert len(committer.batches) < 60  # ... so its debits shared statements
+        hot_keys = [op["key"] for op in hot_ops]
+        applied = [key for batch in committer.batches for key in batch if key in set(hot_keys)]
+        assert applied == hot_keys  # in the order they came
+        assert await available(pool, hot) == 1_000_000 - 60
+        for user in others:
+            assert await available(pool, user) == 1_000_000 - 5
+
+
 class TestIsolation:
     async def test_a_poisoned_op_fails_alone_in_its_batch(self, pool):
         users = await open_users(pool, 6, 10_000)
