@@ -10,6 +10,7 @@ from typing import Any
 
 import asyncpg
 import httpx
+import orjson
 import pytest
 
 from services.kit.db import plain_url
@@ -67,8 +68,6 @@ class RecordingCommitter(GroupCommitter):
         self.batches: list[list[str]] = []
 
     async def _execute(self, ops: list[bytes]) -> list[dict[str, Any]]:
-        import orjson
-
         decoded = [orjson.loads(op) for op in ops]
         users = {op["user_id"] for op in decoded}
         for other in self.running:
@@ -231,3 +230,55 @@ class TestTerminatedConnections:
             assert charged == 30
             assert await admin_conn.fetchval("SELECT ledger._available($1)", user) == 70_000
         await admin_conn.close()
+
+
+class TestLockOrder:
+    async def test_a_batch_locks_every_wallet_it_names_before_applying(self, pool):
+        """A batch takes its users' wallet locks first, in user order (migration 0007),
+        whatever order its operations come in: here a capture of user B's hold comes
+        before a debit of user A, and B's wallet is held by someone else. The batch
+        must already hold A's wallet while it waits for B's; batches taking their locks
+        as their operations come could otherwise deadlock (a second lost to it)."""
+        a, b = sorted(await open_users(pool, 2, 10_000))
+        committer = GroupCommitter(pool)
+        held = await committer.submit(
+            {"op": "reserve", "user_id": b, "amount": 1_000, "app": "penora", "ttl_seconds": 60,
+             "auth": AUTH, "key": uuid.uuid4().hex, "scope": "test", "hash": "h"}
+        )  # fmt: skip
+        assert held["status"] == 201, held
+        capture = {
+            "op": "capture",
+            "hold_id": held["body"]["hold"]["id"],
+            "amount": 500,
+            "auth": AUTH,
+            "key": uuid.uuid4().hex,
+            "scope": "test",
+            "hash": "h",
+        }
+        batch = orjson.dumps([capture, debit(a, 1_000)]).decode()
+        async with pool.acquire() as blocker, pool.acquire() as batcher, pool.acquire() as probe:
+            tx = blocker.transaction()
+            await tx.start()
+            await blocker.execute("SELECT 1 FROM ledger.wallets WHERE user_id = $1 FOR UPDATE", b)
+            applying = asyncio.create_task(
+                batcher.fetchval("SELECT ledger.apply_batch($1::json)::text", batch)
+            )
+            pid = batcher.get_server_pid()
+            for _ in range(200):  # until the batch waits for B's wallet
+                waiting = await probe.fetchval(
+                    "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = $1", pid
+                )
+                if waiting:
+                    break
+                await asyncio.sleep(0.01)
+            assert waiting
+            async with probe.transaction():
+                with pytest.raises(asyncpg.LockNotAvailableError):
+                    await probe.execute(
+                        "SELECT 1 FROM ledger.wallets WHERE user_id = $1 FOR UPDATE NOWAIT", a
+                    )
+            await tx.rollback()
+            results = orjson.loads(await applying)
+        assert [r["status"] for r in results] == [200, 201], results
+        assert await available(pool, a) == 9_000
+        assert await available(pool, b) == 9_500

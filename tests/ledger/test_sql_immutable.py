@@ -31,6 +31,7 @@ RELEASED = {
     "0003_billing.sql": "69e5acace461a5077db267360b7599fa233dbdca76bbce7322154977d45cd314",
     "0004_money_rules.sql": "ccd32bc3a0911d153de36b729f459619b94fa442c1c8e72eba5e212a87c9efd0",
     "0005_lean_debits.sql": "ffbaffd3a2b19e702a7703d40b03652fd763f394d2a6ac06391f68e582194eea",
+    "0006_debit_path.sql": "566d5bdae3a460c6842d8a1a8e1d6b807a6b2fa4d41de05c73ed6e8cb1c11880",
 }
 
 _FUNCTION = re.compile(
