@@ -12,11 +12,13 @@
 -- another. Postgres breaks such a deadlock after `deadlock_timeout` (1 s) by failing one
 -- statement, which the committer then retries operation by operation: no money is
 -- wrong, but every operation in both batches waits a second (seen under
--- bench/generation.py's 64 streams). Now `apply_batch` first locks the wallets of every
--- user its operations name (a hold's and a refunded transaction's user looked up), in
--- one statement, in byte order of the user id (`COLLATE "C"`, the order the committer
--- sorts in): every batch takes its locks in the same order, so batches cannot deadlock
--- with each other. No rule changes.
+-- bench/generation.py's 64 streams). Now `apply_batch`, when a batch holds an operation
+-- keyed by a hold or a transaction, first locks the wallets of every user its
+-- operations name (the hold's or the refunded transaction's user looked up), in one
+-- statement, in byte order of the user id (`COLLATE "C"`); every other batch comes
+-- sorted by user in that same order from the committer (a row lock writes the row: it is
+-- not taken twice where it is not needed). Batches so take their locks in one order and
+-- cannot deadlock with each other. No rule changes.
 
 -- Many operations in one transaction (group commit). First the wallets of every user
 -- the batch names are locked, in user order (above). Then all of them in ONE
@@ -51,20 +53,25 @@ BEGIN
   -- wallet, and fails alone below if it must.
   IF json_array_length(ops) > 1 THEN
     BEGIN
-      PERFORM 1 FROM ledger.wallets
-       WHERE user_id IN (
-               SELECT e->>'user_id' FROM json_array_elements(ops) e
-             UNION
-               SELECT h.user_id FROM ledger.holds h
-                WHERE h.id IN (SELECT (e->>'hold_id')::uuid FROM json_array_elements(ops) e
-                                WHERE e->>'hold_id' ~ '^[0-9a-fA-F-]{32,36}$')
-             UNION
-               SELECT t.user_id FROM ledger.transactions t
-                WHERE t.id IN (SELECT (e->>'transaction_id')::bigint
-                                 FROM json_array_elements(ops) e
-                                WHERE e->>'transaction_id' ~ '^[0-9]{1,18}$'))
-       ORDER BY user_id COLLATE "C"
-         FOR UPDATE;
+      -- Only a batch with an operation keyed by a hold or a transaction: the committer
+      -- already sends every other batch sorted by user, in this same byte order.
+      IF EXISTS (SELECT 1 FROM json_array_elements(ops) e
+                  WHERE e->>'hold_id' IS NOT NULL OR e->>'transaction_id' IS NOT NULL) THEN
+        PERFORM 1 FROM ledger.wallets
+         WHERE user_id IN (
+                 SELECT e->>'user_id' FROM json_array_elements(ops) e
+               UNION
+                 SELECT h.user_id FROM ledger.holds h
+                  WHERE h.id IN (SELECT (e->>'hold_id')::uuid FROM json_array_elements(ops) e
+                                  WHERE e->>'hold_id' ~ '^[0-9a-fA-F-]{32,36}$')
+               UNION
+                 SELECT t.user_id FROM ledger.transactions t
+                  WHERE t.id IN (SELECT (e->>'transaction_id')::bigint
+                                   FROM json_array_elements(ops) e
+                                  WHERE e->>'transaction_id' ~ '^[0-9]{1,18}$'))
+         ORDER BY user_id COLLATE "C"
+           FOR UPDATE;
+      END IF;
     EXCEPTION WHEN OTHERS THEN
       GET STACKED DIAGNOSTICS v_state = RETURNED_SQLSTATE;
       IF v_state LIKE '40%' THEN
