@@ -48,30 +48,30 @@ DECLARE
   v_done boolean := false;
 BEGIN
   -- The wallets of every user the batch names, locked in one order before anything
-  -- else. A value that cannot be read here (text jsonb refuses, an id that does not
-  -- parse) leaves the batch without advance locks: each operation still locks its own
-  -- wallet, and fails alone below if it must.
-  IF json_array_length(ops) > 1 THEN
+  -- else, when the batch holds an operation keyed by a hold or a transaction: the
+  -- committer already sends every other batch sorted by user, in this same byte order.
+  -- (Those keys are looked for in the text, and first: parsing the batch's JSON for
+  -- them cost 5 % of a debit.) A value that cannot be read here (text jsonb refuses, an
+  -- id that does not parse) leaves the batch without advance locks: each operation
+  -- still locks its own wallet, and fails alone below if it must.
+  IF (strpos(ops::text, '"hold_id"') > 0 OR strpos(ops::text, '"transaction_id"') > 0)
+     AND json_array_length(ops) > 1
+  THEN
     BEGIN
-      -- Only a batch with an operation keyed by a hold or a transaction: the committer
-      -- already sends every other batch sorted by user, in this same byte order.
-      IF EXISTS (SELECT 1 FROM json_array_elements(ops) e
-                  WHERE e->>'hold_id' IS NOT NULL OR e->>'transaction_id' IS NOT NULL) THEN
-        PERFORM 1 FROM ledger.wallets
-         WHERE user_id IN (
-                 SELECT e->>'user_id' FROM json_array_elements(ops) e
-               UNION
-                 SELECT h.user_id FROM ledger.holds h
-                  WHERE h.id IN (SELECT (e->>'hold_id')::uuid FROM json_array_elements(ops) e
-                                  WHERE e->>'hold_id' ~ '^[0-9a-fA-F-]{32,36}$')
-               UNION
-                 SELECT t.user_id FROM ledger.transactions t
-                  WHERE t.id IN (SELECT (e->>'transaction_id')::bigint
-                                   FROM json_array_elements(ops) e
-                                  WHERE e->>'transaction_id' ~ '^[0-9]{1,18}$'))
-         ORDER BY user_id COLLATE "C"
-           FOR UPDATE;
-      END IF;
+      PERFORM 1 FROM ledger.wallets
+       WHERE user_id IN (
+               SELECT e->>'user_id' FROM json_array_elements(ops) e
+             UNION
+               SELECT h.user_id FROM ledger.holds h
+                WHERE h.id IN (SELECT (e->>'hold_id')::uuid FROM json_array_elements(ops) e
+                                WHERE e->>'hold_id' ~ '^[0-9a-fA-F-]{32,36}$')
+             UNION
+               SELECT t.user_id FROM ledger.transactions t
+                WHERE t.id IN (SELECT (e->>'transaction_id')::bigint
+                                 FROM json_array_elements(ops) e
+                                WHERE e->>'transaction_id' ~ '^[0-9]{1,18}$'))
+       ORDER BY user_id COLLATE "C"
+         FOR UPDATE;
     EXCEPTION WHEN OTHERS THEN
       GET STACKED DIAGNOSTICS v_state = RETURNED_SQLSTATE;
       IF v_state LIKE '40%' THEN
