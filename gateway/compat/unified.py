@@ -123,6 +123,31 @@ async def _workspace_storage(
     return body if status == 200 and isinstance(body, dict) else None
 
 
+# The old clients' transaction listing example: two of Penora's (both lists show them).
+_EXAMPLE_TRANSACTIONS = [
+    {
+        "id": 17,
+        "type": "debit",
+        "app_name": "penora",
+        "amount": 2,
+        "credits_change": -2,
+        "description": "Story chapter",
+        "project_code": "PN1234",
+        "timestamp": "2026-11-26T10:34:03Z",
+    },
+    {
+        "id": 16,
+        "type": "release",
+        "app_name": "penora",
+        "amount": 0,
+        "credits_change": 2,
+        "description": "Image enhancement (lighting)",
+        "project_code": "enhancement:ffa6a6b6-8be2-5527-99b4-7c99c133c693",
+        "timestamp": "2026-11-26T10:34:02Z",
+    },
+]
+
+
 def register(router: APIRouter) -> None:
     @router.get(
         "/user-info",
@@ -249,52 +274,8 @@ def register(router: APIRouter) -> None:
                     "application/json": {
                         "example": {
                             "success": True,
-                            "all_transactions": [
-                                {
-                                    "id": 17,
-                                    "type": "debit",
-                                    "app_name": "penora",
-                                    "amount": 2,
-                                    "credits_change": -2,
-                                    "description": "Story chapter",
-                                    "project_code": "PN1234",
-                                    "timestamp": "2026-11-26T10:34:03Z",
-                                },
-                                {
-                                    "id": 16,
-                                    "type": "release",
-                                    "app_name": "penora",
-                                    "amount": 0,
-                                    "credits_change": 2,
-                                    "description": "Image enhancement (lighting)",
-                                    "project_code": "enhancement:"
-                                    "ffa6a6b6-8be2-5527-99b4-7c99c133c693",
-                                    "timestamp": "2026-11-26T10:34:02Z",
-                                },
-                            ],
-                            "penora_transactions": [
-                                {
-                                    "id": 17,
-                                    "type": "debit",
-                                    "app_name": "penora",
-                                    "amount": 2,
-                                    "credits_change": -2,
-                                    "description": "Story chapter",
-                                    "project_code": "PN1234",
-                                    "timestamp": "2026-11-26T10:34:03Z",
-                                },
-                                {
-                                    "id": 16,
-                                    "type": "release",
-                                    "app_name": "penora",
-                                    "amount": 0,
-                                    "credits_change": 2,
-                                    "description": "Image enhancement (lighting)",
-                                    "project_code": "enhancement:"
-                                    "ffa6a6b6-8be2-5527-99b4-7c99c133c693",
-                                    "timestamp": "2026-11-26T10:34:02Z",
-                                },
-                            ],
+                            "all_transactions": _EXAMPLE_TRANSACTIONS,
+                            "penora_transactions": _EXAMPLE_TRANSACTIONS,
                             "imagegene_transactions": [],
                             "total_count": 2,
                         }

@@ -52,6 +52,37 @@ class SaveProject(BaseModel):
     metadata: JsonObject | None = None
 
 
+# The old clients' project listing example: one image and one story (both Penora's).
+_EXAMPLE_PROJECTS = [
+    {
+        "code": "ZYQ3CT",
+        "project_code": "ZYQ3CT",
+        "title": "Harbour at dusk",
+        "app_source": "penora",
+        "project_type": "image",
+        "content_type": "image/png",
+        "size_bytes": 155,
+        "size_mb": 0.0001,
+        "metadata": {},
+        "created_at": "2026-11-26T10:34:02Z",
+        "updated_at": "2026-11-26T10:34:02Z",
+    },
+    {
+        "code": "JEC99W",
+        "project_code": "JEC99W",
+        "title": "The Lighthouse Keeper (draft 2)",
+        "app_source": "penora",
+        "project_type": "story",
+        "content_type": "text/markdown",
+        "size_bytes": 99,
+        "size_mb": 0.0001,
+        "metadata": {"words": 12},
+        "created_at": "2026-11-26T10:34:02Z",
+        "updated_at": "2026-11-26T10:34:02Z",
+    },
+]
+
+
 def _upstreams(request: Request) -> Upstreams:
     return request.app.state.gateway.upstreams
 
@@ -231,62 +262,8 @@ def register(router: APIRouter) -> None:
                     "application/json": {
                         "example": {
                             "success": True,
-                            "all_projects": [
-                                {
-                                    "code": "ZYQ3CT",
-                                    "project_code": "ZYQ3CT",
-                                    "title": "Harbour at dusk",
-                                    "app_source": "penora",
-                                    "project_type": "image",
-                                    "content_type": "image/png",
-                                    "size_bytes": 155,
-                                    "size_mb": 0.0001,
-                                    "metadata": {},
-                                    "created_at": "2026-11-26T10:34:02Z",
-                                    "updated_at": "2026-11-26T10:34:02Z",
-                                },
-                                {
-                                    "code": "JEC99W",
-                                    "project_code": "JEC99W",
-                                    "title": "The Lighthouse Keeper (draft 2)",
-                                    "app_source": "penora",
-                                    "project_type": "story",
-                                    "content_type": "text/markdown",
-                                    "size_bytes": 99,
-                                    "size_mb": 0.0001,
-                                    "metadata": {"words": 12},
-                                    "created_at": "2026-11-26T10:34:02Z",
-                                    "updated_at": "2026-11-26T10:34:02Z",
-                                },
-                            ],
-                            "penora_projects": [
-                                {
-                                    "code": "ZYQ3CT",
-                                    "project_code": "ZYQ3CT",
-                                    "title": "Harbour at dusk",
-                                    "app_source": "penora",
-                                    "project_type": "image",
-                                    "content_type": "image/png",
-                                    "size_bytes": 155,
-                                    "size_mb": 0.0001,
-                                    "metadata": {},
-                                    "created_at": "2026-11-26T10:34:02Z",
-                                    "updated_at": "2026-11-26T10:34:02Z",
-                                },
-                                {
-                                    "code": "JEC99W",
-                                    "project_code": "JEC99W",
-                                    "title": "The Lighthouse Keeper (draft 2)",
-                                    "app_source": "penora",
-                                    "project_type": "story",
-                                    "content_type": "text/markdown",
-                                    "size_bytes": 99,
-                                    "size_mb": 0.0001,
-                                    "metadata": {"words": 12},
-                                    "created_at": "2026-11-26T10:34:02Z",
-                                    "updated_at": "2026-11-26T10:34:02Z",
-                                },
-                            ],
+                            "all_projects": _EXAMPLE_PROJECTS,
+                            "penora_projects": _EXAMPLE_PROJECTS,
                             "imagegene_projects": [],
                             "total_count": 2,
                             "penora_count": 2,
