@@ -5,7 +5,6 @@ setup uses the `ku` command line, as an operator would."""
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -48,9 +47,6 @@ def e2e(ku_database_url: str) -> Iterator[E2E]:
     env = {
         **os.environ,
         "KU_DATABASE_URL": ku_database_url,
-        # Its own bus: this suite lives for the whole run, and a ledger of another suite
-        # in the same consumer group would take some of this suite's auth events.
-        "KU_BUS_PREFIX": f"{os.environ['KU_BUS_PREFIX']}.e2e{uuid.uuid4().hex[:8]}",
         "KU_AUTH_PRIVATE_KEY": signing.private_pem,
         "KU_AUTH_KEY_ID": signing.kid,
         "KU_SSO_HS256_SECRET": SSO_SECRET,

@@ -193,9 +193,6 @@ def gen(ku_database_url: str, fake: FakeProvider) -> Iterator[Env]:
     env = {
         **os.environ,
         "KU_DATABASE_URL": ku_database_url,
-        # Its own bus: this suite lives for the whole run, and a ledger of another suite
-        # in the same consumer group would take some of this suite's auth events.
-        "KU_BUS_PREFIX": f"{os.environ['KU_BUS_PREFIX']}.gen{uuid.uuid4().hex[:8]}",
         "KU_AUTH_PRIVATE_KEY": signing.private_pem,
         "KU_AUTH_KEY_ID": signing.kid,
         "KU_LOG_LEVEL": "WARNING",
