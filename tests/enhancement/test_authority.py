@@ -43,7 +43,8 @@ async def link(enh: Enh, user: str, partner: str) -> None:
         r = await gw.post(f"/v1/users/{user}/apps", json={"app": "partnerx"})
         assert r.status_code == 200, r.text
     async with enh.client(partner) as gw:
-        for _ in range(300):
+        # Up to 90 s: see tests/generation/conftest.py `Env.link`.
+        for _ in range(900):
             r = await gw.get("/v1/ledger/balance", params={"user_id": user})
             if r.status_code == 200:
                 return
