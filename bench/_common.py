@@ -218,13 +218,16 @@ class RawHTTPConnection:
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds a process (and its reaped children) used so far (Linux)."""
+    """User + system CPU seconds a process, its reaped children and its live ones
+    (uvicorn's workers) used so far (Linux /proc): unlike wall time, it does not grow
+    while a process waits for a core others hold. 0 for a process that is gone."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
     except OSError:
         return 0.0
     ticks = sum(int(f) for f in fields[11:15])  # utime stime cutime cstime
-    return ticks / os.sysconf("SC_CLK_TCK")
+    return ticks / os.sysconf("SC_CLK_TCK") + sum(cpu_seconds(int(c)) for c in children)
 
 
 class CpuMeter:

@@ -53,6 +53,7 @@ from bench._common import (  # noqa: E402
     RawHTTPConnection,
     Result,
     ScratchDatabase,
+    cpu_seconds,
     free_port,
     load,
     start_service,
@@ -75,19 +76,6 @@ PROCESSES = int(os.environ.get("KU_LEDGER_PROCESSES", "2"))
 BENCH_AUTH = {"user": "any", "owner": "app:bench", "holds": "*", "charges": "*"}
 
 
-def _cpu_seconds(pid: int) -> float:
-    """CPU time (user + system) process `pid` and its live children (uvicorn's workers)
-    have used (Linux /proc): unlike wall time, it does not grow while a process waits
-    for a core others hold."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    except OSError:  # a server on another host or in a container: no CPU figure
-        return float("nan")
-    return own + sum(_cpu_seconds(int(child)) for child in children)
-
-
 class ServiceCPU:
     """The ledger process's CPU per debit over a case: from before its first request
     until the outbox relay has published the case's last event (so the relay's work,
@@ -107,7 +95,7 @@ class ServiceCPU:
             self.debits = await self._debits(conn)
         finally:
             await conn.close()
-        self.cpu = _cpu_seconds(self.pid)
+        self.cpu = cpu_seconds(self.pid)
 
     async def stop(self) -> str:
         conn = await asyncpg.connect(self.dsn)
@@ -116,7 +104,7 @@ class ServiceCPU:
                 if not await conn.fetchval("SELECT EXISTS (SELECT 1 FROM ledger.outbox)"):
                     break
                 await asyncio.sleep(0.1)
-            cpu = _cpu_seconds(self.pid) - self.cpu
+            cpu = cpu_seconds(self.pid) - self.cpu
             debits = await self._debits(conn) - self.debits
         finally:
             await conn.close()
@@ -265,13 +253,13 @@ async def http_balance_case(port: int, name: str, users: list[str], pid: int) ->
 
         return call
 
-    cpu = _cpu_seconds(pid)
+    cpu = cpu_seconds(pid)
     try:
         result = await load(name, CLIENTS, SECONDS, make)
     finally:
         for conn in connections:
             await conn.close()
-    cpu = _cpu_seconds(pid) - cpu
+    cpu = cpu_seconds(pid) - cpu
     print(result.line(), flush=True)
     print(f"    ledger CPU {cpu / max(result.count, 1) * 1e6:6.0f} us per read", flush=True)
     return result

@@ -35,8 +35,8 @@ import asyncpg  # noqa: E402
 import orjson  # noqa: E402
 from alembic import command  # noqa: E402
 
-from bench._common import ScratchDatabase  # noqa: E402
-from bench.ledger import BENCH_AUTH, MANY_USERS, _cpu_seconds, _direct_ops  # noqa: E402
+from bench._common import ScratchDatabase, cpu_seconds  # noqa: E402
+from bench.ledger import BENCH_AUTH, MANY_USERS, _direct_ops  # noqa: E402
 from services.kit.migrations import alembic_config  # noqa: E402
 
 ROUNDS = int(os.environ.get("KU_BENCH_SQL_ROUNDS", "60"))
@@ -101,14 +101,14 @@ class Variant:
         own `apply_batch` statement and commit, as one client's hold is."""
         for _ in range(n):
             payloads = _hold_ops(users) if holds else [_direct_ops(users)]
-            cpu = _cpu_seconds(self.pid)
+            cpu = cpu_seconds(self.pid)
             started = time.perf_counter()
             raws = [
                 await self.conn.fetchval("SELECT ledger.apply_batch($1::json)::text", payload)
                 for payload in payloads
             ]
             self.seconds += time.perf_counter() - started
-            self.cpu += _cpu_seconds(self.pid) - cpu
+            self.cpu += cpu_seconds(self.pid) - cpu
             self.debits += BATCH
             bad = [r for raw in raws for r in orjson.loads(raw) if r["status"] != 201]
             if bad:

@@ -155,7 +155,7 @@ class RequestContextMiddleware:
                     scope["path"],
                 )
                 try:
-                    await self.app(scope, _replaying(received, receive), send_wrapper)
+                    await self.app(scope, replaying(received, receive), send_wrapper)
                 except Exception as again:
                     if started:
                         raise
@@ -217,8 +217,9 @@ def _recording(receive: Receive, received: list[Message]) -> Receive:
     return record
 
 
-def _replaying(received: list[Message], receive: Receive) -> Receive:
-    """The body the first attempt read, then whatever it had not read yet."""
+def replaying(received: list[Message], receive: Receive) -> Receive:
+    """`receive`, with the messages already read handed out again first: the body the
+    first attempt read, then whatever it had not read yet."""
     pending: list[Any] = list(received)
 
     async def replay() -> Message:

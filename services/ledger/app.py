@@ -13,7 +13,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from services.kit.app import create_service_app
 from services.kit.db import plain_url
-from services.kit.middleware import RequestContextMiddleware
+from services.kit.middleware import RequestContextMiddleware, replaying
 from services.ledger.api import routers
 from services.ledger.batcher import GroupCommitter
 from services.ledger.config import get_settings
@@ -111,9 +111,9 @@ class LedgerApp(FastAPI):
         route, params = scope["ku.hot"]
         read, body = await _read_body(receive, FRONT_BODY_LIMIT)
         if body is None:  # too large, or the client left: FastAPI's path, as received
-            await super().__call__(scope, _replaying(read, receive), send)
+            await super().__call__(scope, replaying(read, receive), send)
             return
-        replay = _replaying(read, receive)
+        replay = replaying(read, receive)
         scope["app"] = self
         scope["route"] = route
         scope["path_params"] = {
@@ -129,7 +129,7 @@ class LedgerApp(FastAPI):
                 raise  # the kit middleware's JSON 500
             response = await handler(request, exc)
         if response is None:
-            await super().__call__(scope, _replaying(read, receive), send)
+            await super().__call__(scope, replaying(read, receive), send)
             return
         await response(scope, replay, send)
 
@@ -156,18 +156,6 @@ async def _read_body(receive: Receive, limit: int) -> tuple[list[Message], bytes
             return read, None
         if not message.get("more_body", False):
             return read, b"".join(m.get("body", b"") for m in read)
-
-
-def _replaying(messages: list[Message], receive: Receive) -> Receive:
-    """`receive`, with the messages already read handed out again first."""
-    pending = list(messages)
-
-    async def replay() -> Message:
-        if pending:
-            return pending.pop(0)
-        return await receive()
-
-    return replay
 
 
 def create_app() -> FastAPI:
