@@ -41,7 +41,6 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -61,7 +60,7 @@ from bench._common import (  # noqa: E402
     use_principal_keys,
     wait_ready,
 )
-from services.kit.principal import Principal, outgoing_header  # noqa: E402
+from services.kit.principal import Principal, SignedPrincipal, outgoing_header  # noqa: E402
 
 SECONDS = float(os.environ.get("KU_BENCH_SECONDS", "8"))
 CLIENTS = 32
@@ -182,10 +181,7 @@ async def direct_batch_case(dsn: str, name: str, users: list[str]) -> Result:
 
 async def http_batch_case(port: int, name: str, users: list[str]) -> Result:
     principal = Principal(kind="app", app="bench", scopes=frozenset({"ledger:write", "users:any"}))
-    header: dict[str, Any] = {
-        "value": outgoing_header(principal, audience="ledger"),
-        "at": time.monotonic(),
-    }
+    signed = SignedPrincipal(principal)  # re-signed every 20 s: headers expire after 60 s
     failures = {"n": 0}
     connections: list[RawHTTPConnection] = []
 
@@ -195,10 +191,6 @@ async def http_batch_case(port: int, name: str, users: list[str]) -> Result:
         connections.append(conn)
 
         async def call() -> None:
-            if time.monotonic() - header["at"] > 20:
-                header.update(
-                    value=outgoing_header(principal, audience="ledger"), at=time.monotonic()
-                )
             items = [
                 {
                     "op": "debit",
@@ -212,7 +204,7 @@ async def http_batch_case(port: int, name: str, users: list[str]) -> Result:
                 "POST",
                 "/v1/ledger/batch",
                 orjson.dumps({"operations": items}),
-                {"x-ku-principal": header["value"]},
+                {"x-ku-principal": signed.header_for("ledger")},
             )
             if status != 200:
                 failures["n"] += BATCH
@@ -267,10 +259,7 @@ async def http_balance_case(port: int, name: str, users: list[str], pid: int) ->
 
 async def http_case(port: int, secret: str, name: str, users: list[str]) -> Result:
     principal = Principal(kind="app", app="bench", scopes=frozenset({"ledger:write", "users:any"}))
-    header: dict[str, Any] = {
-        "value": outgoing_header(principal, audience="ledger"),
-        "at": time.monotonic(),
-    }
+    signed = SignedPrincipal(principal)  # re-signed every 20 s: headers expire after 60 s
     failures = {"n": 0}
     connections: list[RawHTTPConnection] = []
 
@@ -280,16 +269,15 @@ async def http_case(port: int, secret: str, name: str, users: list[str]) -> Resu
         connections.append(conn)
 
         async def call() -> None:
-            if time.monotonic() - header["at"] > 20:  # principal headers expire after 60 s
-                header.update(
-                    value=outgoing_header(principal, audience="ledger"), at=time.monotonic()
-                )
             user = users[secrets.randbelow(len(users))]
             status, _ = await conn.request(
                 "POST",
                 "/v1/ledger/debits",
                 orjson.dumps({"user_id": user, "amount": 1, "app": "bench"}),
-                {"x-ku-principal": header["value"], "idempotency-key": uuid.uuid4().hex},
+                {
+                    "x-ku-principal": signed.header_for("ledger"),
+                    "idempotency-key": uuid.uuid4().hex,
+                },
             )
             if status != 201:
                 failures["n"] += 1
