@@ -233,29 +233,36 @@ class TestTerminatedConnections:
 
 
 class TestLockOrder:
-    async def test_a_batch_locks_every_wallet_it_names_before_applying(self, pool):
+    # The operation on user B that leads the batch, as credit goes out and comes back:
+    # (its status, B's credit after it).
+    KINDS = {"capture": (200, 9_500), "release": (200, 10_000), "refund": (201, 10_000)}
+
+    @pytest.mark.parametrize("kind", list(KINDS))
+    async def test_a_batch_locks_every_wallet_it_names_before_applying(self, pool, kind):
         """A batch takes its users' wallet locks first, in user order (migration 0007),
-        whatever order its operations come in: here a capture of user B's hold comes
-        before a debit of user A, and B's wallet is held by someone else. The batch
-        must already hold A's wallet while it waits for B's; batches taking their locks
-        as their operations come could otherwise deadlock (a second lost to it)."""
+        whatever order its operations come in: here an operation on user B's hold or
+        charge (keyed by the hold or the transaction, not by B) comes before a debit of
+        user A, and B's wallet is held by someone else. The batch must already hold A's
+        wallet while it waits for B's; batches taking their locks as their operations
+        come could otherwise deadlock (a second lost to it)."""
         a, b = sorted(await open_users(pool, 2, 10_000))
         committer = GroupCommitter(pool)
-        held = await committer.submit(
-            {"op": "reserve", "user_id": b, "amount": 1_000, "app": "penora", "ttl_seconds": 60,
-             "auth": AUTH, "key": uuid.uuid4().hex, "scope": "test", "hash": "h"}
-        )  # fmt: skip
-        assert held["status"] == 201, held
-        capture = {
-            "op": "capture",
-            "hold_id": held["body"]["hold"]["id"],
-            "amount": 500,
-            "auth": AUTH,
-            "key": uuid.uuid4().hex,
-            "scope": "test",
-            "hash": "h",
-        }
-        batch = orjson.dumps([capture, debit(a, 1_000)]).decode()
+        keys = {"auth": AUTH, "key": uuid.uuid4().hex, "scope": "test", "hash": "h"}
+        if kind == "refund":
+            charged = await committer.submit(debit(b, 1_000))
+            assert charged["status"] == 201, charged
+            tx = charged["body"]["transaction_id"]
+            lead = {"op": "refund", "transaction_id": tx, "amount": 1_000, **keys}
+        else:
+            held = await committer.submit(
+                {"op": "reserve", "user_id": b, "amount": 1_000, "app": "penora",
+                 "ttl_seconds": 60, **keys, "key": uuid.uuid4().hex}
+            )  # fmt: skip
+            assert held["status"] == 201, held
+            lead = {"op": kind, "hold_id": held["body"]["hold"]["id"], **keys}
+            if kind == "capture":
+                lead["amount"] = 500
+        batch = orjson.dumps([lead, debit(a, 1_000)]).decode()
         async with pool.acquire() as blocker, pool.acquire() as batcher, pool.acquire() as probe:
             tx = blocker.transaction()
             await tx.start()
@@ -279,6 +286,7 @@ class TestLockOrder:
                     )
             await tx.rollback()
             results = orjson.loads(await applying)
-        assert [r["status"] for r in results] == [200, 201], results
+        status, left = self.KINDS[kind]
+        assert [r["status"] for r in results] == [status, 201], results
         assert await available(pool, a) == 9_000
-        assert await available(pool, b) == 9_500
+        assert await available(pool, b) == left
