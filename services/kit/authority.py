@@ -54,6 +54,7 @@ WW = "workspace:write"
 
 _ANY = Rule("any", own_only=False, any_lane=True)  # admin: everything
 _SPENDERS = frozenset({"generation", "enhancement"})
+_ALLOWANCE_SERVICES = frozenset({"enhancement"})
 
 
 def _row(**kinds: Rule) -> dict[str, Rule]:
@@ -109,6 +110,21 @@ TABLE: dict[str, dict[str, Rule]] = {
     "ledger.account.open": _row(
         first_party=Rule("any", ("users:write", G)), partner=Rule("any", ("users:write", G))
     ),
+    # --- allowances: units (e.g. included enhancements), not Ku ---
+    # Only the service whose product they are moves them; a draw is resolved by its
+    # drawer (own_only). Reads, as the user's other ledger data; the service reads any
+    # user's (its monthly job and its `GET /allowance` for admins have no origin).
+    "ledger.allowance.read": {
+        "admin": _ANY,
+        "user": Rule("self"),
+        "first_party": Rule("any", (R, W)),
+        "partner": Rule("linked", (R, W)),
+        "service": Rule("any", services=_ALLOWANCE_SERVICES),
+    },
+    "ledger.allowance.grant": {"service": Rule("any", services=_ALLOWANCE_SERVICES)},
+    "ledger.allowance.draw": {"service": Rule("any", services=_ALLOWANCE_SERVICES)},
+    "ledger.allowance.confirm": {"service": Rule("any", services=_ALLOWANCE_SERVICES)},
+    "ledger.allowance.return": {"service": Rule("any", services=_ALLOWANCE_SERVICES)},
     # --- workspace ---
     # Services read a task's input and save its result on the worker, after the request
     # that started it (and its origin) is gone; the money was authorized at submit.
