@@ -504,7 +504,7 @@ class AllowanceDrawOut(BaseModel):
     status: Literal["active", "confirmed", "returned", "expired"]
     expires_at: datetime = Field(description="An active draw past this expires (its TTL)")
     created_at: datetime
-    resolved_at: datetime | None
+    resolved_at: datetime | None = None
 
 
 class AllowanceDrawResult(BaseModel):

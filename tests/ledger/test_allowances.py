@@ -124,9 +124,10 @@ class TestGrant:
         after = (await ledger.get("/v1/ledger/balance", params={"user_id": user},
                                   headers=operator())).json()  # fmt: skip
         assert after == before  # no balance, no lot, no journal transaction
-        assert await db.fetchval(
-            "SELECT count(*) FROM ledger.transactions WHERE user_id = $1", user
-        ) == 1  # the promo grant of the fixture only
+        assert (
+            await db.fetchval("SELECT count(*) FROM ledger.transactions WHERE user_id = $1", user)
+            == 1
+        )  # the promo grant of the fixture only
 
     async def test_an_ended_period_is_refused(self, ledger, user):
         r = await grant(ledger, user, 10, period="2000-01")
@@ -375,19 +376,15 @@ class TestTwoProcesses:
             statuses = await asyncio.gather(*(one(i) for i in range(40)))
             assert statuses.count(201) == 1 and statuses.count(402) == 39, statuses
             (won,) = await asyncio.gather(
-                client.get(
-                    f"{two_ledgers[1]}{BASE}", params={"user_id": user}, headers=operator()
-                )
+                client.get(f"{two_ledgers[1]}{BASE}", params={"user_id": user}, headers=operator())
             )
             assert won.json()["items"][0]["used"] == 1
 
             # Returns of one draw racing in both processes: one unit comes back, once.
-            reference = (
-                await asyncpg_fetchval(
-                    ku_database_url,
-                    "SELECT reference FROM ledger.allowance_draws WHERE user_id = $1",
-                    user,
-                )
+            reference = await asyncpg_fetchval(
+                ku_database_url,
+                "SELECT reference FROM ledger.allowance_draws WHERE user_id = $1",
+                user,
             )
             backs = await asyncio.gather(
                 *(
