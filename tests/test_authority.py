@@ -223,9 +223,14 @@ async def _prepare(
     )
     out: dict[str, str] = {"user": user_id}
     if "{draw}" in route.path:  # drawn by the only service that draws
-        body = {"user_id": user_id, "kind": "enhancement", "period": _period(), "reference": _ref()}
+        drawn = {
+            "user_id": user_id,
+            "kind": "enhancement",
+            "period": _period(),
+            "reference": _ref(),
+        }
         h = headers_for("enhancement", "ledger", user_id)
-        r = await ledger.post("/v1/ledger/allowances/draws", json=body, headers=h)
+        r = await ledger.post("/v1/ledger/allowances/draws", json=drawn, headers=h)
         out["draw"] = (await _ok(r))["draw"]["reference"]
     if "{hold}" in route.path:
         h = headers_for(maker, "ledger", user_id)

@@ -273,7 +273,7 @@ class TestTtl:
         reference = ref()
         await draw(ledger, user, reference, ttl_seconds=60)
         await self._past_ttl(db, reference)
-        pool = ledger._transport.app.state.write_pool  # type: ignore[attr-defined]
+        pool = ledger._transport.app.state.write_pool
         assert await tasks.expire_holds(pool) >= 1  # the ledger's existing sweep
         assert (await state(ledger, user))["used"] == 0
         status = await db.fetchval(
