@@ -4,49 +4,19 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import httpx
 import pytest
 from sqlalchemy import text
 
-from services.enhancement.config import EnhancementSettings
 from services.enhancement.providers import Provider
 from services.enhancement.repository import Repository
 from services.enhancement.service import ALERT_TOPIC, Enhancer, next_period_start, period_of
 from services.kit.breaker import CircuitBreaker
-from services.kit.bus import redis_from_url
-from services.kit.db import create_engine, sessionmaker_for
 from services.kit.errors import Conflict
 from services.kit.outbox import decode_event, stream_name
-from services.kit.service_client import ServiceClient
-from services.kit.testing.plugin import running
 from tests.enhancement.helpers import insert_task
-
-
-@pytest.fixture
-async def ledger_enhancer(ku_database_url: str) -> AsyncIterator[Enhancer]:
-    """An in-process engine whose ledger calls go to an in-process ledger (its lifespan
-    running) on the same real database, signed as the enhancement service."""
-    from services.ledger.app import create_app
-
-    ledger = create_app()
-    async with running(ledger):
-        settings = EnhancementSettings(database_url=ku_database_url)
-        engine = create_engine(settings)
-        redis = redis_from_url(settings.redis_url)
-        client = ServiceClient(
-            settings, me="enhancement", transport=httpx.ASGITransport(app=ledger)
-        )
-        e = Enhancer(settings, sessionmaker_for(engine), redis, client=client)
-        try:
-            yield e
-        finally:
-            await e.aclose()
-            await redis.aclose()
-            await engine.dispose()
 
 
 async def allowance_rows(e: Enhancer, *users: str) -> dict[tuple[str, str], tuple[int, int, Any]]:
