@@ -102,7 +102,8 @@ TABLE: dict[str, dict[str, Rule]] = {
     "ledger.grant": _row(
         first_party=Rule("any", (G,)),
         partner=Rule("linked", (G,)),
-        # monthly allowances (source `allowance`); billing grants in-process
+        # promotional credit only (`_grant_op`); monthly allowances are units, not Ku grants
+        # (`ledger.allowance.*` below); billing grants in-process
         service=Rule("any", services=frozenset({"enhancement"})),
     ),
     # Opening a wallet with the one welcome grant is harmless for any user (the grant
