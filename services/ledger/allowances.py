@@ -742,7 +742,7 @@ async def list_allowances(
     principal: CurrentPrincipal,
     period: Annotated[
         str | None,
-        Query(pattern=r"^[0-9]{4}-(0[1-9]|1[0-2])$", description="'YYYY-MM'; default: this month"),
+        Query(pattern=r"^2[0-9]{3}-(0[1-9]|1[0-2])$", description="'YYYY-MM'; default: this month"),
     ] = None,
     kind: Annotated[str | None, Query(pattern=r"^[a-z][a-z0-9_]{0,31}$")] = None,
 ) -> Response:

@@ -406,7 +406,7 @@ class BatchOut(BaseModel):
 
 Period = Annotated[
     str,
-    StringConstraints(pattern=r"^[0-9]{4}-(0[1-9]|1[0-2])$"),
+    StringConstraints(pattern=r"^2[0-9]{3}-(0[1-9]|1[0-2])$"),
     Field(description="A calendar month, UTC: 'YYYY-MM'", examples=["2026-11"]),
 ]
 AllowanceKind = Annotated[
