@@ -163,11 +163,12 @@ async def _give_back(
 
 
 async def _locked(
-    conn: asyncpg.Connection, reference: str, now: datetime
-) -> tuple[asyncpg.Record, asyncpg.Record, bool] | None:
-    """A draw and its allowance, both locked (allowance first, the one lock order), and
-    whether the draw expired just now: an active draw past its TTL is expired here first
-    (the next operation on it resolves it, as a hold's)."""
+    conn: asyncpg.Connection, reference: str
+) -> tuple[asyncpg.Record, asyncpg.Record, bool, datetime] | None:
+    """A draw and its allowance, both locked (allowance first, the one lock order),
+    whether the draw expired just now, and the instant of the decision (read once the
+    locks are held): an active draw past its TTL is expired here first (the next
+    operation on it resolves it, as a hold's)."""
     found = await conn.fetchrow(
         "SELECT user_id, kind, period FROM ledger.allowance_draws WHERE reference = $1", reference
     )
@@ -178,10 +179,11 @@ async def _locked(
         "SELECT * FROM ledger.allowance_draws WHERE reference = $1 FOR UPDATE", reference
     )
     assert allowance is not None and draw is not None
+    now = await _now(conn)
     if draw["status"] == "active" and draw["expires_at"] <= now:
         allowance, draw, _ = await _give_back(conn, allowance, draw, "expired", now, "ledger")
-        return allowance, draw, True
-    return allowance, draw, False
+        return allowance, draw, True, now
+    return allowance, draw, False, now
 
 
 async def _now(conn: asyncpg.Connection) -> datetime:
@@ -205,24 +207,23 @@ async def grant(
     """The allowance is at least `units` afterwards: (201, ...) when it rose, (200, ...)
     when it already was. A period that has ended is 422 `period_ended`."""
     async with pool.acquire() as conn, conn.transaction():
-        now = await _now(conn)
         end = period_end(period)
-        if end <= now:
+        await conn.execute(
+            "INSERT INTO ledger.allowances (user_id, kind, period, expires_at)"
+            " VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+            user_id,
+            kind,
+            period,
+            end,
+        )
+        row = await conn.fetchrow(_ALLOWANCE + " FOR UPDATE", user_id, kind, period)
+        now = await _now(conn)
+        if row["expires_at"] <= now:  # rolled back: nothing is created for it either
             raise Unprocessable(
                 "This period has ended: nothing is granted for it",
                 code="period_ended",
                 period=period,
             )
-        await conn.execute(
-            "INSERT INTO ledger.allowances (user_id, kind, period, expires_at, created_at,"
-            " updated_at) VALUES ($1, $2, $3, $4, $5, $5) ON CONFLICT DO NOTHING",
-            user_id,
-            kind,
-            period,
-            end,
-            now,
-        )
-        row = await conn.fetchrow(_ALLOWANCE + " FOR UPDATE", user_id, kind, period)
         increase = units - row["granted"]
         if increase > 0:
             row = await conn.fetchrow(
@@ -276,13 +277,13 @@ async def draw(
     402 `allowance_exhausted`; the period ended: 402 `allowance_expired`."""
     async with pool.acquire() as conn:
         async with conn.transaction():
-            now = await _now(conn)
-            locked = await _locked(conn, reference, now)
+            locked = await _locked(conn, reference)
             if locked is not None:  # a repeat: replay what that draw is now
-                allowance, row, _ = locked
+                allowance, row, _, now = locked
                 _reused(row, user_id, kind, period)
                 return 200, {"draw": _draw(row), "allowance": _state(allowance, now)}, True
             allowance = await conn.fetchrow(_ALLOWANCE + " FOR UPDATE", user_id, kind, period)
+            now = await _now(conn)
             if allowance is None:
                 raise _exhausted(
                     "allowance_exhausted", "No allowance is granted for this period", None, now
@@ -340,11 +341,10 @@ async def confirm(
     error: KuError | None = None
     async with pool.acquire() as conn:
         async with conn.transaction():
-            now = await _now(conn)
-            locked = await _locked(conn, reference, now)
+            locked = await _locked(conn, reference)
             if locked is None:
                 raise NotFound("No draw with this reference", code="draw_not_found")
-            allowance, row, _ = locked
+            allowance, row, _, now = locked
             _check_owner(row, holds)
             replayed = row["status"] == "confirmed"
             if row["status"] == "active":
@@ -383,11 +383,10 @@ async def give_back(
     error: KuError | None = None
     async with pool.acquire() as conn:
         async with conn.transaction():
-            now = await _now(conn)
-            locked = await _locked(conn, reference, now)
+            locked = await _locked(conn, reference)
             if locked is None:
                 raise NotFound("No draw with this reference", code="draw_not_found")
-            allowance, row, _ = locked
+            allowance, row, _, now = locked
             _check_owner(row, holds)
             given_back = False
             replayed = row["status"] in ("returned", "expired")
@@ -439,7 +438,7 @@ async def expire_draws(pool: asyncpg.Pool, limit: int = SWEEP_BATCH) -> int:
             )
             for r in due:
                 async with conn.transaction():
-                    locked = await _locked(conn, r["reference"], await _now(conn))
+                    locked = await _locked(conn, r["reference"])
                     total += int(locked is not None and locked[2])
         if len(due) < limit:
             return total

@@ -218,6 +218,51 @@ class TestPricing:
         assert enhancer.price_milli("lighting", 4001, 1000) == 3000
 
 
+class TestIncludedEnhancements:
+    async def test_a_failed_recording_returns_the_draw(
+        self, ledger_enhancer: Enhancer, monkeypatch: pytest.MonkeyPatch
+    ):
+        """As `_record_paid` releases its hold: the unit drawn for a task that could not
+        be recorded comes back at once (the draw's TTL is only the last line)."""
+        e = ledger_enhancer
+        user = f"u{uuid.uuid4().hex[:12]}"
+        async with e.uow() as session:
+            await Repository(session).set_tier(user, "plus")
+
+        async def refused(self: Repository, values: dict[str, Any]) -> None:
+            raise RuntimeError("the task's row could not be written")
+
+        monkeypatch.setattr(Repository, "insert_task", refused)
+        task_id = uuid.uuid4()
+        now = datetime.now(UTC)
+        with pytest.raises(RuntimeError):
+            await e._record_included({"id": task_id}, user, now)
+        async with e.uow() as session:
+            status = (
+                await session.execute(
+                    text("SELECT status FROM ledger.allowance_draws WHERE reference = :r"),
+                    {"r": f"enhancement:{task_id}"},
+                )
+            ).scalar_one()
+        assert status == "returned"
+        assert await allowance_rows(e, user) == {
+            (user, period_of(now)): (10, 0, next_period_start(now))
+        }
+
+    async def test_the_90_percent_alert_once_per_user_and_month(self, enhancer: Enhancer):
+        user = f"u{uuid.uuid4().hex[:12]}"
+        async with enhancer.uow() as session:
+            repo = Repository(session)
+            # 9 of 10 is 90 %: not over it; 10 of 10 is, once per month however often.
+            for period, used in (("2000-01", 9), ("2000-01", 10), ("2000-01", 10), ("2000-02", 10)):
+                await enhancer._allowance_alert(repo, user, period, {"used": used}, 10)
+            rows = await repo.alerts(500, "allowance_high")
+        assert sorted(a["detail"]["period"] for a in rows if a["subject"] == user) == [
+            "2000-01",
+            "2000-02",
+        ]
+
+
 class TestScheduledJobs:
     async def test_the_1st_grants_the_new_month_in_the_ledger(self, ledger_enhancer: Enhancer):
         """The monthly job, "on the 1st of next month": a grant in the ledger for each user
