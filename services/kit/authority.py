@@ -99,13 +99,9 @@ TABLE: dict[str, dict[str, Rule]] = {
     # --- money in ---
     # an operator takes credit back (billing's clawbacks of refunded payments run in-process)
     "ledger.clawback": _row(),
-    "ledger.grant": _row(
-        first_party=Rule("any", (G,)),
-        partner=Rule("linked", (G,)),
-        # promotional credit only (`_grant_op`); monthly allowances are units, not Ku grants
-        # (`ledger.allowance.*` below); billing grants in-process
-        service=Rule("any", services=frozenset({"enhancement"})),
-    ),
+    # No service grants Ku: monthly allowances are units, not Ku grants
+    # (`ledger.allowance.*` below); billing grants in-process.
+    "ledger.grant": _row(first_party=Rule("any", (G,)), partner=Rule("linked", (G,))),
     # Opening a wallet with the one welcome grant is harmless for any user (the grant
     # happens once per user whoever asks); initial credits instead are admin-only.
     "ledger.account.open": _row(
