@@ -32,6 +32,7 @@ RELEASED = {
     "0004_money_rules.sql": "ccd32bc3a0911d153de36b729f459619b94fa442c1c8e72eba5e212a87c9efd0",
     "0005_lean_debits.sql": "ffbaffd3a2b19e702a7703d40b03652fd763f394d2a6ac06391f68e582194eea",
     "0006_debit_path.sql": "566d5bdae3a460c6842d8a1a8e1d6b807a6b2fa4d41de05c73ed6e8cb1c11880",
+    "0007_batch_lock_order.sql": "38b48dba3f76b3463d25999ccf231ee4917ed7ce4c3b2dab388e90026fe64494",
 }
 
 _FUNCTION = re.compile(
