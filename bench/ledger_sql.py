@@ -145,7 +145,7 @@ class Variant:
             ops = [_hold(users) for _ in range(MIXED - len(taken))]
             ops += [_resolve("capture", hold) for hold in taken]
             # The committer's order: by user for a hold, by the hold's id for a capture.
-            ops.sort(key=lambda o: o.get("user_id") or o["hold_id"])
+            ops.sort(key=lambda o: str(o.get("user_id") or o["hold_id"]))
             payloads.append(orjson.dumps(ops).decode())
         return payloads
 
