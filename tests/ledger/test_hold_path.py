@@ -286,3 +286,29 @@ async def test_advance_locks_leave_no_multixact_on_the_wallets_a_batch_updates(d
         await tx.rollback()
     assert [r["status"] for r in results] == [200, 201], results
     assert multis == [False, False], multis
+
+
+async def test_advance_locks_probe_the_wallets_by_key(db):
+    """The advance locks of a batch with a capture read the wallets by key, not the
+    whole table (0007's query was planned as a hash join over a scan of every wallet,
+    once the table was larger than the ~100 rows Postgres guesses for the batch)."""
+    have = await db.fetchval("SELECT count(*) FROM ledger.wallets")
+    if have < 4_000:
+        opens = [{"op": "open", "user_id": f"hp-fill-{uuid.uuid4().hex[:12]}", "amount": 0,
+                  "auth": AUTH} for _ in range(4_000 - have)]  # fmt: skip
+        assert all(r["status"] in (200, 201) for r in await _batch(db, opens))
+    await db.execute("ANALYZE ledger.wallets")
+    users = sorted(await _funded(db, 2))
+    (hold,) = await _held(db, [users[1]])
+    async with db.transaction():
+        before = await db.fetchval(
+            "SELECT seq_scan FROM pg_stat_xact_user_tables"
+            " WHERE schemaname = 'ledger' AND relname = 'wallets'"
+        )
+        results = await _batch(db, [_resolve("capture", hold, 1_000), _debit(users[0])])
+        after = await db.fetchval(
+            "SELECT seq_scan FROM pg_stat_xact_user_tables"
+            " WHERE schemaname = 'ledger' AND relname = 'wallets'"
+        )
+    assert [r["status"] for r in results] == [200, 201], results
+    assert after - before == 0
