@@ -312,3 +312,29 @@ async def test_advance_locks_probe_the_wallets_by_key(db):
         )
     assert [r["status"] for r in results] == [200, 201], results
     assert after - before == 0
+
+
+async def test_a_batch_with_a_capture_and_a_raising_operation_still_isolates_it(db):
+    """The advance locks are taken in the attempt's subtransaction since 0009; when an
+    operation raises, the attempt rolls back with them, and the retry (one
+    subtransaction per operation) takes them again: the neighbours still commit."""
+    users = sorted(await _funded(db, 3))
+    (hold,) = await _held(db, [users[2]])
+    bad = {**_debit(users[0]), "description": "nul \u0000 byte"}
+    ops = [_resolve("capture", hold, 3_000), bad, _debit(users[1])]
+    async with db.transaction():
+        results = await _batch(db, ops)
+        rows = await db.fetch(
+            "SELECT payload::text FROM ledger.outbox WHERE topic = 'credits.changed'"
+            " AND xmin = pg_current_xact_id()::xid"
+        )
+    assert [r["status"] for r in results] == [200, 422, 201], results
+    assert results[1]["error"]["code"] == "invalid_input"
+    (row,) = rows
+    assert [e["user_id"] for e in orjson.loads(row["payload"])] == [users[2], users[1]]
+    state = await db.fetchrow(
+        "SELECT h.status, h.captured_milli, w.held_milli FROM ledger.holds h"
+        " JOIN ledger.wallets w ON w.user_id = h.user_id WHERE h.id = $1",
+        hold,
+    )
+    assert tuple(state) == ("captured", 3_000, 0)

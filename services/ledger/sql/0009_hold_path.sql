@@ -455,11 +455,20 @@ BEGIN
     END IF;
   END;
   IF NOT v_done THEN
-    -- The attempt's locks went with it: the same advance locks again, for the retry.
+    -- The attempt's locks went with it: the same advance locks again, for the retry
+    -- (in a block of their own, as 0007 took them: this path is rare). If they fail,
+    -- each operation still locks its own wallet.
     IF v_users IS NOT NULL THEN
-      PERFORM 1 FROM ledger.wallets WHERE user_id = ANY (v_users)
-       ORDER BY user_id COLLATE "C"
-         FOR UPDATE;
+      BEGIN
+        PERFORM 1 FROM ledger.wallets WHERE user_id = ANY (v_users)
+         ORDER BY user_id COLLATE "C"
+           FOR UPDATE;
+      EXCEPTION WHEN OTHERS THEN
+        GET STACKED DIAGNOSTICS v_state = RETURNED_SQLSTATE;
+        IF v_state LIKE '40%' THEN
+          RAISE;
+        END IF;
+      END;
     END IF;
     v_out := '{}';
     v_events := '{}';
