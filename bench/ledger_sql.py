@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import statistics
 import sys
 import time
 import uuid
@@ -48,6 +49,7 @@ from services.kit.migrations import alembic_config  # noqa: E402
 
 ROUNDS = int(os.environ.get("KU_BENCH_SQL_ROUNDS", "60"))
 BATCH = 100
+LATENCY_HOLDS = int(os.environ.get("KU_BENCH_SQL_LATENCY_HOLDS", "400"))
 
 
 async def _setup(conn: asyncpg.Connection, users: list[str], amount: int) -> None:
@@ -233,6 +235,40 @@ async def case(variants: list[Variant], name: str, users: list[str], kind: str =
                   f"{v.cpu / v.debits / base:.2f}")  # fmt: skip
 
 
+async def one_client_latency(variants: list[Variant], users: list[str], n: int) -> None:
+    """One client's hold, as the generation service's time to first token sees it: the
+    wall time of one-hold statements, the variants alternating hold by hold (so each
+    pair meets the same load), beside a bare one-row commit on each database."""
+    conns = [await asyncpg.connect(v.db.dsn) for v in variants]
+    holds: list[list[float]] = [[] for _ in variants]
+    commits: list[list[float]] = [[] for _ in variants]
+    try:
+        for conn in conns:
+            await conn.execute("CREATE TABLE IF NOT EXISTS bench_raw (id int PRIMARY KEY, n int)")
+            await conn.execute("INSERT INTO bench_raw VALUES (1, 0) ON CONFLICT DO NOTHING")
+        for _ in range(n):
+            for k, conn in enumerate(conns):
+                payload = orjson.dumps([_hold(users)]).decode()
+                started = time.perf_counter()
+                raw = await conn.fetchval("SELECT ledger.apply_batch($1::json)::text", payload)
+                holds[k].append(time.perf_counter() - started)
+                if orjson.loads(raw)[0]["status"] != 201:
+                    raise RuntimeError(f"{variants[k].label}: {raw[:200]}")
+                started = time.perf_counter()
+                await conn.execute("UPDATE bench_raw SET n = n + 1 WHERE id = 1")
+                commits[k].append(time.perf_counter() - started)
+    finally:
+        for conn in conns:
+            await conn.close()
+    print(f"\n== one client's hold, {n} per variant, alternating (p50 wall)")
+    for v, h, c in zip(variants, holds, commits, strict=True):
+        hold, commit = statistics.median(h) * 1e3, statistics.median(c) * 1e3
+        print(
+            f"-- {v.label}: hold {hold:.2f} ms, a bare one-row commit {commit:.2f} ms,"
+            f" the hold's SQL beyond the commit {hold - commit:.2f} ms"
+        )
+
+
 def _report(v: Variant, before: tuple, after: tuple) -> None:
     n = v.debits
     print(
@@ -304,6 +340,7 @@ async def main() -> None:
             await case(
                 variants, f"mixed batches of {MIXED}: half holds, half captures", many, "mixed"
             )
+            await one_client_latency(variants, many, LATENCY_HOLDS)
     finally:
         for v in variants:
             await v.db.__aexit__(None, None, None)
