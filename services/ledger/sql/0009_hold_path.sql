@@ -28,6 +28,14 @@
 --   which migration 0009 makes (user_id, expires_at), with the instant as a parameter
 --   (an index can compare with a value, not with `clock_timestamp()` itself); only then
 --   does it call `_sweep_holds` and read the debt again.
+-- * `apply_batch`'s advance locks (0007, batches with an operation keyed by a hold or a
+--   transaction, as 64 generation streams send: holds beside captures) were one query,
+--   `wallets WHERE user_id IN (... UNION ...)` over three scans of the batch's JSON,
+--   which Postgres planned as a hash join reading the WHOLE wallets table for every
+--   such batch; and they were taken in a block of their own, so every wallet the batch
+--   then updated (from another subtransaction) got a MultiXact in its old version's
+--   xmax. The batch is now read once, the wallets locked by key (`= ANY`), in the
+--   subtransaction that applies the operations.
 -- Migration 0009 also drops the foreign keys of `holds` and `hold_allocations` (its
 -- docstring): three per-row trigger checks per hold.
 
