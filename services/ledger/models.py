@@ -127,14 +127,20 @@ class Hold(Base):
             "status IN ('active', 'captured', 'released', 'expired', 'clawed')",
             name="status_known",
         ),
-        Index("ix_holds_user_active", "user_id", postgresql_where=text("status = 'active'")),
+        # (user_id, expires_at): "has this user an expired active hold" is one probe.
+        Index(
+            "ix_holds_user_active",
+            "user_id",
+            "expires_at",
+            postgresql_where=text("status = 'active'"),
+        ),
         Index("ix_holds_expiring", "expires_at", postgresql_where=text("status = 'active'")),
     )
 
     id: Mapped[str] = mapped_column(UUID(as_uuid=False), primary_key=True)
-    user_id: Mapped[str] = mapped_column(
-        Text, ForeignKey(f"{SCHEMA}.wallets.user_id"), nullable=False
-    )
+    # No foreign key (since migration 0009): written only by the ledger's functions under
+    # the lock of the wallet it names; `ku ledger verify` checks the link (`records_linked`).
+    user_id: Mapped[str] = mapped_column(Text, nullable=False)
     app: Mapped[str] = mapped_column(Text, nullable=False)
     # Who placed it ("app:penora", "service:generation", ...): only its owner (or an
     # authority over every hold) may capture or release it.
@@ -161,12 +167,11 @@ class HoldAllocation(Base):
     __tablename__ = "hold_allocations"
     __table_args__ = (Index("ix_hold_allocations_grant", "grant_id"),)
 
-    hold_id: Mapped[str] = mapped_column(
-        UUID(as_uuid=False), ForeignKey(f"{SCHEMA}.holds.id"), primary_key=True
-    )
-    grant_id: Mapped[int] = mapped_column(
-        BigInteger, ForeignKey(f"{SCHEMA}.grants.id"), primary_key=True
-    )
+    # No foreign keys (since migration 0009): written only by the ledger's functions next
+    # to the hold and the lot they name; `ku ledger verify` checks the links
+    # (`records_linked`).
+    hold_id: Mapped[str] = mapped_column(UUID(as_uuid=False), primary_key=True)
+    grant_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
     amount_milli: Mapped[int] = mapped_column(BigInteger, nullable=False)
 
 

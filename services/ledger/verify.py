@@ -100,13 +100,21 @@ CHECKS: list[Check] = [
     ),
     Check(
         "records_linked",
-        "postings or draws whose transaction, or draws whose lot, does not exist (no foreign"
-        " keys since migration 0005: the ledger's functions write them with their parents)",
+        "postings or draws whose transaction, draws or hold allocations whose lot,"
+        " allocations whose hold, or holds whose wallet does not exist (no foreign keys"
+        " since migrations 0005 and 0009: the ledger's functions write them with their"
+        " parents)",
         "SELECT 'posting ' || p.id FROM ledger.postings p"
         " WHERE NOT EXISTS (SELECT 1 FROM ledger.transactions t WHERE t.id = p.tx_id)"
         " UNION ALL SELECT 'draw ' || d.tx_id || '/' || d.grant_id FROM ledger.draws d"
         " WHERE NOT EXISTS (SELECT 1 FROM ledger.transactions t WHERE t.id = d.tx_id)"
-        " OR NOT EXISTS (SELECT 1 FROM ledger.grants g WHERE g.id = d.grant_id)",
+        " OR NOT EXISTS (SELECT 1 FROM ledger.grants g WHERE g.id = d.grant_id)"
+        " UNION ALL SELECT 'allocation ' || a.hold_id || '/' || a.grant_id"
+        " FROM ledger.hold_allocations a"
+        " WHERE NOT EXISTS (SELECT 1 FROM ledger.holds h WHERE h.id = a.hold_id)"
+        " OR NOT EXISTS (SELECT 1 FROM ledger.grants g WHERE g.id = a.grant_id)"
+        " UNION ALL SELECT 'hold ' || h.id FROM ledger.holds h"
+        " WHERE NOT EXISTS (SELECT 1 FROM ledger.wallets w WHERE w.user_id = h.user_id)",
     ),
     Check(
         "lot_same_user",

@@ -32,6 +32,7 @@ RELEASED = {
     "0004_money_rules.sql": "ccd32bc3a0911d153de36b729f459619b94fa442c1c8e72eba5e212a87c9efd0",
     "0005_lean_debits.sql": "ffbaffd3a2b19e702a7703d40b03652fd763f394d2a6ac06391f68e582194eea",
     "0006_debit_path.sql": "566d5bdae3a460c6842d8a1a8e1d6b807a6b2fa4d41de05c73ed6e8cb1c11880",
+    "0007_batch_lock_order.sql": "38b48dba3f76b3463d25999ccf231ee4917ed7ce4c3b2dab388e90026fe64494",
 }
 
 _FUNCTION = re.compile(
@@ -40,10 +41,13 @@ _FUNCTION = re.compile(
 )
 
 
-def newest_definitions() -> dict[str, str]:
-    """Function name -> body, later files overriding earlier ones (as migrations do)."""
+def newest_definitions(upto: str = "9999") -> dict[str, str]:
+    """Function name -> body, later files overriding earlier ones (as migrations do), of
+    the files of migrations up to `upto`."""
     bodies: dict[str, str] = {}
     for path in sorted(SQL_DIR.glob("[0-9][0-9][0-9][0-9]_*.sql")):
+        if path.name[:4] > upto:
+            continue
         for name, body in _FUNCTION.findall(path.read_text()):
             bodies[name] = body
     return bodies
@@ -174,3 +178,31 @@ class TestDowngrade:
                 await conn.close()
 
         assert asyncio.run(check()) == []
+
+    def test_0009_goes_down_to_0007_as_it_was(self, scratch_url):
+        """0009's downgrade puts back what it replaced: 0007's functions (`_op_resolve`
+        from 0004, `_apply` from 0006, `apply_batch` from 0007), the hold foreign keys
+        and the user-only active-hold index."""
+        cfg = alembic_config("ledger", scratch_url)
+        command.downgrade(cfg, "0007")
+
+        async def check():
+            conn = await asyncpg.connect(plain_url(scratch_url))
+            try:
+                functions = differences(await installed(conn), newest_definitions("0007"))
+                fks = await conn.fetchval(
+                    "SELECT count(*) FROM pg_constraint WHERE contype = 'f' AND conrelid IN"
+                    " ('ledger.holds'::regclass, 'ledger.hold_allocations'::regclass)"
+                )
+                index = await conn.fetchval(
+                    "SELECT indexdef FROM pg_indexes WHERE indexname = 'ix_holds_user_active'"
+                )
+                return functions, fks, index
+            finally:
+                await conn.close()
+
+        functions, fks, index = asyncio.run(check())
+        assert functions == []
+        assert fks == 3
+        assert "(user_id)" in index
+        command.upgrade(cfg, "head")
