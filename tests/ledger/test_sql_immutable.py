@@ -179,12 +179,12 @@ class TestDowngrade:
 
         assert asyncio.run(check()) == []
 
-    def test_0009_goes_down_to_0007_as_it_was(self, scratch_url):
+    def test_0009_goes_down_to_0008_as_0007_left_it(self, scratch_url):
         """0009's downgrade puts back what it replaced: 0007's functions (`_op_resolve`
-        from 0004, `_apply` from 0006, `apply_batch` from 0007), the hold foreign keys
-        and the user-only active-hold index."""
+        from 0004, `_apply` from 0006, `apply_batch` from 0007; 0008 defines none), the
+        hold foreign keys and the user-only active-hold index."""
         cfg = alembic_config("ledger", scratch_url)
-        command.downgrade(cfg, "0007")
+        command.downgrade(cfg, "0008")
 
         async def check():
             conn = await asyncpg.connect(plain_url(scratch_url))

@@ -16,7 +16,7 @@ functions in sql/0009_hold_path.sql
   (`records_linked`).
 
 Revision ID: 0009
-Revises: 0007
+Revises: 0008
 """
 
 import re
@@ -29,7 +29,7 @@ from alembic import op
 from services.kit.migrations import execute_script
 
 revision: str = "0009"
-down_revision: str | None = "0007"
+down_revision: str | None = "0008"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
