@@ -23,8 +23,8 @@ added cost, cut again"):
 - the keep-alive timeout is one timer per connection, re-armed when it fires, instead
   of a timer made and cancelled for every response (same rule: a connection idle for
   `timeout_keep_alive` seconds is closed);
-- a header name already seen valid is not matched against uvicorn's name regex again
-  (values still are, every time).
+- a header name already seen valid is not matched against uvicorn's name regex (nor
+  lower-cased) again; values still are checked, every time.
 
 Every process `ku up` starts (`runner.HTTP_PROTOCOL`), compose's and the image's use
 it: `--http services.kit.http:HttpProtocol`.
@@ -47,8 +47,9 @@ from uvicorn.protocols.http.httptools_impl import (
 )
 from uvicorn.protocols.utils import get_client_addr, get_path_with_query_string
 
-# Header names a response already sent with (each checked once against HEADER_RE).
-_VALID_NAMES: set[bytes] = set()
+# Header names responses were already sent with (each checked once against HEADER_RE),
+# and their lower-case form.
+_VALID_NAMES: dict[bytes, bytes] = {}
 _MAX_VALID_NAMES = 1024
 
 
@@ -92,14 +93,16 @@ class _Cycle(RequestResponseCycle):
             has_connection_close = False
             for headers in (self.default_headers, message.get("headers", ())):
                 for name, value in headers:
-                    if name not in _VALID_NAMES:
+                    lowered = _VALID_NAMES.get(name)
+                    if lowered is None:
                         if HEADER_RE.search(name):
                             raise RuntimeError("Invalid HTTP header name.")
+                        lowered = name.lower()
                         if len(_VALID_NAMES) < _MAX_VALID_NAMES:
-                            _VALID_NAMES.add(name)
+                            _VALID_NAMES[name] = lowered
                     if HEADER_VALUE_RE.search(value):
                         raise RuntimeError("Invalid HTTP header value.")
-                    name = name.lower()
+                    name = lowered
                     if name == b"content-length" and self.chunked_encoding is None:
                         self.expected_content_length = int(value.decode())
                         self.chunked_encoding = False
