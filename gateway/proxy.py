@@ -3,7 +3,7 @@
 No FastAPI routing or dependency machinery on this path: per request it
 parses the few headers it needs, admits the caller (`gateway.access`), signs
 the principal, and streams the request and response bodies through the service's
-keep-alive pool (`gateway.pool`). Bodies up to `gateway_buffer_body_bytes` go in
+keep-alive pool (`services.kit.pool`). Bodies up to `gateway_buffer_body_bytes` go in
 one piece; larger ones, and any streamed response (SSE), pass through chunk by chunk.
 """
 
@@ -25,7 +25,6 @@ from gateway.access import (
     is_money,
     is_signed_link,
 )
-from gateway.pool import Response
 from gateway.ratelimit import rate_headers
 from services.kit.errors import (
     KuError,
@@ -36,6 +35,7 @@ from services.kit.errors import (
     UpstreamTimeout,
 )
 from services.kit.logs import request_id_var
+from services.kit.pool import Response
 from services.kit.principal import PRINCIPAL_HEADER
 
 PRINCIPAL = PRINCIPAL_HEADER.encode()

@@ -1,6 +1,6 @@
 """The gateway's HTTP clients to the services.
 
-The proxy's requests go through `gateway.pool` (one keep-alive pool per service, a
+The proxy's requests go through `services.kit.pool` (one keep-alive pool per service, a
 lean HTTP/1.1 client: the per-request cost of a general client was most of the
 gateway's added latency). `call()` is for the gateway's own JSON calls (auth verify,
 compat, OpenAPI), through one pooled aiohttp session. Service errors come back as kit
@@ -15,13 +15,13 @@ import aiohttp
 import orjson
 
 from gateway.config import GatewaySettings
-from gateway.pool import Pool
 from services.kit.errors import (
     KuError,
     UpstreamError,
     UpstreamTimeout,
 )
 from services.kit.logs import request_id_var
+from services.kit.pool import Pool
 from services.kit.principal import (
     PRINCIPAL_HEADER,
     Principal,
@@ -60,7 +60,7 @@ class Upstreams:
 
     async def start(self) -> None:
         # Idle connections are dropped after 4 s, before uvicorn's own 5 s keep-alive
-        # closes them (gateway.pool).
+        # closes them (services.kit.pool).
         self.pools = {
             name: Pool(
                 url,

@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -44,11 +45,16 @@ KINDS = {
     "partner": "partner",  # linked to the target user
     "other_app": "partner",  # a partner the target user is NOT linked to
     "service": "service",  # generation, with the user's own token as origin
+    "enhancement": "service",  # the enhancement service, the same way
     "admin": "admin",
     "none": None,
     "other_audience": None,  # a first-party principal minted for another service
     "expired": None,
 }
+
+
+# Which service a service kind of the matrix is.
+SERVICE_OF = {"service": "generation", "enhancement": "enhancement"}
 
 
 @dataclass(frozen=True)
@@ -69,6 +75,14 @@ ROUTES = [
     Route("ledger", "POST", "/v1/ledger/holds/{hold}/capture", "ledger.capture"),
     Route("ledger", "POST", "/v1/ledger/holds/{hold}/release", "ledger.release"),
     Route("ledger", "POST", "/v1/ledger/refunds", "ledger.refund"),
+    # allowances: units, not Ku (only the enhancement service moves them)
+    Route("ledger", "POST", "/v1/ledger/allowances/grants", "ledger.allowance.grant"),
+    Route("ledger", "POST", "/v1/ledger/allowances/draws", "ledger.allowance.draw"),
+    Route(
+        "ledger", "POST", "/v1/ledger/allowances/draws/{draw}/confirm", "ledger.allowance.confirm"
+    ),
+    Route("ledger", "POST", "/v1/ledger/allowances/draws/{draw}/return", "ledger.allowance.return"),
+    Route("ledger", "GET", "/v1/ledger/allowances?user_id={user}", "ledger.allowance.read"),
     Route("workspace", "POST", "/v1/workspace/projects", "workspace.write"),
     Route("workspace", "PATCH", "/v1/workspace/projects/{code}", "workspace.write"),
     Route("workspace", "DELETE", "/v1/workspace/projects/{code}", "workspace.write"),
@@ -90,13 +104,21 @@ def expected(kind: str, route: Route) -> str:
     rule: Rule | None = TABLE[route.operation].get(row_kind)
     if rule is None:
         return "403"
-    if row_kind == "service" and "generation" not in rule.services:
+    if row_kind == "service" and SERVICE_OF[kind] not in rule.services:
         return "403"
     if kind == "other_app" and not route.userless and rule.users != "any":
         # A project looked up by code that the caller may not see is the same 404 as a
         # code that does not exist (nothing about other users' projects leaks).
         return "404" if "{code}" in route.path else "403"
     return "ok"
+
+
+def _period() -> str:
+    return datetime.now(UTC).strftime("%Y-%m")
+
+
+def _ref() -> str:
+    return f"enhancement:{uuid.uuid4()}"
 
 
 def _sign(principal: Principal, audience: str, *, issuer: str = "gateway", **kw: Any) -> str:
@@ -123,11 +145,12 @@ def headers_for(kind: str, audience: str, user_id: str) -> dict[str, str]:
         out[PRINCIPAL_HEADER] = _sign(
             Principal(kind="app", app="ops", scopes=frozenset({"admin"})), audience
         )
-    elif kind == "service":
-        service = Principal(kind="service", app="generation")
-        out[PRINCIPAL_HEADER] = _sign(service, audience, issuer="generation")
+    elif kind in SERVICE_OF:
+        name = SERVICE_OF[kind]
+        service = Principal(kind="service", app=name)
+        out[PRINCIPAL_HEADER] = _sign(service, audience, issuer=name)
         user = Principal(kind="user", app="penora", user_id=user_id, scopes=frozenset(USER_SCOPES))
-        out[ORIGIN_HEADER] = _sign(user, "generation")
+        out[ORIGIN_HEADER] = _sign(user, name)
     elif kind == "other_audience":
         wrong = "workspace" if audience == "ledger" else "ledger"
         out[PRINCIPAL_HEADER] = _sign(app("penora", "users:any"), wrong)
@@ -167,6 +190,15 @@ async def target(clients: dict[str, httpx.AsyncClient], ku_database_url: str) ->
             headers=fp(),
         )
     )
+    # An allowance for the draws of the matrix (only the enhancement service grants).
+    body = {"user_id": user_id, "kind": "enhancement", "period": _period(), "units": 1000}
+    await _ok(
+        await ledger.post(
+            "/v1/ledger/allowances/grants",
+            json=body,
+            headers=headers_for("enhancement", "ledger", user_id),
+        )
+    )
     conn = await asyncpg.connect(plain_url(ku_database_url))
     try:
         for schema in ("ledger", "workspace"):
@@ -184,8 +216,22 @@ async def _prepare(
     """The resource a route acts on, made by the caller itself when the table lets it
     (its own hold, its own charge), else by the first-party app."""
     ledger, workspace = clients["ledger"], clients["workspace"]
-    maker = kind if kind in ("first_party", "partner", "service", "admin") else "first_party"
+    maker = (
+        kind
+        if kind in ("first_party", "partner", "service", "enhancement", "admin")
+        else "first_party"
+    )
     out: dict[str, str] = {"user": user_id}
+    if "{draw}" in route.path:  # drawn by the only service that draws
+        drawn = {
+            "user_id": user_id,
+            "kind": "enhancement",
+            "period": _period(),
+            "reference": _ref(),
+        }
+        h = headers_for("enhancement", "ledger", user_id)
+        r = await ledger.post("/v1/ledger/allowances/draws", json=drawn, headers=h)
+        out["draw"] = (await _ok(r))["draw"]["reference"]
     if "{hold}" in route.path:
         h = headers_for(maker, "ledger", user_id)
         body = {"user_id": user_id, "amount": 1, "reason": "authority test"}
@@ -193,7 +239,7 @@ async def _prepare(
             "hold"
         ]["id"]
     if route.operation == "ledger.refund":
-        refund_maker = maker if maker != "service" else "first_party"
+        refund_maker = maker if maker not in SERVICE_OF else "first_party"
         h = headers_for(refund_maker, "ledger", user_id)
         body = {"user_id": user_id, "amount": 1, "reason": "authority test"}
         charge = await _ok(await ledger.post("/v1/ledger/debits", json=body, headers=h))
@@ -220,6 +266,21 @@ def _body(route: Route, ids: dict[str, str]) -> dict[str, Any] | None:
         "ledger.refund": {"transaction_id": int(ids.get("charge", "0") or 0), **reason},
         "workspace.quota": {"limit_bytes": 2_000_000},
         "billing.revenue": None,
+        "ledger.allowance.grant": {
+            "user_id": user_id,
+            "kind": "enhancement",
+            "period": _period(),
+            "units": 5,
+        },
+        "ledger.allowance.draw": {
+            "user_id": user_id,
+            "kind": "enhancement",
+            "period": _period(),
+            "reference": _ref(),
+        },
+        "ledger.allowance.confirm": None,
+        "ledger.allowance.return": None,
+        "ledger.allowance.read": None,
         "billing.admin": {
             "kind": "topup",
             "name": "10 Ku top-up",

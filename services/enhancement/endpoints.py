@@ -473,6 +473,7 @@ async def list_alerts(
                         "tier": "pro",
                         "period": "2026-11",
                         "included": 25,
+                        "granted": 10,
                         "used": 0,
                         "remaining": 25,
                     }
@@ -504,6 +505,7 @@ async def set_tier(
                         "tier": "free",
                         "period": "2026-11",
                         "included": 0,
+                        "granted": 0,
                         "used": 0,
                         "remaining": 0,
                     }
@@ -515,7 +517,8 @@ async def set_tier(
 async def get_allowance(
     principal: CurrentPrincipal, enhancer: EnhancerDep, user_id: UserId | None = None
 ) -> dict[str, Any]:
-    """A user's included enhancements this month: used and remaining."""
+    """A user's included enhancements this month: the tier's count, the allowance the
+    ledger granted for the month (units, not Ku), used and remaining."""
     principal.require_scope("enhance")
     owner = user_id or principal.user_id
     if not owner:

@@ -2,9 +2,11 @@
 
 Invariants:
 - a task's money is settled once: `hold_id` (Ku) or `allowance_period` (an included
-  enhancement) is taken at submit, and `settled_at` is set in the same transaction
-  that records the capture or the release; the ledger's own idempotency (by hold id)
-  makes a repeated settlement harmless.
+  enhancement, drawn from the month's allowance in the ledger with the reference
+  `enhancement:<task id>`) is taken at submit, and `settled_at` is set after the
+  ledger's capture or release (confirmation or return of the draw); the ledger's own
+  idempotency (by hold id, by the draw's reference) makes a repeated settlement
+  harmless.
 - `attempt` is a fencing token: a worker whose lease ran out cannot write over the
   work of the worker that took the task after it.
 - a pool never goes negative (CHECK), and each (provider, reference) moves a pool
@@ -200,21 +202,6 @@ class Subscription(Base):
     updated_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), nullable=False, server_default=_NOW
     )
-
-
-class Allowance(Base):
-    """Included enhancements used by a user in one month (`period` = 'YYYY-MM').
-
-    A new month is a new row starting at zero: nothing carries over."""
-
-    __tablename__ = "allowances"
-    __table_args__ = (CheckConstraint("used >= 0 AND used <= included", name="used_in_range"),)
-
-    user_id: Mapped[str] = mapped_column(Text, primary_key=True)
-    period: Mapped[str] = mapped_column(Text, primary_key=True)
-    included: Mapped[int] = mapped_column(Integer, nullable=False)
-    used: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
-    alerted: Mapped[bool] = mapped_column(Boolean, nullable=False, server_default="f")
 
 
 class DailySummary(Base):

@@ -222,57 +222,18 @@ class Repository:
         )
         return [r.item for r in rows]
 
-    async def allowance(self, user_id: str, period: str) -> dict[str, Any] | None:
-        return await self._one(
-            "SELECT * FROM enhancement.allowances WHERE user_id = :u AND period = :p",
-            u=user_id,
-            p=period,
-        )
-
-    async def use_allowance(
-        self, user_id: str, period: str, included: int
-    ) -> dict[str, Any] | None:
-        """Take one included enhancement if any is left this period (row lock serializes)."""
-        await self.session.execute(
+    async def tier_candidates(self, now: datetime) -> list[str]:
+        """Users who may have a tier including enhancements at `now`: an admin's tier
+        above free, or a plan active and paid (the monthly grant decides per user)."""
+        rows = await self.session.execute(
             text(
-                "INSERT INTO enhancement.allowances (user_id, period, included) VALUES (:u, :p, :n)"
-                # A tier change mid-month takes effect now; after a downgrade below what
-                # was used, nothing more is included (never a negative remainder).
-                " ON CONFLICT (user_id, period) DO UPDATE"
-                " SET included = GREATEST(:n, enhancement.allowances.used)"
+                "SELECT user_id FROM enhancement.tiers WHERE tier <> 'free'"
+                " UNION SELECT user_id FROM enhancement.subscriptions"
+                " WHERE status = 'active' AND expires_at > :now ORDER BY 1"
             ),
-            {"u": user_id, "p": period, "n": included},
+            {"now": now},
         )
-        return await self._one(
-            "UPDATE enhancement.allowances SET used = used + 1"
-            " WHERE user_id = :u AND period = :p AND used < included RETURNING *",
-            u=user_id,
-            p=period,
-        )
-
-    async def return_allowance(self, user_id: str, period: str) -> None:
-        await self.session.execute(
-            text(
-                "UPDATE enhancement.allowances SET used = used - 1"
-                " WHERE user_id = :u AND period = :p AND used > 0"
-            ),
-            {"u": user_id, "p": period},
-        )
-
-    async def mark_allowance_alerted(self, user_id: str, period: str) -> bool:
-        row = await self._one(
-            "UPDATE enhancement.allowances SET alerted = true"
-            " WHERE user_id = :u AND period = :p AND NOT alerted RETURNING user_id",
-            u=user_id,
-            p=period,
-        )
-        return row is not None
-
-    async def drop_allowances_before(self, period: str) -> int:
-        result = await self.session.execute(
-            text("DELETE FROM enhancement.allowances WHERE period < :p"), {"p": period}
-        )
-        return int(result.rowcount or 0)  # type: ignore[attr-defined]
+        return [r.user_id for r in rows]
 
     # -- pools ------------------------------------------------------------------------
 

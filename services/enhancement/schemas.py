@@ -107,8 +107,12 @@ class AllowanceOut(BaseModel):
     user_id: str
     tier: str
     period: str
-    included: int
-    used: int
+    included: int = Field(description="The tier's included enhancements a month")
+    granted: int = Field(
+        description="The month's allowance granted in the ledger (made at the month's first "
+        "included enhancement or on the 1st; it expires at the month's end)"
+    )
+    used: int = Field(description="Included enhancements drawn this month and not given back")
     remaining: int
 
 

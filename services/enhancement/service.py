@@ -2,14 +2,17 @@
 
 Money, in order (`submit`): the input image is fetched and checked first (nothing
 is charged for a bad or unsafe input); then either one included enhancement of
-the month is taken, in the same transaction that records the task, or the Ku
-price is held in the ledger (on the caller's behalf: `origin`) and the task is
-recorded with the hold; if recording fails, the hold is released at once.
+the month is drawn from the user's allowance in the ledger (units, not Ku; granted
+there lazily at the month's first included enhancement and on the 1st), or the Ku
+price is held in the ledger (on the caller's behalf: `origin`); the task is recorded
+after either, and if recording fails the draw is returned or the hold released at
+once (their TTLs are the last line).
 Settlement (`settle`) runs once per task, after it finished: a completed task's
-hold is captured (the degraded price, if the local enhancer did the work), a
-failed task's hold is released and its included enhancement given back. The
-ledger call comes first and is idempotent by hold id; `settled_at` is written
-after it, so a crash in between repeats a harmless call.
+hold is captured (the degraded price, if the local enhancer did the work) and its
+draw confirmed; a failed task's hold is released and its draw returned (a degraded
+one's too). The ledger calls come first and are idempotent (by hold id, by the
+draw's reference); `settled_at` is written after them, so a crash in between
+repeats a harmless call.
 
 Work (`process`): a worker claims a task with a lease and an attempt number (the
 fence: every later write names the attempt). Providers are tried in order of
@@ -59,6 +62,7 @@ from services.kit.errors import (
     KuError,
     NotFound,
     PayloadTooLarge,
+    PaymentRequired,
     Unprocessable,
 )
 from services.kit.money import milli_to_ku
@@ -69,6 +73,7 @@ from services.kit.service_client import ServiceClient
 log = logging.getLogger("ku.enhancement")
 
 JOB_NAME = "enhancement_process_task"
+ALLOWANCE_KIND = "enhancement"
 ALERT_TOPIC = "enhancement.alert"
 BATCH = 200
 
@@ -293,22 +298,109 @@ class Enhancer:
     async def _record_included(
         self, values: dict[str, Any], owner: str, now: datetime
     ) -> dict[str, Any] | None:
-        """Record the task paid by an included enhancement, if the user has one left."""
+        """Record the task paid by an included enhancement, if the user has one left: one
+        unit drawn from the month's allowance in the ledger (granted there at the month's
+        first included enhancement), then the task. As a Ku hold, the draw is provisional:
+        it is confirmed or returned at settlement, returned at once if recording fails,
+        and expires back to the user past its TTL (a crash in between loses nothing)."""
         async with self.uow() as session:
-            repo = Repository(session)
-            included = self.included_for(await self.tier_of(repo, owner, now))
-            if included <= 0:
+            included = self.included_for(await self.tier_of(Repository(session), owner, now))
+        if included <= 0:
+            return None
+        period = period_of(now)
+        drawn = await self._draw(owner, period, values["id"], included)
+        if drawn is None:
+            return None
+        try:
+            async with self.uow() as session:
+                repo = Repository(session)
+                task = await repo.insert_task(
+                    {**values, "price_milli": 0, "allowance_period": period}
+                )
+                if task is None:
+                    # A concurrent replay recorded it first: the same task, the same
+                    # reference, so the same draw (the recorded task settles it).
+                    raise _Replayed(values["id"])
+                await self._allowance_alert(repo, owner, period, drawn["allowance"], included)
+                await self._event(session, task)
+                return task
+        except _Replayed:
+            raise
+        except BaseException:
+            await self._allowance_settle(values["id"], "return")
+            raise
+
+    async def _draw(
+        self, owner: str, period: str, task_id: uuid.UUID, included: int
+    ) -> dict[str, Any] | None:
+        """One unit of the month's allowance for this task, or None (pay in Ku). The
+        month's grant is made lazily: a draw refused because less than the tier's count
+        was granted (the month's first, or an upgrade since) grants it and draws again.
+        `cap` is the tier's count now: after a downgrade nothing more is included."""
+        body = {
+            "user_id": owner,
+            "kind": ALLOWANCE_KIND,
+            "period": period,
+            "reference": f"enhancement:{task_id}",
+            "ttl_seconds": self.settings.enhancement_hold_ttl_seconds,
+            "cap": included,
+        }
+        for attempt in range(2):
+            try:
+                drawn: dict[str, Any] = await self.client.json(
+                    "ledger",
+                    "POST",
+                    "/v1/ledger/allowances/draws",
+                    json=body,
+                    idempotency_key=f"enhancement:{task_id}:draw",
+                )
+            except PaymentRequired as exc:
+                granted = int(exc.detail.get("granted", 0))
+                if exc.code == "allowance_exhausted" and attempt == 0 and granted < included:
+                    await self.grant_allowance(owner, period, included)
+                    continue
+                return None  # none left, or the month ended meanwhile: Ku
+            if drawn["draw"]["status"] not in ("active", "confirmed"):
+                # This task's draw was given back by an earlier attempt (its recording
+                # failed): a reference draws once, so this attempt pays in Ku.
                 return None
-            period = period_of(now)
-            row = await repo.use_allowance(owner, period, included)
-            if row is None:
-                return None
-            task = await repo.insert_task({**values, "price_milli": 0, "allowance_period": period})
-            if task is None:  # a concurrent replay recorded it first: undo our use
-                raise _Replayed(values["id"])
-            await self._allowance_alert(repo, owner, period, row)
-            await self._event(session, task)
-            return task
+            return drawn
+        return None
+
+    async def grant_allowance(self, user_id: str, period: str, units: int) -> dict[str, Any]:
+        """The user's allowance for `period` is at least `units` (the ledger: once)."""
+        out: dict[str, Any] = await self.client.json(
+            "ledger",
+            "POST",
+            "/v1/ledger/allowances/grants",
+            json={
+                "user_id": user_id,
+                "kind": ALLOWANCE_KIND,
+                "period": period,
+                "units": units,
+                "reference": f"tier:{units}",
+            },
+            idempotency_key=f"enhancement:allowance:{user_id}:{period}:{units}",
+        )
+        return out
+
+    async def _allowance_settle(self, task_id: uuid.UUID, how: str) -> None:
+        """Confirm or return a task's draw (each at most once in the ledger)."""
+        try:
+            await self.client.json(
+                "ledger",
+                "POST",
+                f"/v1/ledger/allowances/draws/enhancement:{task_id}/{how}",
+                idempotency_key=f"enhancement:{task_id}:allowance:{how}",
+            )
+        except NotFound:
+            # Recorded before allowances moved to the ledger: no draw to settle there.
+            log.warning("task %s: no allowance draw in the ledger to %s", task_id, how)
+        except Conflict as exc:
+            # `draw_expired`: the draw's TTL passed before settlement and its unit came
+            # back to the user; the work is done and stays the user's (as a Ku hold that
+            # expired before its capture charges nothing).
+            log.warning("task %s: allowance draw not %sed: %s", task_id, how, exc.code)
 
     async def _record_paid(
         self, values: dict[str, Any], owner: str, app: str, price: int, origin: str | None
@@ -681,15 +773,13 @@ class Enhancer:
                 )
             else:
                 await self._release(task["hold_id"])
+        if task["allowance_period"]:
+            # An included enhancement that failed or only got the local fallback is given
+            # back; one that completed on a provider is spent.
+            kept = task["status"] == "completed" and not task["degraded"]
+            await self._allowance_settle(task_id, "confirm" if kept else "return")
         async with self.uow() as session:
-            repo = Repository(session)
-            settled = await repo.mark_settled(task_id, charge)
-            # An included enhancement that failed or only got the local fallback is given back.
-            give_back = task["allowance_period"] and (
-                task["status"] == "failed" or task["degraded"]
-            )
-            if settled is not None and give_back:
-                await repo.return_allowance(task["user_id"], task["allowance_period"])
+            await Repository(session).mark_settled(task_id, charge)
 
     async def _release(self, hold_id: str) -> None:
         try:
@@ -921,19 +1011,26 @@ class Enhancer:
     # -- allowances -------------------------------------------------------------------
 
     async def _allowance_alert(
-        self, repo: Repository, user_id: str, period: str, row: dict[str, Any]
+        self,
+        repo: Repository,
+        user_id: str,
+        period: str,
+        state: dict[str, Any],
+        included: int,
     ) -> None:
+        """Past the alert percentage of the tier's count: one alert per user and month
+        (the alert's dedupe key)."""
         percent = self.settings.enhancement_allowance_alert_percent
-        if row["included"] and row["used"] * 100 > row["included"] * percent:
-            if await repo.mark_allowance_alerted(user_id, period):
-                await self._alert(
-                    repo,
-                    "allowance_high",
-                    user_id,
-                    f"User {user_id} used over {percent}% of the month's enhancements",
-                    {"used": row["used"], "included": row["included"], "period": period},
-                    f"allowance_high:{user_id}:{period}",
-                )
+        used = int(state["used"])
+        if included and used * 100 > included * percent:
+            await self._alert(
+                repo,
+                "allowance_high",
+                user_id,
+                f"User {user_id} used over {percent}% of the month's enhancements",
+                {"used": used, "included": included, "period": period},
+                f"allowance_high:{user_id}:{period}",
+            )
 
     async def set_tier(self, user_id: str, tier: str) -> None:
         if tier not in self.settings.enhancement_tier_allowances:
@@ -967,29 +1064,54 @@ class Enhancer:
             )
 
     async def allowance(self, user_id: str, now: datetime | None = None) -> dict[str, Any]:
+        """The month's included enhancements: the tier's count, and what the ledger
+        recorded of the month's allowance (granted, used)."""
         now = now or datetime.now(UTC)
         period = period_of(now)
         async with self.uow() as session:
-            repo = Repository(session)
-            tier = await self.tier_of(repo, user_id, now)
-            row = await repo.allowance(user_id, period)
+            tier = await self.tier_of(Repository(session), user_id, now)
+        found = await self.client.json(
+            "ledger",
+            "GET",
+            "/v1/ledger/allowances",
+            params={"user_id": user_id, "period": period, "kind": ALLOWANCE_KIND},
+        )
+        items = found["items"]
         included = self.included_for(tier)
-        used = row["used"] if row else 0
+        used = int(items[0]["used"]) if items else 0
         return {
             "user_id": user_id,
             "tier": tier,
             "period": period,
             "included": included,
+            "granted": int(items[0]["granted"]) if items else 0,
             "used": used,
             "remaining": max(0, included - used),
         }
 
     async def monthly_reset(self, now: datetime | None = None) -> int:
-        """On the 1st: the past months' allowance rows go (unused allowance never carries)."""
+        """On the 1st: the new month's allowance is granted in the ledger to every user
+        whose tier includes enhancements (a user missed here is granted at their first
+        included enhancement). Last month's grant simply expires there: unused
+        allowance never carries over. Returns the number of users granted."""
+        now = now or datetime.now(UTC)
+        period = period_of(now)
         async with self.uow() as session:
-            return await Repository(session).drop_allowances_before(
-                period_of(now or datetime.now(UTC))
-            )
+            repo = Repository(session)
+            entitled = [
+                (user_id, self.included_for(await self.tier_of(repo, user_id, now)))
+                for user_id in await repo.tier_candidates(now)
+            ]
+        granted = 0
+        for user_id, units in entitled:
+            if units <= 0:
+                continue
+            try:
+                await self.grant_allowance(user_id, period, units)
+                granted += 1
+            except KuError as exc:  # the lazy grant at the first use covers it
+                log.warning("no allowance granted to %s for %s: %s", user_id, period, exc.code)
+        return granted
 
     # -- scheduled work ---------------------------------------------------------------
 

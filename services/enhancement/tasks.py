@@ -9,8 +9,8 @@ into `enhancement.subscriptions`; the handler is an idempotent upsert.
 Seed 004's schedule (tests/enhancement/test_schedule.py reads it back from the worker's
 registry): pending tasks every 2 minutes (`KU_ENHANCEMENT_PENDING_EVERY_SECONDS`, a
 divisor of a minute or of an hour in whole minutes), pool thresholds every 15 minutes,
-the daily usage summary at 01:00, the monthly allowance reset on the 1st at 00:00 (UTC),
-and result retention daily at 03:30.
+the daily usage summary at 01:00, the new month's allowance grants in the ledger on
+the 1st at 00:00 (UTC), and result retention daily at 03:30.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ from services.generation.records import Records
 from services.generation.service import GenerationEngine, drain_background
 from services.generation.stories import Stories, StoryLeases
 from services.kit.app import create_service_app
+from services.kit.front import FrontApp
 from services.kit.service_client import ServiceClient
 
 DESCRIPTION = """
@@ -92,4 +93,5 @@ def create_app() -> FastAPI:
         description=DESCRIPTION,
         outbox_schema=SCHEMA,
         hooks=[generation],
+        app_class=FrontApp,
     )

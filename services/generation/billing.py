@@ -5,14 +5,16 @@ checks on whose behalf we act and books it in the lane of the app the user came
 through. Capture and release are ours alone (we created the hold); both are
 idempotent by hold id, so a retry after a lost answer is harmless.
 
-Every generation makes two of these calls (hold, then capture or release), so they go
-over aiohttp (`LedgerCalls`), not the kit's httpx `ServiceClient`: measured under
-bench/generation.py, httpx's connection pool (httpcore scans every pooled connection,
-with a `poll()` each, per request) and anyio streams were ~18 % of the generation
-process's CPU. The rules are the `ServiceClient`'s, whose signed headers it uses:
-every call carries an idempotency key, so connection errors, timeouts and 502/503/504
-are retried with the same backoff, and errors come back as the kit error the ledger
-raised (`error_from_response`).
+Every generation makes two of these calls (hold, then capture or release) and the hold
+is on the way to the first token, so they go over the kit's lean keep-alive client
+(`services.kit.pool`, the gateway proxy's), not the kit's httpx `ServiceClient`:
+measured under bench/generation.py, httpx's connection pool (httpcore scans every
+pooled connection, with a `poll()` each, per request) and anyio streams were ~18 % of
+the generation process's CPU, and an aiohttp request costs about 4x the pool's
+exchange. The rules are the `ServiceClient`'s, whose signed headers it uses: every call
+carries an idempotency key, so connection errors, timeouts and 502/503/504 are retried
+with the same backoff, and errors come back as the kit error the ledger raised
+(`error_from_response`).
 """
 
 from __future__ import annotations
@@ -21,59 +23,59 @@ import asyncio
 import random
 from typing import Any
 
-import aiohttp
 import orjson
 
 from services.kit.errors import UpstreamError, UpstreamTimeout
 from services.kit.money import milli_to_ku
+from services.kit.pool import Pool
 from services.kit.service_client import RETRY_STATUSES, ServiceClient, error_from_response
 
 LEDGER = "ledger"
+JSON = (b"content-type", b"application/json")
 
 
 class LedgerCalls:
-    """POSTs to the ledger with JSON bodies, as this service, over one aiohttp session."""
+    """POSTs to the ledger with JSON bodies, as this service, over one keep-alive pool."""
 
     def __init__(self, client: ServiceClient, *, timeout_seconds: float = 10.0) -> None:
         self.client = client
-        self.base = client.url(LEDGER, "")
-        self._timeout = aiohttp.ClientTimeout(total=timeout_seconds)
-        self._session: aiohttp.ClientSession | None = None
-
-    def _http(self) -> aiohttp.ClientSession:
-        # Made on first use, inside the running loop (aiohttp binds a session to it).
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(
-                timeout=self._timeout,
-                connector=aiohttp.TCPConnector(limit=200, keepalive_timeout=4),
-            )
-        return self._session
+        self.timeout_seconds = timeout_seconds
+        self._pool = Pool(client.url(LEDGER, ""), connect_timeout=timeout_seconds)
 
     async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        self._pool.close()
 
     async def post(
         self, path: str, body: Any, *, idempotency_key: str, origin: str | None = None
     ) -> Any:
         """The JSON answer; the ledger's error (402, 409, ...) raised as its kit error."""
-        data = orjson.dumps(body) if body is not None else None
+        data = orjson.dumps(body) if body is not None else b""
+        target = path.encode()
         attempts = self.client.retries + 1
         for attempt in range(attempts):
-            headers = self.client.headers(LEDGER, origin=origin)
-            headers["idempotency-key"] = idempotency_key
-            if data is not None:
-                headers["content-type"] = "application/json"
+            headers = [
+                (name.encode(), value.encode())
+                for name, value in self.client.headers(LEDGER, origin=origin).items()
+            ]
+            headers.append((b"idempotency-key", idempotency_key.encode()))
+            if body is not None:
+                headers.append(JSON)
             try:
-                async with self._http().post(
-                    self.base + path, data=data, headers=headers
-                ) as response:
-                    status = response.status
-                    raw = await response.read()
+                async with asyncio.timeout(self.timeout_seconds):
+                    response = await self._pool.request(
+                        "POST", target, headers, data, read_timeout=self.timeout_seconds
+                    )
+                    try:
+                        raw = await response.read()
+                    except BaseException:
+                        response.close()
+                        raise
+                    response.release()
+                status = response.status
             except TimeoutError:
                 if attempt + 1 >= attempts:
                     raise UpstreamTimeout("The ledger service timed out", service=LEDGER) from None
-            except aiohttp.ClientError:
+            except OSError:
                 if attempt + 1 >= attempts:
                     raise UpstreamError(
                         "The ledger service is unreachable", service=LEDGER

@@ -62,10 +62,14 @@ def reader_for(principal: Principal, user_id: str | None) -> Reader:
     return Reader(user_id, principal.app)
 
 
-async def get_engine(request: Request) -> GenerationEngine:
-    # async: FastAPI runs a plain `def` dependency in a worker thread, a hop per request.
+def engine_of(request: Request) -> GenerationEngine:
     engine: GenerationEngine = request.app.state.generation
     return engine
+
+
+async def get_engine(request: Request) -> GenerationEngine:
+    # async: FastAPI runs a plain `def` dependency in a worker thread, a hop per request.
+    return engine_of(request)
 
 
 Engine = Annotated[GenerationEngine, Depends(get_engine)]

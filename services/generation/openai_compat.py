@@ -15,11 +15,11 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
 import orjson
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from starlette.responses import StreamingResponse
 
-from services.generation.deps import CurrentPrincipal, Engine, caller_for
+from services.generation.deps import CurrentPrincipal, Engine, caller_for, engine_of
 from services.generation.endpoints import (
     ERRORS,
     checked_model,
@@ -28,10 +28,13 @@ from services.generation.endpoints import (
 )
 from services.generation.service import Outcome
 from services.kit.errors import Unprocessable
+from services.kit.front import HotRoute, hot
 from services.kit.money import milli_to_ku
 from services.kit.schemas import JsonObject, Text, TextGuard
 
-router = APIRouter(prefix="/v1/generation", tags=["openai-compatible"])
+# chat/completions is answered in front of FastAPI's layers (services/kit/front.py):
+# every streamed answer's first token waits for its request's path through them.
+router = APIRouter(prefix="/v1/generation", tags=["openai-compatible"], route_class=HotRoute)
 
 DEFAULT_MAX_WORDS = 1000
 
@@ -131,6 +134,7 @@ def _ku(outcome: Outcome) -> dict[str, Any]:
         },
     },
 )
+@hot(ChatCompletionIn, engine=engine_of)
 async def chat_completions(
     body: ChatCompletionIn, request: Request, principal: CurrentPrincipal, engine: Engine
 ) -> Any:
@@ -161,7 +165,7 @@ async def chat_completions(
     completion_id = f"chatcmpl-{job.id}"
     if not body.stream:
         outcome = await collect_while_connected(request, job)
-        return {
+        completion = {
             "id": completion_id,
             "object": "chat.completion",
             "created": created,
@@ -180,6 +184,7 @@ async def chat_completions(
             },
             "ku": _ku(outcome),
         }
+        return Response(orjson.dumps(completion), media_type="application/json")
     first, deltas = await first_then_rest(job)
 
     def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> bytes:

@@ -15,6 +15,7 @@ from services.kit.bus import redis_from_url
 from services.kit.config import KuSettings
 from services.kit.db import create_engine, plain_url, sessionmaker_for
 from services.kit.errors import install_error_handlers
+from services.kit.front import FrontApp
 from services.kit.logs import configure_logging
 from services.kit.middleware import RequestContextMiddleware
 from services.kit.outbox import OutboxRelay, stream_name
@@ -36,7 +37,8 @@ def create_service_app(
 ) -> FastAPI:
     """Build a service. `outbox_schema` starts a relay for `<schema>.outbox`;
     `hooks` are extra async context managers run inside the lifespan; `app_class` a
-    FastAPI subclass (the ledger's answers its hot routes before FastAPI's layers)."""
+    FastAPI subclass (`services.kit.front.FrontApp` answers the routers' hot routes
+    before FastAPI's layers)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -98,6 +100,8 @@ def create_service_app(
     app.include_router(health.router)
     app.include_router(metrics.router)
     app.add_middleware(RequestContextMiddleware, service=name)
+    if isinstance(app, FrontApp):
+        app.setup_front(routers)
     return app
 
 

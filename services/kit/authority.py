@@ -54,6 +54,7 @@ WW = "workspace:write"
 
 _ANY = Rule("any", own_only=False, any_lane=True)  # admin: everything
 _SPENDERS = frozenset({"generation", "enhancement"})
+_ALLOWANCE_SERVICES = frozenset({"enhancement"})
 
 
 def _row(**kinds: Rule) -> dict[str, Rule]:
@@ -98,17 +99,29 @@ TABLE: dict[str, dict[str, Rule]] = {
     # --- money in ---
     # an operator takes credit back (billing's clawbacks of refunded payments run in-process)
     "ledger.clawback": _row(),
-    "ledger.grant": _row(
-        first_party=Rule("any", (G,)),
-        partner=Rule("linked", (G,)),
-        # monthly allowances (source `allowance`); billing grants in-process
-        service=Rule("any", services=frozenset({"enhancement"})),
-    ),
+    # No service grants Ku: monthly allowances are units, not Ku grants
+    # (`ledger.allowance.*` below); billing grants in-process.
+    "ledger.grant": _row(first_party=Rule("any", (G,)), partner=Rule("linked", (G,))),
     # Opening a wallet with the one welcome grant is harmless for any user (the grant
     # happens once per user whoever asks); initial credits instead are admin-only.
     "ledger.account.open": _row(
         first_party=Rule("any", ("users:write", G)), partner=Rule("any", ("users:write", G))
     ),
+    # --- allowances: units (e.g. included enhancements), not Ku ---
+    # Only the service whose product they are moves them; a draw is resolved by its
+    # drawer (own_only). Reads, as the user's other ledger data; the service reads any
+    # user's (its monthly job and its `GET /allowance` for admins have no origin).
+    "ledger.allowance.read": {
+        "admin": _ANY,
+        "user": Rule("self"),
+        "first_party": Rule("any", (R, W)),
+        "partner": Rule("linked", (R, W)),
+        "service": Rule("any", services=_ALLOWANCE_SERVICES),
+    },
+    "ledger.allowance.grant": {"service": Rule("any", services=_ALLOWANCE_SERVICES)},
+    "ledger.allowance.draw": {"service": Rule("any", services=_ALLOWANCE_SERVICES)},
+    "ledger.allowance.confirm": {"service": Rule("any", services=_ALLOWANCE_SERVICES)},
+    "ledger.allowance.return": {"service": Rule("any", services=_ALLOWANCE_SERVICES)},
     # --- workspace ---
     # Services read a task's input and save its result on the worker, after the request
     # that started it (and its origin) is gone; the money was authorized at submit.

@@ -1,15 +1,12 @@
 from __future__ import annotations
 
 import base64
-from collections.abc import Awaitable, Callable, Coroutine
 from datetime import datetime
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import orjson
 from fastapi import APIRouter, Depends, Query, Request, Response
-from fastapi.routing import APIRoute
-from fastapi.telemetry import get_telemetry_data
-from pydantic import BaseModel, TypeAdapter, ValidationError
+from pydantic import BaseModel
 
 from services.kit.authority import Permit, authorize
 from services.kit.db import Session
@@ -23,6 +20,7 @@ from services.kit.errors import (
     ServiceUnavailable,
     Unprocessable,
 )
+from services.kit.front import HotRoute, hot, hot_query
 from services.kit.idempotency import key_from_request, request_hash
 from services.kit.openapi import STANDARD, error_responses
 from services.kit.principal import Principal, get_principal, origin_principal
@@ -55,118 +53,6 @@ from services.ledger.schemas import (
     UsageRow,
 )
 from services.ledger.service import Keys, Ledger, Outcome, idempotency_key, result_error
-
-Fast = Callable[[Request], Awaitable[Response | None]]
-
-
-class HotRoute(APIRoute):
-    """A route whose endpoint is marked `@_hot(Model)` (or `@_hot_query`) has a fast
-    path (`fast`): the well-formed request is answered without FastAPI's per-request
-    dependency solve: the JSON body is parsed (orjson) and validated by the same model
-    in the same (python) mode, the principal is the same `get_principal`, then the
-    endpoint runs. Anything off that path (another content type, a body that does not
-    parse or validate, OpenTelemetry tracing on) makes `fast` answer None, and FastAPI's
-    own handler answers exactly as before: the 4xx bodies and their order (JSON errors,
-    then the principal, then validation) are FastAPI's. The route, its signature and
-    the OpenAPI are unchanged. `LedgerApp` (services/ledger/app.py) calls `fast` before
-    any of FastAPI's layers (docs/ledger.md "The hot path")."""
-
-    fast: Fast | None = None
-
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        handler = super().get_route_handler()
-        fast = self.fast = _fast_path(self.endpoint)
-        if fast is None:
-            return handler
-
-        async def app(request: Request) -> Response:
-            response = await fast(request)
-            return response if response is not None else await handler(request)
-
-        return app
-
-
-def _fast_path(endpoint: Callable[..., Any]) -> Fast | None:
-    query: dict[str, TypeAdapter[Any]] | None = getattr(endpoint, "_ku_hot_query", None)
-    if query is not None:
-        return _query_fast_path(endpoint, query)
-    hot: tuple[type[BaseModel], bool] | None = getattr(endpoint, "_ku_hot_body", None)
-    if hot is None:
-        return None
-    model, optional = hot
-
-    async def fast(request: Request) -> Response | None:
-        if (
-            request.headers.get("content-type") != "application/json"
-            or get_telemetry_data() is not None
-        ):
-            return None
-        raw = await request.body()
-        if not raw and not optional:
-            return None
-        try:
-            body = model.model_validate(orjson.loads(raw)) if raw else None
-        except (orjson.JSONDecodeError, ValidationError):
-            return None
-        principal = await get_principal(request)
-        response: Response = await endpoint(
-            body=body, request=request, principal=principal, **request.path_params
-        )
-        return response
-
-    return fast
-
-
-def _query_fast_path(endpoint: Callable[..., Any], query: dict[str, TypeAdapter[Any]]) -> Fast:
-    """A GET route's fast path: each query parameter read as FastAPI reads it (the last
-    value) and validated by its own type; a missing or invalid one goes to FastAPI."""
-
-    async def fast(request: Request) -> Response | None:
-        if get_telemetry_data() is not None:
-            return None
-        params = request.query_params
-        values: dict[str, Any] = {}
-        for name, adapter in query.items():
-            value = params.get(name)
-            if value is None:
-                return None
-            try:
-                values[name] = adapter.validate_python(value)
-            except ValidationError:
-                return None
-        principal = await get_principal(request)
-        response: Response = await endpoint(request=request, principal=principal, **values)
-        return response
-
-    return fast
-
-
-_F = TypeVar("_F", bound=Callable[..., Any])
-
-
-def _hot(model: type[BaseModel], *, optional: bool = False) -> Callable[[_F], _F]:
-    """Mark a route for `HotRoute`'s fast path: its body is `model` (or None when
-    `optional` and the body is empty); its other arguments are `request`, `principal`
-    and its path parameters (plain strings)."""
-
-    def mark(endpoint: _F) -> _F:
-        endpoint._ku_hot_body = (model, optional)  # type: ignore[attr-defined]
-        return endpoint
-
-    return mark
-
-
-def _hot_query(**params: Any) -> Callable[[_F], _F]:
-    """Mark a GET route for `HotRoute`'s fast path: its required query parameters and
-    their types; its other arguments are `request` and `principal`."""
-
-    def mark(endpoint: _F) -> _F:
-        adapters = {name: TypeAdapter(kind) for name, kind in params.items()}
-        endpoint._ku_hot_query = adapters  # type: ignore[attr-defined]
-        return endpoint
-
-    return mark
-
 
 router = APIRouter(prefix="/v1/ledger", tags=["ledger"], route_class=HotRoute)
 
@@ -332,7 +218,7 @@ def _respond(outcome: Outcome, model: type[BaseModel]) -> Response:
         },
     },
 )
-@_hot_query(user_id=UserId)
+@hot_query(user_id=UserId)
 async def get_balance(user_id: UserId, principal: CurrentPrincipal, request: Request) -> Response:
     """A user's spendable, held and total credit, per source, with the next expiry."""
     permit = _permit("ledger.read", principal, request)
@@ -445,7 +331,7 @@ async def open_account(
         },
     },
 )
-@_hot(GrantCreate)
+@hot(GrantCreate)
 async def create_grant(
     body: GrantCreate,
     request: Request,
@@ -506,7 +392,7 @@ def _grant_op(body: GrantCreate, permit: Permit) -> tuple[dict[str, Any], str | 
         },
     },
 )
-@_hot(DebitCreate)
+@hot(DebitCreate)
 async def create_debit(
     body: DebitCreate,
     request: Request,
@@ -541,7 +427,7 @@ def _debit_op(body: DebitCreate, permit: Permit) -> tuple[dict[str, Any], str | 
     response_model=HoldResult,
     responses={**ERRORS, **error_responses({402: INSUFFICIENT})},
 )
-@_hot(HoldCreate)
+@hot(HoldCreate)
 async def create_hold(
     body: HoldCreate,
     request: Request,
@@ -681,7 +567,7 @@ def _resolve_op(kind: str, hold_id: str, amount: int | None, permit: Permit) -> 
         },
     },
 )
-@_hot(CaptureIn, optional=True)
+@hot(CaptureIn, optional=True)
 async def capture_hold(
     hold_id: str,
     request: Request,
@@ -728,7 +614,7 @@ async def capture_hold(
         },
     },
 )
-@_hot(ReleaseIn, optional=True)
+@hot(ReleaseIn, optional=True)
 async def release_hold(
     hold_id: str,
     request: Request,

@@ -273,6 +273,99 @@ class Posting(Base):
     amount_milli: Mapped[int] = mapped_column(BigInteger, nullable=False)
 
 
+class Allowance(Base):
+    """A user's allowance of one kind for one month: a number of UNITS (e.g. included
+    enhancements), never Ku. Not part of any balance, never spendable as credit, never
+    touched by debits or holds. `granted` only rises (a grant is "at least N"); `used`
+    counts draws that are active or confirmed (a returned or expired draw gave its unit
+    back, unless the period had ended). After `expires_at` (the first instant of the
+    next month, UTC) nothing is drawn or given back: what was unused is gone.
+    Each change has its row in `allowance_entries` (`ku ledger verify`)."""
+
+    __tablename__ = "allowances"
+    __table_args__ = (
+        CheckConstraint("granted >= 0", name="granted_not_negative"),
+        CheckConstraint("used >= 0 AND used <= granted", name="used_in_range"),
+    )
+
+    user_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    kind: Mapped[str] = mapped_column(Text, primary_key=True)
+    period: Mapped[str] = mapped_column(Text, primary_key=True)  # 'YYYY-MM'
+    granted: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
+    used: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    created_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, server_default=func.now()
+    )
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, server_default=func.now()
+    )
+
+
+class AllowanceDraw(Base):
+    """One unit drawn for a `reference` (at most one draw per reference, ever). Active
+    until confirmed or returned; an active draw past `expires_at` (its TTL) is expired by
+    the sweep or the next operation on it, and its unit comes back."""
+
+    __tablename__ = "allowance_draws"
+    __table_args__ = (
+        CheckConstraint(
+            "status IN ('active', 'confirmed', 'returned', 'expired')", name="status_known"
+        ),
+        Index(
+            "ix_allowance_draws_expiring",
+            "expires_at",
+            postgresql_where=text("status = 'active'"),
+        ),
+        Index("ix_allowance_draws_allowance", "user_id", "kind", "period"),
+    )
+
+    reference: Mapped[str] = mapped_column(Text, primary_key=True)
+    user_id: Mapped[str] = mapped_column(Text, nullable=False)
+    kind: Mapped[str] = mapped_column(Text, nullable=False)
+    period: Mapped[str] = mapped_column(Text, nullable=False)
+    owner: Mapped[str] = mapped_column(Text, nullable=False)
+    status: Mapped[str] = mapped_column(Text, nullable=False, server_default="active")
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    created_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, server_default=func.now()
+    )
+    resolved_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class AllowanceEntry(Base):
+    """Every movement of an allowance, append-only: a grant's increase (`granted_delta`),
+    a draw (`used_delta` +1), a return or a TTL expiry (-1, or 0 once the period has
+    ended: nothing comes back), a confirmation (0). Per allowance the entries sum to its
+    `granted` and `used`."""
+
+    __tablename__ = "allowance_entries"
+    __table_args__ = (
+        CheckConstraint(
+            "entry IN ('grant', 'draw', 'confirm', 'return', 'expiry')", name="entry_known"
+        ),
+        Index("ix_allowance_entries_allowance", "user_id", "kind", "period"),
+        Index(
+            "ix_allowance_entries_reference",
+            "reference",
+            postgresql_where=text("reference IS NOT NULL"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    user_id: Mapped[str] = mapped_column(Text, nullable=False)
+    kind: Mapped[str] = mapped_column(Text, nullable=False)
+    period: Mapped[str] = mapped_column(Text, nullable=False)
+    entry: Mapped[str] = mapped_column(Text, nullable=False)
+    granted_delta: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
+    used_delta: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
+    reference: Mapped[str | None] = mapped_column(Text)
+    actor: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, server_default=func.now()
+    )
+
+
 metadata = Base.metadata
 
 # Billing's tables live in this schema too (services/ledger/billing/models.py);

@@ -400,3 +400,124 @@ class BatchOut(BaseModel):
     results: list[BatchResult]
     succeeded: int
     failed: int
+
+
+# --- allowances: units (e.g. included enhancements), not Ku (docs/ledger.md "Allowances")
+
+Period = Annotated[
+    str,
+    StringConstraints(pattern=r"^2[0-9]{3}-(0[1-9]|1[0-2])$"),
+    Field(description="A calendar month, UTC: 'YYYY-MM'", examples=["2026-11"]),
+]
+AllowanceKind = Annotated[
+    str,
+    StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,31}$"),
+    Field(description="What the units are of, e.g. `enhancement`", examples=["enhancement"]),
+]
+DrawReference = Annotated[
+    str,
+    StringConstraints(pattern=r"^[A-Za-z0-9:._-]{1,200}$"),
+    Field(description="What the unit is for, once per reference, ever: the draw's natural key"),
+]
+
+
+class AllowanceGrantIn(_In):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "user_id": "101902121794505144784",
+                    "kind": "enhancement",
+                    "period": "2026-11",
+                    "units": 10,
+                    "reference": "tier:plus",
+                }
+            ]
+        },
+    )
+    user_id: UserId
+    kind: AllowanceKind
+    period: Period
+    units: int = Field(
+        ge=1, le=1_000_000, description="The allowance is at least this many units afterwards"
+    )
+    reference: Reference | None = Field(None, description="Recorded on the grant's entry")
+
+
+class AllowanceDrawIn(_In):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "user_id": "101902121794505144784",
+                    "kind": "enhancement",
+                    "period": "2026-11",
+                    "reference": "enhancement:6f1c0d2e-4b7a-4f3e-9a51-2d8c7b1e0f43",
+                    "ttl_seconds": 3600,
+                    "cap": 10,
+                }
+            ]
+        },
+    )
+    user_id: UserId
+    kind: AllowanceKind
+    period: Period
+    reference: DrawReference
+    ttl_seconds: int = Field(
+        3600,
+        ge=1,
+        le=86_400,
+        description="Unconfirmed past this, the draw expires and its unit comes back",
+    )
+    cap: int | None = Field(
+        None,
+        ge=0,
+        description="Draw only while fewer than this many are used (the caller's current "
+        "entitlement, e.g. after a downgrade); the grant still bounds it",
+    )
+
+
+class AllowanceState(BaseModel):
+    user_id: str
+    kind: str
+    period: str
+    granted: int = Field(description="Units granted for the period")
+    used: int = Field(description="Units drawn and not given back (active or confirmed)")
+    remaining: int = Field(description="granted - used; 0 once the period has ended")
+    expires_at: datetime = Field(description="The period's end: nothing is drawn after it")
+    expired: bool
+
+
+class AllowanceGrantOut(BaseModel):
+    allowance: AllowanceState
+    increased_by: int = Field(description="Units added by this request (0: already granted)")
+
+
+class AllowanceDrawOut(BaseModel):
+    reference: str
+    user_id: str
+    kind: str
+    period: str
+    owner: str
+    status: Literal["active", "confirmed", "returned", "expired"]
+    expires_at: datetime = Field(description="An active draw past this expires (its TTL)")
+    created_at: datetime
+    resolved_at: datetime | None = None
+
+
+class AllowanceDrawResult(BaseModel):
+    draw: AllowanceDrawOut
+    allowance: AllowanceState
+    given_back: bool | None = Field(
+        None,
+        description="Return: whether this request gave the unit back (false on a replay, "
+        "or after the period ended)",
+    )
+
+
+class AllowanceList(BaseModel):
+    user_id: str
+    period: str
+    items: list[AllowanceState]

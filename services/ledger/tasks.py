@@ -13,6 +13,7 @@ from fastapi import FastAPI
 from services.kit.bus import Consumer
 from services.kit.db import unit_of_work
 from services.kit.outbox import stream_name
+from services.ledger import allowances
 from services.ledger.config import get_settings
 from services.ledger.repository import LedgerRepository
 from services.ledger.service import Ledger
@@ -34,8 +35,11 @@ async def _drain(pool: asyncpg.Pool, function: str) -> int:
 
 
 async def expire_holds(pool: asyncpg.Pool) -> int:
-    """Release every hold whose TTL has passed. Returns the number of users swept."""
-    return await _drain(pool, "expire_holds")
+    """Release every hold whose TTL has passed, and expire every allowance draw whose
+    TTL has passed (its unit comes back while its period lasts). Returns the number of
+    users swept plus the number of draws expired."""
+    swept = await _drain(pool, "expire_holds")
+    return swept + await allowances.expire_draws(pool)
 
 
 async def expire_grants(pool: asyncpg.Pool) -> int:

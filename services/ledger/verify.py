@@ -198,6 +198,57 @@ CHECKS: list[Check] = [
         " SELECT 1 FROM ledger.grants g WHERE g.user_id = w.user_id AND g.spendable"
         " AND (g.expires_at IS NULL OR g.expires_at > clock_timestamp()))",
     ),
+    # --- allowances (units, not Ku: docs/ledger.md "Allowances") ---
+    Check(
+        "allowance_used_within_granted",
+        "allowances with used units below 0 or above what was granted",
+        "SELECT user_id || '/' || kind || '/' || period FROM ledger.allowances"
+        " WHERE granted < 0 OR used < 0 OR used > granted",
+    ),
+    Check(
+        "allowance_entries",
+        "allowances whose entries do not sum to their granted and used units (or entries"
+        " of no allowance)",
+        "SELECT COALESCE(a.user_id, e.user_id) || '/' || COALESCE(a.kind, e.kind) || '/'"
+        " || COALESCE(a.period, e.period) FROM ledger.allowances a"
+        " FULL JOIN (SELECT user_id, kind, period, SUM(granted_delta) AS granted,"
+        "  SUM(used_delta) AS used FROM ledger.allowance_entries"
+        "  GROUP BY user_id, kind, period) e"
+        " ON (e.user_id, e.kind, e.period) = (a.user_id, a.kind, a.period)"
+        " WHERE a.user_id IS NULL OR COALESCE(e.granted, 0) <> a.granted"
+        " OR COALESCE(e.used, 0) <> a.used",
+    ),
+    Check(
+        "allowance_draws",
+        "draws whose entries differ from their state (one draw entry; confirmed, returned"
+        " or expired exactly once, by the entry of its kind; an active or confirmed draw"
+        " holds its unit), or draw entries of no draw",
+        "SELECT d.reference FROM ledger.allowance_draws d LEFT JOIN (SELECT reference,"
+        "  COUNT(*) FILTER (WHERE entry = 'draw') AS draws,"
+        "  COUNT(*) FILTER (WHERE entry = 'confirm') AS confirms,"
+        "  COUNT(*) FILTER (WHERE entry = 'return') AS returns,"
+        "  COUNT(*) FILTER (WHERE entry = 'expiry') AS expiries,"
+        "  SUM(used_delta) AS used"
+        "  FROM ledger.allowance_entries WHERE entry <> 'grant' GROUP BY reference) e"
+        " ON e.reference = d.reference"
+        " WHERE e.reference IS NULL OR e.draws <> 1 OR e.used NOT IN (0, 1)"
+        " OR e.confirms <> (d.status = 'confirmed')::int"
+        " OR e.returns <> (d.status = 'returned')::int"
+        " OR e.expiries <> (d.status = 'expired')::int"
+        " OR (d.status IN ('active', 'confirmed') AND e.used <> 1)"
+        " OR EXISTS (SELECT 1 FROM ledger.allowance_entries x WHERE x.reference = d.reference"
+        "  AND x.entry <> 'grant'"
+        "  AND (x.user_id, x.kind, x.period) <> (d.user_id, d.kind, d.period))"
+        " UNION ALL SELECT x.reference FROM ledger.allowance_entries x"
+        " WHERE x.entry <> 'grant' AND NOT EXISTS (SELECT 1 FROM ledger.allowance_draws d"
+        "  WHERE d.reference = x.reference)",
+    ),
+    Check(
+        "stale_active_draws",
+        "active allowance draws more than an hour past their TTL (the expiry sweep is not running)",
+        "SELECT reference FROM ledger.allowance_draws WHERE status = 'active'"
+        " AND expires_at < clock_timestamp() - interval '1 hour'",
+    ),
 ]
 
 

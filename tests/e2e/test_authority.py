@@ -100,6 +100,10 @@ async def target(e2e: E2E, callers: Callers) -> str:
 async def _prepare(gw: httpx.AsyncClient, callers: Callers, kind: str, route: Route, user: str):
     maker = kind if kind in ("first_party", "partner", "admin") else "first_party"
     ids = {"user": user}
+    if "{draw}" in route.path:
+        # Only the enhancement service draws (no caller here may resolve a draw): a
+        # reference never drawn; the table answers before the ledger looks it up.
+        ids["draw"] = f"enhancement:{uuid.uuid4()}"
     if "{hold}" in route.path:
         body = {"user_id": user, "amount": 1, "reason": "authority test"}
         hold = await _ok(

@@ -38,7 +38,8 @@ from services.enhancement.service import Enhancer
 from services.kit.bus import redis_from_url
 from services.kit.db import create_engine, sessionmaker_for
 from services.kit.runner import Suite, free_port
-from services.kit.testing.plugin import ku_cli
+from services.kit.service_client import ServiceClient
+from services.kit.testing.plugin import ku_cli, running
 from tests.enhancement import netguard
 from tests.enhancement.fakes import FakeProvider, ImageHost
 from tests.gateway.helpers import SigningKey, make_signing_key, new_user_id
@@ -100,6 +101,29 @@ async def enhancer(ku_database_url: str) -> AsyncIterator[Enhancer]:
     await e.aclose()
     await redis.aclose()
     await engine.dispose()
+
+
+@pytest.fixture
+async def ledger_enhancer(ku_database_url: str) -> AsyncIterator[Enhancer]:
+    """An in-process engine whose ledger calls go to an in-process ledger (its lifespan
+    running) on the same real database, signed as the enhancement service."""
+    from services.ledger.app import create_app
+
+    ledger = create_app()
+    async with running(ledger):
+        settings = EnhancementSettings(database_url=ku_database_url)
+        engine = create_engine(settings)
+        redis = redis_from_url(settings.redis_url)
+        client = ServiceClient(
+            settings, me="enhancement", transport=httpx.ASGITransport(app=ledger)
+        )
+        e = Enhancer(settings, sessionmaker_for(engine), redis, client=client)
+        try:
+            yield e
+        finally:
+            await e.aclose()
+            await redis.aclose()
+            await engine.dispose()
 
 
 PROCESS_TOKEN = "bg-token-for-tests"

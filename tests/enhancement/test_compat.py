@@ -9,7 +9,7 @@ import httpx
 import orjson
 import pytest
 
-from services.enhancement.service import next_period_start
+from services.enhancement.service import next_period_start, period_of
 from tests.enhancement.conftest import PROCESS_TOKEN, Enh
 from tests.enhancement.test_flow import kinds, submit
 
@@ -144,6 +144,23 @@ class TestProgressEvents:
         assert "processing" in [e["status"] for e in seen]
 
 
+async def ledger_allowances(enh: Enh, user: str) -> dict[str, tuple[int, int]]:
+    """The user's enhancement allowances in the ledger: period -> (granted, used)."""
+    rows = await enh.sql(
+        "SELECT period, granted, used FROM ledger.allowances"
+        " WHERE user_id = $1 AND kind = 'enhancement'",
+        user,
+    )
+    return {r["period"]: (r["granted"], r["used"]) for r in rows}
+
+
+async def allowance_entries(enh: Enh, user: str) -> list[str]:
+    rows = await enh.sql(
+        "SELECT entry FROM ledger.allowance_entries WHERE user_id = $1 ORDER BY id", user
+    )
+    return [r["entry"] for r in rows]
+
+
 class TestAllowance:
     async def test_plus_user_pays_for_the_eleventh(self, enh: Enh):
         enh.reset_providers()
@@ -152,28 +169,49 @@ class TestAllowance:
         async with enh.client(enh.keys["admin"]) as gw:
             r = await gw.put(f"/v1/enhancement/tiers/{user}", json={"tier": "plus"})
             assert r.status_code == 200 and r.json()["remaining"] == 10
+            assert r.json()["granted"] == 0  # granted in the ledger at the first use
         tasks = [await submit(enh, user) for _ in range(11)]
         assert [t["price"] for t in tasks] == [0] * 10 + [2]
         assert [t["included"] for t in tasks] == [True] * 10 + [False]
         for t in tasks:
             await enh.wait(t["id"])
-        # The ten included ones left no ledger trace: one hold, one capture, 2 Ku in all.
+        # The ten included ones are the month's allowance in the ledger: one grant of 10
+        # units, ten draws, each confirmed once its task completed; the eleventh's draw
+        # was refused and recorded nothing. No Ku moved for them: one hold, one capture.
+        period = period_of(datetime.now(UTC))
+        assert await ledger_allowances(enh, user) == {period: (10, 10)}
+        entries = await allowance_entries(enh, user)
+        assert entries[0] == "grant" and sorted(entries[1:]) == ["confirm"] * 10 + ["draw"] * 10
         assert kinds(await enh.journal(user)) == ["capture", "reserve"]
         after = await enh.balance(user)
         assert before["available"] - after["available"] == 2 and after["held"] == 0
         async with enh.client(enh.keys["imagegene"]) as gw:
             r = await gw.get("/v1/enhancement/allowance", params={"user_id": user})
             assert r.json()["used"] == 10 and r.json()["remaining"] == 0
+            # The same allowance, read from the ledger by the app.
+            r = await gw.get("/v1/ledger/allowances", params={"user_id": user})
+            assert [(i["kind"], i["granted"], i["used"]) for i in r.json()["items"]] == [
+                ("enhancement", 10, 10)
+            ]
         async with enh.client(enh.keys["admin"]) as gw:
             r = await gw.get("/v1/enhancement/alerts", params={"kind": "allowance_high"})
             assert [a["subject"] for a in r.json()["items"]].count(user) == 1
 
-        # The 1st of next month: a new row, 10 again. (Read only: the monthly job, which
-        # deletes every user's past rows, is tested on rows of its own in test_pools.py.)
+        # The 1st of next month: the monthly job grants 10 again in the ledger; this
+        # month's grant expires there at the month's end (nothing of it carries over).
+        first = next_period_start(datetime.now(UTC))
         async with enh.own_enhancer() as e:
-            fresh = await e.allowance(user, now=next_period_start(datetime.now(UTC)))
-            assert fresh["included"] == 10 and fresh["used"] == 0 and fresh["remaining"] == 10
-            assert (await e.allowance(user))["used"] == 10  # this month's row is untouched
+            assert (await e.allowance(user, now=first))["remaining"] == 10
+            await e.monthly_reset(now=first)
+            fresh = await e.allowance(user, now=first)
+            assert (fresh["included"], fresh["granted"], fresh["used"]) == (10, 10, 0)
+            assert fresh["remaining"] == 10
+            assert (await e.allowance(user))["used"] == 10  # this month's is untouched
+        assert await ledger_allowances(enh, user) == {period: (10, 10), period_of(first): (10, 0)}
+        ends = await enh.sql(
+            "SELECT period, expires_at FROM ledger.allowances WHERE user_id = $1", user
+        )
+        assert {r["period"]: r["expires_at"] for r in ends}[period] == first
 
     async def test_unused_allowance_does_not_carry_over(self, enh: Enh):
         enh.reset_providers()
@@ -185,10 +223,28 @@ class TestAllowance:
         task = await submit(enh, user)
         assert task["included"] is True
         await enh.wait(task["id"])
+        period = period_of(datetime.now(UTC))
+        first = next_period_start(datetime.now(UTC))
         async with enh.own_enhancer() as e:
             assert (await e.allowance(user))["remaining"] == 24
-            nxt = await e.allowance(user, now=next_period_start(datetime.now(UTC)))
+            await e.monthly_reset(now=first)
+            nxt = await e.allowance(user, now=first)
             assert nxt["included"] == 25 and nxt["remaining"] == 25  # not 49
+        # In the ledger: next month is granted 25; this month's 24 unused expire with it.
+        assert await ledger_allowances(enh, user) == {period: (25, 1), period_of(first): (25, 0)}
+        await enh.sql(
+            "UPDATE ledger.allowances SET expires_at = clock_timestamp() - interval '1 second'"
+            " WHERE user_id = $1 AND period = $2",
+            user,
+            period,
+        )  # the month ends (its end moved into the past, as time passing would)
+        async with enh.client(enh.keys["imagegene"]) as gw:
+            r = await gw.get("/v1/ledger/allowances", params={"user_id": user, "period": period})
+            [ended] = r.json()["items"]
+            assert ended["expired"] is True and ended["remaining"] == 0
+        late = await submit(enh, user)  # this month's allowance is gone: Ku
+        assert late["included"] is False and late["price"] == 2
+        await enh.wait(late["id"])
 
     async def test_degraded_result_gives_the_included_enhancement_back(self, enh: Enh):
         enh.reset_providers(nanobanana="down", kie="down", fal="fail", google="fail")
@@ -200,5 +256,8 @@ class TestAllowance:
         async with enh.client(enh.keys["imagegene"]) as gw:
             r = await gw.get("/v1/enhancement/allowance", params={"user_id": user})
         assert r.json()["used"] == 0 and r.json()["remaining"] == 10
+        # Drawn, then returned in the ledger (not confirmed); no Ku moved.
+        assert await allowance_entries(enh, user) == ["grant", "draw", "return"]
+        assert await ledger_allowances(enh, user) == {period_of(datetime.now(UTC)): (10, 0)}
         assert kinds(await enh.journal(user)) == []
         enh.reset_providers()

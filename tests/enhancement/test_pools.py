@@ -4,17 +4,44 @@ from __future__ import annotations
 
 import logging
 import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from sqlalchemy import text
 
 from services.enhancement.providers import Provider
 from services.enhancement.repository import Repository
-from services.enhancement.service import ALERT_TOPIC, Enhancer
+from services.enhancement.service import ALERT_TOPIC, Enhancer, next_period_start, period_of
 from services.kit.breaker import CircuitBreaker
 from services.kit.errors import Conflict
 from services.kit.outbox import decode_event, stream_name
 from tests.enhancement.helpers import insert_task
+
+
+async def allowance_rows(e: Enhancer, *users: str) -> dict[tuple[str, str], tuple[int, int, Any]]:
+    """The ledger's allowances of these users: (user, period) -> (granted, used, end)."""
+    async with e.uow() as session:
+        rows = await session.execute(
+            text(
+                "SELECT user_id, period, granted, used, expires_at FROM ledger.allowances"
+                " WHERE user_id = ANY(:u) AND kind = 'enhancement'"
+            ),
+            {"u": list(users)},
+        )
+        return {(r.user_id, r.period): (r.granted, r.used, r.expires_at) for r in rows}
+
+
+async def grant_entries(e: Enhancer, user: str) -> list[tuple[str, int]]:
+    async with e.uow() as session:
+        rows = await session.execute(
+            text(
+                "SELECT period, granted_delta FROM ledger.allowance_entries"
+                " WHERE user_id = :u AND entry = 'grant' ORDER BY id"
+            ),
+            {"u": user},
+        )
+        return [(r.period, r.granted_delta) for r in rows]
 
 
 def add_provider(e: Enhancer, cost_milli: int) -> str:
@@ -191,32 +218,97 @@ class TestPricing:
         assert enhancer.price_milli("lighting", 4001, 1000) == 3000
 
 
-class TestScheduledJobs:
-    async def test_monthly_reset_drops_past_months_only(self, enhancer: Enhancer):
-        from datetime import UTC, datetime
+class TestIncludedEnhancements:
+    async def test_a_failed_recording_returns_the_draw(
+        self, ledger_enhancer: Enhancer, monkeypatch: pytest.MonkeyPatch
+    ):
+        """As `_record_paid` releases its hold: the unit drawn for a task that could not
+        be recorded comes back at once (the draw's TTL is only the last line)."""
+        e = ledger_enhancer
+        user = f"u{uuid.uuid4().hex[:12]}"
+        async with e.uow() as session:
+            await Repository(session).set_tier(user, "plus")
 
-        # A user of this test, in periods no other test uses; the job runs "on 2000-01-01"
-        # so it touches nothing but rows before 2000-01 (other users' rows stay).
+        async def refused(self: Repository, values: dict[str, Any]) -> None:
+            raise RuntimeError("the task's row could not be written")
+
+        monkeypatch.setattr(Repository, "insert_task", refused)
+        task_id = uuid.uuid4()
+        now = datetime.now(UTC)
+        with pytest.raises(RuntimeError):
+            await e._record_included({"id": task_id}, user, now)
+        async with e.uow() as session:
+            status = (
+                await session.execute(
+                    text("SELECT status FROM ledger.allowance_draws WHERE reference = :r"),
+                    {"r": f"enhancement:{task_id}"},
+                )
+            ).scalar_one()
+        assert status == "returned"
+        assert await allowance_rows(e, user) == {
+            (user, period_of(now)): (10, 0, next_period_start(now))
+        }
+
+    async def test_the_90_percent_alert_once_per_user_and_month(self, enhancer: Enhancer):
         user = f"u{uuid.uuid4().hex[:12]}"
         async with enhancer.uow() as session:
             repo = Repository(session)
-            for period in ("1999-11", "1999-12", "2000-01"):
-                assert await repo.use_allowance(user, period, 10) is not None
+            # 9 of 10 is 90 %: not over it; 10 of 10 is, once per month however often.
+            for period, used in (("2000-01", 9), ("2000-01", 10), ("2000-01", 10), ("2000-02", 10)):
+                await enhancer._allowance_alert(repo, user, period, {"used": used}, 10)
+            rows = await repo.alerts(500, "allowance_high")
+        assert sorted(a["detail"]["period"] for a in rows if a["subject"] == user) == [
+            "2000-01",
+            "2000-02",
+        ]
 
-        async def periods() -> list[str]:
-            async with enhancer.uow() as session:
-                rows = await session.execute(
-                    text("SELECT period FROM enhancement.allowances WHERE user_id = :u"),
-                    {"u": user},
-                )
-                return sorted(rows.scalars())
 
-        assert await periods() == ["1999-11", "1999-12", "2000-01"]  # nothing goes by itself
-        assert await enhancer.monthly_reset(now=datetime(2000, 1, 1, tzinfo=UTC)) >= 2
-        assert await periods() == ["2000-01"]  # the past months are gone, the current stays
-        async with enhancer.uow() as session:
-            row = await Repository(session).allowance(user, "2000-01")
-        assert row is not None and row["used"] == 1
+class TestScheduledJobs:
+    async def test_the_1st_grants_the_new_month_in_the_ledger(self, ledger_enhancer: Enhancer):
+        """The monthly job, "on the 1st of next month": a grant in the ledger for each user
+        whose tier includes enhancements; this month's grant, with its unused units,
+        expires there at the month's end and nothing of it carries over."""
+        e = ledger_enhancer
+        plus, free, pro = (f"u{uuid.uuid4().hex[:12]}" for _ in range(3))
+        now = datetime.now(UTC)
+        this, first = period_of(now), next_period_start(now)
+        after = period_of(first)
+        async with e.uow() as session:
+            repo = Repository(session)
+            await repo.set_tier(plus, "plus")
+            await repo.set_tier(free, "free")
+            await repo.record_subscription(
+                f"sub_{uuid.uuid4().hex[:10]}",
+                pro,
+                "pro_monthly",
+                "active",
+                first + timedelta(days=30),
+            )
+        for _ in range(3):  # this month: 3 of Plus's 10 (the first draw granted them)
+            assert await e._draw(plus, this, uuid.uuid4(), 10) is not None
+
+        assert await e.monthly_reset(now=first) >= 2
+        assert await allowance_rows(e, plus, free, pro) == {
+            (plus, this): (10, 3, first),
+            (plus, after): (10, 0, next_period_start(first)),
+            (pro, after): (25, 0, next_period_start(first)),
+        }
+        await e.monthly_reset(now=first)  # again: the grant is "at least 10", once
+        assert await grant_entries(e, plus) == [(this, 10), (after, 10)]
+
+        # The 1st comes: this month's grant expires (its end moved into the past, as time
+        # passing would); its 7 unused units are gone, not added to next month's 10.
+        async with e.uow() as session:
+            await session.execute(
+                text(
+                    "UPDATE ledger.allowances SET expires_at = clock_timestamp()"
+                    " - interval '1 second' WHERE user_id = :u AND period = :p"
+                ),
+                {"u": plus, "p": this},
+            )
+        assert await e._draw(plus, this, uuid.uuid4(), 10) is None  # nothing left of it
+        nxt = await e.allowance(plus, now=first)
+        assert (nxt["included"], nxt["granted"], nxt["used"], nxt["remaining"]) == (10, 10, 0, 10)
 
     async def test_daily_summary_counts_the_day_once(self, enhancer: Enhancer):
         from datetime import UTC, datetime

@@ -19,6 +19,7 @@ import pytest
 from fastapi import FastAPI
 
 from services.enhancement.service import Enhancer
+from services.kit.service_client import ServiceClient
 from services.kit.testing.plugin import asgi_client, principal_headers
 from tests.ledger.billing.fake_razorpay import FakeRazorpay, configured_razorpay
 from tests.ledger.billing.helpers import as_user, deliver, paid_order, verify
@@ -78,11 +79,20 @@ async def billing(ku_database_url: str) -> AsyncIterator[Billing]:
 
 
 @pytest.fixture(scope="module")
-async def enhancement(ku_database_url: str) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
+async def enhancement(
+    billing: Billing,
+) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
     from services.enhancement.app import create_app
 
     app = create_app()
     async with asgi_client(app) as client:
+        # Its ledger calls (the month's allowance) go to the in-process ledger.
+        ledger = billing.ledger._transport.app  # type: ignore[attr-defined]
+        enhancer: Enhancer = app.state.enhancer
+        await enhancer.client.aclose()
+        enhancer.client = ServiceClient(
+            enhancer.settings, me="enhancement", transport=httpx.ASGITransport(app=ledger)
+        )
         yield app, client
 
 
@@ -160,7 +170,8 @@ class TestTiersFromBilling:
 class TestSubscriptionEvents:
     """The handler, fed directly: events may come twice and out of order."""
 
-    async def test_cancelled_is_final_and_periods_only_extend(self, enhancer: Enhancer):
+    async def test_cancelled_is_final_and_periods_only_extend(self, ledger_enhancer: Enhancer):
+        enhancer = ledger_enhancer
         user = f"u{time.time_ns()}"
         end = datetime.now(UTC) + timedelta(days=30)
 
@@ -182,7 +193,10 @@ class TestSubscriptionEvents:
         await enhancer.subscription_changed(event("s1", "cancelled", None))
         assert (await enhancer.allowance(user))["tier"] == "free"
 
-    async def test_an_admin_tier_is_a_floor_and_unmapped_plans_give_none(self, enhancer: Enhancer):
+    async def test_an_admin_tier_is_a_floor_and_unmapped_plans_give_none(
+        self, ledger_enhancer: Enhancer
+    ):
+        enhancer = ledger_enhancer
         user = f"u{time.time_ns()}"
         end = datetime.now(UTC) + timedelta(days=30)
         await enhancer.set_tier(user, "plus")

@@ -167,9 +167,9 @@ class TestHotPath:
     async def test_hot_requests_are_answered_in_front_of_fastapi(
         self, ledger, funded_user, monkeypatch
     ):
-        """`LedgerApp` answers a well-formed hot request through the route's `fast`
-        without FastAPI's stack; a declined one (another content type) goes through
-        FastAPI with its body replayed; each is counted once in the metrics."""
+        """The ledger's `FrontApp` answers a well-formed hot request through the route's
+        `fast` without FastAPI's stack; a declined one (another content type) goes
+        through FastAPI with its body replayed; each is counted once in the metrics."""
         from services.kit.metrics import REQUESTS
         from services.ledger.api import routers
 
@@ -213,7 +213,7 @@ class TestHotPath:
         assert hold.status_code == 404 and hold.json()["error"]["code"] == "hold_not_found"
 
     async def test_a_body_past_the_front_limit_takes_fastapis_path(self, ledger, funded_user):
-        from services.ledger.app import FRONT_BODY_LIMIT
+        from services.kit.front import FRONT_BODY_LIMIT
 
         user = await funded_user(5)
         padded = b" " * (FRONT_BODY_LIMIT + 1) + b'{"user_id": "%s", "amount": 2}' % user.encode()

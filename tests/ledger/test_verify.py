@@ -56,6 +56,23 @@ SOUND = "\n".join(
             '"op": "clawback", "user_id": "u2", "amount": 5000, "source": "purchase",'
             ' "grant_reference": "pay_2", "app": "billing"'
         ),
+        # An allowance (units, not Ku) of 3: one draw confirmed, one returned, one active,
+        # as services/ledger/allowances.py writes them.
+        "INSERT INTO ledger.allowances (user_id, kind, period, granted, used, expires_at)"
+        " VALUES ('u1', 'enhancement', '2999-01', 3, 2, '2999-02-01T00:00:00Z');",
+        "INSERT INTO ledger.allowance_draws (reference, user_id, kind, period, owner, status,"
+        " expires_at) VALUES"
+        " ('d1', 'u1', 'enhancement', '2999-01', 'service:enhancement', 'confirmed', now()),"
+        " ('d2', 'u1', 'enhancement', '2999-01', 'service:enhancement', 'returned', now()),"
+        " ('d3', 'u1', 'enhancement', '2999-01', 'service:enhancement', 'active',"
+        "  now() + interval '1 hour');",
+        "INSERT INTO ledger.allowance_entries (user_id, kind, period, entry, granted_delta,"
+        " used_delta, reference) VALUES ('u1', 'enhancement', '2999-01', 'grant', 3, 0, NULL),"
+        " ('u1', 'enhancement', '2999-01', 'draw', 0, 1, 'd1'),"
+        " ('u1', 'enhancement', '2999-01', 'confirm', 0, 0, 'd1'),"
+        " ('u1', 'enhancement', '2999-01', 'draw', 0, 1, 'd2'),"
+        " ('u1', 'enhancement', '2999-01', 'return', 0, -1, 'd2'),"
+        " ('u1', 'enhancement', '2999-01', 'draw', 0, 1, 'd3');",
     ]
 )
 
@@ -104,6 +121,15 @@ CORRUPTIONS = {
     "stale_active_holds": "UPDATE ledger.holds SET expires_at = now() - interval '2 hours'"
     f" WHERE id = {ACTIVE}",
     "credit_beside_debt": "UPDATE ledger.grants SET remaining_milli = 1 WHERE reference = 'pay_2'",
+    # Past the CHECK constraint too (dropped in the rolled-back transaction).
+    "allowance_used_within_granted": "ALTER TABLE ledger.allowances"
+    " DROP CONSTRAINT ck_allowances_used_in_range;"
+    " UPDATE ledger.allowances SET used = granted + 1 WHERE user_id = 'u1'",
+    "allowance_entries": "UPDATE ledger.allowances SET granted = granted + 1 WHERE user_id = 'u1'",
+    # A returned draw shown as still active (its unit would count twice).
+    "allowance_draws": "UPDATE ledger.allowance_draws SET status = 'active' WHERE reference = 'd2'",
+    "stale_active_draws": "UPDATE ledger.allowance_draws SET expires_at = now()"
+    " - interval '2 hours' WHERE reference = 'd3'",
 }
 
 

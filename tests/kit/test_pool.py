@@ -1,4 +1,4 @@
-"""The proxy's HTTP/1.1 client (gateway.pool) against a real uvicorn server: keep-alive
+"""The proxy's HTTP/1.1 client (services.kit.pool) against a real uvicorn server: keep-alive
 reuse, streamed bodies both ways, timeouts (one timer per connection, re-armed), refused
 connections, HEAD."""
 
@@ -12,7 +12,7 @@ from typing import Any
 import orjson
 import pytest
 
-from gateway.pool import Pool
+from services.kit.pool import Pool
 from tests.gateway.conftest import Served, free_port
 
 

@@ -1,13 +1,15 @@
-"""The proxy's HTTP/1.1 client to the services: pooled keep-alive connections, one
-asyncio protocol each, responses parsed by httptools (the parser uvicorn uses).
+"""A lean HTTP/1.1 client for the calls on a request's hot path: pooled keep-alive
+connections, one asyncio protocol each, responses parsed by httptools (the parser
+uvicorn uses). The gateway's proxy sends every proxied request through it, and the
+generation service its ledger holds, captures and releases (services/generation/billing.py).
 
 Why not aiohttp here: profiled on the proxy path, an aiohttp request cost the gateway
 ~0.5 ms of CPU (request and response objects, timers, header multidicts, trace hooks),
 about 4x what this client costs for the same exchange, and it was most of the
-gateway's added latency (docs/ledger.md, "Through the gateway"). The proxy needs little
+gateway's added latency (docs/ledger.md, "Through the gateway"). These calls need little
 of it: a request head written in one piece, a body (bytes, or chunks it streams with
 chunked encoding), and a response head, then the body buffered or streamed. aiohttp
-stays for the gateway's own JSON calls (`Upstreams.call`).
+stays for the rarer JSON calls (the gateway's `Upstreams.call`, provider streams).
 
 Timeouts: connecting (`connect_timeout`) and between reads of the response
 (`read_timeout`, per wait, like aiohttp's `sock_read`). A connection idle for
