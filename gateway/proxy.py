@@ -146,9 +146,10 @@ class ProxyMiddleware:
             route, service = "auth", "auth"
         else:
             route = path[4:].split("/", 1)[0]
-            service = self._routes.get(route)
-            if service is None:
+            owner = self._routes.get(route)
+            if owner is None:
                 raise NotFound("No such API", code="unknown_route")
+            service = owner
         scope["route"] = self._label(route)
 
         headers: dict[bytes, bytes] = {}
