@@ -139,6 +139,10 @@ async def run_case(
         result = await load(name, clients, SECONDS, make, warmup=1.0)
     print(result.line(), flush=True)
     print(cpu.report(per=max(calls, 1), unit="call"), flush=True)
+    if "gateway" in name and cpu.used.get("bench"):
+        # The load generator's code is the same in every run: its CPU per call is a
+        # thermometer for the machine's contention, this ratio less load-dependent.
+        print(f"    gateway cpu / client cpu: {cpu.used['gateway'] / cpu.used['bench']:.2f}")
     return result
 
 

@@ -45,6 +45,7 @@ PUBLIC_PATHS = frozenset(
 # `result_url`): the link is the credential, checked by the service (HMAC, expiry), so it
 # works in an <img src>. Without both parameters the path needs credentials as usual.
 SIGNED_RESULT = re.compile(r"/v1/enhancement/tasks/[0-9A-Fa-f-]{1,64}/result")
+SIGNED_PREFIX = "/v1/enhancement/tasks/"
 MONEY_ROUTES = frozenset({"ledger", "billing"})
 # Where an API key may come as `?api_key=` (the old clients' routes, seed 001): a key in
 # a URL ends up in logs and browser history, so the native API takes headers only.
@@ -53,7 +54,7 @@ SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 def is_signed_link(method: str, path: str, query: str) -> bool:
-    if method != "GET" or not SIGNED_RESULT.fullmatch(path):
+    if method != "GET" or not path.startswith(SIGNED_PREFIX) or not SIGNED_RESULT.fullmatch(path):
         return False
     names = {k for k, _ in parse_qsl(query, keep_blank_values=True)}
     return "expires" in names and "sig" in names

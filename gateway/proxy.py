@@ -117,6 +117,8 @@ class ProxyMiddleware:
         self.app = app
         self.gateway = gateway  # gateway.app.Gateway: settings, access, upstreams
         self._route_labels: dict[str, _Route] = {}
+        # `settings.routes` merges two dicts on every access: once, here.
+        self._routes: dict[str, str] = gateway.settings.routes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -144,9 +146,10 @@ class ProxyMiddleware:
             route, service = "auth", "auth"
         else:
             route = path[4:].split("/", 1)[0]
-            service = settings.routes.get(route)
-            if service is None:
+            owner = self._routes.get(route)
+            if owner is None:
                 raise NotFound("No such API", code="unknown_route")
+            service = owner
         scope["route"] = self._label(route)
 
         headers: dict[bytes, bytes] = {}

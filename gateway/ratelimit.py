@@ -33,6 +33,10 @@ if used == grant then redis.call('PEXPIRE', KEYS[1], ARGV[3]) end
 return {grant, used}
 """
 MAX_CHUNK = 100
+# A bucket leasing chunks at least this big asks for the next one in the background
+# when a quarter of its tokens is left, so a busy key's requests do not queue behind
+# the round trip (below it, a lease is made when a request finds no token).
+PREFETCH_CHUNK = 20
 REDIS_BACKOFF_SECONDS = 1.0
 
 
@@ -61,14 +65,18 @@ class RateLimited(TooManyRequests):
 
 
 class _Bucket:
-    __slots__ = ("window", "tokens", "used", "lock", "exhausted")
+    __slots__ = ("window", "tokens", "used", "lock", "exhausted", "refill", "refill_at")
 
-    def __init__(self, window: int) -> None:
+    def __init__(self, window: int, limit: int) -> None:
         self.window = window
         self.tokens = 0
         self.used = 0  # the shared count after our last lease
         self.lock = asyncio.Lock()
         self.exhausted = False
+        self.refill: asyncio.Task[None] | None = None  # a lease made ahead of need
+        chunk = _chunk(limit)
+        # Lease ahead at this many tokens left (-1: never, the chunks are too small).
+        self.refill_at = chunk // 4 if chunk >= PREFETCH_CHUNK else -1
 
 
 class RateLimiter:
@@ -109,7 +117,7 @@ class RateLimiter:
         if bucket is None or bucket.window != window:
             if len(self._buckets) > 50_000:
                 self._sweep(window)
-            bucket = self._buckets[name] = _Bucket(window)
+            bucket = self._buckets[name] = _Bucket(window, limit.limit)
         if bucket.tokens <= 0:
             if bucket.exhausted:
                 return -1
@@ -121,14 +129,32 @@ class RateLimiter:
             if bucket.tokens <= 0:
                 return -1
         bucket.tokens -= 1
+        if bucket.tokens <= bucket.refill_at and bucket.refill is None and not bucket.exhausted:
+            bucket.refill = asyncio.ensure_future(
+                self._refill(bucket, name, limit.limit, window, money)
+            )
         return max(0, limit.limit - bucket.used + bucket.tokens)
+
+    async def _refill(
+        self, bucket: _Bucket, name: str, limit: int, window: int, money: bool
+    ) -> None:
+        """The next chunk, leased while the bucket still has tokens. A failure is left
+        to the request that finds the bucket empty (it leases, or fails open/closed)."""
+        try:
+            async with bucket.lock:
+                if not bucket.exhausted:
+                    await self._lease(bucket, name, limit, window, money)
+        except Exception:
+            pass
+        finally:
+            bucket.refill = None
 
     async def _lease(
         self, bucket: _Bucket, name: str, limit: int, window: int, money: bool
     ) -> bool | None:
         if time.monotonic() < self._redis_down_until:
             return self._unavailable(money)
-        chunk = max(1, min(MAX_CHUNK, limit // 20))
+        chunk = _chunk(limit)
         key = f"{self.prefix}.rl.{name}:{window}"
         try:
             granted, used = await self._script(
@@ -156,6 +182,11 @@ class RateLimiter:
     def _sweep(self, window: int) -> None:
         for name in [n for n, b in self._buckets.items() if b.window != window]:
             del self._buckets[name]
+
+
+def _chunk(limit: int) -> int:
+    """Tokens leased at a time for `limit`: a twentieth of it, 1 to MAX_CHUNK."""
+    return max(1, min(MAX_CHUNK, limit // 20))
 
 
 def rate_headers(decision: Decision) -> list[tuple[bytes, bytes]]:

@@ -89,12 +89,17 @@ new_request_id = _RequestIds()
 
 
 class RequestContextMiddleware:
-    def __init__(self, app: ASGIApp, service: str, *, check_url: bool = True) -> None:
+    def __init__(
+        self, app: ASGIApp, service: str, *, check_url: bool = True, retry: bool = True
+    ) -> None:
         self.app = app
         self.service = service
         # The gateway turns this off: its compat routes answer in the seeds' shape, and
         # what it proxies is checked by the service it reaches.
         self.check_url = check_url
+        # The retry after a lost database connection (and the recording of the request
+        # body it needs); the gateway, which has no database, turns it off.
+        self.retry = retry
         # Prometheus children by label values: `labels()` takes a lock and builds a
         # key on every call; routes and statuses are few, so these dicts stay small.
         self._counts: dict[tuple[str, str, int], Any] = {}
@@ -108,12 +113,13 @@ class RequestContextMiddleware:
             return
         scope[CONTEXT_KEY] = True
         request_id = None
-        idempotent = scope["method"] in _SAFE_METHODS
+        retry = self.retry
+        idempotent = retry and scope["method"] in _SAFE_METHODS
         for name, value in scope["headers"]:
             if name == REQUEST_ID_HEADER:
                 request_id = value.decode("latin-1")[:128]
             elif name == IDEMPOTENCY_HEADER:
-                idempotent = True
+                idempotent = retry
         if not request_id:
             request_id = new_request_id()
         token = request_id_var.set(request_id)

@@ -63,6 +63,10 @@ class _Connection(asyncio.Protocol):
         self.drain: asyncio.Future[None] | None = None
         self.head_only = False
         self.keep_alive = False
+        # The read timeout: one timer per connection (see `expect`).
+        self.deadline: float | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.timer_at = 0.0
 
     # -- asyncio.Protocol ---------------------------------------------------------
 
@@ -79,6 +83,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self._disarm()
         if not self.done:
             self._fail(UpstreamClosed("the service closed the connection") if exc is None else exc)
         if self.drain is not None and not self.drain.done():
@@ -121,6 +126,49 @@ class _Connection(asyncio.Protocol):
         self.done = True
         self._wake()
 
+    # -- the read timeout ---------------------------------------------------------
+
+    def expect(self, timeout: float | None) -> None:
+        """The wait about to start (the answer's head, or the next piece of its body)
+        fails with TimeoutError after `timeout` seconds; `met()` when it ends.
+
+        Like `asyncio.timeout` around the wait, without a timer made and cancelled
+        per wait: the connection keeps one timer, armed for the earliest deadline
+        it may have to enforce; when it fires for a deadline since pushed back (the
+        connection answered and moved on to the next request), it is armed again
+        for the new one."""
+        if timeout is None:
+            self.deadline = None
+            return
+        self.deadline = deadline = self.loop.time() + timeout
+        if self.timer is None or self.timer_at > deadline:
+            if self.timer is not None:
+                self.timer.cancel()
+            self.timer_at = deadline
+            self.timer = self.loop.call_at(deadline, self._expired)
+
+    def met(self) -> None:
+        self.deadline = None
+
+    def _expired(self) -> None:
+        self.timer = None
+        deadline = self.deadline
+        if deadline is None or self.closed:
+            return
+        if self.loop.time() < deadline:
+            self.timer_at = deadline
+            self.timer = self.loop.call_at(deadline, self._expired)
+            return
+        self.deadline = None
+        self._fail(TimeoutError("the service did not answer in time"))
+        self.close()
+
+    def _disarm(self) -> None:
+        self.deadline = None
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
     # -- internals ----------------------------------------------------------------
 
     def _wake(self) -> None:
@@ -150,6 +198,7 @@ class _Connection(asyncio.Protocol):
 
     def close(self) -> None:
         self.closed = True
+        self._disarm()
         if self.transport is not None:
             self.transport.close()
 
@@ -205,11 +254,12 @@ class Response:
             if conn.error is not None:
                 raise conn.error
             conn.waiter = conn.loop.create_future()
+            conn.expect(self._read_timeout)
             try:
-                async with asyncio.timeout(self._read_timeout):
-                    await conn.waiter
+                await conn.waiter
             finally:
                 conn.waiter = None
+                conn.met()
 
     async def read(self, limit: int | None = None) -> bytes:
         """The whole body (at most `limit` bytes of it, then the connection is dropped)."""
@@ -363,8 +413,11 @@ class Pool:
             else:
                 transport.write(b"0\r\n\r\n")
         assert conn.head is not None
-        async with asyncio.timeout(read_timeout):
+        conn.expect(read_timeout)
+        try:
             await conn.head
+        finally:
+            conn.met()
 
     def close(self) -> None:
         for conn in list(self._open):

@@ -204,6 +204,15 @@ class TestForwarding:
 
 
 class TestMeta:
+    async def test_startup_takes_its_objects_out_of_the_gc(self, gw: httpx.AsyncClient):
+        import gc
+
+        from gateway.app import GC_THRESHOLD
+
+        assert (await gw.get("/health")).status_code == 200
+        assert gc.get_freeze_count() > 10_000  # the modules, FastAPI, the app
+        assert gc.get_threshold()[0] == GC_THRESHOLD
+
     async def test_health_ready_metrics(self, gw: httpx.AsyncClient):
         assert (await gw.get("/health")).json()["status"] == "ok"
         ready = await gw.get("/ready")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import secrets
 from contextlib import AsyncExitStack
 
 import httpx
@@ -68,3 +70,78 @@ class TestRedisDown:
                 await limiter.check([Limit("key", "k2", 10)], money=True)
         finally:
             await dead.aclose()
+
+
+async def _shared_count(redis: Redis, prefix: str, name: str) -> int:
+    total = 0
+    for key in await redis.keys(f"{prefix}.rl.{name}:*"):
+        total += int(await redis.get(key) or 0)
+    return total
+
+
+class TestLeaseAhead:
+    """A busy limit leases its next chunk while it still has a quarter of the last one,
+    so requests do not queue behind the Redis round trip; the shared count still never
+    passes the limit, and small limits lease only when a request finds no token."""
+
+    async def test_a_busy_bucket_leases_its_next_chunk_ahead(self) -> None:
+        from gateway.ratelimit import Limit, RateLimiter
+
+        redis = Redis.from_url(os.environ["KU_REDIS_URL"])
+        prefix = f"{os.environ['KU_BUS_PREFIX']}{secrets.token_hex(3)}"
+        limiter = RateLimiter(redis, prefix, 3600)
+        limit = Limit("key", "busy", 2000)  # chunks of 100, the next leased at 25 left
+        try:
+            for _ in range(74):
+                await limiter.check([limit], money=True)
+            await asyncio.sleep(0.05)
+            assert await _shared_count(redis, prefix, "key:busy") == 100  # 26 left
+            await limiter.check([limit], money=True)  # 25 left
+            for _ in range(200):
+                if await _shared_count(redis, prefix, "key:busy") == 200:
+                    break
+                await asyncio.sleep(0.01)
+            assert await _shared_count(redis, prefix, "key:busy") == 200
+        finally:
+            await redis.aclose()
+
+    async def test_two_gateways_leasing_ahead_admit_exactly_the_limit(self) -> None:
+        from gateway.ratelimit import Limit, RateLimited, RateLimiter
+
+        redis = Redis.from_url(os.environ["KU_REDIS_URL"])
+        prefix = f"{os.environ['KU_BUS_PREFIX']}{secrets.token_hex(3)}"
+        gateways = [RateLimiter(redis, prefix, 3600) for _ in range(2)]
+        limit = Limit("key", "shared", 400)  # chunks of 20, the next leased at 5 left
+        admitted = 0
+        refused = [False, False]
+        try:
+            while not all(refused):
+                for i, limiter in enumerate(gateways):
+                    try:
+                        await limiter.check([limit], money=True)
+                        admitted += 1
+                        refused[i] = False
+                    except RateLimited:
+                        refused[i] = True
+                await asyncio.sleep(0)  # leases made ahead get to run
+            assert admitted == 400
+            assert await _shared_count(redis, prefix, "key:shared") == 400
+        finally:
+            await redis.aclose()
+
+    async def test_a_small_limit_leases_only_when_empty(self) -> None:
+        from gateway.ratelimit import Limit, RateLimiter
+
+        redis = Redis.from_url(os.environ["KU_REDIS_URL"])
+        prefix = f"{os.environ['KU_BUS_PREFIX']}{secrets.token_hex(3)}"
+        limiter = RateLimiter(redis, prefix, 3600)
+        limit = Limit("key", "small", 60)  # chunks of 3
+        try:
+            for _ in range(3):
+                await limiter.check([limit], money=True)
+            await asyncio.sleep(0.05)
+            assert await _shared_count(redis, prefix, "key:small") == 3
+            await limiter.check([limit], money=True)
+            assert await _shared_count(redis, prefix, "key:small") == 6
+        finally:
+            await redis.aclose()

@@ -1,5 +1,6 @@
 """The proxy's HTTP/1.1 client (services.kit.pool) against a real uvicorn server: keep-alive
-reuse, streamed bodies both ways, timeouts, refused connections, HEAD."""
+reuse, streamed bodies both ways, timeouts (one timer per connection, re-armed), refused
+connections, HEAD."""
 
 from __future__ import annotations
 
@@ -27,6 +28,14 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     path = scope["path"]
     if path == "/slow":
         await asyncio.sleep(2)
+    if path == "/sleep":
+        await asyncio.sleep(float(scope["query_string"].decode()))
+    if path == "/stall":  # the head and a first piece, then nothing for 2 s
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"one,", "more_body": True})
+        await asyncio.sleep(2)
+        await send({"type": "http.response.body", "body": b"two"})
+        return
     if path == "/chunks":
         await send({"type": "http.response.start", "status": 200, "headers": []})
         for part in (b"one,", b"two,", b"three"):
@@ -140,6 +149,48 @@ async def test_read_timeout(served: Served) -> None:
         with pytest.raises(TimeoutError):
             await pool.request("GET", b"/slow", [], None, read_timeout=0.2)
         assert not pool._idle  # the timed-out connection is not pooled
+        assert (await call(pool))["method"] == "GET"
+    finally:
+        pool.close()
+
+
+async def _timed(pool: Pool, target: bytes, read_timeout: float) -> dict[str, Any]:
+    resp = await pool.request("GET", target, [], None, read_timeout=read_timeout)
+    try:
+        return dict(orjson.loads(await resp.read()))
+    finally:
+        resp.release()
+
+
+async def test_read_timeout_per_request_on_a_reused_connection(served: Served) -> None:
+    # The connection's one timer is armed by the first request's deadline; it fires
+    # while the second (started later, slower than what is left of the first's
+    # timeout) is in flight: the second has its own full timeout and succeeds.
+    pool = Pool(served.url, connect_timeout=2)
+    loop = asyncio.get_running_loop()
+    try:
+        port = (await _timed(pool, b"/sleep?0", 1.0))["port"]
+        await asyncio.sleep(0.7)
+        assert (await _timed(pool, b"/sleep?0.5", 1.0))["port"] == port
+        # ... and a wait past its own deadline still fails, not before it.
+        started = loop.time()
+        with pytest.raises(TimeoutError):
+            await pool.request("GET", b"/slow", [], None, read_timeout=0.5)
+        assert loop.time() - started >= 0.45
+        assert (await call(pool))["method"] == "GET"  # a fresh connection
+    finally:
+        pool.close()
+
+
+async def test_read_timeout_between_pieces_of_a_body(served: Served) -> None:
+    pool = Pool(served.url, connect_timeout=2)
+    try:
+        resp = await pool.request("GET", b"/stall", [], None, read_timeout=0.3)
+        assert resp.status == 200
+        with pytest.raises(TimeoutError):
+            await resp.read()
+        resp.release()
+        assert not pool._idle  # the stalled connection is not pooled
         assert (await call(pool))["method"] == "GET"
     finally:
         pool.close()
