@@ -19,7 +19,7 @@ import asyncpg
 from services.kit.db import plain_url
 from services.kit.embedded import ensure_urls, with_database
 from services.kit.migrations import upgrade_all
-from services.kit.runner import HTTP_PROTOCOL
+from services.kit.runner import HTTP_PROTOCOL, NO_PROXY_HEADERS
 
 
 def use_principal_keys() -> dict[str, str]:
@@ -90,6 +90,7 @@ def start_service(
             "uvloop",
             "--http",
             HTTP_PROTOCOL,
+            NO_PROXY_HEADERS,
             "--log-level",
             "warning",
             "--workers",

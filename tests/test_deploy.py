@@ -17,6 +17,7 @@ from services.kit.config import KuSettings
 from services.kit.runner import (
     GATEWAY,
     HTTP_PROTOCOL,
+    NO_PROXY_HEADERS,
     WORKER,
     available_processes,
     existing_services,
@@ -106,6 +107,8 @@ class TestProcesses:
         assert int(option(command, "--port")) == default_port(name)
         # The same HTTP protocol as `ku up` (one write per response, services/kit/http.py).
         assert option(command, "--http") == HTTP_PROTOCOL
+        # The gateway's rule alone decides whom X-Forwarded-For is believed from.
+        assert NO_PROXY_HEADERS in command
 
     def test_worker_and_migrate_commands_exist(self) -> None:
         from services.cli import build_parser
@@ -299,3 +302,4 @@ class TestDockerfile:
         module_name, attr = argv[3].split(":")
         assert callable(getattr(importlib.import_module(module_name), attr))
         assert argv[argv.index("--http") + 1] == HTTP_PROTOCOL
+        assert NO_PROXY_HEADERS in argv

@@ -118,12 +118,17 @@ def _settings_from(env: Mapping[str, str]) -> KuSettings:
 # uvicorn's httptools protocol writing a response's head and body in one send
 # (services/kit/http.py); compose and the image name it too (tests/test_deploy.py).
 HTTP_PROTOCOL = "services.kit.http:HttpProtocol"
+# uvicorn would otherwise rewrite a loopback peer's address from its X-Forwarded-For
+# before the gateway's own rule (KU_GATEWAY_TRUST_FORWARDED, gateway/access.py) sees
+# it: any local client could pick the address its per-IP rate limit counts against.
+NO_PROXY_HEADERS = "--no-proxy-headers"
 
 
 def _uvicorn(target: str, host: str, port: int, processes: int = 1) -> list[str]:
     argv = [
         sys.executable, "-m", "uvicorn", target, "--factory",
         "--host", host, "--port", str(port), "--no-access-log", "--http", HTTP_PROTOCOL,
+        NO_PROXY_HEADERS,
     ]  # fmt: skip
     if processes > 1:
         # uvicorn's supervisor forks N workers sharing the one listening socket; each has

@@ -260,3 +260,42 @@ class TestKuUp:
         assert not any(_alive(p) for p in children)
         with pytest.raises(httpx.HTTPError):
             httpx.get(f"http://127.0.0.1:{up.ports['ledger']}/health", timeout=1)
+
+
+def client_echo_app() -> object:
+    """A factory for uvicorn: answers with the client address uvicorn gave the app."""
+
+    async def app(scope: dict, receive: object, send: object) -> None:
+        if scope["type"] != "http":
+            return
+        body = str(scope["client"][0]).encode()
+        await send({"type": "http.response.start", "status": 200, "headers": []})  # type: ignore[operator]
+        await send({"type": "http.response.body", "body": body})  # type: ignore[operator]
+
+    return app
+
+
+def test_processes_do_not_take_the_client_address_from_x_forwarded_for() -> None:
+    """Every process runs uvicorn as `ku up` starts it; uvicorn's own proxy-header
+    handling is off, so a loopback client cannot name the address the gateway's per-IP
+    limits count against: only the gateway's rule (KU_GATEWAY_TRUST_FORWARDED) decides."""
+    from services.kit.runner import _uvicorn
+
+    port = free_port()
+    argv = _uvicorn("tests.kit.test_runner:client_echo_app", "127.0.0.1", port)
+    child = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        for _ in range(200):
+            try:
+                answer = httpx.get(
+                    f"http://127.0.0.1:{port}/", headers={"X-Forwarded-For": "203.0.113.9"}
+                )
+                break
+            except httpx.TransportError:
+                time.sleep(0.05)
+        else:
+            raise AssertionError("uvicorn did not start")
+        assert answer.text == "127.0.0.1"
+    finally:
+        child.terminate()
+        child.wait(10)
