@@ -407,16 +407,19 @@ class BatchOut(BaseModel):
 Period = Annotated[
     str,
     StringConstraints(pattern=r"^2[0-9]{3}-(0[1-9]|1[0-2])$"),
+    TextGuard,
     Field(description="A calendar month, UTC: 'YYYY-MM'", examples=["2026-11"]),
 ]
 AllowanceKind = Annotated[
     str,
     StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,31}$"),
+    TextGuard,
     Field(description="What the units are of, e.g. `enhancement`", examples=["enhancement"]),
 ]
 DrawReference = Annotated[
     str,
     StringConstraints(pattern=r"^[A-Za-z0-9:._-]{1,200}$"),
+    TextGuard,
     Field(description="What the unit is for, once per reference, ever: the draw's natural key"),
 ]
 
