@@ -10,7 +10,11 @@ instance must see every event) follows `<prefix>.events.ledger`,
   progress) fan out to the connected streams of that user.
 
 Stream entry ids are the SSE event ids, so `Last-Event-ID` resumes by reading
-the stream from there (XRANGE) before joining the live feed.
+the stream from there (XRANGE) before joining the live feed. An entry holding a batch
+(the ledger's one outbox row per batch: services/kit/outbox.py) gives its i-th event
+the id `<entry id>.<i>`; a resume from such an id reads that entry again and skips its
+events up to i. An entry is checked for its service's signature before any of its
+events reaches a user's stream (once per entry, so once per batch).
 
 Browsers: `EventSource` cannot send an `Authorization` header, so a page first trades
 the user's access token for a ticket (`POST /v1/events/tickets`) and opens
@@ -41,7 +45,7 @@ from services.kit.background import BackgroundLoop
 from services.kit.errors import BadRequest, Forbidden, Unauthorized
 from services.kit.money import milli_to_ku
 from services.kit.openapi import error_responses
-from services.kit.outbox import decode_event, stream_name
+from services.kit.outbox import decode_events, event_issuer, stream_name
 from services.kit.principal import Principal, SignedPrincipal
 from services.kit.schemas import Text, UserId
 
@@ -49,17 +53,45 @@ log = logging.getLogger("ku.gateway.events")
 
 QUEUE_MAX = 1000
 ENHANCEMENT_TOPIC = "enhancement.task.updated"
-# (stream entry id, topic, payload)
+# (SSE event id, topic, payload)
 UserEvent = tuple[str, str, dict[str, Any]]
+# The position `_id_tuple` gives an id without one (a single-event entry, or a client's
+# Last-Event-ID from before batching): after every event of its entry.
+WHOLE_ENTRY = 1 << 62
 
 
 def _id(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def _id_tuple(entry_id: str) -> tuple[int, int]:
+def _id_tuple(event_id: str) -> tuple[int, int, int]:
+    """An SSE id's order: `<ms>-<seq>` (a single-event entry) or `<ms>-<seq>.<i>` (the
+    i-th event of a batch entry). ValueError when it is neither."""
+    entry_id, dot, position = event_id.partition(".")
     ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq or 0)
+    index = int(position) if dot else WHOLE_ENTRY
+    if index < 0 or index > WHOLE_ENTRY:
+        raise ValueError(event_id)
+    return int(ms), int(seq or 0), index
+
+
+def _event_ids(entry_id: str, fields: dict[Any, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(SSE id, event) for each event of an entry, in order."""
+    events = decode_events(fields)
+    if len(events) == 1 and not _is_batch(fields):
+        return [(entry_id, events[0])]
+    return [(f"{entry_id}.{i}", event) for i, event in enumerate(events)]
+
+
+def _is_batch(fields: dict[Any, Any]) -> bool:
+    """An array payload (a batch row), as the relay writes it: no leading space."""
+    payload = fields.get(b"payload", fields.get("payload", b""))
+    return payload[:1] in (b"[", "[")
+
+
+def _topic(fields: dict[Any, Any]) -> str:
+    topic = fields.get(b"topic", fields.get("topic", b""))
+    return topic.decode(errors="replace") if isinstance(topic, bytes) else str(topic)
 
 
 def render_credits(payload: dict[str, Any]) -> dict[str, Any]:
@@ -124,22 +156,42 @@ class EventHub(BackgroundLoop):
                 log.warning("event reader failed: %s", exc)
                 await asyncio.sleep(1)
 
+    def _signed(self, stream: str, fields: dict[Any, Any]) -> bool:
+        """Signed by the service whose stream it is (else someone wrote to Redis)."""
+        if event_issuer(fields) == stream.rpartition(".events.")[2]:
+            return True
+        log.warning("dropped an unsigned or forged entry on %s", stream)
+        return False
+
     def _dispatch(self, stream: str, entry_id: str, fields: dict[Any, Any]) -> None:
+        topic = _topic(fields)
+        revoked = topic == "key.revoked" and stream == self.auth_stream
+        if not revoked and not self._for_user(stream, topic):
+            return  # read unparsed: not an event the hub acts on
         try:
-            event = decode_event(fields)
+            events = _event_ids(entry_id, fields)
         except (KeyError, ValueError):
             return
-        topic, payload = event["topic"], event["payload"]
-        if topic == "key.revoked" and stream == self.auth_stream:
-            prefix = payload.get("prefix")
-            if prefix:
-                self.on_key_revoked(str(prefix))
-        elif self._for_user(stream, topic):
-            user_id = str(payload.get("user_id"))
-            for queue in self._subscribers.get(user_id, ()):
+        if revoked:
+            if self._signed(stream, fields):
+                for _, event in events:
+                    prefix = event["payload"].get("prefix")
+                    if prefix:
+                        self.on_key_revoked(str(prefix))
+            return
+        deliveries = []
+        for event_id, event in events:
+            payload = event["payload"]
+            queues = self._subscribers.get(str(payload.get("user_id")))
+            if queues:
+                deliveries.append((queues, (event_id, topic, payload)))
+        if not deliveries or not self._signed(stream, fields):
+            return
+        for queues, item in deliveries:
+            for queue in list(queues):
                 if queue.full():
                     continue  # a stalled client; it can resume with Last-Event-ID
-                queue.put_nowait((entry_id, topic, payload))
+                queue.put_nowait(item)
 
     def _for_user(self, stream: str, topic: str) -> bool:
         """Events a user's `/v1/events` stream carries."""
@@ -164,21 +216,33 @@ class EventHub(BackgroundLoop):
     async def replay(self, user_id: str, after: str, limit: int) -> list[UserEvent]:
         """The user's events after `after` (from every stream it follows), oldest first."""
         out: list[UserEvent] = []
+        position = _id_tuple(after)
+        entry = after.partition(".")[0]
         for stream in (self.ledger_stream, self.generation_stream, self.enhancement_stream):
-            start = "(" + after
+            # An id inside a batch entry: read that entry again for its later events.
+            start = ("(" if position[2] == WHOLE_ENTRY else "") + entry
             scanned = 0
             while scanned < limit:
                 entries = await self.redis.xrange(stream, min=start, count=500)
                 if not entries:
                     break
-                for entry_id, fields in entries:
+                for raw_id, fields in entries:
                     scanned += 1
-                    event = decode_event(fields)
-                    if (
-                        self._for_user(stream, event["topic"])
-                        and str(event["payload"].get("user_id")) == user_id
-                    ):
-                        out.append((_id(entry_id), event["topic"], event["payload"]))
+                    topic = _topic(fields)
+                    if not self._for_user(stream, topic):
+                        continue
+                    try:
+                        events = _event_ids(_id(raw_id), fields)
+                    except (KeyError, ValueError):
+                        continue
+                    mine = [
+                        (event_id, topic, event["payload"])
+                        for event_id, event in events
+                        if str(event["payload"].get("user_id")) == user_id
+                        and _id_tuple(event_id) > position
+                    ]
+                    if mine and self._signed(stream, fields):
+                        out.extend(mine)
                 start = "(" + _id(entries[-1][0])
         out.sort(key=lambda e: _id_tuple(e[0]))
         return out
@@ -257,7 +321,7 @@ async def stream_user(
     queue = hub.subscribe(user_id)  # before the replay, so nothing falls in between
     try:
         yield b"retry: 2000\n\n"
-        seen = (0, 0)
+        seen = (0, 0, 0)
         if last_event_id:
             for entry_id, topic, payload in await hub.replay(user_id, last_event_id, replay_max):
                 seen = _id_tuple(entry_id)
