@@ -388,7 +388,7 @@ class TestBatchRows:
             await insert_rows(conn, [(batch, [{"n": 1}, {"n": 2}, {"n": 3}]), (single, {"n": 4})])
             relay = OutboxRelay(plain_url(ku_database_url), redis, SCHEMA, name, issuer="auth")
             with pytest.raises(ConnectionError):
-                await relay.relay_once(CrashBeforeDelete(conn))  # type: ignore[arg-type]
+                await relay.relay_once(CrashBeforeDelete(conn))
             assert await conn.fetchval(f"SELECT count(*) FROM {SCHEMA}.outbox") == 2
             assert await relay.relay_once(conn) == 4
         finally:
