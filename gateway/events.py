@@ -45,7 +45,7 @@ from services.kit.background import BackgroundLoop
 from services.kit.errors import BadRequest, Forbidden, Unauthorized
 from services.kit.money import milli_to_ku
 from services.kit.openapi import error_responses
-from services.kit.outbox import decode_events, event_issuer, stream_name
+from services.kit.outbox import entry_payloads, event_issuer, stream_name
 from services.kit.principal import Principal, SignedPrincipal
 from services.kit.schemas import Text, UserId
 
@@ -76,17 +76,14 @@ def _id_tuple(event_id: str) -> tuple[int, int, int]:
 
 
 def _event_ids(entry_id: str, fields: dict[Any, Any]) -> list[tuple[str, dict[str, Any]]]:
-    """(SSE id, event) for each event of an entry, in order."""
-    events = decode_events(fields)
-    if len(events) == 1 and not _is_batch(fields):
-        return [(entry_id, events[0])]
-    return [(f"{entry_id}.{i}", event) for i, event in enumerate(events)]
-
-
-def _is_batch(fields: dict[Any, Any]) -> bool:
-    """An array payload (a batch row), as the relay writes it: no leading space."""
-    payload = fields.get(b"payload", fields.get("payload", b""))
-    return payload[:1] in (b"[", "[")
+    """(SSE id, payload) for each event of an entry, in order. Raises KeyError or
+    ValueError for an entry that holds no events."""
+    payloads, batch = entry_payloads(fields)
+    if not all(isinstance(p, dict) for p in payloads):
+        raise ValueError("an event payload is not an object")
+    if not batch:
+        return [(entry_id, payloads[0])]
+    return [(f"{entry_id}.{i}", payload) for i, payload in enumerate(payloads)]
 
 
 def _topic(fields: dict[Any, Any]) -> str:
@@ -174,14 +171,13 @@ class EventHub(BackgroundLoop):
             return
         if revoked:
             if self._signed(stream, fields):
-                for _, event in events:
-                    prefix = event["payload"].get("prefix")
+                for _, payload in events:
+                    prefix = payload.get("prefix")
                     if prefix:
                         self.on_key_revoked(str(prefix))
             return
         deliveries = []
-        for event_id, event in events:
-            payload = event["payload"]
+        for event_id, payload in events:
             queues = self._subscribers.get(str(payload.get("user_id")))
             if queues:
                 deliveries.append((queues, (event_id, topic, payload)))
@@ -236,10 +232,9 @@ class EventHub(BackgroundLoop):
                     except (KeyError, ValueError):
                         continue
                     mine = [
-                        (event_id, topic, event["payload"])
-                        for event_id, event in events
-                        if str(event["payload"].get("user_id")) == user_id
-                        and _id_tuple(event_id) > position
+                        (event_id, topic, payload)
+                        for event_id, payload in events
+                        if str(payload.get("user_id")) == user_id and _id_tuple(event_id) > position
                     ]
                     if mine and self._signed(stream, fields):
                         out.extend(mine)

@@ -250,6 +250,17 @@ def decode_events(fields: dict[bytes | str, bytes | str]) -> list[dict[str, Any]
     ]
 
 
+def entry_payloads(fields: dict[bytes | str, bytes | str]) -> tuple[list[Any], bool]:
+    """The payloads of an entry's events, in order, and whether the entry is a batch (an
+    array row), without event ids: for a reader that does not dedupe (the gateway's event
+    hub), `decode_events` less its per-event uuid5. Raises KeyError or ValueError."""
+    raw = fields.get(b"payload", fields.get("payload"))
+    if raw is None:
+        raise KeyError("payload")
+    payload = orjson.loads(raw)
+    return (payload, True) if isinstance(payload, list) else ([payload], False)
+
+
 def decode_event(fields: dict[bytes | str, bytes | str]) -> dict[str, Any]:
     """The one event of a single-event entry (a ValueError for a batch: `decode_events`)."""
     data = _text(fields)
