@@ -4,9 +4,9 @@ import asyncio
 import os
 import uuid
 
-import orjson
 from redis.asyncio import Redis
 
+from services.kit.outbox import decode_events
 from tests.ledger.helpers import key, penora
 
 
@@ -25,10 +25,11 @@ class TestCreditsChanged:
             found = None
             for _ in range(40):
                 for _, fields in await redis.xrevrange(stream, count=200):
-                    payload = orjson.loads(fields[b"payload"])
-                    if payload.get("transaction_id") == tx:
-                        found = (fields[b"topic"].decode(), payload)
-                        break
+                    # An entry may be a batch's (its events in an array): decode_events.
+                    for event in decode_events(fields):
+                        if event["payload"].get("transaction_id") == tx:
+                            found = (event["topic"], event["payload"])
+                            break
                 if found:
                     break
                 await asyncio.sleep(0.05)
