@@ -9,6 +9,11 @@ instance must see every event) follows `<prefix>.events.ledger`,
   per chapter) and the enhancement service's `enhancement.task.updated` (a task's
   progress) fan out to the connected streams of that user.
 
+While no stream is connected to this gateway, only the auth stream is read: the
+others' entries (one per ledger batch) would be skipped anyway, and each wake-up of the
+reader cost ~0.3 ms of CPU, about one per debit at a low rate. The first `/v1/events`
+client starts them from their newest entry (`EventHub.activate`).
+
 Stream entry ids are the SSE event ids, so `Last-Event-ID` resumes by reading
 the stream from there (XRANGE) before joining the live feed. An entry holding a batch
 (the ledger's one outbox row per batch: services/kit/outbox.py) gives its i-th event
@@ -58,6 +63,9 @@ UserEvent = tuple[str, str, dict[str, Any]]
 # The position `_id_tuple` gives an id without one (a single-event entry, or a client's
 # Last-Event-ID from before batching): after every event of its entry.
 WHOLE_ENTRY = 1 << 62
+# How long the hub waits on the auth stream while nobody subscribes: a first subscriber's
+# streams start at once (`EventHub.activate`), their entries are read within this.
+IDLE_BLOCK_MS = 200
 
 
 def _id(value: bytes | str) -> str:
@@ -103,6 +111,12 @@ def render_credits(payload: dict[str, Any]) -> dict[str, Any]:
 
 
 class EventHub(BackgroundLoop):
+    """While nobody subscribes, the hub follows only the auth stream (revocations): the
+    other streams' entries (one per ledger batch, each story chapter...) are not read at
+    all, so they cost this process nothing. The first subscriber `activate()`s the
+    others from their newest entry at that moment, so it misses nothing that follows;
+    when the last one leaves, the hub goes back to the auth stream alone."""
+
     task_name = "gateway-events"
 
     def __init__(self, redis: Redis, prefix: str, on_key_revoked: Callable[[str], Any]) -> None:
@@ -112,40 +126,57 @@ class EventHub(BackgroundLoop):
         self.auth_stream = stream_name(prefix, "auth")
         self.generation_stream = stream_name(prefix, "generation")
         self.enhancement_stream = stream_name(prefix, "enhancement")
+        self.user_streams = (self.ledger_stream, self.generation_stream, self.enhancement_stream)
         self.on_key_revoked = on_key_revoked
         self._subscribers: dict[str, set[asyncio.Queue[UserEvent]]] = {}
         self.ready = asyncio.Event()
+        self._cursor: dict[str, str] = {}
+        self._active = False  # following the user streams (someone subscribes)
+        self._activation = asyncio.Lock()
 
-    async def _last_ids(self) -> dict[str, str]:
+    async def _last_ids(self, streams: tuple[str, ...]) -> dict[str, str]:
         ids = {}
-        for stream in (
-            self.ledger_stream,
-            self.auth_stream,
-            self.generation_stream,
-            self.enhancement_stream,
-        ):
+        for stream in streams:
             last = await self.redis.xrevrange(stream, count=1)
             ids[stream] = _id(last[0][0]) if last else "0-0"
         return ids
 
+    async def activate(self) -> None:
+        """Follow the user streams from their newest entry now (a no-op while followed).
+        A new subscriber awaits it after `subscribe`, so every event after that point
+        reaches it (at most IDLE_BLOCK_MS late, the idle hub's wait on auth)."""
+        async with self._activation:
+            if self._active:
+                return
+            self._cursor.update(await self._last_ids(self.user_streams))
+            self._active = True
+
     async def run(self) -> None:
-        cursor: dict[str, str] | None = None
         while not self.stopping:
             try:
-                if cursor is None:
-                    cursor = await self._last_ids()
+                if not self.ready.is_set():
+                    self._cursor[self.auth_stream] = (await self._last_ids((self.auth_stream,)))[
+                        self.auth_stream
+                    ]
                     self.ready.set()
-                response = await self.redis.xread(dict(cursor), count=500, block=1000)  # type: ignore[arg-type]
+                if self._active and not self._subscribers:
+                    self._active = False  # nobody listens: the auth stream alone
+                elif self._subscribers and not self._active:
+                    await self.activate()  # a subscriber that did not activate
+                if self._active:
+                    streams, block = dict(self._cursor), 1000
+                else:
+                    streams = {self.auth_stream: self._cursor[self.auth_stream]}
+                    block = IDLE_BLOCK_MS
+                response = await self.redis.xread(streams, count=500, block=block)  # type: ignore[arg-type]
                 for stream, entries in response or []:
                     name = _id(stream)
                     if not self._subscribers and name != self.auth_stream and entries:
-                        # Nobody listens: only the auth stream's revocations matter, so
-                        # the other streams' events are skipped undecoded (every debit
-                        # puts one here; decoding it cost the gateway ~25% of a debit).
-                        cursor[name] = _id(entries[-1][0])
+                        # The last subscriber left during the read: skip these undecoded.
+                        self._cursor[name] = _id(entries[-1][0])
                         continue
                     for entry_id, fields in entries:
-                        cursor[name] = _id(entry_id)
+                        self._cursor[name] = _id(entry_id)
                         self._dispatch(name, _id(entry_id), fields)
             except asyncio.CancelledError:
                 raise
@@ -315,6 +346,7 @@ async def stream_user(
 ) -> AsyncIterator[bytes]:
     queue = hub.subscribe(user_id)  # before the replay, so nothing falls in between
     try:
+        await hub.activate()  # the hub follows the user streams from here on, if it did not
         yield b"retry: 2000\n\n"
         seen = (0, 0, 0)
         if last_event_id:

@@ -342,3 +342,72 @@ class TestTickets:
                 got = r.headers.get("access-control-allow-origin")
             # A browser reads the stream only with the header naming its origin.
             assert got == (origin if allowed else None)
+
+
+class TestIdleHub:
+    """With nobody subscribed the hub reads only the auth stream (revocations): the
+    ledger's entries cost it nothing. A subscriber activates the other streams from
+    their newest entry, so it gets every event after it subscribed and none before."""
+
+    async def test_reads_only_auth_until_a_subscriber_then_what_follows(self):
+        from gateway.events import EventHub
+        from services.kit.outbox import signed_fields, stream_name
+
+        redis = Redis.from_url(os.environ["KU_REDIS_URL"])
+        prefix = f"{os.environ['KU_BUS_PREFIX']}.hub{uuid.uuid4().hex[:6]}"
+        ledger, auth = stream_name(prefix, "ledger"), stream_name(prefix, "auth")
+        read: list[set[str]] = []
+        xread = redis.xread
+
+        async def noting(streams: dict[Any, Any], **kwargs: Any) -> Any:
+            read.append({_text(s) for s in streams})
+            return await xread(streams, **kwargs)
+
+        redis.xread = noting
+        revoked: list[str] = []
+        hub = EventHub(redis, prefix, revoked.append)
+        user = new_user_id()
+
+        def credits(*deltas: int) -> dict[str, Any]:
+            body = [{"user_id": user, "delta_milli": d} for d in deltas]
+            payload = orjson.dumps(body if len(body) > 1 else body[0]).decode()
+            return signed_fields("ledger", str(uuid.uuid4()), "credits.changed", payload)
+
+        hub.start()
+        try:
+            await asyncio.wait_for(hub.ready.wait(), 5)
+            await redis.xadd(ledger, credits(-1))  # before anyone subscribed
+            revocation = orjson.dumps({"prefix": "ku_old", "app": "penora"}).decode()
+            await redis.xadd(auth, signed_fields("auth", "rev-1", "key.revoked", revocation))
+            for _ in range(100):
+                if revoked:
+                    break
+                await asyncio.sleep(0.02)
+            assert revoked == ["ku_old"]  # idle, the hub still acts on revocations
+            assert read and all(streams == {auth} for streams in read)
+
+            queue = hub.subscribe(user)
+            await hub.activate()
+            entry = _text(await redis.xadd(ledger, credits(-2, -3)))
+            got = [await asyncio.wait_for(queue.get(), 5) for _ in range(2)]
+            assert [(i, p["delta_milli"]) for i, _, p in got] == [
+                (f"{entry}.0", -2),
+                (f"{entry}.1", -3),
+            ]
+            assert queue.empty()  # the event from before the subscription never came
+            assert ledger in read[-1]
+
+            hub.unsubscribe(user, queue)
+            await asyncio.sleep(1.2)  # the active read's block ends; the hub goes idle
+            before = len(read)
+            await redis.xadd(ledger, credits(-4))
+            await asyncio.sleep(0.5)
+            assert all(streams == {auth} for streams in read[before:])
+        finally:
+            await hub.stop()
+            await redis.delete(ledger, auth)
+            await redis.aclose()
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
