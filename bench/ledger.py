@@ -81,9 +81,19 @@ class ServiceCPU:
     signing every event, is counted), divided by every debit the case committed
     (warm-up included: the CPU is too)."""
 
-    def __init__(self, dsn: str, pid: int) -> None:
+    def __init__(self, dsn: str, pid: int, stream: str) -> None:
         self.dsn = dsn
         self.pid = pid
+        self.stream = stream  # the ledger's event stream: entries the relay wrote
+
+    async def _entries(self) -> int:
+        from redis.asyncio import Redis
+
+        redis = Redis.from_url(os.environ.get("KU_REDIS_URL", "redis://127.0.0.1:6379/0"))
+        try:
+            return int(await redis.xlen(self.stream))
+        finally:
+            await redis.aclose()
 
     async def _debits(self, conn: asyncpg.Connection) -> int:
         return await conn.fetchval("SELECT count(*) FROM ledger.transactions WHERE kind = 'debit'")
@@ -94,6 +104,7 @@ class ServiceCPU:
             self.debits = await self._debits(conn)
         finally:
             await conn.close()
+        self.entries = await self._entries()
         self.cpu = cpu_seconds(self.pid)
 
     async def stop(self) -> str:
@@ -108,7 +119,11 @@ class ServiceCPU:
         finally:
             await conn.close()
         per_debit = cpu / max(debits, 1) * 1e6
-        return f"ledger CPU {per_debit:6.0f} us per debit (all processes, relay included)"
+        entries = await self._entries() - self.entries
+        return (
+            f"ledger CPU {per_debit:6.0f} us per debit (all processes, relay included);"
+            f" relay: {debits / max(entries, 1):5.1f} events per stream entry"
+        )
 
 
 async def raw_case(dsn: str, name: str, ids: list[int]) -> Result:
@@ -397,20 +412,21 @@ async def main() -> None:
         secret = ""  # principals are signed with the keys above
         port = free_port()
         url = f"http://127.0.0.1:{port}"
+        bus_prefix = f"kubench{secrets.token_hex(3)}"
         proc = start_service(
             "services.ledger.app",
             port,
             {
                 "KU_DATABASE_URL": db.url,
                 **keys,
-                "KU_BUS_PREFIX": f"kubench{secrets.token_hex(3)}",
+                "KU_BUS_PREFIX": bus_prefix,
                 "KU_LOG_LEVEL": "WARNING",
             },
             processes=PROCESSES,
         )
         try:
             await wait_ready(url, proc)
-            cpu = ServiceCPU(db.dsn, proc.pid)
+            cpu = ServiceCPU(db.dsn, proc.pid, f"{bus_prefix}.events.ledger")
             hot = ["bench-hot"]
             many = [f"bench-{i}" for i in range(MANY_USERS)]
             await setup_users(url, secret, hot, 1_000_000_000)

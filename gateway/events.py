@@ -9,8 +9,17 @@ instance must see every event) follows `<prefix>.events.ledger`,
   per chapter) and the enhancement service's `enhancement.task.updated` (a task's
   progress) fan out to the connected streams of that user.
 
+While no stream is connected to this gateway, only the auth stream is read: the
+others' entries (one per ledger batch) would be skipped anyway, and each wake-up of the
+reader cost ~0.3 ms of CPU, about one per debit at a low rate. The first `/v1/events`
+client starts them from their newest entry (`EventHub.activate`).
+
 Stream entry ids are the SSE event ids, so `Last-Event-ID` resumes by reading
-the stream from there (XRANGE) before joining the live feed.
+the stream from there (XRANGE) before joining the live feed. An entry holding a batch
+(the ledger's one outbox row per batch: services/kit/outbox.py) gives its i-th event
+the id `<entry id>.<i>`; a resume from such an id reads that entry again and skips its
+events up to i. An entry is checked for its service's signature before any of its
+events reaches a user's stream (once per entry, so once per batch).
 
 Browsers: `EventSource` cannot send an `Authorization` header, so a page first trades
 the user's access token for a ticket (`POST /v1/events/tickets`) and opens
@@ -41,7 +50,7 @@ from services.kit.background import BackgroundLoop
 from services.kit.errors import BadRequest, Forbidden, Unauthorized
 from services.kit.money import milli_to_ku
 from services.kit.openapi import error_responses
-from services.kit.outbox import decode_event, stream_name
+from services.kit.outbox import entry_payloads, event_issuer, stream_name
 from services.kit.principal import Principal, SignedPrincipal
 from services.kit.schemas import Text, UserId
 
@@ -49,17 +58,45 @@ log = logging.getLogger("ku.gateway.events")
 
 QUEUE_MAX = 1000
 ENHANCEMENT_TOPIC = "enhancement.task.updated"
-# (stream entry id, topic, payload)
+# (SSE event id, topic, payload)
 UserEvent = tuple[str, str, dict[str, Any]]
+# The position `_id_tuple` gives an id without one (a single-event entry, or a client's
+# Last-Event-ID from before batching): after every event of its entry.
+WHOLE_ENTRY = 1 << 62
+# How long the hub waits on the auth stream while nobody subscribes: a first subscriber's
+# streams start at once (`EventHub.activate`), their entries are read within this.
+IDLE_BLOCK_MS = 200
 
 
 def _id(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def _id_tuple(entry_id: str) -> tuple[int, int]:
+def _id_tuple(event_id: str) -> tuple[int, int, int]:
+    """An SSE id's order: `<ms>-<seq>` (a single-event entry) or `<ms>-<seq>.<i>` (the
+    i-th event of a batch entry). ValueError when it is neither."""
+    entry_id, dot, position = event_id.partition(".")
     ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq or 0)
+    index = int(position) if dot else WHOLE_ENTRY
+    if index < 0 or index > WHOLE_ENTRY:
+        raise ValueError(event_id)
+    return int(ms), int(seq or 0), index
+
+
+def _event_ids(entry_id: str, fields: dict[Any, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(SSE id, payload) for each event of an entry, in order. Raises KeyError or
+    ValueError for an entry that holds no events."""
+    payloads, batch = entry_payloads(fields)
+    if not all(isinstance(p, dict) for p in payloads):
+        raise ValueError("an event payload is not an object")
+    if not batch:
+        return [(entry_id, payloads[0])]
+    return [(f"{entry_id}.{i}", payload) for i, payload in enumerate(payloads)]
+
+
+def _topic(fields: dict[Any, Any]) -> str:
+    topic = fields.get(b"topic", fields.get("topic", b""))
+    return topic.decode(errors="replace") if isinstance(topic, bytes) else str(topic)
 
 
 def render_credits(payload: dict[str, Any]) -> dict[str, Any]:
@@ -74,6 +111,12 @@ def render_credits(payload: dict[str, Any]) -> dict[str, Any]:
 
 
 class EventHub(BackgroundLoop):
+    """While nobody subscribes, the hub follows only the auth stream (revocations): the
+    other streams' entries (one per ledger batch, each story chapter...) are not read at
+    all, so they cost this process nothing. The first subscriber `activate()`s the
+    others from their newest entry at that moment, so it misses nothing that follows;
+    when the last one leaves, the hub goes back to the auth stream alone."""
+
     task_name = "gateway-events"
 
     def __init__(self, redis: Redis, prefix: str, on_key_revoked: Callable[[str], Any]) -> None:
@@ -83,40 +126,57 @@ class EventHub(BackgroundLoop):
         self.auth_stream = stream_name(prefix, "auth")
         self.generation_stream = stream_name(prefix, "generation")
         self.enhancement_stream = stream_name(prefix, "enhancement")
+        self.user_streams = (self.ledger_stream, self.generation_stream, self.enhancement_stream)
         self.on_key_revoked = on_key_revoked
         self._subscribers: dict[str, set[asyncio.Queue[UserEvent]]] = {}
         self.ready = asyncio.Event()
+        self._cursor: dict[str, str] = {}
+        self._active = False  # following the user streams (someone subscribes)
+        self._activation = asyncio.Lock()
 
-    async def _last_ids(self) -> dict[str, str]:
+    async def _last_ids(self, streams: tuple[str, ...]) -> dict[str, str]:
         ids = {}
-        for stream in (
-            self.ledger_stream,
-            self.auth_stream,
-            self.generation_stream,
-            self.enhancement_stream,
-        ):
+        for stream in streams:
             last = await self.redis.xrevrange(stream, count=1)
             ids[stream] = _id(last[0][0]) if last else "0-0"
         return ids
 
+    async def activate(self) -> None:
+        """Follow the user streams from their newest entry now (a no-op while followed).
+        A new subscriber awaits it after `subscribe`, so every event after that point
+        reaches it (at most IDLE_BLOCK_MS late, the idle hub's wait on auth)."""
+        async with self._activation:
+            if self._active:
+                return
+            self._cursor.update(await self._last_ids(self.user_streams))
+            self._active = True
+
     async def run(self) -> None:
-        cursor: dict[str, str] | None = None
         while not self.stopping:
             try:
-                if cursor is None:
-                    cursor = await self._last_ids()
+                if not self.ready.is_set():
+                    self._cursor[self.auth_stream] = (await self._last_ids((self.auth_stream,)))[
+                        self.auth_stream
+                    ]
                     self.ready.set()
-                response = await self.redis.xread(dict(cursor), count=500, block=1000)  # type: ignore[arg-type]
+                if self._active and not self._subscribers:
+                    self._active = False  # nobody listens: the auth stream alone
+                elif self._subscribers and not self._active:
+                    await self.activate()  # a subscriber that did not activate
+                if self._active:
+                    streams, block = dict(self._cursor), 1000
+                else:
+                    streams = {self.auth_stream: self._cursor[self.auth_stream]}
+                    block = IDLE_BLOCK_MS
+                response = await self.redis.xread(streams, count=500, block=block)  # type: ignore[arg-type]
                 for stream, entries in response or []:
                     name = _id(stream)
                     if not self._subscribers and name != self.auth_stream and entries:
-                        # Nobody listens: only the auth stream's revocations matter, so
-                        # the other streams' events are skipped undecoded (every debit
-                        # puts one here; decoding it cost the gateway ~25% of a debit).
-                        cursor[name] = _id(entries[-1][0])
+                        # The last subscriber left during the read: skip these undecoded.
+                        self._cursor[name] = _id(entries[-1][0])
                         continue
                     for entry_id, fields in entries:
-                        cursor[name] = _id(entry_id)
+                        self._cursor[name] = _id(entry_id)
                         self._dispatch(name, _id(entry_id), fields)
             except asyncio.CancelledError:
                 raise
@@ -124,22 +184,41 @@ class EventHub(BackgroundLoop):
                 log.warning("event reader failed: %s", exc)
                 await asyncio.sleep(1)
 
+    def _signed(self, stream: str, fields: dict[Any, Any]) -> bool:
+        """Signed by the service whose stream it is (else someone wrote to Redis)."""
+        if event_issuer(fields) == stream.rpartition(".events.")[2]:
+            return True
+        log.warning("dropped an unsigned or forged entry on %s", stream)
+        return False
+
     def _dispatch(self, stream: str, entry_id: str, fields: dict[Any, Any]) -> None:
+        topic = _topic(fields)
+        revoked = topic == "key.revoked" and stream == self.auth_stream
+        if not revoked and not self._for_user(stream, topic):
+            return  # read unparsed: not an event the hub acts on
         try:
-            event = decode_event(fields)
+            events = _event_ids(entry_id, fields)
         except (KeyError, ValueError):
             return
-        topic, payload = event["topic"], event["payload"]
-        if topic == "key.revoked" and stream == self.auth_stream:
-            prefix = payload.get("prefix")
-            if prefix:
-                self.on_key_revoked(str(prefix))
-        elif self._for_user(stream, topic):
-            user_id = str(payload.get("user_id"))
-            for queue in self._subscribers.get(user_id, ()):
+        if revoked:
+            if self._signed(stream, fields):
+                for _, payload in events:
+                    prefix = payload.get("prefix")
+                    if prefix:
+                        self.on_key_revoked(str(prefix))
+            return
+        deliveries = []
+        for event_id, payload in events:
+            queues = self._subscribers.get(str(payload.get("user_id")))
+            if queues:
+                deliveries.append((queues, (event_id, topic, payload)))
+        if not deliveries or not self._signed(stream, fields):
+            return
+        for queues, item in deliveries:
+            for queue in list(queues):
                 if queue.full():
                     continue  # a stalled client; it can resume with Last-Event-ID
-                queue.put_nowait((entry_id, topic, payload))
+                queue.put_nowait(item)
 
     def _for_user(self, stream: str, topic: str) -> bool:
         """Events a user's `/v1/events` stream carries."""
@@ -164,21 +243,32 @@ class EventHub(BackgroundLoop):
     async def replay(self, user_id: str, after: str, limit: int) -> list[UserEvent]:
         """The user's events after `after` (from every stream it follows), oldest first."""
         out: list[UserEvent] = []
+        position = _id_tuple(after)
+        entry = after.partition(".")[0]
         for stream in (self.ledger_stream, self.generation_stream, self.enhancement_stream):
-            start = "(" + after
+            # An id inside a batch entry: read that entry again for its later events.
+            start = ("(" if position[2] == WHOLE_ENTRY else "") + entry
             scanned = 0
             while scanned < limit:
                 entries = await self.redis.xrange(stream, min=start, count=500)
                 if not entries:
                     break
-                for entry_id, fields in entries:
+                for raw_id, fields in entries:
                     scanned += 1
-                    event = decode_event(fields)
-                    if (
-                        self._for_user(stream, event["topic"])
-                        and str(event["payload"].get("user_id")) == user_id
-                    ):
-                        out.append((_id(entry_id), event["topic"], event["payload"]))
+                    topic = _topic(fields)
+                    if not self._for_user(stream, topic):
+                        continue
+                    try:
+                        events = _event_ids(_id(raw_id), fields)
+                    except (KeyError, ValueError):
+                        continue
+                    mine = [
+                        (event_id, topic, payload)
+                        for event_id, payload in events
+                        if str(payload.get("user_id")) == user_id and _id_tuple(event_id) > position
+                    ]
+                    if mine and self._signed(stream, fields):
+                        out.extend(mine)
                 start = "(" + _id(entries[-1][0])
         out.sort(key=lambda e: _id_tuple(e[0]))
         return out
@@ -256,8 +346,9 @@ async def stream_user(
 ) -> AsyncIterator[bytes]:
     queue = hub.subscribe(user_id)  # before the replay, so nothing falls in between
     try:
+        await hub.activate()  # the hub follows the user streams from here on, if it did not
         yield b"retry: 2000\n\n"
-        seen = (0, 0)
+        seen = (0, 0, 0)
         if last_event_id:
             for entry_id, topic, payload in await hub.replay(user_id, last_event_id, replay_max):
                 seen = _id_tuple(entry_id)

@@ -8,6 +8,13 @@ read again from its own pending list with a backoff (`retry_delay`, doubling to
 `retry_max`), so a transient failure delays an event by a fraction of a second rather
 than by `reclaim_idle_ms`. Handlers must be idempotent by event id; `handled_once`
 records the id in the handler's own transaction.
+
+An entry may hold several events (an outbox row holding a batch: see
+services.kit.outbox): its signature is checked once, then the handler gets each event,
+one at a time, in order. The entry is acked when all of them succeeded; if one fails,
+the entry stays pending and its retry resumes at the failed event (this process
+remembers how far it got; another process taking the entry over starts again from the
+first, which `handled_once` makes harmless).
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.kit.background import BackgroundLoop
 from services.kit.metrics import EVENTS_HANDLED
-from services.kit.outbox import decode_event, event_issuer
+from services.kit.outbox import decode_events, event_issuer
 
 log = logging.getLogger("ku.bus")
 
@@ -94,6 +101,9 @@ class Consumer(BackgroundLoop):
         # When to read this consumer's own pending entries again (None: nothing owed).
         self._retry_at: float | None = None
         self._backoff = retry_delay
+        # (stream, entry id) -> events of that entry already handled, for an entry whose
+        # handler failed part way (its retry resumes there).
+        self._progress: dict[tuple[str, str], int] = {}
         super().__init__()
         self.task_name = f"consumer-{group}"
 
@@ -120,22 +130,36 @@ class Consumer(BackgroundLoop):
             self._retry_at = asyncio.get_running_loop().time() + self._backoff
 
     async def _handle(self, stream: str, entry_id: bytes | str, fields: dict[Any, Any]) -> bool:
-        """Handle one entry; False when the handler failed (the entry stays pending)."""
+        """Handle one entry (every event it holds); False when the handler failed (the
+        entry stays pending)."""
         expected = stream_service(stream)
-        if expected is None or event_issuer(fields) != expected:
+        events = None
+        if expected is not None and event_issuer(fields) == expected:
+            try:
+                events = decode_events(fields)
+            except (KeyError, ValueError):
+                pass  # signed, but not an entry a relay writes: dropped like a forgery
+        if events is None:
             # Not signed by the service whose stream this is: someone wrote to Redis
             # directly. Drop it (acked, so it is not redelivered forever) and say so.
             EVENTS_HANDLED.labels(self.group, "?", "forged").inc()
             log.warning("dropped an unsigned or forged entry %s on %s", entry_id, stream)
             await self.redis.xack(stream, self.group, entry_id)
             return True
-        event = decode_event(fields)
-        if self.topics is None or event["topic"] in self.topics:
+        key = (stream, entry_id.decode() if isinstance(entry_id, bytes) else entry_id)
+        start = self._progress.pop(key, 0)
+        for position in range(start, len(events)):
+            event = events[position]
+            if self.topics is not None and event["topic"] not in self.topics:
+                continue
             try:
                 await self.handler(event)
             except Exception:
                 EVENTS_HANDLED.labels(self.group, event["topic"], "error").inc()
                 log.exception("handler failed for event %s; left pending", event["id"])
+                if len(self._progress) >= 10_000:  # entries another consumer took over
+                    self._progress.clear()
+                self._progress[key] = position
                 self._owe_retry()
                 return False
             EVENTS_HANDLED.labels(self.group, event["topic"], "ok").inc()

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import orjson
 import pytest
+from redis.asyncio import Redis
 
 from services.kit.testing.plugin import principal_headers
 from tests.gateway.conftest import Served, Stack
@@ -98,6 +101,104 @@ class TestCreditsChanged:
         assert r.status_code == 403
         r = await gw.get("/v1/events")
         assert r.status_code == 401
+
+
+async def spend_batch(stack: Stack, debits: list[tuple[str, float]]) -> None:
+    """Debits in ONE ledger batch: one outbox row, so one stream entry holding them all."""
+    operations = [
+        {"op": "debit", "idempotency_key": uuid.uuid4().hex, "user_id": u, "amount": amount}
+        for u, amount in debits
+    ]
+    r = await stack.ledger.post(
+        "/v1/ledger/batch",
+        json={"operations": operations},
+        headers=principal_headers(
+            "app", audience="ledger", app="penora", scopes=("ledger:write", "users:any")
+        ),
+    )
+    assert r.status_code == 200, r.text
+    assert all(res["status"] == 201 for res in r.json()["results"]), r.text
+
+
+class TestBatchedEvents:
+    """A ledger batch is one stream entry (services/kit/outbox.py): the hub unpacks it
+    and gives each user its own events, each with its own id (`<entry id>.<i>`)."""
+
+    async def test_each_user_gets_its_events_of_a_batch_and_resumes_inside_it(
+        self, gw: httpx.AsyncClient, stack: Stack
+    ):
+        me, other = await open_account(stack), await open_account(stack)
+        mine = {"Authorization": f"Bearer {stack.signing.token(me)}"}
+        theirs = {"Authorization": f"Bearer {stack.signing.token(other)}"}
+        async with (
+            gw.stream("GET", "/v1/events", headers=mine) as r_me,
+            gw.stream("GET", "/v1/events", headers=theirs) as r_other,
+        ):
+            await asyncio.sleep(0.2)
+            await spend_batch(stack, [(me, 1), (other, 2), (me, 3)])
+            got = await asyncio.wait_for(read_events(r_me, 2), timeout=3)
+            [their] = await asyncio.wait_for(read_events(r_other, 1), timeout=3)
+        assert {e["data"]["user_id"] for e in got} == {me}
+        assert sorted(e["data"]["delta"] for e in got) == [-3, -1]
+        assert their["data"]["user_id"] == other and their["data"]["delta"] == -2
+        entries = {e["id"].partition(".")[0] for e in [*got, their]}
+        assert len(entries) == 1  # one entry: the batch
+        positions = sorted(int(e["id"].partition(".")[2]) for e in [*got, their])
+        assert positions == [0, 1, 2]
+
+        # Resuming from the first of my events gives the second (same entry), then
+        # what came after; resuming from the entry's id (a client from before
+        # batching) skips the whole entry.
+        await spend(stack, me, 0.5)
+        resumed = {**mine, "Last-Event-ID": got[0]["id"]}
+        async with gw.stream("GET", "/v1/events", headers=resumed) as r:
+            missed = await asyncio.wait_for(read_events(r, 2), timeout=3)
+        assert [e["id"] for e in missed[:1]] == [got[1]["id"]]
+        assert missed[1]["data"]["delta"] == -0.5
+        whole = {**mine, "Last-Event-ID": entries.pop()}
+        async with gw.stream("GET", "/v1/events", headers=whole) as r:
+            [after] = await asyncio.wait_for(read_events(r, 1), timeout=3)
+        assert after["data"]["delta"] == -0.5
+
+    async def test_an_unsigned_or_forged_entry_reaches_nobody(
+        self, gw: httpx.AsyncClient, stack: Stack
+    ):
+        from services.kit.outbox import signed_fields, stream_name
+
+        me = await open_account(stack)
+        forged = orjson.dumps(
+            [{"user_id": me, "available_milli": 10**9, "delta_milli": 10**9, "reason": "forged"}]
+            * 2
+        ).decode()
+        single = orjson.dumps({"user_id": me, "delta_milli": 10**9, "reason": "forged"}).decode()
+        signed = signed_fields("ledger", str(uuid.uuid4()), "credits.changed", forged)
+        ledger_stream = stream_name(os.environ["KU_BUS_PREFIX"], "ledger")
+        redis = Redis.from_url(os.environ["KU_REDIS_URL"])
+        auth = {"Authorization": f"Bearer {stack.signing.token(me)}"}
+        try:
+            async with gw.stream("GET", "/v1/events", headers=auth) as r:
+                await asyncio.sleep(0.2)
+                newest = await redis.xrevrange(ledger_stream, count=1)
+                last = newest[0][0].decode() if newest else "0-0"
+                for fields in (
+                    {k: v for k, v in signed.items() if k not in ("sig", "issuer")},
+                    dict(signed, payload=forged.replace("forged", "forgeD")),  # tampered
+                    signed_fields("auth", str(uuid.uuid4()), "credits.changed", forged),
+                    signed_fields("workspace", str(uuid.uuid4()), "credits.changed", single),
+                ):
+                    await redis.xadd(ledger_stream, fields)
+                await spend(stack, me, 1)
+                [event] = await asyncio.wait_for(read_events(r, 1), timeout=3)
+            assert event["data"]["reason"] == "debit" and event["data"]["delta"] == -1
+            # Nor does a resume replay them.
+            await spend(stack, me, 2)
+            resumed = {**auth, "Last-Event-ID": last}  # before the forged ones
+            async with gw.stream("GET", "/v1/events", headers=resumed) as r:
+                missed = await asyncio.wait_for(read_events(r, 2), timeout=3)
+            assert [e["data"]["reason"] for e in missed] == ["debit", "debit"]
+            assert [e["data"]["delta"] for e in missed] == [-1, -2]
+        finally:
+            await redis.aclose()
 
 
 def bearer(stack: Stack, user_id: str) -> dict[str, str]:
@@ -241,3 +342,72 @@ class TestTickets:
                 got = r.headers.get("access-control-allow-origin")
             # A browser reads the stream only with the header naming its origin.
             assert got == (origin if allowed else None)
+
+
+class TestIdleHub:
+    """With nobody subscribed the hub reads only the auth stream (revocations): the
+    ledger's entries cost it nothing. A subscriber activates the other streams from
+    their newest entry, so it gets every event after it subscribed and none before."""
+
+    async def test_reads_only_auth_until_a_subscriber_then_what_follows(self):
+        from gateway.events import EventHub
+        from services.kit.outbox import signed_fields, stream_name
+
+        redis = Redis.from_url(os.environ["KU_REDIS_URL"])
+        prefix = f"{os.environ['KU_BUS_PREFIX']}.hub{uuid.uuid4().hex[:6]}"
+        ledger, auth = stream_name(prefix, "ledger"), stream_name(prefix, "auth")
+        read: list[set[str]] = []
+        xread = redis.xread
+
+        async def noting(streams: dict[Any, Any], **kwargs: Any) -> Any:
+            read.append({_text(s) for s in streams})
+            return await xread(streams, **kwargs)
+
+        redis.xread = noting
+        revoked: list[str] = []
+        hub = EventHub(redis, prefix, revoked.append)
+        user = new_user_id()
+
+        def credits(*deltas: int) -> dict[str, Any]:
+            body = [{"user_id": user, "delta_milli": d} for d in deltas]
+            payload = orjson.dumps(body if len(body) > 1 else body[0]).decode()
+            return signed_fields("ledger", str(uuid.uuid4()), "credits.changed", payload)
+
+        hub.start()
+        try:
+            await asyncio.wait_for(hub.ready.wait(), 5)
+            await redis.xadd(ledger, credits(-1))  # before anyone subscribed
+            revocation = orjson.dumps({"prefix": "ku_old", "app": "penora"}).decode()
+            await redis.xadd(auth, signed_fields("auth", "rev-1", "key.revoked", revocation))
+            for _ in range(100):
+                if revoked:
+                    break
+                await asyncio.sleep(0.02)
+            assert revoked == ["ku_old"]  # idle, the hub still acts on revocations
+            assert read and all(streams == {auth} for streams in read)
+
+            queue = hub.subscribe(user)
+            await hub.activate()
+            entry = _text(await redis.xadd(ledger, credits(-2, -3)))
+            got = [await asyncio.wait_for(queue.get(), 5) for _ in range(2)]
+            assert [(i, p["delta_milli"]) for i, _, p in got] == [
+                (f"{entry}.0", -2),
+                (f"{entry}.1", -3),
+            ]
+            assert queue.empty()  # the event from before the subscription never came
+            assert ledger in read[-1]
+
+            hub.unsubscribe(user, queue)
+            await asyncio.sleep(1.2)  # the active read's block ends; the hub goes idle
+            before = len(read)
+            await redis.xadd(ledger, credits(-4))
+            await asyncio.sleep(0.5)
+            assert all(streams == {auth} for streams in read[before:])
+        finally:
+            await hub.stop()
+            await redis.delete(ledger, auth)
+            await redis.aclose()
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

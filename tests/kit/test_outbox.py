@@ -9,6 +9,7 @@ import uuid
 from collections import Counter
 
 import asyncpg
+import orjson
 import pytest
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -21,6 +22,8 @@ from services.kit.db import async_url, plain_url, sessionmaker_for, unit_of_work
 from services.kit.outbox import (
     SIGN_BETWEEN_YIELDS,
     OutboxRelay,
+    decode_event,
+    decode_events,
     emit,
     event_issuer,
     outbox_table,
@@ -283,3 +286,197 @@ class TestSignedEvents:
             await conn.close()
         assert len(seen) >= 4 * SIGN_BETWEEN_YIELDS
         assert max(Counter(seen).values()) <= SIGN_BETWEEN_YIELDS
+
+
+async def insert_rows(conn: asyncpg.Connection, rows: list[tuple[uuid.UUID, object]]) -> None:
+    """Outbox rows as the ledger writes them (an array payload: a batch), in this order."""
+    for i, (row_id, payload) in enumerate(rows):
+        await conn.execute(
+            f"INSERT INTO {SCHEMA}.outbox (id, topic, payload, created_at)"
+            " VALUES ($1, 'credits.changed', $2::jsonb, now() + $3 * interval '1 ms')",
+            row_id,
+            orjson.dumps(payload).decode(),
+            i,
+        )
+
+
+def batch_ids(row_id: uuid.UUID, count: int) -> list[str]:
+    return [str(uuid.uuid5(row_id, str(i))) for i in range(count)]
+
+
+class TestBatchRows:
+    """A row whose payload is an array (the ledger's one row per batch) is ONE stream
+    entry with ONE signature; readers unpack it into its events, with the ids they had
+    when each was its own entry (`uuid5(row id, position)`)."""
+
+    async def test_a_batch_row_is_one_entry_with_one_signature(
+        self, tables, redis, ku_database_url, monkeypatch
+    ):
+        name = stream()
+        batch, single = uuid.uuid4(), uuid.uuid4()
+        signatures: list[bytes] = []
+        sign = principal.sign_bytes
+
+        def counting(issuer: str, data: bytes) -> str:
+            signatures.append(data)
+            return sign(issuer, data)
+
+        monkeypatch.setattr(principal, "sign_bytes", counting)
+        conn = await asyncpg.connect(plain_url(ku_database_url))
+        try:
+            await conn.execute(f"DELETE FROM {SCHEMA}.outbox")
+            await insert_rows(conn, [(batch, [{"n": 1}, {"n": 2}, {"n": 3}]), (single, {"n": 4})])
+            relay = OutboxRelay(plain_url(ku_database_url), redis, SCHEMA, name, issuer="auth")
+            assert await relay.relay_once(conn) == 4  # events
+            assert await relay.relay_once(conn) == 0
+        finally:
+            await conn.close()
+        entries = [fields for _, fields in await redis.xrange(name)]
+        assert len(entries) == 2 and len(signatures) == 2
+        assert all(event_issuer(f) == "auth" for f in entries)
+        events = [e for f in entries for e in decode_events(f)]
+        assert [e["id"] for e in events] == [*batch_ids(batch, 3), str(single)]
+        assert [e["payload"] for e in events] == [{"n": n} for n in (1, 2, 3, 4)]
+        assert {e["topic"] for e in events} == {"credits.changed"}
+        # The single-event reader refuses a batch rather than hand out a list payload.
+        assert decode_event(entries[1])["id"] == str(single)
+        with pytest.raises(ValueError):
+            decode_event(entries[0])
+
+    async def test_a_claim_is_at_most_batch_rows(self, tables, redis, ku_database_url):
+        name = stream()
+        rows = [(uuid.uuid4(), [{"n": 2 * i}, {"n": 2 * i + 1}]) for i in range(3)]
+        conn = await asyncpg.connect(plain_url(ku_database_url))
+        try:
+            await conn.execute(f"DELETE FROM {SCHEMA}.outbox")
+            await insert_rows(conn, rows)
+            relay = OutboxRelay(
+                plain_url(ku_database_url), redis, SCHEMA, name, issuer="auth", batch=2
+            )
+            assert await relay.relay_once(conn) == 4
+            assert await conn.fetchval(f"SELECT count(*) FROM {SCHEMA}.outbox") == 1
+            assert await relay.relay_once(conn) == 2
+        finally:
+            await conn.close()
+        events = [e for _, f in await redis.xrange(name) for e in decode_events(f)]
+        assert [e["payload"]["n"] for e in events] == list(range(6))
+
+    async def test_every_event_once_and_in_order_even_when_re_relayed(
+        self, tables, redis, ku_database_url
+    ):
+        """A crash between XADD and the rows' deletion publishes the rows again: the
+        consumer's handler sees each event once (by id), in order, one at a time."""
+        engine, _, processed = tables
+        name = stream()
+        batch, single = uuid.uuid4(), uuid.uuid4()
+
+        class CrashBeforeDelete:
+            def __init__(self, conn: asyncpg.Connection) -> None:
+                self.conn = conn
+
+            def __getattr__(self, attr: str) -> object:
+                return getattr(self.conn, attr)
+
+            async def execute(self, query: str, *args: object) -> str:
+                if query.startswith("DELETE"):
+                    raise ConnectionError("the relay died after XADD")
+                return await self.conn.execute(query, *args)
+
+        conn = await asyncpg.connect(plain_url(ku_database_url))
+        try:
+            await conn.execute(f"DELETE FROM {SCHEMA}.outbox")
+            await insert_rows(conn, [(batch, [{"n": 1}, {"n": 2}, {"n": 3}]), (single, {"n": 4})])
+            relay = OutboxRelay(plain_url(ku_database_url), redis, SCHEMA, name, issuer="auth")
+            with pytest.raises(ConnectionError):
+                await relay.relay_once(CrashBeforeDelete(conn))
+            assert await conn.fetchval(f"SELECT count(*) FROM {SCHEMA}.outbox") == 2
+            assert await relay.relay_once(conn) == 4
+        finally:
+            await conn.close()
+        assert await redis.xlen(name) == 4  # both rows, twice: one entry per row
+
+        calls: list[dict] = []
+        seen: list[int] = []
+
+        async def handler(event):
+            calls.append(event)
+            async with unit_of_work(sessionmaker_for(engine)) as session:
+                if await handled_once(session, processed, f"batch-{name}", event["id"]):
+                    seen.append(event["payload"]["n"])
+
+        consumer = Consumer(redis, [name], "g", handler, name="a")
+        await consumer.ensure_groups()
+        assert await consumer.poll_once(block_ms=100) == 4
+        assert seen == [1, 2, 3, 4]
+        assert all(isinstance(c["payload"], dict) for c in calls)  # one event per call
+        assert [c["id"] for c in calls[:4]] == [*batch_ids(batch, 3), str(single)]
+        assert [c["id"] for c in calls[4:]] == [c["id"] for c in calls[:4]]
+        assert (await redis.xpending(name, "g"))["pending"] == 0
+
+    async def test_a_failed_event_is_retried_before_the_events_after_it(self, redis):
+        """The handler fails on the second event of a batch: the entry stays pending and
+        its retry resumes at that event, so events are handled in order and the first
+        one is not handed to the handler again."""
+        name = stream()
+        row = uuid.uuid4()
+        await redis.xadd(
+            name,
+            signed_fields(
+                "auth", str(row), "t", orjson.dumps([{"n": i} for i in range(4)]).decode()
+            ),
+        )
+        calls: list[int] = []
+
+        async def flaky(event):
+            calls.append(event["payload"]["n"])
+            if calls == [0, 1]:
+                raise RuntimeError("database restarting")
+
+        consumer = Consumer(redis, [name], "g", flaky, name="a", reclaim_idle_ms=600_000)
+        await consumer.ensure_groups()
+        assert await consumer.poll_once(block_ms=100) == 1
+        assert calls == [0, 1]
+        assert (await redis.xpending(name, "g"))["pending"] == 1
+        assert await consumer.retry_own_pending() == 0
+        assert calls == [0, 1, 1, 2, 3]
+        assert (await redis.xpending(name, "g"))["pending"] == 0
+
+    async def test_a_tampered_or_unsigned_batch_is_dropped_whole(self, redis):
+        name = stream()
+        seen: list[str] = []
+
+        async def handler(event):
+            seen.append(event["id"])
+
+        row = uuid.uuid4()
+        batch = orjson.dumps([{"user_id": "1", "delta_milli": -1000}, {"user_id": "2"}]).decode()
+        good = signed_fields("auth", str(row), "credits.changed", batch)
+        tampered = dict(good, payload=batch.replace("-1000", "1000000"))
+        extended = dict(good, payload=batch[:-1] + ', {"user_id": "3"}]')
+        unsigned = {k: v for k, v in good.items() if k not in ("sig", "issuer")}
+        foreign = signed_fields("workspace", str(uuid.uuid4()), "credits.changed", batch)
+        # A batch's signature lent to a single-event reading of it (its id changed).
+        relabelled = dict(good, id=str(uuid.uuid4()))
+        for fields in (tampered, extended, unsigned, foreign, relabelled, good):
+            await redis.xadd(name, fields)
+        consumer = Consumer(redis, [name], "g", handler, name="a")
+        await consumer.ensure_groups()
+        assert await consumer.poll_once(block_ms=100) == 6
+        assert seen == batch_ids(row, 2)
+        assert (await redis.xpending(name, "g"))["pending"] == 0  # dropped, not redelivered
+
+    async def test_a_skipping_consumer_acks_a_batch_of_other_topics_unread(self, redis):
+        name = stream()
+        seen: list[str] = []
+
+        async def handler(event):
+            seen.append(event["id"])
+
+        payload = orjson.dumps([{"n": 1}, {"n": 2}]).decode()
+        await redis.xadd(name, signed_fields("auth", str(uuid.uuid4()), "credits.changed", payload))
+        await redis.xadd(name, signed_fields("auth", "evt-sub", "subscription.changed", "{}"))
+        consumer = Consumer(redis, [name], "g", handler, name="a", topics={"subscription.changed"})
+        await consumer.ensure_groups()
+        assert await consumer.poll_once(block_ms=100) == 2
+        assert seen == ["evt-sub"]
+        assert (await redis.xpending(name, "g"))["pending"] == 0

@@ -4,9 +4,9 @@ import asyncio
 import os
 import uuid
 
-import orjson
 from redis.asyncio import Redis
 
+from services.kit.outbox import decode_events
 from tests.ledger.helpers import key, penora
 
 
@@ -25,10 +25,11 @@ class TestCreditsChanged:
             found = None
             for _ in range(40):
                 for _, fields in await redis.xrevrange(stream, count=200):
-                    payload = orjson.loads(fields[b"payload"])
-                    if payload.get("transaction_id") == tx:
-                        found = (fields[b"topic"].decode(), payload)
-                        break
+                    # An entry may be a batch's (its events in an array): decode_events.
+                    for event in decode_events(fields):
+                        if event["payload"].get("transaction_id") == tx:
+                            found = (event["topic"], event["payload"])
+                            break
                 if found:
                     break
                 await asyncio.sleep(0.05)
@@ -43,10 +44,11 @@ class TestCreditsChanged:
 
 class TestOneOutboxRowPerBatch:
     """Since migration 0006 a batch's `credits.changed` events are one outbox row (the
-    array of them); the relay publishes each as its own signed entry, as before."""
+    array of them); the relay publishes the row as ONE signed entry, which readers
+    unpack (`decode_events`) into one event per debit, each with its own id."""
 
-    async def test_each_debit_of_a_batch_is_its_own_signed_entry(self, ledger, funded_user):
-        from services.kit.outbox import event_issuer
+    async def test_a_batch_is_one_signed_entry_of_its_events(self, ledger, funded_user):
+        from services.kit.outbox import decode_events, event_issuer
 
         users = [await funded_user(10) for _ in range(3)]
         items = [
@@ -59,25 +61,30 @@ class TestOneOutboxRowPerBatch:
         assert len(txs) == 6
         redis = Redis.from_url(os.environ["KU_REDIS_URL"])
         stream = f"{os.environ['KU_BUS_PREFIX']}.events.ledger"
-        found: dict[int, dict[bytes, bytes]] = {}
+        entry: dict[bytes, bytes] | None = None
         try:
             for _ in range(60):
                 for _, fields in await redis.xrevrange(stream, count=500):
-                    payload = orjson.loads(fields[b"payload"])
-                    if payload.get("transaction_id") in txs:
-                        found[payload["transaction_id"]] = fields
-                if len(found) == len(txs):
+                    events = decode_events(fields)
+                    if any(e["payload"].get("transaction_id") in txs for e in events):
+                        entry = fields
+                        break
+                if entry is not None:
                     break
                 await asyncio.sleep(0.05)
         finally:
             await redis.aclose()
-        assert found.keys() == txs.keys()
-        assert len({fields[b"id"] for fields in found.values()}) == 6  # six events, six ids
-        for tx, fields in found.items():
-            assert event_issuer(fields) == "ledger"
-            assert fields[b"topic"] == b"credits.changed"
-            payload = orjson.loads(fields[b"payload"])
-            body = txs[tx]
+        assert entry is not None, "the batch's events were not relayed"
+        assert event_issuer(entry) == "ledger"
+        assert entry[b"topic"] == b"credits.changed"
+        events = decode_events(entry)
+        assert {e["payload"]["transaction_id"] for e in events} == txs.keys()  # all six
+        row = uuid.UUID(entry[b"id"].decode())
+        assert [e["id"] for e in events] == [str(uuid.uuid5(row, str(i))) for i in range(6)]
+        for event in events:
+            payload = event["payload"]
+            body = txs[payload["transaction_id"]]
+            assert event["topic"] == "credits.changed"
             assert payload == {
                 "user_id": body["user_id"],
                 "available_milli": round(body["available"] * 1000),
@@ -86,63 +93,5 @@ class TestOneOutboxRowPerBatch:
                 "delta_milli": -round(body["amount"] * 1000),
                 "reason": "debit",
                 "app": "penora",
-                "transaction_id": tx,
+                "transaction_id": payload["transaction_id"],
             }
-
-
-class TestRelayOfArrayRows:
-    """The relay's side of one row per batch (services/kit/outbox.py), on its own schema:
-    a row whose payload is an array is one entry per element, in order, each signed,
-    each with an id derived from the row's; a claim stops at about `batch` events."""
-
-    SCHEMA = "ledger_outbox_arrays_test"
-
-    async def test_array_rows_are_one_entry_per_event(self, ku_database_url):
-        import asyncpg
-        from sqlalchemy import MetaData, text
-        from sqlalchemy.ext.asyncio import create_async_engine
-
-        from services.kit.db import async_url, plain_url
-        from services.kit.outbox import OutboxRelay, event_issuer, outbox_table
-
-        metadata = MetaData(schema=self.SCHEMA)
-        outbox_table(metadata)
-        engine = create_async_engine(async_url(ku_database_url))
-        async with engine.begin() as c:
-            await c.execute(text(f"CREATE SCHEMA IF NOT EXISTS {self.SCHEMA}"))
-            await c.run_sync(metadata.create_all)
-        await engine.dispose()
-
-        rows = [uuid.uuid4() for _ in range(3)]
-        payloads = [[{"n": 1}, {"n": 2}, {"n": 3}], [{"n": 4}, {"n": 5}, {"n": 6}], {"n": 7}]
-        conn = await asyncpg.connect(plain_url(ku_database_url))
-        redis = Redis.from_url(os.environ["KU_REDIS_URL"])
-        stream = f"{os.environ['KU_BUS_PREFIX']}.{uuid.uuid4().hex[:8]}.events.ledger"
-        try:
-            await conn.execute(f"DELETE FROM {self.SCHEMA}.outbox")
-            for i, (row, payload) in enumerate(zip(rows, payloads, strict=True)):
-                await conn.execute(
-                    f"INSERT INTO {self.SCHEMA}.outbox (id, topic, payload, created_at)"
-                    " VALUES ($1, 'credits.changed', $2::jsonb, now() + $3 * interval '1 ms')",
-                    row,
-                    orjson.dumps(payload).decode(),
-                    i,
-                )
-            relay = OutboxRelay(
-                plain_url(ku_database_url), redis, self.SCHEMA, stream, issuer="ledger", batch=4
-            )
-            # The first claim reaches 4 events within its second row: 6 events, 2 rows.
-            assert await relay.relay_once(conn) == 6
-            assert await conn.fetchval(f"SELECT count(*) FROM {self.SCHEMA}.outbox") == 1
-            assert await relay.relay_once(conn) == 1
-            assert await relay.relay_once(conn) == 0
-            entries = [fields for _, fields in await redis.xrange(stream)]
-        finally:
-            await redis.delete(stream)
-            await redis.aclose()
-            await conn.close()
-        assert [orjson.loads(f[b"payload"])["n"] for f in entries] == [1, 2, 3, 4, 5, 6, 7]
-        expected_ids = [str(uuid.uuid5(rows[r], str(i))) for r in (0, 1) for i in range(3)]
-        assert [f[b"id"].decode() for f in entries] == [*expected_ids, str(rows[2])]
-        assert all(event_issuer(f) == "ledger" for f in entries)
-        assert all(f[b"topic"] == b"credits.changed" for f in entries)

@@ -143,7 +143,7 @@ async def hold_changed_event(db: Any, hold_id: str) -> dict[str, Any]:
 
     from redis.asyncio import Redis
 
-    from services.kit.outbox import decode_event, stream_name
+    from services.kit.outbox import decode_events, stream_name
 
     redis = Redis.from_url(os.environ["KU_REDIS_URL"])
     try:
@@ -157,9 +157,12 @@ async def hold_changed_event(db: Any, hold_id: str) -> dict[str, Any]:
                 return dict(orjson.loads(row))
             stream = stream_name(os.environ["KU_BUS_PREFIX"], "ledger")
             for _, fields in await redis.xrange(stream):
-                event = decode_event(fields)
-                if event["topic"] == "hold.changed" and event["payload"]["hold"]["id"] == hold_id:
-                    return dict(event["payload"])
+                for event in decode_events(fields):  # a batch entry holds several
+                    if (
+                        event["topic"] == "hold.changed"
+                        and event["payload"]["hold"]["id"] == hold_id
+                    ):
+                        return dict(event["payload"])
             await asyncio.sleep(0.1)
     finally:
         await redis.aclose()
