@@ -18,6 +18,7 @@ from services.generation.records import Records
 from services.generation.service import GenerationEngine, drain_background
 from services.generation.stories import Stories, StoryLeases
 from services.kit.app import create_service_app
+from services.kit.db import plain_url
 from services.kit.front import FrontApp
 from services.kit.service_client import ServiceClient
 
@@ -55,7 +56,10 @@ def create_app() -> FastAPI:
         client = ServiceClient(settings, me="generation")
         router = Router(settings, catalog, build_providers(settings), app.state.redis)
         billing = Billing(client, settings.generation_hold_ttl_seconds)
-        records = Records(app.state.engine)
+        records = Records(
+            plain_url(settings.database_url), pool_size=settings.generation_records_pool_size
+        )
+        await records.open()
         app.state.service_client = client
         app.state.generation = GenerationEngine(
             catalog=catalog,
@@ -83,6 +87,7 @@ def create_app() -> FastAPI:
             await drain_background()
             await router.aclose()
             await billing.aclose()
+            await records.close()
             await client.aclose()
 
     return create_service_app(

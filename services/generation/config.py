@@ -39,6 +39,9 @@ class GenerationSettings(KuSettings):
     # written to the client as one chunk. Fewer, larger reads and writes for every
     # hop; 0 reads and writes each token as it comes.
     generation_stream_flush_ms: int = Field(default=20, ge=0, le=1000)
+    # Connections for the generations' rows (services/generation/records.py), opened
+    # as needed and kept: two single statements per generation.
+    generation_records_pool_size: int = Field(default=8, ge=1, le=100)
     # A hold outlives any generation; if this process dies the ledger expires it.
     generation_hold_ttl_seconds: int = 900
     # Stories hold every chapter up front; a story resumed later than this is failed.

@@ -1,10 +1,13 @@
 """A generation's row: inserted once its first words are out, updated at settlement.
 
-Two statements per generation, each sent on the asyncpg connection under the
-service's SQLAlchemy pool (no connections of its own): one autocommitted statement,
-so one round trip, where a SQLAlchemy unit of work costs BEGIN, the statement and
+Two statements per generation, each one autocommitted statement on an asyncpg pool of
+the records' own (`KU_GENERATION_RECORDS_POOL_SIZE` connections, opened as needed and
+kept): one round trip, where a SQLAlchemy unit of work costs BEGIN, the statement and
 COMMIT, plus its compile and session machinery (measured under bench/generation.py at
-~9 % of the generation process's CPU).
+~9 % of the generation process's CPU). Not the service's SQLAlchemy pool: 64 streams
+starting together overflowed it, and every overflow connection was opened (TLS
+negotiation, authentication) and closed again per wave, ~11 % of the process's CPU in
+py-spy at stop 11.
 
 Writing a row is best effort: a failure is logged and the generation goes on (the
 money is on the ledger: the hold, then its capture or release).
@@ -16,7 +19,7 @@ import logging
 import uuid
 from typing import Any
 
-from sqlalchemy.ext.asyncio import AsyncEngine
+import asyncpg
 
 from services.generation.models import SCHEMA
 
@@ -34,16 +37,29 @@ _FINISH = (
 )
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Single autocommitted statements leave no session state: no RESET ALL on release."""
+    return None
+
+
 class Records:
-    def __init__(self, engine: AsyncEngine) -> None:
-        self.engine = engine
+    def __init__(self, dsn: str, *, pool_size: int) -> None:
+        self.dsn = dsn
+        self.pool_size = pool_size
+        self._pool: asyncpg.Pool | None = None
+
+    async def open(self) -> None:
+        self._pool = await asyncpg.create_pool(
+            self.dsn, min_size=1, max_size=self.pool_size, reset=_keep_session
+        )
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            await self._pool.close()
 
     async def _execute(self, sql: str, *args: Any) -> None:
-        async with self.engine.connect() as conn:
-            raw = await conn.get_raw_connection()
-            # No transaction was begun through SQLAlchemy: the statement commits alone,
-            # and the connection goes back to the pool without a rollback round trip.
-            await raw.driver_connection.execute(sql, *args)  # type: ignore[union-attr]
+        assert self._pool is not None, "Records.open() first"
+        await self._pool.execute(sql, *args)
 
     async def start(self, record: dict[str, Any]) -> None:
         try:
