@@ -1,5 +1,7 @@
 """Who is calling: API keys (checked at auth, cached ≤ 5 s, dropped on `key.revoked`)
-and Ku access tokens (verified here from auth's JWKS).
+and Ku access tokens (verified here from auth's JWKS). A token's `admin` scope holds
+only while its user still holds the admin role: asked of auth at most every 5 s per
+token, so taking the role ends the scope within seconds, not when the token expires.
 
 The result is a `SignedPrincipal`: the principal and the signed header the
 gateway forwards. Nothing a client sends is forwarded as identity.
@@ -184,12 +186,41 @@ class Authenticator:
             app=claims.get("app") if isinstance(claims.get("app"), str) else None,
             scopes=frozenset(scope.split() if isinstance(scope, str) else ()),
         )
-        identity = SignedPrincipal(principal)
         valid = min(float(claims["exp"]), time.time() + 60)
+        if "admin" in principal.scopes:
+            valid = min(valid, time.time() + self.settings.key_cache_seconds)
+            if not await self._holds_admin_role(principal):
+                principal = Principal(
+                    kind="user",
+                    user_id=sub,
+                    app=principal.app,
+                    scopes=principal.scopes - {"admin"},
+                )
+        identity = SignedPrincipal(principal)
         self._tokens[token] = (identity, valid)
         while len(self._tokens) > CACHE_MAX:
             self._tokens.popitem(last=False)
         return identity
+
+    async def _holds_admin_role(self, principal: Principal) -> bool:
+        """Whether the token's user holds the admin role now (auth's answer to the user
+        reading its own roles). Any other answer, or none, is no: the request goes on
+        without the admin scope."""
+        try:
+            status, body = await self.upstreams.call(
+                "auth",
+                "GET",
+                f"/v1/users/{principal.user_id}/roles",
+                principal=principal,
+                timeout_seconds=5,
+            )
+        except KuError:
+            status, body = 0, None
+        if status == 200 and isinstance(body, dict):
+            return "admin" in (body.get("roles") or ())
+        if status not in (401, 403, 404):
+            log.warning("could not check user %s's admin role (%s)", principal.user_id, status)
+        return False
 
     async def _jwk(self, kid: Any) -> dict[str, Any] | None:
         now = time.monotonic()

@@ -14,7 +14,7 @@ from jose import jwt
 
 from services.kit.testing.plugin import principal_headers
 from tests.gateway.conftest import Stack
-from tests.gateway.helpers import SEED_KEY, create_key, new_user_id, revoke_key
+from tests.gateway.helpers import SEED_KEY, admin, create_key, new_user_id, revoke_key
 
 INVALID_KEY = "Invalid or missing API key. Include X-API-Key header or api_key parameter."
 
@@ -152,6 +152,39 @@ class TestAccessTokens:
         r = await gw.post("/v1/ledger/debits", json=debit(user_id), headers=auth)
         assert r.status_code == 403, r.text
         assert await available(stack, user_id) == 50
+
+    async def test_the_admin_scope_holds_only_while_the_role_does(
+        self, gw: httpx.AsyncClient, stack: Stack
+    ):
+        """A token's `admin` scope counts only while auth says its user holds the admin
+        role: never for a user who does not, and within seconds of the role being taken,
+        not when the token expires (10 minutes here)."""
+        SCOPE = "admin ledger:read"
+        operator, other = new_user_id(), await funded_user(stack)
+        r = await stack.auth.post(
+            "/v1/users", json={"user_id": operator, "email": "op@example.com"}, headers=admin()
+        )
+        assert r.status_code == 201, r.text
+        auth = {"Authorization": f"Bearer {stack.signing.token(operator, scope=SCOPE)}"}
+
+        async def reads_another_user() -> int:
+            r = await gw.get("/v1/ledger/balance", params={"user_id": other}, headers=auth)
+            return r.status_code
+
+        assert await reads_another_user() == 403  # the claim alone is not the role
+        role = f"/v1/users/{operator}/roles/admin"
+        r = await stack.auth.put(role, json={"reason": "on call"}, headers=admin())
+        assert r.status_code == 200, r.text
+        auth = {"Authorization": f"Bearer {stack.signing.token(operator, scope=SCOPE)}"}
+        assert await reads_another_user() == 200
+        r = await stack.auth.post(f"{role}/revoke", json={"reason": "off call"}, headers=admin())
+        assert r.status_code == 200, r.text
+        for _ in range(150):  # the role is asked again at most every 5 s per token
+            if await reads_another_user() == 403:
+                break
+            await asyncio.sleep(0.1)
+        r = await gw.get("/v1/ledger/balance", params={"user_id": other}, headers=auth)
+        assert r.status_code == 403 and r.json()["error"]["code"] == "wrong_user", r.text
 
     async def test_another_users_data_is_403(self, gw: httpx.AsyncClient, stack: Stack):
         me, other = await funded_user(stack), await funded_user(stack)
