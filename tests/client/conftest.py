@@ -37,6 +37,7 @@ def ku(ku_database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         "KU_DB_POOL_SIZE": "2",
         "KU_DB_MAX_OVERFLOW": "2",
         "KU_WRITE_POOL_SIZE": "2",
+        "KU_GENERATION_RECORDS_POOL_SIZE": "2",
     }
     with Suite(
         env,

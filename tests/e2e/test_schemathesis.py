@@ -110,6 +110,7 @@ def ku_api(
         "KU_DB_POOL_SIZE": "2",
         "KU_DB_MAX_OVERFLOW": "2",
         "KU_WRITE_POOL_SIZE": "2",
+        "KU_GENERATION_RECORDS_POOL_SIZE": "2",
     }
     with Suite(
         env,

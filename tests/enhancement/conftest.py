@@ -327,6 +327,7 @@ def suite_env(ku_database_url: str, signing: SigningKey, providers: dict[str, Fa
         "KU_DB_MAX_OVERFLOW": "3",
         "KU_WORKER_DB_POOL_SIZE": "2",
         "KU_WRITE_POOL_SIZE": "2",
+        "KU_GENERATION_RECORDS_POOL_SIZE": "2",
     }
     for name, fake in providers.items():
         env[f"KU_ENHANCEMENT_{name.upper()}_URL"] = fake.url

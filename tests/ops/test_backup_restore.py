@@ -119,6 +119,7 @@ class TestBackupRestore:
             "KU_DB_POOL_SIZE": "2",
             "KU_DB_MAX_OVERFLOW": "2",
             "KU_WRITE_POOL_SIZE": "2",
+            "KU_GENERATION_RECORDS_POOL_SIZE": "2",
             "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
         }
 
