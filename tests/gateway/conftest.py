@@ -79,7 +79,14 @@ async def stack(ku_database_url: str) -> AsyncIterator[Stack]:
 
     signing = make_signing_key()
     auth_settings = AuthSettings(auth_private_key=signing.private_pem, auth_key_id=signing.kid)
-    async with Served(create_auth(auth_settings)) as auth, Served(create_ledger()) as ledger:
+    ledger_app = create_ledger()
+    async with Served(create_auth(auth_settings)) as auth, Served(ledger_app) as ledger:
+        # This ledger runs on the session's event loop, which stands still between async
+        # tests. Its consumer of auth's events (the "ledger" group every suite's ledger
+        # shares) would still be handed entries by Redis while it stands still, and hold
+        # them until the group's 30 s reclaim: another suite's new user would wait that
+        # long for its account. These tests open their accounts directly.
+        await ledger_app.state.user_created_consumer.stop()
         settings = GatewaySettings(
             auth_url=auth.url,
             ledger_url=ledger.url,
