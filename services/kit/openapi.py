@@ -78,6 +78,11 @@ STANDARD: dict[int, KuError] = {
 Documented = str | tuple[str, KuError | Sequence[KuError]]
 
 
+def json_example(example: Any, description: str) -> dict[str, Any]:
+    """A success response's OpenAPI entry with its JSON example."""
+    return {"description": description, "content": {"application/json": {"example": example}}}
+
+
 def native_body(error: KuError) -> dict[str, Any]:
     return error.body()
 

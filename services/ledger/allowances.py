@@ -25,7 +25,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 import asyncpg
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 
 from services.kit.authority import Permit
 from services.kit.errors import (
@@ -36,10 +36,9 @@ from services.kit.errors import (
     PaymentRequired,
     Unprocessable,
 )
-from services.kit.openapi import STANDARD, error_responses
-from services.kit.principal import Principal, get_principal
+from services.kit.openapi import STANDARD, error_responses, json_example
 from services.kit.schemas import UserId
-from services.ledger.endpoints import ERRORS, _permit
+from services.ledger.endpoints import ERRORS, CurrentPrincipal, _permit, model_response
 from services.ledger.schemas import (
     AllowanceDrawIn,
     AllowanceDrawResult,
@@ -452,8 +451,6 @@ def _jsonable(value: dict[str, Any]) -> dict[str, Any]:
 
 router = APIRouter(prefix="/v1/ledger/allowances", tags=["ledger"])
 
-CurrentPrincipal = Annotated[Principal, Depends(get_principal)]
-
 USER = "101902121794505144784"
 REF = "enhancement:6f1c0d2e-4b7a-4f3e-9a51-2d8c7b1e0f43"
 STATE = {
@@ -497,19 +494,9 @@ FORBIDDEN = (
 )
 
 
-def _ok(example: dict[str, Any], description: str) -> dict[str, Any]:
-    return {"description": description, "content": {"application/json": {"example": example}}}
-
-
 def _pool(request: Request) -> asyncpg.Pool:
     pool: asyncpg.Pool = request.app.state.ledger.committer.pool
     return pool
-
-
-def _json(status: int, body: dict[str, Any], model: Any, replayed: bool = False) -> Response:
-    headers = {"Idempotent-Replayed": "true"} if replayed else None
-    content = model.model_validate(body).model_dump_json()
-    return Response(content, status, headers, media_type="application/json")
 
 
 @router.post(
@@ -534,11 +521,11 @@ def _json(status: int, body: dict[str, Any], model: Any, replayed: bool = False)
                 ),
             }
         ),
-        201: _ok(
+        201: json_example(
             {"allowance": {**STATE, "used": 0, "remaining": 10}, "increased_by": 10},
             "The allowance rose to `units`",
         ),
-        200: _ok(
+        200: json_example(
             {"allowance": STATE, "increased_by": 0},
             "The allowance already was at least `units`: nothing changed",
         ),
@@ -563,7 +550,7 @@ async def grant_allowance(
         reference=body.reference,
         actor=permit.actor,
     )
-    return _json(status, out, AllowanceGrantOut, replayed=status == 200)
+    return model_response(status, out, AllowanceGrantOut, replayed=status == 200)
 
 
 @router.post(
@@ -604,8 +591,8 @@ async def grant_allowance(
                 ),
             }
         ),
-        201: _ok({"draw": DRAW, "allowance": STATE, "given_back": None}, "Drawn"),
-        200: _ok(
+        201: json_example({"draw": DRAW, "allowance": STATE, "given_back": None}, "Drawn"),
+        200: json_example(
             {"draw": DRAW, "allowance": STATE, "given_back": None},
             "This reference drew before: the draw as it is now (`Idempotent-Replayed`)",
         ),
@@ -632,7 +619,7 @@ async def draw_allowance(
         cap=body.cap,
         owner=permit.owner,
     )
-    return _json(status, out, AllowanceDrawResult, replayed)
+    return model_response(status, out, AllowanceDrawResult, replayed=replayed)
 
 
 @router.post(
@@ -661,7 +648,7 @@ async def draw_allowance(
                 ),
             }
         ),
-        200: _ok(
+        200: json_example(
             {
                 "draw": {**DRAW, "status": "confirmed", "resolved_at": "2026-11-26T10:28:02Z"},
                 "allowance": STATE,
@@ -679,7 +666,7 @@ async def confirm_draw(reference: str, request: Request, principal: CurrentPrinc
     out, replayed = await confirm(
         _pool(request), reference=reference, holds=permit.holds, actor=permit.actor
     )
-    return _json(200, out, AllowanceDrawResult, replayed)
+    return model_response(200, out, AllowanceDrawResult, replayed=replayed)
 
 
 @router.post(
@@ -701,7 +688,7 @@ async def confirm_draw(reference: str, request: Request, principal: CurrentPrinc
                 ),
             }
         ),
-        200: _ok(
+        200: json_example(
             {
                 "draw": {**DRAW, "status": "returned", "resolved_at": "2026-11-26T10:28:02Z"},
                 "allowance": {**STATE, "used": 2, "remaining": 8},
@@ -720,7 +707,7 @@ async def return_draw(reference: str, request: Request, principal: CurrentPrinci
     out, replayed = await give_back(
         _pool(request), reference=reference, holds=permit.holds, actor=permit.actor
     )
-    return _json(200, out, AllowanceDrawResult, replayed)
+    return model_response(200, out, AllowanceDrawResult, replayed=replayed)
 
 
 @router.get(
@@ -729,7 +716,7 @@ async def return_draw(reference: str, request: Request, principal: CurrentPrinci
     response_model=AllowanceList,
     responses={
         **ERRORS,
-        200: _ok(
+        200: json_example(
             {"user_id": USER, "period": "2026-11", "items": [STATE]},
             "Granted, used and remaining per kind (none granted: no item)",
         ),
@@ -751,7 +738,9 @@ async def list_allowances(
     await _check_read(permit, _pool(request), user_id)
     period = period or period_of(datetime.now(UTC))
     items = await read(_pool(request), user_id, period, kind)
-    return _json(200, {"user_id": user_id, "period": period, "items": items}, AllowanceList, False)
+    return model_response(
+        200, {"user_id": user_id, "period": period, "items": items}, AllowanceList
+    )
 
 
 async def _check_read(permit: Permit, pool: asyncpg.Pool, user_id: str) -> None:

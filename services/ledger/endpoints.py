@@ -187,9 +187,19 @@ def _respond(outcome: Outcome, model: type[BaseModel]) -> Response:
     """The route's response, serialized once by pydantic straight to JSON bytes: the
     same validation and wire form as FastAPI's response_model path (which stays on the
     route for the OpenAPI), without its second encoding pass and sub-response."""
-    content = model.model_validate(rename_milli(outcome.body)).model_dump_json()
-    headers = {"Idempotent-Replayed": "true"} if outcome.replayed else None
-    return Response(content, outcome.status_code, headers, media_type="application/json")
+    return model_response(
+        outcome.status_code, rename_milli(outcome.body), model, replayed=outcome.replayed
+    )
+
+
+def model_response(
+    status: int, body: dict[str, Any], model: type[BaseModel], *, replayed: bool = False
+) -> Response:
+    """`body` validated by `model` and written as its JSON, with `Idempotent-Replayed`
+    on a replay."""
+    content = model.model_validate(body).model_dump_json()
+    headers = {"Idempotent-Replayed": "true"} if replayed else None
+    return Response(content, status, headers, media_type="application/json")
 
 
 @router.get(
