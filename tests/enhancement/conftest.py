@@ -90,17 +90,27 @@ def loopback_only(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Any]]:
     assert not children, f"child processes attempted connections outside 127.0.0.0/8: {children}"
 
 
+@asynccontextmanager
+async def in_process(
+    settings: EnhancementSettings, client: ServiceClient | None = None
+) -> AsyncIterator[Enhancer]:
+    """An engine in this process on `settings`' database and Redis, closed after."""
+    engine = create_engine(settings)
+    redis = redis_from_url(settings.redis_url)
+    e = Enhancer(settings, sessionmaker_for(engine), redis, client=client)
+    try:
+        yield e
+    finally:
+        await e.aclose()
+        await redis.aclose()
+        await engine.dispose()
+
+
 @pytest.fixture
 async def enhancer(ku_database_url: str) -> AsyncIterator[Enhancer]:
     """An in-process engine on the real database and Redis (no provider configured)."""
-    settings = EnhancementSettings(database_url=ku_database_url)
-    engine = create_engine(settings)
-    redis = redis_from_url(settings.redis_url)
-    e = Enhancer(settings, sessionmaker_for(engine), redis)
-    yield e
-    await e.aclose()
-    await redis.aclose()
-    await engine.dispose()
+    async with in_process(EnhancementSettings(database_url=ku_database_url)) as e:
+        yield e
 
 
 @pytest.fixture
@@ -112,18 +122,11 @@ async def ledger_enhancer(ku_database_url: str) -> AsyncIterator[Enhancer]:
     ledger = create_app()
     async with running(ledger):
         settings = EnhancementSettings(database_url=ku_database_url)
-        engine = create_engine(settings)
-        redis = redis_from_url(settings.redis_url)
         client = ServiceClient(
             settings, me="enhancement", transport=httpx.ASGITransport(app=ledger)
         )
-        e = Enhancer(settings, sessionmaker_for(engine), redis, client=client)
-        try:
+        async with in_process(settings, client) as e:
             yield e
-        finally:
-            await e.aclose()
-            await redis.aclose()
-            await engine.dispose()
 
 
 PROCESS_TOKEN = "bg-token-for-tests"
@@ -284,15 +287,8 @@ class Enh:
             enhancement_storage_dir=self.suite.env["KU_ENHANCEMENT_STORAGE_DIR"],
             **overrides,
         )
-        engine = create_engine(settings)
-        redis = redis_from_url(settings.redis_url)
-        e = Enhancer(settings, sessionmaker_for(engine), redis)
-        try:
+        async with in_process(settings) as e:
             yield e
-        finally:
-            await e.aclose()
-            await redis.aclose()
-            await engine.dispose()
 
 
 async def _sleep(seconds: float) -> None:
