@@ -372,17 +372,7 @@ def register(router: APIRouter) -> None:
                         "example": {
                             "success": True,
                             "project": {
-                                "code": "JEC99W",
-                                "project_code": "JEC99W",
-                                "title": "The Lighthouse Keeper (draft 2)",
-                                "app_source": "penora",
-                                "project_type": "story",
-                                "content_type": "text/markdown",
-                                "size_bytes": 99,
-                                "size_mb": 0.0001,
-                                "metadata": {"words": 12},
-                                "created_at": "2026-11-26T10:34:02Z",
-                                "updated_at": "2026-11-26T10:34:02Z",
+                                **_EXAMPLE_PROJECTS[1],
                                 "content": "# Chapter 1\n\nThe lamp had not gone out i",
                             },
                         }
