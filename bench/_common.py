@@ -231,6 +231,28 @@ def cpu_seconds(pid: int) -> float:
     return ticks / os.sysconf("SC_CLK_TCK") + sum(cpu_seconds(int(c)) for c in children)
 
 
+class MachineBusy:
+    """How busy the machine's cores were over a phase (/proc/stat): a case that leaves
+    them idle waits on something (a lock, a round trip), it is not short of CPU."""
+
+    @staticmethod
+    def _ticks() -> tuple[int, int]:
+        fields = [int(f) for f in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        idle = fields[3] + fields[4]  # idle, iowait
+        return sum(fields) - idle, sum(fields)
+
+    def __enter__(self) -> MachineBusy:
+        self._start = self._ticks()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        busy, total = self._ticks()
+        self.busy = (busy - self._start[0]) / max(total - self._start[1], 1)
+
+    def line(self) -> str:
+        return f"; machine {self.busy * 100:.0f} % busy ({os.cpu_count()} cores)"
+
+
 class CpuMeter:
     """CPU seconds per named process over a phase: where a bench's time goes.
 

@@ -42,13 +42,15 @@ import time
 import uuid
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = str(Path(__file__).resolve().parents[1])
+sys.path.insert(0, ROOT)
 
 import aiohttp  # noqa: E402
 import asyncpg  # noqa: E402
 import orjson  # noqa: E402
 
 from bench._common import (  # noqa: E402
+    MachineBusy,
     RawHTTPConnection,
     Result,
     ScratchDatabase,
@@ -309,6 +311,18 @@ async def http_case(port: int, secret: str, name: str, users: list[str]) -> Resu
     return result
 
 
+async def floor_case() -> Result:
+    """The same client and request against bench/_floor.py's bare ASGI app, served as the
+    ledger is: what no Python service on this machine answers faster."""
+    port = free_port()
+    proc = start_service("bench._floor", port, {"PYTHONPATH": ROOT}, processes=PROCESSES)
+    try:
+        await wait_ready(f"http://127.0.0.1:{port}", proc)
+        return await http_case(port, "", "floor: bare ASGI answer", ["bench-hot"])
+    finally:
+        stop(proc)
+
+
 async def one_client_holds(port: int, dsn: str, user: str, n: int = 200) -> dict[str, Result]:
     """Latency at ONE client, the generation service's case (a hold is on every
     generation's time-to-first-token path): a hold and its release through HTTP, the same
@@ -441,15 +455,19 @@ async def main() -> None:
             raw_hot = await raw_case(db.dsn, "raw hot row", [1])
             print(raw_hot.line(), flush=True)
             await cpu.start()
-            http_hot = await http_case(port, secret, "http debit, hot user", hot)
+            with MachineBusy() as busy:
+                http_hot = await http_case(port, secret, "http debit, hot user", hot)
             print(http_hot.line(), flush=True)
-            print("    " + await cpu.stop(), flush=True)
+            print("    " + await cpu.stop() + busy.line(), flush=True)
+            floor = await floor_case()
+            print(floor.line(), flush=True)
             raw_many = await raw_case(db.dsn, "raw many rows", list(range(1, MANY_USERS + 1)))
             print(raw_many.line(), flush=True)
             await cpu.start()
-            http_many = await http_case(port, secret, "http debit, many users", many)
+            with MachineBusy() as busy:
+                http_many = await http_case(port, secret, "http debit, many users", many)
             print(http_many.line(), flush=True)
-            print("    " + await cpu.stop(), flush=True)
+            print("    " + await cpu.stop() + busy.line(), flush=True)
             direct = await direct_batch_case(db.dsn, f"direct apply_batch x{BATCH}", many)
             print(direct.line(), flush=True)
             await cpu.start()
@@ -475,6 +493,11 @@ async def main() -> None:
         ]
         for label, value, bar in ratios:
             print(f"{label:<34} {value:5.2f}  (bar {bar})  {'ok' if value >= bar else 'BELOW'}")
+        print(
+            f"the floor (a bare ASGI answer, same server and client) is {floor.rate:.0f}/s:"
+            f" the hot-user bar asks {0.8 * raw_hot.rate:.0f}/s"
+            f" ({0.8 * raw_hot.rate / floor.rate:.2f} of the floor)"
+        )
         added = single["http hold, 1 client"].pct(0.5) - single["direct hold, 1 conn"].pct(0.5)
         print(f"hold at 1 client: the service adds p50 {added:.2f} ms to its SQL statement")
         p99 = max(http_hot.pct(0.99), http_many.pct(0.99))
