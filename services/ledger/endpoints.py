@@ -26,7 +26,7 @@ from services.kit.openapi import STANDARD, error_responses
 from services.kit.principal import Principal, get_principal, origin_principal
 from services.kit.schemas import AppName, UserId, rename_milli
 from services.ledger.config import get_settings
-from services.ledger.repository import LedgerRepository, read_balance
+from services.ledger.repository import BalanceReader, LedgerRepository
 from services.ledger.schemas import (
     Account,
     AccountCreate,
@@ -232,10 +232,12 @@ def model_response(
 async def get_balance(user_id: UserId, principal: CurrentPrincipal, request: Request) -> Response:
     """A user's spendable, held and total credit, per source, with the next expiry."""
     permit = _permit("ledger.read", principal, request)
-    # The link check rides on the balance statement (one asyncpg round trip, on the
-    # committer's pool); the table's answer is applied before anything is shown.
+    # The link check rides on the balance statement (shared with the other reads in
+    # flight, on the committer's pool); the table's answer is applied before anything
+    # is shown.
     app = permit.users[7:] if permit.users.startswith("linked:") else None
-    found = await read_balance(_ledger(request).committer.pool, user_id, app)
+    reader: BalanceReader = request.app.state.balances
+    found = await reader.read(user_id, app)
     permit.check_user(user_id, found["linked"])
     if not found["found"]:
         raise NotFound("No ledger account for this user", code="unknown_user", user_id=user_id)
