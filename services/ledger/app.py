@@ -14,8 +14,8 @@ from services.kit.front import FrontApp
 from services.ledger.api import routers
 from services.ledger.batcher import GroupCommitter
 from services.ledger.config import get_settings
-from services.ledger.repository import BalanceReader
 from services.ledger.models import SCHEMA
+from services.ledger.repository import BalanceReader
 from services.ledger.service import Ledger
 from services.ledger.tasks import consume_user_created
 
