@@ -33,6 +33,7 @@ from __future__ import annotations
 import re
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, TypeVar
+from urllib.parse import parse_qsl
 
 import orjson
 from fastapi import APIRouter, FastAPI, Request, Response
@@ -65,7 +66,9 @@ class HotRoute(APIRoute):
             return handler
 
         async def app(request: Request) -> Response:
-            response = await fast(request)
+            # Inside FastAPI's stack its telemetry may be on for this request: then
+            # FastAPI answers (its spans). In front of the stack (FrontApp) it never is.
+            response = await fast(request) if get_telemetry_data() is None else None
             return response if response is not None else await handler(request)
 
         return app
@@ -82,10 +85,7 @@ def _fast_path(endpoint: Callable[..., Any]) -> Fast | None:
     model, optional = hot_body
 
     async def fast(request: Request) -> Response | None:
-        if (
-            request.headers.get("content-type") != "application/json"
-            or get_telemetry_data() is not None
-        ):
+        if request.headers.get("content-type") != "application/json":
             return None
         raw = await request.body()
         if not raw and not optional:
@@ -111,9 +111,7 @@ def _query_fast_path(
     value) and validated by its own type; a missing or invalid one goes to FastAPI."""
 
     async def fast(request: Request) -> Response | None:
-        if get_telemetry_data() is not None:
-            return None
-        params = request.query_params
+        params = _query_last_values(request.scope["query_string"])
         values: dict[str, Any] = {}
         for name, adapter in query.items():
             value = params.get(name)
@@ -129,6 +127,13 @@ def _query_fast_path(
         return response
 
     return fast
+
+
+def _query_last_values(query_string: bytes) -> dict[str, str]:
+    """Each query parameter's last value, as Starlette's `request.query_params.get`
+    reads it (the same `parse_qsl` of the same latin-1 text), without building its
+    multi-dict: what a hot query route reads."""
+    return dict(parse_qsl(query_string.decode("latin-1"), keep_blank_values=True))
 
 
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -210,6 +215,9 @@ class FrontApp(FastAPI):
             name: route.param_convertors[name].convert(value) for name, value in params.items()
         }
         request = Request(scope, replay)
+        # The body is read already: `request.body()` answers it without a receive
+        # (Starlette keeps a read body in `_body`; FastAPI's path reads it the same way).
+        request._body = body
         fast: Fast = route.fast
         try:
             response = await fast(request)

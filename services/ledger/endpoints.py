@@ -41,11 +41,9 @@ from services.ledger.schemas import (
     HoldCreate,
     HoldOut,
     HoldResult,
-    NextExpiry,
     Refund,
     RefundCreate,
     ReleaseIn,
-    SourceBalance,
     TransactionKind,
     TransactionOut,
     TransactionPage,
@@ -244,14 +242,20 @@ async def get_balance(user_id: UserId, principal: CurrentPrincipal, request: Req
     sources = found["sources"]
     available = sum(int(s["amount_milli"]) for s in sources)
     expiry = found["next_expiry"]
-    balance = Balance(
-        user_id=user_id,
-        available=available,
-        held=found["held_milli"],
-        debt=found["debt_milli"],
-        total=available + found["held_milli"],
-        by_source=[SourceBalance(source=s["source"], available=s["amount_milli"]) for s in sources],
-        next_expiry=NextExpiry(at=expiry["at"], amount=expiry["amount_milli"]) if expiry else None,
+    # One validation of the whole answer (not one model per source): the same fields,
+    # types and JSON as building each model.
+    balance = Balance.model_validate(
+        {
+            "user_id": user_id,
+            "available": available,
+            "held": found["held_milli"],
+            "debt": found["debt_milli"],
+            "total": available + found["held_milli"],
+            "by_source": [{"source": s["source"], "available": s["amount_milli"]} for s in sources],
+            "next_expiry": {"at": expiry["at"], "amount": expiry["amount_milli"]}
+            if expiry
+            else None,
+        }
     )
     return Response(balance.model_dump_json(), media_type="application/json")
 
