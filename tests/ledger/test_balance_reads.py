@@ -117,3 +117,45 @@ class TestThroughTheApp:
         assert [r.json()["available"] for r in answers] == [1, 2.5, 4, 8.125] * 4
         assert [r.json()["user_id"] for r in answers] == users * 4
         assert reader.statements - before < 16
+
+    async def test_the_answer_is_the_models_json_byte_for_byte(
+        self, ledger: httpx.AsyncClient, funded_user
+    ):
+        """Two sources, a hold, an expiring grant: the bytes are those of the response
+        model built field by field (what the route sent before it validated once)."""
+        from datetime import UTC, datetime, timedelta
+
+        from services.ledger.schemas import Balance, NextExpiry, SourceBalance
+        from tests.ledger.helpers import key, operator
+
+        soon = (datetime.now(UTC) + timedelta(days=3)).replace(microsecond=0)
+        user = await funded_user(12.5, expires_at=soon.isoformat())
+        r = await ledger.post(
+            "/v1/ledger/grants",
+            json={"user_id": user, "amount": 0.75, "source": "purchase"},
+            headers={**operator(), **key()},
+        )
+        assert r.status_code == 201, r.text
+        r = await ledger.post(
+            "/v1/ledger/holds",
+            json={"user_id": user, "amount": 1.25, "app": "penora", "ttl_seconds": 60},
+            headers={**operator(), **key()},
+        )
+        assert r.status_code == 201, r.text
+        r = await ledger.get("/v1/ledger/balance", params={"user_id": user}, headers=admin())
+        assert r.status_code == 200, r.text
+        shown = r.json()
+        expected = Balance(
+            user_id=user,
+            available=12_000,
+            held=1_250,
+            debt=0,
+            total=13_250,
+            by_source=[
+                SourceBalance(source=s["source"], available=round(s["available"] * 1000))
+                for s in shown["by_source"]
+            ],
+            next_expiry=NextExpiry(at=soon, amount=round(shown["next_expiry"]["amount"] * 1000)),
+        )
+        assert r.content == expected.model_dump_json().encode()
+        assert {s["source"] for s in shown["by_source"]} == {"promo", "purchase"}
