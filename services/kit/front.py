@@ -211,9 +211,11 @@ class FrontApp(FastAPI):
         replay = replaying(read, receive)
         scope["app"] = self
         scope["route"] = route
-        scope["path_params"] = {
-            name: route.param_convertors[name].convert(value) for name, value in params.items()
-        }
+        scope["path_params"] = (
+            {name: route.param_convertors[name].convert(value) for name, value in params.items()}
+            if params
+            else {}
+        )
         request = Request(scope, replay)
         # The body is read already: `request.body()` answers it without a receive
         # (Starlette keeps a read body in `_body`; FastAPI's path reads it the same way).
