@@ -16,10 +16,11 @@ answers a well-formed request without the dependency solve: the JSON body is par
 (orjson) and validated by the same model in the same (python) mode, the principal is
 the same `get_principal`, each other argument named in `hot(..., name=resolver)` is
 `resolver(request)`, then the endpoint runs. Anything off that path (another content
-type, a body that does not parse or validate, OpenTelemetry tracing on) makes `fast`
-answer None, and FastAPI's own handler answers exactly as before: the 4xx bodies and
-their order (JSON errors, then the principal, then validation) are FastAPI's. The route,
-its signature and the OpenAPI are unchanged.
+type, a body that does not parse or validate) makes `fast` answer None, and FastAPI's
+own handler answers exactly as before: the 4xx bodies and their order (JSON errors, then
+the principal, then validation) are FastAPI's. Inside FastAPI's stack, a request its
+OpenTelemetry tracing covers is FastAPI's too (in front of the stack it never is). The
+route, its signature and the OpenAPI are unchanged.
 
 `FrontApp` calls `fast` before any of FastAPI's layers: a request for a hot route goes
 through the kit's RequestContextMiddleware (request id, logs, metrics, errors) straight
