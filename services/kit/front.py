@@ -16,10 +16,11 @@ answers a well-formed request without the dependency solve: the JSON body is par
 (orjson) and validated by the same model in the same (python) mode, the principal is
 the same `get_principal`, each other argument named in `hot(..., name=resolver)` is
 `resolver(request)`, then the endpoint runs. Anything off that path (another content
-type, a body that does not parse or validate, OpenTelemetry tracing on) makes `fast`
-answer None, and FastAPI's own handler answers exactly as before: the 4xx bodies and
-their order (JSON errors, then the principal, then validation) are FastAPI's. The route,
-its signature and the OpenAPI are unchanged.
+type, a body that does not parse or validate) makes `fast` answer None, and FastAPI's
+own handler answers exactly as before: the 4xx bodies and their order (JSON errors, then
+the principal, then validation) are FastAPI's. Inside FastAPI's stack, a request its
+OpenTelemetry tracing covers is FastAPI's too (in front of the stack it never is). The
+route, its signature and the OpenAPI are unchanged.
 
 `FrontApp` calls `fast` before any of FastAPI's layers: a request for a hot route goes
 through the kit's RequestContextMiddleware (request id, logs, metrics, errors) straight
@@ -33,6 +34,7 @@ from __future__ import annotations
 import re
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, TypeVar
+from urllib.parse import parse_qsl
 
 import orjson
 from fastapi import APIRouter, FastAPI, Request, Response
@@ -65,7 +67,9 @@ class HotRoute(APIRoute):
             return handler
 
         async def app(request: Request) -> Response:
-            response = await fast(request)
+            # Inside FastAPI's stack its telemetry may be on for this request: then
+            # FastAPI answers (its spans). In front of the stack (FrontApp) it never is.
+            response = await fast(request) if get_telemetry_data() is None else None
             return response if response is not None else await handler(request)
 
         return app
@@ -82,10 +86,7 @@ def _fast_path(endpoint: Callable[..., Any]) -> Fast | None:
     model, optional = hot_body
 
     async def fast(request: Request) -> Response | None:
-        if (
-            request.headers.get("content-type") != "application/json"
-            or get_telemetry_data() is not None
-        ):
+        if request.headers.get("content-type") != "application/json":
             return None
         raw = await request.body()
         if not raw and not optional:
@@ -111,9 +112,7 @@ def _query_fast_path(
     value) and validated by its own type; a missing or invalid one goes to FastAPI."""
 
     async def fast(request: Request) -> Response | None:
-        if get_telemetry_data() is not None:
-            return None
-        params = request.query_params
+        params = _query_last_values(request.scope["query_string"])
         values: dict[str, Any] = {}
         for name, adapter in query.items():
             value = params.get(name)
@@ -129,6 +128,13 @@ def _query_fast_path(
         return response
 
     return fast
+
+
+def _query_last_values(query_string: bytes) -> dict[str, str]:
+    """Each query parameter's last value, as Starlette's `request.query_params.get`
+    reads it (the same `parse_qsl` of the same latin-1 text), without building its
+    multi-dict: what a hot query route reads."""
+    return dict(parse_qsl(query_string.decode("latin-1"), keep_blank_values=True))
 
 
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -206,10 +212,15 @@ class FrontApp(FastAPI):
         replay = replaying(read, receive)
         scope["app"] = self
         scope["route"] = route
-        scope["path_params"] = {
-            name: route.param_convertors[name].convert(value) for name, value in params.items()
-        }
+        scope["path_params"] = (
+            {name: route.param_convertors[name].convert(value) for name, value in params.items()}
+            if params
+            else {}
+        )
         request = Request(scope, replay)
+        # The body is read already: `request.body()` answers it without a receive
+        # (Starlette keeps a read body in `_body`; FastAPI's path reads it the same way).
+        request._body = body
         fast: Fast = route.fast
         try:
             response = await fast(request)

@@ -100,10 +100,10 @@ class RequestContextMiddleware:
         # The retry after a lost database connection (and the recording of the request
         # body it needs); the gateway, which has no database, turns it off.
         self.retry = retry
-        # Prometheus children by label values: `labels()` takes a lock and builds a
-        # key on every call; routes and statuses are few, so these dicts stay small.
-        self._counts: dict[tuple[str, str, int], Any] = {}
-        self._latency: dict[str, Any] = {}
+        # Prometheus children by label values (the request counter's and the latency
+        # histogram's, one lookup for both): `labels()` takes a lock and builds a key on
+        # every call; routes and statuses are few, so this dict stays small.
+        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or CONTEXT_KEY in scope:
@@ -171,16 +171,14 @@ class RequestContextMiddleware:
             route = scope.get("route")
             path = getattr(route, "path", None) or "unmatched"
             key = (scope["method"], path, status)
-            count = self._counts.get(key)
-            if count is None:
-                count = self._counts[key] = REQUESTS.labels(
-                    self.service, scope["method"], path, str(status)
+            children = self._children.get(key)
+            if children is None:
+                children = self._children[key] = (
+                    REQUESTS.labels(self.service, scope["method"], path, str(status)),
+                    LATENCY.labels(self.service, path),
                 )
-            count.inc()
-            latency = self._latency.get(path)
-            if latency is None:
-                latency = self._latency[path] = LATENCY.labels(self.service, path)
-            latency.observe(elapsed)
+            children[0].inc()
+            children[1].observe(elapsed)
             if scope["path"] not in _QUIET and log.isEnabledFor(logging.INFO):
                 log.info(
                     "%s %s %s",

@@ -121,17 +121,23 @@ class OutboxRelay(BackgroundLoop):
     async def _relay(self, conn: asyncpg.Connection) -> tuple[int, int]:
         """(rows, events) published by one claim."""
         async with conn.transaction():
-            # The payload as the text Postgres keeps (asyncpg returns jsonb as str): an
-            # array row goes out whole, so nothing here parses or splits it.
+            # Claimed and deleted in one statement, in the transaction that publishes
+            # them: if the XADDs fail, the rollback keeps the rows (BEGIN, this, COMMIT:
+            # three round trips a claim, not a SELECT and a DELETE apart). The payload
+            # as the text Postgres keeps (asyncpg returns jsonb as str): an array row
+            # goes out whole, so nothing here parses or splits it.
             rows = await conn.fetch(
-                "SELECT id, topic, created_at, payload, CASE WHEN jsonb_typeof(payload)"
-                " = 'array' THEN jsonb_array_length(payload) ELSE 1 END AS events"
+                f"DELETE FROM {self.schema}.outbox WHERE id IN (SELECT id"
                 f" FROM {self.schema}.outbox"
-                " ORDER BY created_at, id LIMIT $1 FOR UPDATE SKIP LOCKED",
+                " ORDER BY created_at, id LIMIT $1 FOR UPDATE SKIP LOCKED)"
+                " RETURNING id, topic, created_at, payload, CASE WHEN jsonb_typeof(payload)"
+                " = 'array' THEN jsonb_array_length(payload) ELSE 1 END AS events",
                 self.batch,
             )
             if not rows:
                 return 0, 0
+            # RETURNING has no order: published in the order they were written.
+            rows.sort(key=_row_order)
             pipe = self.redis.pipeline(transaction=False)
             events = 0
             for signed, row in enumerate(rows):
@@ -155,10 +161,6 @@ class OutboxRelay(BackgroundLoop):
                     approximate=True,
                 )
             await pipe.execute()
-            await conn.execute(
-                f"DELETE FROM {self.schema}.outbox WHERE id = ANY($1::uuid[])",
-                [row["id"] for row in rows],
-            )
         EVENTS_PUBLISHED.labels(self.stream).inc(events)
         return len(rows), events
 
@@ -186,6 +188,10 @@ class OutboxRelay(BackgroundLoop):
         finally:
             if conn is not None and not conn.is_closed():
                 conn.terminate()
+
+
+def _row_order(row: asyncpg.Record) -> tuple[Any, Any]:
+    return row["created_at"], row["id"]
 
 
 def _signed_text(event_id: str, topic: str, payload: str, created_at: str) -> bytes:

@@ -15,6 +15,7 @@ from services.ledger.api import routers
 from services.ledger.batcher import GroupCommitter
 from services.ledger.config import get_settings
 from services.ledger.models import SCHEMA
+from services.ledger.repository import BalanceReader
 from services.ledger.service import Ledger
 from services.ledger.tasks import consume_user_created
 
@@ -43,6 +44,8 @@ async def ledger_writer(app: FastAPI) -> AsyncIterator[None]:
         reset=_keep_session,
     )
     app.state.write_pool = pool
+    # Balance reads in flight share one statement (repository.BalanceReader).
+    app.state.balances = BalanceReader(pool)
     app.state.ledger = Ledger(
         GroupCommitter(
             pool, max_ops=settings.batch_max_ops, max_inflight=settings.batch_max_inflight

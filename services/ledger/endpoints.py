@@ -26,7 +26,7 @@ from services.kit.openapi import STANDARD, error_responses
 from services.kit.principal import Principal, get_principal, origin_principal
 from services.kit.schemas import AppName, UserId, rename_milli
 from services.ledger.config import get_settings
-from services.ledger.repository import LedgerRepository, read_balance
+from services.ledger.repository import BalanceReader, LedgerRepository
 from services.ledger.schemas import (
     Account,
     AccountCreate,
@@ -41,11 +41,9 @@ from services.ledger.schemas import (
     HoldCreate,
     HoldOut,
     HoldResult,
-    NextExpiry,
     Refund,
     RefundCreate,
     ReleaseIn,
-    SourceBalance,
     TransactionKind,
     TransactionOut,
     TransactionPage,
@@ -232,24 +230,32 @@ def model_response(
 async def get_balance(user_id: UserId, principal: CurrentPrincipal, request: Request) -> Response:
     """A user's spendable, held and total credit, per source, with the next expiry."""
     permit = _permit("ledger.read", principal, request)
-    # The link check rides on the balance statement (one asyncpg round trip, on the
-    # committer's pool); the table's answer is applied before anything is shown.
+    # The link check rides on the balance statement (shared with the other reads in
+    # flight, on the committer's pool); the table's answer is applied before anything
+    # is shown.
     app = permit.users[7:] if permit.users.startswith("linked:") else None
-    found = await read_balance(_ledger(request).committer.pool, user_id, app)
+    reader: BalanceReader = request.app.state.balances
+    found = await reader.read(user_id, app)
     permit.check_user(user_id, found["linked"])
     if not found["found"]:
         raise NotFound("No ledger account for this user", code="unknown_user", user_id=user_id)
     sources = found["sources"]
     available = sum(int(s["amount_milli"]) for s in sources)
     expiry = found["next_expiry"]
-    balance = Balance(
-        user_id=user_id,
-        available=available,
-        held=found["held_milli"],
-        debt=found["debt_milli"],
-        total=available + found["held_milli"],
-        by_source=[SourceBalance(source=s["source"], available=s["amount_milli"]) for s in sources],
-        next_expiry=NextExpiry(at=expiry["at"], amount=expiry["amount_milli"]) if expiry else None,
+    # One validation of the whole answer (not one model per source): the same fields,
+    # types and JSON as building each model.
+    balance = Balance.model_validate(
+        {
+            "user_id": user_id,
+            "available": available,
+            "held": found["held_milli"],
+            "debt": found["debt_milli"],
+            "total": available + found["held_milli"],
+            "by_source": [{"source": s["source"], "available": s["amount_milli"]} for s in sources],
+            "next_expiry": {"at": expiry["at"], "amount": expiry["amount_milli"]}
+            if expiry
+            else None,
+        }
     )
     return Response(balance.model_dump_json(), media_type="application/json")
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections import deque
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
@@ -51,15 +54,83 @@ SELECT
 """
 
 
-async def read_balance(pool: asyncpg.Pool, user_id: str, app: str | None) -> dict[str, Any]:
-    """A user's balance over asyncpg (one statement, no ORM session, no BEGIN/COMMIT),
-    with `found` (has a wallet) and `linked` (is linked to partner `app`, when given)."""
-    async with pool.acquire() as conn:
-        row = await conn.fetchrow(_BALANCE, user_id, app)
+# The same statement for many reads at once: one row per (user, app) pair, in order.
+# Each read's CTEs refer to its own row (a correlated LATERAL subquery: every index
+# probe is the single statement's), and the whole statement is one snapshot taken
+# after every read in it was asked for.
+_BALANCES = (
+    "SELECT b.* FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS r(user_id, app, i)"
+    " CROSS JOIN LATERAL ("
+    + _BALANCE.replace("$1", "r.user_id").replace("$2::text", "r.app").replace("$2", "r.app")
+    + ") b ORDER BY r.i"
+)
+
+
+def _balance(row: asyncpg.Record) -> dict[str, Any]:
     out = dict(row)
     out["sources"] = orjson.loads(out["sources"])
     out["next_expiry"] = orjson.loads(out["next_expiry"]) if out["next_expiry"] else None
     return out
+
+
+async def read_balances(
+    pool: asyncpg.Pool, reads: Sequence[tuple[str, str | None]]
+) -> list[dict[str, Any]]:
+    """Each (user_id, app) of `reads`: the user's balance, with `found` (has a wallet)
+    and `linked` (is linked to partner `app`, when given); one asyncpg statement (no ORM
+    session, no BEGIN/COMMIT), answers in order."""
+    async with pool.acquire() as conn:
+        rows = await conn.fetch(_BALANCES, [u for u, _ in reads], [a for _, a in reads])
+    return [_balance(row) for row in rows]
+
+
+class BalanceReader:
+    """Concurrent balance reads share one statement, as debits share the group
+    committer's (docs/ledger.md "Stop 12"). A read is one asyncpg round trip of its own
+    otherwise: a socket write to Postgres, a wake-up for its answer, a pool checkout and
+    its return, per read; shared, they are paid once per statement.
+
+    No read waits for company: `read` starts a statement at once while fewer than
+    `max_inflight` are running; reads asked for while they run go together into the
+    next one (at most `max_reads` each). A read is never answered from a statement that
+    began before it was asked for, so a client that saw its debit answered reads it."""
+
+    def __init__(self, pool: asyncpg.Pool, *, max_reads: int = 64, max_inflight: int = 2) -> None:
+        self.pool = pool
+        self.max_reads = max_reads
+        self.max_inflight = max_inflight
+        self._queue: deque[tuple[str, str | None, asyncio.Future[dict[str, Any]]]] = deque()
+        self._inflight = 0
+        self.statements = 0  # statements run (tests: reads in flight share one)
+
+    async def read(self, user_id: str, app: str | None) -> dict[str, Any]:
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._queue.append((user_id, app, future))
+        if self._inflight < self.max_inflight:
+            self._inflight += 1
+            asyncio.create_task(self._flush())
+        return await future
+
+    async def _flush(self) -> None:
+        queue = self._queue
+        try:
+            while queue:
+                batch = [queue.popleft() for _ in range(min(self.max_reads, len(queue)))]
+                self.statements += 1
+                try:
+                    rows = await read_balances(self.pool, [(u, a) for u, a, _ in batch])
+                except BaseException as exc:
+                    for _, _, future in batch:
+                        if not future.done():
+                            future.set_exception(exc)
+                    if isinstance(exc, asyncio.CancelledError):
+                        raise
+                    continue
+                for (_, _, future), row in zip(batch, rows, strict=True):
+                    if not future.done():
+                        future.set_result(row)
+        finally:
+            self._inflight -= 1
 
 
 class LedgerRepository:

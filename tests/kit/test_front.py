@@ -192,3 +192,30 @@ def test_generation_answers_chat_completions_in_front() -> None:
     app = create_generation()
     assert isinstance(app, FrontApp)
     assert app._exact[("POST", "/v1/generation/chat/completions")] is route
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        b"user_id=abc",
+        b"user_id=a&user_id=b",
+        b"user_id=&x=1",
+        b"user_id",
+        b"user_id=a%20b+c&user_id=%C3%A9",
+        b"a=1;user_id=2",
+        b"user_id=%00&",
+        b"",
+        b"user_id=\xe9",
+    ],
+)
+def test_a_hot_query_reads_each_parameter_as_starlette_does(query: bytes) -> None:
+    """The hot query path reads the query string itself (no multi-dict): the same last
+    value per name as `request.query_params.get` on FastAPI's path."""
+    from starlette.datastructures import QueryParams
+
+    from services.kit.front import _query_last_values
+
+    params = QueryParams(query)
+    ours = _query_last_values(query)
+    assert set(ours) == set(params.keys())
+    assert {name: params.get(name) for name in params} == ours

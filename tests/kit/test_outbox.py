@@ -7,6 +7,7 @@ import asyncio
 import os
 import uuid
 from collections import Counter
+from typing import Any
 
 import asyncpg
 import orjson
@@ -361,6 +362,35 @@ class TestBatchRows:
         events = [e for _, f in await redis.xrange(name) for e in decode_events(f)]
         assert [e["payload"]["n"] for e in events] == list(range(6))
 
+    async def test_a_claim_is_one_statement_between_begin_and_commit(
+        self, tables, redis, ku_database_url
+    ):
+        """The rows are claimed and deleted by one DELETE ... RETURNING inside the
+        transaction that publishes them (not a SELECT ... FOR UPDATE and a DELETE apart),
+        published in the order they were written, and the table is empty after."""
+        name = stream()
+        # Ids that sort unlike the rows' order of writing: the order is created_at's.
+        rows = [(uuid.UUID(int=(7 - i) << 64), [{"n": i}]) for i in range(5)]
+        conn = await asyncpg.connect(plain_url(ku_database_url))
+        statements: list[str] = []
+        try:
+            await conn.execute(f"DELETE FROM {SCHEMA}.outbox")
+            await insert_rows(conn, rows)
+
+            def log(query: asyncpg.connection.LoggedQuery) -> None:
+                statements.append(query.query.split()[0].upper())
+
+            conn.add_query_logger(log)
+            relay = OutboxRelay(plain_url(ku_database_url), redis, SCHEMA, name, issuer="auth")
+            assert await relay.relay_once(conn) == 5
+            conn.remove_query_logger(log)
+            assert await conn.fetchval(f"SELECT count(*) FROM {SCHEMA}.outbox") == 0
+        finally:
+            await conn.close()
+        assert statements == ["BEGIN;", "DELETE", "COMMIT;"]
+        events = [e for _, f in await redis.xrange(name) for e in decode_events(f)]
+        assert [e["payload"]["n"] for e in events] == list(range(5))
+
     async def test_every_event_once_and_in_order_even_when_re_relayed(
         self, tables, redis, ku_database_url
     ):
@@ -370,25 +400,33 @@ class TestBatchRows:
         name = stream()
         batch, single = uuid.uuid4(), uuid.uuid4()
 
-        class CrashBeforeDelete:
-            def __init__(self, conn: asyncpg.Connection) -> None:
-                self.conn = conn
+        class CrashAfterXadd:
+            """Redis whose pipelines run, then the relay dies before it commits the
+            rows' deletion."""
 
-            def __getattr__(self, attr: str) -> object:
-                return getattr(self.conn, attr)
+            def __init__(self, redis: Redis) -> None:
+                self.redis = redis
 
-            async def execute(self, query: str, *args: object) -> str:
-                if query.startswith("DELETE"):
+            def pipeline(self, transaction: bool = False) -> Any:
+                pipe = self.redis.pipeline(transaction=transaction)
+                run = pipe.execute
+
+                async def execute(raise_on_error: bool = True) -> list[Any]:
+                    await run(raise_on_error)
                     raise ConnectionError("the relay died after XADD")
-                return await self.conn.execute(query, *args)
+
+                pipe.execute = execute  # type: ignore[method-assign]
+                return pipe
 
         conn = await asyncpg.connect(plain_url(ku_database_url))
         try:
             await conn.execute(f"DELETE FROM {SCHEMA}.outbox")
             await insert_rows(conn, [(batch, [{"n": 1}, {"n": 2}, {"n": 3}]), (single, {"n": 4})])
+            crashing = CrashAfterXadd(redis)
+            dying = OutboxRelay(plain_url(ku_database_url), crashing, SCHEMA, name, issuer="auth")
             relay = OutboxRelay(plain_url(ku_database_url), redis, SCHEMA, name, issuer="auth")
             with pytest.raises(ConnectionError):
-                await relay.relay_once(CrashBeforeDelete(conn))
+                await dying.relay_once(conn)
             assert await conn.fetchval(f"SELECT count(*) FROM {SCHEMA}.outbox") == 2
             assert await relay.relay_once(conn) == 4
         finally:
