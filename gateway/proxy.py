@@ -144,12 +144,9 @@ class ProxyMiddleware:
     async def _proxy(self, scope: Scope, receive: Receive, send: Send, path: str) -> None:
         gw = self.gateway
         settings = gw.settings
-        headers: dict[bytes, bytes] = {}
-        forward: list[tuple[bytes, bytes]] = []
-        for name, value in scope["headers"]:
-            headers[name] = value
-            if name not in DROP_REQUEST:
-                forward.append((name, value))
+        raw: list[tuple[bytes, bytes]] = scope["headers"]
+        headers: dict[bytes, bytes] = dict(raw)  # the last of a repeated header, as before
+        forward = [header for header in raw if header[0] not in DROP_REQUEST]
 
         # The body limit first, as gateway.limits applies it to the other routes: a
         # declared length over the limit (or not a length) is refused before anything.

@@ -128,12 +128,12 @@ class RateLimiter:
             if bucket is None or bucket.window != window or bucket.tokens <= 0:
                 return None
         reset = max(1, math.ceil((window + 1) * self.window_seconds - now))
-        tightest: Decision | None = None
+        tightest, least = 0, -1
         for limit in limits:
             remaining = self._spend(buckets[limit.name], limit, window, money)
-            if tightest is None or remaining < tightest.remaining:
-                tightest = Decision(limit.limit, remaining, reset)
-        return tightest or Decision(0, 0, reset)
+            if least < 0 or remaining < least:
+                tightest, least = limit.limit, remaining
+        return Decision(tightest, max(least, 0), reset)
 
     async def _take(self, limit: Limit, window: int, money: bool) -> int:
         """Remaining tokens after taking one (shared estimate), or -1 when refused."""
