@@ -5,7 +5,9 @@ one), auth + ledger + gateway started as real processes by `ku up`'s Suite, an
 app key from `ku keys create`, then:
 
 - added latency (p50/p99) at 1 client, for a balance read and a 1 Ku debit;
-- throughput at 32 clients, directly and through the gateway; ratio = gateway/direct.
+- throughput at 32 clients, directly and through the gateway; ratio = gateway/direct;
+- reads paced like debits at 1 client (the pause a debit's commit leaves between calls):
+  the gateway's cost per call grows with the idle time between calls, whatever the route.
 
 Both sides act as ImageGene, a first-party app (scope `users:any`, any user under
 the authority model). Direct calls carry a pre-signed principal header (what the
