@@ -5,7 +5,9 @@ one), auth + ledger + gateway started as real processes by `ku up`'s Suite, an
 app key from `ku keys create`, then:
 
 - added latency (p50/p99) at 1 client, for a balance read and a 1 Ku debit;
-- throughput at 32 clients, directly and through the gateway; ratio = gateway/direct.
+- throughput at 32 clients, directly and through the gateway; ratio = gateway/direct;
+- reads paced like debits at 1 client (the pause a debit's commit leaves between calls):
+  the gateway's cost per call grows with the idle time between calls, whatever the route.
 
 Both sides act as ImageGene, a first-party app (scope `users:any`, any user under
 the authority model). Direct calls carry a pre-signed principal header (what the
@@ -118,15 +120,24 @@ async def run_case(
     expect: int,
     errors: list[str],
     pids: dict[str, int],
+    pause: float = 0.0,
 ) -> Result:
+    """`clients` loops of one call after another; with `pause`, each client waits that
+    long before each call (not counted in its latency)."""
     calls = 0
+    paused: list[float] = []  # the latencies of paced calls, without the pause
 
     async def make(_: int) -> Callable[[], Awaitable[None]]:
         conn = await Connection.open(url)
 
         async def call() -> None:
             nonlocal calls
+            if pause:
+                await asyncio.sleep(pause)
+                started = time.perf_counter()
             status = await conn.send(build())
+            if pause:
+                paused.append(time.perf_counter() - started)
             calls += 1
             if status != expect:
                 errors.append(f"{name}: {status}")
@@ -137,6 +148,8 @@ async def run_case(
     # disturbs least, unlike the rates and latencies.
     with CpuMeter(pids) as cpu:
         result = await load(name, clients, SECONDS, make, warmup=1.0)
+    if pause:  # the measured calls are the last ones (the warm-up's came first)
+        result = Result(name, result.count, SECONDS, paused[-result.count :])
     print(result.line(), flush=True)
     print(cpu.report(per=max(calls, 1), unit="call"), flush=True)
     if "gateway" in name and cpu.used.get("bench"):
@@ -179,6 +192,19 @@ async def measure(suite: Suite, key: str) -> float:
                 )
                 name = f"{op} {label} x{clients}"
                 rows[name] = await run_case(name, url, clients, build, expect, errors, pids)
+    # Reads paced like debits: each call after the pause a debit's ledger work leaves
+    # between two calls at 1 client. At 1 client the gateway's CPU per call, and so its
+    # added latency, grows with the idle time between calls (each call finds the
+    # process's caches cold), whatever the route: a paced read costs the gateway
+    # about what a debit does (docs/ledger.md, "Stop 12").
+    pause = max(0.0, (rows["debit direct x1"].pct(0.5) - rows["read direct x1"].pct(0.5)) / 1000)
+    for label, url, caller in (("direct", ledger, direct), ("gateway", gateway, through)):
+        name = f"read {label} x1 paced"
+
+        def paced(c: Caller = caller) -> bytes:
+            return c.read(users)
+
+        rows[name] = await run_case(name, url, 1, paced, 200, errors, pids, pause=pause)
     if errors:
         print(f"errors: {len(errors)}, e.g. {errors[:3]}", flush=True)
     if errors:
@@ -198,6 +224,12 @@ async def measure(suite: Suite, key: str) -> float:
             f" ({'ok' if ratio >= 0.85 else 'BELOW'} 0.85)",
             flush=True,
         )
+    d1, g1 = rows["read direct x1 paced"], rows["read gateway x1 paced"]
+    print(
+        f"read paced like a debit ({pause * 1000:.2f} ms between calls): added latency at"
+        f" 1 client: p50 {g1.pct(0.5) - d1.pct(0.5):+.2f} ms",
+        flush=True,
+    )
     return min(ratios)
 
 

@@ -51,6 +51,7 @@ MONEY_ROUTES = frozenset({"ledger", "billing"})
 # a URL ends up in logs and browser history, so the native API takes headers only.
 QUERY_KEY_PREFIXES = ("/api/unified/", "/api/user-projects", "/api/project/", "/api/enhance-image")
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+LIMITS_CACHED = 10_000
 
 
 def is_signed_link(method: str, path: str, query: str) -> bool:
@@ -99,6 +100,26 @@ class Access:
         self.settings = settings
         self.authenticator = authenticator
         self.limiter = limiter
+        # The `Limit`s by caller and by address, built once (bounded: cleared when full).
+        self._own: dict[tuple[str, str | None, str | None, str | None], Limit] = {}
+        self._ip: dict[str, Limit] = {}
+
+    def admit_now(
+        self,
+        *,
+        api_key: str | None,
+        authorization: str | None,
+        client_ip: str,
+        money: bool,
+    ) -> tuple[SignedPrincipal, Decision] | None:
+        """`admit`'s answer when it needs no I/O and refuses nothing: a cached identity
+        (`Authenticator.cached`) and a token at hand in every limit
+        (`RateLimiter.check_now`). None: nothing was spent; await `admit`."""
+        identity = self.authenticator.cached(api_key, authorization)
+        if identity is None:
+            return None
+        decision = self.limiter.check_now(self.limits(identity.principal, client_ip), money=money)
+        return None if decision is None else (identity, decision)
 
     async def admit(
         self,
@@ -123,16 +144,30 @@ class Access:
         return await self.limiter.check(self.ip_limits(client_ip), money=False)
 
     def ip_limits(self, client_ip: str) -> list[Limit]:
-        return [Limit("ip", client_ip, self.settings.gateway_rate_per_ip)]
+        return [self._ip_limit(client_ip)]
+
+    def _ip_limit(self, client_ip: str) -> Limit:
+        limit = self._ip.get(client_ip)
+        if limit is None:
+            if len(self._ip) >= LIMITS_CACHED:
+                self._ip.clear()
+            limit = self._ip[client_ip] = Limit("ip", client_ip, self.settings.gateway_rate_per_ip)
+        return limit
 
     def limits(self, principal: Principal, client_ip: str) -> list[Limit]:
-        s = self.settings
-        if principal.kind == "user":
-            own = Limit("user", principal.user_id or "", s.gateway_rate_per_user)
-        else:
-            per_key = s.gateway_rate_apps.get(principal.app or "", s.gateway_rate_per_key)
-            own = Limit("key", principal.key_prefix or principal.app or "", per_key)
-        return [own, *self.ip_limits(client_ip)]
+        caller = (principal.kind, principal.user_id, principal.key_prefix, principal.app)
+        own = self._own.get(caller)
+        if own is None:
+            s = self.settings
+            if principal.kind == "user":
+                own = Limit("user", principal.user_id or "", s.gateway_rate_per_user)
+            else:
+                per_key = s.gateway_rate_apps.get(principal.app or "", s.gateway_rate_per_key)
+                own = Limit("key", principal.key_prefix or principal.app or "", per_key)
+            if len(self._own) >= LIMITS_CACHED:
+                self._own.clear()
+            self._own[caller] = own
+        return [own, self._ip_limit(client_ip)]
 
 
 def client_ip(

@@ -8,11 +8,13 @@ Request path, outermost first (all pure ASGI):
     FastAPI routes            compat API, /v1/events, /openapi.json, /docs, /redoc, /static,
                               /console (gateway.console), health
 
-A proxied request (`gateway.proxy.proxied`) enters that chain directly from the
-app's `__call__` (`GatewayApp`): FastAPI's and Starlette's own layers (telemetry
+A proxied request (`gateway.proxy.proxied`) takes its own chain, straight from the
+app's `__call__` (`GatewayApp`): RequestContextMiddleware, CORS, then the proxy's
+`handle`, which applies the body limit itself (the same functions of gateway.limits)
+in its one pass over the headers. FastAPI's and Starlette's own layers (telemetry
 checks, the exception middlewares, routing) do nothing for it and cost ~10% of a
-proxied request's CPU. Everything else takes FastAPI's stack with the same
-middlewares inside it.
+proxied request's CPU. Everything else takes FastAPI's stack with the middlewares
+above inside it.
 """
 
 from __future__ import annotations
@@ -133,34 +135,46 @@ class GatewayApp(FastAPI):
 
 def _middlewares(app: ASGIApp, gateway: Gateway, settings: GatewaySettings) -> ASGIApp:
     """The gateway's middleware chain around `app` (outermost last in this code)."""
-    chain: ASGIApp = ProxyMiddleware(app, gateway=gateway)
-    origins = settings.cors_origin_list
-    if origins:
-        chain = CORSMiddleware(
-            chain,
-            allow_origins=origins,
-            allow_credentials=True,
-            allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"],
-            allow_headers=[
-                "Authorization",
-                "Content-Type",
-                "X-API-Key",
-                "Idempotency-Key",
-                "Last-Event-ID",
-                "X-Request-ID",
-            ],
-            expose_headers=[
-                "X-Request-ID",
-                "Retry-After",
-                "RateLimit-Limit",
-                "RateLimit-Remaining",
-                "RateLimit-Reset",
-                "Idempotent-Replayed",
-            ],
-            max_age=600,
-        )
+    chain: ASGIApp = _cors(ProxyMiddleware(app, gateway=gateway), settings)
     chain = BodyLimitMiddleware(chain, settings=settings)
     return RequestContextMiddleware(chain, service="gateway", check_url=False, retry=False)
+
+
+def _front(app: ASGIApp, gateway: Gateway, settings: GatewaySettings) -> ASGIApp:
+    """The chain a proxied request takes: the same request context and CORS, then the
+    proxy itself (`ProxyMiddleware.handle`, which applies the body limit in its own pass
+    over the headers: gateway.limits), with no layer that would only pass it on."""
+    chain = _cors(ProxyMiddleware(app, gateway=gateway).handle, settings)
+    return RequestContextMiddleware(chain, service="gateway", check_url=False, retry=False)
+
+
+def _cors(chain: ASGIApp, settings: GatewaySettings) -> ASGIApp:
+    origins = settings.cors_origin_list
+    if not origins:
+        return chain
+    return CORSMiddleware(
+        chain,
+        allow_origins=origins,
+        allow_credentials=True,
+        allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"],
+        allow_headers=[
+            "Authorization",
+            "Content-Type",
+            "X-API-Key",
+            "Idempotency-Key",
+            "Last-Event-ID",
+            "X-Request-ID",
+        ],
+        expose_headers=[
+            "X-Request-ID",
+            "Retry-After",
+            "RateLimit-Limit",
+            "RateLimit-Remaining",
+            "RateLimit-Reset",
+            "Idempotent-Replayed",
+        ],
+        max_age=600,
+    )
 
 
 def create_app(settings: GatewaySettings | None = None) -> FastAPI:
@@ -197,10 +211,10 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.include_router(console.build_router())
     _add_meta_routes(app, gateway)
 
-    # The same chain twice: inside FastAPI's stack for the gateway's own routes, and in
-    # front of it for proxied requests (GatewayApp).
+    # The chain inside FastAPI's stack for the gateway's own routes, and the proxied
+    # requests' chain in front of it (GatewayApp).
     app.add_middleware(_Chain, gateway=gateway, settings=settings)
-    app.front = _middlewares(FastAPI.__call__.__get__(app), gateway, settings)
+    app.front = _front(FastAPI.__call__.__get__(app), gateway, settings)
     return app
 
 

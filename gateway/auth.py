@@ -68,16 +68,22 @@ class Authenticator:
     # --- API keys -------------------------------------------------------------------
 
     async def api_key(self, key: str) -> SignedPrincipal:
-        match = KEY_FORMAT.match(key)
-        if match is None:  # includes the key printed in the old docs: never sent to auth
-            raise _invalid_key()
         digest = hashlib.sha256(key.encode()).digest()
         entry = self._keys.get(digest)
-        now = time.monotonic()
-        if entry is None or entry.valid_until < now:
+        if entry is None or entry.valid_until < time.monotonic():
+            # Only a key of the right format was ever cached (and is sent to auth).
+            match = KEY_FORMAT.match(key)
+            if match is None:  # includes the key printed in the old docs: never sent to auth
+                raise _invalid_key()
             entry = await self._verify_once(digest, key, match.group(1))
         if entry.identity is None:
             raise _invalid_key()
+        return entry.identity
+
+    def _cached_key(self, key: str) -> SignedPrincipal | None:
+        entry = self._keys.get(hashlib.sha256(key.encode()).digest())
+        if entry is None or entry.identity is None or entry.valid_until < time.monotonic():
+            return None
         return entry.identity
 
     async def _verify_once(self, digest: bytes, key: str, prefix: str) -> _Entry:
@@ -144,9 +150,9 @@ class Authenticator:
     # --- access tokens --------------------------------------------------------------
 
     async def access_token(self, token: str) -> SignedPrincipal:
-        cached = self._tokens.get(token)
-        if cached is not None and cached[1] > time.time():
-            return cached[0]
+        cached = self._cached_token(token)
+        if cached is not None:
+            return cached
         try:
             header = jwt.get_unverified_header(token)
         except JOSEError:
@@ -201,6 +207,10 @@ class Authenticator:
         while len(self._tokens) > CACHE_MAX:
             self._tokens.popitem(last=False)
         return identity
+
+    def _cached_token(self, token: str) -> SignedPrincipal | None:
+        cached = self._tokens.get(token)
+        return cached[0] if cached is not None and cached[1] > time.time() else None
 
     async def _holds_admin_role(self, principal: Principal) -> bool:
         """Whether the token's user holds the admin role now (auth's answer to the user
@@ -261,3 +271,20 @@ class Authenticator:
                 return await self.access_token(token.strip())
             raise _invalid_token("not a bearer token")
         raise _invalid_key()
+
+    def cached(self, api_key: str | None, authorization: str | None) -> SignedPrincipal | None:
+        """`authenticate`'s answer when it is cached and valid (a key auth accepted, a
+        token verified, within their TTLs), without awaiting anything; None when
+        `authenticate` must run (a miss, an expired entry, a refusal to raise)."""
+        if api_key:
+            return self._cached_key(api_key)
+        if authorization:
+            scheme, _, token = authorization.partition(" ")
+            token = token.strip()
+            if scheme.lower() == "bearer" and token:
+                # A key's digest is cached only once auth accepted it (so its format),
+                # a token only once verified: the lookup stands for the full check.
+                if token.startswith("ku_"):  # a key's prefix; never a JWT's ("eyJ...")
+                    return self._cached_key(token)
+                return self._cached_token(token)
+        return None

@@ -11,6 +11,10 @@ KU_GATEWAY_COMPAT_MAX_BODY_BYTES (900,000: a 64 MB body is refused before 1 MB o
 is read, whether or not it says its length); everything else by
 KU_GATEWAY_MAX_BODY_BYTES. The proxy applies the same limit to what it streams
 upstream (`gateway.proxy`), so `/v1/...` is counted there.
+
+A proxied request (`gateway.proxy.proxied`) does not pass through this middleware: the
+proxy applies the same rule (`limit_for`, `declared_length`, `refuse`) in its own pass
+over the headers, before anything else, and counts unsized bodies as it streams them.
 """
 
 from __future__ import annotations
@@ -39,7 +43,20 @@ def _body(path: str, limit: int) -> bytes:
     return orjson.dumps(PayloadTooLarge(message, limit=limit).body())
 
 
-async def _refuse(send: Send, path: str, limit: int) -> None:
+def limit_for(settings: GatewaySettings, path: str) -> int:
+    """The largest body `path` takes."""
+    if path.startswith(COMPAT_PREFIX):
+        return settings.gateway_compat_max_body_bytes
+    return settings.gateway_max_body_bytes
+
+
+def declared_length(value: bytes) -> int:
+    """A Content-Length header's length; -1 when the value is not one (refused)."""
+    return int(value) if value.isdigit() else -1
+
+
+async def refuse(send: Send, path: str, limit: int) -> None:
+    """The 413 for a body over `limit` (the connection is closed after it)."""
     body = _body(path, limit)
     await send(
         {
@@ -61,9 +78,7 @@ class BodyLimitMiddleware:
         self.settings = settings
 
     def limit_for(self, path: str) -> int:
-        if path.startswith(COMPAT_PREFIX):
-            return self.settings.gateway_compat_max_body_bytes
-        return self.settings.gateway_max_body_bytes
+        return limit_for(self.settings, path)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -74,10 +89,10 @@ class BodyLimitMiddleware:
         length = None
         for name, value in scope["headers"]:
             if name == b"content-length":
-                length = int(value) if value.isdigit() else -1
+                length = declared_length(value)
                 break
         if length is not None and (length > limit or length < 0):
-            await _refuse(send, path, limit)
+            await refuse(send, path, limit)
             return
         if length is not None or path.startswith("/v1/"):
             # A declared length is enforced by the server (it never delivers more);
@@ -105,7 +120,7 @@ class BodyLimitMiddleware:
             if overflowed:
                 if not refused and message["type"] == "http.response.start":
                     refused = True
-                    await _refuse(send, path, limit)
+                    await refuse(send, path, limit)
                 return
             await send(message)
 
@@ -115,4 +130,4 @@ class BodyLimitMiddleware:
             if not overflowed:
                 raise
         if overflowed and not refused:
-            await _refuse(send, path, limit)
+            await refuse(send, path, limit)

@@ -25,6 +25,7 @@ from gateway.access import (
     is_money,
     is_signed_link,
 )
+from gateway.limits import declared_length, limit_for, refuse
 from gateway.ratelimit import rate_headers
 from services.kit.errors import (
     KuError,
@@ -121,15 +122,16 @@ class ProxyMiddleware:
         self._routes: dict[str, str] = gateway.settings.routes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or not proxied(scope["path"]):
             await self.app(scope, receive, send)
             return
-        path: str = scope["path"]
-        if not proxied(path):
-            await self.app(scope, receive, send)
-            return
+        await self.handle(scope, receive, send)
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Answer a proxied request (the caller checked `proxied`): the gateway's front
+        chain calls this directly (gateway.app)."""
         try:
-            await self._proxy(scope, receive, send, path)
+            await self._proxy(scope, receive, send, scope["path"])
         except KuError as exc:
             await send_error(send, exc)
 
@@ -142,6 +144,20 @@ class ProxyMiddleware:
     async def _proxy(self, scope: Scope, receive: Receive, send: Send, path: str) -> None:
         gw = self.gateway
         settings = gw.settings
+        raw: list[tuple[bytes, bytes]] = scope["headers"]
+        headers: dict[bytes, bytes] = dict(raw)  # the last of a repeated header, as before
+        forward = [header for header in raw if header[0] not in DROP_REQUEST]
+
+        # The body limit first, as gateway.limits applies it to the other routes: a
+        # declared length over the limit (or not a length) is refused before anything.
+        max_body = limit_for(settings, path)
+        length_header = headers.get(b"content-length")
+        length = None if length_header is None else declared_length(length_header)
+        if length is not None and (length > max_body or length < 0):
+            await refuse(send, path, max_body)
+            return
+        chunked = headers.get(b"transfer-encoding") is not None
+
         if path.startswith("/.well-known/"):
             route, service = "auth", "auth"
         else:
@@ -152,22 +168,9 @@ class ProxyMiddleware:
             service = owner
         scope["route"] = self._label(route)
 
-        headers: dict[bytes, bytes] = {}
-        forward: list[tuple[bytes, bytes]] = []
-        for name, value in scope["headers"]:
-            headers[name] = value
-            if name not in DROP_REQUEST:
-                forward.append((name, value))
         query: str = scope["query_string"].decode("latin-1")
         method: str = scope["method"]
         ip = client_ip(scope, headers, settings)
-
-        length_header = headers.get(b"content-length")
-        length = int(length_header) if length_header and length_header.isdigit() else None
-        max_body = settings.gateway_max_body_bytes
-        if length is not None and length > max_body:
-            raise PayloadTooLarge("Request body too large", limit=max_body)
-        chunked = headers.get(b"transfer-encoding") is not None
 
         extra_headers: list[tuple[bytes, bytes]] = []
         principal_header: str | None = None
@@ -179,11 +182,19 @@ class ProxyMiddleware:
             # Headers only: `?api_key=` is for the old clients' routes (gateway.access).
             api_key = raw_key.decode("latin-1") if raw_key is not None else None
             auth_header = headers.get(b"authorization")
-            identity, decision = await gw.access.admit(
-                api_key=api_key,
-                authorization=auth_header.decode("latin-1") if auth_header else None,
-                client_ip=ip,
-                money=is_money(method, route),
+            authorization = auth_header.decode("latin-1") if auth_header else None
+            money = is_money(method, route)
+            # The cached identity and local tokens when they suffice (no awaits), else
+            # the full admission: the same checks either way (gateway.access).
+            admitted = gw.access.admit_now(
+                api_key=api_key, authorization=authorization, client_ip=ip, money=money
+            )
+            identity, decision = (
+                admitted
+                if admitted is not None
+                else await gw.access.admit(
+                    api_key=api_key, authorization=authorization, client_ip=ip, money=money
+                )
             )
             principal = identity.principal
             check_scope(principal, route)
