@@ -3,7 +3,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -11,7 +11,8 @@ import orjson
 from fastapi import APIRouter, Path, Query, Request
 from sqlalchemy import and_, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
-from starlette.responses import StreamingResponse
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
 from services.generation.catalog import DEFAULT_MODELS, Model
 from services.generation.deps import CurrentPrincipal, Engine, Reader, caller_for, reader_for
@@ -247,6 +248,54 @@ def result_body(outcome: Outcome, **extra: Any) -> GenerationOut:
     )
 
 
+class EventStream(Response):
+    """A `text/event-stream` answer, written as its body generator yields.
+
+    Not starlette's StreamingResponse, which runs the body and a disconnect listener
+    as two tasks of an anyio task group and, at the end, cancels the group's scope
+    (whose reason string formats the current task: a coroutine repr with a source
+    lookup), for every stream. Here the body runs in the request's own task and one
+    small task waits for the client to leave: it cancels the request's task, as the
+    task group did, so a client that leaves while the provider is silent is noticed
+    at once. The body generator is closed as soon as the answer ends either way, so
+    a generation left mid-stream settles at once on what was delivered."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, body: AsyncGenerator[bytes, None]) -> None:
+        self.events = body
+        self.status_code = 200
+        self.background = None
+        self.init_headers({"cache-control": "no-cache", "x-accel-buffering": "no"})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        left = False
+
+        async def watch() -> None:
+            nonlocal left
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            left = True
+            task.cancel()
+
+        watcher = asyncio.create_task(watch())
+        body = self.events
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            async for chunk in body:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except asyncio.CancelledError:
+            if not left:
+                raise
+            task.uncancel()  # the client left: the answer ends here, not the server
+        finally:
+            watcher.cancel()
+            await body.aclose()
+
+
 def sse(event: str, data: Any) -> bytes:
     return b"event: %s\ndata: %s\n\n" % (event.encode(), orjson.dumps(data))
 
@@ -308,7 +357,7 @@ async def run(
         return await saved(request, engine, caller, outcome, save_as)
     first, deltas = await first_then_rest(job)
 
-    async def body() -> AsyncIterator[bytes]:
+    async def body() -> AsyncGenerator[bytes, None]:
         start = sse("start", {"id": job.id, "model": model.id})
         if first is None:
             yield start
@@ -324,11 +373,7 @@ async def run(
         done = await saved(request, engine, caller, outcome, save_as)
         yield sse("done", done.model_dump(mode="json"))
 
-    return StreamingResponse(
-        body(),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-    )
+    return EventStream(body())
 
 
 async def saved(
