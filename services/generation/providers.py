@@ -215,41 +215,44 @@ class OpenAICompatible:
 class SSEParser:
     """Server-Sent Events from raw bytes, as they arrive: `feed()` returns the `data`
     of every event completed by this read (multi-line data joined with newlines;
-    comments and other fields skipped; CRLF, CR and LF line ends)."""
+    comments and other fields skipped; CRLF, CR and LF line ends).
+
+    The bytes are cut at blank lines (line ends made LF first) and what follows the
+    last one waits for the next read; an event that is one `data: ` line, what every
+    OpenAI-compatible server sends, is taken as it is, without splitting it into lines
+    (this parser runs for every token of every stream)."""
 
     def __init__(self) -> None:
         self._buffer = b""
-        self._data: list[bytes] = []
 
     def feed(self, chunk: bytes) -> list[bytes]:
-        buffer = self._buffer + chunk
+        buffer = self._buffer + chunk if self._buffer else chunk
+        keep = b""
         if b"\r" in buffer:
             # A lone CR at the end may be the first half of a CRLF: keep it back.
-            keep = buffer.endswith(b"\r")
+            if buffer.endswith(b"\r"):
+                buffer, keep = buffer[:-1], b"\r"
             buffer = buffer.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-            if keep:
-                buffer, self._buffer = buffer[:-1], b"\r"
-            else:
-                self._buffer = b""
-        else:
-            self._buffer = b""
-        lines = buffer.split(b"\n")
-        self._buffer = lines.pop() + self._buffer
+        events = buffer.split(b"\n\n")
+        self._buffer = events.pop() + keep
         out: list[bytes] = []
-        for line in lines:
-            if not line:
-                if self._data:
-                    out.append(b"\n".join(self._data))
-                    self._data = []
-            elif line.startswith(b"data:"):
-                value = line[5:]
-                self._data.append(value[1:] if value.startswith(b" ") else value)
+        for event in events:
+            if event.startswith(b"data: ") and b"\n" not in event:
+                out.append(event[6:])
+                continue
+            data = [
+                line[6:] if line.startswith(b"data: ") else line[5:]
+                for line in event.split(b"\n")
+                if line.startswith(b"data:")
+            ]
+            if data:
+                out.append(b"\n".join(data))
         return out
 
     def end(self) -> list[bytes]:
         """At the end of the stream: the event still open, if any."""
-        out = self.feed(b"\n\n") if self._buffer or self._data else []
-        self._buffer, self._data = b"", []
+        out = self.feed(b"\n\n") if self._buffer else []
+        self._buffer = b""
         return out
 
 
