@@ -3,7 +3,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -300,7 +300,7 @@ def sse(event: str, data: Any) -> bytes:
     return b"event: %s\ndata: %s\n\n" % (event.encode(), orjson.dumps(data))
 
 
-async def first_then_rest(job: Job) -> tuple[str | None, AsyncIterator[str]]:
+async def first_then_rest(job: Job) -> tuple[str | None, AsyncGenerator[str, None]]:
     """Wait for the first delta before answering, so a provider that fails before
     saying anything is a plain 502/504 (and nothing is charged)."""
     deltas = job.stream()
@@ -359,13 +359,17 @@ async def run(
 
     async def body() -> AsyncGenerator[bytes, None]:
         start = sse("start", {"id": job.id, "model": model.id})
-        if first is None:
-            yield start
-        else:
-            # One write for both: each write is a send on every hop.
-            yield start + sse("delta", {"text": first})
-            async for delta in deltas:
-                yield sse("delta", {"text": delta})
+        try:
+            if first is None:
+                yield start
+            else:
+                # One write for both: each write is a send on every hop.
+                yield start + sse("delta", {"text": first})
+                async for delta in deltas:
+                    yield sse("delta", {"text": delta})
+        finally:
+            # Closed with this body (the client left): the generation settles now.
+            await deltas.aclose()
         outcome = await job.finish_stream()
         if outcome.error is not None and outcome.words == 0:
             yield sse("error", outcome.error.body())

@@ -207,12 +207,16 @@ async def chat_completions(
         # Events that are ready together go out in one write (each write is a send on
         # every hop): the role with the first words, the last chunk with [DONE].
         opening = chunk({"role": "assistant", "content": ""})
-        if first is not None:
-            yield opening + head + orjson.dumps(first) + tail
-            async for delta in deltas:
-                yield head + orjson.dumps(delta) + tail
-        else:
-            yield opening
+        try:
+            if first is not None:
+                yield opening + head + orjson.dumps(first) + tail
+                async for delta in deltas:
+                    yield head + orjson.dumps(delta) + tail
+            else:
+                yield opening
+        finally:
+            # Closed with this body (the client left): the generation settles now.
+            await deltas.aclose()
         outcome = await job.finish_stream()
         if outcome.error is not None and outcome.words == 0:
             yield b"data: " + orjson.dumps(outcome.error.body()) + b"\n\n"

@@ -1,7 +1,9 @@
 """A lean HTTP/1.1 client for the calls on a request's hot path: pooled keep-alive
 connections, one asyncio protocol each, responses parsed by httptools (the parser
 uvicorn uses). The gateway's proxy sends every proxied request through it, and the
-generation service its ledger holds, captures and releases (services/generation/billing.py).
+generation service its ledger holds, captures and releases (services/generation/billing.py)
+and its providers' streamed answers (services/generation/providers.py: paced reads,
+`Response.read_any()` and `Response.hold()`).
 
 Why not aiohttp here: profiled on the proxy path, an aiohttp request cost the gateway
 ~0.5 ms of CPU (request and response objects, timers, header multidicts, trace hooks),
@@ -9,7 +11,7 @@ about 4x what this client costs for the same exchange, and it was most of the
 gateway's added latency (docs/ledger.md, "Through the gateway"). These calls need little
 of it: a request head written in one piece, a body (bytes, or chunks it streams with
 chunked encoding), and a response head, then the body buffered or streamed. aiohttp
-stays for the rarer JSON calls (the gateway's `Upstreams.call`, provider streams).
+stays for the rarer JSON calls (the gateway's `Upstreams.call`).
 
 Timeouts: connecting (`connect_timeout`) and between reads of the response
 (`read_timeout`, per wait, like aiohttp's `sock_read`). A connection idle for
