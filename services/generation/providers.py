@@ -34,7 +34,7 @@ from services.generation.catalog import OFFLINE, Catalog, Model
 from services.generation.config import GenerationSettings
 from services.kit.breaker import CircuitBreaker
 from services.kit.errors import ServiceUnavailable, UpstreamError, UpstreamTimeout
-from services.kit.pool import Pool
+from services.kit.pool import Pool, UpstreamClosed
 
 log = logging.getLogger("ku.generation.providers")
 
@@ -146,7 +146,20 @@ class OpenAICompatible:
             finished = done = False
             pace = self.pace_seconds
             deltas = self._deltas
-            while (data := await response.read_any()) is not None:
+            # A body with neither a length nor chunks ends when the server closes.
+            until_closed = (
+                response.content_length is None
+                and b"chunked" not in (response.header(b"transfer-encoding") or b"").lower()
+            )
+            while True:
+                try:
+                    data = await response.read_any()
+                except UpstreamClosed:
+                    if not until_closed:
+                        raise
+                    data = None
+                if data is None:
+                    break
                 texts: list[str] = []
                 for event in events.feed(data):
                     if event == b"[DONE]":
@@ -166,8 +179,8 @@ class OpenAICompatible:
                         # client runs during the interval, not before it.
                         response.hold(pace)
                     yield "".join(texts)
-            else:
-                reusable = True
+            if not done:
+                reusable = not until_closed
                 # The stream ended: an event the provider did not close with a blank
                 # line still counts.
                 texts = []

@@ -193,6 +193,18 @@ class TestRawBytes:
                 await read(provider(url))
         assert raised.value.retryable
 
+    async def test_a_body_that_ends_when_the_server_closes(self) -> None:
+        # HTTP/1.0 style: no length, no chunks, the close is the end (no [DONE] either).
+        head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n"
+        body = b"".join(event(w) for w in WORDS) + event(finish="stop").rstrip(b"\n")
+        async with raw_server(lambda n: [head, body[:50], 0.01, body[50:]]) as url:
+            assert "".join(await read(provider(url))) == "".join(WORDS)
+        # Closed after two events, before any finish: a cut stream.
+        two = event(WORDS[0]) + event(WORDS[1])
+        async with raw_server(lambda n: [head, two]) as url:
+            with pytest.raises(ProviderError, match="cut the stream"):
+                await read(provider(url))
+
     async def test_a_last_event_without_its_blank_line_still_counts(self) -> None:
         body = event("all") + event(" of it", finish="stop").rstrip(b"\n")
         async with raw_server(lambda n: [HEAD + chunked(body)]) as url:
