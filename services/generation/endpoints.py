@@ -15,7 +15,14 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from services.generation.catalog import DEFAULT_MODELS, Model
-from services.generation.deps import CurrentPrincipal, Engine, Reader, caller_for, reader_for
+from services.generation.deps import (
+    CurrentPrincipal,
+    Engine,
+    Reader,
+    caller_for,
+    engine_of,
+    reader_for,
+)
 from services.generation.models import Generation, Story, StoryPart
 from services.generation.providers import Message, to_messages
 from services.generation.schemas import (
@@ -47,6 +54,7 @@ from services.kit.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
+from services.kit.front import HotRoute, hot
 from services.kit.money import milli_to_ku
 from services.kit.openapi import STANDARD, error_responses
 from services.kit.schemas import UserId
@@ -409,8 +417,38 @@ async def saved(
     return result_body(outcome, project_code=code, save_error=error)
 
 
-@router.post(
+@hot(TextIn, engine=engine_of)
+async def generate_text(
+    body: TextIn, request: Request, principal: CurrentPrincipal, engine: Engine
+) -> Any:
+    """Generate from one prompt; `stream: true` answers SSE (`delta` events, then `done`)."""
+    caller = caller_for(principal, request, body.user_id)
+    model = checked_model(engine, body.model, body.max_words)
+    result = await run(
+        request,
+        engine,
+        caller,
+        kind="text",
+        model=model,
+        messages=to_messages(body.prompt, body.system),
+        prompt=body.prompt,
+        max_words=body.max_words,
+        temperature=body.temperature,
+        stream=body.stream,
+        save_as=(body.title or title_from(body.prompt), "text") if body.save else None,
+    )
+    if isinstance(result, Response):
+        return result
+    # A Response, not the model: the route answers in front of FastAPI (HotRoute).
+    return Response(orjson.dumps(result.model_dump(mode="json")), media_type="application/json")
+
+
+# Added, not decorated: the route is a HotRoute (services/kit/front.py), so a well-formed
+# request goes from the kit middleware straight to it, as chat/completions does.
+router.add_api_route(
     "/text",
+    generate_text,
+    methods=["POST"],
     summary="Generate text from a prompt",
     response_model=GenerationOut,
     responses={
@@ -439,26 +477,8 @@ async def saved(
             }
         },
     },
+    route_class_override=HotRoute,
 )
-async def generate_text(
-    body: TextIn, request: Request, principal: CurrentPrincipal, engine: Engine
-) -> Any:
-    """Generate from one prompt; `stream: true` answers SSE (`delta` events, then `done`)."""
-    caller = caller_for(principal, request, body.user_id)
-    model = checked_model(engine, body.model, body.max_words)
-    return await run(
-        request,
-        engine,
-        caller,
-        kind="text",
-        model=model,
-        messages=to_messages(body.prompt, body.system),
-        prompt=body.prompt,
-        max_words=body.max_words,
-        temperature=body.temperature,
-        stream=body.stream,
-        save_as=(body.title or title_from(body.prompt), "text") if body.save else None,
-    )
 
 
 @router.post(
