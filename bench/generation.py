@@ -62,6 +62,9 @@ def request(url: str, path: str, body: dict[str, object], headers: dict[str, str
     ).encode() + payload
 
 
+READS = [0]  # receives by the client, all streams: tokens per read = how coalesced
+
+
 async def stream_once(url: str, raw: bytes) -> tuple[float, int, float]:
     """(seconds to the first token, words, seconds in all) of one streamed request: the
     fake always writes WORDS words, so a stream that reached `[DONE]` delivered WORDS
@@ -73,11 +76,13 @@ async def stream_once(url: str, raw: bytes) -> tuple[float, int, float]:
     first = 0.0
     last = b""
     head_done = False
+    reads = 0
     try:
         while True:
             data = await reader.read(65536)
             if not data:
                 break
+            reads += 1
             if not head_done:
                 if data[9:12] != b"200":
                     raise RuntimeError(data[:300].decode(errors="replace"))
@@ -87,6 +92,7 @@ async def stream_once(url: str, raw: bytes) -> tuple[float, int, float]:
             last = (last + data)[-64:]
     finally:
         writer.close()
+        READS[0] += reads
     words = WORDS if b"[DONE]" in last else 0
     if not words:
         print("incomplete stream, ending:", last, flush=True)
@@ -126,12 +132,14 @@ async def throughput(url: str, build: object, pids: dict[str, int]) -> float:
             n += 1
 
     started = time.perf_counter()
+    READS[0] = 0
     with CpuMeter(pids) as cpu:
         await asyncio.gather(*(worker(i) for i in range(STREAMS)))
     elapsed = time.perf_counter() - started
     print(
         f"  {streams} streams ({counted // WORDS} complete) in {elapsed:.1f} s, "
-        f"p50 {pct(durations, 0.5):.0f} ms per stream",
+        f"p50 {pct(durations, 0.5):.0f} ms per stream, "
+        f"{counted / max(READS[0], 1):.1f} tokens per client read",
         flush=True,
     )
     print(cpu.report(max(counted, 1), "token"), flush=True)

@@ -3,7 +3,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -11,10 +11,18 @@ import orjson
 from fastapi import APIRouter, Path, Query, Request
 from sqlalchemy import and_, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
-from starlette.responses import StreamingResponse
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
 from services.generation.catalog import DEFAULT_MODELS, Model
-from services.generation.deps import CurrentPrincipal, Engine, Reader, caller_for, reader_for
+from services.generation.deps import (
+    CurrentPrincipal,
+    Engine,
+    Reader,
+    caller_for,
+    engine_of,
+    reader_for,
+)
 from services.generation.models import Generation, Story, StoryPart
 from services.generation.providers import Message, to_messages
 from services.generation.schemas import (
@@ -46,6 +54,7 @@ from services.kit.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
+from services.kit.front import HotRoute, hot
 from services.kit.money import milli_to_ku
 from services.kit.openapi import STANDARD, error_responses
 from services.kit.schemas import UserId
@@ -247,11 +256,59 @@ def result_body(outcome: Outcome, **extra: Any) -> GenerationOut:
     )
 
 
+class EventStream(Response):
+    """A `text/event-stream` answer, written as its body generator yields.
+
+    Not starlette's StreamingResponse, which runs the body and a disconnect listener
+    as two tasks of an anyio task group and, at the end, cancels the group's scope
+    (whose reason string formats the current task: a coroutine repr with a source
+    lookup), for every stream. Here the body runs in the request's own task and one
+    small task waits for the client to leave: it cancels the request's task, as the
+    task group did, so a client that leaves while the provider is silent is noticed
+    at once. The body generator is closed as soon as the answer ends either way, so
+    a generation left mid-stream settles at once on what was delivered."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, body: AsyncGenerator[bytes, None]) -> None:
+        self.events = body
+        self.status_code = 200
+        self.background = None
+        self.init_headers({"cache-control": "no-cache", "x-accel-buffering": "no"})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        left = False
+
+        async def watch() -> None:
+            nonlocal left
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            left = True
+            task.cancel()
+
+        watcher = asyncio.create_task(watch())
+        body = self.events
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            async for chunk in body:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except asyncio.CancelledError:
+            if not left:
+                raise
+            task.uncancel()  # the client left: the answer ends here, not the server
+        finally:
+            watcher.cancel()
+            await body.aclose()
+
+
 def sse(event: str, data: Any) -> bytes:
     return b"event: %s\ndata: %s\n\n" % (event.encode(), orjson.dumps(data))
 
 
-async def first_then_rest(job: Job) -> tuple[str | None, AsyncIterator[str]]:
+async def first_then_rest(job: Job) -> tuple[str | None, AsyncGenerator[str, None]]:
     """Wait for the first delta before answering, so a provider that fails before
     saying anything is a plain 502/504 (and nothing is charged)."""
     deltas = job.stream()
@@ -308,15 +365,19 @@ async def run(
         return await saved(request, engine, caller, outcome, save_as)
     first, deltas = await first_then_rest(job)
 
-    async def body() -> AsyncIterator[bytes]:
+    async def body() -> AsyncGenerator[bytes, None]:
         start = sse("start", {"id": job.id, "model": model.id})
-        if first is None:
-            yield start
-        else:
-            # One write for both: each write is a send on every hop.
-            yield start + sse("delta", {"text": first})
-            async for delta in deltas:
-                yield sse("delta", {"text": delta})
+        try:
+            if first is None:
+                yield start
+            else:
+                # One write for both: each write is a send on every hop.
+                yield start + sse("delta", {"text": first})
+                async for delta in deltas:
+                    yield sse("delta", {"text": delta})
+        finally:
+            # Closed with this body (the client left): the generation settles now.
+            await deltas.aclose()
         outcome = await job.finish_stream()
         if outcome.error is not None and outcome.words == 0:
             yield sse("error", outcome.error.body())
@@ -324,11 +385,7 @@ async def run(
         done = await saved(request, engine, caller, outcome, save_as)
         yield sse("done", done.model_dump(mode="json"))
 
-    return StreamingResponse(
-        body(),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-    )
+    return EventStream(body())
 
 
 async def saved(
@@ -360,8 +417,38 @@ async def saved(
     return result_body(outcome, project_code=code, save_error=error)
 
 
-@router.post(
+@hot(TextIn, engine=engine_of)
+async def generate_text(
+    body: TextIn, request: Request, principal: CurrentPrincipal, engine: Engine
+) -> Any:
+    """Generate from one prompt; `stream: true` answers SSE (`delta` events, then `done`)."""
+    caller = caller_for(principal, request, body.user_id)
+    model = checked_model(engine, body.model, body.max_words)
+    result = await run(
+        request,
+        engine,
+        caller,
+        kind="text",
+        model=model,
+        messages=to_messages(body.prompt, body.system),
+        prompt=body.prompt,
+        max_words=body.max_words,
+        temperature=body.temperature,
+        stream=body.stream,
+        save_as=(body.title or title_from(body.prompt), "text") if body.save else None,
+    )
+    if isinstance(result, Response):
+        return result
+    # A Response, not the model: the route answers in front of FastAPI (HotRoute).
+    return Response(orjson.dumps(result.model_dump(mode="json")), media_type="application/json")
+
+
+# Added, not decorated: the route is a HotRoute (services/kit/front.py), so a well-formed
+# request goes from the kit middleware straight to it, as chat/completions does.
+router.add_api_route(
     "/text",
+    generate_text,
+    methods=["POST"],
     summary="Generate text from a prompt",
     response_model=GenerationOut,
     responses={
@@ -390,26 +477,8 @@ async def saved(
             }
         },
     },
+    route_class_override=HotRoute,
 )
-async def generate_text(
-    body: TextIn, request: Request, principal: CurrentPrincipal, engine: Engine
-) -> Any:
-    """Generate from one prompt; `stream: true` answers SSE (`delta` events, then `done`)."""
-    caller = caller_for(principal, request, body.user_id)
-    model = checked_model(engine, body.model, body.max_words)
-    return await run(
-        request,
-        engine,
-        caller,
-        kind="text",
-        model=model,
-        messages=to_messages(body.prompt, body.system),
-        prompt=body.prompt,
-        max_words=body.max_words,
-        temperature=body.temperature,
-        stream=body.stream,
-        save_as=(body.title or title_from(body.prompt), "text") if body.save else None,
-    )
 
 
 @router.post(

@@ -4,9 +4,9 @@
 deltas. Two implementations:
 
 - `OpenAICompatible`: `POST {base_url}/chat/completions` with `stream: true` over
-  aiohttp, parsing the Server-Sent Events (DeepInfra, vLLM, Ollama, llama.cpp server and
-  OpenRouter all speak it). A read that waits longer than the timeout (60 s, seed 003)
-  is a stall.
+  the kit's keep-alive client (`services.kit.pool`), parsing the Server-Sent Events
+  (DeepInfra, vLLM, Ollama, llama.cpp server and OpenRouter all speak it). A read
+  that waits longer than the timeout (60 s, seed 003) is a stall.
 - `Offline`: deterministic text made locally, for development only; every result
   served by it says `offline: true`, and production refuses to start with it.
 
@@ -23,11 +23,10 @@ import hashlib
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import aiohttp
 import orjson
 from redis.asyncio import Redis
 
@@ -35,12 +34,15 @@ from services.generation.catalog import OFFLINE, Catalog, Model
 from services.generation.config import GenerationSettings
 from services.kit.breaker import CircuitBreaker
 from services.kit.errors import ServiceUnavailable, UpstreamError, UpstreamTimeout
+from services.kit.pool import Pool, UpstreamClosed
 
 log = logging.getLogger("ku.generation.providers")
 
 Message = dict[str, str]
 
 SUCCESS_EVERY = 1.0
+# A provider's error answer is read (so its connection can be reused) up to this size.
+ERROR_BODY_LIMIT = 64 * 1024
 
 
 class ProviderError(Exception):
@@ -58,19 +60,22 @@ class Provider(Protocol):
 
     def stream(
         self, model: str, messages: Sequence[Message], *, max_tokens: int, temperature: float
-    ) -> AsyncIterator[str]: ...
+    ) -> AsyncGenerator[str, None]: ...
 
     async def aclose(self) -> None: ...
 
 
 class OpenAICompatible:
-    """One OpenAI-compatible provider over aiohttp (one pooled session per provider).
+    """One OpenAI-compatible provider over the kit's lean keep-alive HTTP/1.1 client
+    (`services.kit.pool`: one asyncio protocol per connection, httptools parsing the
+    response and its chunked encoding).
 
-    aiohttp rather than httpx here, as in the gateway: a streamed answer is read one
-    SSE event per token, and measured on 64 streams of 200 words each, httpx's read
-    path (h11, httpcore and httpx's line decoding, in Python) cost ~125 µs of CPU per
-    token against ~40 µs for aiohttp's C parser: more than the provider itself spends
-    writing it (docs/generation.md, "Where a streamed token's time goes")."""
+    Not httpx: a streamed answer is read one SSE event per token, and measured on 64
+    streams of 200 words each, httpx's read path (h11, httpcore and httpx's line
+    decoding, in Python) cost ~125 µs of CPU per token. Not aiohttp either (since stop
+    12): its read path per piece (StreamReader, a timer reset per read, the chain of
+    futures) and the pacing sleep's own task wake-up cost more than the pool's
+    (docs/generation.md, "Where a streamed token's time goes")."""
 
     offline = False
 
@@ -87,94 +92,118 @@ class OpenAICompatible:
         # After each piece of text, the socket is left unread this long (the stream's
         # flush interval): tokens that arrive meanwhile wait in the kernel and come in
         # one read, parsed in one step. Read one by one, every token costs a receive, a
-        # wake-up of this generator chain and a timer reset in aiohttp.
+        # wake-up of this generator chain and its consumer's write.
         self.pace_seconds = pace_seconds
         self.base_url = base_url.rstrip("/")
-        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._headers = [(b"content-type", b"application/json")]
+        if api_key:
+            self._headers.append((b"authorization", f"Bearer {api_key}".encode()))
         # A stall is a read that waits longer than the timeout; a long answer that
         # keeps streaming is not one (no total limit).
-        self._timeout = aiohttp.ClientTimeout(
-            total=None, connect=min(10.0, timeout_seconds), sock_read=timeout_seconds
-        )
-        self._session: aiohttp.ClientSession | None = None
+        self.timeout_seconds = timeout_seconds
+        self._pool: Pool | None = None
 
-    def _client(self) -> aiohttp.ClientSession:
-        # Made on first use, inside the running loop (aiohttp binds a session to it).
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(
-                headers=self._headers,
-                timeout=self._timeout,
-                connector=aiohttp.TCPConnector(limit=500, keepalive_timeout=30),
-                json_serialize=lambda obj: orjson.dumps(obj).decode(),
-            )
-        return self._session
+    def _client(self) -> Pool:
+        if self._pool is None:
+            self._pool = Pool(self.base_url, connect_timeout=min(10.0, self.timeout_seconds))
+        return self._pool
 
     async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        if self._pool is not None:
+            self._pool.close()
 
     async def stream(
         self, model: str, messages: Sequence[Message], *, max_tokens: int, temperature: float
-    ) -> AsyncIterator[str]:
+    ) -> AsyncGenerator[str, None]:
         """The answer's text: one piece per read from the provider (every delta that
         arrived together, joined), so a burst costs one step, not one per token."""
-        body = {
-            "model": model,
-            "messages": list(messages),
-            "max_tokens": max_tokens,
-            "temperature": temperature,
-            "stream": True,
-        }
+        body = orjson.dumps(
+            {
+                "model": model,
+                "messages": list(messages),
+                "max_tokens": max_tokens,
+                "temperature": temperature,
+                "stream": True,
+            }
+        )
+        timeout = self.timeout_seconds
         try:
-            async with self._client().post(
-                f"{self.base_url}/chat/completions", json=body
-            ) as response:
-                if response.status != 200:
-                    await response.read()
-                    retryable = response.status == 429 or response.status >= 500
-                    raise ProviderError(
-                        f"{self.name} answered {response.status}", retryable=retryable
-                    )
-                events = SSEParser()
-                finished = done = False
-                pace = self.pace_seconds
-                connection = response.connection
-                transport = connection.transport if connection is not None else None
-                async for data in response.content.iter_any():
-                    texts: list[str] = []
-                    for event in events.feed(data):
-                        if event == b"[DONE]":
-                            finished = done = True
-                            break
-                        finished = self._deltas(event, texts) or finished
-                    if texts:
-                        yield "".join(texts)
-                    if done:
-                        break
-                    if texts and pace and transport is not None and transport.is_reading():
-                        transport.pause_reading()
-                        try:
-                            await asyncio.sleep(pace)
-                        finally:
-                            if not transport.is_closing():
-                                transport.resume_reading()
-                else:
-                    # The stream ended: an event the provider did not close with a
-                    # blank line still counts.
-                    texts = []
-                    for event in events.end():
-                        if event == b"[DONE]":
-                            finished = True
-                        else:
-                            finished = self._deltas(event, texts) or finished
-                    if texts:
-                        yield "".join(texts)
-                if not finished:
-                    raise ProviderError(f"{self.name} cut the stream", retryable=True)
+            response = await self._client().request(
+                "POST", b"/chat/completions", self._headers, body, read_timeout=timeout
+            )
         except TimeoutError:
             raise ProviderError(f"{self.name} timed out", retryable=False, timeout=True) from None
-        except aiohttp.ClientError as exc:
+        except OSError as exc:
             raise ProviderError(f"{self.name} unreachable: {exc}", retryable=True) from None
+        reusable = False
+        try:
+            if response.status != 200:
+                await response.read(limit=ERROR_BODY_LIMIT)
+                reusable = True
+                retryable = response.status == 429 or response.status >= 500
+                raise ProviderError(f"{self.name} answered {response.status}", retryable=retryable)
+            events = SSEParser()
+            finished = done = False
+            pace = self.pace_seconds
+            deltas = self._deltas
+            # A body with neither a length nor chunks ends when the server closes.
+            until_closed = (
+                response.content_length is None
+                and b"chunked" not in (response.header(b"transfer-encoding") or b"").lower()
+            )
+            while True:
+                try:
+                    data = await response.read_any()
+                except UpstreamClosed:
+                    if not until_closed:
+                        raise
+                    data = None
+                if data is None:
+                    break
+                texts: list[str] = []
+                for event in events.feed(data):
+                    if event == b"[DONE]":
+                        finished = done = True
+                        break
+                    finished = deltas(event, texts) or finished
+                if done:
+                    # The body's end usually came in the same read: the connection
+                    # is kept for the next stream.
+                    reusable = response.complete
+                    if texts:
+                        yield "".join(texts)
+                    break
+                if texts:
+                    if pace:
+                        # Paused before the consumer gets the text: its write to the
+                        # client runs during the interval, not before it.
+                        response.hold(pace)
+                    yield "".join(texts)
+            if not done:
+                reusable = not until_closed
+                # The stream ended: an event the provider did not close with a blank
+                # line still counts.
+                texts = []
+                for event in events.end():
+                    if event == b"[DONE]":
+                        finished = True
+                    else:
+                        finished = deltas(event, texts) or finished
+                if texts:
+                    yield "".join(texts)
+            if not finished:
+                raise ProviderError(f"{self.name} cut the stream", retryable=True)
+        except TimeoutError:
+            reusable = False
+            raise ProviderError(f"{self.name} timed out", retryable=False, timeout=True) from None
+        except OSError as exc:
+            reusable = False
+            raise ProviderError(f"{self.name} unreachable: {exc}", retryable=True) from None
+        finally:
+            if reusable:
+                response.release()
+            else:
+                response.close()
 
     def _deltas(self, event: bytes, texts: list[str]) -> bool:
         """Add one chunk's text to `texts`; True when it says the answer is finished."""
@@ -199,41 +228,44 @@ class OpenAICompatible:
 class SSEParser:
     """Server-Sent Events from raw bytes, as they arrive: `feed()` returns the `data`
     of every event completed by this read (multi-line data joined with newlines;
-    comments and other fields skipped; CRLF, CR and LF line ends)."""
+    comments and other fields skipped; CRLF, CR and LF line ends).
+
+    The bytes are cut at blank lines (line ends made LF first) and what follows the
+    last one waits for the next read; an event that is one `data: ` line, what every
+    OpenAI-compatible server sends, is taken as it is, without splitting it into lines
+    (this parser runs for every token of every stream)."""
 
     def __init__(self) -> None:
         self._buffer = b""
-        self._data: list[bytes] = []
 
     def feed(self, chunk: bytes) -> list[bytes]:
-        buffer = self._buffer + chunk
+        buffer = self._buffer + chunk if self._buffer else chunk
+        keep = b""
         if b"\r" in buffer:
             # A lone CR at the end may be the first half of a CRLF: keep it back.
-            keep = buffer.endswith(b"\r")
+            if buffer.endswith(b"\r"):
+                buffer, keep = buffer[:-1], b"\r"
             buffer = buffer.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-            if keep:
-                buffer, self._buffer = buffer[:-1], b"\r"
-            else:
-                self._buffer = b""
-        else:
-            self._buffer = b""
-        lines = buffer.split(b"\n")
-        self._buffer = lines.pop() + self._buffer
+        events = buffer.split(b"\n\n")
+        self._buffer = events.pop() + keep
         out: list[bytes] = []
-        for line in lines:
-            if not line:
-                if self._data:
-                    out.append(b"\n".join(self._data))
-                    self._data = []
-            elif line.startswith(b"data:"):
-                value = line[5:]
-                self._data.append(value[1:] if value.startswith(b" ") else value)
+        for event in events:
+            if event.startswith(b"data: ") and b"\n" not in event:
+                out.append(event[6:])
+                continue
+            data = [
+                line[6:] if line.startswith(b"data: ") else line[5:]
+                for line in event.split(b"\n")
+                if line.startswith(b"data:")
+            ]
+            if data:
+                out.append(b"\n".join(data))
         return out
 
     def end(self) -> list[bytes]:
         """At the end of the stream: the event still open, if any."""
-        out = self.feed(b"\n\n") if self._buffer or self._data else []
-        self._buffer, self._data = b"", []
+        out = self.feed(b"\n\n") if self._buffer else []
+        self._buffer = b""
         return out
 
 
@@ -254,7 +286,7 @@ class Offline:
 
     async def stream(
         self, model: str, messages: Sequence[Message], *, max_tokens: int, temperature: float
-    ) -> AsyncIterator[str]:
+    ) -> AsyncGenerator[str, None]:
         seed = hashlib.sha256(orjson.dumps([model, list(messages)])).digest()
         start = seed[0] % len(_OFFLINE_WORDS)
         words = max(1, min(max_tokens * 3 // 4, 400))
@@ -352,7 +384,7 @@ class Router:
         max_words: int,
         temperature: float,
         served: list[Served],
-    ) -> AsyncIterator[str]:
+    ) -> AsyncGenerator[str, None]:
         """Deltas from the first candidate that answers; `served` gets who it was."""
         # Tokens are ~0.75 words in English; a margin so a long answer is not cut short
         # by the provider before `max_words` (the caller cuts at exactly max_words).
@@ -372,10 +404,11 @@ class Router:
                     skipped += 1
                     break
                 delivered = False
+                deltas = provider.stream(
+                    candidate.upstream, messages, max_tokens=max_tokens, temperature=temperature
+                )
                 try:
-                    async for delta in provider.stream(
-                        candidate.upstream, messages, max_tokens=max_tokens, temperature=temperature
-                    ):
+                    async for delta in deltas:
                         if not delivered:
                             delivered = True
                             served.append(Served(candidate, provider.name, provider.offline))
@@ -398,6 +431,11 @@ class Router:
                         break
                     delay = self.settings.generation_backoff_seconds * 2**attempt
                     await asyncio.sleep(delay * (0.5 + random.random()))
+                finally:
+                    # A consumer that stopped early (cut at max_words, or gone) leaves
+                    # the provider's stream at a yield: its connection closes now, not
+                    # when the generator is collected.
+                    await deltas.aclose()
         if last is None and skipped:
             raise ServiceUnavailable(
                 "Every provider for this model is failing; try again shortly",

@@ -22,7 +22,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -194,69 +194,60 @@ class Job:
             raise
         return await self.settle("".join(parts), length=cutter.full)
 
-    async def stream(self) -> AsyncIterator[str]:
+    async def stream(self) -> AsyncGenerator[str, None]:
         """Deltas for a streamed response. Whatever was yielded before the consumer
         stopped (finished, failed or left) is what the user is charged for.
 
-        The provider is read by a separate task, so a client that leaves while the
-        provider is silent is noticed at once (this generator is cancelled), and the
-        settlement runs in its own task, outside the cancelled response."""
+        The provider is read in the consumer's own task, one hop per piece (no task or
+        queue in between: each cost a wake-up per piece). A client that leaves while
+        the provider is silent is still noticed at once: the response's task is
+        cancelled, and the cancellation comes out of the provider's read through here.
+        The settlement then runs in its own task, outside the cancelled response."""
         cutter = _Cutter(self.max_words)
-        queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=256)
-        done = object()
-
-        async def produce() -> None:
-            try:
-                async for piece in self._deltas(cutter):
-                    await queue.put(piece)
-                await queue.put(done)
-            except (KuError, ProviderError) as exc:
-                await queue.put(_as_ku(exc))
-
-        producer = asyncio.create_task(produce())
+        deltas = self.engine.router.stream(
+            self.model,
+            self.messages,
+            max_words=self.max_words,
+            temperature=self.temperature,
+            served=self.served,
+        )
         delivered: list[str] = []
         finished = False
+        first = True
         try:
-            while True:
-                # The provider's reads are paced (`OpenAICompatible.pace_seconds`, the
-                # flush interval), so waiting here too would only add latency and a
-                # timer per write.
-                item = await queue.get()
-                if item is done:
-                    finished = True
-                    break
-                if isinstance(item, KuError):
-                    self.error = item
-                    break
-                # Whatever else is already waiting goes out in the same chunk: every hop
-                # gets fewer, larger sends instead of one per token.
-                pending: Any = None
-                while not queue.empty():
-                    pending = queue.get_nowait()
-                    if not isinstance(pending, str):
+            try:
+                async for delta in deltas:
+                    if first:
+                        first = False
+                        if self.served:
+                            s = self.served[0]
+                            FIRST_TOKEN.labels(s.model.id, s.provider).observe(
+                                time.monotonic() - self.started
+                            )
+                    piece = cutter.take(delta)
+                    if piece:
+                        yield piece
+                        delivered.append(piece)
+                        # The row is written once the first words are out: here, when
+                        # the consumer asks for more after sending them, not before (an
+                        # INSERT's CPU on the first token's path was ~0.5 ms of time to
+                        # first token).
+                        self._record()
+                    if cutter.full:
                         break
-                    item += pending
-                    pending = None
-                yield item
-                delivered.append(item)
-                # The row is written once the first words are out: here, when the
-                # consumer asks for more after sending them, not before (an INSERT's
-                # CPU on the first token's path was ~0.5 ms of time to first token).
-                self._record()
-                if pending is done:
-                    finished = True
-                    break
-                if isinstance(pending, KuError):
-                    self.error = pending
-                    break
+                finished = True
+            except (KuError, ProviderError) as exc:
+                self.error = _as_ku(exc)
         finally:
-            producer.cancel()
+            # The provider's generator, left at a yield by a consumer that stopped here
+            # (or cut at max_words), closes its connection now (no await inside).
+            await deltas.aclose()
             text = "".join(delivered)
             self.ended = (text, finished, self.error, cutter.full)
             if not finished and self.error is None:
                 # The consumer left: settle on what it got, outside its cancelled task.
                 # (Otherwise the caller settles via finish_stream() and reports the cost.)
-                in_background(self._settle_after(producer, text, cancelled=True, length=False))
+                in_background(self.settle(text, cancelled=True, length=False))
 
     async def finish_stream(self) -> Outcome:
         """After `stream()` ended by itself: settle on what was delivered."""
@@ -265,12 +256,6 @@ class Job:
         if finished:
             return await self.settle(text, length=length)
         return await self.settle(text, error=error)
-
-    async def _settle_after(
-        self, producer: asyncio.Task[Any], text: str, *, cancelled: bool, length: bool
-    ) -> None:
-        await asyncio.gather(producer, return_exceptions=True)
-        await self.settle(text, cancelled=cancelled, length=length)
 
     async def settle(
         self,

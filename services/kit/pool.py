@@ -1,7 +1,9 @@
 """A lean HTTP/1.1 client for the calls on a request's hot path: pooled keep-alive
 connections, one asyncio protocol each, responses parsed by httptools (the parser
 uvicorn uses). The gateway's proxy sends every proxied request through it, and the
-generation service its ledger holds, captures and releases (services/generation/billing.py).
+generation service its ledger holds, captures and releases (services/generation/billing.py)
+and its providers' streamed answers (services/generation/providers.py: paced reads,
+`Response.read_any()` and `Response.hold()`).
 
 Why not aiohttp here: profiled on the proxy path, an aiohttp request cost the gateway
 ~0.5 ms of CPU (request and response objects, timers, header multidicts, trace hooks),
@@ -9,7 +11,7 @@ about 4x what this client costs for the same exchange, and it was most of the
 gateway's added latency (docs/ledger.md, "Through the gateway"). These calls need little
 of it: a request head written in one piece, a body (bytes, or chunks it streams with
 chunked encoding), and a response head, then the body buffered or streamed. aiohttp
-stays for the rarer JSON calls (the gateway's `Upstreams.call`, provider streams).
+stays for the rarer JSON calls (the gateway's `Upstreams.call`).
 
 Timeouts: connecting (`connect_timeout`) and between reads of the response
 (`read_timeout`, per wait, like aiohttp's `sock_read`). A connection idle for
@@ -60,6 +62,8 @@ class _Connection(asyncio.Protocol):
         self.done = False
         self.waiter: asyncio.Future[None] | None = None
         self.paused = False
+        # `hold()`: the socket left unread until this timer fires.
+        self.held: asyncio.TimerHandle | None = None
         self.drain: asyncio.Future[None] | None = None
         self.head_only = False
         self.keep_alive = False
@@ -119,7 +123,8 @@ class _Connection(asyncio.Protocol):
         self.buffered += len(body)
         if self.buffered > HIGH_WATER and not self.paused and self.transport is not None:
             self.paused = True
-            self.transport.pause_reading()
+            if self.held is None:
+                self.transport.pause_reading()
         self._wake()
 
     def on_message_complete(self) -> None:
@@ -168,6 +173,30 @@ class _Connection(asyncio.Protocol):
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+        if self.held is not None:
+            self.held.cancel()
+            self.held = None
+
+    # -- paced reads --------------------------------------------------------------
+
+    def hold(self, seconds: float) -> None:
+        """Leave the socket unread for `seconds`: what arrives meanwhile waits in the
+        kernel and comes in one receive (one parse, one wake-up of the reader) when
+        reading resumes. A timer callback, no task: the reader's read timeout still
+        runs (a hold is far shorter than it)."""
+        transport = self.transport
+        if self.held is not None or self.closed or transport is None or transport.is_closing():
+            return
+        if not self.paused:
+            transport.pause_reading()
+        self.held = self.loop.call_later(seconds, self._unhold)
+
+    def _unhold(self) -> None:
+        self.held = None
+        transport = self.transport
+        if not self.paused and not self.closed and transport is not None:
+            if not transport.is_closing():
+                transport.resume_reading()
 
     # -- internals ----------------------------------------------------------------
 
@@ -237,17 +266,23 @@ class Response:
                 return value
         return None
 
-    async def _next(self) -> bytes | None:
-        """The next piece of the body, or None at its end."""
+    async def _next(self, everything: bool = False) -> bytes | None:
+        """The next piece of the body (`everything`: all the pieces received so far,
+        joined), or None at its end."""
         conn = self._conn
         assert conn is not None
         while True:
             if conn.chunks:
-                chunk = conn.chunks.popleft()
+                if everything and len(conn.chunks) > 1:
+                    chunk = b"".join(conn.chunks)
+                    conn.chunks.clear()
+                else:
+                    chunk = conn.chunks.popleft()
                 conn.buffered -= len(chunk)
                 if conn.paused and conn.buffered <= HIGH_WATER // 4 and conn.transport:
                     conn.paused = False
-                    conn.transport.resume_reading()
+                    if conn.held is None:
+                        conn.transport.resume_reading()
                 return chunk
             if conn.done:
                 return None
@@ -276,6 +311,23 @@ class Response:
     async def iter_chunks(self) -> AsyncIterator[bytes]:
         while (chunk := await self._next()) is not None:
             yield chunk
+
+    async def read_any(self) -> bytes | None:
+        """Every byte of the body received so far, in one piece (waiting for the next
+        when there is none), or None at its end: a chunked body's pieces that came in
+        one receive come out together."""
+        return await self._next(everything=True)
+
+    def hold(self, seconds: float) -> None:
+        """Leave the connection's socket unread for `seconds` (paced reads: see
+        `_Connection.hold`)."""
+        if self._conn is not None:
+            self._conn.hold(seconds)
+
+    @property
+    def complete(self) -> bool:
+        """The whole body has been received (the connection can be reused)."""
+        return self._conn is not None and self._conn.done
 
     def release(self) -> None:
         conn, self._conn = self._conn, None
@@ -309,6 +361,10 @@ class Pool:
         self._open: set[_Connection] = set()
 
     def put(self, conn: _Connection) -> None:
+        if conn.held is not None:
+            # Idle in the pool, it reads again (a server's close is seen).
+            conn.held.cancel()
+            conn._unhold()
         if conn.reusable():
             conn.idle_since = now = time.monotonic()
             self._idle.append(conn)

@@ -124,6 +124,9 @@ class FakeProvider:
                 "stream": bool(body.get("stream")),
                 "max_tokens": body.get("max_tokens"),
                 "authorization": request.headers.get("authorization"),
+                # The client's port: one port for several requests is one kept-alive
+                # connection.
+                "port": request.client.port if request.client else None,
             }
         )
         with self._lock:

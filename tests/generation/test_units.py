@@ -271,3 +271,16 @@ class TestProductionCheck:
         )
         assert done.returncode != 0
         assert "KU_GENERATION_OFFLINE=true in production" in done.stderr
+
+
+class TestHotRoutes:
+    def test_text_and_chat_completions_are_answered_in_front_of_fastapi(self) -> None:
+        from services.generation.app import create_app
+
+        app = create_app()
+        # The routes FrontApp answers itself (services/kit/front.py), by method and path.
+        hot = set(app._exact)  # type: ignore[attr-defined]
+        assert {
+            ("POST", "/v1/generation/text"),
+            ("POST", "/v1/generation/chat/completions"),
+        } <= hot

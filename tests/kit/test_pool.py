@@ -36,6 +36,13 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         await asyncio.sleep(2)
         await send({"type": "http.response.body", "body": b"two"})
         return
+    if path == "/burst":  # the head alone, then three pieces written back to back
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await asyncio.sleep(0.2)
+        for part in (b"one,", b"two,", b"three"):
+            await send({"type": "http.response.body", "body": part, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+        return
     if path == "/chunks":
         await send({"type": "http.response.start", "status": 200, "headers": []})
         for part in (b"one,", b"two,", b"three"):
@@ -210,5 +217,37 @@ async def test_head_answers_without_waiting_for_a_body(served: Served) -> None:
         assert await resp.read() == b""
         resp.release()
         assert (await call(pool))["method"] == "GET"
+    finally:
+        pool.close()
+
+
+async def test_a_held_socket_is_read_after_the_hold_and_its_pieces_come_joined(
+    served: Served,
+) -> None:
+    pool = Pool(served.url, connect_timeout=2)
+    loop = asyncio.get_running_loop()
+    try:
+        resp = await pool.request("GET", b"/burst", [], None, read_timeout=5)
+        held_at = loop.time()
+        resp.hold(0.5)  # the pieces, written meanwhile, wait in the kernel
+        # ... and come out as one piece: everything received so far, joined.
+        assert await resp.read_any() == b"one,two,three"
+        assert loop.time() - held_at >= 0.5 - 0.005
+        assert await resp.read_any() is None and resp.complete
+        resp.release()
+        assert (await call(pool))["method"] == "GET"
+    finally:
+        pool.close()
+
+
+async def test_a_connection_released_while_held_reads_again(served: Served) -> None:
+    pool = Pool(served.url, connect_timeout=2)
+    try:
+        resp = await pool.request("GET", b"/", [], None, read_timeout=5)
+        port = orjson.loads(await resp.read())["port"]
+        resp.hold(60)  # longer than the next request's read timeout
+        resp.release()
+        # The same connection answers the next request at once, not after the hold.
+        assert (await call(pool))["port"] == port
     finally:
         pool.close()
