@@ -34,11 +34,16 @@ from services.kit.errors import (
 )
 from services.kit.idempotency import key_from_request
 from services.kit.openapi import STANDARD, error_responses
-from services.kit.principal import PRINCIPAL_HEADER, Principal, derived_secret, get_principal
+from services.kit.principal import (
+    PRINCIPAL_HEADER,
+    CurrentPrincipal,
+    Principal,
+    derived_secret,
+    get_principal,
+)
 from services.kit.schemas import UserId
 
 router = APIRouter(prefix="/v1/enhancement", tags=["enhancement"])
-CurrentPrincipal = Annotated[Principal, Depends(get_principal)]
 
 DECLARED: dict[int, Any] = {
     400: (

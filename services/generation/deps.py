@@ -10,9 +10,8 @@ from fastapi import Depends, Request
 
 from services.generation.service import Caller, GenerationEngine
 from services.kit.errors import Forbidden, Unprocessable
-from services.kit.principal import PRINCIPAL_HEADER, Principal, get_principal
+from services.kit.principal import PRINCIPAL_HEADER, Principal
 
-CurrentPrincipal = Annotated[Principal, Depends(get_principal)]
 # A user token that names no app came through Penora (the first-party frontend).
 DEFAULT_APP = "penora"
 

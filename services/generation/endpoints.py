@@ -16,7 +16,6 @@ from starlette.types import Receive, Scope, Send
 
 from services.generation.catalog import DEFAULT_MODELS, Model
 from services.generation.deps import (
-    CurrentPrincipal,
     Engine,
     Reader,
     caller_for,
@@ -57,6 +56,7 @@ from services.kit.errors import (
 from services.kit.front import HotRoute, hot
 from services.kit.money import milli_to_ku
 from services.kit.openapi import STANDARD, error_responses
+from services.kit.principal import CurrentPrincipal
 from services.kit.schemas import UserId
 
 router = APIRouter(prefix="/v1/generation", tags=["generation"])

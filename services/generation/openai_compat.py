@@ -18,7 +18,7 @@ import orjson
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from services.generation.deps import CurrentPrincipal, Engine, caller_for, engine_of
+from services.generation.deps import Engine, caller_for, engine_of
 from services.generation.endpoints import (
     ERRORS,
     EventStream,
@@ -30,6 +30,7 @@ from services.generation.service import Outcome
 from services.kit.errors import Unprocessable
 from services.kit.front import HotRoute, hot
 from services.kit.money import milli_to_ku
+from services.kit.principal import CurrentPrincipal
 from services.kit.schemas import JsonObject, Text, TextGuard
 
 # chat/completions is answered in front of FastAPI's layers (services/kit/front.py):

@@ -32,7 +32,7 @@ import hashlib
 import time
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Literal
+from typing import Annotated, Literal
 
 import orjson
 from cryptography.exceptions import InvalidSignature
@@ -41,7 +41,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-from fastapi import Request
+from fastapi import Depends, Request
 
 from services.kit.config import KuSettings, get_settings
 from services.kit.errors import Forbidden, Unauthorized
@@ -321,6 +321,10 @@ async def get_principal(request: Request) -> Principal:
     if not header:
         raise Unauthorized("Missing internal principal", code="missing_principal")
     return _verify_cached(header, audience=_audience(request)).principal
+
+
+# A route parameter of this type is the caller, verified (every service's routes).
+CurrentPrincipal = Annotated[Principal, Depends(get_principal)]
 
 
 def origin_principal(request: Request, caller: Principal) -> Principal | None:

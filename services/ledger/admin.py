@@ -21,14 +21,13 @@ from services.kit.db import Session
 from services.kit.errors import BadRequest, Conflict, Forbidden, NotFound
 from services.kit.money import Ku, PositiveKu
 from services.kit.openapi import STANDARD, error_responses
-from services.kit.principal import Principal, get_principal
+from services.kit.principal import CurrentPrincipal
 from services.kit.schemas import Reference, TextGuard, UserId, rename_milli
 from services.ledger.schemas import GrantSource
 from services.ledger.service import Ledger, idempotency_key
 
 router = APIRouter(prefix="/v1/ledger/admin", tags=["ledger admin"])
 
-CurrentPrincipal = Annotated[Principal, Depends(get_principal)]
 ERRORS = error_responses(
     {
         400: (

@@ -37,8 +37,9 @@ from services.kit.errors import (
     Unprocessable,
 )
 from services.kit.openapi import STANDARD, error_responses, json_example
+from services.kit.principal import CurrentPrincipal
 from services.kit.schemas import UserId
-from services.ledger.endpoints import ERRORS, CurrentPrincipal, _permit, model_response
+from services.ledger.endpoints import ERRORS, _permit, model_response
 from services.ledger.schemas import (
     AllowanceDrawIn,
     AllowanceDrawResult,

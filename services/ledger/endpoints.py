@@ -23,7 +23,7 @@ from services.kit.errors import (
 from services.kit.front import HotRoute, hot, hot_query
 from services.kit.idempotency import key_from_request, request_hash
 from services.kit.openapi import STANDARD, error_responses
-from services.kit.principal import Principal, get_principal, origin_principal
+from services.kit.principal import CurrentPrincipal, Principal, origin_principal
 from services.kit.schemas import AppName, UserId, rename_milli
 from services.ledger.config import get_settings
 from services.ledger.repository import BalanceReader, LedgerRepository
@@ -54,7 +54,6 @@ from services.ledger.service import Keys, Ledger, Outcome, idempotency_key, resu
 
 router = APIRouter(prefix="/v1/ledger", tags=["ledger"], route_class=HotRoute)
 
-CurrentPrincipal = Annotated[Principal, Depends(get_principal)]
 
 USER = "101902121794505144784"
 HOLD = "4f9c2b1e-8d3a-4c6e-9f1b-2a7d5e8c0b34"

@@ -17,7 +17,7 @@ from services.kit.errors import (
 )
 from services.kit.idempotency import key_from_request
 from services.kit.openapi import STANDARD, error_responses
-from services.kit.principal import Principal, get_principal, origin_principal
+from services.kit.principal import CurrentPrincipal, origin_principal
 from services.kit.schemas import AppName, UserId
 from services.workspace import exports
 from services.workspace.config import get_settings
@@ -37,7 +37,6 @@ from services.workspace.service import Caller, Workspace, export_source, full, s
 
 router = APIRouter(prefix="/v1/workspace", tags=["workspace"])
 
-CurrentPrincipal = Annotated[Principal, Depends(get_principal)]
 Code = Annotated[str, Path(max_length=16, description="The 6-character project code")]
 OwnerParam = Annotated[
     UserId | None,

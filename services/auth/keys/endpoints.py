@@ -17,7 +17,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Path, Request
+from fastapi import APIRouter, Path, Request
 
 from services.auth.keys.schemas import (
     DEFAULT_OVERLAP_SECONDS,
@@ -36,7 +36,7 @@ from services.auth.models import ApiKey
 from services.kit.db import Session
 from services.kit.errors import BadRequest, Conflict, Forbidden, NotFound
 from services.kit.openapi import error_responses
-from services.kit.principal import Principal, get_principal
+from services.kit.principal import CurrentPrincipal, Principal
 from services.kit.schemas import AppName
 
 apps_router = APIRouter(prefix="/v1/apps", tags=["apps"])
@@ -44,7 +44,6 @@ keys_router = APIRouter(prefix="/v1/keys", tags=["keys"])
 # Called by the gateway only; not part of the public API document.
 internal_router = APIRouter(prefix="/internal", include_in_schema=False)
 
-CurrentPrincipal = Annotated[Principal, Depends(get_principal)]
 Prefix = Annotated[str, Path(pattern=r"^[a-z0-9]{8}$", examples=["k3v9x0qa"])]
 
 ERRORS = error_responses(

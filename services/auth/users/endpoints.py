@@ -1,8 +1,6 @@
 from __future__ import annotations
 
-from typing import Annotated
-
-from fastapi import APIRouter, Depends, Response
+from fastapi import APIRouter, Response
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.auth.users.schemas import (
@@ -19,12 +17,10 @@ from services.auth.users.service import users
 from services.kit.db import Session
 from services.kit.errors import Forbidden, NotFound, Unprocessable
 from services.kit.openapi import STANDARD, error_responses
-from services.kit.principal import Principal, get_principal
+from services.kit.principal import CurrentPrincipal
 from services.kit.schemas import UserId
 
 router = APIRouter(prefix="/v1/users", tags=["users"])
-
-CurrentPrincipal = Annotated[Principal, Depends(get_principal)]
 
 ERRORS = error_responses(
     {

@@ -18,7 +18,7 @@ from services.kit.errors import (
     UpstreamError,
 )
 from services.kit.openapi import STANDARD, error_responses
-from services.kit.principal import Principal, get_principal
+from services.kit.principal import CurrentPrincipal, Principal
 from services.kit.schemas import UserId
 from services.ledger.billing.schemas import (
     Alert,
@@ -48,7 +48,6 @@ from services.ledger.repository import LedgerRepository
 
 router = APIRouter(prefix="/v1/billing", tags=["billing"])
 
-CurrentPrincipal = Annotated[Principal, Depends(get_principal)]
 
 NOT_CONFIGURED = ServiceUnavailable(
     "Payments are not configured (KU_RAZORPAY_KEY_ID / KU_RAZORPAY_KEY_SECRET)",
