@@ -1,0 +1,507 @@
+-- Ledger v8 (migration 0010): a batch's plain debits decided together, written once.
+--
+-- Installed by migration 0010 after 0009_hold_path.sql. Every function below is stated
+-- in full; a function not redefined here keeps its body from the newest earlier file.
+-- This file never changes once released (tests/ledger/test_sql_immutable.py).
+--
+-- No rule changes here; docs/ledger.md ("Grouped debits (migration 0010)") has the
+-- figures (bench/ledger_sql.py). What changed, in `apply_batch` only:
+-- * Under 0009 every debit of a batch was about ten statements of its own (the wallet
+--   locked and read, its keys looked up, its lots read, the journal row, two
+--   postings, each lot updated and its draw inserted, the wallet updated, its keys
+--   inserted). Several debits of one user rewrote the same wallet and lot rows, and
+--   within one transaction their old versions cannot be pruned, so each statement
+--   walked a longer chain of them: a hot user's debit cost about twice a spread one.
+-- * Now a run of consecutive plain debits (see `grouped` below) is decided in PL/pgSQL
+--   variables from ONE read of its users' wallets (locked, in user order), ONE read of
+--   their spendable lots (same draw order as a debit's) and ONE read of the run's
+--   idempotency keys, each debit in the batch's order exactly as `_apply` and
+--   `_op_debit` decide it, at one instant (the read's): the same authority checks, the
+--   same replays and `idempotency_key_reused` (an earlier debit of the run, of any
+--   user, counts as stored: the same key twice in one batch replays or is refused as
+--   before), a debit that does not fit is 402 and leaves what later ones see
+--   unchanged. Then the run is written at once: the journal rows, postings, draws and
+--   keys each as one INSERT of arrays, each lot it drew from and each wallet it
+--   debited in one UPDATE (one new row version per row, not one per debit). The
+--   transaction ids are taken in the batch's order, as before. Results and the batch's
+--   one outbox row of events are in the batch's order, as before.
+-- * Everything else goes through `_apply` exactly as under 0009, one operation at a
+--   time: holds, captures, releases, grants, refunds, clawbacks, opens, and a debit
+--   whose authority is audited or not of the plain forms (`any`, `self:`, `linked:`),
+--   whose amount is not a positive integer, that has no app, that has a key but no
+--   scope or hash, or whose user has an expired hold to sweep. Before such an
+--   operation what the run decided so far is written, and after it the run's state is
+--   read again, so it sees and leaves the tables as the one-by-one path would.
+-- * A batch in which something raised runs again one operation per subtransaction
+--   through `_apply`, exactly as under 0009.
+
+CREATE OR REPLACE FUNCTION ledger.apply_batch(ops json)
+RETURNS jsonb LANGUAGE plpgsql AS $$
+DECLARE
+  v_out jsonb[] := '{}';
+  v_events jsonb[] := '{}';
+  v_op json;
+  v_res jsonb;
+  v_state text;
+  v_msg text;
+  v_done boolean := false;
+  v_users text[];
+  v_holds uuid[];
+  v_txs bigint[];
+  -- The batch as jsonb, and which of its operations may be decided in a group.
+  v_ops jsonb[];
+  v_grouped boolean[];
+  n int;
+  i int;
+  j int;
+  o jsonb;
+  v_fall boolean;
+  v_loaded boolean := false;
+  v_now timestamptz;
+  -- One debit.
+  v_user text;
+  v_who text;
+  v_app text;
+  v_amount bigint;
+  v_scope text;
+  v_hash text;
+  v_keys text[];
+  k text;
+  x int;
+  u int;
+  v_last_user text;
+  v_last_u int;
+  v_linked text;
+  v_replay jsonb;
+  v_reused boolean;
+  v_available bigint;
+  v_left bigint;
+  v_take bigint;
+  v_tx bigint;
+  -- The run's users (g_, by position in g_users): their wallets, what is spendable,
+  -- the next lot to draw from, whether an expired hold needs sweeping, their place in
+  -- the wallet update.
+  g_users text[];
+  g_held bigint[];
+  g_debt bigint[];
+  g_available bigint[];
+  g_next int[];
+  g_written int[];
+  v_expired text[];
+  -- The run's lots (l_), each user's together in draw order, and their place in the
+  -- lot update.
+  l_ids bigint[];
+  l_left bigint[];
+  l_user int[];
+  l_written int[];
+  -- Idempotency keys known (stored, or decided earlier in the run): scope and key as
+  -- one text (the scope's length first, so no two pairs give the same text).
+  k_ids text[];
+  k_hash text[];
+  k_status int[];
+  k_response jsonb[];
+  -- What the run writes (w_).
+  w_tx bigint[] := '{}';
+  w_tx_user text[] := '{}';
+  w_tx_app text[] := '{}';
+  w_tx_amount bigint[] := '{}';
+  w_tx_description text[] := '{}';
+  w_tx_reference text[] := '{}';
+  w_draw_tx bigint[] := '{}';
+  w_draw_lot bigint[] := '{}';
+  w_draw_amount bigint[] := '{}';
+  w_lots bigint[] := '{}';
+  w_lot_took bigint[] := '{}';
+  w_wallets text[] := '{}';
+  w_wallet_spent bigint[] := '{}';
+  w_key_scope text[] := '{}';
+  w_key text[] := '{}';
+  w_key_hash text[] := '{}';
+  w_key_status int[] := '{}';
+  w_key_response jsonb[] := '{}';
+BEGIN
+  -- The users whose wallets the batch locks in advance (migration 0007), when it holds
+  -- an operation keyed by a hold or a transaction. Those keys are looked for in the
+  -- text, and first: parsing the batch's JSON for them cost 5 % of a debit. The batch
+  -- is read once; the holds' and the transactions' users are looked up by key. A value
+  -- that cannot be read here (text jsonb refuses) leaves the batch without advance
+  -- locks: each operation still locks its own wallet, and fails alone below if it must.
+  -- This block only reads: its subtransaction takes no transaction id.
+  IF (strpos(ops::text, '"hold_id"') > 0 OR strpos(ops::text, '"transaction_id"') > 0)
+     AND json_array_length(ops) > 1
+  THEN
+    BEGIN
+      SELECT array_agg(e->>'user_id') FILTER (WHERE e->>'user_id' IS NOT NULL),
+             array_agg((e->>'hold_id')::uuid) FILTER (WHERE e->>'hold_id' ~
+               '^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}$'),
+             array_agg((e->>'transaction_id')::bigint)
+               FILTER (WHERE e->>'transaction_id' ~ '^[0-9]{1,18}$')
+        INTO v_users, v_holds, v_txs
+        FROM json_array_elements(ops) e;
+      v_users := COALESCE(v_users, '{}')
+                 || ARRAY(SELECT user_id FROM ledger.holds WHERE id = ANY (v_holds))
+                 || ARRAY(SELECT user_id FROM ledger.transactions WHERE id = ANY (v_txs));
+    EXCEPTION WHEN OTHERS THEN
+      GET STACKED DIAGNOSTICS v_state = RETURNED_SQLSTATE;
+      IF v_state LIKE '40%' THEN
+        RAISE;
+      END IF;
+      v_users := NULL;
+    END;
+  END IF;
+  BEGIN
+    -- The advance locks, taken by key, in the same subtransaction as the operations
+    -- (migration 0009).
+    IF v_users IS NOT NULL THEN
+      PERFORM 1 FROM ledger.wallets WHERE user_id = ANY (v_users)
+       ORDER BY user_id COLLATE "C"
+         FOR UPDATE;
+    END IF;
+    -- The batch once as jsonb (text jsonb refuses raises here: the batch then runs one
+    -- operation at a time below, as before). `grouped`: a debit whose outcome can be
+    -- decided from the run's reads. The amount is checked as text, so no cast can
+    -- raise; anything else goes through `_apply`.
+    SELECT array_agg(s.op ORDER BY s.ord),
+           array_agg(COALESCE(
+             s.op->>'op' = 'debit'
+             AND jsonb_typeof(s.op->'auth') = 'object'
+             AND NOT (s.op->'auth') ? 'audit'
+             AND (s.op->'auth'->>'user' = 'any' OR s.op->'auth'->>'user' LIKE 'self:%'
+                  OR s.op->'auth'->>'user' LIKE 'linked:%')
+             AND s.op->>'user_id' IS NOT NULL
+             AND s.op->>'app' IS NOT NULL
+             AND s.op->>'amount' ~ '^0*[1-9][0-9]{0,17}$'
+             AND ((s.op->>'key' IS NULL AND s.op->>'alt_key' IS NULL)
+                  OR (s.op->>'scope' IS NOT NULL AND s.op->>'hash' IS NOT NULL)),
+             false) ORDER BY s.ord)
+      INTO v_ops, v_grouped
+      FROM (SELECT e.value::jsonb AS op, e.ord
+              FROM json_array_elements(ops) WITH ORDINALITY AS e(value, ord)) s;
+    n := COALESCE(cardinality(v_ops), 0);
+    i := 1;
+    LOOP
+      v_fall := i > n OR NOT v_grouped[i];
+      IF NOT v_fall THEN
+        o := v_ops[i];
+        v_user := o->>'user_id';
+        IF NOT v_loaded THEN
+          -- Read the run (this operation and the grouped ones after it): its users'
+          -- wallets, locked in user order (the committer's order), ...
+          j := i;
+          WHILE j < n AND v_grouped[j + 1] LOOP
+            j := j + 1;
+          END LOOP;
+          SELECT array_agg(w.user_id), array_agg(w.held_milli), array_agg(w.debt_milli)
+            INTO g_users, g_held, g_debt
+            FROM (SELECT user_id, held_milli, debt_milli FROM ledger.wallets
+                   WHERE user_id = ANY (ARRAY(SELECT r->>'user_id' FROM unnest(v_ops[i:j]) r))
+                   ORDER BY user_id COLLATE "C"
+                     FOR UPDATE) w;
+          g_users := COALESCE(g_users, '{}');
+          g_available := array_fill(0::bigint, ARRAY[cardinality(g_users)]);
+          g_next := array_fill(NULL::int, ARRAY[cardinality(g_users)]);
+          g_written := g_next;
+          -- ... at one instant: which of them has an expired hold to sweep (only a
+          -- user with an active hold holds something) ...
+          v_now := clock_timestamp();
+          v_expired := '{}';
+          IF 0 < ANY (g_held) THEN
+            v_expired := ARRAY(SELECT DISTINCT user_id FROM ledger.holds
+                                WHERE user_id = ANY (g_users) AND status = 'active'
+                                  AND expires_at <= v_now);
+          END IF;
+          -- ... their spendable lots in the order a debit draws them (soonest-expiring,
+          -- then priority, then oldest; nothing is spendable while in debt) ...
+          SELECT array_agg(g.id ORDER BY g.ord, g.expires_at ASC NULLS LAST, g.priority DESC, g.id),
+                 array_agg(g.remaining_milli ORDER BY g.ord, g.expires_at ASC NULLS LAST, g.priority DESC, g.id),
+                 array_agg(g.ord ORDER BY g.ord, g.expires_at ASC NULLS LAST, g.priority DESC, g.id)
+            INTO l_ids, l_left, l_user
+            FROM (SELECT array_position(g_users, user_id) AS ord, id, remaining_milli,
+                         expires_at, priority
+                    FROM ledger.grants
+                   WHERE user_id = ANY (ARRAY(SELECT g_users[p]
+                                                FROM generate_subscripts(g_users, 1) p
+                                               WHERE g_debt[p] = 0))
+                     AND spendable
+                     AND (expires_at IS NULL OR expires_at > v_now)) g;
+          l_written := array_fill(NULL::int, ARRAY[COALESCE(cardinality(l_ids), 0)]);
+          FOR p IN 1 .. COALESCE(cardinality(l_ids), 0) LOOP
+            g_available[l_user[p]] := g_available[l_user[p]] + l_left[p];
+            IF g_next[l_user[p]] IS NULL THEN
+              g_next[l_user[p]] := p;
+            END IF;
+          END LOOP;
+          -- ... and the idempotency keys its debits carry.
+          SELECT array_agg(length(scope) || ':' || scope || key), array_agg(request_hash),
+                 array_agg(status_code), array_agg(response)
+            INTO k_ids, k_hash, k_status, k_response
+            FROM ledger.idempotency_keys
+           WHERE scope = ANY (ARRAY(SELECT r->>'scope' FROM unnest(v_ops[i:j]) r))
+             AND key = ANY (ARRAY(SELECT rk FROM unnest(v_ops[i:j]) r,
+                                  unnest(ARRAY[r->>'key', r->>'alt_key']) rk))
+             AND length(scope) || ':' || scope || key = ANY (ARRAY(
+                   SELECT length(r->>'scope') || ':' || (r->>'scope') || rk
+                     FROM unnest(v_ops[i:j]) r, unnest(ARRAY[r->>'key', r->>'alt_key']) rk
+                    WHERE rk IS NOT NULL));
+          k_ids := COALESCE(k_ids, '{}');
+          k_hash := COALESCE(k_hash, '{}');
+          k_status := COALESCE(k_status, '{}');
+          k_response := COALESCE(k_response, '{}');
+          v_last_user := NULL;
+          v_linked := NULL;
+          v_loaded := true;
+        END IF;
+        IF v_user = v_last_user THEN
+          u := v_last_u;
+        ELSE
+          u := array_position(g_users, v_user);
+          v_last_user := v_user;
+          v_last_u := u;
+        END IF;
+        -- A user with an expired hold: `_apply` sweeps it first.
+        v_fall := v_user = ANY (v_expired);
+      END IF;
+
+      IF v_fall THEN
+        -- What the run decided so far is written before anything else runs.
+        IF cardinality(w_tx) > 0 THEN
+          INSERT INTO ledger.transactions (id, kind, user_id, app, delta_milli, amount_milli,
+                                           description, reference)
+          SELECT t.id, 'debit', t.u, t.app, -t.amount, t.amount, t.description, t.reference
+            FROM unnest(w_tx, w_tx_user, w_tx_app, w_tx_amount, w_tx_description,
+                        w_tx_reference) AS t(id, u, app, amount, description, reference);
+          INSERT INTO ledger.postings (tx_id, account, owner, amount_milli)
+          SELECT t.id, p.account, p.owner, p.amount
+            FROM unnest(w_tx, w_tx_user, w_tx_app, w_tx_amount) WITH ORDINALITY
+                   AS t(id, u, app, amount, ord)
+           CROSS JOIN LATERAL (VALUES (1, 'wallet', t.u, -t.amount),
+                                      (2, 'spend', t.app, t.amount)) AS p(pos, account, owner, amount)
+           ORDER BY t.ord, p.pos;
+          INSERT INTO ledger.draws (tx_id, grant_id, amount_milli)
+          SELECT * FROM unnest(w_draw_tx, w_draw_lot, w_draw_amount);
+          UPDATE ledger.grants
+             SET remaining_milli = remaining_milli - w_lot_took[array_position(w_lots, id)]
+           WHERE id = ANY (w_lots);
+          UPDATE ledger.wallets
+             SET balance_milli = balance_milli - w_wallet_spent[array_position(w_wallets, user_id)],
+                 updated_at = now()
+           WHERE user_id = ANY (w_wallets);
+          w_tx := '{}'; w_tx_user := '{}'; w_tx_app := '{}'; w_tx_amount := '{}';
+          w_tx_description := '{}'; w_tx_reference := '{}';
+          w_draw_tx := '{}'; w_draw_lot := '{}'; w_draw_amount := '{}';
+          w_lots := '{}'; w_lot_took := '{}'; w_wallets := '{}'; w_wallet_spent := '{}';
+        END IF;
+        IF cardinality(w_key) > 0 THEN
+          INSERT INTO ledger.idempotency_keys (scope, key, request_hash, status_code, response)
+          SELECT * FROM unnest(w_key_scope, w_key, w_key_hash, w_key_status, w_key_response)
+          ON CONFLICT DO NOTHING;
+          w_key_scope := '{}'; w_key := '{}'; w_key_hash := '{}'; w_key_status := '{}';
+          w_key_response := '{}';
+        END IF;
+        -- What is read for a run is read again after an operation of the other path.
+        v_loaded := false;
+        EXIT WHEN i > n;
+        v_res := ledger._apply(v_ops[i]);
+        IF v_res ? 'event' THEN
+          v_events := array_append(v_events, v_res->'event');
+          v_res := v_res - 'event';
+        END IF;
+        v_out := array_append(v_out, v_res);
+        i := i + 1;
+        CONTINUE;
+      END IF;
+
+      -- One debit, decided as `_apply` and `_op_debit` decide it.
+      v_res := NULL;
+      v_who := o->'auth'->>'user';
+      IF v_who LIKE 'self:%' THEN
+        IF substr(v_who, 6) IS DISTINCT FROM v_user THEN
+          v_res := ledger._err(403, 'wrong_user', 'This principal may act only on its own user');
+        END IF;
+      ELSIF v_who LIKE 'linked:%' THEN
+        IF v_linked IS DISTINCT FROM v_user || ' ' || v_who THEN
+          PERFORM 1 FROM ledger.app_links WHERE user_id = v_user AND app = substr(v_who, 8);
+          IF FOUND THEN
+            v_linked := v_user || ' ' || v_who;
+          ELSE
+            v_res := ledger._err(403, 'user_not_linked', 'This user is not linked to the app',
+                                 jsonb_build_object('app', substr(v_who, 8)));
+          END IF;
+        END IF;
+      END IF;
+      IF v_res IS NULL AND u IS NULL THEN
+        v_res := ledger._err(404, 'unknown_user', 'No ledger account for this user',
+                             jsonb_build_object('user_id', v_user));
+      END IF;
+      IF v_res IS NOT NULL THEN
+        -- Denied or no such user: nothing remembered, nothing written.
+        v_out := array_append(v_out, v_res);
+        i := i + 1;
+        CONTINUE;
+      END IF;
+
+      v_keys := array_remove(ARRAY[o->>'key', o->>'alt_key'], NULL);
+      v_scope := o->>'scope';
+      v_hash := o->>'hash';
+      v_replay := NULL;
+      v_reused := false;
+      FOREACH k IN ARRAY v_keys LOOP
+        x := array_position(k_ids, length(v_scope) || ':' || v_scope || k);
+        IF x IS NOT NULL THEN
+          IF k_hash[x] <> v_hash THEN
+            v_reused := true;
+            EXIT;
+          END IF;
+          IF v_replay IS NULL THEN
+            v_replay := CASE WHEN k_status[x] >= 400
+                             THEN jsonb_build_object('status', k_status[x],
+                                                     'error', k_response[x]->'error')
+                             ELSE jsonb_build_object('status', k_status[x], 'body', k_response[x])
+                        END || jsonb_build_object('replayed', true);
+          END IF;
+        END IF;
+      END LOOP;
+      IF v_reused THEN
+        v_out := array_append(v_out, ledger._err(409, 'idempotency_key_reused',
+          'This idempotency key or reference was used with a different request'));
+        i := i + 1;
+        CONTINUE;
+      END IF;
+
+      IF v_replay IS NOT NULL THEN
+        v_res := v_replay;
+      ELSE
+        v_amount := (o->>'amount')::bigint;
+        v_app := o->>'app';
+        v_available := CASE WHEN g_debt[u] = 0 THEN g_available[u] ELSE 0 END;
+        IF v_available < v_amount THEN
+          v_res := ledger._err(402, 'insufficient_credits', 'Insufficient credits',
+                               jsonb_build_object('available_milli', v_available,
+                                                  'required_milli', v_amount));
+        ELSE
+          v_tx := nextval('ledger.transactions_id_seq');
+          w_tx := array_append(w_tx, v_tx);
+          w_tx_user := array_append(w_tx_user, v_user);
+          w_tx_app := array_append(w_tx_app, v_app);
+          w_tx_amount := array_append(w_tx_amount, v_amount);
+          w_tx_description := array_append(w_tx_description, o->>'description');
+          w_tx_reference := array_append(w_tx_reference, o->>'reference');
+          -- One draw per lot it spends, from the user's next lot on.
+          v_left := v_amount;
+          x := g_next[u];
+          WHILE v_left > 0 LOOP
+            v_take := least(l_left[x], v_left);
+            l_left[x] := l_left[x] - v_take;
+            w_draw_tx := array_append(w_draw_tx, v_tx);
+            w_draw_lot := array_append(w_draw_lot, l_ids[x]);
+            w_draw_amount := array_append(w_draw_amount, v_take);
+            IF l_written[x] IS NULL THEN
+              w_lots := array_append(w_lots, l_ids[x]);
+              w_lot_took := array_append(w_lot_took, v_take);
+              l_written[x] := cardinality(w_lots);
+            ELSE
+              w_lot_took[l_written[x]] := w_lot_took[l_written[x]] + v_take;
+            END IF;
+            v_left := v_left - v_take;
+            IF l_left[x] = 0 THEN
+              x := x + 1;
+            END IF;
+          END LOOP;
+          g_next[u] := x;
+          IF g_written[u] IS NULL THEN
+            w_wallets := array_append(w_wallets, v_user);
+            w_wallet_spent := array_append(w_wallet_spent, v_amount);
+            g_written[u] := cardinality(w_wallets);
+          ELSE
+            w_wallet_spent[g_written[u]] := w_wallet_spent[g_written[u]] + v_amount;
+          END IF;
+          g_available[u] := g_available[u] - v_amount;
+          v_available := g_available[u];
+          v_res := jsonb_build_object(
+            'status', 201,
+            'body', jsonb_build_object(
+              'transaction_id', v_tx, 'user_id', v_user, 'app', v_app, 'amount_milli', v_amount,
+              'description', o->>'description', 'reference', o->>'reference',
+              'created_at', now(), 'available_milli', v_available, 'held_milli', g_held[u],
+              'debt_milli', g_debt[u]));
+          v_events := array_append(v_events, jsonb_build_object(
+            'user_id', v_user, 'available_milli', v_available, 'held_milli', g_held[u],
+            'debt_milli', g_debt[u], 'delta_milli', -v_amount, 'reason', 'debit', 'app', v_app,
+            'transaction_id', v_tx));
+        END IF;
+      END IF;
+      -- Remembered under each of its keys not stored yet (`ON CONFLICT DO NOTHING`): the
+      -- first outcome for good, a replay under the key it was not known by.
+      FOREACH k IN ARRAY v_keys LOOP
+        IF array_position(k_ids, length(v_scope) || ':' || v_scope || k) IS NULL THEN
+          k_ids := array_append(k_ids, length(v_scope) || ':' || v_scope || k);
+          k_hash := array_append(k_hash, v_hash);
+          k_status := array_append(k_status, (v_res->>'status')::int);
+          k_response := array_append(k_response,
+            COALESCE(v_res->'body', jsonb_build_object('error', v_res->'error')));
+          w_key_scope := array_append(w_key_scope, v_scope);
+          w_key := array_append(w_key, k);
+          w_key_hash := array_append(w_key_hash, v_hash);
+          w_key_status := array_append(w_key_status, k_status[cardinality(k_status)]);
+          w_key_response := array_append(w_key_response, k_response[cardinality(k_response)]);
+        END IF;
+      END LOOP;
+      v_out := array_append(v_out, v_res);
+      i := i + 1;
+    END LOOP;
+    v_done := true;
+  EXCEPTION WHEN OTHERS THEN
+    GET STACKED DIAGNOSTICS v_state = RETURNED_SQLSTATE;
+    IF v_state LIKE '40%' OR v_state = '23505' THEN
+      RAISE;
+    END IF;
+  END;
+  IF NOT v_done THEN
+    -- The attempt's locks went with it: the same advance locks again, for the retry
+    -- (in a block of their own, as 0007 took them: this path is rare). If they fail,
+    -- each operation still locks its own wallet.
+    IF v_users IS NOT NULL THEN
+      BEGIN
+        PERFORM 1 FROM ledger.wallets WHERE user_id = ANY (v_users)
+         ORDER BY user_id COLLATE "C"
+           FOR UPDATE;
+      EXCEPTION WHEN OTHERS THEN
+        GET STACKED DIAGNOSTICS v_state = RETURNED_SQLSTATE;
+        IF v_state LIKE '40%' THEN
+          RAISE;
+        END IF;
+      END;
+    END IF;
+    v_out := '{}';
+    v_events := '{}';
+    FOR v_op IN SELECT value FROM json_array_elements(ops) LOOP
+      BEGIN
+        v_res := ledger._apply(v_op::jsonb);
+      EXCEPTION WHEN OTHERS THEN
+        GET STACKED DIAGNOSTICS v_state = RETURNED_SQLSTATE, v_msg = MESSAGE_TEXT;
+        IF v_state LIKE '40%' OR v_state = '23505' THEN
+          RAISE;
+        END IF;
+        v_res := CASE WHEN v_state LIKE '22%'
+          THEN ledger._err(422, 'invalid_input', 'The operation holds a value the ledger cannot store',
+                           jsonb_build_object('sqlstate', v_state, 'reason', v_msg))
+          ELSE ledger._err(500, 'ledger_error', 'The ledger could not apply this operation',
+                           jsonb_build_object('sqlstate', v_state))
+        END;
+      END;
+      IF v_res ? 'event' THEN
+        v_events := array_append(v_events, v_res->'event');
+        v_res := v_res - 'event';
+      END IF;
+      v_out := array_append(v_out, v_res);
+    END LOOP;
+  END IF;
+  IF cardinality(v_events) = 1 THEN
+    INSERT INTO ledger.outbox (id, topic, payload)
+    VALUES (gen_random_uuid(), 'credits.changed', v_events[1]);
+  ELSIF cardinality(v_events) > 1 THEN
+    INSERT INTO ledger.outbox (id, topic, payload)
+    VALUES (gen_random_uuid(), 'credits.changed', to_jsonb(v_events));
+  END IF;
+  RETURN to_jsonb(v_out);
+END $$;
