@@ -1,7 +1,7 @@
-"""What one debit writes since migrations 0005 and 0006 (docs/ledger.md "Rows one debit
-writes" and "What one debit costs in SQL"), counted by Postgres inside the debit's own
-transaction (`pg_stat_xact_user_tables`, exact and not delayed), and the
-subtransactions a batch takes (a row's `xmin` names the subtransaction that inserted
+"""What one debit writes since migrations 0005, 0006 and 0010 (docs/ledger.md "Rows one
+debit writes", "What one debit costs in SQL" and "Grouped debits"), counted by Postgres
+inside the debit's own transaction (`pg_stat_xact_user_tables`, exact and not delayed),
+and the subtransactions a batch takes (a row's `xmin` names the subtransaction that inserted
 it)."""
 
 from __future__ import annotations
@@ -86,6 +86,26 @@ async def test_one_debit_writes_six_rows_and_updates_in_place(db):
         "outbox": (1, 0, 0),
         "idempotency_keys": (1, 0, 0),
         "grants": (0, 1, 1),  # the lot: updated in place, no index entry
+        "wallets": (0, 1, 1),
+    }
+
+
+async def test_one_users_debits_in_a_batch_update_its_wallet_and_lot_once(db):
+    """Since 0010 a run of debits is written at once: a user's wallet and each lot it
+    drew from get one new version per batch, not one per debit (0009: 10 and 10)."""
+    (user,) = await _funded(db)
+    results, delta = await _written(db, [_debit(user) for _ in range(10)])
+    assert [r["status"] for r in results] == [201] * 10
+    assert [r["body"]["available_milli"] for r in results] == [
+        1_000_000 - 1000 * n for n in range(1, 11)
+    ]
+    assert delta == {
+        "transactions": (10, 0, 0),
+        "postings": (20, 0, 0),
+        "draws": (10, 0, 0),
+        "outbox": (1, 0, 0),
+        "idempotency_keys": (10, 0, 0),
+        "grants": (0, 1, 1),
         "wallets": (0, 1, 1),
     }
 

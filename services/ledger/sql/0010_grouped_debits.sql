@@ -373,7 +373,7 @@ BEGIN
       ELSE
         v_amount := (o->>'amount')::bigint;
         v_app := o->>'app';
-        v_available := CASE WHEN g_debt[u] = 0 THEN g_available[u] ELSE 0 END;
+        v_available := g_available[u];  -- 0 in debt: its lots were not read
         IF v_available < v_amount THEN
           v_res := ledger._err(402, 'insufficient_credits', 'Insufficient credits',
                                jsonb_build_object('available_milli', v_available,
