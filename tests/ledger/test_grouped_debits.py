@@ -9,8 +9,9 @@ installed `ledger.apply_batch`. The per-item results, every row of the test's us
 idempotency rows of its scopes and the outbox rows the batch wrote must be the same.
 Ids the two runs take from sequences are compared by their order among the ids the
 batch took; hold ids by the transaction that placed the hold. The new path's state is
-then committed and the next batch builds on it: keys reused across batches, holds
-resolved, charges refunded, lots expired and debts between batches."""
+then kept (in a transaction rolled back at the end) and the next batch builds on it:
+keys reused across batches, holds resolved, charges refunded, lots expired and debts
+between batches."""
 
 from __future__ import annotations
 
@@ -53,14 +54,19 @@ def _reference_sql(schema: str) -> str:
 
 @pytest.fixture
 async def db(ku_database_url: str) -> AsyncIterator[tuple[asyncpg.Connection, str]]:
+    """A connection in a transaction that is rolled back at the end: the states made
+    here (a debt beside spendable lots) must not reach other tests' `verify`. Each
+    batch below is a savepoint of it, so `now()` is this transaction's throughout."""
     conn = await asyncpg.connect(plain_url(ku_database_url))
+    outer = conn.transaction()
+    await outer.start()
     schema = f"ledger_ref_{secrets.token_hex(4)}"
     await conn.execute(f"CREATE SCHEMA {schema}")
     await conn.execute(_reference_sql(schema))
     try:
         yield conn, schema
     finally:
-        await conn.execute(f"DROP SCHEMA {schema} CASCADE")
+        await outer.rollback()
         await conn.close()
 
 
@@ -83,6 +89,7 @@ class World:
         self.charges: list[int] = []
         self.holds: list[str] = []
         self.payments: list[tuple[str, str]] = []  # (user, reference) of purchase lots
+        self.outbox: list[str] = []  # outbox rows of earlier batches (the same `now()`)
 
     def keys(self, op: dict[str, Any]) -> dict[str, Any]:
         """Its idempotency keys as the service sets them: the Idempotency-Key header, or
@@ -341,7 +348,7 @@ _ROWS = {
     "keys": "SELECT scope, key, request_hash, status_code, response::text AS response, created_at"
     " FROM ledger.idempotency_keys WHERE scope = ANY($1::text[]) ORDER BY scope, key",
     "outbox": "SELECT topic, payload::text AS payload, created_at FROM ledger.outbox"
-    " WHERE created_at = now()",
+    " WHERE created_at = now() AND NOT id = ANY($1::uuid[])",
 }
 
 
@@ -349,7 +356,7 @@ async def _snapshot(conn: asyncpg.Connection, world: World) -> dict[str, list[di
     users = [*world.users, world.ghost, world.late]
     snap: dict[str, list[dict[str, Any]]] = {}
     for name, sql in _ROWS.items():
-        args: list[Any] = [world.scopes if name == "keys" else users] if "$1" in sql else []
+        args = [{"keys": world.scopes, "outbox": world.outbox}.get(name, users)]
         rows = [dict(r) for r in await conn.fetch(sql, *args)]
         for row in rows:
             for col in ("response", "payload"):
@@ -416,6 +423,10 @@ async def _both(conn: asyncpg.Connection, schema: str, world: World, ops: list) 
     """The batch through 0009's path (rolled back) and through the installed one
     (committed), from the same state, in one transaction (the same `now()`)."""
     payload = orjson.dumps(ops).decode()
+    world.outbox = [
+        str(r["id"])
+        for r in await conn.fetch("SELECT id FROM ledger.outbox WHERE created_at = now()")
+    ]
     async with conn.transaction():
         tx_base, lot_base = await _sequences(conn)
         try:
