@@ -4,7 +4,9 @@ bytes, and where `ledger.apply_batch` spends its time, per PL/pgSQL function.
 Self-contained like bench/ledger.py: a scratch database on KU_DATABASE_URL's server,
 2,000 users with one grant each (and one hot user), then ROUNDS batches of 100 debits
 through `ledger.apply_batch` from ONE connection (no lock waits: this is the SQL's own
-cost, not contention), for the many-users case and for the hot-user case.
+cost, not contention), for the many-users case, the hot-user case and 10 users (ten
+debits each, as a few busy users' batches are), and debits one per statement (the
+committer's batch when it has one operation).
 
 Then the cases of a generation (`KU_BENCH_SQL_HOLDS=0` skips them), over the 2,000
 users, rows and times per operation:
@@ -132,6 +134,11 @@ class Variant:
     def _payloads(self, users: list[str], kind: str) -> list[str]:
         if kind == "debits":
             return [_direct_ops(users)]
+        if kind == "single debits":
+            # BATCH statements of one debit each (the committer's batch at low load).
+            return [
+                orjson.dumps(orjson.loads(_direct_ops(users))[:1]).decode() for _ in range(BATCH)
+            ]
         if kind == "holds":
             return [orjson.dumps([_hold(users)]).decode() for _ in range(BATCH)]
         if kind in ("captures", "releases"):
@@ -333,6 +340,8 @@ async def main() -> None:
         many = [f"bench-{i}" for i in range(MANY_USERS)]
         await case(variants, f"{BATCH} debits over {MANY_USERS} users", many)
         await case(variants, f"{BATCH} debits of one hot user", ["bench-hot"])
+        await case(variants, f"{BATCH} debits over 10 users", many[:10])
+        await case(variants, "debits, one per statement", many, "single debits")
         if os.environ.get("KU_BENCH_SQL_HOLDS", "1") == "1":
             await case(variants, "holds, one per statement (its commit included)", many, "holds")
             await case(variants, "captures of 40 %, one per statement", many, "captures")

@@ -12,31 +12,39 @@
 --   inserted). Several debits of one user rewrote the same wallet and lot rows, and
 --   within one transaction their old versions cannot be pruned, so each statement
 --   walked a longer chain of them: a hot user's debit cost about twice a spread one.
--- * Now a run of consecutive plain debits (see `grouped` below) is decided in PL/pgSQL
---   variables from ONE read of its users' wallets (locked, in user order), ONE read of
---   their spendable lots (same draw order as a debit's) and ONE read of the run's
---   idempotency keys, each debit in the batch's order exactly as `_apply` and
---   `_op_debit` decide it, at one instant (the read's): the same authority checks, the
---   same replays and `idempotency_key_reused` (an earlier debit of the run, of any
---   user, counts as stored: the same key twice in one batch replays or is refused as
---   before), a debit that does not fit is 402 and leaves what later ones see
---   unchanged. Then the run is written at once: the journal rows, postings, draws and
---   keys each as one INSERT of arrays, each lot it drew from and each wallet it
---   debited in one UPDATE (one new row version per row, not one per debit). The
---   transaction ids are taken in the batch's order, as before. Results and the batch's
---   one outbox row of events are in the batch's order, as before.
+-- * Now a run of at least three consecutive plain debits (see `grouped` and MIN_RUN
+--   below) is decided in PL/pgSQL variables from ONE read of its users' wallets
+--   (locked, in user order), ONE read of their spendable lots (same draw order as a
+--   debit's) and ONE read of the run's idempotency keys, each debit in the batch's
+--   order exactly as `_apply` and `_op_debit` decide it, at one instant (the read's):
+--   the same authority checks, the same replays and `idempotency_key_reused` (an
+--   earlier debit of the run, of any user, counts as stored: the same key twice in one
+--   batch replays or is refused as before), a debit that does not fit is 402 and
+--   leaves what later ones see unchanged. Then the run is written at once: the journal
+--   rows, postings, draws and keys each as one INSERT of arrays, each lot it drew from
+--   and each wallet it debited in one UPDATE (one new row version per row, not one per
+--   debit). The transaction ids are taken in the batch's order, as before. Results and
+--   the batch's one outbox row of events are in the batch's order, as before.
 -- * Everything else goes through `_apply` exactly as under 0009, one operation at a
---   time: holds, captures, releases, grants, refunds, clawbacks, opens, and a debit
---   whose authority is audited or not of the plain forms (`any`, `self:`, `linked:`),
---   whose amount is not a positive integer, that has no app, that has a key but no
---   scope or hash, or whose user has an expired hold to sweep. Before such an
---   operation what the run decided so far is written, and after it the run's state is
---   read again, so it sees and leaves the tables as the one-by-one path would.
+--   time: a batch of one or two operations; a run of one or two debits (a run's own
+--   reads and writes cost about as much as two debits one by one); holds, captures,
+--   releases, grants, refunds, clawbacks, opens; and a debit whose authority is
+--   audited or not of the plain forms (`any`, `self:`, `linked:`), whose amount is not
+--   a positive integer, that has no app, that has a key but no scope or hash, or whose
+--   user has an expired hold to sweep. Before such an operation what the run decided
+--   so far is written, and after it the run's state is read again, so it sees and
+--   leaves the tables as the one-by-one path would.
 -- * A batch in which something raised runs again one operation per subtransaction
 --   through `_apply`, exactly as under 0009.
+-- * `apply_batch` runs with `plan_cache_mode = force_generic_plan`. The run's statements
+--   take arrays whose length the planner knows only when it plans for the values at
+--   hand; with the default it kept planning them again for every batch (a fifth of a
+--   small batch's time in `perf`). The generic plans probe the indexes by key (`= ANY`
+--   on the primary keys and `ix_grants_spendable`); `_apply`'s statements already ran
+--   on generic plans.
 
 CREATE OR REPLACE FUNCTION ledger.apply_batch(ops json)
-RETURNS jsonb LANGUAGE plpgsql AS $$
+RETURNS jsonb LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
   v_out jsonb[] := '{}';
   v_events jsonb[] := '{}';
@@ -88,6 +96,11 @@ DECLARE
   g_next int[];
   g_written int[];
   v_expired text[];
+  -- The run's users, scopes and keys, read from its operations.
+  r_users text[];
+  r_scopes text[];
+  r_keys text[];
+  r_ids text[];
   -- The run's lots (l_), each user's together in draw order, and their place in the
   -- lot update.
   l_ids bigint[];
@@ -107,6 +120,10 @@ DECLARE
   w_tx_amount bigint[] := '{}';
   w_tx_description text[] := '{}';
   w_tx_reference text[] := '{}';
+  w_post_tx bigint[] := '{}';
+  w_post_account text[] := '{}';
+  w_post_owner text[] := '{}';
+  w_post_amount bigint[] := '{}';
   w_draw_tx bigint[] := '{}';
   w_draw_lot bigint[] := '{}';
   w_draw_amount bigint[] := '{}';
@@ -157,298 +174,328 @@ BEGIN
        ORDER BY user_id COLLATE "C"
          FOR UPDATE;
     END IF;
-    -- The batch once as jsonb (text jsonb refuses raises here: the batch then runs one
-    -- operation at a time below, as before). `grouped`: a debit whose outcome can be
-    -- decided from the run's reads. The amount is checked as text, so no cast can
-    -- raise; anything else goes through `_apply`.
-    SELECT array_agg(s.op ORDER BY s.ord),
-           array_agg(COALESCE(
-             s.op->>'op' = 'debit'
-             AND jsonb_typeof(s.op->'auth') = 'object'
-             AND NOT (s.op->'auth') ? 'audit'
-             AND (s.op->'auth'->>'user' = 'any' OR s.op->'auth'->>'user' LIKE 'self:%'
-                  OR s.op->'auth'->>'user' LIKE 'linked:%')
-             AND s.op->>'user_id' IS NOT NULL
-             AND s.op->>'app' IS NOT NULL
-             AND s.op->>'amount' ~ '^0*[1-9][0-9]{0,17}$'
-             AND ((s.op->>'key' IS NULL AND s.op->>'alt_key' IS NULL)
-                  OR (s.op->>'scope' IS NOT NULL AND s.op->>'hash' IS NOT NULL)),
-             false) ORDER BY s.ord)
-      INTO v_ops, v_grouped
-      FROM (SELECT e.value::jsonb AS op, e.ord
-              FROM json_array_elements(ops) WITH ORDINALITY AS e(value, ord)) s;
-    n := COALESCE(cardinality(v_ops), 0);
-    i := 1;
-    LOOP
-      v_fall := i > n OR NOT v_grouped[i];
-      IF NOT v_fall THEN
-        o := v_ops[i];
-        v_user := o->>'user_id';
-        IF NOT v_loaded THEN
-          -- Read the run (this operation and the grouped ones after it): its users'
-          -- wallets, locked in user order (the committer's order), ...
-          j := i;
-          WHILE j < n AND v_grouped[j + 1] LOOP
-            j := j + 1;
-          END LOOP;
-          SELECT array_agg(w.user_id), array_agg(w.held_milli), array_agg(w.debt_milli)
-            INTO g_users, g_held, g_debt
-            FROM (SELECT user_id, held_milli, debt_milli FROM ledger.wallets
-                   WHERE user_id = ANY (ARRAY(SELECT r->>'user_id' FROM unnest(v_ops[i:j]) r))
-                   ORDER BY user_id COLLATE "C"
-                     FOR UPDATE) w;
-          g_users := COALESCE(g_users, '{}');
-          g_available := array_fill(0::bigint, ARRAY[cardinality(g_users)]);
-          g_next := array_fill(NULL::int, ARRAY[cardinality(g_users)]);
-          g_written := g_next;
-          -- ... at one instant: which of them has an expired hold to sweep (only a
-          -- user with an active hold holds something) ...
-          v_now := clock_timestamp();
-          v_expired := '{}';
-          IF 0 < ANY (g_held) THEN
-            v_expired := ARRAY(SELECT DISTINCT user_id FROM ledger.holds
-                                WHERE user_id = ANY (g_users) AND status = 'active'
-                                  AND expires_at <= v_now);
-          END IF;
-          -- ... their spendable lots in the order a debit draws them (soonest-expiring,
-          -- then priority, then oldest; nothing is spendable while in debt) ...
-          SELECT array_agg(g.id ORDER BY g.ord, g.expires_at ASC NULLS LAST, g.priority DESC, g.id),
-                 array_agg(g.remaining_milli ORDER BY g.ord, g.expires_at ASC NULLS LAST, g.priority DESC, g.id),
-                 array_agg(g.ord ORDER BY g.ord, g.expires_at ASC NULLS LAST, g.priority DESC, g.id)
-            INTO l_ids, l_left, l_user
-            FROM (SELECT array_position(g_users, user_id) AS ord, id, remaining_milli,
-                         expires_at, priority
-                    FROM ledger.grants
-                   WHERE user_id = ANY (ARRAY(SELECT g_users[p]
-                                                FROM generate_subscripts(g_users, 1) p
-                                               WHERE g_debt[p] = 0))
-                     AND spendable
-                     AND (expires_at IS NULL OR expires_at > v_now)) g;
-          l_written := array_fill(NULL::int, ARRAY[COALESCE(cardinality(l_ids), 0)]);
-          FOR p IN 1 .. COALESCE(cardinality(l_ids), 0) LOOP
-            g_available[l_user[p]] := g_available[l_user[p]] + l_left[p];
-            IF g_next[l_user[p]] IS NULL THEN
-              g_next[l_user[p]] := p;
-            END IF;
-          END LOOP;
-          -- ... and the idempotency keys its debits carry.
-          SELECT array_agg(length(scope) || ':' || scope || key), array_agg(request_hash),
-                 array_agg(status_code), array_agg(response)
-            INTO k_ids, k_hash, k_status, k_response
-            FROM ledger.idempotency_keys
-           WHERE scope = ANY (ARRAY(SELECT r->>'scope' FROM unnest(v_ops[i:j]) r))
-             AND key = ANY (ARRAY(SELECT rk FROM unnest(v_ops[i:j]) r,
-                                  unnest(ARRAY[r->>'key', r->>'alt_key']) rk))
-             AND length(scope) || ':' || scope || key = ANY (ARRAY(
-                   SELECT length(r->>'scope') || ':' || (r->>'scope') || rk
-                     FROM unnest(v_ops[i:j]) r, unnest(ARRAY[r->>'key', r->>'alt_key']) rk
-                    WHERE rk IS NOT NULL));
-          k_ids := COALESCE(k_ids, '{}');
-          k_hash := COALESCE(k_hash, '{}');
-          k_status := COALESCE(k_status, '{}');
-          k_response := COALESCE(k_response, '{}');
-          v_last_user := NULL;
-          v_linked := NULL;
-          v_loaded := true;
-        END IF;
-        IF v_user = v_last_user THEN
-          u := v_last_u;
-        ELSE
-          u := array_position(g_users, v_user);
-          v_last_user := v_user;
-          v_last_u := u;
-        END IF;
-        -- A user with an expired hold: `_apply` sweeps it first.
-        v_fall := v_user = ANY (v_expired);
-      END IF;
-
-      IF v_fall THEN
-        -- What the run decided so far is written before anything else runs.
-        IF cardinality(w_tx) > 0 THEN
-          INSERT INTO ledger.transactions (id, kind, user_id, app, delta_milli, amount_milli,
-                                           description, reference)
-          SELECT t.id, 'debit', t.u, t.app, -t.amount, t.amount, t.description, t.reference
-            FROM unnest(w_tx, w_tx_user, w_tx_app, w_tx_amount, w_tx_description,
-                        w_tx_reference) AS t(id, u, app, amount, description, reference);
-          INSERT INTO ledger.postings (tx_id, account, owner, amount_milli)
-          SELECT t.id, p.account, p.owner, p.amount
-            FROM unnest(w_tx, w_tx_user, w_tx_app, w_tx_amount) WITH ORDINALITY
-                   AS t(id, u, app, amount, ord)
-           CROSS JOIN LATERAL (VALUES (1, 'wallet', t.u, -t.amount),
-                                      (2, 'spend', t.app, t.amount)) AS p(pos, account, owner, amount)
-           ORDER BY t.ord, p.pos;
-          INSERT INTO ledger.draws (tx_id, grant_id, amount_milli)
-          SELECT * FROM unnest(w_draw_tx, w_draw_lot, w_draw_amount);
-          UPDATE ledger.grants
-             SET remaining_milli = remaining_milli - w_lot_took[array_position(w_lots, id)]
-           WHERE id = ANY (w_lots);
-          UPDATE ledger.wallets
-             SET balance_milli = balance_milli - w_wallet_spent[array_position(w_wallets, user_id)],
-                 updated_at = now()
-           WHERE user_id = ANY (w_wallets);
-          w_tx := '{}'; w_tx_user := '{}'; w_tx_app := '{}'; w_tx_amount := '{}';
-          w_tx_description := '{}'; w_tx_reference := '{}';
-          w_draw_tx := '{}'; w_draw_lot := '{}'; w_draw_amount := '{}';
-          w_lots := '{}'; w_lot_took := '{}'; w_wallets := '{}'; w_wallet_spent := '{}';
-        END IF;
-        IF cardinality(w_key) > 0 THEN
-          INSERT INTO ledger.idempotency_keys (scope, key, request_hash, status_code, response)
-          SELECT * FROM unnest(w_key_scope, w_key, w_key_hash, w_key_status, w_key_response)
-          ON CONFLICT DO NOTHING;
-          w_key_scope := '{}'; w_key := '{}'; w_key_hash := '{}'; w_key_status := '{}';
-          w_key_response := '{}';
-        END IF;
-        -- What is read for a run is read again after an operation of the other path.
-        v_loaded := false;
-        EXIT WHEN i > n;
-        v_res := ledger._apply(v_ops[i]);
+    -- A batch too small to hold a run (see MIN_RUN below): one by one, as under 0009.
+    IF json_array_length(ops) < 3 THEN
+      FOR v_op IN SELECT value FROM json_array_elements(ops) LOOP
+        v_res := ledger._apply(v_op::jsonb);
         IF v_res ? 'event' THEN
           v_events := array_append(v_events, v_res->'event');
           v_res := v_res - 'event';
         END IF;
         v_out := array_append(v_out, v_res);
-        i := i + 1;
-        CONTINUE;
-      END IF;
-
-      -- One debit, decided as `_apply` and `_op_debit` decide it.
-      v_res := NULL;
-      v_who := o->'auth'->>'user';
-      IF v_who LIKE 'self:%' THEN
-        IF substr(v_who, 6) IS DISTINCT FROM v_user THEN
-          v_res := ledger._err(403, 'wrong_user', 'This principal may act only on its own user');
-        END IF;
-      ELSIF v_who LIKE 'linked:%' THEN
-        IF v_linked IS DISTINCT FROM v_user || ' ' || v_who THEN
-          PERFORM 1 FROM ledger.app_links WHERE user_id = v_user AND app = substr(v_who, 8);
-          IF FOUND THEN
-            v_linked := v_user || ' ' || v_who;
-          ELSE
-            v_res := ledger._err(403, 'user_not_linked', 'This user is not linked to the app',
-                                 jsonb_build_object('app', substr(v_who, 8)));
+      END LOOP;
+    ELSE
+      -- The batch once as jsonb (text jsonb refuses raises here: the batch then runs one
+      -- operation at a time below, as before). `grouped`: a debit whose outcome can be
+      -- decided from the run's reads. The amount is checked as text, so no cast can
+      -- raise; anything else goes through `_apply`.
+      SELECT array_agg(s.op),
+             array_agg(COALESCE(
+               s.op->>'op' = 'debit'
+               AND jsonb_typeof(s.op->'auth') = 'object'
+               AND NOT (s.op->'auth') ? 'audit'
+               AND (s.op->'auth'->>'user' = 'any' OR s.op->'auth'->>'user' LIKE 'self:%'
+                    OR s.op->'auth'->>'user' LIKE 'linked:%')
+               AND s.op->>'user_id' IS NOT NULL
+               AND s.op->>'app' IS NOT NULL
+               AND s.op->>'amount' ~ '^0*[1-9][0-9]{0,17}$'
+               AND ((s.op->>'key' IS NULL AND s.op->>'alt_key' IS NULL)
+                    OR (s.op->>'scope' IS NOT NULL AND s.op->>'hash' IS NOT NULL)),
+               false))
+        INTO v_ops, v_grouped
+        FROM (SELECT e.value::jsonb AS op FROM json_array_elements(ops) AS e) s;
+      n := COALESCE(cardinality(v_ops), 0);
+      i := 1;
+      LOOP
+        v_fall := i > n OR NOT v_grouped[i];
+        IF NOT v_fall AND NOT v_loaded THEN
+          -- The run: this operation and the grouped ones after it. Deciding a run costs
+          -- about as much as two debits one by one (its reads, and the statements that
+          -- write it): a run shorter than MIN_RUN goes one by one.
+          j := i;
+          WHILE j < n AND v_grouped[j + 1] LOOP
+            j := j + 1;
+          END LOOP;
+          IF j - i + 1 < 3 THEN  -- MIN_RUN
+            FOR p IN i .. j LOOP
+              v_grouped[p] := false;
+            END LOOP;
+            v_fall := true;
           END IF;
         END IF;
-      END IF;
-      IF v_res IS NULL AND u IS NULL THEN
-        v_res := ledger._err(404, 'unknown_user', 'No ledger account for this user',
-                             jsonb_build_object('user_id', v_user));
-      END IF;
-      IF v_res IS NOT NULL THEN
-        -- Denied or no such user: nothing remembered, nothing written.
+        IF NOT v_fall THEN
+          o := v_ops[i];
+          v_user := o->>'user_id';
+          IF NOT v_loaded THEN
+            -- Read the run: its users' wallets, locked in user order (the committer's
+            -- order), ...
+            r_users := '{}';
+            r_scopes := '{}';
+            r_keys := '{}';
+            r_ids := '{}';
+            FOR p IN i .. j LOOP
+              r_users := array_append(r_users, v_ops[p]->>'user_id');
+              FOREACH k IN ARRAY array_remove(ARRAY[v_ops[p]->>'key', v_ops[p]->>'alt_key'],
+                                              NULL) LOOP
+                v_scope := v_ops[p]->>'scope';
+                r_scopes := array_append(r_scopes, v_scope);
+                r_keys := array_append(r_keys, k);
+                r_ids := array_append(r_ids, length(v_scope) || ':' || v_scope || k);
+              END LOOP;
+            END LOOP;
+            SELECT array_agg(w.user_id), array_agg(w.held_milli), array_agg(w.debt_milli)
+              INTO g_users, g_held, g_debt
+              FROM (SELECT user_id, held_milli, debt_milli FROM ledger.wallets
+                     WHERE user_id = ANY (r_users)
+                     ORDER BY user_id COLLATE "C"
+                       FOR UPDATE) w;
+            g_users := COALESCE(g_users, '{}');
+            g_available := array_fill(0::bigint, ARRAY[cardinality(g_users)]);
+            g_next := array_fill(NULL::int, ARRAY[cardinality(g_users)]);
+            g_written := g_next;
+            -- ... at one instant: which of them has an expired hold to sweep (only a
+            -- user with an active hold holds something) ...
+            v_now := clock_timestamp();
+            v_expired := '{}';
+            IF 0 < ANY (g_held) THEN
+              v_expired := ARRAY(SELECT DISTINCT user_id FROM ledger.holds
+                                  WHERE user_id = ANY (g_users) AND status = 'active'
+                                    AND expires_at <= v_now);
+            END IF;
+            -- ... their spendable lots in the order a debit draws them (soonest-expiring,
+            -- then priority, then oldest; nothing is spendable while in debt) ...
+            SELECT array_agg(g.id), array_agg(g.remaining_milli), array_agg(g.ord)
+              INTO l_ids, l_left, l_user
+              FROM (SELECT array_position(g_users, user_id) AS ord, id, remaining_milli
+                      FROM ledger.grants
+                     WHERE user_id = ANY (g_users) AND spendable
+                       AND (expires_at IS NULL OR expires_at > v_now)
+                     ORDER BY 1, expires_at ASC NULLS LAST, priority DESC, id) g;
+            l_written := array_fill(NULL::int, ARRAY[COALESCE(cardinality(l_ids), 0)]);
+            FOR p IN 1 .. COALESCE(cardinality(l_ids), 0) LOOP
+              -- Nothing is spendable while in debt.
+              IF g_debt[l_user[p]] = 0 THEN
+                g_available[l_user[p]] := g_available[l_user[p]] + l_left[p];
+                IF g_next[l_user[p]] IS NULL THEN
+                  g_next[l_user[p]] := p;
+                END IF;
+              END IF;
+            END LOOP;
+            -- ... and the idempotency keys its debits carry.
+            SELECT array_agg(length(scope) || ':' || scope || key), array_agg(request_hash),
+                   array_agg(status_code), array_agg(response)
+              INTO k_ids, k_hash, k_status, k_response
+              FROM ledger.idempotency_keys
+             WHERE scope = ANY (r_scopes) AND key = ANY (r_keys)
+               AND length(scope) || ':' || scope || key = ANY (r_ids);
+            k_ids := COALESCE(k_ids, '{}');
+            k_hash := COALESCE(k_hash, '{}');
+            k_status := COALESCE(k_status, '{}');
+            k_response := COALESCE(k_response, '{}');
+            v_last_user := NULL;
+            v_linked := NULL;
+            v_loaded := true;
+          END IF;
+          IF v_user = v_last_user THEN
+            u := v_last_u;
+          ELSE
+            u := array_position(g_users, v_user);
+            v_last_user := v_user;
+            v_last_u := u;
+          END IF;
+          -- A user with an expired hold: `_apply` sweeps it first.
+          v_fall := v_user = ANY (v_expired);
+        END IF;
+
+        IF v_fall THEN
+          -- What the run decided so far is written before anything else runs.
+          IF cardinality(w_tx) > 0 THEN
+            INSERT INTO ledger.transactions (id, kind, user_id, app, delta_milli, amount_milli,
+                                             description, reference)
+            SELECT t.id, 'debit', t.u, t.app, -t.amount, t.amount, t.description, t.reference
+              FROM unnest(w_tx, w_tx_user, w_tx_app, w_tx_amount, w_tx_description,
+                          w_tx_reference) AS t(id, u, app, amount, description, reference);
+            INSERT INTO ledger.postings (tx_id, account, owner, amount_milli)
+            SELECT * FROM unnest(w_post_tx, w_post_account, w_post_owner, w_post_amount);
+            INSERT INTO ledger.draws (tx_id, grant_id, amount_milli)
+            SELECT * FROM unnest(w_draw_tx, w_draw_lot, w_draw_amount);
+            UPDATE ledger.grants
+               SET remaining_milli = remaining_milli - w_lot_took[array_position(w_lots, id)]
+             WHERE id = ANY (w_lots);
+            UPDATE ledger.wallets
+               SET balance_milli = balance_milli
+                                   - w_wallet_spent[array_position(w_wallets, user_id)],
+                   updated_at = now()
+             WHERE user_id = ANY (w_wallets);
+            w_tx := '{}'; w_tx_user := '{}'; w_tx_app := '{}'; w_tx_amount := '{}';
+            w_tx_description := '{}'; w_tx_reference := '{}';
+            w_post_tx := '{}'; w_post_account := '{}'; w_post_owner := '{}'; w_post_amount := '{}';
+            w_draw_tx := '{}'; w_draw_lot := '{}'; w_draw_amount := '{}';
+            w_lots := '{}'; w_lot_took := '{}'; w_wallets := '{}'; w_wallet_spent := '{}';
+          END IF;
+          IF cardinality(w_key) > 0 THEN
+            INSERT INTO ledger.idempotency_keys (scope, key, request_hash, status_code, response)
+            SELECT * FROM unnest(w_key_scope, w_key, w_key_hash, w_key_status, w_key_response)
+            ON CONFLICT DO NOTHING;
+            w_key_scope := '{}'; w_key := '{}'; w_key_hash := '{}'; w_key_status := '{}';
+            w_key_response := '{}';
+          END IF;
+          -- What is read for a run is read again after an operation of the other path.
+          v_loaded := false;
+          EXIT WHEN i > n;
+          v_res := ledger._apply(v_ops[i]);
+          IF v_res ? 'event' THEN
+            v_events := array_append(v_events, v_res->'event');
+            v_res := v_res - 'event';
+          END IF;
+          v_out := array_append(v_out, v_res);
+          i := i + 1;
+          CONTINUE;
+        END IF;
+
+        -- One debit, decided as `_apply` and `_op_debit` decide it.
+        v_res := NULL;
+        v_who := o->'auth'->>'user';
+        IF v_who LIKE 'self:%' THEN
+          IF substr(v_who, 6) IS DISTINCT FROM v_user THEN
+            v_res := ledger._err(403, 'wrong_user', 'This principal may act only on its own user');
+          END IF;
+        ELSIF v_who LIKE 'linked:%' THEN
+          IF v_linked IS DISTINCT FROM v_user || ' ' || v_who THEN
+            PERFORM 1 FROM ledger.app_links WHERE user_id = v_user AND app = substr(v_who, 8);
+            IF FOUND THEN
+              v_linked := v_user || ' ' || v_who;
+            ELSE
+              v_res := ledger._err(403, 'user_not_linked', 'This user is not linked to the app',
+                                   jsonb_build_object('app', substr(v_who, 8)));
+            END IF;
+          END IF;
+        END IF;
+        IF v_res IS NULL AND u IS NULL THEN
+          v_res := ledger._err(404, 'unknown_user', 'No ledger account for this user',
+                               jsonb_build_object('user_id', v_user));
+        END IF;
+        IF v_res IS NOT NULL THEN
+          -- Denied or no such user: nothing remembered, nothing written.
+          v_out := array_append(v_out, v_res);
+          i := i + 1;
+          CONTINUE;
+        END IF;
+
+        v_keys := array_remove(ARRAY[o->>'key', o->>'alt_key'], NULL);
+        v_scope := o->>'scope';
+        v_hash := o->>'hash';
+        v_replay := NULL;
+        v_reused := false;
+        FOREACH k IN ARRAY v_keys LOOP
+          x := array_position(k_ids, length(v_scope) || ':' || v_scope || k);
+          IF x IS NOT NULL THEN
+            IF k_hash[x] <> v_hash THEN
+              v_reused := true;
+              EXIT;
+            END IF;
+            IF v_replay IS NULL THEN
+              v_replay := CASE WHEN k_status[x] >= 400
+                               THEN jsonb_build_object('status', k_status[x],
+                                                       'error', k_response[x]->'error')
+                               ELSE jsonb_build_object('status', k_status[x], 'body', k_response[x])
+                          END || jsonb_build_object('replayed', true);
+            END IF;
+          END IF;
+        END LOOP;
+        IF v_reused THEN
+          v_out := array_append(v_out, ledger._err(409, 'idempotency_key_reused',
+            'This idempotency key or reference was used with a different request'));
+          i := i + 1;
+          CONTINUE;
+        END IF;
+
+        IF v_replay IS NOT NULL THEN
+          v_res := v_replay;
+        ELSE
+          v_amount := (o->>'amount')::bigint;
+          v_app := o->>'app';
+          v_available := g_available[u];  -- 0 in debt: its lots were not read
+          IF v_available < v_amount THEN
+            v_res := ledger._err(402, 'insufficient_credits', 'Insufficient credits',
+                                 jsonb_build_object('available_milli', v_available,
+                                                    'required_milli', v_amount));
+          ELSE
+            v_tx := nextval('ledger.transactions_id_seq');
+            w_tx := array_append(w_tx, v_tx);
+            w_tx_user := array_append(w_tx_user, v_user);
+            w_tx_app := array_append(w_tx_app, v_app);
+            w_tx_amount := array_append(w_tx_amount, v_amount);
+            w_tx_description := array_append(w_tx_description, o->>'description');
+            w_tx_reference := array_append(w_tx_reference, o->>'reference');
+            w_post_tx := w_post_tx || ARRAY[v_tx, v_tx];
+            w_post_account := w_post_account || ARRAY['wallet', 'spend'];
+            w_post_owner := w_post_owner || ARRAY[v_user, v_app];
+            w_post_amount := w_post_amount || ARRAY[-v_amount, v_amount];
+            -- One draw per lot it spends, from the user's next lot on.
+            v_left := v_amount;
+            x := g_next[u];
+            WHILE v_left > 0 LOOP
+              v_take := least(l_left[x], v_left);
+              l_left[x] := l_left[x] - v_take;
+              w_draw_tx := array_append(w_draw_tx, v_tx);
+              w_draw_lot := array_append(w_draw_lot, l_ids[x]);
+              w_draw_amount := array_append(w_draw_amount, v_take);
+              IF l_written[x] IS NULL THEN
+                w_lots := array_append(w_lots, l_ids[x]);
+                w_lot_took := array_append(w_lot_took, v_take);
+                l_written[x] := cardinality(w_lots);
+              ELSE
+                w_lot_took[l_written[x]] := w_lot_took[l_written[x]] + v_take;
+              END IF;
+              v_left := v_left - v_take;
+              IF l_left[x] = 0 THEN
+                x := x + 1;
+              END IF;
+            END LOOP;
+            g_next[u] := x;
+            IF g_written[u] IS NULL THEN
+              w_wallets := array_append(w_wallets, v_user);
+              w_wallet_spent := array_append(w_wallet_spent, v_amount);
+              g_written[u] := cardinality(w_wallets);
+            ELSE
+              w_wallet_spent[g_written[u]] := w_wallet_spent[g_written[u]] + v_amount;
+            END IF;
+            g_available[u] := g_available[u] - v_amount;
+            v_available := g_available[u];
+            v_res := jsonb_build_object(
+              'status', 201,
+              'body', jsonb_build_object(
+                'transaction_id', v_tx, 'user_id', v_user, 'app', v_app, 'amount_milli', v_amount,
+                'description', o->>'description', 'reference', o->>'reference',
+                'created_at', now(), 'available_milli', v_available, 'held_milli', g_held[u],
+                'debt_milli', g_debt[u]));
+            v_events := array_append(v_events, jsonb_build_object(
+              'user_id', v_user, 'available_milli', v_available, 'held_milli', g_held[u],
+              'debt_milli', g_debt[u], 'delta_milli', -v_amount, 'reason', 'debit', 'app', v_app,
+              'transaction_id', v_tx));
+          END IF;
+        END IF;
+        -- Remembered under each of its keys not stored yet (`ON CONFLICT DO NOTHING`): the
+        -- first outcome for good, a replay under the key it was not known by.
+        FOREACH k IN ARRAY v_keys LOOP
+          IF array_position(k_ids, length(v_scope) || ':' || v_scope || k) IS NULL THEN
+            k_ids := array_append(k_ids, length(v_scope) || ':' || v_scope || k);
+            k_hash := array_append(k_hash, v_hash);
+            k_status := array_append(k_status, (v_res->>'status')::int);
+            k_response := array_append(k_response,
+              COALESCE(v_res->'body', jsonb_build_object('error', v_res->'error')));
+            w_key_scope := array_append(w_key_scope, v_scope);
+            w_key := array_append(w_key, k);
+            w_key_hash := array_append(w_key_hash, v_hash);
+            w_key_status := array_append(w_key_status, k_status[cardinality(k_status)]);
+            w_key_response := array_append(w_key_response, k_response[cardinality(k_response)]);
+          END IF;
+        END LOOP;
         v_out := array_append(v_out, v_res);
         i := i + 1;
-        CONTINUE;
-      END IF;
-
-      v_keys := array_remove(ARRAY[o->>'key', o->>'alt_key'], NULL);
-      v_scope := o->>'scope';
-      v_hash := o->>'hash';
-      v_replay := NULL;
-      v_reused := false;
-      FOREACH k IN ARRAY v_keys LOOP
-        x := array_position(k_ids, length(v_scope) || ':' || v_scope || k);
-        IF x IS NOT NULL THEN
-          IF k_hash[x] <> v_hash THEN
-            v_reused := true;
-            EXIT;
-          END IF;
-          IF v_replay IS NULL THEN
-            v_replay := CASE WHEN k_status[x] >= 400
-                             THEN jsonb_build_object('status', k_status[x],
-                                                     'error', k_response[x]->'error')
-                             ELSE jsonb_build_object('status', k_status[x], 'body', k_response[x])
-                        END || jsonb_build_object('replayed', true);
-          END IF;
-        END IF;
       END LOOP;
-      IF v_reused THEN
-        v_out := array_append(v_out, ledger._err(409, 'idempotency_key_reused',
-          'This idempotency key or reference was used with a different request'));
-        i := i + 1;
-        CONTINUE;
-      END IF;
-
-      IF v_replay IS NOT NULL THEN
-        v_res := v_replay;
-      ELSE
-        v_amount := (o->>'amount')::bigint;
-        v_app := o->>'app';
-        v_available := g_available[u];  -- 0 in debt: its lots were not read
-        IF v_available < v_amount THEN
-          v_res := ledger._err(402, 'insufficient_credits', 'Insufficient credits',
-                               jsonb_build_object('available_milli', v_available,
-                                                  'required_milli', v_amount));
-        ELSE
-          v_tx := nextval('ledger.transactions_id_seq');
-          w_tx := array_append(w_tx, v_tx);
-          w_tx_user := array_append(w_tx_user, v_user);
-          w_tx_app := array_append(w_tx_app, v_app);
-          w_tx_amount := array_append(w_tx_amount, v_amount);
-          w_tx_description := array_append(w_tx_description, o->>'description');
-          w_tx_reference := array_append(w_tx_reference, o->>'reference');
-          -- One draw per lot it spends, from the user's next lot on.
-          v_left := v_amount;
-          x := g_next[u];
-          WHILE v_left > 0 LOOP
-            v_take := least(l_left[x], v_left);
-            l_left[x] := l_left[x] - v_take;
-            w_draw_tx := array_append(w_draw_tx, v_tx);
-            w_draw_lot := array_append(w_draw_lot, l_ids[x]);
-            w_draw_amount := array_append(w_draw_amount, v_take);
-            IF l_written[x] IS NULL THEN
-              w_lots := array_append(w_lots, l_ids[x]);
-              w_lot_took := array_append(w_lot_took, v_take);
-              l_written[x] := cardinality(w_lots);
-            ELSE
-              w_lot_took[l_written[x]] := w_lot_took[l_written[x]] + v_take;
-            END IF;
-            v_left := v_left - v_take;
-            IF l_left[x] = 0 THEN
-              x := x + 1;
-            END IF;
-          END LOOP;
-          g_next[u] := x;
-          IF g_written[u] IS NULL THEN
-            w_wallets := array_append(w_wallets, v_user);
-            w_wallet_spent := array_append(w_wallet_spent, v_amount);
-            g_written[u] := cardinality(w_wallets);
-          ELSE
-            w_wallet_spent[g_written[u]] := w_wallet_spent[g_written[u]] + v_amount;
-          END IF;
-          g_available[u] := g_available[u] - v_amount;
-          v_available := g_available[u];
-          v_res := jsonb_build_object(
-            'status', 201,
-            'body', jsonb_build_object(
-              'transaction_id', v_tx, 'user_id', v_user, 'app', v_app, 'amount_milli', v_amount,
-              'description', o->>'description', 'reference', o->>'reference',
-              'created_at', now(), 'available_milli', v_available, 'held_milli', g_held[u],
-              'debt_milli', g_debt[u]));
-          v_events := array_append(v_events, jsonb_build_object(
-            'user_id', v_user, 'available_milli', v_available, 'held_milli', g_held[u],
-            'debt_milli', g_debt[u], 'delta_milli', -v_amount, 'reason', 'debit', 'app', v_app,
-            'transaction_id', v_tx));
-        END IF;
-      END IF;
-      -- Remembered under each of its keys not stored yet (`ON CONFLICT DO NOTHING`): the
-      -- first outcome for good, a replay under the key it was not known by.
-      FOREACH k IN ARRAY v_keys LOOP
-        IF array_position(k_ids, length(v_scope) || ':' || v_scope || k) IS NULL THEN
-          k_ids := array_append(k_ids, length(v_scope) || ':' || v_scope || k);
-          k_hash := array_append(k_hash, v_hash);
-          k_status := array_append(k_status, (v_res->>'status')::int);
-          k_response := array_append(k_response,
-            COALESCE(v_res->'body', jsonb_build_object('error', v_res->'error')));
-          w_key_scope := array_append(w_key_scope, v_scope);
-          w_key := array_append(w_key, k);
-          w_key_hash := array_append(w_key_hash, v_hash);
-          w_key_status := array_append(w_key_status, k_status[cardinality(k_status)]);
-          w_key_response := array_append(w_key_response, k_response[cardinality(k_response)]);
-        END IF;
-      END LOOP;
-      v_out := array_append(v_out, v_res);
-      i := i + 1;
-    END LOOP;
+    END IF;
     v_done := true;
   EXCEPTION WHEN OTHERS THEN
     GET STACKED DIAGNOSTICS v_state = RETURNED_SQLSTATE;
