@@ -536,4 +536,7 @@ def test_0010_goes_down_to_0009_and_up_again(scratch_url):
         "apply_batch: installed body differs from the newest file"
     ]
     command.upgrade(cfg, "head")
-    assert asyncio.run(drift("9999")) == ([], ["plan_cache_mode=force_generic_plan"])
+    assert asyncio.run(drift("9999")) == (
+        [],
+        ["plan_cache_mode=force_generic_plan", "enable_seqscan=off"],
+    )
