@@ -476,15 +476,17 @@ async def test_grouped_debits_match_the_one_by_one_path(db, seed):
 
 
 async def test_a_broken_rule_is_caught(db):
-    """The comparison catches a changed rule: here a copy of 0010's `apply_batch` that
-    draws the highest-priority lot of a date last (as the scratch schema's function,
-    compared with the installed one)."""
+    """The comparison catches a changed rule: here a copy of 0010's functions whose
+    grouped debits draw the highest-priority lot of a date last (in the scratch schema,
+    compared with the installed ones)."""
     conn, schema = db
     text = (SQL_DIR / "0010_grouped_debits.sql").read_text()
     broken = text.replace("priority DESC, id) g;", "priority ASC, id) g;")
     assert broken != text
     await conn.execute(
-        broken.replace("FUNCTION ledger.apply_batch(", f"FUNCTION {schema}.apply_batch(")
+        broken.replace("ledger._apply_batch_grouped(", f"{schema}._apply_batch_grouped(").replace(
+            "FUNCTION ledger.apply_batch(", f"FUNCTION {schema}.apply_batch("
+        )
     )
     world = World(random.Random(7))
     await _setup(conn, world)
@@ -515,7 +517,8 @@ def scratch_url() -> Iterator[str]:
 
 
 def test_0010_goes_down_to_0009_and_up_again(scratch_url):
-    """0010's downgrade puts back 0009's `apply_batch`; the upgrade installs 0010's."""
+    """0010's downgrade puts back 0009's `apply_batch` and drops `_apply_batch_grouped`
+    (and its settings); the upgrade installs 0010's."""
     cfg = alembic_config("ledger", scratch_url)
 
     async def drift(upto: str) -> tuple[list[str], list[str] | None]:
@@ -524,7 +527,9 @@ def test_0010_goes_down_to_0009_and_up_again(scratch_url):
         conn = await asyncpg.connect(plain_url(scratch_url))
         try:
             config = await conn.fetchval(
-                "SELECT proconfig FROM pg_proc WHERE oid = 'ledger.apply_batch(json)'::regprocedure"
+                "SELECT array_agg(proname || ':' || array_to_string(proconfig, ',')"
+                " ORDER BY proname) FROM pg_proc WHERE proconfig IS NOT NULL"
+                " AND pronamespace = 'ledger'::regnamespace"
             )
             return differences(await installed(conn), newest_definitions(upto)), config
         finally:
@@ -533,10 +538,11 @@ def test_0010_goes_down_to_0009_and_up_again(scratch_url):
     command.downgrade(cfg, "0009")
     assert asyncio.run(drift("0009")) == ([], None)
     assert asyncio.run(drift("9999"))[0] == [
-        "apply_batch: installed body differs from the newest file"
+        "_apply_batch_grouped: in the tree, not in the database",
+        "apply_batch: installed body differs from the newest file",
     ]
     command.upgrade(cfg, "head")
     assert asyncio.run(drift("9999")) == (
         [],
-        ["plan_cache_mode=force_generic_plan", "enable_seqscan=off"],
+        ["_apply_batch_grouped:plan_cache_mode=force_generic_plan,enable_seqscan=off"],
     )

@@ -1,7 +1,8 @@
 """grouped debits: a batch's plain debits decided together and written once; function
 in sql/0010_grouped_debits.sql
 
-- `apply_batch` decides a run of consecutive plain debits from one read of its users'
+- `apply_batch` hands a batch of three operations or more to `_apply_batch_grouped`,
+  which decides a run of three or more consecutive plain debits from one read of its users'
   wallets (locked in user order), their spendable lots and the run's idempotency keys,
   in the batch's order and by the rules `_apply` and `_op_debit` apply one at a time;
   then writes the run's journal rows, postings, draws and keys as one INSERT each and
@@ -17,6 +18,8 @@ Revises: 0009
 import re
 from collections.abc import Sequence
 from pathlib import Path
+
+from alembic import op
 
 from services.kit.migrations import execute_script
 
@@ -46,7 +49,11 @@ def _definitions_before(number: str) -> dict[str, str]:
 
 
 def downgrade() -> None:
-    # What 0010 redefines (`apply_batch`), as the newest earlier file states it (0009).
+    # What 0010 redefines (`apply_batch`), as the newest earlier file states it (0009);
+    # what it adds goes.
     earlier = _definitions_before("0010")
     for name in _FUNCTION.findall((SQL_DIR / SQL_FILE).read_text()):
-        execute_script(earlier[name])
+        if name in earlier:
+            execute_script(earlier[name])
+        else:
+            op.execute(f"DROP FUNCTION ledger.{name}(json)")
