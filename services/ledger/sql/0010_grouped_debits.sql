@@ -27,9 +27,9 @@
 --   debit). The transaction ids are taken in the batch's order, as before. Results and
 --   the batch's one outbox row of events are in the batch's order, as before.
 -- * Everything else goes through `_apply` exactly as under 0009, one operation at a
---   time: a batch of one or two operations (in `apply_batch`, 0009's body); a run of one or two debits (a run's own
---   reads and writes cost about as much as two debits one by one); holds, captures,
---   releases, grants, refunds, clawbacks, opens; and a debit whose authority is
+--   time: a batch of one or two operations (in `apply_batch`, 0009's body); a run of
+--   one or two debits (a run's own reads and writes cost about as much as two debits
+--   one by one); holds, captures, releases, grants, refunds, clawbacks, opens; and a debit whose authority is
 --   audited or not of the plain forms (`any`, `self:`, `linked:`), whose amount is not
 --   a positive integer, that has no app, that has a key but no scope or hash, or whose
 --   user has an expired hold to sweep. Before such an operation what the run decided
@@ -45,8 +45,8 @@
 --   (the idempotency keys of a new database) it scanned the whole table, and kept doing
 --   so as the table grew (`bench/ledger_sql.py`: a spread batch cost 6 % more than
 --   under 0009 instead of 40 % less). So every statement probes its index by key
---   (`= ANY` on the primary keys and `ix_grants_spendable`), whatever the table's size
---   was when it was planned. `_apply`'s statements already ran on generic plans and
+--   (`= ANY` on the primary keys and `ix_grants_spendable`; the idempotency keys one
+--   probe per scope and key), whatever the table's size was when it was planned. `_apply`'s statements already ran on generic plans and
 --   by key; one with no index to use still scans.
 
 -- A batch of three operations or more (`apply_batch` sends it here): its runs of plain
@@ -111,7 +111,6 @@ DECLARE
   r_users text[];
   r_scopes text[];
   r_keys text[];
-  r_ids text[];
   -- The run's lots (l_), each user's together in draw order, and their place in the
   -- lot update.
   l_ids bigint[];
@@ -232,7 +231,6 @@ BEGIN
           r_users := '{}';
           r_scopes := '{}';
           r_keys := '{}';
-          r_ids := '{}';
           FOR p IN i .. j LOOP
             r_users := array_append(r_users, v_ops[p]->>'user_id');
             FOREACH k IN ARRAY array_remove(ARRAY[v_ops[p]->>'key', v_ops[p]->>'alt_key'],
@@ -240,7 +238,6 @@ BEGIN
               v_scope := v_ops[p]->>'scope';
               r_scopes := array_append(r_scopes, v_scope);
               r_keys := array_append(r_keys, k);
-              r_ids := array_append(r_ids, length(v_scope) || ':' || v_scope || k);
             END LOOP;
           END LOOP;
           SELECT array_agg(w.user_id), array_agg(w.held_milli), array_agg(w.debt_milli)
@@ -282,12 +279,16 @@ BEGIN
             END IF;
           END LOOP;
           -- ... and the idempotency keys its debits carry.
-          SELECT array_agg(length(scope) || ':' || scope || key), array_agg(request_hash),
-                 array_agg(status_code), array_agg(response)
+          -- One probe of the primary key per (scope, key): a condition on each column
+          -- (`= ANY`) was planned as a range over every key of the scope.
+          SELECT array_agg(length(i.scope) || ':' || i.scope || i.key),
+                 array_agg(i.request_hash), array_agg(i.status_code), array_agg(i.response)
             INTO k_ids, k_hash, k_status, k_response
-            FROM ledger.idempotency_keys
-           WHERE scope = ANY (r_scopes) AND key = ANY (r_keys)
-             AND length(scope) || ':' || scope || key = ANY (r_ids);
+            FROM (SELECT DISTINCT q_scope, q_key
+                    FROM unnest(r_scopes, r_keys) AS q(q_scope, q_key)) q
+            JOIN LATERAL (SELECT scope, key, request_hash, status_code, response
+                            FROM ledger.idempotency_keys
+                           WHERE scope = q.q_scope AND key = q.q_key) i ON true;
           k_ids := COALESCE(k_ids, '{}');
           k_hash := COALESCE(k_hash, '{}');
           k_status := COALESCE(k_status, '{}');
