@@ -29,25 +29,26 @@
 -- * Everything else goes through `_apply` exactly as under 0009, one operation at a
 --   time: a batch of one or two operations (in `apply_batch`, 0009's body); a run of
 --   one or two debits (a run's own reads and writes cost about as much as two debits
---   one by one); holds, captures, releases, grants, refunds, clawbacks, opens; and a debit whose authority is
---   audited or not of the plain forms (`any`, `self:`, `linked:`), whose amount is not
---   a positive integer, that has no app, that has a key but no scope or hash, or whose
---   user has an expired hold to sweep. Before such an operation what the run decided
---   so far is written, and after it the run's state is read again, so it sees and
---   leaves the tables as the one-by-one path would.
+--   one by one); holds, captures, releases, grants, refunds, clawbacks, opens; and a
+--   debit whose authority is audited or not of the plain forms (`any`, `self:`,
+--   `linked:`), whose amount is not a positive integer, that has no app, that has a
+--   key but no scope or hash, or whose user has an expired hold to sweep. Before such
+--   an operation what the run decided so far is written, and after it the run's state
+--   is read again, so it sees and leaves the tables as the one-by-one path would.
 -- * A batch in which something raised runs again one operation per subtransaction
 --   through `_apply`, exactly as under 0009.
--- * `_apply_batch_grouped` runs with `plan_cache_mode = force_generic_plan` and `enable_seqscan =
---   off`. The run's statements take arrays whose length the planner knows only when it
---   plans for the values at hand: with the default it kept planning them again for
---   every batch (a fifth of a small batch's time in `perf`). A generic plan is made
---   once per session, from the statistics of that moment: made while a table was small
---   (the idempotency keys of a new database) it scanned the whole table, and kept doing
---   so as the table grew (`bench/ledger_sql.py`: a spread batch cost 6 % more than
---   under 0009 instead of 40 % less). So every statement probes its index by key
---   (`= ANY` on the primary keys and `ix_grants_spendable`; the idempotency keys one
---   probe per scope and key), whatever the table's size was when it was planned. `_apply`'s statements already ran on generic plans and
---   by key; one with no index to use still scans.
+-- * `_apply_batch_grouped` runs with `plan_cache_mode = force_generic_plan` and
+--   `enable_seqscan = off`. The run's statements take arrays whose length the planner
+--   knows only when it plans for the values at hand: with the default it kept planning
+--   them again for every batch (a fifth of a small batch's time in `perf`). A generic
+--   plan is made once per session, from the statistics of that moment: made while a
+--   table was small (the idempotency keys of a new database) it scanned the whole
+--   table, and kept doing so as the table grew (`bench/ledger_sql.py`: a spread batch
+--   cost 6 % more than under 0009 instead of 40 % less). So every statement probes its
+--   index by key (`= ANY` on the primary keys and `ix_grants_spendable`; the
+--   idempotency keys one probe per scope and key), whatever the table's size was when
+--   it was planned. `_apply`'s statements already ran on generic plans and by key; one
+--   with no index to use still scans.
 
 -- A batch of three operations or more (`apply_batch` sends it here): its runs of plain
 -- debits decided together and written once, everything else through `_apply`, then the
@@ -416,7 +417,7 @@ BEGIN
       ELSE
         v_amount := (o->>'amount')::bigint;
         v_app := o->>'app';
-        v_available := g_available[u];  -- 0 in debt: its lots were not read
+        v_available := g_available[u];  -- 0 in debt: its lots were not counted
         IF v_available < v_amount THEN
           v_res := ledger._err(402, 'insufficient_credits', 'Insufficient credits',
                                jsonb_build_object('available_milli', v_available,
