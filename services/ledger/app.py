@@ -44,8 +44,18 @@ async def ledger_writer(app: FastAPI) -> AsyncIterator[None]:
         reset=_keep_session,
     )
     app.state.write_pool = pool
-    # Balance reads in flight share one statement (repository.BalanceReader).
-    app.state.balances = BalanceReader(pool)
+    # Balance reads in flight share one statement (repository.BalanceReader), on
+    # connections of their own that plan it once: its array parameters make Postgres
+    # judge a generic plan dearer than planning each call afresh (~1.3 ms of planning a
+    # read, against ~0.05 ms to run it), so it is forced.
+    read_pool = await asyncpg.create_pool(
+        plain_url(settings.database_url),
+        min_size=1,
+        max_size=BalanceReader.MAX_INFLIGHT,
+        reset=_keep_session,
+        server_settings={"plan_cache_mode": "force_generic_plan"},
+    )
+    app.state.balances = BalanceReader(read_pool)
     app.state.ledger = Ledger(
         GroupCommitter(
             pool, max_ops=settings.batch_max_ops, max_inflight=settings.batch_max_inflight
@@ -54,6 +64,7 @@ async def ledger_writer(app: FastAPI) -> AsyncIterator[None]:
     try:
         yield
     finally:
+        await read_pool.close()
         await pool.close()
 
 

@@ -95,7 +95,11 @@ class BalanceReader:
     next one (at most `max_reads` each). A read is never answered from a statement that
     began before it was asked for, so a client that saw its debit answered reads it."""
 
-    def __init__(self, pool: asyncpg.Pool, *, max_reads: int = 64, max_inflight: int = 2) -> None:
+    MAX_INFLIGHT = 2
+
+    def __init__(
+        self, pool: asyncpg.Pool, *, max_reads: int = 64, max_inflight: int = MAX_INFLIGHT
+    ) -> None:
         self.pool = pool
         self.max_reads = max_reads
         self.max_inflight = max_inflight
