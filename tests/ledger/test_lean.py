@@ -130,6 +130,13 @@ async def test_a_batch_writes_one_outbox_row_for_all_its_events(db):
     users = await _funded(db, 10)
     results, delta = await _written(db, [_debit(u) for u in users])
     assert [r["status"] for r in results] == [201] * 10
+    # An update is in place only if its row's page has room for the new version. Lots
+    # keep room (fillfactor 80); wallets fill their pages, so ten wallets opened one
+    # after another in a database the whole suite has filled may meet a full page
+    # (seen once in CI: 9 of 10 in place). Most in place shows the statement touches
+    # no indexed column (a regression there makes it 0).
+    wallets_updated, wallets_in_place = delta.pop("wallets")[1:]
+    assert wallets_updated == 10 and wallets_in_place >= 8
     assert delta == {
         "transactions": (10, 0, 0),
         "postings": (20, 0, 0),
@@ -137,7 +144,6 @@ async def test_a_batch_writes_one_outbox_row_for_all_its_events(db):
         "outbox": (1, 0, 0),  # 0005: one per debit
         "idempotency_keys": (10, 0, 0),
         "grants": (0, 10, 10),
-        "wallets": (0, 10, 10),
     }
     results, rows = await _events_written(db, [_debit(u) for u in users])
     (events,) = rows  # one row
