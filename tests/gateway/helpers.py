@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,3 +77,49 @@ async def create_key(auth: httpx.AsyncClient, app: str, scopes: list[str]) -> tu
 async def revoke_key(auth: httpx.AsyncClient, prefix: str) -> None:
     r = await auth.post(f"/v1/keys/{prefix}/revoke", headers=admin())
     assert r.status_code == 200, r.text
+
+
+HUGE = 64 * 1024 * 1024
+CHUNK = 64 * 1024
+
+
+@dataclass
+class AsgiAnswer:
+    status: int
+    headers: dict[bytes, bytes]
+    body: bytes
+    pulled: int  # request body bytes the app read
+
+
+async def asgi_post(app: Any, path: str, headers: Sequence[tuple[bytes, bytes]]) -> AsgiAnswer:
+    """POST a 64 MB body to `app` at the ASGI level (no server to bound it first)."""
+    pulled = 0
+    messages: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        nonlocal pulled
+        if pulled >= HUGE:
+            return {"type": "http.disconnect"}
+        pulled += CHUNK
+        return {"type": "http.request", "body": b"x" * CHUNK, "more_body": pulled < HUGE}
+
+    async def send(message: dict[str, Any]) -> None:
+        messages.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "headers": list(headers),
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 8000),
+    }
+    await asyncio.wait_for(app(scope, receive, send), timeout=30)
+    start = next(m for m in messages if m["type"] == "http.response.start")
+    body = b"".join(m.get("body", b"") for m in messages if m["type"] == "http.response.body")
+    return AsgiAnswer(start["status"], dict(start["headers"]), body, pulled)

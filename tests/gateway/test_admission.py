@@ -18,7 +18,7 @@ from redis.asyncio import Redis
 from gateway.ratelimit import Limit, RateLimited, RateLimiter
 from services.kit.errors import Unauthorized
 from tests.gateway.conftest import Served, Stack
-from tests.gateway.helpers import create_key, revoke_key
+from tests.gateway.helpers import asgi_post, create_key, revoke_key
 
 
 @pytest.fixture
@@ -167,39 +167,14 @@ class TestProxiedBodyLimit:
     async def _post(
         self, app: Any, path: str, length: bytes
     ) -> tuple[int, dict[bytes, bytes], bytes]:
-        messages: list[dict[str, Any]] = []
-        pulled = 0
-
-        async def receive() -> dict[str, Any]:
-            nonlocal pulled
-            pulled += 1
-            return {"type": "http.request", "body": b"x" * 1000, "more_body": True}
-
-        async def send(message: dict[str, Any]) -> None:
-            messages.append(message)
-
-        scope = {
-            "type": "http",
-            "asgi": {"version": "3.0"},
-            "http_version": "1.1",
-            "method": "POST",
-            "scheme": "http",
-            "path": path,
-            "raw_path": path.encode(),
-            "query_string": b"",
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", length),
-                (b"origin", b"https://penora.example"),
-            ],
-            "client": ("127.0.0.1", 50000),
-            "server": ("127.0.0.1", 8000),
-        }
-        await asyncio.wait_for(app(scope, receive, send), timeout=10)
-        assert pulled == 0
-        start = next(m for m in messages if m["type"] == "http.response.start")
-        body = b"".join(m.get("body", b"") for m in messages if m["type"] == "http.response.body")
-        return start["status"], dict(start["headers"]), body
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", length),
+            (b"origin", b"https://penora.example"),
+        ]
+        answer = await asgi_post(app, path, headers)
+        assert answer.pulled == 0
+        return answer.status, answer.headers, answer.body
 
     async def test_413_before_anything_with_cors_headers(self, stack: Stack) -> None:
         from gateway.app import create_app

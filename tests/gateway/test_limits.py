@@ -4,7 +4,6 @@ untrusted X-Forwarded-For hop (gateway.access.client_ip)."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 from typing import Any
 
@@ -15,10 +14,9 @@ from gateway.access import client_ip
 from gateway.config import GatewaySettings
 from services.kit.testing.plugin import running
 from tests.gateway.conftest import Stack
+from tests.gateway.helpers import HUGE, asgi_post
 
 MB = 1_000_000
-HUGE = 64 * 1024 * 1024
-CHUNK = 64 * 1024
 COMPAT_POSTS = [
     "/api/unified/save-project",
     "/api/unified/deduct-credits",
@@ -32,43 +30,13 @@ async def _call(
     app: Any, path: str, *, declared: int | None, headers: Sequence[tuple[bytes, bytes]] = ()
 ) -> tuple[int, bytes, int]:
     """Send a 64 MB body to `app` at the ASGI level: (status, body, bytes the app pulled)."""
-    pulled = 0
-    sent = 0
-    messages: list[dict[str, Any]] = []
-
-    async def receive() -> dict[str, Any]:
-        nonlocal pulled, sent
-        if sent >= HUGE:
-            return {"type": "http.disconnect"}
-        sent += CHUNK
-        pulled += CHUNK
-        return {"type": "http.request", "body": b"x" * CHUNK, "more_body": sent < HUGE}
-
-    async def send(message: dict[str, Any]) -> None:
-        messages.append(message)
-
     raw = [(b"content-type", b"application/json"), *headers]
     if declared is not None:
         raw.append((b"content-length", str(declared).encode()))
     else:
         raw.append((b"transfer-encoding", b"chunked"))
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": b"",
-        "headers": raw,
-        "client": ("127.0.0.1", 50000),
-        "server": ("127.0.0.1", 8000),
-    }
-    await asyncio.wait_for(app(scope, receive, send), timeout=30)
-    start = next(m for m in messages if m["type"] == "http.response.start")
-    body = b"".join(m.get("body", b"") for m in messages if m["type"] == "http.response.body")
-    return start["status"], body, pulled
+    answer = await asgi_post(app, path, raw)
+    return answer.status, answer.body, answer.pulled
 
 
 @pytest.fixture(scope="module")
