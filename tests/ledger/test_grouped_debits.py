@@ -22,7 +22,7 @@ import random
 import re
 import secrets
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +32,7 @@ import pytest
 from alembic import command
 
 from services.kit.db import plain_url
-from services.kit.embedded import with_database
-from services.kit.migrations import alembic_config, upgrade_all
-from services.kit.testing.plugin import drop_database
+from services.kit.migrations import alembic_config
 from tests.ledger.test_sql_immutable import installed, newest_definitions
 
 SQL_DIR = Path(__file__).resolve().parents[2] / "services" / "ledger" / "sql"
@@ -498,22 +496,6 @@ async def test_a_broken_rule_is_caught(db):
     (a_rows, a_results), (b_rows, b_results), _, _ = await _both(conn, schema, world, ops)
     assert a_results == b_results  # the same amounts, available after each...
     assert a_rows["draws"] != b_rows["draws"]  # ...drawn from other lots
-
-
-@pytest.fixture
-def scratch_url() -> Iterator[str]:
-    name = f"ku_gd_{secrets.token_hex(4)}"
-    url = with_database(os.environ["KU_SERVER_DATABASE_URL"], name)
-
-    async def create() -> None:
-        conn = await asyncpg.connect(plain_url(os.environ["KU_SERVER_DATABASE_URL"]))
-        await conn.execute(f'CREATE DATABASE "{name}"')
-        await conn.close()
-
-    asyncio.run(create())
-    upgrade_all(url)
-    yield url
-    asyncio.run(drop_database(name))
 
 
 def test_0010_goes_down_to_0009_and_up_again(scratch_url):

@@ -7,10 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import os
 import re
-import secrets
-from collections.abc import Iterator
 from pathlib import Path
 
 import asyncpg
@@ -18,9 +15,7 @@ import pytest
 from alembic import command
 
 from services.kit.db import plain_url
-from services.kit.embedded import with_database
-from services.kit.migrations import alembic_config, upgrade_all
-from services.kit.testing.plugin import drop_database
+from services.kit.migrations import alembic_config
 
 SQL_DIR = Path(__file__).resolve().parents[2] / "services" / "ledger" / "sql"
 
@@ -116,22 +111,6 @@ class TestMigratedDatabase:
 
 class _Rollback(Exception):
     pass
-
-
-@pytest.fixture
-def scratch_url() -> Iterator[str]:
-    name = f"ku_sql_{secrets.token_hex(4)}"
-    url = with_database(os.environ["KU_SERVER_DATABASE_URL"], name)
-
-    async def create():
-        conn = await asyncpg.connect(plain_url(os.environ["KU_SERVER_DATABASE_URL"]))
-        await conn.execute(f'CREATE DATABASE "{name}"')
-        await conn.close()
-
-    asyncio.run(create())
-    upgrade_all(url)
-    yield url
-    asyncio.run(drop_database(name))
 
 
 def _sql(url: str, sql: str) -> None:
