@@ -88,10 +88,24 @@ def available_processes() -> list[str]:
     return names
 
 
+# Every port free_port() has handed out in this process. The kernel may give a port it
+# just released to the next bind(0): two services of one suite then got the same port,
+# one died at bind (uvicorn's exit code 3) while the other answered its `GET /ready`.
+_HANDED_OUT: set[int] = set()
+_HANDED_OUT_LOCK = threading.Lock()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    """A port nothing listens on now, and one this process has not been given before."""
+    with _HANDED_OUT_LOCK:
+        for _ in range(1000):
+            with socket.socket() as s:
+                s.bind((host, 0))
+                port = int(s.getsockname()[1])
+            if port not in _HANDED_OUT:
+                _HANDED_OUT.add(port)
+                return port
+    raise SuiteError(f"no port left on {host} that this process was not given already")
 
 
 class _ChildSettings(KuSettings):

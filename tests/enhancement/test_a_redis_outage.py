@@ -45,6 +45,14 @@ def _redis_server(port: int) -> subprocess.Popen[bytes]:
     raise AssertionError("redis-server did not start")
 
 
+def _dead(suite: Suite) -> str:
+    """Which process died, with its last lines (the suite runs quiet)."""
+    dead = suite.poll()
+    if dead is None:
+        return "none"
+    return f"{dead}:\n" + "\n".join(suite.logs(dead[0])[-20:])
+
+
 class TestRedisOutage:
     async def test_suite_rides_out_redis_restarted_empty(self, ku_database_url: str):
         # Our own Redis (the shared one on 6379 is never touched) and our own database
@@ -117,13 +125,13 @@ class TestRedisOutage:
             redis_proc.terminate()  # --save "": comes back empty
             redis_proc.wait()
             await asyncio.sleep(5)
-            assert suite.poll() is None, f"a process died with Redis: {suite.poll()}"
+            assert suite.poll() is None, f"a process died with Redis: {_dead(suite)}"
             new_redis = _redis_server(port)
             try:
                 tasks = {}
                 deadline = time.monotonic() + 90
                 while len(tasks) < len(ids):
-                    assert suite.poll() is None, f"a process died: {suite.poll()}"
+                    assert suite.poll() is None, f"a process died: {_dead(suite)}"
                     assert time.monotonic() < deadline, f"unfinished: {set(ids) - set(tasks)}"
                     for task_id in ids:
                         r = await gw.get(
@@ -153,14 +161,14 @@ class TestRedisOutage:
                 late = r.json()["id"]
                 deadline = time.monotonic() + 60
                 while True:
-                    assert suite.poll() is None, f"a process died: {suite.poll()}"
+                    assert suite.poll() is None, f"a process died: {_dead(suite)}"
                     assert time.monotonic() < deadline, "the task after the outage never ran"
                     r = await gw.get(f"/v1/enhancement/tasks/{late}", headers={"X-API-Key": key})
                     if r.json()["settled"]:
                         break
                     await asyncio.sleep(0.3)
                 assert r.json()["status"] == "completed"
-                assert suite.poll() is None
+                assert suite.poll() is None, f"a process died: {_dead(suite)}"
             finally:
                 new_redis.terminate()
                 new_redis.wait()

@@ -116,6 +116,15 @@ class TestSuite:
         assert stats["ledger.expire_holds"]["failures"] == 0
 
 
+class TestFreePort:
+    def test_never_hands_out_a_port_twice(self) -> None:
+        # The kernel gives a just-released port to a later bind(0) often enough that
+        # 2,000 draws from its ~28,000 ephemeral ports repeat dozens of times; two
+        # services of one suite on one port lose one of them at bind.
+        ports = [free_port() for _ in range(2000)]
+        assert len(set(ports)) == len(ports)
+
+
 class TestSuiteErrors:
     def test_unknown_process_is_refused_before_anything_starts(self) -> None:
         suite = Suite(only=["ledger", "nope"], free_ports=True, quiet=True, migrate=False)
