@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import os
 import secrets
-import socket
 import subprocess
 import sys
 import time
@@ -37,12 +36,6 @@ def use_principal_keys() -> dict[str, str]:
     os.environ.update(env)
     get_settings.cache_clear()
     return env
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class ScratchDatabase:

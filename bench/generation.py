@@ -36,12 +36,11 @@ import orjson  # noqa: E402
 from bench._common import (  # noqa: E402
     CpuMeter,
     ScratchDatabase,
-    free_port,
     stop,
     use_principal_keys,
 )
 from services.kit.principal import Principal, SignedPrincipal, outgoing_header  # noqa: E402
-from services.kit.runner import Suite  # noqa: E402
+from services.kit.runner import Suite, free_port  # noqa: E402
 
 SECONDS = float(os.environ.get("KU_BENCH_SECONDS", "4"))
 TOKEN_DELAY = float(os.environ.get("KU_BENCH_TOKEN_DELAY", "0.002"))

@@ -55,7 +55,6 @@ from bench._common import (  # noqa: E402
     Result,
     ScratchDatabase,
     cpu_seconds,
-    free_port,
     load,
     start_service,
     stop,
@@ -63,6 +62,7 @@ from bench._common import (  # noqa: E402
     wait_ready,
 )
 from services.kit.principal import Principal, SignedPrincipal, outgoing_header  # noqa: E402
+from services.kit.runner import free_port  # noqa: E402
 
 SECONDS = float(os.environ.get("KU_BENCH_SECONDS", "8"))
 CLIENTS = 32

@@ -11,7 +11,6 @@ import functools
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -25,6 +24,7 @@ import pytest
 from jose import jwt
 
 from services.kit.runner import Suite
+from services.kit.runner import free_port as _free_port
 from tests.gateway.helpers import make_signing_key
 from tests.ku_suite import Ku
 from tests.ledger.billing.fake_razorpay import FakeRazorpay
@@ -41,12 +41,6 @@ def sso_token(user_id: str) -> str:
     now = int(time.time())
     claims = {"sub": user_id, "email": f"{user_id}@example.com", "iat": now, "exp": now + 600}
     return str(jwt.encode(claims, SSO_SECRET, algorithm="HS256"))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="package")

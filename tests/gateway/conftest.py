@@ -4,7 +4,6 @@ uvicorn on free loopback ports (the gateway's client speaks real HTTP to them)."
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -13,13 +12,8 @@ import httpx
 import pytest
 import uvicorn
 
+from services.kit.runner import free_port
 from tests.gateway.helpers import SigningKey, create_key, make_signing_key
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Served:
