@@ -479,7 +479,7 @@ async def test_a_broken_rule_is_caught(db):
     compared with the installed ones)."""
     conn, schema = db
     text = (SQL_DIR / "0010_grouped_debits.sql").read_text()
-    broken = text.replace("priority DESC, id) g;", "priority ASC, id) g;")
+    broken = text.replace("l.priority DESC, l.id) g;", "l.priority ASC, l.id) g;")
     assert broken != text
     await conn.execute(
         broken.replace("ledger._apply_batch_grouped(", f"{schema}._apply_batch_grouped(").replace(
