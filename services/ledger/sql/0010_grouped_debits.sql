@@ -268,12 +268,15 @@ BEGIN
             INTO l_ids, l_left, l_user
             FROM (SELECT u.ord::int AS ord, l.id, l.remaining_milli
                     FROM unnest(g_users) WITH ORDINALITY AS u(user_id, ord)
-                    -- A probe of ix_grants_spendable per user: `user_id = ANY (...)`
-                    -- was planned as a scan of every spendable lot's expiry (7 ms).
+                    -- A probe of ix_grants_spendable per user. The expiry is tested in
+                    -- a form no index answers: as `expires_at IS NULL OR ...` the plan
+                    -- (generic, on statistics of a young table) read every spendable
+                    -- lot through ix_grants_expiring, 1 ms for 3 users, 7 ms for 100.
                     CROSS JOIN LATERAL (
                       SELECT id, remaining_milli, expires_at, priority FROM ledger.grants
                        WHERE user_id = u.user_id AND spendable
-                         AND (expires_at IS NULL OR expires_at > v_now)) l
+                         AND COALESCE(expires_at, 'infinity') > v_now
+                      OFFSET 0) l
                    ORDER BY 1, l.expires_at ASC NULLS LAST, l.priority DESC, l.id) g;
           l_written := array_fill(NULL::int, ARRAY[COALESCE(cardinality(l_ids), 0)]);
           FOR p IN 1 .. COALESCE(cardinality(l_ids), 0) LOOP
