@@ -20,7 +20,10 @@ POST /v1/ledger/batch from BATCH_CLIENTS clients. "http balance, many users": 32
 reading GET /v1/ledger/balance (no bar; the read route's ledger CPU per request).
 
 Printed: every rate with p50/p99 per case (per call: a batch's latency for the batch
-cases), `ledger verify` after the load, the four ratios of issue 13 against their bars:
+cases); for the HTTP debit cases the ledger processes' CPU per debit and that of their
+Postgres backends (/proc, so only with the server on this machine; its WAL writer and
+other background processes are not counted); `ledger verify` after the load, the four
+ratios of issue 13 against their bars:
 
     HTTP batch / direct SQL batch               >= 0.8
     HTTP single debits, hot user / raw hot row  >= 0.8
@@ -100,10 +103,21 @@ class ServiceCPU:
     async def _debits(self, conn: asyncpg.Connection) -> int:
         return await conn.fetchval("SELECT count(*) FROM ledger.transactions WHERE kind = 'debit'")
 
+    @staticmethod
+    async def _backends(conn: asyncpg.Connection) -> dict[int, float]:
+        """CPU seconds so far of every other Postgres backend on the bench's database
+        (the committer's, the reads', the relay's connections): the ledger's SQL."""
+        pids = await conn.fetch(
+            "SELECT pid FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+        return {r["pid"]: cpu_seconds(r["pid"]) for r in pids}
+
     async def start(self) -> None:
         conn = await asyncpg.connect(self.dsn)
         try:
             self.debits = await self._debits(conn)
+            self.backends = await self._backends(conn)
         finally:
             await conn.close()
         self.entries = await self._entries()
@@ -118,12 +132,19 @@ class ServiceCPU:
                 await asyncio.sleep(0.1)
             cpu = cpu_seconds(self.pid) - self.cpu
             debits = await self._debits(conn) - self.debits
+            # A backend opened during the case counts whole; one closed during it is
+            # missed (the ledger's pools keep theirs open).
+            sql = sum(
+                now - self.backends.get(pid, 0.0)
+                for pid, now in (await self._backends(conn)).items()
+            )
         finally:
             await conn.close()
         per_debit = cpu / max(debits, 1) * 1e6
         entries = await self._entries() - self.entries
         return (
-            f"ledger CPU {per_debit:6.0f} us per debit (all processes, relay included);"
+            f"ledger CPU {per_debit:6.0f} us per debit (all processes, relay included),"
+            f" its Postgres backends {sql / max(debits, 1) * 1e6:6.0f} us;"
             f" relay: {debits / max(entries, 1):5.1f} events per stream entry"
         )
 
