@@ -9,9 +9,9 @@ It fills `KU_DATABASE_URL` / `KU_REDIS_URL` from embedded servers when unset, ma
 throwaway principal keys outside production (each child gets only its own private
 key: see services.kit.principal), migrates, starts each process in
 its own session (so a Ctrl-C reaches only us and we stop them in order), waits for
-`GET /ready` on each, and streams their output prefixed with their names. When any
-process dies, `wait()` returns and everything is stopped: SIGTERM, then SIGKILL
-after a grace period.
+`GET /ready` on each (and checks that `GET /health` on its port names it), and
+streams their output prefixed with their names. When any process dies, `wait()`
+returns and everything is stopped: SIGTERM, then SIGKILL after a grace period.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import asyncio
 import collections
 import concurrent.futures
 import http.client
+import json
 import os
 import signal
 import socket
@@ -509,6 +510,7 @@ class Suite:
                 except OSError:
                     continue
                 if status == 200:
+                    self._check_identity(spec)
                     pending.remove(spec)
             if not pending:
                 return
@@ -520,6 +522,21 @@ class Suite:
                     f"{self.ready_timeout:.0f} s" + tails
                 )
             time.sleep(0.1)
+
+    def _check_identity(self, spec: ProcessSpec) -> None:
+        """The process that answered `GET /ready` on `spec`'s port is `spec`'s: every
+        process names itself in `GET /health`. Another one on that port (a port handed
+        out twice) would pass for it while ours dies at bind."""
+        try:
+            _, body = _get(spec.url, "/health")
+            service = json.loads(body).get("service")
+        except (OSError, ValueError, AttributeError):
+            service = None
+        if service != spec.name:
+            raise SuiteError(
+                f"{spec.name}'s port {spec.port} is answered by {service or 'something else'}"
+                f" (another process holds it)" + self._tail_text(self._children[spec.name])
+            )
 
     def _tail_text(self, child: _Child) -> str:
         if child.pump is not None:

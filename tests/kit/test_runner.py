@@ -11,6 +11,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import IO
 
@@ -125,7 +126,38 @@ class TestFreePort:
         assert len(set(ports)) == len(ports)
 
 
+class _Stranger(BaseHTTPRequestHandler):
+    """Another process's server: ready, and naming itself auth."""
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        body = b'{"status": "ok", "service": "auth"}'
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
 class TestSuiteErrors:
+    def test_a_port_another_process_answers_is_refused(self) -> None:
+        # The ledger's port is held by a stranger that answers GET /ready: the ledger
+        # dies at bind, and without the identity check the suite would start "ready".
+        port = free_port()
+        stranger = ThreadingHTTPServer(("127.0.0.1", port), _Stranger)
+        thread = threading.Thread(target=stranger.serve_forever, daemon=True)
+        thread.start()
+        try:
+            env = {**os.environ, "KU_LEDGER_PORT": str(port)}
+            suite = Suite(env=env, only=["ledger"], quiet=True, migrate=False)
+            with pytest.raises(SuiteError, match="port .* is answered by auth"), suite:
+                pass
+            assert all(p.poll() is not None for p in suite.processes.values())
+        finally:
+            stranger.shutdown()
+            stranger.server_close()
+
     def test_unknown_process_is_refused_before_anything_starts(self) -> None:
         suite = Suite(only=["ledger", "nope"], free_ports=True, quiet=True, migrate=False)
         with pytest.raises(SuiteError, match="nope"), suite:
