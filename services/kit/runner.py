@@ -509,8 +509,7 @@ class Suite:
                     status, _ = _get(spec.url, "/ready")
                 except OSError:
                     continue
-                if status == 200:
-                    self._check_identity(spec)
+                if status == 200 and self._is_ours(spec):
                     pending.remove(spec)
             if not pending:
                 return
@@ -523,20 +522,25 @@ class Suite:
                 )
             time.sleep(0.1)
 
-    def _check_identity(self, spec: ProcessSpec) -> None:
-        """The process that answered `GET /ready` on `spec`'s port is `spec`'s: every
-        process names itself in `GET /health`. Another one on that port (a port handed
-        out twice) would pass for it while ours dies at bind."""
+    def _is_ours(self, spec: ProcessSpec) -> bool:
+        """Whether the process that answered `GET /ready` on `spec`'s port is `spec`'s:
+        every process names itself in `GET /health`. Another one on that port (a port
+        handed out twice) would pass for it while ours dies at bind: a SuiteError. No
+        answer (a timeout): not known yet, asked again on the next round."""
         try:
             _, body = _get(spec.url, "/health")
+        except OSError:
+            return False
+        try:
             service = json.loads(body).get("service")
-        except (OSError, ValueError, AttributeError):
+        except (ValueError, AttributeError):
             service = None
         if service != spec.name:
             raise SuiteError(
                 f"{spec.name}'s port {spec.port} is answered by {service or 'something else'}"
                 f" (another process holds it)" + self._tail_text(self._children[spec.name])
             )
+        return True
 
     def _tail_text(self, child: _Child) -> str:
         if child.pump is not None:
