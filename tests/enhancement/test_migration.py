@@ -4,7 +4,6 @@ nobody's month starts over at the upgrade, and the ledger's invariants hold afte
 from __future__ import annotations
 
 import asyncio
-import os
 import secrets
 import uuid
 from collections.abc import Iterator
@@ -16,9 +15,8 @@ from alembic import command
 
 from services.enhancement.service import next_period_start, period_of
 from services.kit.db import plain_url
-from services.kit.embedded import with_database
-from services.kit.migrations import alembic_config, upgrade_all
-from services.kit.testing.plugin import drop_database
+from services.kit.migrations import alembic_config
+from services.kit.testing.plugin import drop_database, migrated_database
 from services.ledger.verify import run_checks
 
 
@@ -27,15 +25,7 @@ def at_0003() -> Iterator[str]:
     """A database of its own: every service at head, the enhancement's at 0003 (the
     counter table back, empty)."""
     name = f"ku_enh_mig_{secrets.token_hex(4)}"
-    url = with_database(os.environ["KU_SERVER_DATABASE_URL"], name)
-
-    async def create() -> None:
-        conn = await asyncpg.connect(plain_url(os.environ["KU_SERVER_DATABASE_URL"]))
-        await conn.execute(f'CREATE DATABASE "{name}"')
-        await conn.close()
-
-    asyncio.run(create())
-    upgrade_all(url)
+    url = migrated_database(name)
     command.downgrade(alembic_config("enhancement", url), "0003")
     yield url
     asyncio.run(drop_database(name))

@@ -1,19 +1,14 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
-import asyncpg
 import httpx
 import pytest
 
-from services.kit.db import plain_url
-from services.kit.embedded import with_database
-from services.kit.migrations import upgrade_all
-from services.kit.testing.plugin import asgi_client, drop_database
+from services.kit.testing.plugin import asgi_client, drop_database, migrated_database
 from tests.ledger.helpers import key, operator
 
 
@@ -54,14 +49,5 @@ def scratch_url() -> Iterator[str]:
     """A database of its own on the test server, every service migrated to head; dropped
     after the test (migrations up and down, scratch schemas)."""
     name = f"ku_sql_{secrets.token_hex(4)}"
-    url = with_database(os.environ["KU_SERVER_DATABASE_URL"], name)
-
-    async def create():
-        conn = await asyncpg.connect(plain_url(os.environ["KU_SERVER_DATABASE_URL"]))
-        await conn.execute(f'CREATE DATABASE "{name}"')
-        await conn.close()
-
-    asyncio.run(create())
-    upgrade_all(url)
-    yield url
+    yield migrated_database(name)
     asyncio.run(drop_database(name))

@@ -4,7 +4,6 @@ corruption it guards against."""
 from __future__ import annotations
 
 import asyncio
-import os
 import secrets
 from collections.abc import Iterator
 
@@ -13,9 +12,7 @@ import pytest
 
 from services.cli import main
 from services.kit.db import plain_url
-from services.kit.embedded import with_database
-from services.kit.migrations import upgrade_all
-from services.kit.testing.plugin import drop_database
+from services.kit.testing.plugin import drop_database, migrated_database
 from services.ledger.verify import CHECKS, run_checks
 
 ANY = '"auth": {"user": "any", "owner": "app:penora", "holds": "*", "charges": "*"}'
@@ -137,24 +134,11 @@ def test_every_check_has_a_corruption():
     assert sorted(CORRUPTIONS) == sorted(c.name for c in CHECKS)
 
 
-def _create(name: str) -> str:
-    url = with_database(os.environ["KU_SERVER_DATABASE_URL"], name)
-
-    async def create():
-        conn = await asyncpg.connect(plain_url(os.environ["KU_SERVER_DATABASE_URL"]))
-        await conn.execute(f'CREATE DATABASE "{name}"')
-        await conn.close()
-
-    asyncio.run(create())
-    upgrade_all(url)
-    return url
-
-
 @pytest.fixture(scope="module")
 def sound_db() -> Iterator[str]:
     """A migrated database of its own holding SOUND; corruptions roll back."""
     name = f"ku_verify_{secrets.token_hex(4)}"
-    url = _create(name)
+    url = migrated_database(name)
     run(SOUND, plain_url(url))
     yield plain_url(url)
     asyncio.run(drop_database(name))
@@ -164,7 +148,7 @@ def sound_db() -> Iterator[str]:
 def scratch_db(monkeypatch) -> Iterator[str]:
     """A database of its own whose corruption is committed (for the CLI's exit code)."""
     name = f"ku_verify_{secrets.token_hex(4)}"
-    url = _create(name)
+    url = migrated_database(name)
     monkeypatch.setenv("KU_DATABASE_URL", url)
     yield plain_url(url)
     asyncio.run(drop_database(name))

@@ -73,14 +73,25 @@ def pytest_load_initial_conftests(early_config: pytest.Config, parser: Any, args
     _bootstrap_environment()
 
 
-async def _create_database() -> None:
+async def create_database(name: str) -> None:
     server = os.environ["KU_SERVER_DATABASE_URL"].replace("postgresql+asyncpg://", "postgresql://")
-    name = os.environ["KU_TEST_DATABASE_URL"].rsplit("/", 1)[1].split("?")[0]
     conn = await asyncpg.connect(server)
     try:
         await conn.execute(f'CREATE DATABASE "{name}"')
     finally:
         await conn.close()
+
+
+def migrated_database(name: str) -> str:
+    """A database `name` of its own on the test server, every service migrated to head;
+    its URL. The caller drops it (`drop_database`)."""
+    from services.kit.embedded import with_database
+    from services.kit.migrations import upgrade_all
+
+    asyncio.run(create_database(name))
+    url = with_database(os.environ["KU_SERVER_DATABASE_URL"], name)
+    upgrade_all(url)
+    return url
 
 
 async def drop_database(name: str) -> None:
@@ -98,8 +109,8 @@ def ku_database_url() -> Iterator[str]:
     from services.kit.config import get_settings
     from services.kit.migrations import upgrade_all
 
-    asyncio.run(_create_database())
     url = os.environ["KU_TEST_DATABASE_URL"]
+    asyncio.run(create_database(url.rsplit("/", 1)[1].split("?")[0]))
     upgrade_all(url)
     get_settings.cache_clear()
     yield url
