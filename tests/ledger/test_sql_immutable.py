@@ -29,6 +29,7 @@ RELEASED = {
     "0006_debit_path.sql": "566d5bdae3a460c6842d8a1a8e1d6b807a6b2fa4d41de05c73ed6e8cb1c11880",
     "0007_batch_lock_order.sql": "38b48dba3f76b3463d25999ccf231ee4917ed7ce4c3b2dab388e90026fe64494",
     "0009_hold_path.sql": "4bc00d8e323dfefa8ba6e0b46432550655329cc26c4ae6d78acaba2e47baa68c",
+    "0010_grouped_debits.sql": "f53b09b14097dc7d15964ea82f15914924c5494b5eb4b0cc0718d5f2f190947b",
 }
 
 _FUNCTION = re.compile(
