@@ -1,9 +1,19 @@
 """Group commit: concurrent ledger operations share one transaction and one round trip.
 
-Every request hands its operation to `GroupCommitter.submit()`. Up to
-`max_inflight` flushers run at once; each takes what is queued (at most `max_ops`),
-sorts it by user so concurrent batches lock wallets in the same order, and calls
-`ledger.apply_batch()` once.
+Every request hands its operation to `GroupCommitter.submit()`. A flusher takes what
+is queued (at most `max_ops`), sorts it by user so concurrent batches lock wallets in
+the same order, and calls `ledger.apply_batch()` once; then it takes what queued
+meanwhile, until the queue is empty.
+
+How many flushers (`_spawn`): one starts at once when none runs, so a lone request
+never waits for a timer. A second, up to `max_inflight`, only when the queue holds more
+than the running ones take in their next batches (a batch request, a burst), or when no
+batch has started or finished for `STALL_SECONDS` (a batch waiting on a lock must not
+hold up every other user). Otherwise what arrives during a batch waits for it and goes
+into the next one: fewer, larger statements, and Postgres's cost is mostly per
+statement (a debit costs ~4x less in a batch of 100 than alone). Under 32 clients this
+took single debits for many users from ~5,800 to ~7,400/s against three flushers
+started eagerly (docs/ledger.md, "Group commit").
 
 A user (a hold, a transaction) is in at most one in-flight batch of this process: an
 operation whose user is in a batch being applied waits in the queue for the next one.
@@ -30,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from typing import Any
 
@@ -53,6 +64,10 @@ _CONNECTION_LOST = (
 # Backoff between attempts on a lost connection: ~10 s in all, long enough for a
 # restart or a failover, short enough that a client's own timeout is not reached first.
 _RECONNECT_DELAYS = (0.0, 0.05, 0.1, 0.2, 0.4, 0.8, 1.5, 2.0, 2.5, 2.5)
+# No batch started or finished for this long while operations queue: start one more
+# flusher (`_spawn`). A batch of 64 takes a few ms; one waiting on a row lock can take
+# up to the lock's holder's transaction.
+STALL_SECONDS = 0.02
 
 Item = tuple[dict[str, Any], asyncio.Future[dict[str, Any]]]
 
@@ -74,13 +89,13 @@ class GroupCommitter:
         self._inflight = 0
         # Lock keys (`_lock_key`) of the operations in the batches being applied.
         self._busy: set[str] = set()
+        # When a batch last started or finished (time.monotonic()).
+        self._progress = 0.0
 
     async def submit(self, op: dict[str, Any]) -> dict[str, Any]:
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._queue.append((op, future))
-        if self._inflight < self.max_inflight:
-            self._inflight += 1
-            asyncio.create_task(self._flush())
+        self._spawn()
         return await future
 
     async def submit_many(self, ops: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -94,11 +109,7 @@ class GroupCommitter:
             future: asyncio.Future[dict[str, Any]] = loop.create_future()
             self._queue.append((op, future))
             futures.append(future)
-        while self._inflight < self.max_inflight and self._inflight * self.max_ops < len(
-            self._queue
-        ):
-            self._inflight += 1
-            asyncio.create_task(self._flush())
+        self._spawn()
         results: list[dict[str, Any]] = []
         for future in futures:
             try:
@@ -113,21 +124,35 @@ class GroupCommitter:
                 )
         return results
 
+    def _spawn(self) -> None:
+        """Start flushers for what is queued (the module's docstring says when)."""
+        now = time.monotonic()
+        while self._inflight < self.max_inflight:
+            if not self._inflight:
+                self._progress = now  # the clock of a stall starts with the first flusher
+            elif len(self._queue) <= self._inflight * self.max_ops:
+                if now - self._progress < STALL_SECONDS:
+                    return
+                self._progress = now  # one more flusher per stall
+            self._inflight += 1
+            asyncio.create_task(self._flush())
+
     async def _flush(self) -> None:
         try:
             while batch := self._take():
                 keys = {key for op, _ in batch if (key := _lock_key(op))}
                 self._busy |= keys
+                self._progress = time.monotonic()
                 try:
                     await self._run(batch)
                 finally:
                     self._busy -= keys
+                    self._progress = time.monotonic()
         finally:
             self._inflight -= 1
             # Operations left for a busy user, with no flusher to take them: start one.
-            if self._queue and self._inflight == 0:
-                self._inflight += 1
-                asyncio.create_task(self._flush())
+            if self._queue and not self._inflight:
+                self._spawn()
 
     def _take(self) -> list[Item]:
         """The next batch: up to `max_ops` queued operations, in queue order, none of

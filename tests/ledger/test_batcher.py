@@ -15,6 +15,7 @@ import pytest
 
 from services.kit.db import plain_url
 from services.kit.testing.plugin import asgi_client
+from services.ledger import batcher
 from services.ledger.batcher import GroupCommitter
 from tests.ledger.helpers import penora
 
@@ -66,6 +67,7 @@ class RecordingCommitter(GroupCommitter):
         self.running: list[set[str]] = []
         self.overlaps: list[set[str]] = []
         self.batches: list[list[str]] = []
+        self.most_at_once = 0  # statements in flight at the same time, at most
 
     async def _execute(self, ops: list[bytes]) -> list[dict[str, Any]]:
         decoded = [orjson.loads(op) for op in ops]
@@ -74,6 +76,7 @@ class RecordingCommitter(GroupCommitter):
             if users & other:
                 self.overlaps.append(users & other)
         self.running.append(users)
+        self.most_at_once = max(self.most_at_once, len(self.running))
         self.batches.append([op["key"] for op in decoded])
         try:
             return await super()._execute(ops)
@@ -107,6 +110,56 @@ class TestOneBatchPerUser:
         assert await available(pool, hot) == 1_000_000 - 60
         for user in others:
             assert await available(pool, user) == 1_000_000 - 5
+
+
+class TestHowManyFlushers:
+    async def test_what_arrives_during_a_batch_waits_for_the_next_one(self, pool, monkeypatch):
+        # No stall in this test, however slow the machine: only the queue's length
+        # could start a second flusher, and 40 debits never fill a batch of 64.
+        monkeypatch.setattr(batcher, "STALL_SECONDS", 60.0)
+        users = await open_users(pool, 40, 1_000_000)
+        committer = RecordingCommitter(pool, max_ops=64, max_inflight=3)
+
+        async def submit_later(user: str, delay: float) -> dict[str, Any]:
+            await asyncio.sleep(delay)
+            return await committer.submit(debit(user, 1))
+
+        results = await asyncio.gather(
+            *(submit_later(user, i * 0.0005) for i, user in enumerate(users))
+        )
+        assert [r["status"] for r in results] == [201] * 40, results
+        assert committer.most_at_once == 1  # one statement at a time ...
+        assert len(committer.batches) < 40  # ... each taking what queued meanwhile
+        for user in users:
+            assert await available(pool, user) == 1_000_000 - 1
+
+    async def test_a_queue_longer_than_a_batch_runs_several(self, pool, monkeypatch):
+        monkeypatch.setattr(batcher, "STALL_SECONDS", 60.0)
+        users = await open_users(pool, 40, 1_000_000)
+        committer = RecordingCommitter(pool, max_ops=8, max_inflight=3)
+        results = await committer.submit_many([debit(user, 1) for user in users])
+        assert [r["status"] for r in results] == [201] * 40, results
+        assert committer.most_at_once > 1
+
+    async def test_a_batch_stuck_on_a_lock_does_not_hold_up_other_users(self, pool):
+        stuck, other = await open_users(pool, 2, 1_000_000)
+        committer = GroupCommitter(pool, max_ops=64, max_inflight=3)
+        async with pool.acquire() as holder:
+            transaction = holder.transaction()
+            await transaction.start()
+            await holder.execute(
+                "SELECT 1 FROM ledger.wallets WHERE user_id = $1 FOR UPDATE", stuck
+            )
+            waiting = asyncio.create_task(committer.submit(debit(stuck, 1)))
+            await asyncio.sleep(batcher.STALL_SECONDS * 3)
+            assert not waiting.done()  # its batch waits on the row lock
+            result = await asyncio.wait_for(committer.submit(debit(other, 1)), 10)
+            assert result["status"] == 201, result
+            assert not waiting.done()
+            await transaction.rollback()
+        assert (await asyncio.wait_for(waiting, 10))["status"] == 201
+        assert await available(pool, stuck) == 1_000_000 - 1
+        assert await available(pool, other) == 1_000_000 - 1
 
 
 class TestIsolation:
