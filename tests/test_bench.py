@@ -12,13 +12,13 @@ import pytest
 from services.kit.runner import HTTP_PROTOCOL
 
 
-def test_bench_ledger_runs_two_ledger_processes_unless_set(monkeypatch) -> None:
+def test_bench_ledger_runs_one_ledger_process_unless_set(monkeypatch) -> None:
     import bench.ledger
 
     monkeypatch.delenv("KU_LEDGER_PROCESSES", raising=False)
-    assert importlib.reload(bench.ledger).PROCESSES == 2
-    monkeypatch.setenv("KU_LEDGER_PROCESSES", "1")
     assert importlib.reload(bench.ledger).PROCESSES == 1
+    monkeypatch.setenv("KU_LEDGER_PROCESSES", "2")
+    assert importlib.reload(bench.ledger).PROCESSES == 2
 
 
 @pytest.mark.parametrize("processes", [1, 2])
