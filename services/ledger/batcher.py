@@ -12,8 +12,8 @@ batch has started or finished for `STALL_SECONDS` (a batch waiting on a lock mus
 hold up every other user). Otherwise what arrives during a batch waits for it and goes
 into the next one: fewer, larger statements, and Postgres's cost is mostly per
 statement (a debit costs ~4x less in a batch of 100 than alone). Under 32 clients this
-took single debits for many users from ~5,800 to ~7,400/s against three flushers
-started eagerly (docs/ledger.md, "Group commit").
+took single debits for many users from ~6,200 to ~7,500/s (three interleaved pairs of
+runs) against three flushers started eagerly (docs/ledger.md, "Stop 14").
 
 A user (a hold, a transaction) is in at most one in-flight batch of this process: an
 operation whose user is in a batch being applied waits in the queue for the next one.
