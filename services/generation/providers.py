@@ -65,6 +65,16 @@ class Provider(Protocol):
     async def aclose(self) -> None: ...
 
 
+# How long an idle connection to a provider is kept for the next generation. The
+# kit's pool defaults to 4 s, under the services' own uvicorn keep-alive (5 s); a
+# provider is usually remote and over TLS, where a new connection costs the next user's
+# time to first token a TCP and a TLS handshake. An idle connection keeps being read,
+# so a server that closes it first (vLLM or llama.cpp after ~5 s) is seen and the
+# connection dropped, not reused. Per provider: `idle_seconds` in
+# KU_GENERATION_PROVIDERS.
+PROVIDER_IDLE_SECONDS = 60.0
+
+
 class OpenAICompatible:
     """One OpenAI-compatible provider over the kit's lean keep-alive HTTP/1.1 client
     (`services.kit.pool`: one asyncio protocol per connection, httptools parsing the
@@ -87,6 +97,7 @@ class OpenAICompatible:
         *,
         timeout_seconds: float,
         pace_seconds: float = 0.0,
+        idle_seconds: float = PROVIDER_IDLE_SECONDS,
     ) -> None:
         self.name = name
         # After each piece of text, the socket is left unread this long (the stream's
@@ -101,11 +112,16 @@ class OpenAICompatible:
         # A stall is a read that waits longer than the timeout; a long answer that
         # keeps streaming is not one (no total limit).
         self.timeout_seconds = timeout_seconds
+        self.idle_seconds = idle_seconds
         self._pool: Pool | None = None
 
     def _client(self) -> Pool:
         if self._pool is None:
-            self._pool = Pool(self.base_url, connect_timeout=min(10.0, self.timeout_seconds))
+            self._pool = Pool(
+                self.base_url,
+                connect_timeout=min(10.0, self.timeout_seconds),
+                idle_seconds=self.idle_seconds,
+            )
         return self._pool
 
     async def aclose(self) -> None:
@@ -310,12 +326,19 @@ def build_providers(settings: GenerationSettings) -> dict[str, Provider]:
     for name, raw in settings.generation_providers.items():
         if name == OFFLINE:
             continue
+        idle = raw.get("idle_seconds", PROVIDER_IDLE_SECONDS)
+        if isinstance(idle, bool) or not isinstance(idle, int | float) or not 0 <= idle <= 3600:
+            raise ValueError(
+                f"KU_GENERATION_PROVIDERS: {name}'s idle_seconds must be a number of seconds"
+                f" from 0 to 3600, not {idle!r}"
+            )
         providers[name] = OpenAICompatible(
             name,
             str(raw.get("base_url") or ""),
             str(raw.get("api_key") or settings.generation_api_key),
             timeout_seconds=settings.generation_timeout_seconds,
             pace_seconds=settings.generation_stream_flush_ms / 1000,
+            idle_seconds=float(idle),
         )
     return providers
 

@@ -105,6 +105,23 @@ class TestAgainstTheFakeProvider:
         assert len({r["port"] for r in seen}) == 1
         await p.aclose()
 
+    async def test_an_idle_connection_is_kept_for_idle_seconds(self, fake: FakeProvider) -> None:
+        marker = uuid.uuid4().hex
+        for tag, idle in (("kept", 30.0), ("dropped", 0.05)):
+            p = OpenAICompatible(
+                "fake", f"{fake.url}/v1", "k", timeout_seconds=5, idle_seconds=idle
+            )
+            for _ in range(2):
+                assert "".join(await read(p, f"{marker}-{tag} #words=3")).split() == [
+                    "w0",
+                    "w1",
+                    "w2",
+                ]
+                await asyncio.sleep(0.3)
+            await p.aclose()
+        assert len({r["port"] for r in fake.seen(f"{marker}-kept")}) == 1
+        assert len({r["port"] for r in fake.seen(f"{marker}-dropped")}) == 2
+
     @pytest.mark.parametrize(("status", "retryable"), [(429, True), (500, True), (400, False)])
     async def test_an_error_status_is_a_provider_error(
         self, fake: FakeProvider, status: int, retryable: bool
@@ -166,6 +183,18 @@ class TestRawBytes:
         async with raw_server(lambda n: steps) as url:
             pieces = await read(provider(url, pace=0.002))
         assert "".join(pieces) == "".join(WORDS)
+
+    async def test_a_connection_the_server_closed_while_idle_is_not_reused(self) -> None:
+        # The server closes each connection after its answer, without saying so in the
+        # head (as a server's keep-alive timeout does later): the provider's long idle
+        # time must not make the next request go out on the closed connection.
+        async with raw_server(lambda n: [HEAD + chunked(ANSWER)]) as url:
+            p = provider(url)
+            assert p.idle_seconds == 60
+            for _ in range(3):
+                assert "".join(await read(p)) == "".join(WORDS)
+                await asyncio.sleep(0.05)
+            await p.aclose()
 
     async def test_crlf_line_ends_and_pieces_joined_per_read(self) -> None:
         body = ANSWER.replace(b"\n", b"\r\n")

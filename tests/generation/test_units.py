@@ -210,6 +210,29 @@ class TestRouter:
         await router.aclose()
 
 
+class TestProviderSettings:
+    def test_idle_seconds_per_provider(self) -> None:
+        settings = GenerationSettings(
+            generation_providers={
+                "remote": {"base_url": "https://example.invalid/v1"},
+                "local": {"base_url": "http://127.0.0.1:1/v1", "idle_seconds": 3},
+            }
+        )
+        providers = build_providers(settings)
+        assert providers["remote"].idle_seconds == 60.0  # type: ignore[attr-defined]
+        assert providers["local"].idle_seconds == 3.0  # type: ignore[attr-defined]
+
+    @pytest.mark.parametrize("bad", ["5", -1, 3601, True, None])
+    def test_a_bad_idle_seconds_is_refused_naming_the_provider(self, bad: object) -> None:
+        settings = GenerationSettings(
+            generation_providers={
+                "local": {"base_url": "http://127.0.0.1:1/v1", "idle_seconds": bad}
+            }
+        )
+        with pytest.raises(ValueError, match="local's idle_seconds"):
+            build_providers(settings)
+
+
 class TestOffline:
     async def test_offline_output_is_marked(self) -> None:
         provider = Offline()
