@@ -70,9 +70,10 @@ class Provider(Protocol):
 # provider is usually remote and over TLS, where a new connection costs the next user's
 # time to first token a TCP and a TLS handshake. An idle connection keeps being read,
 # so a server that closes it first (vLLM or llama.cpp after ~5 s) is seen and the
-# connection dropped, not reused. Per provider: `idle_seconds` in
-# KU_GENERATION_PROVIDERS.
-PROVIDER_IDLE_SECONDS = 60.0
+# connection dropped, not reused. 50 s stays under the common 60 s idle timeout of load
+# balancers in front of providers, so the two do not close and reuse at the same moment.
+# Per provider: `idle_seconds` in KU_GENERATION_PROVIDERS.
+PROVIDER_IDLE_SECONDS = 50.0
 
 
 class OpenAICompatible:

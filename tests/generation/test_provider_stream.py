@@ -190,7 +190,7 @@ class TestRawBytes:
         # time must not make the next request go out on the closed connection.
         async with raw_server(lambda n: [HEAD + chunked(ANSWER)]) as url:
             p = provider(url)
-            assert p.idle_seconds == 60
+            assert p.idle_seconds == 50
             for _ in range(3):
                 assert "".join(await read(p)) == "".join(WORDS)
                 await asyncio.sleep(0.05)

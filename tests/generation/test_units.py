@@ -219,7 +219,7 @@ class TestProviderSettings:
             }
         )
         providers = build_providers(settings)
-        assert providers["remote"].idle_seconds == 60.0  # type: ignore[attr-defined]
+        assert providers["remote"].idle_seconds == 50.0  # type: ignore[attr-defined]
         assert providers["local"].idle_seconds == 3.0  # type: ignore[attr-defined]
 
     @pytest.mark.parametrize("bad", ["5", -1, 3601, True, None])
