@@ -19,7 +19,7 @@ import pytest
 from ku_client import KuClient, NotFound
 
 from services.kit.runner import Suite
-from services.kit.testing.plugin import drop_database
+from services.kit.testing.plugin import create_database, drop_database, server_url
 from tests.gateway.helpers import make_signing_key, new_user_id
 
 pytestmark = pytest.mark.e2e
@@ -72,9 +72,8 @@ COUNTS = (
 @pytest.fixture
 def scratch_url(ku_database_url: str) -> Iterator[str]:
     name = f"ku_ops_{uuid.uuid4().hex[:10]}"
-    server = os.environ["KU_SERVER_DATABASE_URL"].replace("postgresql+asyncpg://", "postgresql://")
-    sql(server, f'CREATE DATABASE "{name}"')
-    base = server.rsplit("/", 1)[0]
+    asyncio.run(create_database(name))
+    base = server_url().rsplit("/", 1)[0]
     try:
         yield f"{base}/{name}"
     finally:

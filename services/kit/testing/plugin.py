@@ -26,6 +26,7 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
+from services.kit.db import plain_url
 from services.kit.principal import GATEWAY, PRINCIPAL_HEADER, Principal, sign_principal
 
 RUN_ID = uuid.uuid4().hex[:10]
@@ -73,9 +74,13 @@ def pytest_load_initial_conftests(early_config: pytest.Config, parser: Any, args
     _bootstrap_environment()
 
 
+def server_url() -> str:
+    """The test server's maintenance database, as asyncpg takes it."""
+    return plain_url(os.environ["KU_SERVER_DATABASE_URL"])
+
+
 async def create_database(name: str) -> None:
-    server = os.environ["KU_SERVER_DATABASE_URL"].replace("postgresql+asyncpg://", "postgresql://")
-    conn = await asyncpg.connect(server)
+    conn = await asyncpg.connect(server_url())
     try:
         await conn.execute(f'CREATE DATABASE "{name}"')
     finally:
@@ -95,8 +100,7 @@ def migrated_database(name: str) -> str:
 
 
 async def drop_database(name: str) -> None:
-    server = os.environ["KU_SERVER_DATABASE_URL"].replace("postgresql+asyncpg://", "postgresql://")
-    conn = await asyncpg.connect(server)
+    conn = await asyncpg.connect(server_url())
     try:
         await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:
