@@ -1,0 +1,58 @@
+"""Adversarial checks of the ledger's routes as the narrowest principals (audit)."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+import asyncpg
+import httpx
+import pytest
+
+from services.kit.db import plain_url
+from services.kit.testing.plugin import principal_headers
+from tests.ledger.helpers import admin, key
+
+
+def partner(app: str = "acme") -> dict[str, str]:
+    """A partner key (no `users:any`): only users linked to it."""
+    return principal_headers("app", app=app, scopes=("ledger:read", "ledger:write"))
+
+
+async def link(url: str, user: str, app: str) -> None:
+    conn = await asyncpg.connect(plain_url(url))
+    try:
+        await conn.execute("INSERT INTO ledger.app_links (user_id, app) VALUES ($1, $2)", user, app)
+    finally:
+        await conn.close()
+
+
+class TestAdminRoutesOnlyForAdmins:
+    @pytest.mark.parametrize("service", ["generation", "enhancement"])
+    async def test_a_service_naming_the_admin_scope_is_not_an_admin(
+        self,
+        ledger: httpx.AsyncClient,
+        funded_user: Callable[..., Awaitable[str]],
+        service: str,
+    ):
+        # A service signs its own principal (services/kit/principal.py): it may say
+        # "I am generation", never "I am admin"; `Principal.is_admin` is false for it.
+        # The scopes it lists are its own to write, so they grant nothing here.
+        user = await funded_user(10)
+        svc = principal_headers("service", app=service, scopes=("admin",))
+        r = await ledger.get(f"/v1/ledger/admin/users/{user}", headers=svc)
+        assert r.status_code == 403, r.text
+        assert r.json()["error"]["code"] == "missing_scope"
+        r = await ledger.get("/v1/ledger/admin/overview", headers=svc)
+        assert r.status_code == 403, r.text
+        clawback = {
+            "user_id": user,
+            "amount": 1,
+            "source": "promo",
+            "grant_reference": "p",
+            "reason": "test",
+        }
+        r = await ledger.post("/v1/ledger/admin/clawbacks", json=clawback, headers={**svc, **key()})
+        assert r.status_code == 403
+        # A real admin still reads them.
+        r = await ledger.get(f"/v1/ledger/admin/users/{user}", headers=admin())
+        assert r.status_code == 200, r.text
