@@ -307,9 +307,10 @@ async def open_account(
     if body.initial_credits is not None:
         if permit.kind != "admin":
             raise Forbidden("Only an admin sets initial credits", code="forbidden")
-        if not body.reason:
+        # As authorize() asks of every admin money operation: a reason that says something.
+        if not body.reason or not body.reason.strip():
             raise Unprocessable("Initial credits need a reason", code="reason_required")
-        audit = {"actor": principal.who, "reason": body.reason}
+        audit = {"actor": principal.who, "reason": body.reason.strip()}
         amount = body.initial_credits
     else:
         amount = get_settings().welcome_credits_milli if body.welcome else 0

@@ -10,7 +10,7 @@ import pytest
 
 from services.kit.db import plain_url
 from services.kit.testing.plugin import principal_headers
-from tests.ledger.helpers import admin, key
+from tests.ledger.helpers import admin, balance, key
 
 
 def partner(app: str = "acme") -> dict[str, str]:
@@ -56,3 +56,28 @@ class TestAdminRoutesOnlyForAdmins:
         # A real admin still reads them.
         r = await ledger.get(f"/v1/ledger/admin/users/{user}", headers=admin())
         assert r.status_code == 200, r.text
+
+
+class TestAdminsSayWhy:
+    @pytest.mark.parametrize("reason", ["   ", "\t\n"])
+    async def test_initial_credits_with_a_blank_reason_are_refused(
+        self, ledger: httpx.AsyncClient, new_user_id: Callable[[], str], reason: str
+    ):
+        # As every other admin money operation (authorize() strips the reason).
+        user = new_user_id()
+        r = await ledger.post(
+            "/v1/ledger/accounts",
+            json={"user_id": user, "welcome": False, "initial_credits": 500, "reason": reason},
+            headers=admin(),
+        )
+        assert r.status_code == 422, r.text
+        assert r.json()["error"]["code"] == "reason_required"
+        r = await ledger.get("/v1/ledger/balance", params={"user_id": user}, headers=admin())
+        assert r.status_code == 404  # nothing opened, nothing granted
+        r = await ledger.post(
+            "/v1/ledger/accounts",
+            json={"user_id": user, "initial_credits": 500, "reason": " ticket 12 "},
+            headers=admin(),
+        )
+        assert r.status_code == 201, r.text
+        assert (await balance(ledger, user))["available"] == 500
