@@ -806,8 +806,8 @@ async def apply_batch(
     the same batch may run before the hold: send it in a later batch).
 
     The batch is idempotent too: with an `Idempotency-Key` header a retry replays the
-    first answer (`Idempotent-Replayed: true`; an answer with a 5xx item is not stored,
-    so a retry tries that item again), and the same key with other operations is 409
+    first answer (`Idempotent-Replayed: true`; an answer with a 5xx or a 403 item is
+    not stored, so a retry tries that item again), and the same key with other operations is 409
     `idempotency_key_reused`. Without one, a retry is still safe: every item
     replays under its own key."""
     items = body.operations
@@ -844,9 +844,12 @@ async def apply_batch(
     failed = sum(1 for r in results if r is not None and r["status"] >= 400)
     raw = orjson.dumps({"results": results, "succeeded": len(items) - failed, "failed": failed})
     # An item the database could not take (5xx: unreachable, refused) was not applied
-    # and is not remembered under its key: an answer holding one is not stored either,
-    # so a retry of the batch tries it again instead of replaying the failure.
-    if batch_key is not None and all(r is not None and r["status"] < 500 for r in results):
+    # and is not remembered under its key, nor is a denied one (403: about the caller,
+    # not the request, e.g. a link not yet known): an answer holding one is not stored
+    # either, so a retry of the batch tries it again instead of replaying the failure.
+    if batch_key is not None and all(
+        r is not None and r["status"] < 500 and r["status"] != 403 for r in results
+    ):
         await ledger.store_batch(principal, batch_key, batch_hash, raw)
     return Response(raw, media_type="application/json")
 

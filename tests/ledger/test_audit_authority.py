@@ -81,3 +81,44 @@ class TestAdminsSayWhy:
         )
         assert r.status_code == 201, r.text
         assert (await balance(ledger, user))["available"] == 500
+
+
+class TestBatchDenialsAreNotRemembered:
+    async def test_a_denied_item_runs_again_on_the_batch_retry(
+        self,
+        ledger: httpx.AsyncClient,
+        funded_user: Callable[..., Awaitable[str]],
+        ku_database_url: str,
+    ):
+        # A denial (403) is about the caller, not the request: the single route does not
+        # remember it under its key (docs/ledger.md "idempotency"), so neither may the
+        # batch's stored answer. Here the user's `user.linked` event arrives after the
+        # partner's first attempt; its retry, same Idempotency-Key, must be applied as
+        # the same item sent alone would be, not replay the old 403.
+        user = await funded_user(10)
+        batch = {
+            "operations": [
+                {"op": "debit", "idempotency_key": "k1", "user_id": user, "amount": 2},
+                {"op": "debit", "idempotency_key": "k2", "user_id": user, "amount": 3},
+            ]
+        }
+        batch_key = {"Idempotency-Key": key()["Idempotency-Key"]}
+        first = await ledger.post(
+            "/v1/ledger/batch", json=batch, headers={**partner(), **batch_key}
+        )
+        assert first.status_code == 200, first.text
+        assert [x["status"] for x in first.json()["results"]] == [403, 403]
+        await link(ku_database_url, user, "acme")
+        again = await ledger.post(
+            "/v1/ledger/batch", json=batch, headers={**partner(), **batch_key}
+        )
+        assert again.status_code == 200, again.text
+        assert [x["status"] for x in again.json()["results"]] == [201, 201], again.text
+        assert (await balance(ledger, user))["available"] == 5
+        # Now complete: stored, and replayed whole (nothing applies twice).
+        third = await ledger.post(
+            "/v1/ledger/batch", json=batch, headers={**partner(), **batch_key}
+        )
+        assert third.headers.get("idempotent-replayed") == "true"
+        assert third.json() == again.json()
+        assert (await balance(ledger, user))["available"] == 5
