@@ -263,9 +263,9 @@ async def verify_payment(
     body: VerifyIn, principal: CurrentPrincipal, billing: BillingDep, response: Response
 ) -> Any:
     """Checkout's success handler: check the signature against our order, then grant once."""
-    authorize(principal, "billing.buy")  # the order's user is checked against the caller
+    permit = authorize(principal, "billing.buy")  # the order's user: checked with it
     settled = await billing.verify_checkout(
-        principal, body.razorpay_order_id, body.razorpay_payment_id, body.razorpay_signature
+        permit, body.razorpay_order_id, body.razorpay_payment_id, body.razorpay_signature
     )
     if settled.outcome in ("rejected", "ignored"):
         # Returned, not raised: the alert and the payment's record must commit.

@@ -37,6 +37,7 @@ from typing import Any
 import orjson
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from services.kit.authority import Permit
 from services.kit.errors import (
     BadRequest,
     Conflict,
@@ -46,11 +47,12 @@ from services.kit.errors import (
     UpstreamError,
 )
 from services.kit.outbox import emit
-from services.kit.principal import Principal, service_principal
+from services.kit.principal import service_principal
 from services.ledger.billing.razorpay_api import RazorpayAPI, signature_ok
 from services.ledger.billing.repository import BillingRepository
 from services.ledger.config import LedgerSettings
 from services.ledger.models import outbox
+from services.ledger.repository import LedgerRepository
 from services.ledger.service import Ledger
 
 log = logging.getLogger("ku.ledger.billing")
@@ -164,13 +166,20 @@ class Billing:
         return {**order, "key_id": self.api.key_id}
 
     async def verify_checkout(
-        self, principal: Principal, razorpay_order_id: str, payment_id: str, signature: str
+        self, permit: Permit, razorpay_order_id: str, payment_id: str, signature: str
     ) -> Settled:
-        """Checkout's handler: the signature must match the order we stored, for its user."""
+        """Checkout's handler: the signature must match the order we stored, for its user,
+        who must be the caller's (`permit`, the table's `billing.buy`: a user token its
+        own, a partner its linked users)."""
         order = await self.repo.order_by_razorpay_id(razorpay_order_id)
         if order is None:
             raise BadRequest("Unknown order", code="unknown_order")
-        principal.acts_for(order["user_id"])
+        linked = None
+        if permit.users.startswith("linked:"):
+            linked = await LedgerRepository(self.repo.session).is_linked(
+                order["user_id"], permit.users[7:]
+            )
+        permit.check_user(order["user_id"], linked)
         self.api.require_configured()
         if not self.api.checkout_signature_ok(order["razorpay_order_id"], payment_id, signature):
             raise BadRequest("Payment signature does not match", code="invalid_signature")
