@@ -10,7 +10,7 @@ import pytest
 
 from services.kit.db import plain_url
 from services.kit.testing.plugin import principal_headers
-from tests.ledger.helpers import admin, balance, key
+from tests.ledger.helpers import admin, app_key, balance, key
 
 
 def partner(app: str = "acme") -> dict[str, str]:
@@ -122,3 +122,60 @@ class TestBatchDenialsAreNotRemembered:
         assert third.headers.get("idempotent-replayed") == "true"
         assert third.json() == again.json()
         assert (await balance(ledger, user))["available"] == 5
+
+
+class TestTheWayBack:
+    async def test_keys_are_per_app_and_refunds_never_exceed_the_charge(
+        self,
+        ledger: httpx.AsyncClient,
+        funded_user: Callable[..., Awaitable[str]],
+    ):
+        # Two apps, one Idempotency-Key: two requests, neither replays the other's.
+        user = await funded_user(10)
+        shared = key()
+        txs = []
+        for app in ("penora", "imagegene"):
+            headers = {**app_key(app), **shared}
+            r = await ledger.post(
+                "/v1/ledger/debits", json={"user_id": user, "amount": 3}, headers=headers
+            )
+            assert r.status_code == 201 and "idempotent-replayed" not in r.headers, r.text
+            txs.append(r.json()["transaction_id"])
+        assert (await balance(ledger, user))["available"] == 4
+        # Imagegene may not refund Penora's charge, alone or in a batch.
+        imagegene = app_key("imagegene")
+        r = await ledger.post(
+            "/v1/ledger/refunds", json={"transaction_id": txs[0]}, headers={**imagegene, **key()}
+        )
+        assert r.status_code == 403 and r.json()["error"]["code"] == "not_your_charge"
+        # Penora's partial refunds, single and batched, with a replayed key among them:
+        # never more than the charge, the replay applies nothing.
+        penora = app_key("penora")
+        one = key()
+        r = await ledger.post(
+            "/v1/ledger/refunds",
+            json={"transaction_id": txs[0], "amount": 1},
+            headers={**penora, **one},
+        )
+        assert r.status_code == 201
+        items = [
+            {
+                "op": "refund",
+                "idempotency_key": one["Idempotency-Key"],
+                "transaction_id": txs[0],
+                "amount": 1,
+            },
+            {"op": "refund", "idempotency_key": "b", "transaction_id": txs[0], "amount": 1.5},
+            {"op": "refund", "idempotency_key": "c", "transaction_id": txs[0], "amount": 1},
+            {"op": "refund", "idempotency_key": "d", "transaction_id": txs[0]},
+            {"op": "refund", "idempotency_key": "e", "transaction_id": txs[1]},
+        ]
+        r = await ledger.post("/v1/ledger/batch", json={"operations": items}, headers=penora)
+        results = [(x["status"], x["replayed"]) for x in r.json()["results"]]
+        assert results[0] == (201, True)  # the single request's key: its replay
+        assert results[4][0] == 403  # imagegene's charge
+        refunded = 1 + sum(
+            x["body"]["amount"] for x in r.json()["results"][1:4] if x["status"] == 201
+        )
+        assert refunded == 3
+        assert (await balance(ledger, user))["available"] == 7
