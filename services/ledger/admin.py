@@ -21,7 +21,7 @@ from services.kit.db import Session
 from services.kit.errors import BadRequest, Conflict, Forbidden, NotFound
 from services.kit.money import Ku, PositiveKu
 from services.kit.openapi import STANDARD, error_responses
-from services.kit.principal import CurrentPrincipal, Principal
+from services.kit.principal import CurrentPrincipal
 from services.kit.schemas import Reference, TextGuard, UserId, rename_milli
 from services.ledger.schemas import GrantSource
 from services.ledger.service import Ledger, idempotency_key
@@ -148,14 +148,6 @@ class Clawback(BaseModel):
     created_at: datetime
 
 
-def _require_admin(principal: Principal) -> None:
-    """An admin key or an admin account (`Principal.is_admin`). Not
-    `require_scope("admin")`: a service signs its own principal and may list any scope
-    in it; only the gateway vouches for an admin (services/kit/principal.py)."""
-    if not principal.is_admin:
-        raise Forbidden("Missing scope: admin", code="missing_scope")
-
-
 @router.get(
     "/overview",
     summary="Issued, spent and held, today and by day (admin)",
@@ -187,7 +179,7 @@ async def overview(
     days: Annotated[int, Query(ge=1, le=366)] = 30,
 ) -> dict[str, Any]:
     """Today's credit issued, spent and held, per app, and a daily series (admin)."""
-    _require_admin(principal)
+    principal.require_scope("admin")
     today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
     first = today - timedelta(days=days - 1)
     accounts = (await session.execute(text("SELECT count(*) FROM ledger.wallets"))).scalar_one()
@@ -293,7 +285,7 @@ async def overview(
 )
 async def user_ledger(user_id: UserId, principal: CurrentPrincipal, session: Session) -> Any:
     """One user's wallet, every lot with its expiry, recent holds and debt (admin)."""
-    _require_admin(principal)
+    principal.require_scope("admin")
     wallet = (
         await session.execute(
             text(

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from services.kit.config import KuSettings
-from services.kit.errors import Unauthorized
+from services.kit.errors import Forbidden, Unauthorized
 from services.kit.principal import (
     Principal,
     generate_keypair,
@@ -124,3 +124,23 @@ class TestOriginCache:
         for _ in range(2):  # refused when verified and when found in the cache
             with pytest.raises(Unauthorized):
                 self.origin(itself)
+
+
+class TestAdminScope:
+    """The admin scope is held only by an admin key or account: a service signs its own principal
+    and could list any scope in it, so no check that asks for "admin" may pass it."""
+
+    def test_a_service_listing_admin_is_not_an_admin(self):
+        forged = Principal(kind="service", app="generation", scopes=frozenset({"admin"}))
+        assert not forged.has_scope("admin")
+        with pytest.raises(Forbidden):
+            forged.require_scope("admin")
+        # ...and it holds no other scope through it either.
+        assert not forged.has_scope("ledger:grant")
+
+    def test_an_admin_key_and_an_admin_account_are(self):
+        account = Principal(kind="user", app="penora", user_id="1", scopes=frozenset({"admin"}))
+        for admin in (ADMIN, account):
+            assert admin.has_scope("admin")
+            assert admin.has_scope("ledger:grant")
+            admin.require_scope("admin")
