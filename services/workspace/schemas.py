@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import math
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -9,7 +10,6 @@ from pydantic_core import PydanticCustomError
 from services.kit.schemas import (
     INT64_MAX,
     INVALID_NUMBER,
-    INVALID_NUMBER_MESSAGE,
     AppName,
     JsonObject,
     Text,
@@ -29,17 +29,21 @@ ProjectType = Annotated[
 ]
 
 
+_FLOAT_MESSAGE = "Numbers must be finite and below 2^63 in magnitude"
+
+
 def _check_floats(value: dict[str, Any]) -> dict[str, Any]:
     """Postgres keeps a jsonb number as `numeric` and gives it back in plain decimal, so
     a float of 2^63 or more (1e19, 1.7e308) comes back as an integer beyond 64 bits, up
     to 309 digits: refused like such an integer (JsonGuard), or every later change
-    of the project fails to measure it and every read carries the digits."""
+    of the project fails to measure it and every read carries the digits. NaN and
+    Infinity (which Python's JSON parser accepts) would be stored as null: refused."""
     stack: list[Any] = [value]
     while stack:
         item = stack.pop()
         if isinstance(item, float):
-            if abs(item) > INT64_MAX:
-                raise PydanticCustomError(INVALID_NUMBER, INVALID_NUMBER_MESSAGE)
+            if not math.isfinite(item) or abs(item) > INT64_MAX:
+                raise PydanticCustomError(INVALID_NUMBER, _FLOAT_MESSAGE)
         elif isinstance(item, dict):
             stack.extend(item.values())
         elif isinstance(item, list):

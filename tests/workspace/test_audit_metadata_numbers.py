@@ -11,6 +11,22 @@ from tests.workspace.helpers import app_key, save, saved
 
 
 class TestHugeFloatsInMetadata:
+    async def test_nan_and_infinity_are_refused_not_stored_as_null(self, workspace, new_user_id):
+        for literal in (b"NaN", b"Infinity", b"-Infinity"):
+            raw = (
+                b'{"user_id":"%s","app_source":"penora","title":"t","content":"c",'
+                % (new_user_id().encode())
+                + b'"metadata":{"a":%s}}' % literal
+            )
+            r = await workspace.post(
+                "/v1/workspace/projects",
+                content=raw,
+                headers={**app_key(), "content-type": "application/json"},
+            )
+            assert r.status_code == 422, (literal, r.text)
+            (error,) = r.json()["error"]["detail"]["errors"]
+            assert error["type"] == "invalid_number", error
+
     async def test_a_float_that_comes_back_beyond_64_bits_is_refused(self, workspace, new_user_id):
         uid = new_user_id()
         for value in (1e19, -1e19, 9.3e18, 1.7e308):
