@@ -60,6 +60,25 @@ def _clean(text: str) -> str:
     return _CONTROL.sub("", text)
 
 
+# At most this many characters per PDF paragraph: a few dozen lines, so one rarely
+# spills over a page. ReportLab lays a paragraph out again for every page it continues
+# on, so a paragraph of the whole text made the export quadratic in its size.
+_PDF_PIECE = 2_000
+
+
+def _pieces(block: str) -> list[str]:
+    """A block's lines, each cut at whitespace (or anywhere, if it has none) into
+    pieces of at most _PDF_PIECE characters."""
+    out: list[str] = []
+    for line in block.split("\n"):
+        while len(line) > _PDF_PIECE:
+            cut = line.rfind(" ", 0, _PDF_PIECE) + 1 or _PDF_PIECE
+            out.append(line[:cut])
+            line = line[cut:]
+        out.append(line)
+    return out
+
+
 def _stamp(value: datetime) -> str:
     return value.strftime("%Y-%m-%d %H:%M:%S %Z").strip()
 
@@ -145,7 +164,9 @@ def _pdf(source: ExportSource) -> bytes:
     else:
         for block in re.split(r"\n\s*\n", _clean(source.text or "")):
             if block.strip():
-                story.append(Paragraph(escape(block).replace("\n", "<br/>"), body_style))
+                # One paragraph per line (or piece of a long line), set as the block's
+                # lines were: same style, no space between them.
+                story += [Paragraph(escape(p) or "&nbsp;", body_style) for p in _pieces(block)]
                 story.append(Spacer(1, 0.25 * cm))
     doc.build(story)
     return out.getvalue()

@@ -18,8 +18,16 @@ async def count_events(redis, stream: str, user_id: str) -> int:
     )
 
 
+async def penora_registered(auth) -> None:
+    """The app `app_with()`'s keys belong to, registered as every key's app is: a key
+    without `users:any` reads only the users linked to its app (its own creations)."""
+    r = await auth.post("/v1/apps", json={"name": "penora"}, headers=admin())
+    assert r.status_code in (201, 409), r.text
+
+
 class TestCreateUser:
     async def test_21_digit_id_round_trips_exactly(self, auth, new_user_id):
+        await penora_registered(auth)
         user_id = new_user_id()
         assert len(user_id) == 21
         r = await auth.post(
@@ -50,6 +58,7 @@ class TestCreateUser:
     async def test_existing_id_is_returned_unchanged_with_200(
         self, auth, new_user_id, redis, auth_stream
     ):
+        await penora_registered(auth)
         user_id = new_user_id()
         first = await auth.post(
             "/v1/users",

@@ -17,10 +17,23 @@ from services.auth.users.service import users
 from services.kit.db import Session
 from services.kit.errors import Forbidden, NotFound, Unprocessable
 from services.kit.openapi import STANDARD, error_responses
-from services.kit.principal import CurrentPrincipal
+from services.kit.principal import CurrentPrincipal, Principal
 from services.kit.schemas import UserId
 
 router = APIRouter(prefix="/v1/users", tags=["users"])
+
+
+def _is_partner(principal: Principal) -> bool:
+    """An app key without `users:any` (docs/ledger.md, authority): it acts only for the
+    users linked to its app, and reads no one else's profile."""
+    return (
+        principal.kind == "app" and not principal.is_admin and "users:any" not in principal.scopes
+    )
+
+
+async def _linked(session: AsyncSession, principal: Principal, user_id: str) -> bool:
+    return principal.app is not None and principal.app in await users.apps(session, user_id)
+
 
 ERRORS = error_responses(
     {
@@ -30,6 +43,7 @@ ERRORS = error_responses(
             [
                 Forbidden("Missing scope: users:write", code="missing_scope"),
                 Forbidden("A user token may act only on its own user", code="wrong_user"),
+                Forbidden("This app may act only for users linked to it", code="user_not_linked"),
             ],
         ),
         404: (
@@ -92,10 +106,13 @@ async def create_user(
         if "users:any" not in principal.scopes:
             await users.link(session, user.id, principal.app, strict=False)
     response.status_code = 201 if created else 200
+    # An existing user a partner is not linked to: it learns the id exists (it could not
+    # create it), not the user's profile.
+    hide = not created and _is_partner(principal) and not await _linked(session, principal, user.id)
     return UserCreated(
         user_id=user.id,
-        username=user.username,
-        email=user.email,
+        username=None if hide else user.username,
+        email=None if hide else user.email,
         created_at=user.created_at,
         created=created,
     )
@@ -127,6 +144,8 @@ async def get_user(user_id: UserId, principal: CurrentPrincipal, session: Sessio
         principal.acts_for(user_id)
     else:
         principal.require_scope("users:write")
+        if _is_partner(principal) and not await _linked(session, principal, user_id):
+            raise Forbidden("This app may act only for users linked to it", code="user_not_linked")
     return User.model_validate(await users.get(session, user_id))
 
 
