@@ -66,6 +66,11 @@ def default_port(name: str) -> int:
 
 
 def all_settings_fields() -> set[str]:
+    return set(settings_fields())
+
+
+def settings_fields() -> dict[str, Any]:
+    """Every setting's pydantic field, by name (the first class that declares it)."""
     from services.worker import WorkerConfig
 
     classes: list[type[KuSettings]] = [KuSettings, WorkerConfig]
@@ -81,7 +86,11 @@ def all_settings_fields() -> set[str]:
             v for v in vars(module).values()
             if isinstance(v, type) and issubclass(v, KuSettings) and v is not KuSettings
         ]  # fmt: skip
-    return {name for cls in classes for name in cls.model_fields}
+    fields: dict[str, Any] = {}
+    for cls in classes:
+        for name, field in cls.model_fields.items():
+            fields.setdefault(name, field)
+    return fields
 
 
 class TestProcesses:
@@ -215,6 +224,26 @@ class TestEnvExample:
         missing = sorted(f"KU_{n.upper()}" for n in all_settings_fields())
         missing = [k for k in missing if k not in self.listed()]
         assert not missing, f"add to deploy/.env.example: {missing}"
+
+    def test_a_commented_value_is_the_default(self) -> None:
+        # "Lines left commented keep the default": so each shows the default.
+        from pydantic import TypeAdapter
+
+        fields = settings_fields()
+        wrong = []
+        for key, value in re.findall(r"^# (KU_[A-Z0-9_]+)=(.+)$", ENV_EXAMPLE, re.MULTILINE):
+            field = fields.get(key[3:].lower())
+            if field is None:  # read outside the settings (the runner's process counts)
+                continue
+            default = field.get_default(call_default_factory=True)
+            adapter = TypeAdapter(field.annotation)
+            try:
+                parsed = adapter.validate_python(value)
+            except ValueError:
+                parsed = adapter.validate_json(value)
+            if parsed != default:
+                wrong.append(f"{key}={value} (default {default!r})")
+        assert not wrong, wrong
 
     def test_lists_every_variable_compose_reads(self) -> None:
         text = (DEPLOY / "docker-compose.yml").read_text()

@@ -12,6 +12,7 @@ possible defect: URL decoding replaces invalid UTF-8).
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Annotated, Any
 
@@ -24,7 +25,7 @@ _BAD_TEXT = re.compile("[\x00\ud800-\udfff]")
 INVALID_TEXT = "invalid_text"
 INVALID_TEXT_MESSAGE = "Text must not contain NUL characters or unpaired surrogates"
 INVALID_NUMBER = "invalid_number"
-INVALID_NUMBER_MESSAGE = "Integers must fit in 64 bits"
+INVALID_NUMBER_MESSAGE = "Numbers must be finite and fit in 64 bits"
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
@@ -49,7 +50,11 @@ def check_text(value: Any) -> Any:
 def check_json(value: Any) -> Any:
     """Like `check_text`, for every key and string inside a JSON value (iterative: a
     deeply nested document cannot exhaust the stack); and every integer must fit in
-    64 bits, as the JSON encoders the services use require."""
+    64 bits, as the JSON encoders the services use require. So must every float, and
+    be finite: Postgres keeps a jsonb number as `numeric` and gives it back in plain
+    decimal, so 1e19 comes back as an integer beyond 64 bits (1e300 as 301 digits) that
+    no later read or change can encode; NaN and Infinity (which Python's JSON parser
+    accepts) would be stored as null."""
     stack = [value]
     while stack:
         item = stack.pop()
@@ -58,6 +63,9 @@ def check_json(value: Any) -> Any:
                 raise _invalid()
         elif isinstance(item, int) and not isinstance(item, bool):
             if not INT64_MIN <= item <= INT64_MAX:
+                raise PydanticCustomError(INVALID_NUMBER, INVALID_NUMBER_MESSAGE)
+        elif isinstance(item, float):
+            if not math.isfinite(item) or abs(item) > INT64_MAX:
                 raise PydanticCustomError(INVALID_NUMBER, INVALID_NUMBER_MESSAGE)
         elif isinstance(item, dict):
             for key, child in item.items():

@@ -1,21 +1,11 @@
 from __future__ import annotations
 
-import math
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
-from pydantic_core import PydanticCustomError
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from services.kit.schemas import (
-    INT64_MAX,
-    INVALID_NUMBER,
-    AppName,
-    JsonObject,
-    Text,
-    TextGuard,
-    UserId,
-)
+from services.kit.schemas import AppName, JsonObject, Text, TextGuard, UserId
 
 Title = Annotated[
     str,
@@ -29,30 +19,6 @@ ProjectType = Annotated[
 ]
 
 
-_FLOAT_MESSAGE = "Numbers must be finite and below 2^63 in magnitude"
-
-
-def _check_floats(value: dict[str, Any]) -> dict[str, Any]:
-    """Postgres keeps a jsonb number as `numeric` and gives it back in plain decimal, so
-    a float of 2^63 or more (1e19, 1.7e308) comes back as an integer beyond 64 bits, up
-    to 309 digits: refused like such an integer (JsonGuard), or every later change
-    of the project fails to measure it and every read carries the digits. NaN and
-    Infinity (which Python's JSON parser accepts) would be stored as null: refused."""
-    stack: list[Any] = [value]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, float):
-            if not math.isfinite(item) or abs(item) > INT64_MAX:
-                raise PydanticCustomError(INVALID_NUMBER, _FLOAT_MESSAGE)
-        elif isinstance(item, dict):
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            stack.extend(item)
-    return value
-
-
-# Project metadata: a JSON object (JsonGuard) whose numbers all come back within 64 bits.
-Metadata = Annotated[JsonObject, AfterValidator(_check_floats)]
 ContentEncoding = Literal["auto", "text", "base64"]
 ContentType = Annotated[str, StringConstraints(min_length=3, max_length=100), TextGuard]
 
@@ -106,7 +72,7 @@ class ProjectCreate(_In):
         None,
         description="Optional claim (e.g. `text/markdown`); checked against the detected type",
     )
-    metadata: Metadata = Field(default_factory=dict, description="JSON object, at most 16 KB")
+    metadata: JsonObject = Field(default_factory=dict, description="JSON object, at most 16 KB")
 
 
 class ProjectUpdate(_In):
@@ -120,7 +86,7 @@ class ProjectUpdate(_In):
     content: Text | None = None
     content_encoding: ContentEncoding = Field("auto", description=_ENCODING_HELP)
     content_type: ContentType | None = None
-    metadata: Metadata | None = Field(None, description="Replaces the metadata object")
+    metadata: JsonObject | None = Field(None, description="Replaces the metadata object")
 
 
 class ProjectSummary(BaseModel):

@@ -207,8 +207,14 @@ class TestTheCheck:
             check_json({"k": [1, {"deep": number}]})
 
     def test_64_bit_integers_and_other_numbers_are_accepted(self) -> None:
-        doc = {"a": 2**63 - 1, "b": -(2**63), "c": 1e300, "d": True}
+        doc = {"a": 2**63 - 1, "b": -(2**63), "c": 9.2e18, "d": True, "e": -0.5}
         assert check_json(doc) == doc
+
+    @pytest.mark.parametrize("number", [1e19, -1e19, 1e300, float("nan"), float("inf")])
+    def test_a_float_beyond_64_bits_or_not_finite_is_refused(self, number: float) -> None:
+        # Postgres gives 1e300 back from jsonb as 301 plain digits, and NaN as null.
+        with pytest.raises(ValueError, match="finite and fit in 64 bits"):
+            check_json({"k": [1, {"deep": number}]})
 
     def test_a_deep_document_does_not_exhaust_the_stack(self) -> None:
         doc: Any = "x\x00"
