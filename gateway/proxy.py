@@ -38,9 +38,11 @@ from services.kit.errors import (
 )
 from services.kit.logs import request_id_var
 from services.kit.pool import Response
-from services.kit.principal import PRINCIPAL_HEADER
+from services.kit.principal import ORIGIN_HEADER, PRINCIPAL_HEADER
 
 PRINCIPAL = PRINCIPAL_HEADER.encode()
+# A caller a service forwards to another (services.kit.principal): never a client's.
+ORIGIN = ORIGIN_HEADER.encode()
 
 log = logging.getLogger("ku.gateway.proxy")
 
@@ -63,6 +65,7 @@ DROP_REQUEST = frozenset(
         b"authorization",
         b"cookie",
         PRINCIPAL,
+        ORIGIN,
         b"x-forwarded-for",
         b"x-request-id",
     }

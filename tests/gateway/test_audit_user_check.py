@@ -9,6 +9,7 @@ that reaches it got past the gateway."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
@@ -19,48 +20,70 @@ from tests.gateway.conftest import Served, Stack
 from tests.gateway.helpers import new_user_id
 
 
-async def echo(scope: dict[str, Any], receive: Any, send: Any) -> None:
-    if scope["type"] == "lifespan":
+class Echo:
+    """An upstream that answers 200 with what it got, and keeps each request."""
+
+    def __init__(self) -> None:
+        self.seen: list[dict[str, Any]] = []
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        body = b""
         while True:
             message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await send({"type": "lifespan.shutdown.complete"})
-                return
-    body = b""
-    while True:
-        message = await receive()
-        body += message.get("body", b"")
-        if not message.get("more_body"):
-            break
-    answer = orjson.dumps({"reached": True, "body": body.decode("latin-1")})
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 200,
-            "headers": [(b"content-type", b"application/json")],
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        seen = {
+            "reached": True,
+            "path": scope["path"],
+            "query": scope["query_string"].decode("latin-1"),
+            "headers": sorted({k.decode("latin-1") for k, _ in scope["headers"]}),
+            "body": body.decode("latin-1"),
         }
-    )
-    await send({"type": "http.response.body", "body": answer})
+        self.seen.append(seen)
+        answer = orjson.dumps(seen)
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"application/json")],
+            }
+        )
+        await send({"type": "http.response.body", "body": answer})
+
+
+@asynccontextmanager
+async def gateway_before(stack: Stack, service: str, upstream: Echo) -> AsyncIterator[str]:
+    """A gateway whose `service` is `upstream` (auth and the ledger are the stack's)."""
+    from gateway.app import create_app
+    from gateway.config import GatewaySettings
+
+    async with Served(upstream) as served:
+        urls = {"workspace_url": "http://127.0.0.1:9", f"{service}_url": served.url}
+        settings = GatewaySettings(
+            auth_url=stack.auth_url,
+            ledger_url=stack.ledger_url,
+            gateway_metrics_port=0,
+            gateway_rate_per_ip=100_000,
+            **urls,
+        )
+        async with Served(create_app(settings)) as gw:
+            yield gw.url
 
 
 @pytest.fixture
 async def front(stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
-    from gateway.app import create_app
-    from gateway.config import GatewaySettings
-
-    async with Served(echo) as upstream:
-        settings = GatewaySettings(
-            auth_url=stack.auth_url,
-            ledger_url=stack.ledger_url,
-            workspace_url=upstream.url,
-            gateway_metrics_port=0,
-            gateway_rate_per_ip=100_000,
-        )
-        async with Served(create_app(settings)) as gw:
-            async with httpx.AsyncClient(base_url=gw.url, timeout=10) as client:
-                yield client
+    async with gateway_before(stack, "workspace", Echo()) as url:
+        async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+            yield client
 
 
 VICTIM = new_user_id()
