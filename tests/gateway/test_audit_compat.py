@@ -83,3 +83,16 @@ async def test_client_sent_origin_header_is_stripped(
     headers = echo.seen[-1]["headers"]
     assert "x-ku-principal" in headers  # the gateway's own
     assert "x-ku-origin" not in headers
+
+
+async def test_project_by_code_names_no_other_user(gw: httpx.AsyncClient, stack: Stack):
+    """`/api/project/<code>?user_id=` checks a user token's user id at the gateway, as the
+    native `/v1/workspace/projects/<code>?user_id=` does (the workspace is down here:
+    a request that got past the gateway would be a 502)."""
+    me, victim = new_user_id(), new_user_id()
+    auth = {"Authorization": f"Bearer {stack.signing.token(me, scope='workspace:read')}"}
+    r = await gw.get("/api/project/ABC234", params={"user_id": victim}, headers=auth)
+    assert r.status_code == 403, r.text
+    assert r.json()["success"] is False and r.json()["code"] == "wrong_user"
+    native = await gw.get("/v1/workspace/projects/ABC234", params={"user_id": victim}, headers=auth)
+    assert native.status_code == 403
