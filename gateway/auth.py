@@ -157,10 +157,13 @@ class Authenticator:
             header = jwt.get_unverified_header(token)
         except JOSEError:
             raise _invalid_token("malformed") from None
-        alg = header.get("alg")
-        if alg not in TOKEN_ALGORITHMS:
+        alg, kid = header.get("alg"), header.get("kid")
+        # (A header's values are any JSON: a list or an object is no name to look up.)
+        if not isinstance(alg, str) or alg not in TOKEN_ALGORITHMS:
             raise _invalid_token("algorithm not allowed")
-        key = await self._jwk(header.get("kid"))
+        if not isinstance(kid, str):
+            raise _invalid_token("unknown key")
+        key = await self._jwk(kid)
         if key is None or key.get("kty") != TOKEN_ALGORITHMS[alg]:
             raise _invalid_token("unknown key")
         if key.get("alg") and key["alg"] != alg:
@@ -232,7 +235,7 @@ class Authenticator:
             log.warning("could not check user %s's admin role (%s)", principal.user_id, status)
         return False
 
-    async def _jwk(self, kid: Any) -> dict[str, Any] | None:
+    async def _jwk(self, kid: str) -> dict[str, Any] | None:
         now = time.monotonic()
         stale = now - self._jwks_at > self.settings.gateway_jwks_cache_seconds
         # An unknown kid refetches (key rotation), at most every 5 s.
@@ -240,7 +243,7 @@ class Authenticator:
             async with self._jwks_lock:
                 if self._jwks_at <= now:
                     await self._fetch_jwks()
-        return self._jwks.get(kid) if isinstance(kid, str) else None
+        return self._jwks.get(kid)
 
     async def _fetch_jwks(self) -> None:
         try:

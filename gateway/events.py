@@ -46,6 +46,7 @@ from starlette.responses import StreamingResponse
 
 from gateway.access import client_ip
 from gateway.auth import INVALID_KEY
+from gateway.upstream import Upstreams, error_from_upstream
 from services.kit.background import BackgroundLoop
 from services.kit.errors import BadRequest, Forbidden, Unauthorized
 from services.kit.money import milli_to_ku
@@ -392,8 +393,12 @@ EVENT_ERRORS = error_responses(
             ],
         ),
         403: (
-            "Another user's stream, or a key without ledger scopes",
-            Forbidden("A user token may act only on its own user", code="wrong_user"),
+            "Another user's stream, a partner's key for a user not linked to its app, or a "
+            "key without ledger scopes",
+            [
+                Forbidden("A user token may act only on its own user", code="wrong_user"),
+                Forbidden("This app may act only for users linked to it", code="user_not_linked"),
+            ],
         ),
         422: "Invalid `user_id`",
         429: "Rate limited: retry after `Retry-After` seconds",
@@ -412,6 +417,23 @@ TICKET_ERRORS = error_responses(
         429: "Rate limited: retry after `Retry-After` seconds",
     }
 )
+
+
+async def _may_read(upstreams: Upstreams, principal: Principal, user_id: str) -> None:
+    """An app key streams a user's balance only if the ledger would show it that balance
+    (the authority table's `ledger.read`: a partner only its linked users). The ledger
+    decides, on the caller's own principal; a user with no account yet (404) passed its
+    check. Anything else, the ledger unreachable included, refuses the stream."""
+    status, body = await upstreams.call(
+        "ledger",
+        "GET",
+        "/v1/ledger/balance",
+        principal=principal,
+        params={"user_id": user_id},
+        timeout_seconds=5,
+    )
+    if status != 200 and status != 404:
+        raise error_from_upstream(status, body)
 
 
 def build_router(authenticated: Callable[..., Any]) -> APIRouter:
@@ -517,6 +539,8 @@ def build_router(authenticated: Callable[..., Any]) -> APIRouter:
             except ValueError:
                 raise BadRequest("Invalid Last-Event-ID", code="invalid_last_event_id") from None
         gateway = request.app.state.gateway
+        if principal.kind != "user":
+            await _may_read(gateway.upstreams, principal, str(target))
         settings = gateway.settings
         return StreamingResponse(
             stream_user(

@@ -24,6 +24,7 @@ from gateway.access import (
     client_ip,
     is_money,
     is_signed_link,
+    json_body,
 )
 from gateway.limits import declared_length, limit_for, refuse
 from gateway.ratelimit import rate_headers
@@ -37,9 +38,11 @@ from services.kit.errors import (
 )
 from services.kit.logs import request_id_var
 from services.kit.pool import Response
-from services.kit.principal import PRINCIPAL_HEADER
+from services.kit.principal import ORIGIN_HEADER, PRINCIPAL_HEADER
 
 PRINCIPAL = PRINCIPAL_HEADER.encode()
+# A caller a service forwards to another (services.kit.principal): never a client's.
+ORIGIN = ORIGIN_HEADER.encode()
 
 log = logging.getLogger("ku.gateway.proxy")
 
@@ -62,6 +65,7 @@ DROP_REQUEST = frozenset(
         b"authorization",
         b"cookie",
         PRINCIPAL,
+        ORIGIN,
         b"x-forwarded-for",
         b"x-request-id",
     }
@@ -201,12 +205,9 @@ class ProxyMiddleware:
             if principal.kind == "user":
                 parsed = None
                 if length or chunked:
+                    # Whatever the content type says: a service may read it as JSON.
                     body = await _read_body(receive, max_body)
-                    if b"user_id" in body and b"json" in headers.get(b"content-type", b""):
-                        try:
-                            parsed = orjson.loads(body)
-                        except orjson.JSONDecodeError:
-                            parsed = None
+                    parsed = json_body(body)
                 check_user(principal, path, query, parsed)
             principal_header = identity.header_for(service)
         extra_headers = rate_headers(decision)

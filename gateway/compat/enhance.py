@@ -16,6 +16,7 @@ Errors are the seeds' `{"success": false, "error": ...}` bodies (`CompatRoute`).
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
@@ -26,7 +27,7 @@ from gateway.compat import CompatRoute
 from gateway.compat.errors import ERRORS
 from gateway.ratelimit import rate_headers
 from gateway.upstream import Upstreams, error_from_upstream
-from services.kit.errors import Unauthorized, Unprocessable
+from services.kit.errors import NotFound, Unauthorized, Unprocessable
 from services.kit.money import PositiveKu, milli_to_ku
 from services.kit.principal import SignedPrincipal
 from services.kit.schemas import Text
@@ -35,6 +36,10 @@ router = APIRouter(prefix="/api", route_class=CompatRoute, tags=["compatibility"
 Caller = Annotated[SignedPrincipal, Depends(authenticated())]
 # Seed 004 spells NanoBanana's pool "nanobanan".
 PROVIDER_ALIASES = {"nanobanan": "nanobanana", "falai": "fal", "kieai": "kie"}
+# What goes into an upstream path: a task id (a UUID) and a provider's name, nothing that
+# could leave that path (`..`, `/`, `?`, `#`, escapes).
+TASK_ID = re.compile(r"[0-9A-Fa-f-]{1,64}")
+PROVIDER = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 
 
 class EnhanceImage(BaseModel):
@@ -110,6 +115,7 @@ async def enhance_image(request: Request, body: EnhanceImage, identity: Caller) 
         "moodboard_id": body.moodboardId,
     }
     if body.userId:
+        identity.principal.acts_for(body.userId)  # as the proxy checks the native route
         native["user_id"] = body.userId
     headers = {}
     key = request.headers.get("idempotency-key")
@@ -169,12 +175,15 @@ async def enhancement_status(
     """A task's status (`?taskId=`), or the user's recent tasks (`?limit=`)."""
     upstreams = _upstreams(request)
     if taskId:
+        if not TASK_ID.fullmatch(taskId):
+            raise NotFound("No such task", code="task_not_found")
         task = await upstreams.json(
             "enhancement", "GET", f"/v1/enhancement/tasks/{taskId}", principal=identity
         )
         return {"success": True, "task": _task(task)}
     params: dict[str, Any] = {"limit": limit}
     if userId:
+        identity.principal.acts_for(userId)
         params["user_id"] = userId
     page = await upstreams.json(
         "enhancement", "GET", "/v1/enhancement/tasks", principal=identity, params=params
@@ -202,6 +211,8 @@ async def credit_stats(request: Request, identity: Caller) -> dict[str, Any]:
 async def refill_credits(request: Request, body: RefillCredits, identity: Caller) -> dict[str, Any]:
     """Add pre-bought credits to a provider's pool (admin)."""
     provider = PROVIDER_ALIASES.get(body.provider.lower(), body.provider.lower())
+    if not PROVIDER.fullmatch(provider):
+        raise NotFound("No such provider", code="unknown_provider", provider=body.provider)
     native: dict[str, Any] = {"amount": milli_to_ku(body.amount)}
     if body.reference:
         native["reference"] = body.reference

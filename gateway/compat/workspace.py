@@ -390,6 +390,8 @@ def register(router: APIRouter) -> None:
         """One project with its content (text, or base64 for images) by its code."""
         if not code.isascii() or not code.isalnum() or len(code) > 16:
             raise NotFound("No such project", code="project_not_found")
+        if user_id:
+            identity.principal.acts_for(user_id)  # as the proxy checks the native route
         params = {"user_id": user_id} if user_id else None
         found = await _upstreams(request).json(
             "workspace",
