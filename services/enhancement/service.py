@@ -242,6 +242,9 @@ class Enhancer:
         app = (sub.app or principal.app or self.settings.enhancement_default_app).lower()
         if principal.kind == "app" and not principal.is_admin and app != principal.app:
             raise Forbidden("An app key charges only in its own app's name", code="wrong_app")
+        # Before anything is fetched or drawn: the included path draws as this service
+        # (`ledger.allowance.draw` is service-only), so the ledger never sees the caller.
+        await self.check_spender(principal, owner, origin)
         fingerprint = sub.fingerprint()
         if idempotency_key:
             scope = f"{principal.idempotency_scope}:{owner}:{idempotency_key}"
@@ -294,6 +297,37 @@ class Enhancer:
             return task, False
         await self._enqueue(task["id"], 0)
         return task, True
+
+    async def check_spender(self, principal: Principal, owner: str, origin: str | None) -> None:
+        """The caller may spend `owner`'s credit, as the ledger decides for a hold with
+        the caller's principal forwarded (`ledger.read`, "the caller's user"): a partner
+        only for users linked to it, an operator nobody's (403 `admin_origin`). A user
+        token for itself is already decided (`acts_for`)."""
+        if principal.kind == "user" and principal.user_id == owner and not principal.is_admin:
+            return
+        await self._ledger_acts_for(owner, origin)
+
+    async def check_reader(self, principal: Principal, owner: str, origin: str | None) -> None:
+        """The caller may read `owner`'s allowance (`ledger.allowance.read`: a user its own,
+        a partner its linked users, first-party apps and admins anyone)."""
+        principal.acts_for(owner)
+        if principal.is_admin or principal.kind == "user":
+            return
+        await self._ledger_acts_for(owner, origin)
+
+    async def _ledger_acts_for(self, owner: str, origin: str | None) -> None:
+        try:
+            await self.client.json(
+                "ledger",
+                "GET",
+                "/v1/ledger/balance",
+                params={"user_id": owner},
+                origin=origin,
+            )
+        except NotFound:
+            # The ledger checks links before it looks for the account: allowed, no account
+            # (the hold or the draw answers for that).
+            pass
 
     async def _record_included(
         self, values: dict[str, Any], owner: str, now: datetime
