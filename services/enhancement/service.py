@@ -75,6 +75,10 @@ log = logging.getLogger("ku.enhancement")
 JOB_NAME = "enhancement_process_task"
 ALLOWANCE_KIND = "enhancement"
 ALERT_TOPIC = "enhancement.alert"
+# The ledger's refusals of a capture on a hold that was resolved without us.
+RESOLVED_HOLD = frozenset(
+    {"hold_expired", "hold_already_released", "hold_already_clawed", "hold_already_expired"}
+)
 BATCH = 200
 
 
@@ -798,13 +802,7 @@ class Enhancer:
             )
         if task["hold_id"]:
             if charge > 0:
-                await self.client.json(
-                    "ledger",
-                    "POST",
-                    f"/v1/ledger/holds/{task['hold_id']}/capture",
-                    json={"amount": milli_to_ku(charge)},
-                    idempotency_key=f"enhancement:{task_id}:capture",
-                )
+                charge = await self._capture(task_id, task["hold_id"], charge)
             else:
                 await self._release(task["hold_id"])
         if task["allowance_period"]:
@@ -814,6 +812,36 @@ class Enhancer:
             await self._allowance_settle(task_id, "confirm" if kept else "return")
         async with self.uow() as session:
             await Repository(session).mark_settled(task_id, charge)
+
+    async def _capture(self, task_id: uuid.UUID, hold_id: str, charge: int) -> int:
+        """Capture `charge` of the task's hold; what was captured. A hold resolved
+        without us (its TTL passed and the ledger's sweep gave it back, or a refund's
+        clawback took all of it) refuses every capture for good (409): the user got the
+        credit back, so the task is charged what the hold says was captured (0), never
+        later, and the task settles instead of failing every pending-tasks run."""
+        try:
+            await self.client.json(
+                "ledger",
+                "POST",
+                f"/v1/ledger/holds/{hold_id}/capture",
+                json={"amount": milli_to_ku(charge)},
+                idempotency_key=f"enhancement:{task_id}:capture",
+            )
+        except Conflict as exc:
+            hold = exc.detail.get("hold")
+            if not isinstance(hold, dict) or exc.code not in RESOLVED_HOLD:
+                raise
+            captured = int(hold.get("captured_milli") or 0)
+            log.error(
+                "task %s: hold %s was %s before its capture of %s milli-Ku; charged %s",
+                task_id,
+                hold_id,
+                hold.get("status"),
+                charge,
+                captured,
+            )
+            return captured
+        return charge
 
     async def _release(self, hold_id: str) -> None:
         try:
@@ -1154,12 +1182,21 @@ class Enhancer:
         failed = settled = enqueued = 0
         async with self.uow() as session:
             overdue = await Repository(session).overdue(BATCH)
+        # One task whose ledger call fails (the ledger down, a hold it refuses) is logged
+        # and left for the next run: it must not stop the others behind it.
         for task_id in overdue:
-            failed += int(await self.fail(task_id, "deadline_exceeded", "The task timed out"))
+            try:
+                failed += int(await self.fail(task_id, "deadline_exceeded", "The task timed out"))
+            except KuError as exc:
+                log.error("task %s: not failed and settled: %s", task_id, exc.code)
         async with self.uow() as session:
             unsettled = await Repository(session).unsettled(BATCH)
         for task_id in unsettled:
-            await self.settle(task_id)
+            try:
+                await self.settle(task_id)
+            except KuError as exc:
+                log.error("task %s: not settled: %s", task_id, exc.code)
+                continue
             settled += 1
         async with self.uow() as session:
             runnable = await Repository(session).runnable(BATCH, min_age_seconds)
