@@ -62,7 +62,7 @@ DECLARED: dict[int, Any] = {
         "Missing scope, another user, or another app's lane",
         [
             Forbidden("Missing scope: enhance", code="missing_scope"),
-            Forbidden("An app key charges only in its own app's name", code="wrong_app"),
+            Forbidden("A caller charges only in its own app's name", code="wrong_app"),
         ],
     ),
     404: (

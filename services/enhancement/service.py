@@ -243,9 +243,13 @@ class Enhancer:
         if not owner:
             raise Unprocessable("user_id is required for app keys", code="user_id_required")
         principal.acts_for(owner)
-        app = (sub.app or principal.app or self.settings.enhancement_default_app).lower()
-        if principal.kind == "app" and not principal.is_admin and app != principal.app:
-            raise Forbidden("An app key charges only in its own app's name", code="wrong_app")
+        # The lane is the app the caller came through (a user token's `app` claim), as the
+        # ledger decides for a hold; an included task has no hold, so it is decided here
+        # for both. Only admins name another app.
+        lane = (principal.app or self.settings.enhancement_default_app).lower()
+        app = (sub.app or lane).lower()
+        if not principal.is_admin and app != lane:
+            raise Forbidden("A caller charges only in its own app's name", code="wrong_app")
         # Before anything is fetched or drawn: the included path draws as this service
         # (`ledger.allowance.draw` is service-only), so the ledger never sees the caller.
         await self.check_spender(principal, owner, origin)

@@ -96,3 +96,23 @@ async def test_unlinked_partner_cannot_read_a_users_allowance(enh: Enh, partner:
         r = await gw.get("/v1/enhancement/allowance", params={"user_id": user})
     assert r.status_code == 200, r.text
     assert r.json()["tier"] == "plus"
+
+
+@pytest.mark.parametrize("tier", ["free", "plus"])
+async def test_a_user_token_books_only_in_its_own_apps_lane(enh: Enh, tier: str) -> None:
+    """The lane is the app the caller came through, whichever way the task is paid: the
+    ledger refuses another lane for a hold; an included task (no hold) must too, or a
+    user's task is booked in, and readable by, an app it never came through."""
+    enh.reset_providers()
+    user = await enh.new_user()
+    if tier != "free":
+        async with enh.client(enh.keys["admin"]) as gw:
+            r = await gw.put(f"/v1/enhancement/tiers/{user}", json={"tier": tier})
+            assert r.status_code == 200, r.text
+    token = enh.signing.token(user, scope="enhance", app="imagegene")
+    async with enh.client(token=token) as gw:
+        r = await gw.post("/v1/enhancement/tasks", json={**body(enh, user), "app": "partnerx"})
+    assert r.status_code == 403, r.text
+    assert r.json()["error"]["code"] == "wrong_app"
+    assert await enh.sql("SELECT id FROM enhancement.tasks WHERE user_id = $1", user) == []
+    assert await draws(enh, user) == []
