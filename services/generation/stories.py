@@ -32,10 +32,19 @@ from services.generation.providers import Message, ProviderError, Router, Served
 from services.generation.service import Caller, _Cutter
 from services.kit.background import BackgroundLoop
 from services.kit.db import unit_of_work
-from services.kit.errors import KuError, PaymentRequired
+from services.kit.errors import (
+    KuError,
+    PaymentRequired,
+    ServiceUnavailable,
+    UpstreamError,
+    UpstreamTimeout,
+)
 from services.kit.outbox import emit
 
 log = logging.getLogger("ku.generation.stories")
+
+# The ledger's answers that say "not now" rather than "no": a capture is tried again.
+UNREACHABLE = (UpstreamError, UpstreamTimeout, ServiceUnavailable)
 
 SYSTEM = "You are Penora, a novelist. Write vivid, coherent fiction. Answer with the text only."
 
@@ -242,6 +251,18 @@ class Stories:
             # generated: charge it (a resumed runner lands here for a part done before the crash)
             try:
                 await self.billing.settle(part.hold_id, part.cost_milli)
+            except UNREACHABLE as exc:
+                # The ledger could not be reached (after the client's retries): the part
+                # stays `generated` and the runner ends; once its lease runs out, a runner
+                # resumes here and captures it (idempotent by hold id). Failing the story
+                # would release a hold whose text the user already has.
+                log.warning(
+                    "story %s part %s: capture deferred, the ledger is unreachable: %s",
+                    story_id,
+                    part.n,
+                    exc.code,
+                )
+                return
             except KuError as exc:
                 await self._fail(story, parts, part.n, f"charge failed: {exc.code}")
                 return
