@@ -136,12 +136,46 @@ class Stories:
                 )
                 holds.append((hold_id, amount))
         except KuError as exc:
-            for hold_id, _ in holds:
-                await self.billing.release(hold_id)
+            await self._release_all(story_id, holds)
             if isinstance(exc, PaymentRequired):
                 total = sum(self.catalog.max_price_milli(model, w) for w in limits)
                 exc.detail.setdefault("story_max_cost_milli", total)
             raise
+        except BaseException:  # e.g. the request cancelled between two holds
+            await self._release_all(story_id, holds)
+            raise
+        try:
+            await self._record(
+                story_id, caller, model, premise, title, chapters, words_per_chapter,
+                temperature, holds,
+            )  # fmt: skip
+        except BaseException:
+            # Not recorded, so nothing would ever run or release them: back at once, not
+            # after the story's hold TTL with the user's credit locked meanwhile.
+            await self._release_all(story_id, holds)
+            raise
+        self.launch(story_id)
+        return story_id
+
+    async def _release_all(self, story_id: uuid.UUID, holds: list[tuple[str, int]]) -> None:
+        for hold_id, _ in holds:
+            try:
+                await self.billing.release(hold_id)
+            except KuError as exc:  # the hold's TTL is the last line
+                log.warning("story %s: release of hold %s failed: %s", story_id, hold_id, exc)
+
+    async def _record(
+        self,
+        story_id: uuid.UUID,
+        caller: Caller,
+        model: Model,
+        premise: str,
+        title: str | None,
+        chapters: int,
+        words_per_chapter: int,
+        temperature: float,
+        holds: list[tuple[str, int]],
+    ) -> None:
         async with unit_of_work(self.sessionmaker) as session:
             session.add(
                 Story(
@@ -171,8 +205,6 @@ class Stories:
                 "story.started",
                 {"user_id": caller.user_id, "story_id": str(story_id), "chapters": chapters},
             )
-        self.launch(story_id)
-        return story_id
 
     # -- running ---------------------------------------------------------------------
 

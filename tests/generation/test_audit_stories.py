@@ -19,6 +19,7 @@ import uuid
 from collections.abc import AsyncGenerator, Sequence
 from typing import Any
 
+import pytest
 from sqlalchemy import select
 
 from services.generation.catalog import Catalog
@@ -117,4 +118,38 @@ async def test_a_ledger_blip_at_a_chapters_capture_resumes_the_story(
         assert billing.released == []
     finally:
         await stories.stop()
+        await engine.dispose()
+
+
+async def test_a_story_that_cannot_be_recorded_releases_its_holds(ku_database_url: str) -> None:
+    """Every part is held before the story's rows are written; if writing them fails
+    (the database unreachable), the holds go back at once, not after the story's
+    6-hour hold TTL with the user's credit locked meanwhile."""
+    broken = ku_database_url.rsplit("/", 1)[0] + f"/missing_{uuid.uuid4().hex[:8]}"
+    engine = create_engine(KuSettings(database_url=broken))
+    billing = Billing()
+    stories = Stories(
+        catalog=Catalog(
+            [{"id": "m", "multiplier_milli": 1000}], default_provider="fake", offline=False
+        ),
+        router=Router(),  # type: ignore[arg-type]
+        billing=billing,  # type: ignore[arg-type]
+        sessionmaker=sessionmaker_for(engine),
+        lease_seconds=0.3,
+        hold_ttl_seconds=3600,
+    )
+    try:
+        with pytest.raises(Exception):  # noqa: B017 - whatever the database raised
+            await stories.submit(
+                Caller(user_id="u-story", app="penora", origin=None),
+                model=stories.catalog.get("m"),
+                premise="A lighthouse",
+                title=None,
+                chapters=2,
+                words_per_chapter=20,
+                temperature=0.5,
+            )
+        assert sorted(billing.released) == ["h0", "h1", "h2"]
+        assert stories.tasks == {}
+    finally:
         await engine.dispose()
