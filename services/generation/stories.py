@@ -22,7 +22,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select, text, update
+from sqlalchemy import exists, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.generation.billing import Billing
@@ -104,6 +104,8 @@ class Stories:
         self.lease_seconds = lease_seconds
         self.hold_ttl_seconds = hold_ttl_seconds
         self.tasks: dict[uuid.UUID, asyncio.Task[None]] = {}
+        # The run number each of this process's runners holds (its fence).
+        self.runs: dict[uuid.UUID, int] = {}
 
     # -- submit ----------------------------------------------------------------------
 
@@ -208,22 +210,31 @@ class Stories:
 
     # -- running ---------------------------------------------------------------------
 
-    def launch(self, story_id: uuid.UUID) -> None:
+    def launch(self, story_id: uuid.UUID, run: int = 1) -> None:
+        """Run the story as its `run`-th runner (1 at submit; a takeover's claim numbers
+        its own): every write of the runner is fenced by that number, so a runner that
+        lost its lease (stalled past it, its renewals failing) writes nothing more."""
         if story_id in self.tasks:
             return
-        task = asyncio.create_task(self.run(story_id), name=f"story-{story_id}")
+        task = asyncio.create_task(self.run(story_id, run), name=f"story-{story_id}")
         self.tasks[story_id] = task
-        task.add_done_callback(lambda _: self.tasks.pop(story_id, None))
+        self.runs[story_id] = run
 
-    async def run(self, story_id: uuid.UUID) -> None:
+        def done(_: Any) -> None:
+            self.tasks.pop(story_id, None)
+            self.runs.pop(story_id, None)
+
+        task.add_done_callback(done)
+
+    async def run(self, story_id: uuid.UUID, run: int = 1) -> None:
         try:
-            await self._run(story_id)
+            await self._run(story_id, run)
         except asyncio.CancelledError:
             raise  # shutting down: the lease runs out and a process resumes it
         except Exception:
             log.exception("story %s: runner failed; it will be resumed", story_id)
 
-    async def _run(self, story_id: uuid.UUID) -> None:
+    async def _run(self, story_id: uuid.UUID, run: int) -> None:
         async with unit_of_work(self.sessionmaker) as session:
             story = await session.get(Story, story_id)
             parts = list(
@@ -235,9 +246,10 @@ class Stories:
                     )
                 ).all()
             )
-        if story is None or story.status != "running":
+        if story is None or story.status != "running" or story.runs != run:
             return
         model = self.catalog.get(story.model)
+        mine = self._fence(story_id, run)
         outline = parts[0].text or ""
         previous: str | None = None
         for part in parts:
@@ -258,7 +270,7 @@ class Stories:
                         model, messages, limit, story.temperature_milli / 1000
                     )
                 except (KuError, ProviderError) as exc:
-                    await self._fail(story, parts, part.n, str(getattr(exc, "code", exc)))
+                    await self._fail(story, run, part.n, str(getattr(exc, "code", exc)))
                     return
                 served_model = served.model if served else model
                 part.text = text_out
@@ -267,9 +279,9 @@ class Stories:
                 part.served_model = served_model.id
                 part.provider = served.provider if served else None
                 async with unit_of_work(self.sessionmaker) as session:
-                    await session.execute(
+                    written = await session.execute(
                         update(StoryPart)
-                        .where(StoryPart.story_id == story_id, StoryPart.n == part.n)
+                        .where(StoryPart.story_id == story_id, StoryPart.n == part.n, mine)
                         .values(
                             status="generated",
                             text=part.text,
@@ -280,6 +292,8 @@ class Stories:
                             updated_at=datetime.now(UTC),
                         )
                     )
+                if not _rowcount(written):
+                    return self._lost(story_id, run)
             # generated: charge it (a resumed runner lands here for a part done before the crash)
             try:
                 await self.billing.settle(part.hold_id, part.cost_milli)
@@ -296,14 +310,22 @@ class Stories:
                 )
                 return
             except KuError as exc:
-                await self._fail(story, parts, part.n, f"charge failed: {exc.code}")
+                await self._fail(story, run, part.n, f"charge failed: {exc.code}")
                 return
             async with unit_of_work(self.sessionmaker) as session:
-                await session.execute(
+                charged = await session.execute(
                     update(StoryPart)
-                    .where(StoryPart.story_id == story_id, StoryPart.n == part.n)
+                    .where(
+                        StoryPart.story_id == story_id,
+                        StoryPart.n == part.n,
+                        StoryPart.status == "generated",
+                        mine,
+                    )
                     .values(status="charged", updated_at=datetime.now(UTC))
                 )
+                if not _rowcount(charged):
+                    # Captured (the ledger replays it for whoever takes over), not recorded.
+                    return self._lost(story_id, run)
                 session.add(
                     Generation(
                         id=uuid.uuid5(story_id, str(part.n)),
@@ -345,11 +367,13 @@ class Stories:
             else:
                 previous = part.text
         async with unit_of_work(self.sessionmaker) as session:
-            await session.execute(
+            completed = await session.execute(
                 update(Story)
-                .where(Story.id == story_id)
+                .where(Story.id == story_id, Story.runs == run, Story.status == "running")
                 .values(status="completed", finished_at=datetime.now(UTC))
             )
+            if not _rowcount(completed):
+                return self._lost(story_id, run)
             await emit(
                 session,
                 outbox,
@@ -378,13 +402,38 @@ class Stories:
                 break
         return "".join(out), (served[0] if served else None)
 
-    async def _fail(self, story: Story, parts: list[StoryPart], at: int, reason: str) -> None:
-        for part in parts:
-            if part.n >= at and part.status in ("held", "generated"):
-                try:
-                    await self.billing.release(part.hold_id)
-                except KuError as exc:
-                    log.warning("story %s part %s: release failed: %s", story.id, part.n, exc)
+    async def _fail(self, story: Story, run: int, at: int, reason: str) -> None:
+        """Fail the story at part `at`: decided by the fenced update of the story (a
+        runner that lost its lease decides nothing), then that part's hold and every
+        later one not charged are released."""
+        async with unit_of_work(self.sessionmaker) as session:
+            failed = await session.execute(
+                update(Story)
+                .where(Story.id == story.id, Story.runs == run, Story.status == "running")
+                .values(status="failed", error=reason, finished_at=datetime.now(UTC))
+            )
+            if not _rowcount(failed):
+                return self._lost(story.id, run)
+            await emit(
+                session,
+                outbox,
+                "story.failed",
+                {"user_id": story.user_id, "story_id": str(story.id), "part": at, "reason": reason},
+            )
+            open_parts = (
+                await session.scalars(
+                    select(StoryPart).where(
+                        StoryPart.story_id == story.id,
+                        StoryPart.n >= at,
+                        StoryPart.status.in_(("held", "generated")),
+                    )
+                )
+            ).all()
+        for part in open_parts:
+            try:
+                await self.billing.release(part.hold_id)
+            except KuError as exc:
+                log.warning("story %s part %s: release failed: %s", story.id, part.n, exc)
         async with unit_of_work(self.sessionmaker) as session:
             await session.execute(
                 update(StoryPart)
@@ -395,17 +444,15 @@ class Stories:
                 )
                 .values(status="released", updated_at=datetime.now(UTC))
             )
-            await session.execute(
-                update(Story)
-                .where(Story.id == story.id)
-                .values(status="failed", error=reason, finished_at=datetime.now(UTC))
-            )
-            await emit(
-                session,
-                outbox,
-                "story.failed",
-                {"user_id": story.user_id, "story_id": str(story.id), "part": at, "reason": reason},
-            )
+
+    @staticmethod
+    def _fence(story_id: uuid.UUID, run: int) -> Any:
+        """A condition true only while the story is running under this runner's number."""
+        return exists().where(Story.id == story_id, Story.runs == run, Story.status == "running")
+
+    @staticmethod
+    def _lost(story_id: uuid.UUID, run: int) -> None:
+        log.warning("story %s: runner %s lost its lease; another one has it", story_id, run)
 
     # -- leases ----------------------------------------------------------------------
 
@@ -419,31 +466,33 @@ class Stories:
                     text(
                         "UPDATE generation.stories"
                         " SET lease_until = now() + make_interval(secs => :lease)"
-                        " WHERE id = ANY(:ids) AND status = 'running'"
+                        " WHERE status = 'running' AND (id, runs) IN"
+                        " (SELECT * FROM unnest(CAST(:ids AS uuid[]), CAST(:runs AS int[])))"
                     ),
-                    {"lease": lease, "ids": list(self.tasks)},
+                    {
+                        "lease": lease,
+                        "ids": list(self.runs),
+                        "runs": list(self.runs.values()),
+                    },
                 )
             claimed = (
-                (
-                    await session.execute(
-                        text(
-                            "UPDATE generation.stories"
-                            " SET lease_until = now() + make_interval(secs => :lease),"
-                            " runs = runs + 1"
-                            " WHERE id IN (SELECT id FROM generation.stories"
-                            " WHERE status = 'running' AND lease_until < now()"
-                            " AND NOT (id = ANY(:mine))"
-                            " ORDER BY lease_until LIMIT 5 FOR UPDATE SKIP LOCKED) RETURNING id"
-                        ),
-                        {"lease": lease, "mine": list(self.tasks)},
-                    )
+                await session.execute(
+                    text(
+                        "UPDATE generation.stories"
+                        " SET lease_until = now() + make_interval(secs => :lease),"
+                        " runs = runs + 1"
+                        " WHERE id IN (SELECT id FROM generation.stories"
+                        " WHERE status = 'running' AND lease_until < now()"
+                        " AND NOT (id = ANY(:mine))"
+                        " ORDER BY lease_until LIMIT 5 FOR UPDATE SKIP LOCKED)"
+                        " RETURNING id, runs"
+                    ),
+                    {"lease": lease, "mine": list(self.tasks)},
                 )
-                .scalars()
-                .all()
-            )
-        for story_id in claimed:
+            ).all()
+        for story_id, run in claimed:
             log.info("story %s: resuming (its runner's lease ran out)", story_id)
-            self.launch(story_id)
+            self.launch(story_id, run)
 
     async def stop(self) -> None:
         tasks = list(self.tasks.values())
@@ -500,3 +549,7 @@ class StoryLeases(BackgroundLoop):
             except Exception as exc:
                 log.warning("story leases: %s", exc)
             await asyncio.sleep(self.interval)
+
+
+def _rowcount(result: Any) -> int:
+    return int(getattr(result, "rowcount", 0) or 0)

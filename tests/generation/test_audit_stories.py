@@ -153,3 +153,119 @@ async def test_a_story_that_cannot_be_recorded_releases_its_holds(ku_database_ur
         assert stories.tasks == {}
     finally:
         await engine.dispose()
+
+
+class SlowRouter(Router):
+    """Chapter 1 waits until the test lets it go (a runner stalled past its lease)."""
+
+    def __init__(self, words: tuple[str, ...]) -> None:
+        self.words = words
+        self.go_on = asyncio.Event()
+        self.waiting = asyncio.Event()
+
+    async def stream(
+        self,
+        model: Any,
+        messages: Sequence[Message],
+        *,
+        max_words: int,
+        temperature: float,
+        served: list[Served],
+    ) -> AsyncGenerator[str, None]:
+        served.append(Served(model, "fake", False))
+        if "Write Chapter 1 of" in messages[-1]["content"]:
+            self.waiting.set()
+            await self.go_on.wait()
+        for word in self.words:
+            yield word
+
+
+class SharedLedger(Billing):
+    """Holds shared by two runners; a capture is idempotent by hold id (the ledger's
+    key is `capture:<hold>`): the same amount replays, another amount is refused."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unreachable_once = set()
+        self.by_hold: dict[str, int] = {}
+
+    async def settle(self, hold_id: str, cost_milli: int) -> None:
+        if hold_id in self.by_hold:
+            if self.by_hold[hold_id] != cost_milli:
+                from services.kit.errors import Conflict
+
+                raise Conflict("key reused", code="idempotency_key_reused")
+            return
+        if hold_id in self.released:
+            from services.kit.errors import Conflict
+
+            raise Conflict("released", code="hold_already_released")
+        self.by_hold[hold_id] = cost_milli
+        self.captured.append((hold_id, cost_milli))
+
+    async def release(self, hold_id: str) -> None:
+        if hold_id in self.by_hold:
+            from services.kit.errors import Conflict
+
+            raise Conflict("captured", code="hold_already_captured")
+        self.released.append(hold_id)
+
+
+async def test_a_runner_that_lost_its_lease_cannot_undo_the_story(ku_database_url: str) -> None:
+    """Runner A stalls on chapter 1 past its lease; runner B (another process) takes
+    the story over and completes it. When A wakes up, its writes are fenced off: it
+    neither overwrites the charged chapter nor fails the completed story."""
+    engine = create_engine(KuSettings(database_url=ku_database_url))
+    ledger = SharedLedger()
+    catalog = Catalog(
+        [{"id": "m", "multiplier_milli": 1000}], default_provider="fake", offline=False
+    )
+    slow, fast = SlowRouter(("a1 ", "a2 ", "a3 ", "a4")), SlowRouter(("b1 ", "b2"))
+    fast.go_on.set()
+
+    def runner(router: SlowRouter) -> Stories:
+        return Stories(
+            catalog=catalog,
+            router=router,  # type: ignore[arg-type]
+            billing=ledger,  # type: ignore[arg-type]
+            sessionmaker=sessionmaker_for(engine),
+            lease_seconds=0.3,
+            hold_ttl_seconds=3600,
+        )
+
+    a, b = runner(slow), runner(fast)
+    try:
+        story_id = await a.submit(
+            Caller(user_id=f"u-{uuid.uuid4().hex[:8]}", app="penora", origin=None),
+            model=catalog.get("m"),
+            premise="A lighthouse",
+            title=None,
+            chapters=2,
+            words_per_chapter=20,
+            temperature=0.5,
+        )
+        await asyncio.wait_for(slow.waiting.wait(), 5)
+        await asyncio.sleep(0.4)  # A's lease runs out (nothing renews it)
+        await b.renew_and_claim()
+        assert story_id in b.tasks
+        await asyncio.wait_for(asyncio.gather(*b.tasks.values()), 10)
+        slow.go_on.set()  # A wakes up
+        await asyncio.wait_for(asyncio.gather(*a.tasks.values()), 10)
+        async with sessionmaker_for(engine)() as session:
+            story = await session.get(Story, story_id)
+            parts = (
+                await session.scalars(
+                    select(StoryPart).where(StoryPart.story_id == story_id).order_by(StoryPart.n)
+                )
+            ).all()
+        assert story is not None
+        assert (story.status, story.error) == ("completed", None)
+        assert [p.status for p in parts] == ["charged"] * 3
+        # What is stored is what was charged: B's chapters (2 words, 20 milli-Ku).
+        assert [(p.n, p.words, p.cost_milli) for p in parts[1:]] == [(1, 2, 20), (2, 2, 20)]
+        assert sorted(ledger.captured) == [("h0", 40), ("h1", 20), ("h2", 20)]
+        assert ledger.released == []
+    finally:
+        await a.stop()
+        await b.stop()
+        await engine.dispose()
