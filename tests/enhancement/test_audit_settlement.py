@@ -101,3 +101,52 @@ async def test_one_unsettleable_task_does_not_stop_the_pending_job(enh: Enh) -> 
         await e.run_pending(min_age_seconds=0)
         done = await enh.wait(str(healthy["id"]))
         assert done["settled"] and done["charged"] == 1.5, done
+
+
+async def test_an_expired_draw_is_settled_without_it(enh: Enh) -> None:
+    """docs/enhancement.md: "A draw whose TTL passed before settlement came back to the
+    user (409 `draw_expired`, logged): the task is settled without it." A Plus user's
+    included task completes on a provider after its draw expired: settled, nothing
+    charged, the unit back with the user."""
+    enh.reset_providers()
+    user = await enh.new_user()
+    async with enh.client(enh.keys["admin"]) as gw:
+        r = await gw.put(f"/v1/enhancement/tiers/{user}", json={"tier": "plus"})
+        assert r.status_code == 200, r.text
+    fake = enh.providers["nanobanana"]
+    async with enh.own_enhancer(
+        enhancement_nanobanana_url=fake.url,
+        enhancement_nanobanana_api_key="key-nanobanana",
+        enhancement_fetch_allow_origins=",".join([enh.images.url, fake.url]),
+        enhancement_poll_interval_seconds=0.05,
+    ) as e:
+        task, _ = await e.submit(
+            APP,
+            Submission("lighting", "", 0.5, None, user, None, False, upload=enh.images.image),
+            origin=outgoing_header(APP, audience="enhancement"),
+            idempotency_key=None,
+        )
+        assert task["allowance_period"] and task["hold_id"] is None
+        reference = f"enhancement:{task['id']}"
+        await enh.sql(
+            "UPDATE ledger.allowance_draws SET expires_at = now() - interval '1 second'"
+            " WHERE reference = $1",
+            reference,
+        )
+        pool = await asyncpg.create_pool(enh.suite.env["KU_DATABASE_URL"], min_size=1, max_size=1)
+        try:
+            await expire_holds(pool)  # the ledger's sweep: holds and draws
+        finally:
+            await pool.close()
+        assert await e.process(str(task["id"])) in ("completed", "skipped")
+    done = await enh.wait(str(task["id"]))
+    assert done["status"] == "completed" and done["settled"] and done["charged"] == 0, done
+    assert done["degraded"] is False  # completed on a provider: its draw was to be confirmed
+    [draw] = await enh.sql(
+        "SELECT status FROM ledger.allowance_draws WHERE reference = $1", reference
+    )
+    assert draw["status"] == "expired"
+    [allowance] = await enh.sql(
+        "SELECT used FROM ledger.allowances WHERE user_id = $1 AND kind = 'enhancement'", user
+    )
+    assert allowance["used"] == 0
