@@ -293,13 +293,18 @@ class Enhancer:
         }
         try:
             task = await self._record_included(values, owner, now)
+            if task is None:
+                task = await self._record_paid(values, owner, app, price, origin)
         except _Replayed:
             async with self.uow() as session:
                 replayed = await Repository(session).task(task_id)
             assert replayed is not None
             return replayed, False
-        if task is None:
-            task = await self._record_paid(values, owner, app, price, origin)
+        except BaseException:
+            # Refused (402) or failed: no task holds this input, and retention only
+            # deletes the inputs of tasks; left here, it would stay forever.
+            await self._drop_input(task_id, input_key)
+            raise
         if task.get("_replayed"):
             task.pop("_replayed")
             return task, False
@@ -336,6 +341,15 @@ class Enhancer:
             # The ledger checks links before it looks for the account: allowed, no account
             # (the hold or the draw answers for that).
             pass
+
+    async def _drop_input(self, task_id: uuid.UUID, input_key: str) -> None:
+        try:
+            async with self.uow() as session:
+                if await Repository(session).task(task_id) is not None:
+                    return  # a concurrent replay recorded the task: the input is its
+            await self.storage.delete(input_key)
+        except Exception as exc:  # best effort: the refusal is what the caller must see
+            log.warning("task %s: input not deleted after a refused submit: %s", task_id, exc)
 
     async def _record_included(
         self, values: dict[str, Any], owner: str, now: datetime
