@@ -62,7 +62,7 @@ DECLARED: dict[int, Any] = {
         "Missing scope, another user, or another app's lane",
         [
             Forbidden("Missing scope: enhance", code="missing_scope"),
-            Forbidden("An app key charges only in its own app's name", code="wrong_app"),
+            Forbidden("A caller charges only in its own app's name", code="wrong_app"),
         ],
     ),
     404: (
@@ -520,7 +520,10 @@ async def set_tier(
     },
 )
 async def get_allowance(
-    principal: CurrentPrincipal, enhancer: EnhancerDep, user_id: UserId | None = None
+    request: Request,
+    principal: CurrentPrincipal,
+    enhancer: EnhancerDep,
+    user_id: UserId | None = None,
 ) -> dict[str, Any]:
     """A user's included enhancements this month: the tier's count, the allowance the
     ledger granted for the month (units, not Ku), used and remaining."""
@@ -528,7 +531,7 @@ async def get_allowance(
     owner = user_id or principal.user_id
     if not owner:
         raise BadRequest("user_id is required for app keys", code="user_id_required")
-    principal.acts_for(owner)
+    await enhancer.check_reader(principal, owner, request.headers.get(PRINCIPAL_HEADER))
     return await enhancer.allowance(owner)
 
 

@@ -75,6 +75,10 @@ log = logging.getLogger("ku.enhancement")
 JOB_NAME = "enhancement_process_task"
 ALLOWANCE_KIND = "enhancement"
 ALERT_TOPIC = "enhancement.alert"
+# The ledger's refusals of a capture on a hold that was resolved without us.
+RESOLVED_HOLD = frozenset(
+    {"hold_expired", "hold_already_released", "hold_already_clawed", "hold_already_expired"}
+)
 BATCH = 200
 
 
@@ -239,9 +243,16 @@ class Enhancer:
         if not owner:
             raise Unprocessable("user_id is required for app keys", code="user_id_required")
         principal.acts_for(owner)
-        app = (sub.app or principal.app or self.settings.enhancement_default_app).lower()
-        if principal.kind == "app" and not principal.is_admin and app != principal.app:
-            raise Forbidden("An app key charges only in its own app's name", code="wrong_app")
+        # The lane is the app the caller came through (a user token's `app` claim), as the
+        # ledger decides for a hold; an included task has no hold, so it is decided here
+        # for both. Only admins name another app.
+        lane = (principal.app or self.settings.enhancement_default_app).lower()
+        app = (sub.app or lane).lower()
+        if not principal.is_admin and app != lane:
+            raise Forbidden("A caller charges only in its own app's name", code="wrong_app")
+        # Before anything is fetched or drawn: the included path draws as this service
+        # (`ledger.allowance.draw` is service-only), so the ledger never sees the caller.
+        await self.check_spender(principal, owner, origin)
         fingerprint = sub.fingerprint()
         if idempotency_key:
             scope = f"{principal.idempotency_scope}:{owner}:{idempotency_key}"
@@ -282,18 +293,63 @@ class Enhancer:
         }
         try:
             task = await self._record_included(values, owner, now)
+            if task is None:
+                task = await self._record_paid(values, owner, app, price, origin)
         except _Replayed:
             async with self.uow() as session:
                 replayed = await Repository(session).task(task_id)
             assert replayed is not None
             return replayed, False
-        if task is None:
-            task = await self._record_paid(values, owner, app, price, origin)
+        except BaseException:
+            # Refused (402) or failed: no task holds this input, and retention only
+            # deletes the inputs of tasks; left here, it would stay forever.
+            await self._drop_input(task_id, input_key)
+            raise
         if task.get("_replayed"):
             task.pop("_replayed")
             return task, False
         await self._enqueue(task["id"], 0)
         return task, True
+
+    async def check_spender(self, principal: Principal, owner: str, origin: str | None) -> None:
+        """The caller may spend `owner`'s credit, as the ledger decides for a hold with
+        the caller's principal forwarded (`ledger.read`, "the caller's user"): a partner
+        only for users linked to it, an operator nobody's (403 `admin_origin`). A user
+        token for itself is already decided (`acts_for`)."""
+        if principal.kind == "user" and principal.user_id == owner and not principal.is_admin:
+            return
+        await self._ledger_acts_for(owner, origin)
+
+    async def check_reader(self, principal: Principal, owner: str, origin: str | None) -> None:
+        """The caller may read `owner`'s allowance (`ledger.allowance.read`: a user its own,
+        a partner its linked users, first-party apps and admins anyone)."""
+        principal.acts_for(owner)
+        if principal.is_admin or principal.kind == "user":
+            return
+        await self._ledger_acts_for(owner, origin)
+
+    async def _ledger_acts_for(self, owner: str, origin: str | None) -> None:
+        try:
+            await self.client.json(
+                "ledger",
+                "GET",
+                "/v1/ledger/balance",
+                params={"user_id": owner},
+                origin=origin,
+            )
+        except NotFound:
+            # The ledger checks links before it looks for the account: allowed, no account
+            # (the hold or the draw answers for that).
+            pass
+
+    async def _drop_input(self, task_id: uuid.UUID, input_key: str) -> None:
+        try:
+            async with self.uow() as session:
+                if await Repository(session).task(task_id) is not None:
+                    return  # a concurrent replay recorded the task: the input is its
+            await self.storage.delete(input_key)
+        except Exception as exc:  # best effort: the refusal is what the caller must see
+            log.warning("task %s: input not deleted after a refused submit: %s", task_id, exc)
 
     async def _record_included(
         self, values: dict[str, Any], owner: str, now: datetime
@@ -764,13 +820,7 @@ class Enhancer:
             )
         if task["hold_id"]:
             if charge > 0:
-                await self.client.json(
-                    "ledger",
-                    "POST",
-                    f"/v1/ledger/holds/{task['hold_id']}/capture",
-                    json={"amount": milli_to_ku(charge)},
-                    idempotency_key=f"enhancement:{task_id}:capture",
-                )
+                charge = await self._capture(task_id, task["hold_id"], charge)
             else:
                 await self._release(task["hold_id"])
         if task["allowance_period"]:
@@ -780,6 +830,36 @@ class Enhancer:
             await self._allowance_settle(task_id, "confirm" if kept else "return")
         async with self.uow() as session:
             await Repository(session).mark_settled(task_id, charge)
+
+    async def _capture(self, task_id: uuid.UUID, hold_id: str, charge: int) -> int:
+        """Capture `charge` of the task's hold; what was captured. A hold resolved
+        without us (its TTL passed and the ledger's sweep gave it back, or a refund's
+        clawback took all of it) refuses every capture for good (409): the user got the
+        credit back, so the task is charged what the hold says was captured (0), never
+        later, and the task settles instead of failing every pending-tasks run."""
+        try:
+            await self.client.json(
+                "ledger",
+                "POST",
+                f"/v1/ledger/holds/{hold_id}/capture",
+                json={"amount": milli_to_ku(charge)},
+                idempotency_key=f"enhancement:{task_id}:capture",
+            )
+        except Conflict as exc:
+            hold = exc.detail.get("hold")
+            if not isinstance(hold, dict) or exc.code not in RESOLVED_HOLD:
+                raise
+            captured = int(hold.get("captured_milli") or 0)
+            log.error(
+                "task %s: hold %s was %s before its capture of %s milli-Ku; charged %s",
+                task_id,
+                hold_id,
+                hold.get("status"),
+                charge,
+                captured,
+            )
+            return captured
+        return charge
 
     async def _release(self, hold_id: str) -> None:
         try:
@@ -1120,12 +1200,21 @@ class Enhancer:
         failed = settled = enqueued = 0
         async with self.uow() as session:
             overdue = await Repository(session).overdue(BATCH)
+        # One task whose ledger call fails (the ledger down, a hold it refuses) is logged
+        # and left for the next run: it must not stop the others behind it.
         for task_id in overdue:
-            failed += int(await self.fail(task_id, "deadline_exceeded", "The task timed out"))
+            try:
+                failed += int(await self.fail(task_id, "deadline_exceeded", "The task timed out"))
+            except KuError as exc:
+                log.error("task %s: not failed and settled: %s", task_id, exc.code)
         async with self.uow() as session:
             unsettled = await Repository(session).unsettled(BATCH)
         for task_id in unsettled:
-            await self.settle(task_id)
+            try:
+                await self.settle(task_id)
+            except KuError as exc:
+                log.error("task %s: not settled: %s", task_id, exc.code)
+                continue
             settled += 1
         async with self.uow() as session:
             runnable = await Repository(session).runnable(BATCH, min_age_seconds)

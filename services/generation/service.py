@@ -152,6 +152,8 @@ class Job:
     # first chunk went to the client, or settlement, whichever comes first).
     record: dict[str, Any] | None = None
     recorded: asyncio.Task[None] | None = None
+    # The settlement, once started (`settle`): shielded from the caller's cancellation.
+    settling: asyncio.Task[Outcome] | None = None
 
     def _record(self) -> asyncio.Task[None] | None:
         if self.recorded is None and self.record is not None:
@@ -264,6 +266,27 @@ class Job:
         error: KuError | None = None,
         cancelled: bool = False,
         length: bool = False,
+    ) -> Outcome:
+        """Capture or release, once. It runs in a task of its own, shielded from the
+        caller's cancellation: a client that leaves while the capture is on its way
+        to the ledger (e.g. as soon as it has its `max_words` words) cancels the
+        response's task, not the settlement, which would otherwise leave the hold to
+        expire back to the user with every word delivered for free."""
+        if self.settling is None:
+            self.settling = asyncio.create_task(
+                self._settle(text, error=error, cancelled=cancelled, length=length)
+            )
+            _BACKGROUND.add(self.settling)
+            self.settling.add_done_callback(_BACKGROUND.discard)
+        return await asyncio.shield(self.settling)
+
+    async def _settle(
+        self,
+        text: str,
+        *,
+        error: KuError | None,
+        cancelled: bool,
+        length: bool,
     ) -> Outcome:
         if self.settled is not None:
             return self.settled

@@ -22,7 +22,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select, text, update
+from sqlalchemy import exists, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.generation.billing import Billing
@@ -32,10 +32,19 @@ from services.generation.providers import Message, ProviderError, Router, Served
 from services.generation.service import Caller, _Cutter
 from services.kit.background import BackgroundLoop
 from services.kit.db import unit_of_work
-from services.kit.errors import KuError, PaymentRequired
+from services.kit.errors import (
+    KuError,
+    PaymentRequired,
+    ServiceUnavailable,
+    UpstreamError,
+    UpstreamTimeout,
+)
 from services.kit.outbox import emit
 
 log = logging.getLogger("ku.generation.stories")
+
+# The ledger's answers that say "not now" rather than "no": a capture is tried again.
+UNREACHABLE = (UpstreamError, UpstreamTimeout, ServiceUnavailable)
 
 SYSTEM = "You are Penora, a novelist. Write vivid, coherent fiction. Answer with the text only."
 
@@ -95,6 +104,8 @@ class Stories:
         self.lease_seconds = lease_seconds
         self.hold_ttl_seconds = hold_ttl_seconds
         self.tasks: dict[uuid.UUID, asyncio.Task[None]] = {}
+        # The run number each of this process's runners holds (its fence).
+        self.runs: dict[uuid.UUID, int] = {}
 
     # -- submit ----------------------------------------------------------------------
 
@@ -127,12 +138,46 @@ class Stories:
                 )
                 holds.append((hold_id, amount))
         except KuError as exc:
-            for hold_id, _ in holds:
-                await self.billing.release(hold_id)
+            await self._release_all(story_id, holds)
             if isinstance(exc, PaymentRequired):
                 total = sum(self.catalog.max_price_milli(model, w) for w in limits)
                 exc.detail.setdefault("story_max_cost_milli", total)
             raise
+        except BaseException:  # e.g. the request cancelled between two holds
+            await self._release_all(story_id, holds)
+            raise
+        try:
+            await self._record(
+                story_id, caller, model, premise, title, chapters, words_per_chapter,
+                temperature, holds,
+            )  # fmt: skip
+        except BaseException:
+            # Not recorded, so nothing would ever run or release them: back at once, not
+            # after the story's hold TTL with the user's credit locked meanwhile.
+            await self._release_all(story_id, holds)
+            raise
+        self.launch(story_id)
+        return story_id
+
+    async def _release_all(self, story_id: uuid.UUID, holds: list[tuple[str, int]]) -> None:
+        for hold_id, _ in holds:
+            try:
+                await self.billing.release(hold_id)
+            except KuError as exc:  # the hold's TTL is the last line
+                log.warning("story %s: release of hold %s failed: %s", story_id, hold_id, exc)
+
+    async def _record(
+        self,
+        story_id: uuid.UUID,
+        caller: Caller,
+        model: Model,
+        premise: str,
+        title: str | None,
+        chapters: int,
+        words_per_chapter: int,
+        temperature: float,
+        holds: list[tuple[str, int]],
+    ) -> None:
         async with unit_of_work(self.sessionmaker) as session:
             session.add(
                 Story(
@@ -162,27 +207,34 @@ class Stories:
                 "story.started",
                 {"user_id": caller.user_id, "story_id": str(story_id), "chapters": chapters},
             )
-        self.launch(story_id)
-        return story_id
 
     # -- running ---------------------------------------------------------------------
 
-    def launch(self, story_id: uuid.UUID) -> None:
+    def launch(self, story_id: uuid.UUID, run: int = 1) -> None:
+        """Run the story as its `run`-th runner (1 at submit; a takeover's claim numbers
+        its own): every write of the runner is fenced by that number, so a runner that
+        lost its lease (stalled past it, its renewals failing) writes nothing more."""
         if story_id in self.tasks:
             return
-        task = asyncio.create_task(self.run(story_id), name=f"story-{story_id}")
+        task = asyncio.create_task(self.run(story_id, run), name=f"story-{story_id}")
         self.tasks[story_id] = task
-        task.add_done_callback(lambda _: self.tasks.pop(story_id, None))
+        self.runs[story_id] = run
 
-    async def run(self, story_id: uuid.UUID) -> None:
+        def done(_: Any) -> None:
+            self.tasks.pop(story_id, None)
+            self.runs.pop(story_id, None)
+
+        task.add_done_callback(done)
+
+    async def run(self, story_id: uuid.UUID, run: int = 1) -> None:
         try:
-            await self._run(story_id)
+            await self._run(story_id, run)
         except asyncio.CancelledError:
             raise  # shutting down: the lease runs out and a process resumes it
         except Exception:
             log.exception("story %s: runner failed; it will be resumed", story_id)
 
-    async def _run(self, story_id: uuid.UUID) -> None:
+    async def _run(self, story_id: uuid.UUID, run: int) -> None:
         async with unit_of_work(self.sessionmaker) as session:
             story = await session.get(Story, story_id)
             parts = list(
@@ -194,9 +246,10 @@ class Stories:
                     )
                 ).all()
             )
-        if story is None or story.status != "running":
+        if story is None or story.status != "running" or story.runs != run:
             return
         model = self.catalog.get(story.model)
+        mine = self._fence(story_id, run)
         outline = parts[0].text or ""
         previous: str | None = None
         for part in parts:
@@ -217,7 +270,7 @@ class Stories:
                         model, messages, limit, story.temperature_milli / 1000
                     )
                 except (KuError, ProviderError) as exc:
-                    await self._fail(story, parts, part.n, str(getattr(exc, "code", exc)))
+                    await self._fail(story, run, part.n, str(getattr(exc, "code", exc)))
                     return
                 served_model = served.model if served else model
                 part.text = text_out
@@ -226,9 +279,9 @@ class Stories:
                 part.served_model = served_model.id
                 part.provider = served.provider if served else None
                 async with unit_of_work(self.sessionmaker) as session:
-                    await session.execute(
+                    written = await session.execute(
                         update(StoryPart)
-                        .where(StoryPart.story_id == story_id, StoryPart.n == part.n)
+                        .where(StoryPart.story_id == story_id, StoryPart.n == part.n, mine)
                         .values(
                             status="generated",
                             text=part.text,
@@ -239,18 +292,40 @@ class Stories:
                             updated_at=datetime.now(UTC),
                         )
                     )
+                if not _rowcount(written):
+                    return self._lost(story_id, run)
             # generated: charge it (a resumed runner lands here for a part done before the crash)
             try:
                 await self.billing.settle(part.hold_id, part.cost_milli)
+            except UNREACHABLE as exc:
+                # The ledger could not be reached (after the client's retries): the part
+                # stays `generated` and the runner ends; once its lease runs out, a runner
+                # resumes here and captures it (idempotent by hold id). Failing the story
+                # would release a hold whose text the user already has.
+                log.warning(
+                    "story %s part %s: capture deferred, the ledger is unreachable: %s",
+                    story_id,
+                    part.n,
+                    exc.code,
+                )
+                return
             except KuError as exc:
-                await self._fail(story, parts, part.n, f"charge failed: {exc.code}")
+                await self._fail(story, run, part.n, f"charge failed: {exc.code}")
                 return
             async with unit_of_work(self.sessionmaker) as session:
-                await session.execute(
+                charged = await session.execute(
                     update(StoryPart)
-                    .where(StoryPart.story_id == story_id, StoryPart.n == part.n)
+                    .where(
+                        StoryPart.story_id == story_id,
+                        StoryPart.n == part.n,
+                        StoryPart.status == "generated",
+                        mine,
+                    )
                     .values(status="charged", updated_at=datetime.now(UTC))
                 )
+                if not _rowcount(charged):
+                    # Captured (the ledger replays it for whoever takes over), not recorded.
+                    return self._lost(story_id, run)
                 session.add(
                     Generation(
                         id=uuid.uuid5(story_id, str(part.n)),
@@ -292,11 +367,13 @@ class Stories:
             else:
                 previous = part.text
         async with unit_of_work(self.sessionmaker) as session:
-            await session.execute(
+            completed = await session.execute(
                 update(Story)
-                .where(Story.id == story_id)
+                .where(Story.id == story_id, Story.runs == run, Story.status == "running")
                 .values(status="completed", finished_at=datetime.now(UTC))
             )
+            if not _rowcount(completed):
+                return self._lost(story_id, run)
             await emit(
                 session,
                 outbox,
@@ -325,13 +402,38 @@ class Stories:
                 break
         return "".join(out), (served[0] if served else None)
 
-    async def _fail(self, story: Story, parts: list[StoryPart], at: int, reason: str) -> None:
-        for part in parts:
-            if part.n >= at and part.status in ("held", "generated"):
-                try:
-                    await self.billing.release(part.hold_id)
-                except KuError as exc:
-                    log.warning("story %s part %s: release failed: %s", story.id, part.n, exc)
+    async def _fail(self, story: Story, run: int, at: int, reason: str) -> None:
+        """Fail the story at part `at`: decided by the fenced update of the story (a
+        runner that lost its lease decides nothing), then that part's hold and every
+        later one not charged are released."""
+        async with unit_of_work(self.sessionmaker) as session:
+            failed = await session.execute(
+                update(Story)
+                .where(Story.id == story.id, Story.runs == run, Story.status == "running")
+                .values(status="failed", error=reason, finished_at=datetime.now(UTC))
+            )
+            if not _rowcount(failed):
+                return self._lost(story.id, run)
+            await emit(
+                session,
+                outbox,
+                "story.failed",
+                {"user_id": story.user_id, "story_id": str(story.id), "part": at, "reason": reason},
+            )
+            open_parts = (
+                await session.scalars(
+                    select(StoryPart).where(
+                        StoryPart.story_id == story.id,
+                        StoryPart.n >= at,
+                        StoryPart.status.in_(("held", "generated")),
+                    )
+                )
+            ).all()
+        for part in open_parts:
+            try:
+                await self.billing.release(part.hold_id)
+            except KuError as exc:
+                log.warning("story %s part %s: release failed: %s", story.id, part.n, exc)
         async with unit_of_work(self.sessionmaker) as session:
             await session.execute(
                 update(StoryPart)
@@ -342,17 +444,15 @@ class Stories:
                 )
                 .values(status="released", updated_at=datetime.now(UTC))
             )
-            await session.execute(
-                update(Story)
-                .where(Story.id == story.id)
-                .values(status="failed", error=reason, finished_at=datetime.now(UTC))
-            )
-            await emit(
-                session,
-                outbox,
-                "story.failed",
-                {"user_id": story.user_id, "story_id": str(story.id), "part": at, "reason": reason},
-            )
+
+    @staticmethod
+    def _fence(story_id: uuid.UUID, run: int) -> Any:
+        """A condition true only while the story is running under this runner's number."""
+        return exists().where(Story.id == story_id, Story.runs == run, Story.status == "running")
+
+    @staticmethod
+    def _lost(story_id: uuid.UUID, run: int) -> None:
+        log.warning("story %s: runner %s lost its lease; another one has it", story_id, run)
 
     # -- leases ----------------------------------------------------------------------
 
@@ -366,31 +466,33 @@ class Stories:
                     text(
                         "UPDATE generation.stories"
                         " SET lease_until = now() + make_interval(secs => :lease)"
-                        " WHERE id = ANY(:ids) AND status = 'running'"
+                        " WHERE status = 'running' AND (id, runs) IN"
+                        " (SELECT * FROM unnest(CAST(:ids AS uuid[]), CAST(:runs AS int[])))"
                     ),
-                    {"lease": lease, "ids": list(self.tasks)},
+                    {
+                        "lease": lease,
+                        "ids": list(self.runs),
+                        "runs": list(self.runs.values()),
+                    },
                 )
             claimed = (
-                (
-                    await session.execute(
-                        text(
-                            "UPDATE generation.stories"
-                            " SET lease_until = now() + make_interval(secs => :lease),"
-                            " runs = runs + 1"
-                            " WHERE id IN (SELECT id FROM generation.stories"
-                            " WHERE status = 'running' AND lease_until < now()"
-                            " AND NOT (id = ANY(:mine))"
-                            " ORDER BY lease_until LIMIT 5 FOR UPDATE SKIP LOCKED) RETURNING id"
-                        ),
-                        {"lease": lease, "mine": list(self.tasks)},
-                    )
+                await session.execute(
+                    text(
+                        "UPDATE generation.stories"
+                        " SET lease_until = now() + make_interval(secs => :lease),"
+                        " runs = runs + 1"
+                        " WHERE id IN (SELECT id FROM generation.stories"
+                        " WHERE status = 'running' AND lease_until < now()"
+                        " AND NOT (id = ANY(:mine))"
+                        " ORDER BY lease_until LIMIT 5 FOR UPDATE SKIP LOCKED)"
+                        " RETURNING id, runs"
+                    ),
+                    {"lease": lease, "mine": list(self.tasks)},
                 )
-                .scalars()
-                .all()
-            )
-        for story_id in claimed:
+            ).all()
+        for story_id, run in claimed:
             log.info("story %s: resuming (its runner's lease ran out)", story_id)
-            self.launch(story_id)
+            self.launch(story_id, run)
 
     async def stop(self) -> None:
         tasks = list(self.tasks.values())
@@ -447,3 +549,7 @@ class StoryLeases(BackgroundLoop):
             except Exception as exc:
                 log.warning("story leases: %s", exc)
             await asyncio.sleep(self.interval)
+
+
+def _rowcount(result: Any) -> int:
+    return int(getattr(result, "rowcount", 0) or 0)
