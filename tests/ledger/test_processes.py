@@ -7,32 +7,17 @@ import asyncio
 import os
 import time
 import uuid
-from pathlib import Path
 
 import httpx
 import pytest
 
 from services.kit.db import plain_url
 from services.kit.runner import Suite, SuiteError
+from services.kit.testing.plugin import uvicorn_workers
 from services.ledger.verify import verify
 from tests.ledger.helpers import key, operator, penora
 
 pytestmark = pytest.mark.e2e
-
-
-def _workers(pid: int) -> list[int]:
-    """uvicorn's worker processes under supervisor `pid` (read from /proc): its children
-    started by multiprocessing's spawn (not its resource tracker)."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            cmdline = (stat.parent / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if int(fields[1]) == pid and b"spawn_main" in cmdline:
-            found.append(int(stat.parent.name))
-    return found
 
 
 def test_a_bad_process_count_is_refused() -> None:
@@ -52,9 +37,9 @@ async def test_two_ledger_processes_answer_and_debits_stay_exact(
     with Suite(env, only=["ledger"], free_ports=True, quiet=True) as suite:
         supervisor = suite.processes["ledger"].pid
         deadline = time.monotonic() + 30
-        while len(_workers(supervisor)) < 2 and time.monotonic() < deadline:  # noqa: ASYNC110
+        while len(uvicorn_workers(supervisor)) < 2 and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.2)
-        workers = _workers(supervisor)
+        workers = uvicorn_workers(supervisor)
         assert len(workers) == 2, workers
 
         url = suite.urls["ledger"]

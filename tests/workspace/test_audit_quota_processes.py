@@ -9,7 +9,6 @@ import asyncio
 import os
 import time
 import uuid
-from pathlib import Path
 
 import asyncpg
 import httpx
@@ -17,26 +16,13 @@ import pytest
 
 from services.kit.db import plain_url
 from services.kit.runner import Suite
+from services.kit.testing.plugin import uvicorn_workers
 from tests.workspace.helpers import admin, app_key
 
 pytestmark = pytest.mark.e2e
 
 LIMIT = 1_048_576
 BLOCK = 100_000
-
-
-def _workers(pid: int) -> list[int]:
-    """uvicorn's worker processes under supervisor `pid` (as in tests/ledger/test_processes)."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            cmdline = (stat.parent / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if int(fields[1]) == pid and b"spawn_main" in cmdline:
-            found.append(int(stat.parent.name))
-    return found
 
 
 async def _totals(url: str, user_id: str) -> tuple[int, int, int]:
@@ -60,9 +46,9 @@ async def test_quota_holds_across_two_processes(ku_database_url: str, new_user_i
     with Suite(env, only=["workspace"], free_ports=True, quiet=True) as suite:
         supervisor = suite.processes["workspace"].pid
         deadline = time.monotonic() + 30
-        while len(_workers(supervisor)) < 2 and time.monotonic() < deadline:  # noqa: ASYNC110
+        while len(uvicorn_workers(supervisor)) < 2 and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.2)
-        assert len(_workers(supervisor)) == 2
+        assert len(uvicorn_workers(supervisor)) == 2
         user = new_user_id()
         # Fresh connections per request, so the kernel spreads them over both workers.
         async with httpx.AsyncClient(

@@ -153,6 +153,21 @@ async def asgi_client(app: FastAPI, **kwargs: Any) -> AsyncIterator[httpx.AsyncC
             yield client
 
 
+def uvicorn_workers(pid: int) -> list[int]:
+    """uvicorn's worker processes under supervisor `pid` (read from /proc): its children
+    started by multiprocessing's spawn (not its resource tracker)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and b"spawn_main" in cmdline:
+            found.append(int(stat.parent.name))
+    return found
+
+
 def ku_cli(env: dict[str, str], *args: str) -> str:
     """Run the `ku` CLI (as an operator would) with a suite's environment; its stdout.
     A non-zero exit fails the test with the CLI's stderr."""
