@@ -67,7 +67,7 @@ async def gateway_before(stack: Stack, service: str, upstream: Echo) -> AsyncIte
     from gateway.config import GatewaySettings
 
     async with Served(upstream) as served:
-        urls = {"workspace_url": "http://127.0.0.1:9", f"{service}_url": served.url}
+        urls: dict[str, Any] = {"workspace_url": "http://127.0.0.1:9", f"{service}_url": served.url}
         settings = GatewaySettings(
             auth_url=stack.auth_url,
             ledger_url=stack.ledger_url,

@@ -9,6 +9,7 @@ import asyncio
 import os
 import time
 import uuid
+from typing import Any
 
 import asyncpg
 import httpx
@@ -91,7 +92,7 @@ async def test_quota_holds_across_two_processes(ku_database_url: str, new_user_i
                 return r.status_code
 
             gone, grow = made[:4], made[4:]
-            codes = await asyncio.gather(
+            codes: list[Any] = await asyncio.gather(
                 *(delete(c) for c in gone),
                 *(delete(c) for c in gone),
                 *(resize(c, BLOCK * 2) for c in grow),
