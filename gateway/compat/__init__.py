@@ -10,6 +10,7 @@ workspace service (`workspace.py`). Modules in `OWN_ROUTERS` serve routes outsid
 from __future__ import annotations
 
 import importlib
+import logging
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -20,13 +21,19 @@ from starlette.exceptions import HTTPException
 
 from gateway.compat.errors import ERRORS, compat_response, from_validation
 from services.kit.errors import KuError, http_error
+from services.kit.logs import request_id_var
+from services.kit.middleware import InternalError
+
+log = logging.getLogger("ku.gateway.compat")
 
 MODULES = ("unified", "workspace", "crossapp")
 OWN_ROUTERS = ("enhance",)
 
 
 class CompatRoute(APIRoute):
-    """Renders any `KuError` (and invalid input) as `{"success": false, "error": ...}`."""
+    """Renders any `KuError` (and invalid input) as `{"success": false, "error": ...}`,
+    and so any other failure too (a 500 with the request id, logged): an old client
+    reads `success` whatever went wrong."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
@@ -40,6 +47,9 @@ class CompatRoute(APIRoute):
                 return compat_response(from_validation(exc))
             except HTTPException as exc:  # e.g. a body FastAPI cannot parse
                 return compat_response(http_error(exc))
+            except Exception:  # a defect, e.g. a service's answer no route expected
+                log.exception("compat route %s failed", request.url.path)
+                return compat_response(InternalError(request_id=request_id_var.get()))
 
         return route
 

@@ -52,6 +52,8 @@ def compat_body(exc: KuError) -> dict[str, Any]:
         retry = getattr(exc, "retry_after", None)
         if retry is not None:
             body["details"] = f"Retry after {retry} seconds"
+    elif status == 500 and "request_id" in detail:
+        body["request_id"] = detail["request_id"]  # what to quote to support
     return body
 
 

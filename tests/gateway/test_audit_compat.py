@@ -96,3 +96,18 @@ async def test_project_by_code_names_no_other_user(gw: httpx.AsyncClient, stack:
     assert r.json()["success"] is False and r.json()["code"] == "wrong_user"
     native = await gw.get("/v1/workspace/projects/ABC234", params={"user_id": victim}, headers=auth)
     assert native.status_code == 403
+
+
+async def test_a_failure_nobody_expected_keeps_the_old_clients_shape(stack: Stack) -> None:
+    """A compat route that fails on a service's answer it cannot read (here: a workspace
+    that answers anything with an echo of the request) is a 500 in the seeds' shape, with
+    the request id, not the native `{"error": {...}}` an old client cannot read."""
+    me = new_user_id()
+    auth = {"Authorization": f"Bearer {stack.signing.token(me)}"}
+    async with gateway_before(stack, "workspace", Echo()) as url:
+        async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+            r = await client.get("/api/unified/projects", params={"user_id": me}, headers=auth)
+    assert r.status_code == 500, r.text
+    body = r.json()
+    assert body["success"] is False and body["code"] == "internal_error", body
+    assert body["request_id"] == r.headers["x-request-id"]
