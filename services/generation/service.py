@@ -307,7 +307,8 @@ class Job:
             status = "completed"
         settle_error: str | None = None
         try:
-            await self.engine.billing.settle(self.hold_id, cost)
+            # What was captured: less than the cost when a clawback shrank the hold.
+            cost = await self.engine.billing.settle(self.hold_id, cost)
         except KuError as exc:
             # The hold expires by itself: the user is never charged twice, at worst not at all.
             log.error("generation %s: settling hold %s failed: %s", self.id, self.hold_id, exc)

@@ -296,7 +296,7 @@ class Stories:
                     return self._lost(story_id, run)
             # generated: charge it (a resumed runner lands here for a part done before the crash)
             try:
-                await self.billing.settle(part.hold_id, part.cost_milli)
+                captured = await self.billing.settle(part.hold_id, part.cost_milli)
             except UNREACHABLE as exc:
                 # The ledger could not be reached (after the client's retries): the part
                 # stays `generated` and the runner ends; once its lease runs out, a runner
@@ -312,6 +312,16 @@ class Stories:
             except KuError as exc:
                 await self._fail(story, run, part.n, f"charge failed: {exc.code}")
                 return
+            if captured != part.cost_milli:
+                # A clawback shrank the part's hold: it is charged what was left in it.
+                log.error(
+                    "story %s part %s: charged %s of its cost %s (its hold was clawed back)",
+                    story_id,
+                    part.n,
+                    captured,
+                    part.cost_milli,
+                )
+                part.cost_milli = captured
             async with unit_of_work(self.sessionmaker) as session:
                 charged = await session.execute(
                     update(StoryPart)
@@ -321,7 +331,9 @@ class Stories:
                         StoryPart.status == "generated",
                         mine,
                     )
-                    .values(status="charged", updated_at=datetime.now(UTC))
+                    .values(
+                        status="charged", cost_milli=part.cost_milli, updated_at=datetime.now(UTC)
+                    )
                 )
                 if not _rowcount(charged):
                     # Captured (the ledger replays it for whoever takes over), not recorded.

@@ -54,10 +54,11 @@ class Billing:
     async def hold(self, **_: Any) -> str:
         return "hold-1"
 
-    async def settle(self, hold_id: str, cost_milli: int) -> None:
+    async def settle(self, hold_id: str, cost_milli: int) -> int:
         self.entered.set()
         await self.go_on.wait()
         self.settled.append((hold_id, cost_milli))
+        return cost_milli
 
     async def release(self, hold_id: str) -> None:
         await self.settle(hold_id, 0)

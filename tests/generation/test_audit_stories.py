@@ -59,11 +59,12 @@ class Billing:
         self.holds += 1
         return hold_id
 
-    async def settle(self, hold_id: str, cost_milli: int) -> None:
+    async def settle(self, hold_id: str, cost_milli: int) -> int:
         if hold_id in self.unreachable_once:
             self.unreachable_once.discard(hold_id)
             raise UpstreamError("The ledger service is unreachable", service="ledger")
         self.captured.append((hold_id, cost_milli))
+        return cost_milli
 
     async def release(self, hold_id: str) -> None:
         self.released.append(hold_id)
@@ -189,19 +190,20 @@ class SharedLedger(Billing):
         self.unreachable_once = set()
         self.by_hold: dict[str, int] = {}
 
-    async def settle(self, hold_id: str, cost_milli: int) -> None:
+    async def settle(self, hold_id: str, cost_milli: int) -> int:
         if hold_id in self.by_hold:
             if self.by_hold[hold_id] != cost_milli:
                 from services.kit.errors import Conflict
 
                 raise Conflict("key reused", code="idempotency_key_reused")
-            return
+            return cost_milli
         if hold_id in self.released:
             from services.kit.errors import Conflict
 
             raise Conflict("released", code="hold_already_released")
         self.by_hold[hold_id] = cost_milli
         self.captured.append((hold_id, cost_milli))
+        return cost_milli
 
     async def release(self, hold_id: str) -> None:
         if hold_id in self.by_hold:
