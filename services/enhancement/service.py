@@ -65,10 +65,10 @@ from services.kit.errors import (
     PaymentRequired,
     Unprocessable,
 )
-from services.kit.money import ku_to_milli, milli_to_ku
+from services.kit.money import milli_to_ku
 from services.kit.outbox import emit
 from services.kit.principal import Principal, derived_secret
-from services.kit.service_client import ServiceClient
+from services.kit.service_client import ServiceClient, capture_hold
 
 log = logging.getLogger("ku.enhancement")
 
@@ -80,8 +80,6 @@ RESOLVED_HOLD = frozenset(
     {"hold_expired", "hold_already_released", "hold_already_clawed", "hold_already_expired"}
 )
 BATCH = 200
-# Captures of a hold that a clawback shrinks, at most (each one a smaller amount).
-CAPTURE_STEPS = 4
 
 
 def period_of(now: datetime) -> str:
@@ -840,58 +838,36 @@ class Enhancer:
         credit back, so the task is charged what the hold says was captured (0), never
         later, and the task settles instead of failing every pending-tasks run.
 
-        A clawback that took part of the hold leaves less held than `charge`: the
-        ledger refuses the capture (422 `capture_exceeds_hold`, stored under the key for
-        good) and says what it still holds; that is captured instead, under a key named
-        by the amount (a rerun meets the same answers and captures nothing more)."""
-        amount, key = charge, f"enhancement:{task_id}:capture"
-        for _ in range(CAPTURE_STEPS):
-            try:
-                await self.client.json(
-                    "ledger",
-                    "POST",
-                    f"/v1/ledger/holds/{hold_id}/capture",
-                    json={"amount": milli_to_ku(amount)},
-                    idempotency_key=key,
-                )
-            except Unprocessable as exc:
-                held = exc.detail.get("held")
-                if exc.code != "capture_exceeds_hold" or held is None:
-                    raise
-                held_milli = ku_to_milli(held)
-                if held_milli >= amount:  # not the ledger's answer; never charge more
-                    raise
-                log.error(
-                    "task %s: hold %s was clawed back to %s milli-Ku before its capture of %s;"
-                    " capturing what is left",
-                    task_id,
-                    hold_id,
-                    held_milli,
-                    charge,
-                )
-                if held_milli <= 0:
-                    await self._release(hold_id)
-                    return 0
-                amount, key = held_milli, f"enhancement:{task_id}:capture-held:{held_milli}"
-                continue
-            except Conflict as exc:
-                hold = exc.detail.get("hold")
-                if not isinstance(hold, dict) or exc.code not in RESOLVED_HOLD:
-                    raise
-                captured = int(hold.get("captured_milli") or 0)
-                log.error(
-                    "task %s: hold %s was %s before its capture of %s milli-Ku; charged %s",
-                    task_id,
-                    hold_id,
-                    hold.get("status"),
-                    charge,
-                    captured,
-                )
-                return captured
-            return amount
-        raise Unprocessable(
-            "The hold kept shrinking under its capture", code="capture_exceeds_hold"
-        )
+        A clawback that took part of the hold leaves less held than `charge`: what it
+        still holds is captured instead (`services.kit.service_client.capture_hold`)."""
+
+        async def capture(amount: int, key: str) -> None:
+            await self.client.json(
+                "ledger",
+                "POST",
+                f"/v1/ledger/holds/{hold_id}/capture",
+                json={"amount": milli_to_ku(amount)},
+                idempotency_key=key,
+            )
+
+        try:
+            return await capture_hold(
+                capture, lambda: self._release(hold_id), charge, f"enhancement:{task_id}:capture"
+            )
+        except Conflict as exc:
+            hold = exc.detail.get("hold")
+            if not isinstance(hold, dict) or exc.code not in RESOLVED_HOLD:
+                raise
+            captured = int(hold.get("captured_milli") or 0)
+            log.error(
+                "task %s: hold %s was %s before its capture of %s milli-Ku; charged %s",
+                task_id,
+                hold_id,
+                hold.get("status"),
+                charge,
+                captured,
+            )
+            return captured
 
     async def _release(self, hold_id: str) -> None:
         try:

@@ -20,22 +20,22 @@ with the same backoff, and errors come back as the kit error the ledger raised
 from __future__ import annotations
 
 import asyncio
-import logging
 import random
 from typing import Any
 
 import orjson
 
-from services.kit.errors import Unprocessable, UpstreamError, UpstreamTimeout
-from services.kit.money import ku_to_milli, milli_to_ku
+from services.kit.errors import UpstreamError, UpstreamTimeout
+from services.kit.money import milli_to_ku
 from services.kit.pool import Pool
-from services.kit.service_client import RETRY_STATUSES, ServiceClient, error_from_response
-
-log = logging.getLogger("ku.generation")
+from services.kit.service_client import (
+    RETRY_STATUSES,
+    ServiceClient,
+    capture_hold,
+    error_from_response,
+)
 
 LEDGER = "ledger"
-# Captures of a hold that a clawback shrinks, at most (each one a smaller amount).
-CAPTURE_STEPS = 4
 JSON = (b"content-type", b"application/json")
 
 
@@ -137,45 +137,22 @@ class Billing:
         """Capture what was delivered (the ledger returns the rest), or release it all;
         what was captured.
 
-        A refund's clawback can shrink the hold while the generation runs: the ledger
-        then refuses the capture (422 `capture_exceeds_hold`, with what it still holds)
-        and stores that answer under the capture's key for good. What is still held is
-        then captured under a key of its own, named by that amount (the same steps, and
-        the same answers, on a rerun: a story resumed, a retry), and that is what the
-        user is charged: never more than the hold, never nothing for words delivered."""
+        A refund's clawback can shrink the hold while the generation runs: what is
+        still held is captured then, and that is what the user is charged
+        (`services.kit.service_client.capture_hold`)."""
         if cost_milli <= 0:
             await self.release(hold_id)
             return 0
-        amount, key = cost_milli, f"capture:{hold_id}"
-        for _ in range(CAPTURE_STEPS):
-            try:
-                await self.ledger.post(
-                    f"/v1/ledger/holds/{hold_id}/capture",
-                    {"amount": milli_to_ku(amount)},
-                    idempotency_key=key,
-                )
-            except Unprocessable as exc:
-                held = exc.detail.get("held")
-                if exc.code != "capture_exceeds_hold" or held is None:
-                    raise
-                held_milli = ku_to_milli(held)
-                if held_milli >= amount:  # not the ledger's answer; never charge more
-                    raise
-                log.error(
-                    "hold %s: clawed back to %s milli-Ku before its capture of %s; "
-                    "capturing what is left",
-                    hold_id,
-                    held_milli,
-                    cost_milli,
-                )
-                if held_milli <= 0:
-                    await self.release(hold_id)
-                    return 0
-                amount, key = held_milli, f"capture:{hold_id}:held:{held_milli}"
-                continue
-            return amount
-        raise Unprocessable(
-            "The hold kept shrinking under its capture", code="capture_exceeds_hold"
+
+        async def capture(amount: int, key: str) -> None:
+            await self.ledger.post(
+                f"/v1/ledger/holds/{hold_id}/capture",
+                {"amount": milli_to_ku(amount)},
+                idempotency_key=key,
+            )
+
+        return await capture_hold(
+            capture, lambda: self.release(hold_id), cost_milli, f"capture:{hold_id}"
         )
 
     async def release(self, hold_id: str) -> None:

@@ -21,7 +21,9 @@ the target raised (`error_from_response`), so callers handle 402/409/... by type
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httpx
@@ -43,12 +45,15 @@ from services.kit.errors import (
     UpstreamTimeout,
 )
 from services.kit.logs import request_id_var
+from services.kit.money import ku_to_milli
 from services.kit.principal import (
     ORIGIN_HEADER,
     PRINCIPAL_HEADER,
     SignedPrincipal,
     service_principal,
 )
+
+log = logging.getLogger("ku.service_client")
 
 _BY_STATUS: dict[int, type[KuError]] = {
     400: BadRequest,
@@ -183,3 +188,49 @@ class ServiceClient:
         if response.status_code >= 400:
             raise error_from_response(response.status_code, body, service)
         return body
+
+
+# Captures of a hold that clawbacks keep shrinking, at most (each a smaller amount).
+CAPTURE_STEPS = 4
+
+
+async def capture_hold(
+    capture: Callable[[int, str], Awaitable[object]],
+    release: Callable[[], Awaitable[object]],
+    amount_milli: int,
+    key: str,
+) -> int:
+    """Capture `amount_milli` of a hold, `capture(amount_milli, idempotency_key)` calling
+    the ledger; what was captured.
+
+    A refund's clawback can shrink a hold before its capture: the ledger then refuses it
+    (422 `capture_exceeds_hold`, with what it still `held`) and keeps that answer under
+    the key for good. What is still held is captured instead, under a key named by that
+    amount (`<key>:held:<milli>`), so a rerun (a story resumed, a retried job) meets the
+    same answers and captures nothing more; nothing left, the hold is released (0).
+    Never more than the hold, never nothing for work delivered while something is held."""
+    amount, step_key = amount_milli, key
+    for _ in range(CAPTURE_STEPS):
+        try:
+            await capture(amount, step_key)
+        except Unprocessable as exc:
+            held = exc.detail.get("held")
+            if exc.code != "capture_exceeds_hold" or held is None:
+                raise
+            held_milli = ku_to_milli(held)
+            if held_milli >= amount:  # not the ledger's answer: never charge more
+                raise
+            log.error(
+                "capture %s: the hold was clawed back to %s milli-Ku before its capture"
+                " of %s; capturing what is left",
+                key,
+                held_milli,
+                amount_milli,
+            )
+            if held_milli <= 0:
+                await release()
+                return 0
+            amount, step_key = held_milli, f"{key}:held:{held_milli}"
+            continue
+        return amount
+    raise Unprocessable("The hold kept shrinking under its capture", code="capture_exceeds_hold")
