@@ -192,6 +192,8 @@ class ServiceClient:
 
 # Captures of a hold that clawbacks keep shrinking, at most (each a smaller amount).
 CAPTURE_STEPS = 4
+# A refusal of a capture that says how much of the hold can still be captured.
+_CAPTURE_LIMITS = {"capture_exceeds_hold": "held", "hold_partly_expired": "capturable"}
 
 
 async def capture_hold(
@@ -203,34 +205,37 @@ async def capture_hold(
     """Capture `amount_milli` of a hold, `capture(amount_milli, idempotency_key)` calling
     the ledger; what was captured.
 
-    A refund's clawback can shrink a hold before its capture: the ledger then refuses it
-    (422 `capture_exceeds_hold`, with what it still `held`) and keeps that answer under
-    the key for good. What is still held is captured instead, under a key named by that
-    amount (`<key>:held:<milli>`), so a rerun (a story resumed, a retried job) meets the
+    Less may be capturable than the work cost, and the ledger says how much (docs/ledger.md,
+    holds), keeping its refusal under the key for good:
+    - a refund's clawback shrank the hold: 422 `capture_exceeds_hold`, `held`;
+    - a lot the hold drew from expired meanwhile: 409 `hold_partly_expired`, `capturable`.
+    That much is captured instead, under a key named by it (`<key>:held:<milli>`,
+    `<key>:capturable:<milli>`), so a rerun (a story resumed, a retried job) meets the
     same answers and captures nothing more; nothing left, the hold is released (0).
-    Never more than the hold, never nothing for work delivered while something is held."""
+    Never more than the hold, never nothing for work delivered while something is left."""
     amount, step_key = amount_milli, key
     for _ in range(CAPTURE_STEPS):
         try:
             await capture(amount, step_key)
-        except Unprocessable as exc:
-            held = exc.detail.get("held")
-            if exc.code != "capture_exceeds_hold" or held is None:
+        except (Unprocessable, Conflict) as exc:
+            field = _CAPTURE_LIMITS.get(exc.code)
+            left = exc.detail.get(field) if field else None
+            if left is None:
                 raise
-            held_milli = ku_to_milli(held)
-            if held_milli >= amount:  # not the ledger's answer: never charge more
+            left_milli = ku_to_milli(left)
+            if left_milli >= amount:  # not the ledger's answer: never charge more
                 raise
             log.error(
-                "capture %s: the hold was clawed back to %s milli-Ku before its capture"
-                " of %s; capturing what is left",
+                "capture %s: %s, %s milli-Ku left of the %s asked; capturing what is left",
                 key,
-                held_milli,
+                exc.code,
+                left_milli,
                 amount_milli,
             )
-            if held_milli <= 0:
+            if left_milli <= 0:
                 await release()
                 return 0
-            amount, step_key = held_milli, f"{key}:held:{held_milli}"
+            amount, step_key = left_milli, f"{key}:{field}:{left_milli}"
             continue
         return amount
     raise Unprocessable("The hold kept shrinking under its capture", code="capture_exceeds_hold")

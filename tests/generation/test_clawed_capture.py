@@ -162,6 +162,65 @@ async def test_a_stream_whose_hold_is_clawed_is_charged_what_is_left(gen: Env) -
 
 
 @pytest.mark.e2e
+async def test_a_stream_whose_lot_expires_is_charged_what_is_capturable(gen: Env) -> None:
+    """A lot the hold drew from expires during the stream: the ledger refuses the capture
+    (409 `hold_partly_expired`, with what is `capturable`, stored under the key for
+    good); that much is captured, the expired part goes to `expired`."""
+    user, first = user_with_lot(gen, 1)
+    r = gen.call(
+        "POST",
+        f"{gen.ledger}/v1/ledger/grants",
+        json={"user_id": user, "amount": 2, "source": "promo", "reference": uuid.uuid4().hex},
+        headers={**operator(), "Idempotency-Key": uuid.uuid4().hex},
+    )
+    assert r.status_code == 201, r.text
+    events: list[tuple[str | None, Any]] = []
+    async with client(gen, user) as c:
+        async with c.stream(
+            "POST",
+            "/v1/generation/text",
+            json={
+                "prompt": "#words=150 #stall_after=5",
+                "model": "fake-small",
+                "max_words": 200,
+                "stream": True,
+            },
+        ) as r:
+            assert r.status_code == 200
+            sse = read_sse(r)
+            async for event, data in sse:
+                events.append((event, data))
+                if event == "delta":
+                    break
+            [hold] = await holds(gen, user)
+            assert (hold["status"], hold["amount_milli"]) == ("active", 2000)
+            # The hold drew the older lot's 1 Ku first; that lot's time runs out now.
+            await sql(
+                gen,
+                "UPDATE ledger.grants SET expires_at = now() WHERE user_id = $1 AND reference = $2",
+                user,
+                first,
+            )
+            gen.fake.release()
+            async for item in sse:
+                events.append(item)
+    done = next(d for e, d in events if e == "done")
+    assert done["words"] == 150 and milli(done["cost"]) == 1000, done  # 1.5 asked, 1 valid
+    [hold] = await holds(gen, user)
+    assert (hold["status"], hold["captured_milli"]) == ("captured", 1000), hold
+    assert [milli(t["amount"]) for t in gen.journal(user) if t["kind"] == "capture"] == [1000]
+    # The other lot's unspent 1 Ku is the user's again; the expired lot's is gone.
+    assert milli(gen.balance(user)["available"]) == 1000
+    [record] = await sql(
+        gen, "SELECT cost_milli FROM generation.generations WHERE hold_id = $1", hold["id"]
+    )
+    assert record["cost_milli"] == 1000
+    assert await verify(gen.suite.env["KU_DATABASE_URL"]) == []
+    assert await settle_again(gen, hold["id"], 1500) == 1000  # a rerun: nothing more
+    assert [milli(t["amount"]) for t in gen.journal(user) if t["kind"] == "capture"] == [1000]
+
+
+@pytest.mark.e2e
 async def test_a_story_chapter_whose_hold_is_clawed_is_charged_what_is_left(gen: Env) -> None:
     user, lot = user_with_lot(gen, 2)
     token = gen.user_token(user)
