@@ -5,6 +5,7 @@ endpoint runs `render()` in a worker thread."""
 from __future__ import annotations
 
 import io
+import math
 import re
 import unicodedata
 from dataclasses import dataclass
@@ -19,6 +20,18 @@ FORMATS = {
     "pdf": "application/pdf",
     "docx": "application/vnd.openxmlformats-officedocument.wordprocessingml.document",
 }
+
+# The most pixels an export embeds: an A4 page at 300 dpi, (short side, long side), in
+# the image's own orientation. More than the page can show costs the service memory
+# and CPU for nothing: the upload limit (25 MP) lets ~84 KB of PNG decode to ~95 MiB
+# (Pillow keeps RGB in 4 bytes a pixel), which ReportLab then copied twice more. A
+# larger image is shrunk (aspect kept) as it is decoded; a smaller one is embedded
+# exactly as before.
+PAGE_PIXELS = (2480, 3508)
+# Quality of a shrunk JPEG, which stays a JPEG.
+_JPEG_QUALITY = 90
+# Source pixels converted and resized at a time when shrinking (a few MB per band).
+_BAND_PIXELS = 500_000
 
 # A Unicode TrueType font when the system has one (Helvetica covers Latin-1 only).
 _FONT_CANDIDATES = (
@@ -101,17 +114,75 @@ def _txt(source: ExportSource) -> bytes:
     return ("\n".join(lines).rstrip("\n") + "\n").encode("utf-8")
 
 
+def _page_box(width: int, height: int) -> tuple[int, int]:
+    short, long = PAGE_PIXELS
+    return (long, short) if width >= height else (short, long)
+
+
+def _fitted(width: int, height: int) -> tuple[int, int]:
+    """The largest size with `width`:`height`'s aspect inside the page box."""
+    box = _page_box(width, height)
+    ratio = max(width / box[0], height / box[1], 1.0)
+    return (
+        min(box[0], max(1, round(width / ratio))),
+        min(box[1], max(1, round(height / ratio))),
+    )
+
+
+def _shrunk(image: Image.Image, mode: str, size: tuple[int, int]) -> Image.Image:
+    """`image` in `mode`, resized (Lanczos) to `size`, a band of rows at a time: the
+    decoded image is the only full-size buffer (a whole-image convert or resize copies
+    it, and Pillow resizes RGBA through a premultiplied copy). Each band carries the
+    rows the filter reaches beyond it: no seams, and the result is a whole-image
+    horizontal-then-vertical Lanczos resize's, to within rounding."""
+    width, height = image.size
+    out = Image.new(mode, size)
+    scale = height / size[1]
+    margin = math.ceil(3 * scale) + 1  # Lanczos: 3 output pixels each way
+    rows = max(1, int(_BAND_PIXELS / (width * scale)))
+    for first in range(0, size[1], rows):
+        last = min(first + rows, size[1])
+        top = max(0, math.floor(first * scale) - margin)
+        bottom = min(height, math.ceil(last * scale) + margin)
+        band = image.crop((0, top, width, bottom))
+        if band.mode != mode:
+            band = band.convert(mode)
+        piece = band.resize(
+            (size[0], last - first),
+            Image.Resampling.LANCZOS,
+            box=(0, first * scale - top, width, last * scale - top),
+        )
+        out.paste(piece, (0, first))
+    return out
+
+
 def _embeddable(data: bytes) -> tuple[bytes, int, int]:
-    """PNG or JPEG bytes both ReportLab and python-docx accept, with pixel size."""
+    """PNG or JPEG bytes both ReportLab and python-docx accept, with pixel size: at
+    most PAGE_PIXELS, aspect kept (a JPEG within it is passed through untouched).
+    Pillow's decompression-bomb limit applies as to any open."""
     with Image.open(io.BytesIO(data)) as image:
-        if image.format == "JPEG":
+        size = _fitted(image.width, image.height)
+        fits = size == image.size
+        if image.format == "JPEG" and fits:
             return data, image.width, image.height
         image.seek(0)
-        converted = image.convert(
-            "RGBA" if "A" in image.getbands() or "transparency" in image.info else "RGB"
-        )
+        if image.format == "JPEG":
+            mode, fmt = ("L" if image.mode == "L" else "RGB"), "JPEG"
+        else:
+            mode = "RGBA" if "A" in image.getbands() or "transparency" in image.info else "RGB"
+            fmt = "PNG"
+        if fits:
+            converted = image.convert(mode)
+        else:
+            # A JPEG is decoded at 1/2, 1/4 or 1/8 scale when that still covers `size`
+            # (libjpeg's DCT scaling); a no-op for the other formats.
+            image.draft(mode, size)
+            converted = _shrunk(image, mode, size)
         out = io.BytesIO()
-        converted.save(out, format="PNG")
+        if fmt == "JPEG":
+            converted.save(out, format="JPEG", quality=_JPEG_QUALITY)
+        else:
+            converted.save(out, format="PNG")
         return out.getvalue(), converted.width, converted.height
 
 
