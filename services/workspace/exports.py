@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import math
 import re
+import threading
 import unicodedata
 from dataclasses import dataclass
 from datetime import datetime
@@ -28,6 +29,11 @@ FORMATS = {
 # larger image is shrunk (aspect kept) as it is decoded; a smaller one is embedded
 # exactly as before.
 PAGE_PIXELS = (2480, 3508)
+# Images decoded at once by this process's exports, the others wait their turn: one can
+# cost ~130 MiB while it is shrunk, and a 25 MP WEBP ~390 MiB (Pillow has no smaller
+# decode for it), so concurrent exports must not add up without bound.
+IMAGE_DECODES = 2
+_DECODING = threading.BoundedSemaphore(IMAGE_DECODES)
 # Quality of a shrunk JPEG, which stays a JPEG.
 _JPEG_QUALITY = 90
 # Source pixels converted and resized at a time when shrinking (a few MB per band).
@@ -157,6 +163,12 @@ def _shrunk(image: Image.Image, mode: str, size: tuple[int, int]) -> Image.Image
 
 
 def _embeddable(data: bytes) -> tuple[bytes, int, int]:
+    """`_decoded`, at most IMAGE_DECODES at once in this process."""
+    with _DECODING:
+        return _decoded(data)
+
+
+def _decoded(data: bytes) -> tuple[bytes, int, int]:
     """PNG or JPEG bytes both ReportLab and python-docx accept, with pixel size: at
     most PAGE_PIXELS, aspect kept (a JPEG within it is passed through untouched).
     Pillow's decompression-bomb limit applies as to any open."""

@@ -211,3 +211,33 @@ class TestPeakMemory:
         _, data = await _stored(workspace, new_user_id(), jpeg(5000, 5000))
         grown = _peak_growth(tmp_path, data, "pdf")
         assert grown < 150 * MB, f"pdf: peak memory grew by {grown // MB} MB"
+
+
+def test_image_decodes_wait_their_turn(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Six exports decoding images at once: never more than IMAGE_DECODES decode together
+    (a 25 MP WEBP costs ~390 MiB while decoded, whatever the bound on its output)."""
+    import threading
+    import time
+
+    from services.workspace import exports
+
+    running = most = 0
+    lock = threading.Lock()
+
+    def slow(data: bytes) -> tuple[bytes, int, int]:
+        nonlocal running, most
+        with lock:
+            running += 1
+            most = max(most, running)
+        time.sleep(0.05)
+        with lock:
+            running -= 1
+        return data, 1, 1
+
+    monkeypatch.setattr(exports, "_decoded", slow)
+    threads = [threading.Thread(target=exports._embeddable, args=(b"x",)) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert 1 <= most <= exports.IMAGE_DECODES  # without the gate: all six at once
