@@ -30,6 +30,7 @@ RELEASED = {
     "0007_batch_lock_order.sql": "38b48dba3f76b3463d25999ccf231ee4917ed7ce4c3b2dab388e90026fe64494",
     "0009_hold_path.sql": "4bc00d8e323dfefa8ba6e0b46432550655329cc26c4ae6d78acaba2e47baa68c",
     "0010_grouped_debits.sql": "f53b09b14097dc7d15964ea82f15914924c5494b5eb4b0cc0718d5f2f190947b",
+    "0011_keys_taken.sql": "3883a925f4adb876b364901595045bab922ae70a091505b3cbdbac99d0aadc83",
 }
 
 _FUNCTION = re.compile(
