@@ -39,12 +39,14 @@ def use_principal_keys() -> dict[str, str]:
 
 
 class ScratchDatabase:
-    """A fresh, migrated database on KU_DATABASE_URL's server (or the embedded one)."""
+    """A fresh, migrated database on KU_DATABASE_URL's server (or the embedded one), and
+    a bus prefix of its own (`bus_prefix`, for KU_BUS_PREFIX): both gone afterwards."""
 
     def __init__(self) -> None:
         self.embedded = ensure_urls()
         self.server = plain_url(os.environ["KU_DATABASE_URL"])
         self.name = f"ku_bench_{secrets.token_hex(4)}"
+        self.bus_prefix = f"kubench{secrets.token_hex(4)}"
         self.url = with_database(os.environ["KU_DATABASE_URL"], self.name)
         self.dsn = plain_url(self.url)
 
@@ -59,6 +61,14 @@ class ScratchDatabase:
         conn = await asyncpg.connect(self.server)
         await conn.execute(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
         await conn.close()
+        from redis.asyncio import Redis
+
+        redis = Redis.from_url(os.environ["KU_REDIS_URL"])
+        try:  # the run's event streams, arq queues and breaker states
+            async for key in redis.scan_iter(match=f"{self.bus_prefix}*", count=500):
+                await redis.delete(key)
+        finally:
+            await redis.aclose()
         if self.embedded is not None:
             self.embedded.stop()
 

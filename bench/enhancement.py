@@ -87,17 +87,6 @@ async def through_gateway(gateway: str, key: str, users: list[str], images: Imag
     return await load("through the gateway", CLIENTS, SECONDS, make)
 
 
-async def drop_keys(redis_url: str, prefix: str) -> None:
-    from redis.asyncio import Redis
-
-    redis = Redis.from_url(redis_url)
-    try:
-        async for key in redis.scan_iter(match=f"{prefix}*", count=500):
-            await redis.delete(key)
-    finally:
-        await redis.aclose()
-
-
 def ku(env: dict[str, str], *args: str) -> str:
     done = subprocess.run(
         [sys.executable, "-m", "services.cli", *args],
@@ -117,7 +106,7 @@ async def main() -> None:
             **os.environ,
             "KU_DATABASE_URL": db.url,
             "KU_LOG_LEVEL": "WARNING",
-            "KU_BUS_PREFIX": f"kubench{secrets.token_hex(4)}",
+            "KU_BUS_PREFIX": db.bus_prefix,
             "KU_WELCOME_CREDITS_MILLI": "100000000",
             "KU_ENHANCEMENT_NANOBANANA_URL": fake.url,
             "KU_ENHANCEMENT_FETCH_ALLOW_ORIGINS": f"{fake.url},{images.url}",
@@ -154,7 +143,6 @@ async def main() -> None:
             print(real.line(), flush=True)
     fake.stop()
     images.stop()
-    await drop_keys(env["KU_REDIS_URL"], env["KU_BUS_PREFIX"])
     print(f"clients={CLIENTS} seconds={SECONDS} (tasks per second, submitted and completed)")
     print(f"ratio={real.rate / base.rate:.4f}")
 

@@ -239,7 +239,7 @@ async def main() -> None:
             **os.environ,
             **use_principal_keys(),
             "KU_DATABASE_URL": db.url,
-            "KU_BUS_PREFIX": f"kubench{secrets.token_hex(3)}",
+            "KU_BUS_PREFIX": db.bus_prefix,
             "KU_LOG_LEVEL": "WARNING",
             # Rate limiting stays on (its cost is measured), with limits this load never hits.
             "KU_GATEWAY_RATE_PER_KEY": "1000000000",

@@ -224,7 +224,7 @@ async def main() -> None:
                 **os.environ,
                 **use_principal_keys(),
                 "KU_DATABASE_URL": db.url,
-                "KU_BUS_PREFIX": f"kubench{secrets.token_hex(3)}",
+                "KU_BUS_PREFIX": db.bus_prefix,
                 "KU_LOG_LEVEL": "WARNING",
                 "KU_GATEWAY_RATE_PER_KEY": "1000000000",
                 "KU_GATEWAY_RATE_PER_IP": "1000000000",

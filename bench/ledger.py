@@ -449,7 +449,7 @@ async def main() -> None:
         secret = ""  # principals are signed with the keys above
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        bus_prefix = f"kubench{secrets.token_hex(3)}"
+        bus_prefix = db.bus_prefix
         proc = start_service(
             "services.ledger.app",
             port,
