@@ -245,7 +245,12 @@ async def test_a_story_chapter_whose_hold_is_clawed_is_charged_what_is_left(gen:
             assert r.status_code == 202, r.text
             story_id = r.json()["id"]
             # Outline (limit 50 words) and chapter 1 (50 words) held: 0.5 Ku each.
-            await wait_for(lambda: bool(gen.fake.seen("Write Chapter 1 of 1")))
+            # This story's chapter (the fake is shared: other tests wrote chapters too).
+            await wait_for(
+                lambda: any(
+                    "Write Chapter 1 of 1" in str(r["messages"]) for r in gen.fake.seen(marker)
+                )
+            )
             outline, chapter = await holds(gen, user)
             assert (outline["status"], outline["captured_milli"]) == ("captured", 400)
             assert (chapter["status"], chapter["amount_milli"]) == ("active", 500)

@@ -39,7 +39,7 @@ async def apply(conn: asyncpg.Connection, ops: list[dict[str, Any]]) -> list[dic
     raw = await conn.fetchval(
         "SELECT ledger.apply_batch($1::json)::text", orjson.dumps(ops).decode()
     )
-    return orjson.loads(raw)  # type: ignore[no-any-return]
+    return orjson.loads(raw)
 
 
 @pytest.fixture
