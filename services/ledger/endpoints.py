@@ -173,10 +173,7 @@ async def _may_read(
 ) -> Permit:
     """Reads: the table, then whether this user is the caller's to read (same session)."""
     permit = _permit("ledger.read", principal, request)
-    linked = None
-    if permit.users.startswith("linked:"):
-        linked = await LedgerRepository(session).is_linked(user_id, permit.users[7:])
-    permit.check_user(user_id, linked)
+    await LedgerRepository(session).check_user(permit, user_id)
     return permit
 
 
@@ -512,10 +509,7 @@ async def get_hold(
         raise NotFound("No such hold", code="hold_not_found")
     if permit.holds != "*" and hold.get("owner") != permit.holds:
         raise Forbidden("This hold belongs to someone else", code="not_your_hold")
-    linked = None
-    if permit.users.startswith("linked:"):
-        linked = await repo.is_linked(hold["user_id"], permit.users[7:])
-    permit.check_user(hold["user_id"], linked)
+    await repo.check_user(permit, hold["user_id"])
     return rename_milli(hold)
 
 

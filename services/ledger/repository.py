@@ -13,6 +13,8 @@ import orjson
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from services.kit.authority import Permit
+
 # Everything the balance endpoint shows, and whether the user is linked to app $2, in one
 # statement. Holds whose TTL passed count as released even before a job or an operation
 # sweeps them; expired grants never count; nothing is spendable beside a debt.
@@ -148,6 +150,14 @@ class LedgerRepository:
             {"u": user_id, "a": app},
         )
         return row.first() is not None
+
+    async def check_user(self, permit: Permit, user_id: str) -> None:
+        """The permit's check of `user_id` (services/kit/authority.py), a partner's link
+        looked up in this session: Forbidden when the caller may not touch that user."""
+        linked = None
+        if permit.users.startswith("linked:"):
+            linked = await self.is_linked(user_id, permit.users[7:])
+        permit.check_user(user_id, linked)
 
     async def link(self, user_id: str, app: str) -> None:
         await self.session.execute(

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import asyncpg
@@ -99,9 +99,12 @@ async def settle_again(gen: Env, hold_id: str, cost_milli: int) -> int:
         await service.aclose()
 
 
-@pytest.mark.e2e
-async def test_a_stream_whose_hold_is_clawed_is_charged_what_is_left(gen: Env) -> None:
-    user, lot = user_with_lot(gen, 3)
+async def stream_150_words(
+    gen: Env, user: str, meanwhile: Callable[[], Awaitable[None]]
+) -> list[tuple[str | None, Any]]:
+    """A 150-word stream (its hold: 200 words, 2 Ku) whose provider stalls after the first
+    words: `meanwhile` runs then, with the hold active, before the rest is let through.
+    The stream's events."""
     events: list[tuple[str | None, Any]] = []
     async with client(gen, user) as c:
         async with c.stream(
@@ -119,16 +122,27 @@ async def test_a_stream_whose_hold_is_clawed_is_charged_what_is_left(gen: Env) -
             async for event, data in sse:
                 events.append((event, data))
                 if event == "delta":
-                    break  # words are flowing, the provider is stalled: the refund lands
+                    break  # words are flowing, the provider is stalled
             [hold] = await holds(gen, user)
             assert (hold["status"], hold["amount_milli"]) == ("active", 2000)  # 200 words x1
-            # 2.5 Ku back: the lot's 1 Ku not held, then 1.5 Ku of the hold (0.5 left).
-            claw_back(gen, user, lot, 2500)
-            [hold] = await holds(gen, user)
-            assert (hold["status"], hold["clawed_milli"]) == ("active", 1500)
+            await meanwhile()
             gen.fake.release()
             async for item in sse:
                 events.append(item)
+    return events
+
+
+@pytest.mark.e2e
+async def test_a_stream_whose_hold_is_clawed_is_charged_what_is_left(gen: Env) -> None:
+    user, lot = user_with_lot(gen, 3)
+
+    async def refund() -> None:
+        # 2.5 Ku back: the lot's 1 Ku not held, then 1.5 Ku of the hold (0.5 left).
+        claw_back(gen, user, lot, 2500)
+        [hold] = await holds(gen, user)
+        assert (hold["status"], hold["clawed_milli"]) == ("active", 1500)
+
+    events = await stream_150_words(gen, user, refund)
     text = "".join(str(d["text"]) for e, d in events if e == "delta")
     assert len(text.split()) == 150  # every word delivered (1.5 Ku of them)
     done = next(d for e, d in events if e == "done")
@@ -174,36 +188,17 @@ async def test_a_stream_whose_lot_expires_is_charged_what_is_capturable(gen: Env
         headers={**operator(), "Idempotency-Key": uuid.uuid4().hex},
     )
     assert r.status_code == 201, r.text
-    events: list[tuple[str | None, Any]] = []
-    async with client(gen, user) as c:
-        async with c.stream(
-            "POST",
-            "/v1/generation/text",
-            json={
-                "prompt": "#words=150 #stall_after=5",
-                "model": "fake-small",
-                "max_words": 200,
-                "stream": True,
-            },
-        ) as r:
-            assert r.status_code == 200
-            sse = read_sse(r)
-            async for event, data in sse:
-                events.append((event, data))
-                if event == "delta":
-                    break
-            [hold] = await holds(gen, user)
-            assert (hold["status"], hold["amount_milli"]) == ("active", 2000)
-            # The hold drew the older lot's 1 Ku first; that lot's time runs out now.
-            await sql(
-                gen,
-                "UPDATE ledger.grants SET expires_at = now() WHERE user_id = $1 AND reference = $2",
-                user,
-                first,
-            )
-            gen.fake.release()
-            async for item in sse:
-                events.append(item)
+
+    async def expire() -> None:
+        # The hold drew the older lot's 1 Ku first; that lot's time runs out now.
+        await sql(
+            gen,
+            "UPDATE ledger.grants SET expires_at = now() WHERE user_id = $1 AND reference = $2",
+            user,
+            first,
+        )
+
+    events = await stream_150_words(gen, user, expire)
     done = next(d for e, d in events if e == "done")
     assert done["words"] == 150 and milli(done["cost"]) == 1000, done  # 1.5 asked, 1 valid
     [hold] = await holds(gen, user)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
 import uuid
 
 import httpx
@@ -13,7 +12,7 @@ import pytest
 
 from services.kit.db import plain_url
 from services.kit.runner import Suite, SuiteError
-from services.kit.testing.plugin import uvicorn_workers
+from services.kit.testing.plugin import wait_for_workers
 from services.ledger.verify import verify
 from tests.ledger.helpers import key, operator, penora
 
@@ -36,10 +35,7 @@ async def test_two_ledger_processes_answer_and_debits_stay_exact(
     env = {**os.environ, "KU_LEDGER_PROCESSES": "2"}
     with Suite(env, only=["ledger"], free_ports=True, quiet=True) as suite:
         supervisor = suite.processes["ledger"].pid
-        deadline = time.monotonic() + 30
-        while len(uvicorn_workers(supervisor)) < 2 and time.monotonic() < deadline:  # noqa: ASYNC110
-            await asyncio.sleep(0.2)
-        workers = uvicorn_workers(supervisor)
+        workers = await wait_for_workers(supervisor, 2)
         assert len(workers) == 2, workers
 
         url = suite.urls["ledger"]

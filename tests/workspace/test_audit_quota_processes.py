@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
 import uuid
 from typing import Any
 
@@ -17,7 +16,7 @@ import pytest
 
 from services.kit.db import plain_url
 from services.kit.runner import Suite
-from services.kit.testing.plugin import uvicorn_workers
+from services.kit.testing.plugin import wait_for_workers
 from tests.workspace.helpers import admin, app_key
 
 pytestmark = pytest.mark.e2e
@@ -46,10 +45,7 @@ async def test_quota_holds_across_two_processes(ku_database_url: str, new_user_i
     env = {**os.environ, "KU_WORKSPACE_PROCESSES": "2"}
     with Suite(env, only=["workspace"], free_ports=True, quiet=True) as suite:
         supervisor = suite.processes["workspace"].pid
-        deadline = time.monotonic() + 30
-        while len(uvicorn_workers(supervisor)) < 2 and time.monotonic() < deadline:  # noqa: ASYNC110
-            await asyncio.sleep(0.2)
-        assert len(uvicorn_workers(supervisor)) == 2
+        assert len(await wait_for_workers(supervisor, 2)) == 2
         user = new_user_id()
         # Fresh connections per request, so the kernel spreads them over both workers.
         async with httpx.AsyncClient(

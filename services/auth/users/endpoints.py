@@ -14,6 +14,7 @@ from services.auth.users.schemas import (
     UserRoles,
 )
 from services.auth.users.service import users
+from services.kit.authority import denied_user, kind_of
 from services.kit.db import Session
 from services.kit.errors import Forbidden, NotFound, Unprocessable
 from services.kit.openapi import STANDARD, error_responses
@@ -23,16 +24,12 @@ from services.kit.schemas import UserId
 router = APIRouter(prefix="/v1/users", tags=["users"])
 
 
-def _is_partner(principal: Principal) -> bool:
-    """An app key without `users:any` (docs/ledger.md, authority): it acts only for the
-    users linked to its app, and reads no one else's profile."""
-    return (
-        principal.kind == "app" and not principal.is_admin and "users:any" not in principal.scopes
-    )
-
-
-async def _linked(session: AsyncSession, principal: Principal, user_id: str) -> bool:
-    return principal.app is not None and principal.app in await users.apps(session, user_id)
+async def _unlinked_partner(session: AsyncSession, principal: Principal, user_id: str) -> bool:
+    """A partner's key (`kind_of`, docs/ledger.md authority: an app key without
+    `users:any`) for a user not linked to its app: it reads no such user's profile."""
+    if kind_of(principal) != "partner":
+        return False
+    return principal.app is None or principal.app not in await users.apps(session, user_id)
 
 
 ERRORS = error_responses(
@@ -108,7 +105,7 @@ async def create_user(
     response.status_code = 201 if created else 200
     # An existing user a partner is not linked to: it learns the id exists (it could not
     # create it), not the user's profile.
-    hide = not created and _is_partner(principal) and not await _linked(session, principal, user.id)
+    hide = not created and await _unlinked_partner(session, principal, user.id)
     return UserCreated(
         user_id=user.id,
         username=None if hide else user.username,
@@ -144,8 +141,8 @@ async def get_user(user_id: UserId, principal: CurrentPrincipal, session: Sessio
         principal.acts_for(user_id)
     else:
         principal.require_scope("users:write")
-        if _is_partner(principal) and not await _linked(session, principal, user_id):
-            raise Forbidden("This app may act only for users linked to it", code="user_not_linked")
+        if await _unlinked_partner(session, principal, user_id):
+            raise denied_user(f"linked:{principal.app}")
     return User.model_validate(await users.get(session, user_id))
 
 

@@ -15,6 +15,7 @@ import os
 import secrets
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -166,6 +167,14 @@ def uvicorn_workers(pid: int) -> list[int]:
         if int(fields[1]) == pid and b"spawn_main" in cmdline:
             found.append(int(stat.parent.name))
     return found
+
+
+async def wait_for_workers(pid: int, count: int, seconds: float = 30) -> list[int]:
+    """`uvicorn_workers(pid)` once `count` of them run, or when `seconds` have passed."""
+    deadline = time.monotonic() + seconds
+    while len(workers := uvicorn_workers(pid)) < count and time.monotonic() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.2)
+    return workers
 
 
 def ku_cli(env: dict[str, str], *args: str) -> str:

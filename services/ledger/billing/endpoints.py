@@ -110,10 +110,7 @@ async def _may(operation: str, principal: Principal, billing: Billing, user_id: 
     """The authority table (services/kit/authority.py), then whether this user is the
     caller's (a partner's linked user), looked up in this transaction."""
     permit = authorize(principal, operation)
-    linked = None
-    if permit.users.startswith("linked:"):
-        linked = await LedgerRepository(billing.repo.session).is_linked(user_id, permit.users[7:])
-    permit.check_user(user_id, linked)
+    await LedgerRepository(billing.repo.session).check_user(permit, user_id)
 
 
 @router.get(

@@ -174,12 +174,7 @@ class Billing:
         order = await self.repo.order_by_razorpay_id(razorpay_order_id)
         if order is None:
             raise BadRequest("Unknown order", code="unknown_order")
-        linked = None
-        if permit.users.startswith("linked:"):
-            linked = await LedgerRepository(self.repo.session).is_linked(
-                order["user_id"], permit.users[7:]
-            )
-        permit.check_user(order["user_id"], linked)
+        await LedgerRepository(self.repo.session).check_user(permit, order["user_id"])
         self.api.require_configured()
         if not self.api.checkout_signature_ok(order["razorpay_order_id"], payment_id, signature):
             raise BadRequest("Payment signature does not match", code="invalid_signature")
